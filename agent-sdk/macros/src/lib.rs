@@ -1,0 +1,369 @@
+//! `#[behaviour]`: turns an `impl` block into an Academy behaviour.
+//!
+//! Inside the block, mark methods with `#[action]`, `#[control_loop]`,
+//! `#[timer(every = <Duration expr>)]`, `#[on_startup]` and `#[on_shutdown]`.
+//! The macro implements `academy_sdk::Behaviour` and generates `<Type>Actions`,
+//! the typed methods of `Handle<Type>`. See the `academy-sdk` docs.
+
+use proc_macro::TokenStream;
+use proc_macro2::TokenStream as Tokens;
+use quote::{format_ident, quote};
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{
+    Attribute, Expr, FnArg, GenericArgument, ImplItem, ImplItemFn, ItemImpl, LitStr, Meta, Pat,
+    PathArguments, ReturnType, Token, Type,
+};
+
+/// Names a handle already uses for its own methods.
+const RESERVED: &[&str] = &["ping", "shutdown", "id", "with_timeout", "raw", "unbound"];
+
+#[proc_macro_attribute]
+pub fn behaviour(args: TokenStream, input: TokenStream) -> TokenStream {
+    let item = syn::parse_macro_input!(input as ItemImpl);
+    let args = syn::parse_macro_input!(args with Punctuated::<Meta, Token![,]>::parse_terminated);
+    expand(args, item)
+        .unwrap_or_else(syn::Error::into_compile_error)
+        .into()
+}
+
+enum Role {
+    Action,
+    Loop,
+    Timer(Expr),
+    Startup,
+    Shutdown,
+}
+
+fn take_role(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Role>> {
+    let mut role = None;
+    let mut error = None;
+    attrs.retain(|attr| {
+        let found = if attr.path().is_ident("action") {
+            Some(Ok(Role::Action))
+        } else if attr.path().is_ident("control_loop") {
+            Some(Ok(Role::Loop))
+        } else if attr.path().is_ident("on_startup") {
+            Some(Ok(Role::Startup))
+        } else if attr.path().is_ident("on_shutdown") {
+            Some(Ok(Role::Shutdown))
+        } else if attr.path().is_ident("timer") {
+            Some(timer_period(attr).map(Role::Timer))
+        } else {
+            None
+        };
+        match found {
+            None => true,
+            Some(Ok(r)) => {
+                if role.replace(r).is_some() {
+                    error = Some(syn::Error::new(
+                        attr.span(),
+                        "a method can have one role only",
+                    ));
+                }
+                false
+            }
+            Some(Err(e)) => {
+                error = Some(e);
+                false
+            }
+        }
+    });
+    error.map_or(Ok(role), Err)
+}
+
+fn timer_period(attr: &Attribute) -> syn::Result<Expr> {
+    let meta: syn::MetaNameValue = attr.parse_args()?;
+    if !meta.path.is_ident("every") {
+        return Err(syn::Error::new(
+            meta.path.span(),
+            "expected #[timer(every = <Duration>)]",
+        ));
+    }
+    Ok(meta.value)
+}
+
+/// What an action returns: its Ok type and whether it is a `Result`.
+fn output(ret: &ReturnType) -> (Type, bool) {
+    let ReturnType::Type(_, ty) = ret else {
+        return (syn::parse_quote!(()), false);
+    };
+    if let Type::Path(path) = &**ty
+        && let Some(last) = path.path.segments.last()
+        && last.ident == "Result"
+        && let PathArguments::AngleBracketed(generic) = &last.arguments
+        && let Some(GenericArgument::Type(ok)) = generic.args.first()
+    {
+        return (ok.clone(), true);
+    }
+    ((**ty).clone(), false)
+}
+
+fn check_method(method: &ImplItemFn, what: &str) -> syn::Result<()> {
+    if method.sig.asyncness.is_none() {
+        return Err(syn::Error::new(
+            method.sig.fn_token.span,
+            format!("{what} must be async"),
+        ));
+    }
+    match method.sig.inputs.first() {
+        Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_none() => Ok(()),
+        _ => Err(syn::Error::new(
+            method.sig.span(),
+            format!("{what} must take &self (share state with interior mutability)"),
+        )),
+    }
+}
+
+fn params(method: &ImplItemFn) -> syn::Result<Vec<(syn::Ident, Type)>> {
+    method
+        .sig
+        .inputs
+        .iter()
+        .skip(1)
+        .map(|arg| match arg {
+            FnArg::Typed(pt) => match &*pt.pat {
+                Pat::Ident(id) => Ok((id.ident.clone(), (*pt.ty).clone())),
+                other => Err(syn::Error::new(
+                    other.span(),
+                    "parameters must be plain names",
+                )),
+            },
+            FnArg::Receiver(r) => Err(syn::Error::new(r.span(), "unexpected receiver")),
+        })
+        .collect()
+}
+
+fn hook(ident: &syn::Ident) -> Tokens {
+    quote! {
+        ::std::boxed::Box::pin(async move {
+            ::academy_sdk::__private::HookOutcome::into_hook_outcome(self.#ident().await)
+        })
+    }
+}
+
+fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<Tokens> {
+    if item.trait_.is_some() || !item.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            item.span(),
+            "#[behaviour] goes on a plain, non-generic impl block",
+        ));
+    }
+    let self_ty = item.self_ty.clone();
+    let type_ident = match &*self_ty {
+        Type::Path(p) => p.path.segments.last().map(|s| s.ident.clone()),
+        _ => None,
+    }
+    .ok_or_else(|| syn::Error::new(self_ty.span(), "expected a type name"))?;
+
+    let mut name = LitStr::new(&type_ident.to_string(), type_ident.span());
+    let mut implements: Vec<LitStr> = Vec::new();
+    for arg in args {
+        match arg {
+            Meta::NameValue(nv) if nv.path.is_ident("name") => {
+                name = match &nv.value {
+                    Expr::Lit(syn::ExprLit {
+                        lit: syn::Lit::Str(s),
+                        ..
+                    }) => s.clone(),
+                    other => return Err(syn::Error::new(other.span(), "name must be a string")),
+                };
+            }
+            Meta::List(list) if list.path.is_ident("implements") => {
+                implements = list
+                    .parse_args_with(Punctuated::<LitStr, Token![,]>::parse_terminated)?
+                    .into_iter()
+                    .collect();
+            }
+            other => {
+                return Err(syn::Error::new(
+                    other.span(),
+                    "expected name = \"...\" or implements(\"...\", ...)",
+                ));
+            }
+        }
+    }
+
+    let mut action_names = Vec::new();
+    let mut dispatch_arms = Vec::new();
+    let mut handle_methods = Vec::new();
+    let mut loops = Vec::new();
+    let mut startup = None;
+    let mut shutdown = None;
+
+    for impl_item in &mut item.items {
+        let ImplItem::Fn(method) = impl_item else {
+            continue;
+        };
+        let Some(role) = take_role(&mut method.attrs)? else {
+            continue;
+        };
+        let ident = method.sig.ident.clone();
+        let label = ident.to_string();
+        match role {
+            Role::Action => {
+                check_method(method, "an action")?;
+                if RESERVED.contains(&label.as_str()) {
+                    return Err(syn::Error::new(
+                        ident.span(),
+                        format!("action name {label:?} is reserved by handles ({RESERVED:?})"),
+                    ));
+                }
+                let params = params(method)?;
+                let (ok, fallible) = output(&method.sig.output);
+                let names: Vec<_> = params.iter().map(|(n, _)| n.to_string()).collect();
+                let takes = params.iter().enumerate().map(|(i, (n, ty))| {
+                    quote! { let #n: #ty = __args.take(#i)?; }
+                });
+                let call_args: Vec<_> = params.iter().map(|(n, _)| n).collect();
+                let check = fallible
+                    .then(|| quote! { let __out = ::academy_sdk::__private::fallible(__out)?; });
+                dispatch_arms.push(quote! {
+                    #label => {
+                        let mut __args = ::academy_sdk::__private::Args::decode(#label, &[#(#names),*], __payload.as_ref())?;
+                        #(#takes)*
+                        let __out = self.#ident(#(#call_args),*).await;
+                        #check
+                        ::academy_sdk::__private::encode_result(#label, &__out)
+                    }
+                });
+                let docs = method.attrs.iter().filter(|a| a.path().is_ident("doc"));
+                let typed = params.iter().map(|(n, ty)| quote! { #n: #ty });
+                handle_methods.push(quote! {
+                    #(#docs)*
+                    pub async fn #ident(&self, #(#typed),*) -> ::std::result::Result<#ok, ::academy_sdk::HandleError> {
+                        self.0.call(#label, (#(#call_args,)*)).await
+                    }
+                });
+                action_names.push(label);
+            }
+            Role::Loop => {
+                check_method(method, "a control loop")?;
+                if method.sig.inputs.len() != 2 {
+                    return Err(syn::Error::new(
+                        method.sig.span(),
+                        "a control loop takes (&self, shutdown: academy_sdk::Shutdown)",
+                    ));
+                }
+                loops.push(quote! {
+                    ::academy_sdk::ControlLoop {
+                        name: #label,
+                        run: {
+                            let this = ::std::sync::Arc::clone(self);
+                            let shutdown = ::std::clone::Clone::clone(shutdown);
+                            ::std::boxed::Box::pin(async move {
+                                ::academy_sdk::__private::HookOutcome::into_hook_outcome(this.#ident(shutdown).await)
+                            })
+                        },
+                    }
+                });
+            }
+            Role::Timer(period) => {
+                check_method(method, "a timer")?;
+                if method.sig.inputs.len() != 1 {
+                    return Err(syn::Error::new(
+                        method.sig.span(),
+                        "a timer takes only &self",
+                    ));
+                }
+                loops.push(quote! {
+                    ::academy_sdk::ControlLoop {
+                        name: #label,
+                        run: {
+                            let this = ::std::sync::Arc::clone(self);
+                            let period: ::std::time::Duration = #period;
+                            ::std::boxed::Box::pin(::academy_sdk::__private::every(
+                                period,
+                                ::std::clone::Clone::clone(shutdown),
+                                move || {
+                                    let this = ::std::sync::Arc::clone(&this);
+                                    async move {
+                                        ::academy_sdk::__private::HookOutcome::into_hook_outcome(this.#ident().await)
+                                    }
+                                },
+                            ))
+                        },
+                    }
+                });
+            }
+            Role::Startup | Role::Shutdown => {
+                check_method(method, "a hook")?;
+                let slot = if matches!(role, Role::Startup) {
+                    &mut startup
+                } else {
+                    &mut shutdown
+                };
+                if slot.replace(hook(&ident)).is_some() {
+                    return Err(syn::Error::new(ident.span(), "only one hook of each kind"));
+                }
+            }
+        }
+    }
+
+    let actions_ident = format_ident!("{}Actions", type_ident);
+    let doc = format!("Typed actions of a `Handle<{type_ident}>` (generated by `#[behaviour]`).");
+    let startup = startup.map(|body| {
+        quote! {
+            fn on_startup(self: ::std::sync::Arc<Self>) -> ::academy_sdk::__private::BoxFuture<'static, ::std::result::Result<(), ::std::string::String>> { #body }
+        }
+    });
+    let shutdown_fn = shutdown.map(|body| {
+        quote! {
+            fn on_shutdown(self: ::std::sync::Arc<Self>) -> ::academy_sdk::__private::BoxFuture<'static, ::std::result::Result<(), ::std::string::String>> { #body }
+        }
+    });
+    let loops_fn = (!loops.is_empty()).then(|| {
+        quote! {
+            fn loops(self: &::std::sync::Arc<Self>, shutdown: &::academy_sdk::Shutdown) -> ::std::vec::Vec<::academy_sdk::ControlLoop> {
+                ::std::vec![#(#loops),*]
+            }
+        }
+    });
+    Ok(quote! {
+        #item
+
+        #[doc = #doc]
+        #[derive(Clone, Debug)]
+        pub struct #actions_ident(::academy_sdk::RawHandle);
+
+        impl ::std::convert::From<::academy_sdk::RawHandle> for #actions_ident {
+            fn from(raw: ::academy_sdk::RawHandle) -> Self { Self(raw) }
+        }
+
+        impl ::std::convert::AsRef<::academy_sdk::RawHandle> for #actions_ident {
+            fn as_ref(&self) -> &::academy_sdk::RawHandle { &self.0 }
+        }
+
+        impl #actions_ident {
+            #(#handle_methods)*
+        }
+
+        impl ::academy_sdk::Behaviour for #self_ty {
+            const NAME: &'static str = #name;
+            const IMPLEMENTS: &'static [&'static str] = &[#(#implements),*];
+            const ACTIONS: &'static [&'static str] = &[#(#action_names),*];
+            type Actions = #actions_ident;
+
+            #[allow(unused_variables, unreachable_code)]
+            fn dispatch(
+                self: ::std::sync::Arc<Self>,
+                __action: ::std::string::String,
+                __payload: ::std::option::Option<::academy_sdk::__private::Payload>,
+            ) -> ::academy_sdk::__private::BoxFuture<'static, ::std::result::Result<::academy_sdk::__private::Payload, ::academy_sdk::ActionError>> {
+                ::std::boxed::Box::pin(async move {
+                    match __action.as_str() {
+                        #(#dispatch_arms)*
+                        other => ::std::result::Result::Err(::academy_sdk::ActionError::unknown_action(
+                            other,
+                            <Self as ::academy_sdk::Behaviour>::ACTIONS,
+                        )),
+                    }
+                })
+            }
+
+            #loops_fn
+            #startup
+            #shutdown_fn
+        }
+    })
+}

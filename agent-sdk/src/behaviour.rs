@@ -1,0 +1,166 @@
+//! What an agent is: a behaviour with actions, loops and hooks. Implemented by
+//! `#[behaviour]` on an `impl` block.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use academy_proto::pb;
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::RawHandle;
+
+/// Set when the agent shuts down; control loops should return soon after.
+pub type Shutdown = CancellationToken;
+
+/// An action's failure, sent to the caller as an `ErrorResponse`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct ActionError {
+    pub code: tonic::Code,
+    pub kind: String,
+    pub message: String,
+}
+
+impl ActionError {
+    /// An error returned by the action itself.
+    pub fn failed<E: fmt::Display>(err: E) -> Self {
+        Self {
+            code: tonic::Code::Unknown,
+            kind: std::any::type_name::<E>().to_owned(),
+            message: err.to_string(),
+        }
+    }
+
+    pub fn invalid_args(message: String) -> Self {
+        Self {
+            code: tonic::Code::InvalidArgument,
+            kind: "InvalidArguments".into(),
+            message,
+        }
+    }
+
+    pub fn unknown_action(action: &str, known: &[&str]) -> Self {
+        Self {
+            code: tonic::Code::Unimplemented,
+            kind: "UnknownAction".into(),
+            message: format!("no action {action:?}; actions: {known:?}"),
+        }
+    }
+
+    pub fn cancelled(action: &str) -> Self {
+        Self {
+            code: tonic::Code::Cancelled,
+            kind: "ActionCancelled".into(),
+            message: format!("{action} was cancelled because the agent shut down"),
+        }
+    }
+
+    pub fn internal(message: String) -> Self {
+        Self {
+            code: tonic::Code::Internal,
+            kind: "Internal".into(),
+            message,
+        }
+    }
+
+    pub(crate) fn into_response(self) -> pb::ErrorResponse {
+        pb::ErrorResponse {
+            code: self.code as i32,
+            r#type: self.kind,
+            message: self.message,
+            details: Default::default(),
+        }
+    }
+}
+
+/// A control loop or timer of a behaviour, as started by the runtime.
+pub struct ControlLoop {
+    pub name: &'static str,
+    pub run: BoxFuture<'static, Result<(), String>>,
+}
+
+impl fmt::Debug for ControlLoop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlLoop")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A type that can run as an agent. Write an `impl` block with
+/// `#[academy_sdk::behaviour]` rather than implementing this by hand.
+pub trait Behaviour: Send + Sync + Sized + 'static {
+    /// Behaviour name, e.g. `example.Counter`.
+    const NAME: &'static str;
+    /// Other names (interfaces) this behaviour implements, for discovery.
+    const IMPLEMENTS: &'static [&'static str];
+    /// Names of its actions.
+    const ACTIONS: &'static [&'static str];
+    /// The typed action methods of a `Handle<Self>`.
+    type Actions: From<RawHandle> + AsRef<RawHandle> + Clone + Send + Sync + fmt::Debug + 'static;
+
+    /// Runs action `action` with its encoded arguments.
+    fn dispatch(
+        self: Arc<Self>,
+        action: String,
+        args: Option<pb::Payload>,
+    ) -> BoxFuture<'static, Result<pb::Payload, ActionError>>;
+
+    /// Control loops and timers, started after the startup hook.
+    fn loops(self: &Arc<Self>, _shutdown: &Shutdown) -> Vec<ControlLoop> {
+        Vec::new()
+    }
+
+    fn on_startup(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn on_shutdown(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Runs `tick` every `period` until `shutdown` (the first run after one period).
+/// A failing tick ends the timer with its error. Used by `#[timer]`.
+#[doc(hidden)]
+pub async fn every<F, Fut>(period: Duration, shutdown: Shutdown, mut tick: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = interval.tick() => tick().await?,
+        }
+    }
+}
+
+/// Outcome of actions declared to return `Result<T, E>`.
+#[doc(hidden)]
+pub fn fallible<T, E: fmt::Display>(result: Result<T, E>) -> Result<T, ActionError> {
+    result.map_err(ActionError::failed)
+}
+
+/// Outcome of hooks and loops: `()` or `Result<(), E>`.
+#[doc(hidden)]
+pub trait HookOutcome {
+    fn into_hook_outcome(self) -> Result<(), String>;
+}
+
+impl HookOutcome for () {
+    fn into_hook_outcome(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: fmt::Display> HookOutcome for Result<(), E> {
+    fn into_hook_outcome(self) -> Result<(), String> {
+        self.map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,312 @@
+//! Exchange clients: gRPC to an exchange-server, or in-process.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use academy_exchange::{
+    AgentInfo, Delivery, EntityId, Exchange, ExchangeError, MailboxState, MailboxStatus,
+};
+use academy_proto::pb::{self, exchange_client::ExchangeClient as RpcClient};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::ClientError;
+
+/// Messages delivered to a subscriber, batch by batch.
+pub type DeliveryStream = BoxStream<'static, Result<Vec<Delivery>, ClientError>>;
+
+/// What the SDK needs of an exchange. Implemented by [`GrpcExchange`] and
+/// [`LocalExchange`]; shared as `Arc<dyn ExchangeClient>`.
+#[async_trait::async_trait]
+pub trait ExchangeClient: Send + Sync + fmt::Debug + 'static {
+    async fn register_agent(
+        &self,
+        behaviour: &str,
+        implements: &[&str],
+        name: &str,
+        id: Option<EntityId>,
+    ) -> Result<EntityId, ClientError>;
+    async fn register_client(&self) -> Result<EntityId, ClientError>;
+    async fn terminate(&self, id: &EntityId) -> Result<(), ClientError>;
+    async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ClientError>;
+    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError>;
+    async fn send(&self, message: pb::Message) -> Result<(), ClientError>;
+    async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError>;
+    async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError>;
+}
+
+/// Uses an [`Exchange`] in this process: no server, no sockets.
+#[derive(Debug, Clone, Default)]
+pub struct LocalExchange {
+    exchange: Exchange,
+}
+
+impl LocalExchange {
+    pub fn new(exchange: Exchange) -> Self {
+        Self { exchange }
+    }
+}
+
+#[async_trait::async_trait]
+impl ExchangeClient for LocalExchange {
+    async fn register_agent(
+        &self,
+        behaviour: &str,
+        implements: &[&str],
+        name: &str,
+        id: Option<EntityId>,
+    ) -> Result<EntityId, ClientError> {
+        let implements = implements.iter().map(|s| (*s).to_owned()).collect();
+        Ok(self
+            .exchange
+            .register_agent(behaviour, implements, name.to_owned(), id)
+            .await?)
+    }
+    async fn register_client(&self) -> Result<EntityId, ClientError> {
+        Ok(self.exchange.register_client().await?)
+    }
+    async fn terminate(&self, id: &EntityId) -> Result<(), ClientError> {
+        self.exchange.terminate(id).await?;
+        Ok(())
+    }
+    async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ClientError> {
+        Ok(self.exchange.status(id).await?)
+    }
+    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {
+        Ok(self.exchange.discover(name, exact).await?)
+    }
+    async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
+        Ok(self.exchange.send(message).await?)
+    }
+    async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError> {
+        let subscription = self.exchange.subscribe(id).await?;
+        let max_bytes = self.exchange.limits().max_message_bytes;
+        Ok(
+            futures::stream::unfold(Some(subscription), move |sub| async move {
+                let mut sub = sub?;
+                match sub.next_batch(256, max_bytes).await {
+                    Ok(batch) => Some((Ok(batch), Some(sub))),
+                    Err(e) => Some((Err(e.into()), None)),
+                }
+            })
+            .boxed(),
+        )
+    }
+    async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
+        Ok(self.exchange.acknowledge(id, &seqs).await?)
+    }
+}
+
+/// Most messages sent in one `SendBatch` call.
+const MAX_SEND_BATCH: usize = 512;
+
+type SendJob = (pb::Message, oneshot::Sender<Result<(), ClientError>>);
+
+/// Talks to an exchange-server over gRPC. Concurrent sends are coalesced into
+/// `SendBatch` calls, one at a time, so order per destination is kept.
+#[derive(Clone)]
+pub struct GrpcExchange {
+    rpc: RpcClient<Channel>,
+    sends: mpsc::UnboundedSender<SendJob>,
+}
+
+impl fmt::Debug for GrpcExchange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GrpcExchange").finish_non_exhaustive()
+    }
+}
+
+impl GrpcExchange {
+    /// Connects to `url` (e.g. `http://127.0.0.1:50051`).
+    pub async fn connect(url: impl Into<String>) -> Result<Self, ClientError> {
+        let url = url.into();
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| ClientError::Transport(format!("bad exchange url {url:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(Some(4 * 1024 * 1024))
+            .initial_connection_window_size(Some(8 * 1024 * 1024));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Transport(format!("cannot connect to {url}: {e}")))?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Uses an existing channel (must be called inside a tokio runtime).
+    pub fn from_channel(channel: Channel) -> Self {
+        let rpc = RpcClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let (sends, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(send_loop(rpc.clone(), jobs));
+        Self { rpc, sends }
+    }
+
+    fn rpc(&self) -> RpcClient<Channel> {
+        self.rpc.clone()
+    }
+}
+
+/// Sends queued messages in batches until every `GrpcExchange` clone is gone.
+async fn send_loop(mut rpc: RpcClient<Channel>, mut jobs: mpsc::UnboundedReceiver<SendJob>) {
+    let mut batch = Vec::new();
+    while jobs.recv_many(&mut batch, MAX_SEND_BATCH).await > 0 {
+        let (messages, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
+        match rpc.send_batch(pb::SendBatchRequest { messages }).await {
+            Ok(response) => {
+                let results = response.into_inner().results;
+                for (i, reply) in replies.into_iter().enumerate() {
+                    let _ = reply.send(match results.get(i) {
+                        Some(r) if r.code == tonic::Code::Ok as i32 => Ok(()),
+                        Some(r) => Err(batch_error(r)),
+                        None => Err(ClientError::Transport("exchange dropped a result".into())),
+                    });
+                }
+            }
+            Err(status) => {
+                let err = ClientError::from(status);
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn batch_error(result: &pb::SendResult) -> ClientError {
+    ExchangeError::from_parts(&result.reason, &result.metadata, &result.message).map_or_else(
+        || ClientError::Transport(format!("code {}: {}", result.code, result.message)),
+        ClientError::Exchange,
+    )
+}
+
+fn state_from_pb(state: i32) -> MailboxState {
+    match pb::MailboxState::try_from(state) {
+        Ok(pb::MailboxState::Active) => MailboxState::Active,
+        Ok(pb::MailboxState::Terminated) => MailboxState::Terminated,
+        _ => MailboxState::Missing,
+    }
+}
+
+fn info_from_pb(info: pb::AgentInfo) -> Result<AgentInfo, ClientError> {
+    Ok(AgentInfo {
+        id: EntityId::parse_field(&info.agent_id, "agent_id")?,
+        behaviour: info.behaviour,
+        implements: info.implements,
+        name: info.name,
+    })
+}
+
+#[async_trait::async_trait]
+impl ExchangeClient for GrpcExchange {
+    async fn register_agent(
+        &self,
+        behaviour: &str,
+        implements: &[&str],
+        name: &str,
+        id: Option<EntityId>,
+    ) -> Result<EntityId, ClientError> {
+        let response = self
+            .rpc()
+            .register_agent(pb::RegisterAgentRequest {
+                behaviour: behaviour.to_owned(),
+                implements: implements.iter().map(|s| (*s).to_owned()).collect(),
+                name: name.to_owned(),
+                agent_id: id.map(|id| id.to_string()).unwrap_or_default(),
+            })
+            .await?;
+        Ok(EntityId::parse_field(
+            &response.into_inner().agent_id,
+            "agent_id",
+        )?)
+    }
+    async fn register_client(&self) -> Result<EntityId, ClientError> {
+        let response = self
+            .rpc()
+            .register_client(pb::RegisterClientRequest::default())
+            .await?;
+        Ok(EntityId::parse_field(
+            &response.into_inner().client_id,
+            "client_id",
+        )?)
+    }
+    async fn terminate(&self, id: &EntityId) -> Result<(), ClientError> {
+        self.rpc()
+            .terminate(pb::TerminateRequest { id: id.to_string() })
+            .await?;
+        Ok(())
+    }
+    async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ClientError> {
+        let response = self
+            .rpc()
+            .status(pb::StatusRequest { id: id.to_string() })
+            .await?
+            .into_inner();
+        Ok(MailboxStatus {
+            state: state_from_pb(response.state),
+            queued: usize::try_from(response.queued).unwrap_or(usize::MAX),
+            agent: response.agent.map(info_from_pb).transpose()?,
+        })
+    }
+    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {
+        let response = self
+            .rpc()
+            .discover(pb::DiscoverRequest {
+                behaviour: name.to_owned(),
+                exact,
+            })
+            .await?;
+        response
+            .into_inner()
+            .agents
+            .into_iter()
+            .map(info_from_pb)
+            .collect()
+    }
+    async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
+        let (reply, result) = oneshot::channel();
+        self.sends
+            .send((message, reply))
+            .map_err(|_| ClientError::Transport("exchange client is closed".into()))?;
+        result
+            .await
+            .map_err(|_| ClientError::Transport("exchange client is closed".into()))?
+    }
+    async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError> {
+        let stream = self
+            .rpc()
+            .subscribe(pb::SubscribeRequest {
+                mailbox_id: id.to_string(),
+            })
+            .await?
+            .into_inner();
+        Ok(stream
+            .map(|frame| {
+                let frame = frame?;
+                Ok(frame
+                    .deliveries
+                    .into_iter()
+                    .filter_map(|d| Some((d.seq, d.message?)))
+                    .collect())
+            })
+            .boxed())
+    }
+    async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
+        self.rpc()
+            .acknowledge(pb::AcknowledgeRequest {
+                mailbox_id: id.to_string(),
+                seqs,
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// An exchange client shared by agents and handles.
+pub type SharedExchange = Arc<dyn ExchangeClient>;

@@ -1,0 +1,50 @@
+//! The mailbox and agent a piece of code runs for (a task-local set by the runtime).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use academy_exchange::EntityId;
+use tokio_util::sync::CancellationToken;
+
+use crate::mailbox::Mailbox;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    pub(crate) mailbox: Arc<Mailbox>,
+    pub(crate) agent: Option<AgentContext>,
+}
+
+tokio::task_local! {
+    static CONTEXT: Context;
+}
+
+/// The agent whose action, loop or hook is running.
+#[derive(Debug, Clone)]
+pub struct AgentContext {
+    pub(crate) id: EntityId,
+    pub(crate) stop: CancellationToken,
+}
+
+impl AgentContext {
+    pub fn id(&self) -> EntityId {
+        self.id
+    }
+
+    /// Asks the agent to shut down (its own policy decides whether it terminates).
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+}
+
+/// The running agent, inside one of its actions, loops or hooks.
+pub fn current_agent() -> Option<AgentContext> {
+    CONTEXT.try_with(|c| c.agent.clone()).ok().flatten()
+}
+
+pub(crate) fn current_mailbox() -> Option<Arc<Mailbox>> {
+    CONTEXT.try_with(|c| c.mailbox.clone()).ok()
+}
+
+pub(crate) fn scope<F: Future>(context: Context, future: F) -> impl Future<Output = F::Output> {
+    CONTEXT.scope(context, future)
+}

@@ -1,0 +1,123 @@
+//! Typed errors of the SDK: exchange calls, handle calls, agents.
+
+use std::time::Duration;
+
+use academy_exchange::{EntityId, ExchangeError};
+
+/// An exchange operation failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ClientError {
+    /// The exchange answered with an error (unknown id, terminated mailbox, ...).
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
+    /// The exchange could not be reached or the connection broke; retryable.
+    #[error("exchange unreachable: {0}")]
+    Transport(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(status: tonic::Status) -> Self {
+        match ExchangeError::from_status(&status) {
+            Some(err) => Self::Exchange(err),
+            None => Self::Transport(format!("{}: {}", status.code(), status.message())),
+        }
+    }
+}
+
+impl From<tonic::transport::Error> for ClientError {
+    fn from(err: tonic::transport::Error) -> Self {
+        Self::Transport(err.to_string())
+    }
+}
+
+/// A call through a handle failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum HandleError {
+    /// The agent answered with an error: the action failed (`code` UNKNOWN), its
+    /// arguments didn't decode (INVALID_ARGUMENT), it doesn't exist
+    /// (UNIMPLEMENTED) or was cancelled at shutdown (CANCELLED).
+    #[error("{action} failed: {kind}: {message}")]
+    Remote {
+        action: String,
+        code: tonic::Code,
+        kind: String,
+        message: String,
+    },
+    /// The agent's mailbox (or the caller's own) is terminated.
+    #[error("mailbox {0} is terminated")]
+    Terminated(EntityId),
+    /// No mailbox has this id.
+    #[error("mailbox {0} not found")]
+    NotFound(EntityId),
+    /// No response came within the call's timeout.
+    #[error("no response within {0:?}")]
+    Timeout(Duration),
+    /// The exchange refused the request (too large, mailbox full, ...).
+    #[error(transparent)]
+    Exchange(ExchangeError),
+    /// The exchange could not be reached; retryable.
+    #[error("exchange unreachable: {0}")]
+    Transport(String),
+    /// Arguments or result could not be (de)serialised.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// The handle has no mailbox to send from: use it inside an agent, or get it
+    /// from a manager.
+    #[error(
+        "handle to {0} is not bound to a mailbox (get it from a Manager or use it inside an agent)"
+    )]
+    Unbound(EntityId),
+}
+
+impl HandleError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Timeout(_) | Self::Transport(_))
+            || matches!(self, Self::Exchange(ExchangeError::MailboxFull { .. }))
+    }
+}
+
+impl From<ClientError> for HandleError {
+    fn from(err: ClientError) -> Self {
+        match err {
+            ClientError::Exchange(ExchangeError::NotFound(id)) => Self::NotFound(id),
+            ClientError::Exchange(ExchangeError::Terminated(id)) => Self::Terminated(id),
+            ClientError::Exchange(e) => Self::Exchange(e),
+            ClientError::Transport(e) => Self::Transport(e),
+        }
+    }
+}
+
+/// Why an agent stopped other than by a requested shutdown.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum AgentError {
+    #[error("agent {id}: startup hook failed: {message}")]
+    Startup { id: EntityId, message: String },
+    #[error("agent {id}: control loop {name} failed: {message}")]
+    Loop {
+        id: EntityId,
+        name: String,
+        message: String,
+    },
+    #[error("agent {id}: shutdown hook failed: {message}")]
+    ShutdownHook { id: EntityId, message: String },
+    #[error("agent {id}: {source}")]
+    Exchange { id: EntityId, source: ClientError },
+    #[error("agent {id}: runtime task panicked or was aborted")]
+    Panicked { id: EntityId },
+}
+
+/// An error the manager reports.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ManagerError {
+    #[error("agent {0} is not managed here")]
+    UnknownAgent(EntityId),
+    #[error("agent {0} did not stop within {1:?}")]
+    Timeout(EntityId, Duration),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{} agents failed; first: {}", .0.len(), .0[0])]
+    Agents(Vec<AgentError>),
+}

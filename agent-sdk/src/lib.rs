@@ -1,0 +1,57 @@
+//! The Rust SDK of Academy: write agents (state, actions, control loops),
+//! call them through typed handles, and run them with a manager.
+//!
+//! ```
+//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use academy_sdk::{Manager, behaviour};
+//!
+//! #[derive(Default)]
+//! struct Counter {
+//!     count: AtomicU64,
+//! }
+//!
+//! #[behaviour(name = "example.Counter")]
+//! impl Counter {
+//!     #[action]
+//!     async fn increment(&self, by: u64) -> u64 {
+//!         self.count.fetch_add(by, Ordering::SeqCst) + by
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! let manager = Manager::in_process().await?;
+//! let counter = manager.launch(Counter::default()).await?;
+//! assert_eq!(counter.increment(2).await?, 2);
+//! manager.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod behaviour;
+mod client;
+mod codec;
+mod context;
+mod error;
+mod handle;
+mod mailbox;
+mod manager;
+mod runtime;
+
+pub use academy_exchange::{AgentInfo, EntityId, EntityKind, MailboxState, MailboxStatus};
+pub use academy_macros::behaviour;
+pub use behaviour::{ActionError, Behaviour, ControlLoop, Shutdown};
+pub use client::{DeliveryStream, ExchangeClient, GrpcExchange, LocalExchange, SharedExchange};
+pub use context::{AgentContext, current_agent};
+pub use error::{AgentError, ClientError, HandleError, ManagerError};
+pub use handle::{Handle, RawHandle};
+pub use manager::{LaunchOptions, Manager};
+pub use runtime::{AgentConfig, run_agent};
+
+/// Used by the code `#[behaviour]` generates; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::behaviour::{HookOutcome, every, fallible};
+    pub use crate::codec::{Args, encode_result};
+    pub use academy_proto::pb::Payload;
+    pub use futures::future::BoxFuture;
+}

@@ -1,0 +1,317 @@
+//! One mailbox, multiplexed: responses go to the call waiting for their tag,
+//! requests to the agent runtime. Acknowledgements are batched.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use academy_exchange::{EntityId, ExchangeError};
+use academy_proto::pb::{self, message::Body};
+use futures::StreamExt as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{DeliveryStream, SharedExchange};
+use crate::{ClientError, HandleError};
+
+/// Requests delivered to an agent, with their seq for acknowledging them.
+pub(crate) type Requests = mpsc::UnboundedSender<(u64, pb::Message)>;
+
+const MAX_ACK_BATCH: usize = 1024;
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+enum Ack {
+    Seq(u64),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug)]
+pub(crate) struct Mailbox {
+    id: EntityId,
+    exchange: SharedExchange,
+    pending: Mutex<HashMap<String, oneshot::Sender<pb::Message>>>,
+    /// Why the mailbox stopped receiving, once it has.
+    closed_because: Mutex<Option<HandleError>>,
+    acks: mpsc::UnboundedSender<Ack>,
+    closed: CancellationToken,
+}
+
+impl Mailbox {
+    /// Subscribes to mailbox `id`. Requests go to `requests`; without it (a
+    /// client's mailbox) they are answered with an error.
+    pub(crate) async fn open(
+        exchange: SharedExchange,
+        id: EntityId,
+        requests: Option<Requests>,
+    ) -> Result<Arc<Self>, ClientError> {
+        let stream = exchange.subscribe(&id).await?;
+        let (acks, ack_jobs) = mpsc::unbounded_channel();
+        let mailbox = Arc::new(Self {
+            id,
+            exchange: exchange.clone(),
+            pending: Mutex::default(),
+            closed_because: Mutex::default(),
+            acks,
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(ack_loop(exchange, id, ack_jobs));
+        tokio::spawn(read_loop(Arc::downgrade(&mailbox), stream, requests));
+        Ok(mailbox)
+    }
+
+    pub(crate) fn id(&self) -> EntityId {
+        self.id
+    }
+
+    /// Sends a request to `dest` and waits for its response.
+    pub(crate) async fn request(
+        &self,
+        dest: EntityId,
+        body: Body,
+        timeout: Option<Duration>,
+    ) -> Result<pb::Message, HandleError> {
+        let tag = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = oneshot::channel();
+        if let Some(reason) = lock(&self.closed_because).clone() {
+            return Err(reason);
+        }
+        lock(&self.pending).insert(tag.clone(), tx);
+        let _pending = PendingGuard {
+            mailbox: self,
+            tag: &tag,
+        };
+        let header = pb::Header {
+            src: self.id.to_string(),
+            dest: dest.to_string(),
+            tag: tag.clone(),
+            ..Default::default()
+        };
+        self.exchange
+            .send(pb::Message {
+                header: Some(header),
+                body: Some(body),
+            })
+            .await?;
+        let response = match timeout {
+            Some(t) => tokio::time::timeout(t, rx)
+                .await
+                .map_err(|_| HandleError::Timeout(t))?,
+            None => rx.await,
+        };
+        response.map_err(|_| {
+            lock(&self.closed_because)
+                .clone()
+                .unwrap_or_else(|| HandleError::Transport("mailbox closed".into()))
+        })
+    }
+
+    /// Sends a message without waiting for any answer.
+    pub(crate) async fn send(&self, dest: EntityId, body: Body) -> Result<(), ClientError> {
+        let header = pb::Header {
+            src: self.id.to_string(),
+            dest: dest.to_string(),
+            tag: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        };
+        self.exchange
+            .send(pb::Message {
+                header: Some(header),
+                body: Some(body),
+            })
+            .await
+    }
+
+    /// Answers `request` with `body` (same tag and label, back to its sender).
+    pub(crate) async fn reply(&self, request: &pb::Header, body: Body) -> Result<(), ClientError> {
+        let header = pb::Header {
+            src: self.id.to_string(),
+            dest: request.src.clone(),
+            tag: request.tag.clone(),
+            label: request.label.clone(),
+            traceparent: request.traceparent.clone(),
+        };
+        self.exchange
+            .send(pb::Message {
+                header: Some(header),
+                body: Some(body),
+            })
+            .await
+    }
+
+    /// Marks a delivered message as done; sent to the exchange in batches.
+    pub(crate) fn ack(&self, seq: u64) {
+        let _ = self.acks.send(Ack::Seq(seq));
+    }
+
+    /// Stops receiving and waits until every acknowledgement is sent.
+    pub(crate) async fn close(&self) {
+        self.closed.cancel();
+        self.fail_pending(HandleError::Transport("mailbox closed".into()));
+        let (tx, rx) = oneshot::channel();
+        if self.acks.send(Ack::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    fn fail_pending(&self, reason: HandleError) {
+        lock(&self.closed_because).get_or_insert(reason);
+        lock(&self.pending).clear();
+    }
+
+    fn route(&self, seq: u64, message: pb::Message, requests: Option<&Requests>) {
+        match &message.body {
+            Some(Body::ActionResponse(_) | Body::ErrorResponse(_) | Body::SuccessResponse(_)) => {
+                self.ack(seq);
+                let tag = message
+                    .header
+                    .as_ref()
+                    .map(|h| h.tag.as_str())
+                    .unwrap_or_default();
+                match lock(&self.pending).remove(tag) {
+                    Some(waiter) => {
+                        let _ = waiter.send(message);
+                    }
+                    None => tracing::debug!(mailbox = %self.id, tag, "response nobody waits for"),
+                }
+            }
+            Some(_) => match requests {
+                // Not acknowledged here: the agent does once it has answered.
+                Some(requests) => {
+                    let _ = requests.send((seq, message));
+                }
+                None => {
+                    self.ack(seq);
+                    if let Some(header) = message.header {
+                        let exchange = self.exchange.clone();
+                        let id = self.id;
+                        tokio::spawn(async move {
+                            let body = Body::ErrorResponse(pb::ErrorResponse {
+                                code: tonic::Code::Unimplemented as i32,
+                                r#type: "NotAnAgent".into(),
+                                message: format!("{id} is a client and serves no requests"),
+                                details: HashMap::new(),
+                            });
+                            let reply = pb::Message {
+                                header: Some(pb::Header {
+                                    src: id.to_string(),
+                                    dest: header.src,
+                                    tag: header.tag,
+                                    label: header.label,
+                                    traceparent: header.traceparent,
+                                }),
+                                body: Some(body),
+                            };
+                            let _ = exchange.send(reply).await;
+                        });
+                    }
+                }
+            },
+            None => self.ack(seq),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Forgets a waiting call however it ends (answer, timeout, or the caller dropping it).
+struct PendingGuard<'a> {
+    mailbox: &'a Mailbox,
+    tag: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.mailbox.pending).remove(self.tag);
+    }
+}
+
+/// Receives deliveries until the mailbox is closed or terminated, subscribing
+/// again (with backoff) when the stream breaks.
+async fn read_loop(mailbox: Weak<Mailbox>, mut stream: DeliveryStream, requests: Option<Requests>) {
+    let Some((id, exchange, closed)) = mailbox
+        .upgrade()
+        .map(|m| (m.id, m.exchange.clone(), m.closed.clone()))
+    else {
+        return;
+    };
+    let fail = |reason: HandleError| {
+        if let Some(m) = mailbox.upgrade() {
+            m.fail_pending(reason);
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            () = closed.cancelled() => return,
+            next = stream.next() => next,
+        };
+        let err = match next {
+            Some(Ok(batch)) => {
+                let Some(m) = mailbox.upgrade() else { return };
+                for (seq, message) in batch {
+                    m.route(seq, message, requests.as_ref());
+                }
+                continue;
+            }
+            Some(Err(err)) => err,
+            None => ClientError::Transport("subscription ended".into()),
+        };
+        match err {
+            ClientError::Exchange(ExchangeError::Terminated(_) | ExchangeError::NotFound(_)) => {
+                tracing::debug!(mailbox = %id, "mailbox terminated");
+                return fail(HandleError::Terminated(id));
+            }
+            ClientError::Exchange(ExchangeError::Superseded(_)) => {
+                tracing::warn!(mailbox = %id, "another subscriber took over this mailbox");
+                return fail(HandleError::Transport(format!(
+                    "{id} has another subscriber"
+                )));
+            }
+            err => tracing::warn!(mailbox = %id, error = %err, "subscription broke; resubscribing"),
+        }
+        let mut backoff = Duration::from_millis(50);
+        stream = loop {
+            tokio::select! {
+                () = closed.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            match exchange.subscribe(&id).await {
+                Ok(stream) => break stream,
+                Err(ClientError::Exchange(
+                    ExchangeError::Terminated(_) | ExchangeError::NotFound(_),
+                )) => return fail(HandleError::Terminated(id)),
+                Err(err) => {
+                    tracing::debug!(mailbox = %id, error = %err, ?backoff, "resubscribe failed");
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        tracing::info!(mailbox = %id, "resubscribed");
+    }
+}
+
+async fn ack_loop(exchange: SharedExchange, id: EntityId, mut jobs: mpsc::UnboundedReceiver<Ack>) {
+    let mut batch = Vec::new();
+    while jobs.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
+        let mut seqs = Vec::with_capacity(batch.len());
+        let mut flushed = Vec::new();
+        for job in batch.drain(..) {
+            match job {
+                Ack::Seq(seq) => seqs.push(seq),
+                Ack::Flush(done) => flushed.push(done),
+            }
+        }
+        if !seqs.is_empty() {
+            match exchange.acknowledge(&id, seqs).await {
+                Ok(()) | Err(ClientError::Exchange(ExchangeError::Terminated(_))) => {}
+                // Unacknowledged messages are delivered again: at least once.
+                Err(err) => tracing::warn!(mailbox = %id, error = %err, "acknowledge failed"),
+            }
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The manager: one client mailbox shared by all its handles; launches agents
+//! in this process, waits on them and shuts them down.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use academy_exchange::{AgentInfo, EntityId, ExchangeError, MailboxState};
+use tokio::sync::watch;
+
+use crate::client::{GrpcExchange, LocalExchange, SharedExchange};
+use crate::mailbox::Mailbox;
+use crate::runtime::{self, StopSignal};
+use crate::{AgentConfig, AgentError, Behaviour, ClientError, Handle, ManagerError, RawHandle};
+
+/// Options of [`Manager::launch_with`].
+#[derive(Debug, Clone, Default)]
+pub struct LaunchOptions {
+    /// Human-readable name, shown by discovery.
+    pub name: String,
+    pub config: AgentConfig,
+    /// Run on this existing, ACTIVE mailbox (e.g. to restart an agent that shut
+    /// down without terminating) instead of registering a new one.
+    pub agent_id: Option<EntityId>,
+}
+
+type Outcome = Option<Result<(), AgentError>>;
+
+#[derive(Debug)]
+struct Managed {
+    stop: StopSignal,
+    outcome: watch::Receiver<Outcome>,
+}
+
+/// Launches and manages agents; hands out handles that share its mailbox.
+#[derive(Debug)]
+pub struct Manager {
+    exchange: SharedExchange,
+    mailbox: Arc<Mailbox>,
+    agents: Mutex<HashMap<EntityId, Managed>>,
+}
+
+impl Manager {
+    /// A manager on the given exchange client, with a new client mailbox.
+    pub async fn new(exchange: SharedExchange) -> Result<Self, ClientError> {
+        let id = exchange.register_client().await?;
+        let mailbox = Mailbox::open(exchange.clone(), id, None).await?;
+        Ok(Self {
+            exchange,
+            mailbox,
+            agents: Mutex::default(),
+        })
+    }
+
+    /// A manager talking gRPC to the exchange-server at `url`.
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        Self::new(Arc::new(GrpcExchange::connect(url).await?)).await
+    }
+
+    /// A manager on a fresh in-process exchange: no server, for tests and
+    /// single-process programs.
+    pub async fn in_process() -> Result<Self, ClientError> {
+        Self::new(Arc::new(LocalExchange::default())).await
+    }
+
+    pub fn exchange(&self) -> &SharedExchange {
+        &self.exchange
+    }
+
+    /// This manager's client mailbox id.
+    pub fn client_id(&self) -> EntityId {
+        self.mailbox.id()
+    }
+
+    /// Registers a new agent and runs `behaviour` as it in this process.
+    pub async fn launch<B: Behaviour>(&self, behaviour: B) -> Result<Handle<B>, ClientError> {
+        self.launch_with(behaviour, LaunchOptions::default()).await
+    }
+
+    pub async fn launch_with<B: Behaviour>(
+        &self,
+        behaviour: B,
+        options: LaunchOptions,
+    ) -> Result<Handle<B>, ClientError> {
+        let id = match options.agent_id {
+            Some(id) => {
+                if lock(&self.agents)
+                    .get(&id)
+                    .is_some_and(|a| a.outcome.borrow().is_none())
+                {
+                    return Err(ExchangeError::AlreadyExists(id).into());
+                }
+                match self.exchange.status(&id).await?.state {
+                    MailboxState::Active => id,
+                    MailboxState::Terminated => return Err(ExchangeError::Terminated(id).into()),
+                    MailboxState::Missing => return Err(ExchangeError::NotFound(id).into()),
+                }
+            }
+            None => {
+                self.exchange
+                    .register_agent(B::NAME, B::IMPLEMENTS, &options.name, None)
+                    .await?
+            }
+        };
+        let stop = StopSignal::default();
+        let (report, outcome) = watch::channel(None);
+        let task = tokio::spawn(runtime::run(
+            Arc::new(behaviour),
+            id,
+            self.exchange.clone(),
+            options.config,
+            stop.clone(),
+        ));
+        tokio::spawn(async move {
+            let result = task.await.unwrap_or(Err(AgentError::Panicked { id }));
+            let _ = report.send(Some(result));
+        });
+        lock(&self.agents).insert(id, Managed { stop, outcome });
+        Ok(self.handle(id))
+    }
+
+    /// A handle to agent `id` that calls from this manager's mailbox.
+    pub fn handle<B: Behaviour>(&self, id: EntityId) -> Handle<B> {
+        Handle::from_raw(self.raw_handle(id))
+    }
+
+    /// An untyped handle to agent `id`, e.g. one found by discovery.
+    pub fn raw_handle(&self, id: EntityId) -> RawHandle {
+        RawHandle::new(id, Some(self.mailbox.clone()))
+    }
+
+    /// Active agents implementing `name` (or exactly of behaviour `name`).
+    pub async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {
+        self.exchange.discover(name, exact).await
+    }
+
+    /// Agents launched here that are still running.
+    pub fn running(&self) -> Vec<EntityId> {
+        lock(&self.agents)
+            .iter()
+            .filter(|(_, a)| a.outcome.borrow().is_none())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Waits until agent `id` stops; its error if it failed.
+    pub async fn wait(&self, id: EntityId, timeout: Option<Duration>) -> Result<(), ManagerError> {
+        let mut outcome = lock(&self.agents)
+            .get(&id)
+            .map(|a| a.outcome.clone())
+            .ok_or(ManagerError::UnknownAgent(id))?;
+        let done = async {
+            let result = outcome.wait_for(Option::is_some).await;
+            result
+                .ok()
+                .and_then(|r| r.clone())
+                .unwrap_or(Err(AgentError::Panicked { id }))
+        };
+        let result = match timeout {
+            Some(t) => tokio::time::timeout(t, done)
+                .await
+                .map_err(|_| ManagerError::Timeout(id, t))?,
+            None => done.await,
+        };
+        Ok(result?)
+    }
+
+    /// Signals agent `id` to shut down (`terminate`: override its policy) and
+    /// waits for it to stop.
+    pub async fn shutdown(
+        &self,
+        id: EntityId,
+        terminate: Option<bool>,
+        timeout: Option<Duration>,
+    ) -> Result<(), ManagerError> {
+        lock(&self.agents)
+            .get(&id)
+            .ok_or(ManagerError::UnknownAgent(id))?
+            .stop
+            .stop(terminate);
+        self.wait(id, timeout).await
+    }
+
+    /// Shuts every agent down, waits for them, and terminates the manager's
+    /// mailbox. Reports the agents that failed.
+    pub async fn close(self) -> Result<(), ManagerError> {
+        let ids: Vec<EntityId> = {
+            let agents = lock(&self.agents);
+            agents.values().for_each(|a| a.stop.stop(None));
+            agents.keys().copied().collect()
+        };
+        let mut failures = Vec::new();
+        for id in ids {
+            if let Err(ManagerError::Agent(e)) = self.wait(id, None).await {
+                failures.push(e);
+            }
+        }
+        self.mailbox.close().await;
+        self.exchange.terminate(&self.mailbox.id()).await?;
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(ManagerError::Agents(failures))
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

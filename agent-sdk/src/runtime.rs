@@ -1,0 +1,306 @@
+//! The agent runtime (DESIGN.md, "Agents"): startup gating, concurrent actions,
+//! loops, and the shutdown sequence.
+
+use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use academy_exchange::EntityId;
+use academy_proto::pb::{self, message::Body};
+use futures::FutureExt as _;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::SharedExchange;
+use crate::context::{self, AgentContext, Context};
+use crate::mailbox::Mailbox;
+use crate::{ActionError, AgentError, Behaviour};
+
+/// How an agent behaves at shutdown.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Cancel in-flight actions at shutdown (their callers get a CANCELLED
+    /// error) rather than letting them finish.
+    pub cancel_actions_on_shutdown: bool,
+    /// Terminate the mailbox after a requested shutdown.
+    pub terminate_on_success: bool,
+    /// Terminate the mailbox after a failure (startup, loop or hook error).
+    pub terminate_on_error: bool,
+    /// Shut the agent down when a control loop fails.
+    pub shutdown_on_loop_error: bool,
+    /// How long loops get to return after shutdown is signalled before they are aborted.
+    pub loop_shutdown_grace: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            cancel_actions_on_shutdown: true,
+            terminate_on_success: true,
+            terminate_on_error: true,
+            shutdown_on_loop_error: true,
+            loop_shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Stops a running agent from outside, optionally overriding whether it terminates.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StopSignal {
+    pub(crate) token: CancellationToken,
+    pub(crate) terminate: Arc<Mutex<Option<bool>>>,
+}
+
+impl StopSignal {
+    pub(crate) fn stop(&self, terminate: Option<bool>) {
+        if terminate.is_some() {
+            *self
+                .terminate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = terminate;
+        }
+        self.token.cancel();
+    }
+}
+
+/// Runs `behaviour` as agent `id` (whose mailbox must be ACTIVE) until it shuts
+/// down. `Ok` after a requested shutdown; the first failure otherwise.
+pub async fn run_agent<B: Behaviour>(
+    behaviour: B,
+    id: EntityId,
+    exchange: SharedExchange,
+    config: AgentConfig,
+) -> Result<(), AgentError> {
+    run(
+        Arc::new(behaviour),
+        id,
+        exchange,
+        config,
+        StopSignal::default(),
+    )
+    .await
+}
+
+/// Catches a panic in `future` and reports it as an error message.
+async fn guarded<T>(future: impl Future<Output = T>) -> Result<T, String> {
+    AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            format!("panicked: {text}")
+        })
+}
+
+pub(crate) async fn run<B: Behaviour>(
+    behaviour: Arc<B>,
+    id: EntityId,
+    exchange: SharedExchange,
+    config: AgentConfig,
+    stop: StopSignal,
+) -> Result<(), AgentError> {
+    let (requests_tx, mut requests) = mpsc::unbounded_channel();
+    let mailbox = Mailbox::open(exchange.clone(), id, Some(requests_tx))
+        .await
+        .map_err(|source| AgentError::Exchange { id, source })?;
+    let shutdown = stop.token.clone();
+    let context = Context {
+        mailbox: mailbox.clone(),
+        agent: Some(AgentContext {
+            id,
+            stop: shutdown.clone(),
+        }),
+    };
+    let mut failure = None;
+
+    // Requests wait in the channel until startup is done.
+    let startup = guarded(context::scope(
+        context.clone(),
+        behaviour.clone().on_startup(),
+    ));
+    let started = match startup.await.and_then(|r| r) {
+        Ok(()) => true,
+        Err(message) => {
+            tracing::error!(agent = %id, %message, "startup hook failed");
+            failure = Some(AgentError::Startup { id, message });
+            false
+        }
+    };
+
+    let cancel_actions = CancellationToken::new();
+    let mut actions = JoinSet::new();
+    let mut loops = JoinSet::new();
+    if started {
+        for control in behaviour.loops(&shutdown) {
+            let name = control.name;
+            loops.spawn(context::scope(context.clone(), async move {
+                (name, guarded(control.run).await.and_then(|r| r))
+            }));
+        }
+        tracing::info!(agent = %id, behaviour = B::NAME, "agent running");
+        let mut in_flight = HashSet::new();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(done) = loops.join_next(), if !loops.is_empty() => {
+                    if let Some(err) = loop_failure(id, done) {
+                        tracing::error!(agent = %id, error = %err, "control loop failed");
+                        failure.get_or_insert(err);
+                        if config.shutdown_on_loop_error {
+                            break;
+                        }
+                    }
+                }
+                Some(done) = actions.join_next(), if !actions.is_empty() => {
+                    if let Ok(seq) = done {
+                        in_flight.remove(&seq);
+                    }
+                }
+                request = requests.recv() => {
+                    let Some((seq, message)) = request else {
+                        tracing::warn!(agent = %id, "mailbox stopped delivering; shutting down");
+                        break;
+                    };
+                    let Some(header) = message.header else {
+                        mailbox.ack(seq);
+                        continue;
+                    };
+                    match message.body {
+                        Some(Body::ActionRequest(request)) => {
+                            // A redelivery of a request still running is a duplicate.
+                            if !in_flight.insert(seq) {
+                                continue;
+                            }
+                            let job = serve_action(
+                                behaviour.clone(), mailbox.clone(), cancel_actions.clone(),
+                                seq, header, request,
+                            );
+                            actions.spawn(context::scope(context.clone(), job));
+                        }
+                        Some(Body::PingRequest(_)) => {
+                            let mailbox = mailbox.clone();
+                            tokio::spawn(async move {
+                                let pong = Body::SuccessResponse(pb::SuccessResponse {});
+                                if let Err(e) = mailbox.reply(&header, pong).await {
+                                    tracing::debug!(error = %e, "cannot answer ping");
+                                }
+                                mailbox.ack(seq);
+                            });
+                        }
+                        Some(Body::ShutdownRequest(request)) => {
+                            mailbox.ack(seq);
+                            tracing::info!(agent = %id, from = %header.src, "shutdown requested");
+                            stop.stop(request.terminate);
+                            break;
+                        }
+                        _ => mailbox.ack(seq),
+                    }
+                }
+            }
+        }
+    }
+
+    // Shutdown: signal loops, settle actions, run the hook, terminate or keep the mailbox.
+    shutdown.cancel();
+    if config.cancel_actions_on_shutdown {
+        cancel_actions.cancel();
+    }
+    while actions.join_next().await.is_some() {}
+    let settle = async {
+        while let Some(done) = loops.join_next().await {
+            if let Some(err) = loop_failure(id, done) {
+                failure.get_or_insert(err);
+            }
+        }
+    };
+    if tokio::time::timeout(config.loop_shutdown_grace, settle)
+        .await
+        .is_err()
+    {
+        tracing::warn!(agent = %id, "control loops ignored shutdown; aborting them");
+        loops.abort_all();
+    }
+    if started {
+        let hook = guarded(context::scope(
+            context.clone(),
+            behaviour.clone().on_shutdown(),
+        ));
+        if let Err(message) = hook.await.and_then(|r| r) {
+            tracing::error!(agent = %id, %message, "shutdown hook failed");
+            failure.get_or_insert(AgentError::ShutdownHook { id, message });
+        }
+    }
+    mailbox.close().await;
+    let requested = *stop
+        .terminate
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let terminate = requested.unwrap_or(if failure.is_some() {
+        config.terminate_on_error
+    } else {
+        config.terminate_on_success
+    });
+    if terminate && let Err(e) = exchange.terminate(&id).await {
+        tracing::warn!(agent = %id, error = %e, "cannot terminate mailbox");
+    }
+    tracing::info!(agent = %id, terminated = terminate, failed = failure.is_some(), "agent stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+/// Runs one action and answers its caller; returns the request's seq.
+async fn serve_action<B: Behaviour>(
+    behaviour: Arc<B>,
+    mailbox: Arc<Mailbox>,
+    cancel: CancellationToken,
+    seq: u64,
+    header: pb::Header,
+    request: pb::ActionRequest,
+) -> u64 {
+    let action = request.action;
+    let run = guarded(behaviour.dispatch(action.clone(), request.args));
+    let outcome = tokio::select! {
+        outcome = run => outcome.unwrap_or_else(|panic| {
+            tracing::error!(action, %panic, "action panicked");
+            Err(ActionError::internal(format!("{action} {panic}")))
+        }),
+        () = cancel.cancelled() => Err(ActionError::cancelled(&action)),
+    };
+    let body = match outcome {
+        Ok(result) => Body::ActionResponse(pb::ActionResponse {
+            action,
+            result: Some(result),
+        }),
+        Err(err) => Body::ErrorResponse(err.into_response()),
+    };
+    if let Err(e) = mailbox.reply(&header, body).await {
+        tracing::warn!(to = %header.src, error = %e, "cannot answer action request");
+    }
+    mailbox.ack(seq);
+    seq
+}
+
+fn loop_failure(
+    id: EntityId,
+    done: Result<(&'static str, Result<(), String>), tokio::task::JoinError>,
+) -> Option<AgentError> {
+    match done {
+        Ok((_, Ok(()))) => None,
+        Ok((name, Err(message))) => Some(AgentError::Loop {
+            id,
+            name: name.into(),
+            message,
+        }),
+        Err(e) if e.is_cancelled() => None,
+        Err(e) => Some(AgentError::Loop {
+            id,
+            name: "?".into(),
+            message: e.to_string(),
+        }),
+    }
+}

@@ -1,0 +1,97 @@
+//! Invoke: one action call through a transient client mailbox, for callers
+//! that don't keep a mailbox of their own.
+
+use std::time::Duration;
+
+use academy_proto::pb::{self, message::Body};
+use serde_json::Value;
+
+use crate::{CONTENT_TYPE_JSON, EntityId, Exchange, ExchangeError};
+
+/// Removes the transient mailbox however the call ends (even if it is dropped).
+struct Transient<'a> {
+    exchange: &'a Exchange,
+    id: EntityId,
+}
+
+impl Drop for Transient<'_> {
+    fn drop(&mut self) {
+        self.exchange.forget(&self.id);
+    }
+}
+
+/// Calls `action` on `agent`; the outer error is the exchange's, the inner one
+/// the agent's answer.
+pub(crate) async fn invoke(
+    exchange: &Exchange,
+    agent: EntityId,
+    action: &str,
+    args: &Value,
+    timeout: Duration,
+) -> Result<Result<Value, pb::ErrorResponse>, ExchangeError> {
+    let client = Transient {
+        exchange,
+        id: exchange.register_client().await?,
+    };
+    let mut subscription = exchange.subscribe(&client.id).await?;
+    let tag = uuid::Uuid::new_v4().to_string();
+    let data = serde_json::to_vec(args).expect("a JSON value always serialises");
+    exchange
+        .send(pb::Message {
+            header: Some(pb::Header {
+                src: client.id.to_string(),
+                dest: agent.to_string(),
+                tag: tag.clone(),
+                ..Default::default()
+            }),
+            body: Some(Body::ActionRequest(pb::ActionRequest {
+                action: action.to_owned(),
+                args: Some(pb::Payload {
+                    content_type: CONTENT_TYPE_JSON.into(),
+                    data: data.into(),
+                }),
+            })),
+        })
+        .await?;
+    let reply = async {
+        loop {
+            for (_, message) in subscription.next_batch(16, usize::MAX).await? {
+                if message.header.as_ref().is_some_and(|h| h.tag == tag) {
+                    return Ok::<_, ExchangeError>(message.body);
+                }
+            }
+        }
+    };
+    let body = tokio::time::timeout(timeout, reply).await.map_err(|_| {
+        ExchangeError::DeadlineExceeded(format!(
+            "agent {agent} did not answer {action:?} within {timeout:?}"
+        ))
+    })??;
+    Ok(match body {
+        Some(Body::ActionResponse(resp)) => {
+            let payload = resp.result.unwrap_or_default();
+            if payload.content_type != CONTENT_TYPE_JSON {
+                Err(internal_error(format!(
+                    "agent answered with content type {:?}, not JSON",
+                    payload.content_type
+                )))
+            } else {
+                serde_json::from_slice(&payload.data)
+                    .map_err(|e| internal_error(format!("agent answered with malformed JSON: {e}")))
+            }
+        }
+        Some(Body::ErrorResponse(err)) => Err(err),
+        _ => Err(internal_error(
+            "agent answered with something other than a response".into(),
+        )),
+    })
+}
+
+fn internal_error(message: String) -> pb::ErrorResponse {
+    pb::ErrorResponse {
+        code: tonic::Code::Internal as i32,
+        r#type: "InvalidResponse".into(),
+        message,
+        details: Default::default(),
+    }
+}

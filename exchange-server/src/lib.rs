@@ -1,0 +1,35 @@
+//! The Academy exchange: mailboxes for agents and clients, served over gRPC
+//! (`academy.v1.Exchange`) or used in-process.
+//!
+//! Embed a server in a program or a test:
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use academy_exchange::{RunningServer, ServerOptions};
+//! let server = RunningServer::start(ServerOptions::default()).await?; // 127.0.0.1:0
+//! println!("serving on {}", server.url());
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod error;
+mod exchange;
+mod id;
+mod invoke;
+mod json;
+mod server;
+mod service;
+pub mod telemetry;
+
+pub use config::Config;
+pub use error::{ERROR_DOMAIN, ExchangeError};
+pub use exchange::{
+    AgentInfo, Delivery, Exchange, Limits, MailboxState, MailboxStatus, Subscription,
+};
+pub use id::{EntityId, EntityKind};
+pub use server::{RunningServer, ServerOptions};
+pub use service::ExchangeService;
+
+/// Content type of JSON payloads, which every peer supports.
+pub const CONTENT_TYPE_JSON: &str = "application/json";

@@ -1,0 +1,157 @@
+//! Serving an exchange over gRPC, with health, reflection and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use academy_proto::pb::exchange_server::ExchangeServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Exchange, ExchangeService, Limits};
+
+/// Room above the message-size limit for the request around a message, so an
+/// oversized message gets the exchange's own error naming both sizes.
+const FRAME_SLACK_BYTES: usize = 64 * 1024;
+
+/// How to serve an exchange.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    pub limits: Limits,
+    /// How long open calls may take to finish after shutdown starts.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            limits: Limits::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running exchange-server. Dropping it shuts the server down.
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    exchange: Exchange,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl RunningServer {
+    /// Binds `options.listen` and serves an in-memory exchange on it.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> std::io::Result<()> {
+    /// let server = academy_exchange::RunningServer::start(Default::default()).await?;
+    /// println!("exchange on http://{}", server.addr());
+    /// server.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn start(options: ServerOptions) -> std::io::Result<Self> {
+        Self::serve(Exchange::new(options.limits), options).await
+    }
+
+    /// Serves the given exchange (for example one also used in-process).
+    pub async fn serve(exchange: Exchange, options: ServerOptions) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(options.listen).await?;
+        let addr = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<ExchangeServer<ExchangeService>>()
+            .await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(academy_proto::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
+        let reflection_v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(std::io::Error::other)?;
+        let service = ExchangeServer::new(ExchangeService::new(exchange.clone()))
+            .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
+            .max_encoding_message_size(usize::MAX);
+        let incoming = TcpListenerStream::new(listener).map(|conn| {
+            let conn = conn?;
+            conn.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(conn)
+        });
+        let signal = {
+            let shutdown = shutdown.clone();
+            let exchange = exchange.clone();
+            async move {
+                shutdown.cancelled().await;
+                tracing::info!("shutting down: no new calls, ending subscriptions");
+                health
+                    .set_not_serving::<ExchangeServer<ExchangeService>>()
+                    .await;
+                exchange.shutdown();
+            }
+        };
+        let grace = options.shutdown_grace;
+        let router = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .initial_stream_window_size(Some(4 * 1024 * 1024))
+            .initial_connection_window_size(Some(8 * 1024 * 1024))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service);
+        let deadline = shutdown.clone();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                result = router.serve_with_incoming_shutdown(incoming, signal) => result,
+                () = async { deadline.cancelled().await; tokio::time::sleep(grace).await } => {
+                    tracing::warn!(?grace, "calls still open after the grace period; closing them");
+                    Ok(())
+                }
+            }
+        });
+        tracing::info!(%addr, "exchange listening");
+        Ok(Self {
+            addr,
+            exchange,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The exchange behind the server, for in-process use beside it.
+    pub fn exchange(&self) -> &Exchange {
+        &self.exchange
+    }
+
+    /// Stops accepting calls, ends subscriptions and waits for the server to stop.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(Ok(())) => tracing::info!("exchange stopped"),
+                Ok(Err(e)) => tracing::error!(error = %e, "exchange stopped with an error"),
+                Err(e) => tracing::error!(error = %e, "exchange task failed"),
+            }
+        }
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

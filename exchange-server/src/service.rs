@@ -1,0 +1,233 @@
+//! The `academy.v1.Exchange` gRPC service over an [`Exchange`].
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use academy_proto::pb::{self, exchange_server};
+use futures::Stream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::{EntityId, Exchange, ExchangeError, json};
+
+/// Most messages in one `SubscribeResponse` frame.
+const MAX_DELIVERIES_PER_FRAME: usize = 256;
+/// Invoke's wait when neither `timeout_ms` nor a call deadline is given.
+const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The gRPC face of an exchange.
+#[derive(Debug, Clone)]
+pub struct ExchangeService {
+    exchange: Exchange,
+}
+
+impl ExchangeService {
+    pub fn new(exchange: Exchange) -> Self {
+        Self { exchange }
+    }
+}
+
+fn parse_optional_id(value: &str, field: &str) -> Result<Option<EntityId>, ExchangeError> {
+    (!value.is_empty())
+        .then(|| EntityId::parse_field(value, field))
+        .transpose()
+}
+
+type RpcResult<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl exchange_server::Exchange for ExchangeService {
+    #[tracing::instrument(skip_all, fields(behaviour = %request.get_ref().behaviour))]
+    async fn register_agent(
+        &self,
+        request: Request<pb::RegisterAgentRequest>,
+    ) -> RpcResult<pb::RegisterAgentResponse> {
+        let req = request.into_inner();
+        let id = parse_optional_id(&req.agent_id, "agent_id")?;
+        let id = self
+            .exchange
+            .register_agent(&req.behaviour, req.implements, req.name, id)
+            .await?;
+        Ok(Response::new(pb::RegisterAgentResponse {
+            agent_id: id.to_string(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn register_client(
+        &self,
+        _request: Request<pb::RegisterClientRequest>,
+    ) -> RpcResult<pb::RegisterClientResponse> {
+        let id = self.exchange.register_client().await?;
+        Ok(Response::new(pb::RegisterClientResponse {
+            client_id: id.to_string(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    async fn terminate(
+        &self,
+        request: Request<pb::TerminateRequest>,
+    ) -> RpcResult<pb::TerminateResponse> {
+        let id = EntityId::parse_field(&request.get_ref().id, "id")?;
+        let previous = self.exchange.terminate(&id).await?;
+        Ok(Response::new(pb::TerminateResponse {
+            previous_state: pb::MailboxState::from(previous).into(),
+        }))
+    }
+
+    async fn status(&self, request: Request<pb::StatusRequest>) -> RpcResult<pb::StatusResponse> {
+        let id = EntityId::parse_field(&request.get_ref().id, "id")?;
+        let status = self.exchange.status(&id).await?;
+        Ok(Response::new(pb::StatusResponse {
+            state: pb::MailboxState::from(status.state).into(),
+            queued: status.queued as u64,
+            agent: status.agent.map(Into::into),
+        }))
+    }
+
+    async fn discover(
+        &self,
+        request: Request<pb::DiscoverRequest>,
+    ) -> RpcResult<pb::DiscoverResponse> {
+        let req = request.into_inner();
+        let agents = self.exchange.discover(&req.behaviour, req.exact).await?;
+        Ok(Response::new(pb::DiscoverResponse {
+            agents: agents.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn send(&self, request: Request<pb::SendRequest>) -> RpcResult<pb::SendResponse> {
+        let message = request
+            .into_inner()
+            .message
+            .ok_or_else(|| ExchangeError::InvalidArgument("message is missing".into()))?;
+        self.exchange.send(message).await?;
+        Ok(Response::new(pb::SendResponse {}))
+    }
+
+    async fn send_batch(
+        &self,
+        request: Request<pb::SendBatchRequest>,
+    ) -> RpcResult<pb::SendBatchResponse> {
+        let results = self
+            .exchange
+            .send_batch(request.into_inner().messages)
+            .await;
+        let results = results
+            .into_iter()
+            .map(|r| match r {
+                Ok(()) => pb::SendResult::default(),
+                Err(e) => pb::SendResult {
+                    code: e.code() as i32,
+                    message: e.to_string(),
+                    reason: e.reason().to_owned(),
+                    metadata: e.metadata(),
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::SendBatchResponse { results }))
+    }
+
+    type SubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all, fields(mailbox = %request.get_ref().mailbox_id))]
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> RpcResult<Self::SubscribeStream> {
+        let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
+        let subscription = self.exchange.subscribe(&id).await?;
+        let max_bytes = self.exchange.limits().max_message_bytes;
+        tracing::debug!("subscriber attached");
+        let stream = futures::stream::unfold(Some(subscription), move |sub| async move {
+            let mut sub = sub?;
+            match sub.next_batch(MAX_DELIVERIES_PER_FRAME, max_bytes).await {
+                Ok(batch) => {
+                    let deliveries = batch
+                        .into_iter()
+                        .map(|(seq, message)| pb::Delivery {
+                            seq,
+                            message: Some(message),
+                        })
+                        .collect();
+                    Some((Ok(pb::SubscribeResponse { deliveries }), Some(sub)))
+                }
+                Err(e) => Some((Err(e.into()), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn acknowledge(
+        &self,
+        request: Request<pb::AcknowledgeRequest>,
+    ) -> RpcResult<pb::AcknowledgeResponse> {
+        let req = request.get_ref();
+        let id = EntityId::parse_field(&req.mailbox_id, "mailbox_id")?;
+        self.exchange.acknowledge(&id, &req.seqs).await?;
+        Ok(Response::new(pb::AcknowledgeResponse {}))
+    }
+
+    #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent_id, action = %request.get_ref().action))]
+    async fn invoke(&self, request: Request<pb::InvokeRequest>) -> RpcResult<pb::InvokeResponse> {
+        let deadline = grpc_timeout(request.metadata());
+        let req = request.into_inner();
+        let agent = EntityId::parse_field(&req.agent_id, "agent_id")?;
+        if req.action.is_empty() {
+            return Err(ExchangeError::InvalidArgument("action is empty".into()).into());
+        }
+        let timeout = match (req.timeout_ms, deadline) {
+            (0, None) => DEFAULT_INVOKE_TIMEOUT,
+            (0, Some(d)) => d,
+            (ms, d) => Duration::from_millis(ms.into()).min(d.unwrap_or(Duration::MAX)),
+        };
+        let args = req
+            .args
+            .map_or(serde_json::Value::Array(Vec::new()), json::from_proto);
+        let reply =
+            crate::invoke::invoke(&self.exchange, agent, &req.action, &args, timeout).await?;
+        match reply {
+            Ok(result) => Ok(Response::new(pb::InvokeResponse {
+                result: Some(json::to_proto(result)),
+            })),
+            Err(err) => Err(Status::new(
+                Code::from_i32(err.code),
+                format!("{}: {}", err.r#type, err.message),
+            )),
+        }
+    }
+}
+
+/// The call's deadline from its `grpc-timeout` header ("<digits><unit>").
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        assert_eq!(grpc_timeout(&md), None);
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), Some(Duration::from_millis(250)));
+        md.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), Some(Duration::from_secs(3)));
+        md.insert("grpc-timeout", "3X".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), None);
+    }
+}
