@@ -29,7 +29,7 @@ impl ActionError {
     pub fn failed<E: fmt::Display>(err: E) -> Self {
         Self {
             code: tonic::Code::Unknown,
-            kind: std::any::type_name::<E>().to_owned(),
+            kind: short_type_name(std::any::type_name::<E>()).to_owned(),
             message: err.to_string(),
         }
     }
@@ -74,6 +74,13 @@ impl ActionError {
             details: Default::default(),
         }
     }
+}
+
+/// `my_crate::errors::ParseError` → `ParseError` (generic arguments kept as they are).
+fn short_type_name(full: &str) -> &str {
+    let generics = full.find('<').unwrap_or(full.len());
+    let start = full[..generics].rfind("::").map_or(0, |i| i + 2);
+    &full[start..]
 }
 
 /// A control loop or timer of a behaviour, as started by the runtime.
@@ -162,5 +169,17 @@ impl HookOutcome for () {
 impl<E: fmt::Display> HookOutcome for Result<(), E> {
     fn into_hook_outcome(self) -> Result<(), String> {
         self.map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kind_is_the_short_type_name() {
+        assert_eq!(ActionError::failed(String::from("x")).kind, "String");
+        assert_eq!(short_type_name("a::b::Wrap<c::D>"), "Wrap<c::D>");
+        assert_eq!(short_type_name("Plain"), "Plain");
     }
 }

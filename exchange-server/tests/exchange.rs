@@ -1,0 +1,554 @@
+//! The exchange's mailbox rules, over gRPC against a real server on loopback.
+
+use std::time::Duration;
+
+use academy_exchange::{Limits, RunningServer, ServerOptions};
+use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+struct Harness {
+    server: RunningServer,
+    rpc: ExchangeClient<Channel>,
+}
+
+async fn start_with(limits: Limits) -> Harness {
+    let options = ServerOptions {
+        limits,
+        ..Default::default()
+    };
+    let server = RunningServer::start(options).await.expect("server starts");
+    let rpc = ExchangeClient::connect(server.url())
+        .await
+        .expect("client connects");
+    Harness { server, rpc }
+}
+
+async fn start() -> Harness {
+    start_with(Limits::default()).await
+}
+
+impl Harness {
+    async fn agent(&mut self, behaviour: &str, implements: &[&str]) -> String {
+        let req = pb::RegisterAgentRequest {
+            behaviour: behaviour.into(),
+            implements: implements.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        self.rpc
+            .register_agent(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .agent_id
+    }
+
+    async fn client(&mut self) -> String {
+        self.rpc
+            .register_client(pb::RegisterClientRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .client_id
+    }
+
+    async fn state(&mut self, id: &str) -> pb::MailboxState {
+        let resp = self
+            .rpc
+            .status(pb::StatusRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        resp.state()
+    }
+
+    async fn send(&mut self, message: pb::Message) -> Result<(), tonic::Status> {
+        self.rpc
+            .send(pb::SendRequest {
+                message: Some(message),
+            })
+            .await
+            .map(drop)
+    }
+
+    async fn subscribe(&mut self, id: &str) -> Streaming<pb::SubscribeResponse> {
+        let req = pb::SubscribeRequest {
+            mailbox_id: id.into(),
+        };
+        self.rpc.subscribe(req).await.unwrap().into_inner()
+    }
+
+    async fn terminate(&mut self, id: &str) -> pb::MailboxState {
+        let resp = self
+            .rpc
+            .terminate(pb::TerminateRequest { id: id.into() })
+            .await
+            .unwrap();
+        resp.into_inner().previous_state()
+    }
+}
+
+fn request(src: &str, dest: &str, action: &str) -> pb::Message {
+    message(
+        src,
+        dest,
+        Body::ActionRequest(pb::ActionRequest {
+            action: action.into(),
+            args: None,
+        }),
+    )
+}
+
+fn message(src: &str, dest: &str, body: Body) -> pb::Message {
+    pb::Message {
+        header: Some(pb::Header {
+            src: src.into(),
+            dest: dest.into(),
+            tag: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        }),
+        body: Some(body),
+    }
+}
+
+/// Next delivered message, failing the test if none comes within a second.
+async fn next(stream: &mut Streaming<pb::SubscribeResponse>) -> Vec<pb::Delivery> {
+    let frame = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
+    frame
+        .expect("a delivery within 1s")
+        .expect("stream open")
+        .expect("no error")
+        .deliveries
+}
+
+fn tag(m: &pb::Message) -> &str {
+    &m.header.as_ref().unwrap().tag
+}
+
+#[tokio::test]
+async fn status_lifecycle_and_idempotent_terminate() {
+    let mut h = start().await;
+    let unknown = format!("agent:{}", uuid::Uuid::new_v4());
+    assert_eq!(h.state(&unknown).await, pb::MailboxState::Missing);
+    let id = h.agent("test.A", &[]).await;
+    assert_eq!(h.state(&id).await, pb::MailboxState::Active);
+    assert_eq!(h.terminate(&id).await, pb::MailboxState::Active);
+    assert_eq!(h.state(&id).await, pb::MailboxState::Terminated);
+    assert_eq!(h.terminate(&id).await, pb::MailboxState::Terminated);
+    let err = h
+        .rpc
+        .terminate(pb::TerminateRequest { id: unknown })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn send_to_unknown_id_is_not_found() {
+    let mut h = start().await;
+    let client = h.client().await;
+    let unknown = format!("agent:{}", uuid::Uuid::new_v4());
+    let err = h.send(request(&client, &unknown, "x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains(&unknown), "{}", err.message());
+}
+
+#[tokio::test]
+async fn terminated_mailbox_refuses_send_subscribe_and_reregistration() {
+    let mut h = start().await;
+    let client = h.client().await;
+    let id = h.agent("test.A", &[]).await;
+    h.terminate(&id).await;
+    let err = h.send(request(&client, &id, "x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("terminated"), "{}", err.message());
+    let sub = h
+        .rpc
+        .subscribe(pb::SubscribeRequest {
+            mailbox_id: id.clone(),
+        })
+        .await;
+    assert_eq!(sub.unwrap_err().code(), Code::FailedPrecondition);
+    let again = pb::RegisterAgentRequest {
+        behaviour: "test.A".into(),
+        agent_id: id.clone(),
+        ..Default::default()
+    };
+    let err = h.rpc.register_agent(again).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "a gravestone keeps the id dead"
+    );
+}
+
+#[tokio::test]
+async fn terminate_answers_queued_requests_with_errors_of_the_same_tag() {
+    let mut h = start().await;
+    let client = h.client().await;
+    let agent = h.agent("test.A", &[]).await;
+    let mut replies = h.subscribe(&client).await;
+    let asked = request(&client, &agent, "work");
+    h.send(asked.clone()).await.unwrap();
+    h.terminate(&agent).await;
+    let delivered = next(&mut replies).await;
+    let reply = delivered[0].message.as_ref().unwrap();
+    assert_eq!(tag(reply), tag(&asked));
+    match &reply.body {
+        Some(Body::ErrorResponse(e)) => {
+            assert_eq!(e.code, Code::FailedPrecondition as i32);
+            assert!(e.message.contains(&agent), "{}", e.message);
+        }
+        other => panic!("expected an error response, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn discovery_by_name_interface_and_without_terminated_agents() {
+    let mut h = start().await;
+    let a = h.agent("lab.Thermometer", &["lab.Sensor"]).await;
+    let b = h.agent("lab.Hygrometer", &["lab.Sensor"]).await;
+    let c = h.agent("lab.Sensor", &[]).await;
+    let mut discover = async |name: &str, exact: bool| {
+        let req = pb::DiscoverRequest {
+            behaviour: name.into(),
+            exact,
+        };
+        let agents = h.rpc.discover(req).await.unwrap().into_inner().agents;
+        agents.into_iter().map(|a| a.agent_id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        discover("lab.Sensor", false).await,
+        vec![a.clone(), b.clone(), c.clone()]
+    );
+    assert_eq!(discover("lab.Sensor", true).await, vec![c.clone()]);
+    assert_eq!(discover("lab.Thermometer", true).await, vec![a.clone()]);
+    assert_eq!(discover("", false).await.len(), 3);
+    assert!(discover("lab.Nothing", false).await.is_empty());
+    h.terminate(&a).await;
+    assert_eq!(
+        h.rpc
+            .discover(pb::DiscoverRequest {
+                behaviour: "lab.Sensor".into(),
+                exact: false
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .agents
+            .len(),
+        2
+    );
+    let err = h
+        .rpc
+        .discover(pb::DiscoverRequest {
+            behaviour: String::new(),
+            exact: true,
+        })
+        .await;
+    assert_eq!(err.unwrap_err().code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber() {
+    let mut h = start().await;
+    let client = h.client().await;
+    let agent = h.agent("test.A", &[]).await;
+    let first = request(&client, &agent, "one");
+    let second = request(&client, &agent, "two");
+    h.send(first.clone()).await.unwrap();
+    h.send(second.clone()).await.unwrap();
+
+    let mut stream = h.subscribe(&agent).await;
+    let got = next(&mut stream).await;
+    assert_eq!(got.len(), 2);
+    // Acknowledge only the first, then drop the connection's stream.
+    let ack = pb::AcknowledgeRequest {
+        mailbox_id: agent.clone(),
+        seqs: vec![got[0].seq],
+    };
+    h.rpc.acknowledge(ack).await.unwrap();
+    drop(stream);
+
+    let mut stream = h.subscribe(&agent).await;
+    let again = next(&mut stream).await;
+    assert_eq!(again.len(), 1, "only the unacknowledged message comes back");
+    assert_eq!(tag(again[0].message.as_ref().unwrap()), tag(&second));
+    let status = h
+        .rpc
+        .status(pb::StatusRequest { id: agent.clone() })
+        .await
+        .unwrap();
+    assert_eq!(status.into_inner().queued, 1);
+}
+
+#[tokio::test]
+async fn a_new_subscriber_supersedes_the_old_one() {
+    let mut h = start().await;
+    let agent = h.agent("test.A", &[]).await;
+    let mut old = h.subscribe(&agent).await;
+    let _new = h.subscribe(&agent).await;
+    let end = tokio::time::timeout(Duration::from_secs(1), old.next())
+        .await
+        .unwrap();
+    assert_eq!(end.unwrap().unwrap_err().code(), Code::Aborted);
+}
+
+#[tokio::test]
+async fn messages_from_one_sender_arrive_in_order() {
+    let mut h = start().await;
+    let client = h.client().await;
+    let agent = h.agent("test.A", &[]).await;
+    let sent: Vec<_> = (0..200)
+        .map(|i| request(&client, &agent, &format!("a{i}")))
+        .collect();
+    let batch = pb::SendBatchRequest {
+        messages: sent[..100].to_vec(),
+    };
+    let results = h.rpc.send_batch(batch).await.unwrap().into_inner().results;
+    assert!(results.iter().all(|r| r.code == 0));
+    for m in &sent[100..] {
+        h.send(m.clone()).await.unwrap();
+    }
+    let mut stream = h.subscribe(&agent).await;
+    let mut received = Vec::new();
+    while received.len() < sent.len() {
+        received.extend(next(&mut stream).await);
+    }
+    let tags: Vec<_> = received
+        .iter()
+        .map(|d| tag(d.message.as_ref().unwrap()).to_owned())
+        .collect();
+    let expected: Vec<_> = sent.iter().map(|m| tag(m).to_owned()).collect();
+    assert_eq!(tags, expected);
+}
+
+#[tokio::test]
+async fn oversized_message_and_full_mailbox_are_resource_exhausted() {
+    let limits = Limits {
+        max_message_bytes: 1024,
+        max_queued: 3,
+    };
+    let mut h = start_with(limits).await;
+    let client = h.client().await;
+    let agent = h.agent("test.A", &[]).await;
+    let mut big = request(&client, &agent, "big");
+    if let Some(Body::ActionRequest(r)) = &mut big.body {
+        r.args = Some(pb::Payload {
+            content_type: "application/json".into(),
+            data: vec![b'1'; 2000].into(),
+        });
+    }
+    let err = h.send(big).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("1024"),
+        "names the limit: {}",
+        err.message()
+    );
+
+    for _ in 0..3 {
+        h.send(request(&client, &agent, "x")).await.unwrap();
+    }
+    let err = h.send(request(&client, &agent, "x")).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("full"), "{}", err.message());
+    // Nothing was dropped: the three queued messages are all there.
+    let status = h.rpc.status(pb::StatusRequest { id: agent }).await.unwrap();
+    assert_eq!(status.into_inner().queued, 3);
+}
+
+#[tokio::test]
+async fn malformed_input_is_invalid_argument_and_the_server_keeps_running() {
+    let mut h = start().await;
+    let client = h.client().await;
+    let agent = h.agent("test.A", &[]).await;
+    let nobody = "agent:not-a-uuid";
+    let checks: Vec<(&str, tonic::Status)> = vec![
+        (
+            "status with empty id",
+            h.rpc
+                .status(pb::StatusRequest { id: String::new() })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "terminate with malformed id",
+            h.rpc
+                .terminate(pb::TerminateRequest { id: nobody.into() })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "register without behaviour",
+            h.rpc
+                .register_agent(pb::RegisterAgentRequest::default())
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "register with a client id",
+            h.rpc
+                .register_agent(pb::RegisterAgentRequest {
+                    behaviour: "x".into(),
+                    agent_id: client.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "send without message",
+            h.rpc
+                .send(pb::SendRequest { message: None })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "send without header",
+            h.send(pb::Message {
+                header: None,
+                body: Some(Body::PingRequest(pb::PingRequest {})),
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "send without body",
+            h.send(pb::Message {
+                body: None,
+                ..request(&client, &agent, "x")
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "send with empty action",
+            h.send(request(&client, &agent, "")).await.unwrap_err(),
+        ),
+        (
+            "send with malformed dest",
+            h.send(request(&client, nobody, "x")).await.unwrap_err(),
+        ),
+        (
+            "send with bad tag",
+            h.send(pb::Message {
+                header: Some(pb::Header {
+                    src: client.clone(),
+                    dest: agent.clone(),
+                    tag: "t".into(),
+                    ..Default::default()
+                }),
+                ..request(&client, &agent, "x")
+            })
+            .await
+            .unwrap_err(),
+        ),
+        (
+            "subscribe to malformed id",
+            h.rpc
+                .subscribe(pb::SubscribeRequest {
+                    mailbox_id: "x".into(),
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "ack of a seq never delivered",
+            h.rpc
+                .acknowledge(pb::AcknowledgeRequest {
+                    mailbox_id: agent.clone(),
+                    seqs: vec![99],
+                })
+                .await
+                .unwrap_err(),
+        ),
+        (
+            "invoke with empty action",
+            h.rpc
+                .invoke(pb::InvokeRequest {
+                    agent_id: agent.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err(),
+        ),
+    ];
+    for (what, status) in checks {
+        assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
+        assert!(!status.message().is_empty(), "{what} explains itself");
+    }
+    assert_eq!(
+        h.state(&agent).await,
+        pb::MailboxState::Active,
+        "server still serves"
+    );
+}
+
+#[tokio::test]
+async fn send_batch_reports_each_message() {
+    let mut h = start().await;
+    let client = h.client().await;
+    let agent = h.agent("test.A", &[]).await;
+    let gone = h.agent("test.A", &[]).await;
+    h.terminate(&gone).await;
+    let messages = vec![
+        request(&client, &agent, "ok"),
+        request(&client, &gone, "x"),
+        request(&client, &format!("agent:{}", uuid::Uuid::new_v4()), "x"),
+    ];
+    let results = h
+        .rpc
+        .send_batch(pb::SendBatchRequest { messages })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<_> = results.iter().map(|r| Code::from_i32(r.code)).collect();
+    assert_eq!(
+        codes,
+        vec![Code::Ok, Code::FailedPrecondition, Code::NotFound]
+    );
+    assert_eq!(results[1].reason, "MAILBOX_TERMINATED");
+    assert_eq!(results[1].metadata.get("id"), Some(&gone));
+}
+
+#[tokio::test]
+async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones() {
+    let mut h = start().await;
+    let unknown = format!("agent:{}", uuid::Uuid::new_v4());
+    let req = pb::InvokeRequest {
+        agent_id: unknown,
+        action: "get".into(),
+        ..Default::default()
+    };
+    assert_eq!(h.rpc.invoke(req).await.unwrap_err().code(), Code::NotFound);
+    let idle = h.agent("test.A", &[]).await;
+    let req = pb::InvokeRequest {
+        agent_id: idle.clone(),
+        action: "get".into(),
+        timeout_ms: 100,
+        ..Default::default()
+    };
+    let err = h.rpc.invoke(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert!(err.message().contains(&idle), "{}", err.message());
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_subscriptions_promptly() {
+    let mut h = start().await;
+    let agent = h.agent("test.A", &[]).await;
+    let mut stream = h.subscribe(&agent).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(5), h.server.shutdown()).await;
+    assert!(stopped.is_ok(), "shutdown must not wait on open streams");
+    let end = tokio::time::timeout(Duration::from_secs(1), stream.next())
+        .await
+        .unwrap();
+    match end {
+        Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable),
+        None => {}
+        Some(Ok(frame)) => panic!("unexpected frame {frame:?}"),
+    }
+}
