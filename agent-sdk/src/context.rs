@@ -12,6 +12,8 @@ use crate::mailbox::Mailbox;
 pub(crate) struct Context {
     pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) agent: Option<AgentContext>,
+    /// Sender of the request being served, inside an action.
+    pub(crate) caller: Option<EntityId>,
 }
 
 tokio::task_local! {
@@ -39,6 +41,11 @@ impl AgentContext {
 /// The running agent, inside one of its actions, loops or hooks.
 pub fn current_agent() -> Option<AgentContext> {
     CONTEXT.try_with(|c| c.agent.clone()).ok().flatten()
+}
+
+/// Who sent the request that the running action serves (an agent or a client).
+pub fn current_caller() -> Option<EntityId> {
+    CONTEXT.try_with(|c| c.caller).ok().flatten()
 }
 
 pub(crate) fn current_mailbox() -> Option<Arc<Mailbox>> {

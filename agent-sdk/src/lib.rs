@@ -41,7 +41,7 @@ pub use academy_exchange::{AgentInfo, EntityId, EntityKind, MailboxState, Mailbo
 pub use academy_macros::behaviour;
 pub use behaviour::{ActionError, Behaviour, ControlLoop, Shutdown};
 pub use client::{DeliveryStream, ExchangeClient, GrpcExchange, LocalExchange, SharedExchange};
-pub use context::{AgentContext, current_agent};
+pub use context::{AgentContext, current_agent, current_caller};
 pub use error::{AgentError, ClientError, HandleError, ManagerError};
 pub use handle::{Handle, RawHandle};
 pub use manager::{LaunchOptions, Manager};

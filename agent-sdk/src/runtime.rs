@@ -116,6 +116,7 @@ pub(crate) async fn run<B: Behaviour>(
             id,
             stop: shutdown.clone(),
         }),
+        caller: None,
     };
     let mut failure = None;
 
@@ -177,11 +178,13 @@ pub(crate) async fn run<B: Behaviour>(
                             if !in_flight.insert(seq) {
                                 continue;
                             }
+                            let caller = header.src.parse().ok();
                             let job = serve_action(
                                 behaviour.clone(), mailbox.clone(), cancel_actions.clone(),
                                 seq, header, request,
                             );
-                            actions.spawn(context::scope(context.clone(), job));
+                            let context = Context { caller, ..context.clone() };
+                            actions.spawn(context::scope(context, job));
                         }
                         Some(Body::PingRequest(_)) => {
                             let mailbox = mailbox.clone();
