@@ -1,1 +1,272 @@
-fn main() {}
+//! End-to-end benchmark: a client and agents in this process, the exchange-server
+//! in another process, all over loopback gRPC.
+//!
+//! `cargo run --release -p academy-bench` prints a Markdown table for BENCHMARKS.md.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use academy_sdk::{Handle, Manager, behaviour};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+#[allow(
+    unreachable_pub,
+    missing_docs,
+    missing_debug_implementations,
+    clippy::all
+)]
+mod floor {
+    tonic::include_proto!("academy.bench");
+}
+
+struct Echo;
+
+#[behaviour(name = "bench.Echo")]
+impl Echo {
+    #[action]
+    async fn echo(&self, data: String) -> String {
+        data
+    }
+}
+
+#[derive(Parser)]
+#[command(about = "End-to-end benchmark of Academy over loopback gRPC")]
+struct Args {
+    #[command(subcommand)]
+    role: Option<Role>,
+    /// Seconds each throughput scenario runs.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Calls in the sequential latency scenario.
+    #[arg(long, default_value_t = 10_000)]
+    calls: u64,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Serve an exchange (the benchmark starts this in a child process).
+    #[command(hide = true)]
+    ServeExchange,
+    /// Serve the plain tonic echo (the floor), in a child process.
+    #[command(hide = true)]
+    ServeFloor,
+}
+
+/// A server in a child process; killed on drop.
+struct Server {
+    _child: Child,
+    addr: SocketAddr,
+}
+
+async fn spawn_server(role: &str) -> anyhow::Result<Server> {
+    let exe = std::env::current_exe()?;
+    let mut child = Command::new(exe)
+        .arg(role)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the server process")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let line = BufReader::new(stdout)
+        .lines()
+        .next_line()
+        .await?
+        .context("server said nothing")?;
+    Ok(Server {
+        _child: child,
+        addr: line.trim().parse()?,
+    })
+}
+
+async fn serve_exchange() -> anyhow::Result<()> {
+    let server = academy_exchange::RunningServer::start(Default::default()).await?;
+    println!("{}", server.addr());
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+#[derive(Debug)]
+struct FloorService;
+
+#[tonic::async_trait]
+impl floor::floor_server::Floor for FloorService {
+    async fn echo(
+        &self,
+        request: tonic::Request<floor::EchoMessage>,
+    ) -> Result<tonic::Response<floor::EchoMessage>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
+}
+
+async fn serve_floor() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .add_service(floor::floor_server::FloorServer::new(FloorService))
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
+}
+
+fn payload(bytes: usize) -> String {
+    "x".repeat(bytes)
+}
+
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+    per_sec: f64,
+}
+
+/// Calls `call` `n` times in a row (after a warm-up) and records each round trip.
+async fn sequential<F, Fut>(n: u64, mut call: F) -> anyhow::Result<Latency>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    for _ in 0..n / 10 {
+        call().await?;
+    }
+    let mut histogram = Histogram::<u64>::new(3)?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        call().await?;
+        histogram.record(t.elapsed().as_nanos() as u64)?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(Latency {
+        p50_us: histogram.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_us: histogram.value_at_quantile(0.99) as f64 / 1000.0,
+        per_sec: n as f64 / elapsed,
+    })
+}
+
+/// Keeps `in_flight` calls going for `seconds`; calls per second.
+async fn throughput(handle: &Handle<Echo>, in_flight: usize, seconds: f64) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let data = payload(100);
+    let start = Instant::now();
+    let workers = (0..in_flight).map(|_| {
+        let handle = handle.clone();
+        let data = data.clone();
+        tokio::spawn(async move {
+            let mut calls = 0u64;
+            while Instant::now() < deadline {
+                handle.echo(data.clone()).await?;
+                calls += 1;
+            }
+            Ok::<_, anyhow::Error>(calls)
+        })
+    });
+    let mut total = 0;
+    for worker in futures::future::join_all(workers).await {
+        total += worker??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// One client, `agents` agents, `calls` calls each, all at once; calls per second.
+async fn fan_out(handles: &[Handle<Echo>], calls: usize, rounds: usize) -> anyhow::Result<f64> {
+    let data = payload(100);
+    let mut total = Duration::ZERO;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        let all = handles
+            .iter()
+            .flat_map(|h| (0..calls).map(|_| h.echo(data.clone())));
+        for result in futures::future::join_all(all).await {
+            result?;
+        }
+        total += start.elapsed();
+    }
+    Ok((handles.len() * calls * rounds) as f64 / total.as_secs_f64())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split_once(':').map_or(l, |(_, v)| v).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.role {
+        Some(Role::ServeExchange) => return serve_exchange().await,
+        Some(Role::ServeFloor) => return serve_floor().await,
+        None => {}
+    }
+
+    let exchange = spawn_server("serve-exchange").await?;
+    let manager = Manager::connect(&format!("http://{}", exchange.addr)).await?;
+    let echo = manager.launch(Echo).await?;
+
+    let small = payload(100);
+    let a = sequential(args.calls, || async {
+        echo.echo(small.clone()).await?;
+        Ok(())
+    })
+    .await?;
+    let b = throughput(&echo, 64, args.seconds).await?;
+    let mut fleet = Vec::new();
+    for _ in 0..16 {
+        fleet.push(manager.launch(Echo).await?);
+    }
+    let c = fan_out(&fleet, 200, 20).await?;
+    let mib = payload(1 << 20);
+    let d = sequential(200, || async {
+        echo.echo(mib.clone()).await?;
+        Ok(())
+    })
+    .await?;
+    let d_mb_s = d.per_sec * (1 << 20) as f64 / 1e6;
+    manager.close().await?;
+
+    let floor_server = spawn_server("serve-floor").await?;
+    let floor =
+        floor::floor_client::FloorClient::connect(format!("http://{}", floor_server.addr)).await?;
+    let small_bytes = bytes::Bytes::from(vec![b'x'; 100]);
+    let e = sequential(args.calls, || {
+        let mut floor = floor.clone();
+        let data = small_bytes.clone();
+        async move {
+            floor.echo(floor::EchoMessage { data }).await?;
+            Ok(())
+        }
+    })
+    .await?;
+
+    println!("Machine: {}", machine());
+    println!();
+    println!("| scenario | result | target |");
+    println!("|---|---|---|");
+    println!(
+        "| (a) sequential echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | p50 ≤ 150 µs |",
+        a.p50_us, a.p99_us, a.per_sec
+    );
+    println!("| (b) 64 in flight, one client → one agent | {b:.0} actions/s | ≥ 50,000 |");
+    println!("| (c) fan-out, 16 agents × 200 calls, all at once | {c:.0} actions/s | ≥ 50,000 |");
+    println!(
+        "| (d) 1 MiB echo, sequential | {d_mb_s:.0} MB/s (p50 {:.2} ms) | ≥ 500 MB/s |",
+        d.p50_us / 1000.0
+    );
+    println!(
+        "| (e) floor: plain tonic unary echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | — |",
+        e.p50_us, e.p99_us, e.per_sec
+    );
+    Ok(())
+}
