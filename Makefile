@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` and `make test`.
+# Builds use at most two jobs: the reference machine has two cores.
+export CARGO_BUILD_JOBS ?= 2
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: demo test bench
+
+## Run the demo on the embedded exchange (no Redis, no cluster).
+demo:
+	cargo run --release -p academy-examples --bin quickstart
+	cargo run --release -p academy-examples --bin pipeline
+
+## Run every check and test (what CI runs).
+test:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+	cargo nextest run --workspace --locked --profile ci
+	cargo test --workspace --doc --locked
+
+## Run the end-to-end benchmark (figures for BENCHMARKS.md).
+bench:
+	cargo run --release -p academy-bench

@@ -1,0 +1,108 @@
+//! The `academy-exchange` binary as users run it: configured by env vars,
+//! stopped by SIGTERM while a subscriber holds a stream open.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use academy_proto::pb::{self, exchange_client::ExchangeClient};
+
+/// Starts the binary on a free port and returns it with its address, read from
+/// its JSON "exchange listening" log line.
+fn spawn_exchange() -> (std::process::Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_academy-exchange"))
+        .env("ACADEMY_EXCHANGE_LISTEN", "127.0.0.1:0")
+        .env("ACADEMY_LOG_FORMAT", "json")
+        .env("ACADEMY_EXCHANGE_MAX_QUEUED", "2")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let log: serde_json::Value = serde_json::from_str(&line).expect("json logs");
+        if let Some(addr) = log["fields"]["addr"].as_str() {
+            // Keep reading its logs so it never writes to a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, format!("http://{addr}"));
+        }
+    }
+    panic!("the exchange never said where it listens");
+}
+
+fn sigterm(child: &std::process::Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_promptly_despite_open_streams() {
+    let (mut child, url) = spawn_exchange();
+    let mut rpc = ExchangeClient::connect(url).await.unwrap();
+    let id = rpc
+        .register_agent(pb::RegisterAgentRequest {
+            behaviour: "t.A".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent_id;
+    let client = rpc
+        .register_client(pb::RegisterClientRequest::default())
+        .await
+        .unwrap();
+    let client = client.into_inner().client_id;
+
+    // The env var limit is in force: the third queued message is refused.
+    for i in 0..3 {
+        let message = pb::Message {
+            header: Some(pb::Header {
+                src: client.clone(),
+                dest: id.clone(),
+                tag: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+            body: Some(pb::message::Body::PingRequest(pb::PingRequest {})),
+        };
+        let sent = rpc
+            .send(pb::SendRequest {
+                message: Some(message),
+            })
+            .await;
+        assert_eq!(sent.is_ok(), i < 2, "message {i}: {sent:?}");
+    }
+
+    let _stream = rpc
+        .subscribe(pb::SubscribeRequest { mailbox_id: id })
+        .await
+        .unwrap();
+    sigterm(&child);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still running 5s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "clean exit: {status:?}");
+}
+
+#[test]
+fn bad_configuration_is_refused_with_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_academy-exchange"))
+        .args(["--listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--listen"), "{stderr}");
+}
