@@ -1,4 +1,6 @@
-//! Payload encoding: JSON, which every peer speaks.
+//! Payload codecs. JSON always works (any language, grpcurl); MessagePack is
+//! what Rust peers use by default: self-describing like JSON, but strings and
+//! byte strings travel as length-prefixed copies instead of escaped text.
 
 use academy_exchange::CONTENT_TYPE_JSON;
 use academy_proto::pb;
@@ -8,35 +10,114 @@ use serde_json::Value;
 
 use crate::ActionError;
 
-pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<pb::Payload, String> {
-    let data = serde_json::to_vec(value).map_err(|e| e.to_string())?;
-    Ok(pb::Payload {
-        content_type: CONTENT_TYPE_JSON.into(),
-        data: data.into(),
-    })
+/// Content type of MessagePack payloads.
+pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
+
+/// Error type an agent answers for a payload whose content type it can't read;
+/// the caller may then retry in JSON.
+pub(crate) const UNSUPPORTED_CONTENT_TYPE: &str = "UnsupportedContentType";
+
+/// How a handle encodes arguments (the agent answers in the same codec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Codec {
+    Json,
+    #[default]
+    MsgPack,
+}
+
+impl Codec {
+    fn of(payload: &pb::Payload) -> Option<Self> {
+        match payload.content_type.as_str() {
+            CONTENT_TYPE_JSON => Some(Self::Json),
+            CONTENT_TYPE_MSGPACK => Some(Self::MsgPack),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<pb::Payload, String> {
+        let (content_type, data) = match self {
+            Self::Json => (
+                CONTENT_TYPE_JSON,
+                serde_json::to_vec(value).map_err(|e| e.to_string())?,
+            ),
+            Self::MsgPack => (
+                CONTENT_TYPE_MSGPACK,
+                rmp_serde::to_vec_named(value).map_err(|e| e.to_string())?,
+            ),
+        };
+        Ok(pb::Payload {
+            content_type: content_type.into(),
+            data: data.into(),
+        })
+    }
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(payload: Option<&pb::Payload>) -> Result<T, String> {
     let payload = payload.ok_or("payload is missing")?;
-    if payload.content_type != CONTENT_TYPE_JSON {
-        return Err(format!(
+    match Codec::of(payload) {
+        Some(Codec::Json) => serde_json::from_slice(&payload.data).map_err(|e| e.to_string()),
+        Some(Codec::MsgPack) => rmp_serde::from_slice(&payload.data).map_err(|e| e.to_string()),
+        None => Err(format!(
             "unsupported content type {:?}",
             payload.content_type
-        ));
+        )),
     }
-    serde_json::from_slice(&payload.data).map_err(|e| e.to_string())
+}
+
+/// The codec to answer a request in: the request's own.
+#[doc(hidden)]
+pub fn reply_codec(args: Option<&pb::Payload>) -> Codec {
+    args.and_then(Codec::of).unwrap_or(Codec::Json)
 }
 
 /// Encodes an action's result (used by `#[behaviour]`).
 #[doc(hidden)]
-pub fn encode_result<T: Serialize>(action: &str, value: &T) -> Result<pb::Payload, ActionError> {
-    encode(value).map_err(|e| ActionError::internal(format!("{action}: cannot encode result: {e}")))
+pub fn encode_result<T: Serialize>(
+    action: &str,
+    codec: Codec,
+    value: &T,
+) -> Result<pb::Payload, ActionError> {
+    codec
+        .encode(value)
+        .map_err(|e| ActionError::internal(format!("{action}: cannot encode result: {e}")))
 }
 
-/// The decoded arguments of one action request (used by `#[behaviour]`).
+/// Decodes an action's arguments into the tuple `T` of its parameters (used by
+/// `#[behaviour]`). MessagePack carries the tuple itself; JSON goes through
+/// [`Args`], which also accepts arguments by name and names the bad one.
+#[doc(hidden)]
+pub fn decode_args<T: DeserializeOwned>(
+    action: &'static str,
+    names: &'static [&'static str],
+    payload: Option<&pb::Payload>,
+    from_json: impl FnOnce(&mut Args) -> Result<T, ActionError>,
+) -> Result<T, ActionError> {
+    match payload.filter(|p| !p.data.is_empty()) {
+        Some(p) if p.content_type == CONTENT_TYPE_MSGPACK => {
+            rmp_serde::from_slice(&p.data).or_else(|err| {
+                let err = ActionError::invalid_args(format!("{action}: {err}"));
+                // Read it again loosely, only to name the argument that is wrong.
+                let loose = rmp_serde::from_slice(&p.data).map_err(|_| err.clone())?;
+                from_json(&mut Args::from_value(action, names, loose)?)?;
+                Err(err)
+            })
+        }
+        Some(p) if p.content_type != CONTENT_TYPE_JSON => Err(ActionError {
+            code: tonic::Code::InvalidArgument,
+            kind: UNSUPPORTED_CONTENT_TYPE.into(),
+            message: format!(
+                "{action}: unsupported content type {:?} (use {CONTENT_TYPE_JSON} or {CONTENT_TYPE_MSGPACK})",
+                p.content_type
+            ),
+        }),
+        _ => from_json(&mut Args::decode(action, names, payload)?),
+    }
+}
+
+/// The JSON arguments of one action request.
 ///
-/// JSON arguments are an array (positional), an object (by parameter name),
-/// null or absent (no arguments), or a lone value when the action takes one.
+/// They are an array (positional), an object (by parameter name), null or
+/// absent (no arguments), or a lone value when the action takes one.
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct Args {
@@ -46,16 +127,25 @@ pub struct Args {
 }
 
 impl Args {
-    pub fn decode(
+    fn decode(
         action: &'static str,
         names: &'static [&'static str],
         payload: Option<&pb::Payload>,
     ) -> Result<Self, ActionError> {
-        let invalid = |m: String| ActionError::invalid_args(format!("{action}: {m}"));
         let value = match payload {
-            Some(p) if !p.data.is_empty() => decode::<Value>(Some(p)).map_err(invalid)?,
+            Some(p) if !p.data.is_empty() => serde_json::from_slice(&p.data)
+                .map_err(|e| ActionError::invalid_args(format!("{action}: {e}")))?,
             _ => Value::Null,
         };
+        Self::from_value(action, names, value)
+    }
+
+    fn from_value(
+        action: &'static str,
+        names: &'static [&'static str],
+        value: Value,
+    ) -> Result<Self, ActionError> {
+        let invalid = |m: String| ActionError::invalid_args(format!("{action}: {m}"));
         let mut values = match value {
             Value::Null => Vec::new(),
             Value::Array(items) => {
@@ -114,42 +204,70 @@ impl Args {
 mod tests {
     use super::*;
 
-    fn payload(json: &str) -> pb::Payload {
+    fn json(text: &str) -> pb::Payload {
         pb::Payload {
             content_type: CONTENT_TYPE_JSON.into(),
-            data: json.as_bytes().to_vec().into(),
+            data: text.as_bytes().to_vec().into(),
         }
     }
 
+    fn two(payload: Option<&pb::Payload>) -> Result<(u32, Option<String>), ActionError> {
+        decode_args("f", &["a", "b"], payload, |args| {
+            Ok((args.take(0)?, args.take(1)?))
+        })
+    }
+
     #[test]
-    fn decodes_positional_named_and_lone_arguments() {
-        const NAMES: &[&str] = &["a", "b"];
-        let mut args = Args::decode("f", NAMES, Some(&payload("[1, \"x\"]"))).unwrap();
-        assert_eq!(args.take::<u32>(0).unwrap(), 1);
-        assert_eq!(args.take::<String>(1).unwrap(), "x");
-        let mut args = Args::decode("f", NAMES, Some(&payload(r#"{"b": "y", "a": 2}"#))).unwrap();
-        assert_eq!(args.take::<u32>(0).unwrap(), 2);
-        let mut args = Args::decode("f", &["a"], Some(&payload("7"))).unwrap();
-        assert_eq!(args.take::<u32>(0).unwrap(), 7);
-        let mut args = Args::decode("f", NAMES, Some(&payload("[1]"))).unwrap();
-        assert_eq!(args.take::<Option<String>>(1).unwrap(), None);
+    fn decodes_positional_named_lone_and_msgpack_arguments() {
+        assert_eq!(
+            two(Some(&json("[1, \"x\"]"))).unwrap(),
+            (1, Some("x".into()))
+        );
+        assert_eq!(
+            two(Some(&json(r#"{"b": "y", "a": 2}"#))).unwrap(),
+            (2, Some("y".into()))
+        );
+        assert_eq!(two(Some(&json("[3]"))).unwrap(), (3, None));
+        let lone: (u32,) =
+            decode_args("f", &["a"], Some(&json("7")), |args| Ok((args.take(0)?,))).unwrap();
+        assert_eq!(lone, (7,));
+        let packed = Codec::MsgPack.encode(&(4u32, Some("z"))).unwrap();
+        assert_eq!(two(Some(&packed)).unwrap(), (4, Some("z".into())));
+        let wrong = Codec::MsgPack.encode(&("four", "z")).unwrap();
+        let err = two(Some(&wrong)).unwrap_err();
+        assert!(
+            err.message.contains("argument \"a\""),
+            "named even in MessagePack: {err:?}"
+        );
     }
 
     #[test]
     fn rejects_bad_arguments_with_names() {
-        const NAMES: &[&str] = &["a"];
-        let err = Args::decode("f", NAMES, Some(&payload("[1, 2]"))).unwrap_err();
-        assert!(err.message.contains("takes 1 argument"), "{err:?}");
-        let err = Args::decode("f", NAMES, Some(&payload(r#"{"z": 1}"#))).unwrap_err();
+        let err = two(Some(&json("[1, 2, 3]"))).unwrap_err();
+        assert!(err.message.contains("takes 2 argument"), "{err:?}");
+        let err = two(Some(&json(r#"{"z": 1}"#))).unwrap_err();
         assert!(err.message.contains("\"z\""), "{err:?}");
-        let mut args = Args::decode("f", NAMES, None).unwrap();
-        let err = args.take::<u32>(0).unwrap_err();
+        let err = two(None).unwrap_err();
         assert!(err.message.contains("missing argument \"a\""), "{err:?}");
         assert_eq!(err.code, tonic::Code::InvalidArgument);
+        let err = two(Some(&json("[\"x\"]"))).unwrap_err();
+        assert!(err.message.contains("argument \"a\""), "{err:?}");
         let bad = pb::Payload {
             content_type: "text/plain".into(),
             data: b"1".to_vec().into(),
         };
-        assert!(Args::decode("f", NAMES, Some(&bad)).is_err());
+        assert_eq!(two(Some(&bad)).unwrap_err().kind, UNSUPPORTED_CONTENT_TYPE);
+    }
+
+    #[test]
+    fn both_codecs_round_trip_results() {
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let payload = codec.encode(&vec![Some(1.5f64), None]).unwrap();
+            assert_eq!(
+                decode::<Vec<Option<f64>>>(Some(&payload)).unwrap(),
+                vec![Some(1.5), None]
+            );
+            assert_eq!(reply_codec(Some(&payload)), codec);
+        }
     }
 }

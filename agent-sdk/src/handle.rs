@@ -4,6 +4,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use academy_exchange::EntityId;
@@ -11,8 +12,9 @@ use academy_proto::pb::{self, message::Body};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::codec::{self, Codec};
 use crate::mailbox::Mailbox;
-use crate::{Behaviour, HandleError, codec, context};
+use crate::{Behaviour, HandleError, context};
 
 /// An untyped handle: calls actions by name. Typed handles ([`Handle`]) wrap one.
 #[derive(Clone)]
@@ -20,6 +22,9 @@ pub struct RawHandle {
     agent: EntityId,
     mailbox: Option<Arc<Mailbox>>,
     timeout: Option<Duration>,
+    codec: Codec,
+    /// Set once the agent refused the preferred codec; shared by clones.
+    json_only: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for RawHandle {
@@ -28,6 +33,7 @@ impl fmt::Debug for RawHandle {
             .field("agent", &self.agent)
             .field("mailbox", &self.mailbox.as_ref().map(|m| m.id()))
             .field("timeout", &self.timeout)
+            .field("codec", &self.codec)
             .finish()
     }
 }
@@ -38,6 +44,8 @@ impl RawHandle {
             agent,
             mailbox,
             timeout: None,
+            codec: Codec::default(),
+            json_only: Arc::default(),
         }
     }
 
@@ -59,6 +67,15 @@ impl RawHandle {
         }
     }
 
+    /// The same handle, encoding arguments with `codec` (MessagePack by default;
+    /// the handle falls back to JSON by itself for agents that can't read it).
+    pub fn with_codec(&self, codec: Codec) -> Self {
+        Self {
+            codec,
+            ..self.clone()
+        }
+    }
+
     /// Inside an agent, its own mailbox; otherwise the one this handle was made with.
     fn mailbox(&self) -> Result<Arc<Mailbox>, HandleError> {
         context::current_mailbox()
@@ -66,27 +83,41 @@ impl RawHandle {
             .ok_or(HandleError::Unbound(self.agent))
     }
 
-    /// Calls `action` with `args` (a tuple of the arguments, serialised as a
-    /// JSON array) and decodes its result.
+    /// Calls `action` with `args` (a tuple of the arguments) and decodes its result.
     pub async fn call<A, T>(&self, action: &str, args: A) -> Result<T, HandleError>
     where
         A: Serialize,
         T: DeserializeOwned,
     {
-        let args = codec::encode(&args).map_err(HandleError::Codec)?;
-        let request = Body::ActionRequest(pb::ActionRequest {
-            action: action.to_owned(),
-            args: Some(args),
-        });
-        let response = self
-            .mailbox()?
-            .request(self.agent, request, self.timeout)
-            .await?;
-        match response.body {
-            Some(Body::ActionResponse(resp)) => codec::decode(resp.result.as_ref())
-                .map_err(|e| HandleError::Codec(format!("result of {action}: {e}"))),
-            Some(Body::ErrorResponse(err)) => Err(self.remote_error(action, err)),
-            _ => Err(HandleError::Codec(format!("unexpected answer to {action}"))),
+        let mailbox = self.mailbox()?;
+        let mut codec = if self.json_only.load(Ordering::Relaxed) {
+            Codec::Json
+        } else {
+            self.codec
+        };
+        loop {
+            let args = codec.encode(&args).map_err(HandleError::Codec)?;
+            let request = Body::ActionRequest(pb::ActionRequest {
+                action: action.to_owned(),
+                args: Some(args),
+            });
+            let response = mailbox.request(self.agent, request, self.timeout).await?;
+            match response.body {
+                Some(Body::ActionResponse(resp)) => {
+                    return codec::decode(resp.result.as_ref())
+                        .map_err(|e| HandleError::Codec(format!("result of {action}: {e}")));
+                }
+                // The request was not run: safe to send again, in JSON.
+                Some(Body::ErrorResponse(err))
+                    if err.r#type == codec::UNSUPPORTED_CONTENT_TYPE && codec != Codec::Json =>
+                {
+                    tracing::debug!(agent = %self.agent, "agent reads JSON only");
+                    self.json_only.store(true, Ordering::Relaxed);
+                    codec = Codec::Json;
+                }
+                Some(Body::ErrorResponse(err)) => return Err(self.remote_error(action, err)),
+                _ => return Err(HandleError::Codec(format!("unexpected answer to {action}"))),
+            }
         }
     }
 
@@ -156,6 +187,11 @@ impl<B: Behaviour> Handle<B> {
     /// The same handle, with a per-call timeout.
     pub fn with_timeout(&self, timeout: Duration) -> Self {
         Self::from_raw(self.raw().with_timeout(timeout))
+    }
+
+    /// The same handle, with another codec for arguments.
+    pub fn with_codec(&self, codec: Codec) -> Self {
+        Self::from_raw(self.raw().with_codec(codec))
     }
 
     /// See [`RawHandle::ping`].

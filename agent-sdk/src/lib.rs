@@ -41,6 +41,7 @@ pub use academy_exchange::{AgentInfo, EntityId, EntityKind, MailboxState, Mailbo
 pub use academy_macros::behaviour;
 pub use behaviour::{ActionError, Behaviour, ControlLoop, Shutdown};
 pub use client::{DeliveryStream, ExchangeClient, GrpcExchange, LocalExchange, SharedExchange};
+pub use codec::{CONTENT_TYPE_MSGPACK, Codec};
 pub use context::{AgentContext, current_agent, current_caller};
 pub use error::{AgentError, ClientError, HandleError, ManagerError};
 pub use handle::{Handle, RawHandle};
@@ -51,7 +52,7 @@ pub use runtime::{AgentConfig, run_agent};
 #[doc(hidden)]
 pub mod __private {
     pub use crate::behaviour::{HookOutcome, every, fallible};
-    pub use crate::codec::{Args, encode_result};
+    pub use crate::codec::{Args, decode_args, encode_result, reply_codec};
     pub use academy_proto::pb::Payload;
     pub use futures::future::BoxFuture;
 }

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use academy_exchange::{RunningServer, ServerOptions};
 use academy_proto::pb;
+use academy_proto::pb::message::Body;
 use academy_sdk::{
-    AgentError, Handle, HandleError, LaunchOptions, MailboxState, Manager, ManagerError, Shutdown,
-    behaviour,
+    AgentError, Codec, Handle, HandleError, LaunchOptions, MailboxState, Manager, ManagerError,
+    Shutdown, behaviour,
 };
+use futures::StreamExt as _;
 use tonic::Code;
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
@@ -494,6 +496,94 @@ async fn the_in_process_exchange_needs_no_server() {
     assert_eq!(
         talkers.iter().map(|a| a.id).collect::<Vec<_>>(),
         vec![echo.id()]
+    );
+    manager.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn both_codecs_reach_sdk_agents() {
+    let (_server, manager) = start().await;
+    let echo = manager.launch(Echo::new()).await.unwrap();
+    for codec in [Codec::Json, Codec::MsgPack] {
+        let text = "ünïcödé \"quoted\"\n".repeat(3);
+        assert_eq!(
+            echo.with_codec(codec).echo(text.clone()).await.unwrap(),
+            text
+        );
+    }
+    manager.close().await.unwrap();
+}
+
+/// A peer that reads JSON only, written against the raw exchange API as one
+/// in another language would be: handles must fall back to JSON, once.
+#[tokio::test]
+async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
+    let (_server, manager) = start().await;
+    let exchange = manager.exchange().clone();
+    let id = exchange
+        .register_agent("test.Echo", &[], "", None)
+        .await
+        .unwrap();
+    let mut deliveries = exchange.subscribe(&id).await.unwrap();
+    let peer = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            for (seq, message) in deliveries.next().await.unwrap().unwrap() {
+                let header = message.header.unwrap();
+                let Some(Body::ActionRequest(request)) = message.body else {
+                    continue;
+                };
+                let args = request.args.unwrap();
+                seen.push(args.content_type.clone());
+                let body = if args.content_type == "application/json" {
+                    let (text,): (String,) = serde_json::from_slice(&args.data).unwrap();
+                    Body::ActionResponse(pb::ActionResponse {
+                        action: request.action,
+                        result: Some(pb::Payload {
+                            content_type: "application/json".into(),
+                            data: serde_json::to_vec(&text).unwrap().into(),
+                        }),
+                    })
+                } else {
+                    Body::ErrorResponse(pb::ErrorResponse {
+                        code: Code::InvalidArgument as i32,
+                        r#type: "UnsupportedContentType".into(),
+                        message: "JSON only".into(),
+                        details: Default::default(),
+                    })
+                };
+                let reply = pb::Header {
+                    src: header.dest,
+                    dest: header.src,
+                    tag: header.tag,
+                    ..Default::default()
+                };
+                exchange
+                    .send(pb::Message {
+                        header: Some(reply),
+                        body: Some(body),
+                    })
+                    .await
+                    .unwrap();
+                exchange.acknowledge(&id, vec![seq]).await.unwrap();
+            }
+        }
+        seen
+    });
+    let handle = manager.handle::<Echo>(id);
+    assert_eq!(handle.echo("one".into()).await.unwrap(), "one");
+    assert_eq!(handle.clone().echo("two".into()).await.unwrap(), "two");
+    let seen = tokio::time::timeout(Duration::from_secs(5), peer)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        seen,
+        [
+            "application/msgpack",
+            "application/json",
+            "application/json"
+        ]
     );
     manager.close().await.unwrap();
 }

@@ -24,6 +24,9 @@ mod floor {
     tonic::include_proto!("academy.bench");
 }
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Echo;
 
 #[behaviour(name = "bench.Echo")]
@@ -45,6 +48,9 @@ struct Args {
     /// Calls in the sequential latency scenario.
     #[arg(long, default_value_t = 10_000)]
     calls: u64,
+    /// Run only these scenarios (e.g. `--only b,d`), for profiling.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    only: Vec<char>,
 }
 
 #[derive(Subcommand)]
@@ -211,62 +217,81 @@ async fn main() -> anyhow::Result<()> {
         None => {}
     }
 
+    let run = |scenario: char| args.only.contains(&scenario);
     let exchange = spawn_server("serve-exchange").await?;
     let manager = Manager::connect(&format!("http://{}", exchange.addr)).await?;
     let echo = manager.launch(Echo).await?;
+    let mut rows = Vec::new();
 
-    let small = payload(100);
-    let a = sequential(args.calls, || async {
-        echo.echo(small.clone()).await?;
-        Ok(())
-    })
-    .await?;
-    let b = throughput(&echo, 64, args.seconds).await?;
-    let mut fleet = Vec::new();
-    for _ in 0..16 {
-        fleet.push(manager.launch(Echo).await?);
+    if run('a') {
+        let small = payload(100);
+        let a = sequential(args.calls, || async {
+            echo.echo(small.clone()).await?;
+            Ok(())
+        })
+        .await?;
+        rows.push(format!(
+            "| (a) sequential echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | p50 ≤ 150 µs |",
+            a.p50_us, a.p99_us, a.per_sec
+        ));
     }
-    let c = fan_out(&fleet, 200, 20).await?;
-    let mib = payload(1 << 20);
-    let d = sequential(200, || async {
-        echo.echo(mib.clone()).await?;
-        Ok(())
-    })
-    .await?;
-    let d_mb_s = d.per_sec * (1 << 20) as f64 / 1e6;
+    if run('b') {
+        let b = throughput(&echo, 64, args.seconds).await?;
+        rows.push(format!(
+            "| (b) 64 in flight, one client → one agent | {b:.0} actions/s | ≥ 50,000 |"
+        ));
+    }
+    if run('c') {
+        let mut fleet = Vec::new();
+        for _ in 0..16 {
+            fleet.push(manager.launch(Echo).await?);
+        }
+        let c = fan_out(&fleet, 200, 20).await?;
+        rows.push(format!(
+            "| (c) fan-out, 16 agents × 200 calls, all at once | {c:.0} actions/s | ≥ 50,000 |"
+        ));
+    }
+    if run('d') {
+        let mib = payload(1 << 20);
+        let d = sequential(200, || async {
+            echo.echo(mib.clone()).await?;
+            Ok(())
+        })
+        .await?;
+        rows.push(format!(
+            "| (d) 1 MiB echo, sequential | {:.0} MB/s (p50 {:.2} ms) | ≥ 500 MB/s |",
+            d.per_sec * (1 << 20) as f64 / 1e6,
+            d.p50_us / 1000.0
+        ));
+    }
     manager.close().await?;
 
-    let floor_server = spawn_server("serve-floor").await?;
-    let floor =
-        floor::floor_client::FloorClient::connect(format!("http://{}", floor_server.addr)).await?;
-    let small_bytes = bytes::Bytes::from(vec![b'x'; 100]);
-    let e = sequential(args.calls, || {
-        let mut floor = floor.clone();
-        let data = small_bytes.clone();
-        async move {
-            floor.echo(floor::EchoMessage { data }).await?;
-            Ok(())
-        }
-    })
-    .await?;
+    if run('e') {
+        let floor_server = spawn_server("serve-floor").await?;
+        let url = format!("http://{}", floor_server.addr);
+        let floor = floor::floor_client::FloorClient::connect(url).await?;
+        let small = bytes::Bytes::from(vec![b'x'; 100]);
+        let e = sequential(args.calls, || {
+            let mut floor = floor.clone();
+            let data = small.clone();
+            async move {
+                floor.echo(floor::EchoMessage { data }).await?;
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push(format!(
+            "| (e) floor: plain tonic unary echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | — |",
+            e.p50_us, e.p99_us, e.per_sec
+        ));
+    }
 
     println!("Machine: {}", machine());
     println!();
     println!("| scenario | result | target |");
     println!("|---|---|---|");
-    println!(
-        "| (a) sequential echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | p50 ≤ 150 µs |",
-        a.p50_us, a.p99_us, a.per_sec
-    );
-    println!("| (b) 64 in flight, one client → one agent | {b:.0} actions/s | ≥ 50,000 |");
-    println!("| (c) fan-out, 16 agents × 200 calls, all at once | {c:.0} actions/s | ≥ 50,000 |");
-    println!(
-        "| (d) 1 MiB echo, sequential | {d_mb_s:.0} MB/s (p50 {:.2} ms) | ≥ 500 MB/s |",
-        d.p50_us / 1000.0
-    );
-    println!(
-        "| (e) floor: plain tonic unary echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | — |",
-        e.p50_us, e.p99_us, e.per_sec
-    );
+    for row in rows {
+        println!("{row}");
+    }
     Ok(())
 }

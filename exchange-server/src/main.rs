@@ -3,6 +3,9 @@ use clap::Parser as _;
 
 use academy_exchange::{Config, RunningServer, telemetry};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();

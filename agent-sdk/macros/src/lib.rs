@@ -212,19 +212,23 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
                 let params = params(method)?;
                 let (ok, fallible) = output(&method.sig.output);
                 let names: Vec<_> = params.iter().map(|(n, _)| n.to_string()).collect();
-                let takes = params.iter().enumerate().map(|(i, (n, ty))| {
-                    quote! { let #n: #ty = __args.take(#i)?; }
-                });
                 let call_args: Vec<_> = params.iter().map(|(n, _)| n).collect();
+                let types: Vec<_> = params.iter().map(|(_, ty)| ty).collect();
+                let indices = 0..params.len();
                 let check = fallible
                     .then(|| quote! { let __out = ::academy_sdk::__private::fallible(__out)?; });
                 dispatch_arms.push(quote! {
                     #label => {
-                        let mut __args = ::academy_sdk::__private::Args::decode(#label, &[#(#names),*], __payload.as_ref())?;
-                        #(#takes)*
+                        let (#(#call_args,)*): (#(#types,)*) = ::academy_sdk::__private::decode_args(
+                            #label,
+                            &[#(#names),*],
+                            __payload.as_ref(),
+                            |__args| ::std::result::Result::Ok((#(__args.take(#indices)?,)*)),
+                        )?;
+                        let __codec = ::academy_sdk::__private::reply_codec(__payload.as_ref());
                         let __out = self.#ident(#(#call_args),*).await;
                         #check
-                        ::academy_sdk::__private::encode_result(#label, &__out)
+                        ::academy_sdk::__private::encode_result(#label, __codec, &__out)
                     }
                 });
                 let docs = method.attrs.iter().filter(|a| a.path().is_ident("doc"));
