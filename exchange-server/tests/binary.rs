@@ -28,6 +28,8 @@ fn spawn_exchange() -> (std::process::Child, String) {
             return (child, format!("http://{addr}"));
         }
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("the exchange never said where it listens");
 }
 
