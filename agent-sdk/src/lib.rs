@@ -1,31 +1,4 @@
-//! The Rust SDK of Academy: write agents (state, actions, control loops),
-//! call them through typed handles, and run them with a manager.
-//!
-//! ```
-//! use std::sync::atomic::{AtomicU64, Ordering};
-//! use academy_sdk::{Manager, behaviour};
-//!
-//! #[derive(Default)]
-//! struct Counter {
-//!     count: AtomicU64,
-//! }
-//!
-//! #[behaviour(name = "example.Counter")]
-//! impl Counter {
-//!     #[action]
-//!     async fn increment(&self, by: u64) -> u64 {
-//!         self.count.fetch_add(by, Ordering::SeqCst) + by
-//!     }
-//! }
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> anyhow::Result<()> {
-//! let manager = Manager::in_process().await?;
-//! let counter = manager.launch(Counter::default()).await?;
-//! assert_eq!(counter.increment(2).await?, 2);
-//! manager.close().await?;
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../README.md")]
 
 mod behaviour;
 mod client;
