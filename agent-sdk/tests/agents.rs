@@ -27,6 +27,15 @@ async fn start() -> (RunningServer, Manager) {
     (server, manager)
 }
 
+/// The mailbox of an agent that is not running (yet).
+async fn idle_agent(manager: &Manager) -> academy_sdk::EntityId {
+    let exchange = manager.exchange();
+    exchange
+        .register_agent("test.Echo", &[], "", None)
+        .await
+        .unwrap()
+}
+
 #[derive(Debug)]
 struct Refused(String);
 
@@ -311,11 +320,7 @@ async fn a_handle_passed_to_another_agent_works_from_its_mailbox() {
 #[tokio::test]
 async fn ping_to_an_agent_that_is_not_running_times_out() {
     let (_server, manager) = start().await;
-    let id = manager
-        .exchange()
-        .register_agent("test.Echo", &[], "", None)
-        .await
-        .unwrap();
+    let id = idle_agent(&manager).await;
     let idle = manager
         .handle::<Echo>(id)
         .with_timeout(Duration::from_millis(200));
@@ -331,11 +336,7 @@ async fn ping_to_an_agent_that_is_not_running_times_out() {
 #[tokio::test]
 async fn terminating_a_mailbox_answers_callers_still_waiting() {
     let (_server, manager) = start().await;
-    let id = manager
-        .exchange()
-        .register_agent("test.Echo", &[], "", None)
-        .await
-        .unwrap();
+    let id = idle_agent(&manager).await;
     let handle = manager.handle::<Echo>(id);
     let waiting = tokio::spawn(async move { handle.echo("anyone?".into()).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -520,10 +521,7 @@ async fn both_codecs_reach_sdk_agents() {
 async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
     let (_server, manager) = start().await;
     let exchange = manager.exchange().clone();
-    let id = exchange
-        .register_agent("test.Echo", &[], "", None)
-        .await
-        .unwrap();
+    let id = idle_agent(&manager).await;
     let mut deliveries = exchange.subscribe(&id).await.unwrap();
     let peer = tokio::spawn(async move {
         let mut seen = Vec::new();

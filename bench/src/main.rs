@@ -130,6 +130,34 @@ async fn serve_floor() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sequential plain unary echoes of `bytes` bytes.
+async fn floor_latency(
+    floor: &floor::floor_client::FloorClient<tonic::transport::Channel>,
+    bytes: usize,
+    n: u64,
+) -> anyhow::Result<Latency> {
+    let data = bytes::Bytes::from(vec![b'x'; bytes]);
+    sequential(n, || {
+        let mut floor = floor.clone();
+        let data = data.clone();
+        async move {
+            floor.echo(floor::EchoMessage { data }).await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Sequential echo actions of `bytes` bytes.
+async fn echo_latency(echo: &Handle<Echo>, bytes: usize, n: u64) -> anyhow::Result<Latency> {
+    let data = payload(bytes);
+    sequential(n, || async {
+        echo.echo(data.clone()).await?;
+        Ok(())
+    })
+    .await
+}
+
 fn payload(bytes: usize) -> String {
     "x".repeat(bytes)
 }
@@ -234,12 +262,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
 
     if run('a') {
-        let small = payload(100);
-        let a = sequential(args.calls, || async {
-            echo.echo(small.clone()).await?;
-            Ok(())
-        })
-        .await?;
+        let a = echo_latency(&echo, 100, args.calls).await?;
         rows.push(format!(
             "| (a) sequential echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | p50 ≤ 150 µs |",
             a.p50_us, a.p99_us, a.per_sec
@@ -262,12 +285,7 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     if run('d') {
-        let mib = payload(1 << 20);
-        let d = sequential(200, || async {
-            echo.echo(mib.clone()).await?;
-            Ok(())
-        })
-        .await?;
+        let d = echo_latency(&echo, 1 << 20, 200).await?;
         rows.push(format!(
             "| (d) 1 MiB echo, sequential | {:.0} MB/s (p50 {:.2} ms) | ≥ 500 MB/s |",
             d.per_sec * (1 << 20) as f64 / 1e6,
@@ -286,30 +304,12 @@ async fn main() -> anyhow::Result<()> {
             .connect()
             .await?;
         let floor = floor::floor_client::FloorClient::new(channel);
-        let small = bytes::Bytes::from(vec![b'x'; 100]);
-        let e = sequential(args.calls, || {
-            let mut floor = floor.clone();
-            let data = small.clone();
-            async move {
-                floor.echo(floor::EchoMessage { data }).await?;
-                Ok(())
-            }
-        })
-        .await?;
+        let e = floor_latency(&floor, 100, args.calls).await?;
         rows.push(format!(
             "| (e) floor: plain tonic unary echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | — |",
             e.p50_us, e.p99_us, e.per_sec
         ));
-        let mib = bytes::Bytes::from(vec![b'x'; 1 << 20]);
-        let e_mib = sequential(200, || {
-            let mut floor = floor.clone();
-            let data = mib.clone();
-            async move {
-                floor.echo(floor::EchoMessage { data }).await?;
-                Ok(())
-            }
-        })
-        .await?;
+        let e_mib = floor_latency(&floor, 1 << 20, 200).await?;
         rows.push(format!(
             "| (e') floor: plain tonic unary echo, 1 MiB | {:.0} MB/s (p50 {:.2} ms) | — |",
             e_mib.per_sec * (1 << 20) as f64 / 1e6,
