@@ -103,6 +103,10 @@ pub enum AgentError {
     ShutdownHook { id: EntityId, message: String },
     #[error("agent {id}: {source}")]
     Exchange { id: EntityId, source: ClientError },
+    /// The mailbox stopped delivering for another reason than termination
+    /// (another runtime took it over): this runtime leaves the mailbox alone.
+    #[error("agent {id}: lost its mailbox: {reason}")]
+    MailboxLost { id: EntityId, reason: String },
     #[error("agent {id}: runtime task panicked or was aborted")]
     Panicked { id: EntityId },
 }

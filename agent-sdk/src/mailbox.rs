@@ -87,23 +87,25 @@ impl Mailbox {
             tag: tag.clone(),
             ..Default::default()
         };
-        self.exchange
-            .send(pb::Message {
+        let call = async {
+            let message = pb::Message {
                 header: Some(header),
                 body: Some(body),
+            };
+            self.exchange.send(message).await?;
+            rx.await.map_err(|_| {
+                lock(&self.closed_because)
+                    .clone()
+                    .unwrap_or_else(|| HandleError::Transport("mailbox closed".into()))
             })
-            .await?;
-        let response = match timeout {
-            Some(t) => tokio::time::timeout(t, rx)
+        };
+        // The timeout bounds the whole call, sending included.
+        match timeout {
+            Some(t) => tokio::time::timeout(t, call)
                 .await
                 .map_err(|_| HandleError::Timeout(t))?,
-            None => rx.await,
-        };
-        response.map_err(|_| {
-            lock(&self.closed_because)
-                .clone()
-                .unwrap_or_else(|| HandleError::Transport("mailbox closed".into()))
-        })
+            None => call.await,
+        }
     }
 
     /// Sends a message without waiting for any answer.
@@ -152,6 +154,11 @@ impl Mailbox {
         if self.acks.send(Ack::Flush(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Why the mailbox stopped receiving, once it has.
+    pub(crate) fn closed_because(&self) -> Option<HandleError> {
+        lock(&self.closed_because).clone()
     }
 
     fn fail_pending(&self, reason: HandleError) {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::client::SharedExchange;
 use crate::context::{self, AgentContext, Context};
 use crate::mailbox::Mailbox;
-use crate::{ActionError, AgentError, Behaviour};
+use crate::{ActionError, AgentError, Behaviour, ClientError, HandleError};
 
 /// How an agent behaves at shutdown.
 #[derive(Debug, Clone)]
@@ -135,6 +135,7 @@ pub(crate) async fn run<B: Behaviour>(
     };
 
     let cancel_actions = CancellationToken::new();
+    let mut mailbox_gone = false;
     let mut actions = JoinSet::new();
     let mut loops = JoinSet::new();
     if started {
@@ -165,7 +166,19 @@ pub(crate) async fn run<B: Behaviour>(
                 }
                 request = requests.recv() => {
                     let Some((seq, message)) = request else {
-                        tracing::warn!(agent = %id, "mailbox stopped delivering; shutting down");
+                        // Terminated by someone else, or taken over by another
+                        // runtime: either way the mailbox is not ours to terminate.
+                        mailbox_gone = true;
+                        match mailbox.closed_because() {
+                            Some(HandleError::Terminated(_)) => {
+                                tracing::info!(agent = %id, "mailbox terminated; shutting down");
+                            }
+                            reason => {
+                                let reason = reason.map_or("subscription ended".into(), |r| r.to_string());
+                                tracing::error!(agent = %id, %reason, "mailbox lost; shutting down");
+                                failure.get_or_insert(AgentError::MailboxLost { id, reason });
+                            }
+                        }
                         break;
                     };
                     let Some(header) = message.header else {
@@ -249,7 +262,10 @@ pub(crate) async fn run<B: Behaviour>(
     } else {
         config.terminate_on_success
     });
-    if terminate && let Err(e) = exchange.terminate(&id).await {
+    if terminate
+        && !mailbox_gone
+        && let Err(e) = exchange.terminate(&id).await
+    {
         tracing::warn!(agent = %id, error = %e, "cannot terminate mailbox");
     }
     tracing::info!(agent = %id, terminated = terminate, failed = failure.is_some(), "agent stopped");
@@ -281,11 +297,29 @@ async fn serve_action<B: Behaviour>(
         }),
         Err(err) => Body::ErrorResponse(err.into_response()),
     };
-    if let Err(e) = mailbox.reply(&header, body).await {
-        tracing::warn!(to = %header.src, error = %e, "cannot answer action request");
-    }
+    reply_patiently(&mailbox, &header, body).await;
     mailbox.ack(seq);
     seq
+}
+
+/// Answers a request, waiting (with backoff, up to about half a minute) while
+/// the caller's mailbox is full rather than dropping the answer.
+async fn reply_patiently(mailbox: &Mailbox, request: &pb::Header, body: Body) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match mailbox.reply(request, body.clone()).await {
+            Ok(()) => return,
+            Err(ClientError::Exchange(academy_exchange::ExchangeError::MailboxFull { .. }))
+                if backoff < Duration::from_secs(16) =>
+            {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(e) => {
+                return tracing::warn!(to = %request.src, error = %e, "cannot answer request");
+            }
+        }
+    }
 }
 
 fn loop_failure(

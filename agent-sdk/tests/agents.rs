@@ -585,3 +585,90 @@ async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
     );
     manager.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_runtime_whose_mailbox_is_taken_over_stops_without_terminating_it() {
+    let (_server, manager) = start().await;
+    let echo = manager.launch(Echo::new()).await.unwrap();
+    assert!(echo.started().await.unwrap());
+    // Another subscriber (say, a second copy of the agent) takes the mailbox.
+    let _other = manager.exchange().subscribe(&echo.id()).await.unwrap();
+    match manager.wait(echo.id(), WAIT).await {
+        Err(ManagerError::Agent(AgentError::MailboxLost { id, .. })) => assert_eq!(id, echo.id()),
+        other => panic!("expected a lost mailbox, got {other:?}"),
+    }
+    let status = manager.exchange().status(&echo.id()).await.unwrap();
+    assert_eq!(
+        status.state,
+        MailboxState::Active,
+        "not the old runtime's to terminate"
+    );
+    let _ = manager.close().await;
+}
+
+/// A TCP proxy to `upstream` that stops forwarding while `frozen` is set, as a
+/// stalled exchange or a network partition would.
+async fn pausable_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let gate = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
+            for (mut from, mut to) in [
+                (
+                    Box::new(ri) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                    Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                ),
+                (Box::new(ro), Box::new(wi)),
+            ] {
+                let gate = gate.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 64 * 1024];
+                    while let Ok(n @ 1..) = from.read(&mut buf).await {
+                        while gate.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, frozen)
+}
+
+#[tokio::test]
+async fn a_stalled_exchange_cannot_hold_a_call_past_its_timeout() {
+    let server = RunningServer::start(ServerOptions::default())
+        .await
+        .unwrap();
+    let (proxy, frozen) = pausable_proxy(server.addr()).await;
+    let manager = Manager::connect(&format!("http://{proxy}")).await.unwrap();
+    let echo = manager.launch(Echo::new()).await.unwrap();
+    assert_eq!(echo.echo("before".into()).await.unwrap(), "before");
+
+    frozen.store(true, Ordering::SeqCst);
+    let limit = Duration::from_millis(300);
+    let impatient = echo.with_timeout(limit);
+    let result =
+        tokio::time::timeout(Duration::from_secs(5), impatient.echo("during".into())).await;
+    assert_eq!(
+        result.expect("returned, not hung"),
+        Err(HandleError::Timeout(limit))
+    );
+
+    frozen.store(false, Ordering::SeqCst);
+    let after = echo
+        .with_timeout(Duration::from_secs(5))
+        .echo("after".into())
+        .await;
+    assert_eq!(after.unwrap(), "after");
+    manager.close().await.unwrap();
+}
