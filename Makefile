@@ -10,8 +10,12 @@ demo:
 	cargo run --release -p academy-examples --bin quickstart
 	cargo run --release -p academy-examples --bin pipeline
 
-## Run every check and test (what CI runs).
+## Run every check and test (what CI runs). Redis tests need redis-server:
+## installed here when missing (as root, or with sudo).
 test:
+	@command -v redis-server >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest

@@ -10,8 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(files, ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("academy_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure()
-        .bytes(".academy.v1.Payload.data")
-        .compile_fds(fds)?;
+    tonic_prost_build::configure().bytes(".academy.v1.Payload.data").compile_fds(fds)?;
     Ok(())
 }

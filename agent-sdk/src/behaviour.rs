@@ -35,11 +35,7 @@ impl ActionError {
     }
 
     pub fn invalid_args(message: String) -> Self {
-        Self {
-            code: tonic::Code::InvalidArgument,
-            kind: "InvalidArguments".into(),
-            message,
-        }
+        Self { code: tonic::Code::InvalidArgument, kind: "InvalidArguments".into(), message }
     }
 
     pub fn unknown_action(action: &str, known: &[&str]) -> Self {
@@ -59,11 +55,7 @@ impl ActionError {
     }
 
     pub fn internal(message: String) -> Self {
-        Self {
-            code: tonic::Code::Internal,
-            kind: "Internal".into(),
-            message,
-        }
+        Self { code: tonic::Code::Internal, kind: "Internal".into(), message }
     }
 
     pub(crate) fn into_response(self) -> pb::ErrorResponse {
@@ -91,9 +83,7 @@ pub struct ControlLoop {
 
 impl fmt::Debug for ControlLoop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ControlLoop")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("ControlLoop").field("name", &self.name).finish_non_exhaustive()
     }
 }
 

@@ -60,10 +60,7 @@ impl ExchangeClient for LocalExchange {
         id: Option<EntityId>,
     ) -> Result<EntityId, ClientError> {
         let implements = implements.iter().map(|s| (*s).to_owned()).collect();
-        Ok(self
-            .exchange
-            .register_agent(behaviour, implements, name.to_owned(), id)
-            .await?)
+        Ok(self.exchange.register_agent(behaviour, implements, name.to_owned(), id).await?)
     }
     async fn register_client(&self) -> Result<EntityId, ClientError> {
         Ok(self.exchange.register_client().await?)
@@ -84,16 +81,14 @@ impl ExchangeClient for LocalExchange {
     async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError> {
         let subscription = self.exchange.subscribe(id).await?;
         let max_bytes = self.exchange.limits().max_message_bytes;
-        Ok(
-            futures::stream::unfold(Some(subscription), move |sub| async move {
-                let mut sub = sub?;
-                match sub.next_batch(256, max_bytes).await {
-                    Ok(batch) => Some((Ok(batch), Some(sub))),
-                    Err(e) => Some((Err(e.into()), None)),
-                }
-            })
-            .boxed(),
-        )
+        Ok(futures::stream::unfold(Some(subscription), move |sub| async move {
+            let mut sub = sub?;
+            match sub.next_batch(256, max_bytes).await {
+                Ok(batch) => Some((Ok(batch), Some(sub))),
+                Err(e) => Some((Err(e.into()), None)),
+            }
+        })
+        .boxed())
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
         Ok(self.exchange.acknowledge(id, &seqs).await?)
@@ -221,33 +216,19 @@ impl ExchangeClient for GrpcExchange {
                 agent_id: id.map(|id| id.to_string()).unwrap_or_default(),
             })
             .await?;
-        Ok(EntityId::parse_field(
-            &response.into_inner().agent_id,
-            "agent_id",
-        )?)
+        Ok(EntityId::parse_field(&response.into_inner().agent_id, "agent_id")?)
     }
     async fn register_client(&self) -> Result<EntityId, ClientError> {
-        let response = self
-            .rpc()
-            .register_client(pb::RegisterClientRequest::default())
-            .await?;
-        Ok(EntityId::parse_field(
-            &response.into_inner().client_id,
-            "client_id",
-        )?)
+        let response = self.rpc().register_client(pb::RegisterClientRequest::default()).await?;
+        Ok(EntityId::parse_field(&response.into_inner().client_id, "client_id")?)
     }
     async fn terminate(&self, id: &EntityId) -> Result<(), ClientError> {
-        self.rpc()
-            .terminate(pb::TerminateRequest { id: id.to_string() })
-            .await?;
+        self.rpc().terminate(pb::TerminateRequest { id: id.to_string() }).await?;
         Ok(())
     }
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ClientError> {
-        let response = self
-            .rpc()
-            .status(pb::StatusRequest { id: id.to_string() })
-            .await?
-            .into_inner();
+        let response =
+            self.rpc().status(pb::StatusRequest { id: id.to_string() }).await?.into_inner();
         Ok(MailboxStatus {
             state: state_from_pb(response.state),
             queued: usize::try_from(response.queued).unwrap_or(usize::MAX),
@@ -255,55 +236,32 @@ impl ExchangeClient for GrpcExchange {
         })
     }
     async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {
-        let response = self
-            .rpc()
-            .discover(pb::DiscoverRequest {
-                behaviour: name.to_owned(),
-                exact,
-            })
-            .await?;
-        response
-            .into_inner()
-            .agents
-            .into_iter()
-            .map(info_from_pb)
-            .collect()
+        let response =
+            self.rpc().discover(pb::DiscoverRequest { behaviour: name.to_owned(), exact }).await?;
+        response.into_inner().agents.into_iter().map(info_from_pb).collect()
     }
     async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
         let (reply, result) = oneshot::channel();
         self.sends
             .send((message, reply))
             .map_err(|_| ClientError::Transport("exchange client is closed".into()))?;
-        result
-            .await
-            .map_err(|_| ClientError::Transport("exchange client is closed".into()))?
+        result.await.map_err(|_| ClientError::Transport("exchange client is closed".into()))?
     }
     async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError> {
         let stream = self
             .rpc()
-            .subscribe(pb::SubscribeRequest {
-                mailbox_id: id.to_string(),
-            })
+            .subscribe(pb::SubscribeRequest { mailbox_id: id.to_string() })
             .await?
             .into_inner();
         Ok(stream
             .map(|frame| {
                 let frame = frame?;
-                Ok(frame
-                    .deliveries
-                    .into_iter()
-                    .filter_map(|d| Some((d.seq, d.message?)))
-                    .collect())
+                Ok(frame.deliveries.into_iter().filter_map(|d| Some((d.seq, d.message?))).collect())
             })
             .boxed())
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
-        self.rpc()
-            .acknowledge(pb::AcknowledgeRequest {
-                mailbox_id: id.to_string(),
-                seqs,
-            })
-            .await?;
+        self.rpc().acknowledge(pb::AcknowledgeRequest { mailbox_id: id.to_string(), seqs }).await?;
         Ok(())
     }
 }

@@ -36,19 +36,14 @@ impl Codec {
 
     pub(crate) fn encode<T: Serialize + ?Sized>(self, value: &T) -> Result<pb::Payload, String> {
         let (content_type, data) = match self {
-            Self::Json => (
-                CONTENT_TYPE_JSON,
-                serde_json::to_vec(value).map_err(|e| e.to_string())?,
-            ),
-            Self::MsgPack => (
-                CONTENT_TYPE_MSGPACK,
-                rmp_serde::to_vec_named(value).map_err(|e| e.to_string())?,
-            ),
+            Self::Json => {
+                (CONTENT_TYPE_JSON, serde_json::to_vec(value).map_err(|e| e.to_string())?)
+            }
+            Self::MsgPack => {
+                (CONTENT_TYPE_MSGPACK, rmp_serde::to_vec_named(value).map_err(|e| e.to_string())?)
+            }
         };
-        Ok(pb::Payload {
-            content_type: content_type.into(),
-            data: data.into(),
-        })
+        Ok(pb::Payload { content_type: content_type.into(), data: data.into() })
     }
 }
 
@@ -57,10 +52,7 @@ pub(crate) fn decode<T: DeserializeOwned>(payload: Option<&pb::Payload>) -> Resu
     match Codec::of(payload) {
         Some(Codec::Json) => serde_json::from_slice(&payload.data).map_err(|e| e.to_string()),
         Some(Codec::MsgPack) => rmp_serde::from_slice(&payload.data).map_err(|e| e.to_string()),
-        None => Err(format!(
-            "unsupported content type {:?}",
-            payload.content_type
-        )),
+        None => Err(format!("unsupported content type {:?}", payload.content_type)),
     }
 }
 
@@ -159,10 +151,7 @@ impl Args {
                 items
             }
             Value::Object(mut map) => {
-                let values = names
-                    .iter()
-                    .map(|n| map.remove(*n).unwrap_or(Value::Null))
-                    .collect();
+                let values = names.iter().map(|n| map.remove(*n).unwrap_or(Value::Null)).collect();
                 if let Some(extra) = map.keys().next() {
                     return Err(invalid(format!(
                         "has no parameter {extra:?} (parameters: {names:?})"
@@ -178,11 +167,7 @@ impl Args {
             }
         };
         values.resize(names.len(), Value::Null);
-        Ok(Self {
-            action,
-            names,
-            values,
-        })
+        Ok(Self { action, names, values })
     }
 
     /// Takes argument `index` as a `T`.
@@ -212,21 +197,13 @@ mod tests {
     }
 
     fn two(payload: Option<&pb::Payload>) -> Result<(u32, Option<String>), ActionError> {
-        decode_args("f", &["a", "b"], payload, |args| {
-            Ok((args.take(0)?, args.take(1)?))
-        })
+        decode_args("f", &["a", "b"], payload, |args| Ok((args.take(0)?, args.take(1)?)))
     }
 
     #[test]
     fn decodes_positional_named_lone_and_msgpack_arguments() {
-        assert_eq!(
-            two(Some(&json("[1, \"x\"]"))).unwrap(),
-            (1, Some("x".into()))
-        );
-        assert_eq!(
-            two(Some(&json(r#"{"b": "y", "a": 2}"#))).unwrap(),
-            (2, Some("y".into()))
-        );
+        assert_eq!(two(Some(&json("[1, \"x\"]"))).unwrap(), (1, Some("x".into())));
+        assert_eq!(two(Some(&json(r#"{"b": "y", "a": 2}"#))).unwrap(), (2, Some("y".into())));
         assert_eq!(two(Some(&json("[3]"))).unwrap(), (3, None));
         let lone: (u32,) =
             decode_args("f", &["a"], Some(&json("7")), |args| Ok((args.take(0)?,))).unwrap();
@@ -235,10 +212,7 @@ mod tests {
         assert_eq!(two(Some(&packed)).unwrap(), (4, Some("z".into())));
         let wrong = Codec::MsgPack.encode(&("four", "z")).unwrap();
         let err = two(Some(&wrong)).unwrap_err();
-        assert!(
-            err.message.contains("argument \"a\""),
-            "named even in MessagePack: {err:?}"
-        );
+        assert!(err.message.contains("argument \"a\""), "named even in MessagePack: {err:?}");
     }
 
     #[test]
@@ -252,10 +226,7 @@ mod tests {
         assert_eq!(err.code, tonic::Code::InvalidArgument);
         let err = two(Some(&json("[\"x\"]"))).unwrap_err();
         assert!(err.message.contains("argument \"a\""), "{err:?}");
-        let bad = pb::Payload {
-            content_type: "text/plain".into(),
-            data: b"1".to_vec().into(),
-        };
+        let bad = pb::Payload { content_type: "text/plain".into(), data: b"1".to_vec().into() };
         assert_eq!(two(Some(&bad)).unwrap_err().kind, UNSUPPORTED_CONTENT_TYPE);
     }
 
@@ -263,10 +234,7 @@ mod tests {
     fn both_codecs_round_trip_results() {
         for codec in [Codec::Json, Codec::MsgPack] {
             let payload = codec.encode(&vec![Some(1.5f64), None]).unwrap();
-            assert_eq!(
-                decode::<Vec<Option<f64>>>(Some(&payload)).unwrap(),
-                vec![Some(1.5), None]
-            );
+            assert_eq!(decode::<Vec<Option<f64>>>(Some(&payload)).unwrap(), vec![Some(1.5), None]);
             assert_eq!(reply_codec(Some(&payload)), codec);
         }
     }

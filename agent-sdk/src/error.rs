@@ -37,12 +37,7 @@ pub enum HandleError {
     /// arguments didn't decode (INVALID_ARGUMENT), it doesn't exist
     /// (UNIMPLEMENTED) or was cancelled at shutdown (CANCELLED).
     #[error("{action} failed: {kind}: {message}")]
-    Remote {
-        action: String,
-        code: tonic::Code,
-        kind: String,
-        message: String,
-    },
+    Remote { action: String, code: tonic::Code, kind: String, message: String },
     /// The agent's mailbox (or the caller's own) is terminated.
     #[error("mailbox {0} is terminated")]
     Terminated(EntityId),
@@ -94,11 +89,7 @@ pub enum AgentError {
     #[error("agent {id}: startup hook failed: {message}")]
     Startup { id: EntityId, message: String },
     #[error("agent {id}: control loop {name} failed: {message}")]
-    Loop {
-        id: EntityId,
-        name: String,
-        message: String,
-    },
+    Loop { id: EntityId, name: String, message: String },
     #[error("agent {id}: shutdown hook failed: {message}")]
     ShutdownHook { id: EntityId, message: String },
     #[error("agent {id}: {source}")]

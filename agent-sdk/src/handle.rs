@@ -40,13 +40,7 @@ impl fmt::Debug for RawHandle {
 
 impl RawHandle {
     pub(crate) fn new(agent: EntityId, mailbox: Option<Arc<Mailbox>>) -> Self {
-        Self {
-            agent,
-            mailbox,
-            timeout: None,
-            codec: Codec::default(),
-            json_only: Arc::default(),
-        }
+        Self { agent, mailbox, timeout: None, codec: Codec::default(), json_only: Arc::default() }
     }
 
     /// A handle to `agent` with no mailbox of its own: usable inside an agent
@@ -61,19 +55,13 @@ impl RawHandle {
 
     /// The same handle, with calls failing with [`HandleError::Timeout`] after `timeout`.
     pub fn with_timeout(&self, timeout: Duration) -> Self {
-        Self {
-            timeout: Some(timeout),
-            ..self.clone()
-        }
+        Self { timeout: Some(timeout), ..self.clone() }
     }
 
     /// The same handle, encoding arguments with `codec` (MessagePack by default;
     /// the handle falls back to JSON by itself for agents that can't read it).
     pub fn with_codec(&self, codec: Codec) -> Self {
-        Self {
-            codec,
-            ..self.clone()
-        }
+        Self { codec, ..self.clone() }
     }
 
     /// Inside an agent, its own mailbox; otherwise the one this handle was made with.
@@ -90,11 +78,8 @@ impl RawHandle {
         T: DeserializeOwned,
     {
         let mailbox = self.mailbox()?;
-        let mut codec = if self.json_only.load(Ordering::Relaxed) {
-            Codec::Json
-        } else {
-            self.codec
-        };
+        let mut codec =
+            if self.json_only.load(Ordering::Relaxed) { Codec::Json } else { self.codec };
         loop {
             let args = codec.encode(&args).map_err(HandleError::Codec)?;
             let request = Body::ActionRequest(pb::ActionRequest {
@@ -165,10 +150,7 @@ pub struct Handle<B: Behaviour> {
 
 impl<B: Behaviour> Handle<B> {
     pub(crate) fn from_raw(raw: RawHandle) -> Self {
-        Self {
-            actions: B::Actions::from(raw),
-            _behaviour: PhantomData,
-        }
+        Self { actions: B::Actions::from(raw), _behaviour: PhantomData }
     }
 
     /// A handle with no mailbox of its own, for use inside an agent.
@@ -241,9 +223,6 @@ impl<'de, B: Behaviour> serde::Deserialize<'de> for Handle<B> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
         let id: EntityId = text.parse().map_err(serde::de::Error::custom)?;
-        Ok(Self::from_raw(RawHandle::new(
-            id,
-            context::current_mailbox(),
-        )))
+        Ok(Self::from_raw(RawHandle::new(id, context::current_mailbox())))
     }
 }

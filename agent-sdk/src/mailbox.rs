@@ -77,10 +77,7 @@ impl Mailbox {
             return Err(reason);
         }
         lock(&self.pending).insert(tag.clone(), tx);
-        let _pending = PendingGuard {
-            mailbox: self,
-            tag: &tag,
-        };
+        let _pending = PendingGuard { mailbox: self, tag: &tag };
         let header = pb::Header {
             src: self.id.to_string(),
             dest: dest.to_string(),
@@ -88,10 +85,7 @@ impl Mailbox {
             ..Default::default()
         };
         let call = async {
-            let message = pb::Message {
-                header: Some(header),
-                body: Some(body),
-            };
+            let message = pb::Message { header: Some(header), body: Some(body) };
             self.exchange.send(message).await?;
             rx.await.map_err(|_| {
                 lock(&self.closed_because)
@@ -101,9 +95,7 @@ impl Mailbox {
         };
         // The timeout bounds the whole call, sending included.
         match timeout {
-            Some(t) => tokio::time::timeout(t, call)
-                .await
-                .map_err(|_| HandleError::Timeout(t))?,
+            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| HandleError::Timeout(t))?,
             None => call.await,
         }
     }
@@ -116,12 +108,7 @@ impl Mailbox {
             tag: uuid::Uuid::new_v4().to_string(),
             ..Default::default()
         };
-        self.exchange
-            .send(pb::Message {
-                header: Some(header),
-                body: Some(body),
-            })
-            .await
+        self.exchange.send(pb::Message { header: Some(header), body: Some(body) }).await
     }
 
     /// Answers `request` with `body` (same tag and label, back to its sender).
@@ -133,12 +120,7 @@ impl Mailbox {
             label: request.label.clone(),
             traceparent: request.traceparent.clone(),
         };
-        self.exchange
-            .send(pb::Message {
-                header: Some(header),
-                body: Some(body),
-            })
-            .await
+        self.exchange.send(pb::Message { header: Some(header), body: Some(body) }).await
     }
 
     /// Marks a delivered message as done; sent to the exchange in batches.
@@ -170,11 +152,7 @@ impl Mailbox {
         match &message.body {
             Some(Body::ActionResponse(_) | Body::ErrorResponse(_) | Body::SuccessResponse(_)) => {
                 self.ack(seq);
-                let tag = message
-                    .header
-                    .as_ref()
-                    .map(|h| h.tag.as_str())
-                    .unwrap_or_default();
+                let tag = message.header.as_ref().map(|h| h.tag.as_str()).unwrap_or_default();
                 match lock(&self.pending).remove(tag) {
                     Some(waiter) => {
                         let _ = waiter.send(message);
@@ -238,9 +216,8 @@ impl Drop for PendingGuard<'_> {
 /// Receives deliveries until the mailbox is closed or terminated, subscribing
 /// again (with backoff) when the stream breaks.
 async fn read_loop(mailbox: Weak<Mailbox>, mut stream: DeliveryStream, requests: Option<Requests>) {
-    let Some((id, exchange, closed)) = mailbox
-        .upgrade()
-        .map(|m| (m.id, m.exchange.clone(), m.closed.clone()))
+    let Some((id, exchange, closed)) =
+        mailbox.upgrade().map(|m| (m.id, m.exchange.clone(), m.closed.clone()))
     else {
         return;
     };
@@ -272,9 +249,7 @@ async fn read_loop(mailbox: Weak<Mailbox>, mut stream: DeliveryStream, requests:
             }
             ClientError::Exchange(ExchangeError::Superseded(_)) => {
                 tracing::warn!(mailbox = %id, "another subscriber took over this mailbox");
-                return fail(HandleError::Transport(format!(
-                    "{id} has another subscriber"
-                )));
+                return fail(HandleError::Transport(format!("{id} has another subscriber")));
             }
             err => tracing::warn!(mailbox = %id, error = %err, "subscription broke; resubscribing"),
         }

@@ -45,11 +45,7 @@ impl Manager {
     pub async fn new(exchange: SharedExchange) -> Result<Self, ClientError> {
         let id = exchange.register_client().await?;
         let mailbox = Mailbox::open(exchange.clone(), id, None).await?;
-        Ok(Self {
-            exchange,
-            mailbox,
-            agents: Mutex::default(),
-        })
+        Ok(Self { exchange, mailbox, agents: Mutex::default() })
     }
 
     /// A manager talking gRPC to the exchange-server at `url`.
@@ -84,10 +80,7 @@ impl Manager {
     ) -> Result<Handle<B>, ClientError> {
         let id = match options.agent_id {
             Some(id) => {
-                if lock(&self.agents)
-                    .get(&id)
-                    .is_some_and(|a| a.outcome.borrow().is_none())
-                {
+                if lock(&self.agents).get(&id).is_some_and(|a| a.outcome.borrow().is_none()) {
                     return Err(ExchangeError::AlreadyExists(id).into());
                 }
                 match self.exchange.status(&id).await?.state {
@@ -97,9 +90,7 @@ impl Manager {
                 }
             }
             None => {
-                self.exchange
-                    .register_agent(B::NAME, B::IMPLEMENTS, &options.name, None)
-                    .await?
+                self.exchange.register_agent(B::NAME, B::IMPLEMENTS, &options.name, None).await?
             }
         };
         let stop = StopSignal::default();
@@ -151,15 +142,12 @@ impl Manager {
             .ok_or(ManagerError::UnknownAgent(id))?;
         let done = async {
             let result = outcome.wait_for(Option::is_some).await;
-            result
-                .ok()
-                .and_then(|r| r.clone())
-                .unwrap_or(Err(AgentError::Panicked { id }))
+            result.ok().and_then(|r| r.clone()).unwrap_or(Err(AgentError::Panicked { id }))
         };
         let result = match timeout {
-            Some(t) => tokio::time::timeout(t, done)
-                .await
-                .map_err(|_| ManagerError::Timeout(id, t))?,
+            Some(t) => {
+                tokio::time::timeout(t, done).await.map_err(|_| ManagerError::Timeout(id, t))?
+            }
             None => done.await,
         };
         Ok(result?)
@@ -173,11 +161,7 @@ impl Manager {
         terminate: Option<bool>,
         timeout: Option<Duration>,
     ) -> Result<(), ManagerError> {
-        lock(&self.agents)
-            .get(&id)
-            .ok_or(ManagerError::UnknownAgent(id))?
-            .stop
-            .stop(terminate);
+        lock(&self.agents).get(&id).ok_or(ManagerError::UnknownAgent(id))?.stop.stop(terminate);
         self.wait(id, timeout).await
     }
 
@@ -197,11 +181,7 @@ impl Manager {
         }
         self.mailbox.close().await;
         self.exchange.terminate(&self.mailbox.id()).await?;
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(ManagerError::Agents(failures))
-        }
+        if failures.is_empty() { Ok(()) } else { Err(ManagerError::Agents(failures)) }
     }
 }
 

@@ -56,10 +56,7 @@ pub(crate) struct StopSignal {
 impl StopSignal {
     pub(crate) fn stop(&self, terminate: Option<bool>) {
         if terminate.is_some() {
-            *self
-                .terminate
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = terminate;
+            *self.terminate.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = terminate;
         }
         self.token.cancel();
     }
@@ -73,29 +70,19 @@ pub async fn run_agent<B: Behaviour>(
     exchange: SharedExchange,
     config: AgentConfig,
 ) -> Result<(), AgentError> {
-    run(
-        Arc::new(behaviour),
-        id,
-        exchange,
-        config,
-        StopSignal::default(),
-    )
-    .await
+    run(Arc::new(behaviour), id, exchange, config, StopSignal::default()).await
 }
 
 /// Catches a panic in `future` and reports it as an error message.
 async fn guarded<T>(future: impl Future<Output = T>) -> Result<T, String> {
-    AssertUnwindSafe(future)
-        .catch_unwind()
-        .await
-        .map_err(|panic| {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            format!("panicked: {text}")
-        })
+    AssertUnwindSafe(future).catch_unwind().await.map_err(|panic| {
+        let text = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        format!("panicked: {text}")
+    })
 }
 
 pub(crate) async fn run<B: Behaviour>(
@@ -112,19 +99,13 @@ pub(crate) async fn run<B: Behaviour>(
     let shutdown = stop.token.clone();
     let context = Context {
         mailbox: mailbox.clone(),
-        agent: Some(AgentContext {
-            id,
-            stop: shutdown.clone(),
-        }),
+        agent: Some(AgentContext { id, stop: shutdown.clone() }),
         caller: None,
     };
     let mut failure = None;
 
     // Requests wait in the channel until startup is done.
-    let startup = guarded(context::scope(
-        context.clone(),
-        behaviour.clone().on_startup(),
-    ));
+    let startup = guarded(context::scope(context.clone(), behaviour.clone().on_startup()));
     let started = match startup.await.and_then(|r| r) {
         Ok(()) => true,
         Err(message) => {
@@ -235,28 +216,19 @@ pub(crate) async fn run<B: Behaviour>(
             }
         }
     };
-    if tokio::time::timeout(config.loop_shutdown_grace, settle)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(config.loop_shutdown_grace, settle).await.is_err() {
         tracing::warn!(agent = %id, "control loops ignored shutdown; aborting them");
         loops.abort_all();
     }
     if started {
-        let hook = guarded(context::scope(
-            context.clone(),
-            behaviour.clone().on_shutdown(),
-        ));
+        let hook = guarded(context::scope(context.clone(), behaviour.clone().on_shutdown()));
         if let Err(message) = hook.await.and_then(|r| r) {
             tracing::error!(agent = %id, %message, "shutdown hook failed");
             failure.get_or_insert(AgentError::ShutdownHook { id, message });
         }
     }
     mailbox.close().await;
-    let requested = *stop
-        .terminate
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let requested = *stop.terminate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let terminate = requested.unwrap_or(if failure.is_some() {
         config.terminate_on_error
     } else {
@@ -291,10 +263,7 @@ async fn serve_action<B: Behaviour>(
         () = cancel.cancelled() => Err(ActionError::cancelled(&action)),
     };
     let body = match outcome {
-        Ok(result) => Body::ActionResponse(pb::ActionResponse {
-            action,
-            result: Some(result),
-        }),
+        Ok(result) => Body::ActionResponse(pb::ActionResponse { action, result: Some(result) }),
         Err(err) => Body::ErrorResponse(err.into_response()),
     };
     reply_patiently(&mailbox, &header, body).await;
@@ -328,16 +297,8 @@ fn loop_failure(
 ) -> Option<AgentError> {
     match done {
         Ok((_, Ok(()))) => None,
-        Ok((name, Err(message))) => Some(AgentError::Loop {
-            id,
-            name: name.into(),
-            message,
-        }),
+        Ok((name, Err(message))) => Some(AgentError::Loop { id, name: name.into(), message }),
         Err(e) if e.is_cancelled() => None,
-        Err(e) => Some(AgentError::Loop {
-            id,
-            name: "?".into(),
-            message: e.to_string(),
-        }),
+        Err(e) => Some(AgentError::Loop { id, name: "?".into(), message: e.to_string() }),
     }
 }

@@ -18,22 +18,15 @@ use tonic::Code;
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
 async fn start() -> (RunningServer, Manager) {
-    let server = RunningServer::start(ServerOptions::default())
-        .await
-        .expect("server starts");
-    let manager = Manager::connect(&server.url())
-        .await
-        .expect("manager connects");
+    let server = RunningServer::start(ServerOptions::default()).await.expect("server starts");
+    let manager = Manager::connect(&server.url()).await.expect("manager connects");
     (server, manager)
 }
 
 /// The mailbox of an agent that is not running (yet).
 async fn idle_agent(manager: &Manager) -> academy_sdk::EntityId {
     let exchange = manager.exchange();
-    exchange
-        .register_agent("test.Echo", &[], "", None)
-        .await
-        .unwrap()
+    exchange.register_agent("test.Echo", &[], "", None).await.unwrap()
 }
 
 #[derive(Debug)]
@@ -52,10 +45,7 @@ struct Echo {
 
 impl Echo {
     fn new() -> Self {
-        Self {
-            started: AtomicBool::new(false),
-            meeting: tokio::sync::Barrier::new(2),
-        }
+        Self { started: AtomicBool::new(false), meeting: tokio::sync::Barrier::new(2) }
     }
 }
 
@@ -161,12 +151,7 @@ async fn action_errors_are_typed_and_the_agent_keeps_serving() {
     let (_server, manager) = start().await;
     let echo = manager.launch(Echo::new()).await.unwrap();
     match echo.refuse("not today".into()).await {
-        Err(HandleError::Remote {
-            action,
-            code,
-            kind,
-            message,
-        }) => {
+        Err(HandleError::Remote { action, code, kind, message }) => {
             assert_eq!(action, "refuse");
             assert_eq!(code, Code::Unknown);
             assert_eq!(kind, "Refused");
@@ -182,10 +167,7 @@ async fn action_errors_are_typed_and_the_agent_keeps_serving() {
         }
         other => panic!("expected a remote error, got {other:?}"),
     }
-    assert_eq!(
-        echo.echo("after a panic".into()).await.unwrap(),
-        "after a panic"
-    );
+    assert_eq!(echo.echo("after a panic".into()).await.unwrap(), "after a panic");
     manager.close().await.unwrap();
 }
 
@@ -196,10 +178,7 @@ async fn unknown_actions_and_bad_arguments_are_named() {
     match echo.raw().call::<_, ()>("dance", ()).await {
         Err(HandleError::Remote { code, message, .. }) => {
             assert_eq!(code, Code::Unimplemented);
-            assert!(
-                message.contains("dance") && message.contains("echo"),
-                "{message}"
-            );
+            assert!(message.contains("dance") && message.contains("echo"), "{message}");
         }
         other => panic!("expected an unknown-action error, got {other:?}"),
     }
@@ -267,20 +246,13 @@ async fn shutdown_without_terminate_keeps_the_mailbox_for_a_restart() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(manager.exchange().status(&id).await.unwrap().queued, 1);
 
-    let options = LaunchOptions {
-        agent_id: Some(id),
-        ..Default::default()
-    };
+    let options = LaunchOptions { agent_id: Some(id), ..Default::default() };
     let restarted = manager.launch_with(Echo::new(), options).await.unwrap();
     assert_eq!(restarted.id(), id);
     assert_eq!(waiting.await.unwrap().unwrap(), "queued while down");
     manager.shutdown(id, None, WAIT).await.unwrap();
     let status = manager.exchange().status(&id).await.unwrap();
-    assert_eq!(
-        status.state,
-        MailboxState::Terminated,
-        "terminate_on_success"
-    );
+    assert_eq!(status.state, MailboxState::Terminated, "terminate_on_success");
     manager.close().await.unwrap();
 }
 
@@ -288,10 +260,7 @@ async fn shutdown_without_terminate_keeps_the_mailbox_for_a_restart() {
 async fn requests_sent_before_startup_ends_are_served_after_it() {
     let (_server, manager) = start().await;
     let echo = manager.launch(Echo::new()).await.unwrap();
-    assert!(
-        echo.started().await.unwrap(),
-        "the action ran before startup finished"
-    );
+    assert!(echo.started().await.unwrap(), "the action ran before startup finished");
     manager.close().await.unwrap();
 }
 
@@ -305,15 +274,9 @@ async fn a_handle_passed_to_another_agent_works_from_its_mailbox() {
     // Inside the relay, the handle sends from the relay's mailbox.
     let seen = relay.ask_caller(echo.clone()).await.unwrap();
     assert_eq!(seen, Some(relay.id().to_string()));
-    assert_eq!(
-        echo.caller().await.unwrap(),
-        Some(manager.client_id().to_string())
-    );
+    assert_eq!(echo.caller().await.unwrap(), Some(manager.client_id().to_string()));
     // A handle serialises as the agent id.
-    assert_eq!(
-        serde_json::to_value(&echo).unwrap(),
-        serde_json::json!(echo.id().to_string())
-    );
+    assert_eq!(serde_json::to_value(&echo).unwrap(), serde_json::json!(echo.id().to_string()));
     manager.close().await.unwrap();
 }
 
@@ -321,13 +284,8 @@ async fn a_handle_passed_to_another_agent_works_from_its_mailbox() {
 async fn ping_to_an_agent_that_is_not_running_times_out() {
     let (_server, manager) = start().await;
     let id = idle_agent(&manager).await;
-    let idle = manager
-        .handle::<Echo>(id)
-        .with_timeout(Duration::from_millis(200));
-    assert_eq!(
-        idle.ping().await,
-        Err(HandleError::Timeout(Duration::from_millis(200)))
-    );
+    let idle = manager.handle::<Echo>(id).with_timeout(Duration::from_millis(200));
+    assert_eq!(idle.ping().await, Err(HandleError::Timeout(Duration::from_millis(200))));
     let running = manager.launch(Echo::new()).await.unwrap();
     assert!(running.ping().await.unwrap() < Duration::from_secs(5));
     manager.close().await.unwrap();
@@ -341,17 +299,11 @@ async fn terminating_a_mailbox_answers_callers_still_waiting() {
     let waiting = tokio::spawn(async move { handle.echo("anyone?".into()).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     manager.exchange().terminate(&id).await.unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(5), waiting)
-        .await
-        .unwrap()
-        .unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap();
     assert_eq!(result, Err(HandleError::Terminated(id)));
     // And later calls fail at once.
     let handle = manager.handle::<Echo>(id);
-    assert_eq!(
-        handle.echo("x".into()).await,
-        Err(HandleError::Terminated(id))
-    );
+    assert_eq!(handle.echo("x".into()).await, Err(HandleError::Terminated(id)));
     manager.close().await.unwrap();
 }
 
@@ -359,10 +311,7 @@ async fn terminating_a_mailbox_answers_callers_still_waiting() {
 async fn calls_to_unknown_agents_are_not_found() {
     let (_server, manager) = start().await;
     let id: academy_sdk::EntityId = format!("agent:{}", uuid::Uuid::new_v4()).parse().unwrap();
-    assert_eq!(
-        manager.handle::<Echo>(id).echo("x".into()).await,
-        Err(HandleError::NotFound(id))
-    );
+    assert_eq!(manager.handle::<Echo>(id).echo("x".into()).await, Err(HandleError::NotFound(id)));
     manager.close().await.unwrap();
 }
 
@@ -386,10 +335,7 @@ async fn in_flight_actions_are_cancelled_at_shutdown() {
 #[tokio::test]
 async fn oversized_arguments_are_refused_by_the_exchange() {
     let server = RunningServer::start(ServerOptions {
-        limits: academy_exchange::Limits {
-            max_message_bytes: 64 * 1024,
-            max_queued: 100,
-        },
+        limits: academy_exchange::Limits { max_message_bytes: 64 * 1024, max_queued: 100 },
         ..Default::default()
     })
     .await
@@ -410,12 +356,7 @@ async fn oversized_arguments_are_refused_by_the_exchange() {
 async fn timers_tick_until_shutdown() {
     let (_server, manager) = start().await;
     let ticks = Arc::new(AtomicU64::new(0));
-    let ticker = manager
-        .launch(Ticker {
-            ticks: ticks.clone(),
-        })
-        .await
-        .unwrap();
+    let ticker = manager.launch(Ticker { ticks: ticks.clone() }).await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), async {
         while ticks.load(Ordering::SeqCst) < 3 {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -426,11 +367,7 @@ async fn timers_tick_until_shutdown() {
     manager.shutdown(ticker.id(), None, WAIT).await.unwrap();
     let after = ticks.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(
-        ticks.load(Ordering::SeqCst),
-        after,
-        "no tick after shutdown"
-    );
+    assert_eq!(ticks.load(Ordering::SeqCst), after, "no tick after shutdown");
     manager.close().await.unwrap();
 }
 
@@ -438,17 +375,11 @@ async fn timers_tick_until_shutdown() {
 async fn invoke_calls_an_sdk_agent_with_plain_json() {
     let (server, manager) = start().await;
     let echo = manager.launch(Echo::new()).await.unwrap();
-    let mut rpc = pb::exchange_client::ExchangeClient::connect(server.url())
-        .await
-        .unwrap();
+    let mut rpc = pb::exchange_client::ExchangeClient::connect(server.url()).await.unwrap();
     use academy_proto::prost_types::{ListValue, Value, value::Kind};
     let args = |text: &str| {
-        let item = Value {
-            kind: Some(Kind::StringValue(text.into())),
-        };
-        Some(Value {
-            kind: Some(Kind::ListValue(ListValue { values: vec![item] })),
-        })
+        let item = Value { kind: Some(Kind::StringValue(text.into())) };
+        Some(Value { kind: Some(Kind::ListValue(ListValue { values: vec![item] })) })
     };
     let req = pb::InvokeRequest {
         agent_id: echo.id().to_string(),
@@ -476,11 +407,7 @@ async fn calls_fail_with_a_retryable_error_when_the_exchange_goes_away() {
     let echo = manager.launch(Echo::new()).await.unwrap();
     assert_eq!(echo.echo("up".into()).await.unwrap(), "up");
     server.shutdown().await;
-    let err = echo
-        .with_timeout(Duration::from_secs(5))
-        .echo("down".into())
-        .await
-        .unwrap_err();
+    let err = echo.with_timeout(Duration::from_secs(5)).echo("down".into()).await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
 }
 
@@ -489,15 +416,9 @@ async fn the_in_process_exchange_needs_no_server() {
     let manager = Manager::in_process().await.unwrap();
     let echo = manager.launch(Echo::new()).await.unwrap();
     let relay = manager.launch(Relay).await.unwrap();
-    assert_eq!(
-        relay.relay(echo.clone(), "local".into()).await.unwrap(),
-        "via relay: local"
-    );
+    assert_eq!(relay.relay(echo.clone(), "local".into()).await.unwrap(), "via relay: local");
     let talkers = manager.discover("test.Talker", false).await.unwrap();
-    assert_eq!(
-        talkers.iter().map(|a| a.id).collect::<Vec<_>>(),
-        vec![echo.id()]
-    );
+    assert_eq!(talkers.iter().map(|a| a.id).collect::<Vec<_>>(), vec![echo.id()]);
     manager.close().await.unwrap();
 }
 
@@ -507,10 +428,7 @@ async fn both_codecs_reach_sdk_agents() {
     let echo = manager.launch(Echo::new()).await.unwrap();
     for codec in [Codec::Json, Codec::MsgPack] {
         let text = "ünïcödé \"quoted\"\n".repeat(3);
-        assert_eq!(
-            echo.with_codec(codec).echo(text.clone()).await.unwrap(),
-            text
-        );
+        assert_eq!(echo.with_codec(codec).echo(text.clone()).await.unwrap(), text);
     }
     manager.close().await.unwrap();
 }
@@ -556,13 +474,7 @@ async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
                     tag: header.tag,
                     ..Default::default()
                 };
-                exchange
-                    .send(pb::Message {
-                        header: Some(reply),
-                        body: Some(body),
-                    })
-                    .await
-                    .unwrap();
+                exchange.send(pb::Message { header: Some(reply), body: Some(body) }).await.unwrap();
                 exchange.acknowledge(&id, vec![seq]).await.unwrap();
             }
         }
@@ -571,18 +483,8 @@ async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
     let handle = manager.handle::<Echo>(id);
     assert_eq!(handle.echo("one".into()).await.unwrap(), "one");
     assert_eq!(handle.clone().echo("two".into()).await.unwrap(), "two");
-    let seen = tokio::time::timeout(Duration::from_secs(5), peer)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        seen,
-        [
-            "application/msgpack",
-            "application/json",
-            "application/json"
-        ]
-    );
+    let seen = tokio::time::timeout(Duration::from_secs(5), peer).await.unwrap().unwrap();
+    assert_eq!(seen, ["application/msgpack", "application/json", "application/json"]);
     manager.close().await.unwrap();
 }
 
@@ -598,11 +500,7 @@ async fn a_runtime_whose_mailbox_is_taken_over_stops_without_terminating_it() {
         other => panic!("expected a lost mailbox, got {other:?}"),
     }
     let status = manager.exchange().status(&echo.id()).await.unwrap();
-    assert_eq!(
-        status.state,
-        MailboxState::Active,
-        "not the old runtime's to terminate"
-    );
+    assert_eq!(status.state, MailboxState::Active, "not the old runtime's to terminate");
     let _ = manager.close().await;
 }
 
@@ -646,9 +544,7 @@ async fn pausable_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAddr
 
 #[tokio::test]
 async fn a_stalled_exchange_cannot_hold_a_call_past_its_timeout() {
-    let server = RunningServer::start(ServerOptions::default())
-        .await
-        .unwrap();
+    let server = RunningServer::start(ServerOptions::default()).await.unwrap();
     let (proxy, frozen) = pausable_proxy(server.addr()).await;
     let manager = Manager::connect(&format!("http://{proxy}")).await.unwrap();
     let echo = manager.launch(Echo::new()).await.unwrap();
@@ -659,16 +555,10 @@ async fn a_stalled_exchange_cannot_hold_a_call_past_its_timeout() {
     let impatient = echo.with_timeout(limit);
     let result =
         tokio::time::timeout(Duration::from_secs(5), impatient.echo("during".into())).await;
-    assert_eq!(
-        result.expect("returned, not hung"),
-        Err(HandleError::Timeout(limit))
-    );
+    assert_eq!(result.expect("returned, not hung"), Err(HandleError::Timeout(limit)));
 
     frozen.store(false, Ordering::SeqCst);
-    let after = echo
-        .with_timeout(Duration::from_secs(5))
-        .echo("after".into())
-        .await;
+    let after = echo.with_timeout(Duration::from_secs(5)).echo("after".into()).await;
     assert_eq!(after.unwrap(), "after");
     manager.close().await.unwrap();
 }

@@ -14,12 +14,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-#[allow(
-    unreachable_pub,
-    missing_docs,
-    missing_debug_implementations,
-    clippy::all
-)]
+#[allow(unreachable_pub, missing_docs, missing_debug_implementations, clippy::all)]
 mod floor {
     tonic::include_proto!("academy.bench");
 }
@@ -78,15 +73,8 @@ async fn spawn_server(role: &str) -> anyhow::Result<Server> {
         .spawn()
         .context("cannot start the server process")?;
     let stdout = child.stdout.take().context("no stdout")?;
-    let line = BufReader::new(stdout)
-        .lines()
-        .next_line()
-        .await?
-        .context("server said nothing")?;
-    Ok(Server {
-        _child: child,
-        addr: line.trim().parse()?,
-    })
+    let line = BufReader::new(stdout).lines().next_line().await?.context("server said nothing")?;
+    Ok(Server { _child: child, addr: line.trim().parse()? })
 }
 
 async fn serve_exchange() -> anyhow::Result<()> {
@@ -222,9 +210,7 @@ async fn fan_out(handles: &[Handle<Echo>], calls: usize, rounds: usize) -> anyho
     let mut total = Duration::ZERO;
     for _ in 0..rounds {
         let start = Instant::now();
-        let all = handles
-            .iter()
-            .flat_map(|h| (0..calls).map(|_| h.echo(data.clone())));
+        let all = handles.iter().flat_map(|h| (0..calls).map(|_| h.echo(data.clone())));
         for result in futures::future::join_all(all).await {
             result?;
         }

@@ -26,10 +26,7 @@ impl ExchangeArgs {
         let (url, server) = match &self.exchange {
             Some(url) => (url.clone(), None),
             None => {
-                let options = ServerOptions {
-                    listen: self.listen,
-                    ..Default::default()
-                };
+                let options = ServerOptions { listen: self.listen, ..Default::default() };
                 let server = RunningServer::start(options)
                     .await
                     .with_context(|| format!("cannot start an exchange on {}", self.listen))?;
@@ -48,8 +45,6 @@ impl ExchangeArgs {
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

@@ -3,10 +3,7 @@
 use std::process::Command;
 
 fn run(binary: &str) -> String {
-    let out = Command::new(binary)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("example starts");
+    let out = Command::new(binary).env("RUST_LOG", "warn").output().expect("example starts");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -29,8 +26,5 @@ fn pipeline_reports_every_document_and_the_expected_error() {
     assert!(out.contains("analysers found by discovery: 1"), "{out}");
     assert_eq!(out.matches("Report {").count(), 3, "{out}");
     assert!(out.contains("top: Some((\"the\", 2))"), "{out}");
-    assert!(
-        out.contains("expected error: String: nothing to analyse"),
-        "{out}"
-    );
+    assert!(out.contains("expected error: String: nothing to analyse"), "{out}");
 }

@@ -3,19 +3,39 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::{Limits, ServerOptions, telemetry::LogFormat};
+use crate::{Backend, Limits, RedisOptions, ServerOptions, telemetry::LogFormat};
+
+/// Where mailboxes are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    /// In this process (gone when it exits).
+    Memory,
+    /// In Redis (durable; several replicas can share it).
+    Redis,
+}
 
 /// Academy exchange-server: keeps mailboxes and streams messages to agents.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "academy-exchange", version)]
 pub struct Config {
     /// Address to listen on.
-    #[arg(
-        long,
-        env = "ACADEMY_EXCHANGE_LISTEN",
-        default_value = "127.0.0.1:50051"
-    )]
+    #[arg(long, env = "ACADEMY_EXCHANGE_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Where mailboxes are kept.
+    #[arg(long, env = "ACADEMY_EXCHANGE_BACKEND", value_enum, default_value_t = BackendKind::Memory)]
+    pub backend: BackendKind,
+    /// Redis URL, for --backend redis.
+    #[arg(long, env = "ACADEMY_EXCHANGE_REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    pub redis_url: String,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    #[arg(long, env = "ACADEMY_EXCHANGE_REDIS_PREFIX", default_value = "academy")]
+    pub redis_prefix: String,
+    /// Seconds after which an idle mailbox expires in Redis (0: never).
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAILBOX_TTL_SECS", default_value_t = 0)]
+    pub mailbox_ttl_secs: u64,
+    /// Seconds a terminated mailbox's gravestone is kept in Redis (0: forever).
+    #[arg(long, env = "ACADEMY_EXCHANGE_GRAVESTONE_TTL_SECS", default_value_t = 0)]
+    pub gravestone_ttl_secs: u64,
     /// Largest message accepted, in bytes.
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
     pub max_message_bytes: usize,
@@ -23,11 +43,7 @@ pub struct Config {
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_QUEUED", default_value_t = Limits::default().max_queued)]
     pub max_queued: usize,
     /// Seconds open calls get to finish after SIGTERM/SIGINT.
-    #[arg(
-        long,
-        env = "ACADEMY_EXCHANGE_SHUTDOWN_GRACE_SECS",
-        default_value_t = 10.0
-    )]
+    #[arg(long, env = "ACADEMY_EXCHANGE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
     pub shutdown_grace_secs: f64,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
@@ -36,15 +52,26 @@ pub struct Config {
 
 impl Config {
     pub fn server_options(&self) -> anyhow::Result<ServerOptions> {
-        anyhow::ensure!(
-            self.max_message_bytes > 0,
-            "--max-message-bytes must be positive"
-        );
+        anyhow::ensure!(self.max_message_bytes > 0, "--max-message-bytes must be positive");
         anyhow::ensure!(self.max_queued > 0, "--max-queued must be positive");
         let grace = Duration::try_from_secs_f64(self.shutdown_grace_secs)
             .map_err(|e| anyhow::anyhow!("--shutdown-grace-secs: {e}"))?;
+        let ttl = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+        let backend = match self.backend {
+            BackendKind::Memory => Backend::Memory,
+            BackendKind::Redis => {
+                anyhow::ensure!(!self.redis_prefix.is_empty(), "--redis-prefix must not be empty");
+                Backend::Redis(RedisOptions {
+                    url: self.redis_url.clone(),
+                    prefix: self.redis_prefix.clone(),
+                    mailbox_ttl: ttl(self.mailbox_ttl_secs),
+                    gravestone_ttl: ttl(self.gravestone_ttl_secs),
+                })
+            }
+        };
         Ok(ServerOptions {
             listen: self.listen,
+            backend,
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
                 max_queued: self.max_queued,

@@ -31,6 +31,9 @@ pub enum ExchangeError {
     ShuttingDown,
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// The backend's store (Redis) can't be reached; retryable.
+    #[error("mailbox store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl ExchangeError {
@@ -43,7 +46,7 @@ impl ExchangeError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::MailboxFull { .. } | Self::TooLarge { .. } => Code::ResourceExhausted,
             Self::Superseded(_) => Code::Aborted,
-            Self::ShuttingDown => Code::Unavailable,
+            Self::ShuttingDown | Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
         }
     }
@@ -60,6 +63,7 @@ impl ExchangeError {
             Self::Superseded(_) => "SUBSCRIPTION_SUPERSEDED",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
+            Self::Unavailable(_) => "STORE_UNAVAILABLE",
         }
     }
 }
@@ -68,9 +72,7 @@ impl ExchangeError {
     /// Rebuilds the error from a status made by `From<ExchangeError> for Status`
     /// (on the client side of a gRPC call); `None` for any other status.
     pub fn from_status(status: &Status) -> Option<Self> {
-        let info = status
-            .get_details_error_info()
-            .filter(|i| i.domain == ERROR_DOMAIN)?;
+        let info = status.get_details_error_info().filter(|i| i.domain == ERROR_DOMAIN)?;
         Self::from_parts(&info.reason, &info.metadata, status.message())
     }
 
@@ -88,17 +90,14 @@ impl ExchangeError {
             "MAILBOX_NOT_FOUND" => Self::NotFound(id()?),
             "MAILBOX_TERMINATED" => Self::Terminated(id()?),
             "MAILBOX_EXISTS" => Self::AlreadyExists(id()?),
-            "MAILBOX_FULL" => Self::MailboxFull {
-                id: id()?,
-                limit: number("limit")?,
-            },
-            "MESSAGE_TOO_LARGE" => Self::TooLarge {
-                size: number("size")?,
-                limit: number("limit")?,
-            },
+            "MAILBOX_FULL" => Self::MailboxFull { id: id()?, limit: number("limit")? },
+            "MESSAGE_TOO_LARGE" => {
+                Self::TooLarge { size: number("size")?, limit: number("limit")? }
+            }
             "SUBSCRIPTION_SUPERSEDED" => Self::Superseded(id()?),
             "SHUTTING_DOWN" => Self::ShuttingDown,
             "DEADLINE_EXCEEDED" => Self::DeadlineExceeded(message),
+            "STORE_UNAVAILABLE" => Self::Unavailable(message),
             _ => return None,
         })
     }
@@ -121,7 +120,10 @@ impl ExchangeError {
                 metadata.insert("size".into(), size.to_string());
                 metadata.insert("limit".into(), limit.to_string());
             }
-            Self::InvalidArgument(_) | Self::ShuttingDown | Self::DeadlineExceeded(_) => {}
+            Self::InvalidArgument(_)
+            | Self::ShuttingDown
+            | Self::DeadlineExceeded(_)
+            | Self::Unavailable(_) => {}
         }
         metadata
     }

@@ -1,16 +1,17 @@
-//! The exchange itself: mailboxes, their states, delivery and discovery, in memory.
-//!
-//! Every rule of DESIGN.md ("Mailboxes", "Delivery") lives here, so the gRPC
-//! service and the SDK's in-process client behave the same.
+//! The exchange: the rules of DESIGN.md ("Mailboxes", "Delivery") over a
+//! storage backend, so the gRPC service and the SDK's in-process client
+//! behave the same whatever keeps the mailboxes.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use academy_proto::pb;
 use prost::Message as _;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::memory::MemoryBackend;
+use crate::backend::redis::{RedisBackend, RedisOptions};
+use crate::backend::{Backend, BackendSubscription};
 use crate::{EntityId, ExchangeError};
 
 /// Limits of an exchange, each with a clear error when passed.
@@ -24,10 +25,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_message_bytes: 4 * 1024 * 1024,
-            max_queued: 10_000,
-        }
+        Self { max_message_bytes: 4 * 1024 * 1024, max_queued: 10_000 }
     }
 }
 
@@ -80,46 +78,13 @@ pub struct MailboxStatus {
 /// One message handed to a subscriber, with its position for acknowledging it.
 pub type Delivery = (u64, pb::Message);
 
-/// An in-memory exchange. Cheap to clone; clones share the mailboxes.
+/// An exchange over the in-memory or the Redis backend. Cheap to clone; clones
+/// share the mailboxes.
 #[derive(Debug, Clone)]
 pub struct Exchange {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
+    backend: Arc<dyn Backend>,
     limits: Limits,
-    mailboxes: RwLock<HashMap<EntityId, Arc<Mailbox>>>,
-    /// Behaviour or interface name → agents listing it (true when it is their own
-    /// behaviour). The empty name lists every active agent.
-    index: RwLock<HashMap<String, HashMap<EntityId, bool>>>,
     shutdown: CancellationToken,
-}
-
-#[derive(Debug)]
-struct Mailbox {
-    id: EntityId,
-    agent: Option<AgentInfo>,
-    state: Mutex<QueueState>,
-    changed: Notify,
-}
-
-#[derive(Debug, Default)]
-struct QueueState {
-    terminated: bool,
-    /// Unacknowledged (and acknowledged but not yet popped) messages, by seq.
-    queue: VecDeque<Entry>,
-    next_seq: u64,
-    unacked: usize,
-    /// Bumped by every subscribe; an older subscription sees it and ends.
-    generation: u64,
-}
-
-#[derive(Debug)]
-struct Entry {
-    seq: u64,
-    message: pb::Message,
-    acked: bool,
 }
 
 impl Default for Exchange {
@@ -128,37 +93,29 @@ impl Default for Exchange {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Exchange {
+    /// An exchange whose mailboxes live in this process.
     pub fn new(limits: Limits) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                limits,
-                mailboxes: RwLock::default(),
-                index: RwLock::default(),
-                shutdown: CancellationToken::new(),
-            }),
-        }
+        Self::over(Arc::new(MemoryBackend::default()), limits)
+    }
+
+    /// An exchange whose mailboxes live in Redis: durable, and shared by every
+    /// exchange connected to the same Redis and prefix.
+    pub async fn redis(options: RedisOptions, limits: Limits) -> Result<Self, ExchangeError> {
+        Ok(Self::over(Arc::new(RedisBackend::connect(options).await?), limits))
+    }
+
+    fn over(backend: Arc<dyn Backend>, limits: Limits) -> Self {
+        Self { backend, limits, shutdown: CancellationToken::new() }
     }
 
     pub fn limits(&self) -> Limits {
-        self.inner.limits
+        self.limits
     }
 
     /// Ends every subscription with [`ExchangeError::ShuttingDown`].
     pub fn shutdown(&self) {
-        self.inner.shutdown.cancel();
+        self.shutdown.cancel();
     }
 
     /// Creates the mailbox of a new agent, with `id` or a fresh id.
@@ -173,9 +130,7 @@ impl Exchange {
             return Err(ExchangeError::InvalidArgument("behaviour is empty".into()));
         }
         if implements.iter().any(String::is_empty) {
-            return Err(ExchangeError::InvalidArgument(
-                "implements contains an empty name".into(),
-            ));
+            return Err(ExchangeError::InvalidArgument("implements contains an empty name".into()));
         }
         let id = id.unwrap_or_else(EntityId::new_agent);
         if !id.is_agent() {
@@ -183,131 +138,44 @@ impl Exchange {
                 "agent_id {id} is not an agent id"
             )));
         }
-        let info = AgentInfo {
-            id,
-            behaviour: behaviour.to_owned(),
-            implements,
-            name,
-        };
-        self.insert(id, Some(info.clone()))?;
-        let mut index = write(&self.inner.index);
-        index.entry(String::new()).or_default().insert(id, false);
-        index
-            .entry(info.behaviour.clone())
-            .or_default()
-            .insert(id, true);
-        for other in &info.implements {
-            index
-                .entry(other.clone())
-                .or_default()
-                .entry(id)
-                .or_insert(false);
-        }
+        let info = AgentInfo { id, behaviour: behaviour.to_owned(), implements, name };
+        self.backend.create(id, Some(info)).await?;
         tracing::debug!(agent = %id, behaviour, "agent mailbox created");
         Ok(id)
-    }
-
-    /// Removes a client mailbox without a gravestone: for transient mailboxes
-    /// whose ids nobody can register again (client ids are always fresh).
-    pub(crate) fn forget(&self, id: &EntityId) {
-        if let Some(mailbox) = write(&self.inner.mailboxes).remove(id) {
-            lock(&mailbox.state).terminated = true;
-            mailbox.changed.notify_waiters();
-        }
     }
 
     /// Creates the mailbox of a new client.
     pub async fn register_client(&self) -> Result<EntityId, ExchangeError> {
         let id = EntityId::new_client();
-        self.insert(id, None)?;
+        self.backend.create(id, None).await?;
         tracing::debug!(client = %id, "client mailbox created");
         Ok(id)
     }
 
-    fn insert(&self, id: EntityId, agent: Option<AgentInfo>) -> Result<(), ExchangeError> {
-        let mut mailboxes = write(&self.inner.mailboxes);
-        if let Some(existing) = mailboxes.get(&id) {
-            return Err(if lock(&existing.state).terminated {
-                ExchangeError::Terminated(id)
-            } else {
-                ExchangeError::AlreadyExists(id)
-            });
-        }
-        let mailbox = Mailbox {
-            id,
-            agent,
-            state: Mutex::default(),
-            changed: Notify::new(),
-        };
-        mailboxes.insert(id, Arc::new(mailbox));
-        Ok(())
-    }
-
-    fn mailbox(&self, id: &EntityId) -> Result<Arc<Mailbox>, ExchangeError> {
-        read(&self.inner.mailboxes)
-            .get(id)
-            .cloned()
-            .ok_or(ExchangeError::NotFound(*id))
+    /// Removes a client mailbox without a gravestone: for transient mailboxes
+    /// whose ids nobody can register again (client ids are always fresh).
+    pub(crate) async fn forget(&self, id: &EntityId) {
+        self.backend.forget(id).await;
     }
 
     /// Terminates a mailbox and answers every request still queued in it with an
     /// error. Idempotent: returns the state before the call.
     pub async fn terminate(&self, id: &EntityId) -> Result<MailboxState, ExchangeError> {
-        let mailbox = self.mailbox(id)?;
-        let queued = {
-            let mut state = lock(&mailbox.state);
-            if state.terminated {
-                return Ok(MailboxState::Terminated);
-            }
-            state.terminated = true;
-            state.unacked = 0;
-            std::mem::take(&mut state.queue)
-        };
-        mailbox.changed.notify_waiters();
-        if let Some(agent) = &mailbox.agent {
-            let mut index = write(&self.inner.index);
-            for name in std::iter::once(&String::new())
-                .chain(std::iter::once(&agent.behaviour))
-                .chain(&agent.implements)
-            {
-                if let Some(ids) = index.get_mut(name) {
-                    ids.remove(id);
-                    if ids.is_empty() {
-                        index.remove(name);
-                    }
-                }
-            }
-        }
-        let mut answered = 0;
-        for entry in queued.into_iter().filter(|e| !e.acked) {
-            if let Some(reply) = terminated_reply(id, &entry.message) {
-                answered += 1;
-                // The requester may be gone too; nobody is left to tell then.
-                let _ = self.enqueue(reply, false);
-            }
-        }
+        let (previous, queued) = self.backend.terminate(id).await?;
+        let replies: Vec<_> = queued
+            .iter()
+            .filter_map(|m| terminated_reply(id, m))
+            .filter_map(|reply| Some((reply.header.as_ref()?.dest.parse().ok()?, reply)))
+            .collect();
+        let answered = replies.len();
+        // Requesters may be gone too; nobody is left to tell then.
+        let _ = self.backend.enqueue(replies, None).await;
         tracing::debug!(mailbox = %id, answered, "mailbox terminated");
-        Ok(MailboxState::Active)
+        Ok(previous)
     }
 
     pub async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError> {
-        let Ok(mailbox) = self.mailbox(id) else {
-            return Ok(MailboxStatus {
-                state: MailboxState::Missing,
-                queued: 0,
-                agent: None,
-            });
-        };
-        let state = lock(&mailbox.state);
-        Ok(MailboxStatus {
-            state: if state.terminated {
-                MailboxState::Terminated
-            } else {
-                MailboxState::Active
-            },
-            queued: state.unacked,
-            agent: mailbox.agent.clone(),
-        })
+        self.backend.status(id).await
     }
 
     /// Active agents whose behaviour is `name` (`exact`) or lists it; every
@@ -318,26 +186,13 @@ impl Exchange {
                 "exact discovery needs a behaviour name".into(),
             ));
         }
-        let mut ids: Vec<EntityId> = match read(&self.inner.index).get(name) {
-            Some(ids) => ids
-                .iter()
-                .filter(|(_, own)| **own || !exact)
-                .map(|(id, _)| *id)
-                .collect(),
-            None => return Ok(Vec::new()),
-        };
-        ids.sort_unstable();
-        let mailboxes = read(&self.inner.mailboxes);
-        Ok(ids
-            .iter()
-            .filter_map(|id| mailboxes.get(id)?.agent.clone())
-            .collect())
+        self.backend.discover(name, exact).await
     }
 
     /// Checks a message and returns its destination.
     pub fn validate(&self, message: &pb::Message) -> Result<EntityId, ExchangeError> {
         let size = message.encoded_len();
-        let limit = self.inner.limits.max_message_bytes;
+        let limit = self.limits.max_message_bytes;
         if size > limit {
             return Err(ExchangeError::TooLarge { size, limit });
         }
@@ -355,105 +210,51 @@ impl Exchange {
         }
         match &message.body {
             None => Err(ExchangeError::InvalidArgument("message has no body".into())),
-            Some(pb::message::Body::ActionRequest(req)) if req.action.is_empty() => Err(
-                ExchangeError::InvalidArgument("action_request.action is empty".into()),
-            ),
+            Some(pb::message::Body::ActionRequest(req)) if req.action.is_empty() => {
+                Err(ExchangeError::InvalidArgument("action_request.action is empty".into()))
+            }
             Some(_) => Ok(dest),
         }
     }
 
     /// Queues a message in its destination's mailbox.
     pub async fn send(&self, message: pb::Message) -> Result<(), ExchangeError> {
-        self.validate(&message)?;
-        self.enqueue(message, true)
+        self.send_batch(vec![message]).await.pop().expect("one result per message")
     }
 
     /// Queues several messages in order; one result each.
     pub async fn send_batch(&self, messages: Vec<pb::Message>) -> Vec<Result<(), ExchangeError>> {
-        messages
-            .into_iter()
-            .map(|m| self.validate(&m).and_then(|_| self.enqueue(m, true)))
-            .collect()
-    }
-
-    fn enqueue(&self, message: pb::Message, bounded: bool) -> Result<(), ExchangeError> {
-        let dest = message
-            .header
-            .as_ref()
-            .and_then(|h| h.dest.parse::<EntityId>().ok())
-            .ok_or_else(|| ExchangeError::InvalidArgument("header.dest is malformed".into()))?;
-        let mailbox = self.mailbox(&dest)?;
-        {
-            let mut state = lock(&mailbox.state);
-            if state.terminated {
-                return Err(ExchangeError::Terminated(dest));
+        let mut results: Vec<Result<(), ExchangeError>> = Vec::with_capacity(messages.len());
+        let mut valid = Vec::with_capacity(messages.len());
+        for message in messages {
+            match self.validate(&message) {
+                Ok(dest) => {
+                    valid.push((dest, message));
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
             }
-            let limit = self.inner.limits.max_queued;
-            if bounded && state.unacked >= limit {
-                return Err(ExchangeError::MailboxFull { id: dest, limit });
-            }
-            let seq = state.next_seq;
-            state.next_seq += 1;
-            state.unacked += 1;
-            state.queue.push_back(Entry {
-                seq,
-                message,
-                acked: false,
-            });
         }
-        mailbox.changed.notify_waiters();
-        Ok(())
+        let mut stored =
+            self.backend.enqueue(valid, Some(self.limits.max_queued)).await.into_iter();
+        for result in results.iter_mut().filter(|r| r.is_ok()) {
+            *result = stored
+                .next()
+                .unwrap_or(Err(ExchangeError::Unavailable("backend dropped a result".into())));
+        }
+        results
     }
 
     /// Becomes the one subscriber of a mailbox. A previous subscription ends with
     /// [`ExchangeError::Superseded`]; every unacknowledged message is delivered again.
     pub async fn subscribe(&self, id: &EntityId) -> Result<Subscription, ExchangeError> {
-        let mailbox = self.mailbox(id)?;
-        let generation = {
-            let mut state = lock(&mailbox.state);
-            if state.terminated {
-                return Err(ExchangeError::Terminated(*id));
-            }
-            state.generation += 1;
-            state.generation
-        };
-        mailbox.changed.notify_waiters();
-        Ok(Subscription {
-            mailbox,
-            generation,
-            cursor: 0,
-            shutdown: self.inner.shutdown.clone(),
-        })
+        let inner = self.backend.subscribe(id).await?;
+        Ok(Subscription { id: *id, inner, shutdown: self.shutdown.clone() })
     }
 
     /// Removes delivered messages. Unknown or already acknowledged seqs are ignored.
     pub async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
-        let mailbox = self.mailbox(id)?;
-        let mut state = lock(&mailbox.state);
-        if state.terminated {
-            return Err(ExchangeError::Terminated(*id));
-        }
-        if let Some(bad) = seqs.iter().find(|s| **s >= state.next_seq) {
-            return Err(ExchangeError::InvalidArgument(format!(
-                "seq {bad} was never delivered from mailbox {id}"
-            )));
-        }
-        let state = &mut *state;
-        for seq in seqs {
-            let pos = state.queue.partition_point(|e| e.seq < *seq);
-            if let Some(entry) = state
-                .queue
-                .get_mut(pos)
-                .filter(|e| e.seq == *seq && !e.acked)
-            {
-                entry.acked = true;
-                state.unacked -= 1;
-            }
-        }
-        while state.queue.front().is_some_and(|e| e.acked) {
-            state.queue.pop_front();
-        }
-        Ok(())
+        self.backend.acknowledge(id, seqs).await
     }
 }
 
@@ -487,16 +288,14 @@ fn terminated_reply(id: &EntityId, request: &pb::Message) -> Option<pb::Message>
 /// The subscriber's side of a mailbox.
 #[derive(Debug)]
 pub struct Subscription {
-    mailbox: Arc<Mailbox>,
-    generation: u64,
-    /// Seq of the next message to deliver.
-    cursor: u64,
+    id: EntityId,
+    inner: Box<dyn BackendSubscription>,
     shutdown: CancellationToken,
 }
 
 impl Subscription {
     pub fn mailbox_id(&self) -> EntityId {
-        self.mailbox.id
+        self.id
     }
 
     /// Waits for messages and returns up to `max` of them (at least one), in order,
@@ -506,37 +305,9 @@ impl Subscription {
         max: usize,
         max_bytes: usize,
     ) -> Result<Vec<Delivery>, ExchangeError> {
-        loop {
-            let changed = self.mailbox.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            {
-                let state = lock(&self.mailbox.state);
-                if state.terminated {
-                    return Err(ExchangeError::Terminated(self.mailbox.id));
-                }
-                if state.generation != self.generation {
-                    return Err(ExchangeError::Superseded(self.mailbox.id));
-                }
-                let start = state.queue.partition_point(|e| e.seq < self.cursor);
-                let mut batch = Vec::new();
-                let mut bytes = 0;
-                for entry in state.queue.range(start..).filter(|e| !e.acked) {
-                    if batch.len() >= max || (!batch.is_empty() && bytes >= max_bytes) {
-                        break;
-                    }
-                    bytes += entry.message.encoded_len();
-                    batch.push((entry.seq, entry.message.clone()));
-                }
-                if let Some((last, _)) = batch.last() {
-                    self.cursor = last + 1;
-                    return Ok(batch);
-                }
-            }
-            tokio::select! {
-                () = &mut changed => {}
-                () = self.shutdown.cancelled() => return Err(ExchangeError::ShuttingDown),
-            }
+        tokio::select! {
+            batch = self.inner.next_batch(max, max_bytes) => batch,
+            () = self.shutdown.cancelled() => Err(ExchangeError::ShuttingDown),
         }
     }
 }

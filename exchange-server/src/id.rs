@@ -32,18 +32,12 @@ pub struct EntityId {
 impl EntityId {
     /// A fresh agent id (UUID v7: ordered by creation time).
     pub fn new_agent() -> Self {
-        Self {
-            kind: EntityKind::Agent,
-            uuid: Uuid::now_v7(),
-        }
+        Self { kind: EntityKind::Agent, uuid: Uuid::now_v7() }
     }
 
     /// A fresh client id.
     pub fn new_client() -> Self {
-        Self {
-            kind: EntityKind::Client,
-            uuid: Uuid::now_v7(),
-        }
+        Self { kind: EntityKind::Client, uuid: Uuid::now_v7() }
     }
 
     pub fn kind(&self) -> EntityKind {
@@ -96,9 +90,7 @@ impl FromStr for EntityId {
         };
         let uuid = Uuid::try_parse(rest).map_err(|_| malformed())?;
         if !matches!(uuid.get_version_num(), 4 | 7) {
-            return Err(ExchangeError::InvalidArgument(format!(
-                "id {s:?} is not a UUID v4 or v7"
-            )));
+            return Err(ExchangeError::InvalidArgument(format!("id {s:?} is not a UUID v4 or v7")));
         }
         Ok(Self { kind, uuid })
     }
@@ -115,13 +107,9 @@ mod tests {
         assert!(client.to_string().starts_with("client:"));
         let v4 = format!("agent:{}", Uuid::new_v4());
         assert!(v4.parse::<EntityId>().unwrap().is_agent());
-        for bad in [
-            "",
-            "agent",
-            "agent:",
-            "robot:00000000-0000-4000-8000-000000000000",
-            "agent:xyz",
-        ] {
+        for bad in
+            ["", "agent", "agent:", "robot:00000000-0000-4000-8000-000000000000", "agent:xyz"]
+        {
             assert!(bad.parse::<EntityId>().is_err(), "{bad} parsed");
         }
         let nil = format!("agent:{}", Uuid::nil());

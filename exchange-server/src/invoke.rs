@@ -9,14 +9,15 @@ use serde_json::Value;
 use crate::{CONTENT_TYPE_JSON, EntityId, Exchange, ExchangeError};
 
 /// Removes the transient mailbox however the call ends (even if it is dropped).
-struct Transient<'a> {
-    exchange: &'a Exchange,
+struct Transient {
+    exchange: Exchange,
     id: EntityId,
 }
 
-impl Drop for Transient<'_> {
+impl Drop for Transient {
     fn drop(&mut self) {
-        self.exchange.forget(&self.id);
+        let (exchange, id) = (self.exchange.clone(), self.id);
+        tokio::spawn(async move { exchange.forget(&id).await });
     }
 }
 
@@ -29,10 +30,7 @@ pub(crate) async fn invoke(
     args: &Value,
     timeout: Duration,
 ) -> Result<Result<Value, pb::ErrorResponse>, ExchangeError> {
-    let client = Transient {
-        exchange,
-        id: exchange.register_client().await?,
-    };
+    let client = Transient { exchange: exchange.clone(), id: exchange.register_client().await? };
     let mut subscription = exchange.subscribe(&client.id).await?;
     let tag = uuid::Uuid::new_v4().to_string();
     let data = serde_json::to_vec(args).expect("a JSON value always serialises");
@@ -81,9 +79,7 @@ pub(crate) async fn invoke(
             }
         }
         Some(Body::ErrorResponse(err)) => Err(err),
-        _ => Err(internal_error(
-            "agent answered with something other than a response".into(),
-        )),
+        _ => Err(internal_error("agent answered with something other than a response".into())),
     })
 }
 

@@ -19,12 +19,9 @@ pub(crate) fn from_proto(value: prost_types::Value) -> Value {
             }
         }
         Some(Kind::ListValue(list)) => list.values.into_iter().map(from_proto).collect(),
-        Some(Kind::StructValue(s)) => Value::Object(
-            s.fields
-                .into_iter()
-                .map(|(k, v)| (k, from_proto(v)))
-                .collect(),
-        ),
+        Some(Kind::StructValue(s)) => {
+            Value::Object(s.fields.into_iter().map(|(k, v)| (k, from_proto(v))).collect())
+        }
     }
 }
 

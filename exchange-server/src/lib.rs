@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+mod backend;
 mod config;
 mod error;
 mod exchange;
@@ -21,14 +22,16 @@ mod json;
 mod server;
 mod service;
 pub mod telemetry;
+pub mod testing;
 
-pub use config::Config;
+pub use backend::redis::RedisOptions;
+pub use config::{BackendKind, Config};
 pub use error::{ERROR_DOMAIN, ExchangeError};
 pub use exchange::{
     AgentInfo, Delivery, Exchange, Limits, MailboxState, MailboxStatus, Subscription,
 };
 pub use id::{EntityId, EntityKind};
-pub use server::{RunningServer, ServerOptions};
+pub use server::{Backend, RunningServer, ServerOptions};
 pub use service::ExchangeService;
 
 /// Content type of JSON payloads, which every peer supports.

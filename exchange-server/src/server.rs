@@ -10,16 +10,27 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Exchange, ExchangeService, Limits};
+use crate::{Exchange, ExchangeService, Limits, RedisOptions};
 
 /// Room above the message-size limit for the request around a message, so an
 /// oversized message gets the exchange's own error naming both sizes.
 const FRAME_SLACK_BYTES: usize = 64 * 1024;
 
+/// Where an exchange keeps its mailboxes.
+#[derive(Debug, Clone, Default)]
+pub enum Backend {
+    /// In this process: fast, gone with the process.
+    #[default]
+    Memory,
+    /// In Redis: durable, shared by every replica on the same Redis and prefix.
+    Redis(RedisOptions),
+}
+
 /// How to serve an exchange.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub listen: SocketAddr,
+    pub backend: Backend,
     pub limits: Limits,
     /// How long open calls may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
@@ -29,6 +40,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            backend: Backend::Memory,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -55,7 +67,13 @@ impl RunningServer {
     /// # Ok(()) }
     /// ```
     pub async fn start(options: ServerOptions) -> std::io::Result<Self> {
-        Self::serve(Exchange::new(options.limits), options).await
+        let exchange = match &options.backend {
+            Backend::Memory => Exchange::new(options.limits),
+            Backend::Redis(redis) => Exchange::redis(redis.clone(), options.limits)
+                .await
+                .map_err(std::io::Error::other)?,
+        };
+        Self::serve(exchange, options).await
     }
 
     /// Serves the given exchange (for example one also used in-process).
@@ -64,9 +82,7 @@ impl RunningServer {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<ExchangeServer<ExchangeService>>()
-            .await;
+        health.set_serving::<ExchangeServer<ExchangeService>>().await;
         // Every served service, plus google.rpc (ErrorInfo details), so grpcurl
         // can list, describe and decode all of it.
         let reflection = || {
@@ -77,9 +93,7 @@ impl RunningServer {
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
-        let reflection_v1alpha = reflection()
-            .build_v1alpha()
-            .map_err(std::io::Error::other)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
         let service = ExchangeServer::new(ExchangeService::new(exchange.clone()))
             .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
             .max_encoding_message_size(usize::MAX);
@@ -94,9 +108,7 @@ impl RunningServer {
             async move {
                 shutdown.cancelled().await;
                 tracing::info!("shutting down: no new calls, ending subscriptions");
-                health
-                    .set_not_serving::<ExchangeServer<ExchangeService>>()
-                    .await;
+                health.set_not_serving::<ExchangeServer<ExchangeService>>().await;
                 exchange.shutdown();
             }
         };
@@ -120,12 +132,7 @@ impl RunningServer {
             }
         });
         tracing::info!(%addr, "exchange listening");
-        Ok(Self {
-            addr,
-            exchange,
-            shutdown,
-            task: Some(task),
-        })
+        Ok(Self { addr, exchange, shutdown, task: Some(task) })
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -27,9 +27,7 @@ impl ExchangeService {
 }
 
 fn parse_optional_id(value: &str, field: &str) -> Result<Option<EntityId>, ExchangeError> {
-    (!value.is_empty())
-        .then(|| EntityId::parse_field(value, field))
-        .transpose()
+    (!value.is_empty()).then(|| EntityId::parse_field(value, field)).transpose()
 }
 
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -43,13 +41,8 @@ impl exchange_server::Exchange for ExchangeService {
     ) -> RpcResult<pb::RegisterAgentResponse> {
         let req = request.into_inner();
         let id = parse_optional_id(&req.agent_id, "agent_id")?;
-        let id = self
-            .exchange
-            .register_agent(&req.behaviour, req.implements, req.name, id)
-            .await?;
-        Ok(Response::new(pb::RegisterAgentResponse {
-            agent_id: id.to_string(),
-        }))
+        let id = self.exchange.register_agent(&req.behaviour, req.implements, req.name, id).await?;
+        Ok(Response::new(pb::RegisterAgentResponse { agent_id: id.to_string() }))
     }
 
     #[tracing::instrument(skip_all)]
@@ -58,9 +51,7 @@ impl exchange_server::Exchange for ExchangeService {
         _request: Request<pb::RegisterClientRequest>,
     ) -> RpcResult<pb::RegisterClientResponse> {
         let id = self.exchange.register_client().await?;
-        Ok(Response::new(pb::RegisterClientResponse {
-            client_id: id.to_string(),
-        }))
+        Ok(Response::new(pb::RegisterClientResponse { client_id: id.to_string() }))
     }
 
     #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
@@ -109,10 +100,7 @@ impl exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::SendBatchRequest>,
     ) -> RpcResult<pb::SendBatchResponse> {
-        let results = self
-            .exchange
-            .send_batch(request.into_inner().messages)
-            .await;
+        let results = self.exchange.send_batch(request.into_inner().messages).await;
         let results = results
             .into_iter()
             .map(|r| match r {
@@ -146,10 +134,7 @@ impl exchange_server::Exchange for ExchangeService {
                 Ok(batch) => {
                     let deliveries = batch
                         .into_iter()
-                        .map(|(seq, message)| pb::Delivery {
-                            seq,
-                            message: Some(message),
-                        })
+                        .map(|(seq, message)| pb::Delivery { seq, message: Some(message) })
                         .collect();
                     Some((Ok(pb::SubscribeResponse { deliveries }), Some(sub)))
                 }
@@ -182,15 +167,13 @@ impl exchange_server::Exchange for ExchangeService {
             (0, Some(d)) => d,
             (ms, d) => Duration::from_millis(ms.into()).min(d.unwrap_or(Duration::MAX)),
         };
-        let args = req
-            .args
-            .map_or(serde_json::Value::Array(Vec::new()), json::from_proto);
+        let args = req.args.map_or(serde_json::Value::Array(Vec::new()), json::from_proto);
         let reply =
             crate::invoke::invoke(&self.exchange, agent, &req.action, &args, timeout).await?;
         match reply {
-            Ok(result) => Ok(Response::new(pb::InvokeResponse {
-                result: Some(json::to_proto(result)),
-            })),
+            Ok(result) => {
+                Ok(Response::new(pb::InvokeResponse { result: Some(json::to_proto(result)) }))
+            }
             Err(err) => Err(Status::new(
                 Code::from_i32(err.code),
                 format!("{}: {}", err.r#type, err.message),

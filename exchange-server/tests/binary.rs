@@ -34,10 +34,7 @@ fn spawn_exchange() -> (std::process::Child, String) {
 }
 
 fn sigterm(child: &std::process::Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(ok.success());
 }
 
@@ -46,18 +43,12 @@ async fn sigterm_stops_the_server_promptly_despite_open_streams() {
     let (mut child, url) = spawn_exchange();
     let mut rpc = ExchangeClient::connect(url).await.unwrap();
     let id = rpc
-        .register_agent(pb::RegisterAgentRequest {
-            behaviour: "t.A".into(),
-            ..Default::default()
-        })
+        .register_agent(pb::RegisterAgentRequest { behaviour: "t.A".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
         .agent_id;
-    let client = rpc
-        .register_client(pb::RegisterClientRequest::default())
-        .await
-        .unwrap();
+    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
     let client = client.into_inner().client_id;
 
     // The env var limit is in force: the third queued message is refused.
@@ -71,28 +62,18 @@ async fn sigterm_stops_the_server_promptly_despite_open_streams() {
             }),
             body: Some(pb::message::Body::PingRequest(pb::PingRequest {})),
         };
-        let sent = rpc
-            .send(pb::SendRequest {
-                message: Some(message),
-            })
-            .await;
+        let sent = rpc.send(pb::SendRequest { message: Some(message) }).await;
         assert_eq!(sent.is_ok(), i < 2, "message {i}: {sent:?}");
     }
 
-    let _stream = rpc
-        .subscribe(pb::SubscribeRequest { mailbox_id: id })
-        .await
-        .unwrap();
+    let _stream = rpc.subscribe(pb::SubscribeRequest { mailbox_id: id }).await.unwrap();
     sigterm(&child);
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "still running 5s after SIGTERM"
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "still running 5s after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "clean exit: {status:?}");

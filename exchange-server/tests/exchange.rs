@@ -1,32 +1,45 @@
-//! The exchange's mailbox rules, over gRPC against a real server on loopback.
+//! The exchange's mailbox rules, over gRPC against a real server on loopback:
+//! one conformance suite, run unchanged against the in-memory and the Redis
+//! backend (a real `redis-server` per test, which must be installed).
 
 use std::time::Duration;
 
-use academy_exchange::{Limits, RunningServer, ServerOptions};
+use academy_exchange::testing::RedisServer;
+use academy_exchange::{Backend, Limits, RedisOptions, RunningServer, ServerOptions};
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Memory,
+    Redis,
+}
+
 struct Harness {
     server: RunningServer,
     rpc: ExchangeClient<Channel>,
+    _redis: Option<RedisServer>,
 }
 
-async fn start_with(limits: Limits) -> Harness {
-    let options = ServerOptions {
-        limits,
-        ..Default::default()
+async fn start_with(store: Store, limits: Limits) -> Harness {
+    let (backend, redis) = match store {
+        Store::Memory => (Backend::Memory, None),
+        Store::Redis => {
+            let redis = RedisServer::start().expect("redis-server must run for these tests");
+            let options = RedisOptions { url: redis.url(), ..Default::default() };
+            (Backend::Redis(options), Some(redis))
+        }
     };
+    let options = ServerOptions { limits, backend, ..Default::default() };
     let server = RunningServer::start(options).await.expect("server starts");
-    let rpc = ExchangeClient::connect(server.url())
-        .await
-        .expect("client connects");
-    Harness { server, rpc }
+    let rpc = ExchangeClient::connect(server.url()).await.expect("client connects");
+    Harness { server, rpc, _redis: redis }
 }
 
-async fn start() -> Harness {
-    start_with(Limits::default()).await
+async fn start(store: Store) -> Harness {
+    start_with(store, Limits::default()).await
 }
 
 impl Harness {
@@ -36,12 +49,7 @@ impl Harness {
             implements: implements.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
-        self.rpc
-            .register_agent(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .agent_id
+        self.rpc.register_agent(req).await.unwrap().into_inner().agent_id
     }
 
     async fn client(&mut self) -> String {
@@ -54,50 +62,27 @@ impl Harness {
     }
 
     async fn state(&mut self, id: &str) -> pb::MailboxState {
-        let resp = self
-            .rpc
-            .status(pb::StatusRequest { id: id.into() })
-            .await
-            .unwrap()
-            .into_inner();
+        let resp = self.rpc.status(pb::StatusRequest { id: id.into() }).await.unwrap().into_inner();
         resp.state()
     }
 
     async fn send(&mut self, message: pb::Message) -> Result<(), tonic::Status> {
-        self.rpc
-            .send(pb::SendRequest {
-                message: Some(message),
-            })
-            .await
-            .map(drop)
+        self.rpc.send(pb::SendRequest { message: Some(message) }).await.map(drop)
     }
 
     async fn subscribe(&mut self, id: &str) -> Streaming<pb::SubscribeResponse> {
-        let req = pb::SubscribeRequest {
-            mailbox_id: id.into(),
-        };
+        let req = pb::SubscribeRequest { mailbox_id: id.into() };
         self.rpc.subscribe(req).await.unwrap().into_inner()
     }
 
     async fn terminate(&mut self, id: &str) -> pb::MailboxState {
-        let resp = self
-            .rpc
-            .terminate(pb::TerminateRequest { id: id.into() })
-            .await
-            .unwrap();
+        let resp = self.rpc.terminate(pb::TerminateRequest { id: id.into() }).await.unwrap();
         resp.into_inner().previous_state()
     }
 }
 
 fn request(src: &str, dest: &str, action: &str) -> pb::Message {
-    message(
-        src,
-        dest,
-        Body::ActionRequest(pb::ActionRequest {
-            action: action.into(),
-            args: None,
-        }),
-    )
+    message(src, dest, Body::ActionRequest(pb::ActionRequest { action: action.into(), args: None }))
 }
 
 fn message(src: &str, dest: &str, body: Body) -> pb::Message {
@@ -115,20 +100,15 @@ fn message(src: &str, dest: &str, body: Body) -> pb::Message {
 /// Next delivered message, failing the test if none comes within a second.
 async fn next(stream: &mut Streaming<pb::SubscribeResponse>) -> Vec<pb::Delivery> {
     let frame = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
-    frame
-        .expect("a delivery within 1s")
-        .expect("stream open")
-        .expect("no error")
-        .deliveries
+    frame.expect("a delivery within 1s").expect("stream open").expect("no error").deliveries
 }
 
 fn tag(m: &pb::Message) -> &str {
     &m.header.as_ref().unwrap().tag
 }
 
-#[tokio::test]
-async fn status_lifecycle_and_idempotent_terminate() {
-    let mut h = start().await;
+async fn status_lifecycle_and_idempotent_terminate(store: Store) {
+    let mut h = start(store).await;
     let unknown = format!("agent:{}", uuid::Uuid::new_v4());
     assert_eq!(h.state(&unknown).await, pb::MailboxState::Missing);
     let id = h.agent("test.A", &[]).await;
@@ -136,17 +116,12 @@ async fn status_lifecycle_and_idempotent_terminate() {
     assert_eq!(h.terminate(&id).await, pb::MailboxState::Active);
     assert_eq!(h.state(&id).await, pb::MailboxState::Terminated);
     assert_eq!(h.terminate(&id).await, pb::MailboxState::Terminated);
-    let err = h
-        .rpc
-        .terminate(pb::TerminateRequest { id: unknown })
-        .await
-        .unwrap_err();
+    let err = h.rpc.terminate(pb::TerminateRequest { id: unknown }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
-#[tokio::test]
-async fn send_to_unknown_id_is_not_found() {
-    let mut h = start().await;
+async fn send_to_unknown_id_is_not_found(store: Store) {
+    let mut h = start(store).await;
     let client = h.client().await;
     let unknown = format!("agent:{}", uuid::Uuid::new_v4());
     let err = h.send(request(&client, &unknown, "x")).await.unwrap_err();
@@ -154,21 +129,15 @@ async fn send_to_unknown_id_is_not_found() {
     assert!(err.message().contains(&unknown), "{}", err.message());
 }
 
-#[tokio::test]
-async fn terminated_mailbox_refuses_send_subscribe_and_reregistration() {
-    let mut h = start().await;
+async fn terminated_mailbox_refuses_send_subscribe_and_reregistration(store: Store) {
+    let mut h = start(store).await;
     let client = h.client().await;
     let id = h.agent("test.A", &[]).await;
     h.terminate(&id).await;
     let err = h.send(request(&client, &id, "x")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("terminated"), "{}", err.message());
-    let sub = h
-        .rpc
-        .subscribe(pb::SubscribeRequest {
-            mailbox_id: id.clone(),
-        })
-        .await;
+    let sub = h.rpc.subscribe(pb::SubscribeRequest { mailbox_id: id.clone() }).await;
     assert_eq!(sub.unwrap_err().code(), Code::FailedPrecondition);
     let again = pb::RegisterAgentRequest {
         behaviour: "test.A".into(),
@@ -176,16 +145,11 @@ async fn terminated_mailbox_refuses_send_subscribe_and_reregistration() {
         ..Default::default()
     };
     let err = h.rpc.register_agent(again).await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        Code::FailedPrecondition,
-        "a gravestone keeps the id dead"
-    );
+    assert_eq!(err.code(), Code::FailedPrecondition, "a gravestone keeps the id dead");
 }
 
-#[tokio::test]
-async fn terminate_answers_queued_requests_with_errors_of_the_same_tag() {
-    let mut h = start().await;
+async fn terminate_answers_queued_requests_with_errors_of_the_same_tag(store: Store) {
+    let mut h = start(store).await;
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
     let mut replies = h.subscribe(&client).await;
@@ -204,24 +168,17 @@ async fn terminate_answers_queued_requests_with_errors_of_the_same_tag() {
     }
 }
 
-#[tokio::test]
-async fn discovery_by_name_interface_and_without_terminated_agents() {
-    let mut h = start().await;
+async fn discovery_by_name_interface_and_without_terminated_agents(store: Store) {
+    let mut h = start(store).await;
     let a = h.agent("lab.Thermometer", &["lab.Sensor"]).await;
     let b = h.agent("lab.Hygrometer", &["lab.Sensor"]).await;
     let c = h.agent("lab.Sensor", &[]).await;
     let mut discover = async |name: &str, exact: bool| {
-        let req = pb::DiscoverRequest {
-            behaviour: name.into(),
-            exact,
-        };
+        let req = pb::DiscoverRequest { behaviour: name.into(), exact };
         let agents = h.rpc.discover(req).await.unwrap().into_inner().agents;
         agents.into_iter().map(|a| a.agent_id).collect::<Vec<_>>()
     };
-    assert_eq!(
-        discover("lab.Sensor", false).await,
-        vec![a.clone(), b.clone(), c.clone()]
-    );
+    assert_eq!(discover("lab.Sensor", false).await, vec![a.clone(), b.clone(), c.clone()]);
     assert_eq!(discover("lab.Sensor", true).await, vec![c.clone()]);
     assert_eq!(discover("lab.Thermometer", true).await, vec![a.clone()]);
     assert_eq!(discover("", false).await.len(), 3);
@@ -229,10 +186,7 @@ async fn discovery_by_name_interface_and_without_terminated_agents() {
     h.terminate(&a).await;
     assert_eq!(
         h.rpc
-            .discover(pb::DiscoverRequest {
-                behaviour: "lab.Sensor".into(),
-                exact: false
-            })
+            .discover(pb::DiscoverRequest { behaviour: "lab.Sensor".into(), exact: false })
             .await
             .unwrap()
             .into_inner()
@@ -240,19 +194,12 @@ async fn discovery_by_name_interface_and_without_terminated_agents() {
             .len(),
         2
     );
-    let err = h
-        .rpc
-        .discover(pb::DiscoverRequest {
-            behaviour: String::new(),
-            exact: true,
-        })
-        .await;
+    let err = h.rpc.discover(pb::DiscoverRequest { behaviour: String::new(), exact: true }).await;
     assert_eq!(err.unwrap_err().code(), Code::InvalidArgument);
 }
 
-#[tokio::test]
-async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber() {
-    let mut h = start().await;
+async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber(store: Store) {
+    let mut h = start(store).await;
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
     let first = request(&client, &agent, "one");
@@ -264,10 +211,7 @@ async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber() {
     let got = next(&mut stream).await;
     assert_eq!(got.len(), 2);
     // Acknowledge only the first, then drop the connection's stream.
-    let ack = pb::AcknowledgeRequest {
-        mailbox_id: agent.clone(),
-        seqs: vec![got[0].seq],
-    };
+    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![got[0].seq] };
     h.rpc.acknowledge(ack).await.unwrap();
     drop(stream);
 
@@ -275,37 +219,25 @@ async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber() {
     let again = next(&mut stream).await;
     assert_eq!(again.len(), 1, "only the unacknowledged message comes back");
     assert_eq!(tag(again[0].message.as_ref().unwrap()), tag(&second));
-    let status = h
-        .rpc
-        .status(pb::StatusRequest { id: agent.clone() })
-        .await
-        .unwrap();
+    let status = h.rpc.status(pb::StatusRequest { id: agent.clone() }).await.unwrap();
     assert_eq!(status.into_inner().queued, 1);
 }
 
-#[tokio::test]
-async fn a_new_subscriber_supersedes_the_old_one() {
-    let mut h = start().await;
+async fn a_new_subscriber_supersedes_the_old_one(store: Store) {
+    let mut h = start(store).await;
     let agent = h.agent("test.A", &[]).await;
     let mut old = h.subscribe(&agent).await;
     let _new = h.subscribe(&agent).await;
-    let end = tokio::time::timeout(Duration::from_secs(1), old.next())
-        .await
-        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(1), old.next()).await.unwrap();
     assert_eq!(end.unwrap().unwrap_err().code(), Code::Aborted);
 }
 
-#[tokio::test]
-async fn messages_from_one_sender_arrive_in_order() {
-    let mut h = start().await;
+async fn messages_from_one_sender_arrive_in_order(store: Store) {
+    let mut h = start(store).await;
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
-    let sent: Vec<_> = (0..200)
-        .map(|i| request(&client, &agent, &format!("a{i}")))
-        .collect();
-    let batch = pb::SendBatchRequest {
-        messages: sent[..100].to_vec(),
-    };
+    let sent: Vec<_> = (0..200).map(|i| request(&client, &agent, &format!("a{i}"))).collect();
+    let batch = pb::SendBatchRequest { messages: sent[..100].to_vec() };
     let results = h.rpc.send_batch(batch).await.unwrap().into_inner().results;
     assert!(results.iter().all(|r| r.code == 0));
     for m in &sent[100..] {
@@ -316,21 +248,15 @@ async fn messages_from_one_sender_arrive_in_order() {
     while received.len() < sent.len() {
         received.extend(next(&mut stream).await);
     }
-    let tags: Vec<_> = received
-        .iter()
-        .map(|d| tag(d.message.as_ref().unwrap()).to_owned())
-        .collect();
+    let tags: Vec<_> =
+        received.iter().map(|d| tag(d.message.as_ref().unwrap()).to_owned()).collect();
     let expected: Vec<_> = sent.iter().map(|m| tag(m).to_owned()).collect();
     assert_eq!(tags, expected);
 }
 
-#[tokio::test]
-async fn oversized_message_and_full_mailbox_are_resource_exhausted() {
-    let limits = Limits {
-        max_message_bytes: 1024,
-        max_queued: 3,
-    };
-    let mut h = start_with(limits).await;
+async fn oversized_message_and_full_mailbox_are_resource_exhausted(store: Store) {
+    let limits = Limits { max_message_bytes: 1024, max_queued: 3 };
+    let mut h = start_with(store, limits).await;
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
     let mut big = request(&client, &agent, "big");
@@ -342,11 +268,7 @@ async fn oversized_message_and_full_mailbox_are_resource_exhausted() {
     }
     let err = h.send(big).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(
-        err.message().contains("1024"),
-        "names the limit: {}",
-        err.message()
-    );
+    assert!(err.message().contains("1024"), "names the limit: {}", err.message());
 
     for _ in 0..3 {
         h.send(request(&client, &agent, "x")).await.unwrap();
@@ -359,33 +281,23 @@ async fn oversized_message_and_full_mailbox_are_resource_exhausted() {
     assert_eq!(status.into_inner().queued, 3);
 }
 
-#[tokio::test]
-async fn malformed_input_is_invalid_argument_and_the_server_keeps_running() {
-    let mut h = start().await;
+async fn malformed_input_is_invalid_argument_and_the_server_keeps_running(store: Store) {
+    let mut h = start(store).await;
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
     let nobody = "agent:not-a-uuid";
     let checks: Vec<(&str, tonic::Status)> = vec![
         (
             "status with empty id",
-            h.rpc
-                .status(pb::StatusRequest { id: String::new() })
-                .await
-                .unwrap_err(),
+            h.rpc.status(pb::StatusRequest { id: String::new() }).await.unwrap_err(),
         ),
         (
             "terminate with malformed id",
-            h.rpc
-                .terminate(pb::TerminateRequest { id: nobody.into() })
-                .await
-                .unwrap_err(),
+            h.rpc.terminate(pb::TerminateRequest { id: nobody.into() }).await.unwrap_err(),
         ),
         (
             "register without behaviour",
-            h.rpc
-                .register_agent(pb::RegisterAgentRequest::default())
-                .await
-                .unwrap_err(),
+            h.rpc.register_agent(pb::RegisterAgentRequest::default()).await.unwrap_err(),
         ),
         (
             "register with a client id",
@@ -398,39 +310,19 @@ async fn malformed_input_is_invalid_argument_and_the_server_keeps_running() {
                 .await
                 .unwrap_err(),
         ),
+        ("send without message", h.rpc.send(pb::SendRequest { message: None }).await.unwrap_err()),
         (
-            "send without message",
-            h.rpc
-                .send(pb::SendRequest { message: None })
+            "send without header",
+            h.send(pb::Message { header: None, body: Some(Body::PingRequest(pb::PingRequest {})) })
                 .await
                 .unwrap_err(),
         ),
         (
-            "send without header",
-            h.send(pb::Message {
-                header: None,
-                body: Some(Body::PingRequest(pb::PingRequest {})),
-            })
-            .await
-            .unwrap_err(),
-        ),
-        (
             "send without body",
-            h.send(pb::Message {
-                body: None,
-                ..request(&client, &agent, "x")
-            })
-            .await
-            .unwrap_err(),
+            h.send(pb::Message { body: None, ..request(&client, &agent, "x") }).await.unwrap_err(),
         ),
-        (
-            "send with empty action",
-            h.send(request(&client, &agent, "")).await.unwrap_err(),
-        ),
-        (
-            "send with malformed dest",
-            h.send(request(&client, nobody, "x")).await.unwrap_err(),
-        ),
+        ("send with empty action", h.send(request(&client, &agent, "")).await.unwrap_err()),
+        ("send with malformed dest", h.send(request(&client, nobody, "x")).await.unwrap_err()),
         (
             "send with bad tag",
             h.send(pb::Message {
@@ -447,30 +339,19 @@ async fn malformed_input_is_invalid_argument_and_the_server_keeps_running() {
         ),
         (
             "subscribe to malformed id",
-            h.rpc
-                .subscribe(pb::SubscribeRequest {
-                    mailbox_id: "x".into(),
-                })
-                .await
-                .unwrap_err(),
+            h.rpc.subscribe(pb::SubscribeRequest { mailbox_id: "x".into() }).await.unwrap_err(),
         ),
         (
             "ack of a seq never delivered",
             h.rpc
-                .acknowledge(pb::AcknowledgeRequest {
-                    mailbox_id: agent.clone(),
-                    seqs: vec![99],
-                })
+                .acknowledge(pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![99] })
                 .await
                 .unwrap_err(),
         ),
         (
             "invoke with empty action",
             h.rpc
-                .invoke(pb::InvokeRequest {
-                    agent_id: agent.clone(),
-                    ..Default::default()
-                })
+                .invoke(pb::InvokeRequest { agent_id: agent.clone(), ..Default::default() })
                 .await
                 .unwrap_err(),
         ),
@@ -479,16 +360,11 @@ async fn malformed_input_is_invalid_argument_and_the_server_keeps_running() {
         assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
         assert!(!status.message().is_empty(), "{what} explains itself");
     }
-    assert_eq!(
-        h.state(&agent).await,
-        pb::MailboxState::Active,
-        "server still serves"
-    );
+    assert_eq!(h.state(&agent).await, pb::MailboxState::Active, "server still serves");
 }
 
-#[tokio::test]
-async fn send_batch_reports_each_message() {
-    let mut h = start().await;
+async fn send_batch_reports_each_message(store: Store) {
+    let mut h = start(store).await;
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
     let gone = h.agent("test.A", &[]).await;
@@ -498,31 +374,18 @@ async fn send_batch_reports_each_message() {
         request(&client, &gone, "x"),
         request(&client, &format!("agent:{}", uuid::Uuid::new_v4()), "x"),
     ];
-    let results = h
-        .rpc
-        .send_batch(pb::SendBatchRequest { messages })
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let results =
+        h.rpc.send_batch(pb::SendBatchRequest { messages }).await.unwrap().into_inner().results;
     let codes: Vec<_> = results.iter().map(|r| Code::from_i32(r.code)).collect();
-    assert_eq!(
-        codes,
-        vec![Code::Ok, Code::FailedPrecondition, Code::NotFound]
-    );
+    assert_eq!(codes, vec![Code::Ok, Code::FailedPrecondition, Code::NotFound]);
     assert_eq!(results[1].reason, "MAILBOX_TERMINATED");
     assert_eq!(results[1].metadata.get("id"), Some(&gone));
 }
 
-#[tokio::test]
-async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones() {
-    let mut h = start().await;
+async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones(store: Store) {
+    let mut h = start(store).await;
     let unknown = format!("agent:{}", uuid::Uuid::new_v4());
-    let req = pb::InvokeRequest {
-        agent_id: unknown,
-        action: "get".into(),
-        ..Default::default()
-    };
+    let req = pb::InvokeRequest { agent_id: unknown, action: "get".into(), ..Default::default() };
     assert_eq!(h.rpc.invoke(req).await.unwrap_err().code(), Code::NotFound);
     let idle = h.agent("test.A", &[]).await;
     let req = pb::InvokeRequest {
@@ -536,19 +399,43 @@ async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones() {
     assert!(err.message().contains(&idle), "{}", err.message());
 }
 
-#[tokio::test]
-async fn shutdown_ends_open_subscriptions_promptly() {
-    let mut h = start().await;
+async fn shutdown_ends_open_subscriptions_promptly(store: Store) {
+    let mut h = start(store).await;
     let agent = h.agent("test.A", &[]).await;
     let mut stream = h.subscribe(&agent).await;
     let stopped = tokio::time::timeout(Duration::from_secs(5), h.server.shutdown()).await;
     assert!(stopped.is_ok(), "shutdown must not wait on open streams");
-    let end = tokio::time::timeout(Duration::from_secs(1), stream.next())
-        .await
-        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(1), stream.next()).await.unwrap();
     match end {
         Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable),
         None => {}
         Some(Ok(frame)) => panic!("unexpected frame {frame:?}"),
     }
 }
+
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $test() { super::$test(super::Store::Memory).await })*
+        }
+        mod redis {
+            $(#[tokio::test] async fn $test() { super::$test(super::Store::Redis).await })*
+        }
+    };
+}
+
+conformance!(
+    status_lifecycle_and_idempotent_terminate,
+    send_to_unknown_id_is_not_found,
+    terminated_mailbox_refuses_send_subscribe_and_reregistration,
+    terminate_answers_queued_requests_with_errors_of_the_same_tag,
+    discovery_by_name_interface_and_without_terminated_agents,
+    unacknowledged_messages_are_redelivered_to_the_next_subscriber,
+    a_new_subscriber_supersedes_the_old_one,
+    messages_from_one_sender_arrive_in_order,
+    oversized_message_and_full_mailbox_are_resource_exhausted,
+    malformed_input_is_invalid_argument_and_the_server_keeps_running,
+    send_batch_reports_each_message,
+    invoke_reports_unknown_agents_and_times_out_on_idle_ones,
+    shutdown_ends_open_subscriptions_promptly,
+);

@@ -8,12 +8,7 @@
 //! ```
 
 /// Generated messages, clients and servers of `academy.v1`.
-#[allow(
-    missing_docs,
-    unreachable_pub,
-    missing_debug_implementations,
-    clippy::all
-)]
+#[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
 pub mod pb {
     tonic::include_proto!("academy.v1");
 }

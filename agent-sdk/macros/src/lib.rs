@@ -22,9 +22,7 @@ const RESERVED: &[&str] = &["ping", "shutdown", "id", "with_timeout", "raw", "un
 pub fn behaviour(args: TokenStream, input: TokenStream) -> TokenStream {
     let item = syn::parse_macro_input!(input as ItemImpl);
     let args = syn::parse_macro_input!(args with Punctuated::<Meta, Token![,]>::parse_terminated);
-    expand(args, item)
-        .unwrap_or_else(syn::Error::into_compile_error)
-        .into()
+    expand(args, item).unwrap_or_else(syn::Error::into_compile_error).into()
 }
 
 enum Role {
@@ -56,10 +54,7 @@ fn take_role(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Role>> {
             None => true,
             Some(Ok(r)) => {
                 if role.replace(r).is_some() {
-                    error = Some(syn::Error::new(
-                        attr.span(),
-                        "a method can have one role only",
-                    ));
+                    error = Some(syn::Error::new(attr.span(), "a method can have one role only"));
                 }
                 false
             }
@@ -75,10 +70,7 @@ fn take_role(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Role>> {
 fn timer_period(attr: &Attribute) -> syn::Result<Expr> {
     let meta: syn::MetaNameValue = attr.parse_args()?;
     if !meta.path.is_ident("every") {
-        return Err(syn::Error::new(
-            meta.path.span(),
-            "expected #[timer(every = <Duration>)]",
-        ));
+        return Err(syn::Error::new(meta.path.span(), "expected #[timer(every = <Duration>)]"));
     }
     Ok(meta.value)
 }
@@ -101,10 +93,7 @@ fn output(ret: &ReturnType) -> (Type, bool) {
 
 fn check_method(method: &ImplItemFn, what: &str) -> syn::Result<()> {
     if method.sig.asyncness.is_none() {
-        return Err(syn::Error::new(
-            method.sig.fn_token.span,
-            format!("{what} must be async"),
-        ));
+        return Err(syn::Error::new(method.sig.fn_token.span, format!("{what} must be async")));
     }
     match method.sig.inputs.first() {
         Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_none() => Ok(()),
@@ -124,10 +113,7 @@ fn params(method: &ImplItemFn) -> syn::Result<Vec<(syn::Ident, Type)>> {
         .map(|arg| match arg {
             FnArg::Typed(pt) => match &*pt.pat {
                 Pat::Ident(id) => Ok((id.ident.clone(), (*pt.ty).clone())),
-                other => Err(syn::Error::new(
-                    other.span(),
-                    "parameters must be plain names",
-                )),
+                other => Err(syn::Error::new(other.span(), "parameters must be plain names")),
             },
             FnArg::Receiver(r) => Err(syn::Error::new(r.span(), "unexpected receiver")),
         })
@@ -162,10 +148,7 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
         match arg {
             Meta::NameValue(nv) if nv.path.is_ident("name") => {
                 name = match &nv.value {
-                    Expr::Lit(syn::ExprLit {
-                        lit: syn::Lit::Str(s),
-                        ..
-                    }) => s.clone(),
+                    Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => s.clone(),
                     other => return Err(syn::Error::new(other.span(), "name must be a string")),
                 };
             }
@@ -265,10 +248,7 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
             Role::Timer(period) => {
                 check_method(method, "a timer")?;
                 if method.sig.inputs.len() != 1 {
-                    return Err(syn::Error::new(
-                        method.sig.span(),
-                        "a timer takes only &self",
-                    ));
+                    return Err(syn::Error::new(method.sig.span(), "a timer takes only &self"));
                 }
                 loops.push(quote! {
                     ::academy_sdk::ControlLoop {
@@ -292,11 +272,7 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
             }
             Role::Startup | Role::Shutdown => {
                 check_method(method, "a hook")?;
-                let slot = if matches!(role, Role::Startup) {
-                    &mut startup
-                } else {
-                    &mut shutdown
-                };
+                let slot = if matches!(role, Role::Startup) { &mut startup } else { &mut shutdown };
                 if slot.replace(hook(&ident)).is_some() {
                     return Err(syn::Error::new(ident.span(), "only one hook of each kind"));
                 }

@@ -19,13 +19,7 @@ impl Cleaner {
     #[action]
     async fn clean(&self, text: String) -> String {
         text.chars()
-            .map(|c| {
-                if c.is_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    ' '
-                }
-            })
+            .map(|c| if c.is_alphanumeric() { c.to_ascii_lowercase() } else { ' ' })
             .collect()
     }
 }
@@ -51,9 +45,7 @@ impl WordStats {
         if counts.is_empty() {
             return Err("nothing to analyse".into());
         }
-        let top = counts
-            .iter()
-            .max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w)));
+        let top = counts.iter().max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w)));
         Ok(Report {
             words: counts.values().sum(),
             distinct: counts.len(),
@@ -89,10 +81,7 @@ impl Coordinator {
     /// A control loop on a timer: report progress.
     #[timer(every = Duration::from_millis(200))]
     async fn progress(&self) {
-        tracing::info!(
-            processed = self.processed.load(Ordering::Relaxed),
-            "coordinator"
-        );
+        tracing::info!(processed = self.processed.load(Ordering::Relaxed), "coordinator");
     }
 }
 
@@ -119,9 +108,7 @@ async fn main() -> anyhow::Result<()> {
         "To be, or not to be: that is the question.".to_owned(),
         "Agents, agents everywhere; and every agent has a mailbox!".to_owned(),
     ];
-    let reports = coordinator
-        .process(cleaner, analyser.clone(), documents)
-        .await?;
+    let reports = coordinator.process(cleaner, analyser.clone(), documents).await?;
     for report in &reports {
         println!("{report:?}");
     }
@@ -134,10 +121,7 @@ async fn main() -> anyhow::Result<()> {
         }
         other => anyhow::bail!("expected a remote error, got {other:?}"),
     }
-    println!(
-        "analyser still serves: {:?}",
-        analyser.analyse("still here".into()).await?.words
-    );
+    println!("analyser still serves: {:?}", analyser.analyse("still here".into()).await?.words);
 
     manager.close().await?;
     Ok(())

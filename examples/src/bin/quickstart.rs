@@ -51,9 +51,7 @@ async fn main() -> anyhow::Result<()> {
     println!("ping          -> {:?}", counter.ping().await?);
 
     if args.serve {
-        let addr = server
-            .as_ref()
-            .map_or("HOST:PORT".into(), |s| s.addr().to_string());
+        let addr = server.as_ref().map_or("HOST:PORT".into(), |s| s.addr().to_string());
         println!("\nserving until Ctrl-C; try:");
         println!(
             "  grpcurl -plaintext -d '{{\"agent_id\":\"{}\",\"action\":\"increment\",\"args\":[5]}}' {addr} academy.v1.Exchange/Invoke",

@@ -1,0 +1,281 @@
+//! The in-memory backend: mailboxes live as long as the process.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+
+use academy_proto::pb;
+use async_trait::async_trait;
+use prost::Message as _;
+use tokio::sync::Notify;
+
+use super::{Backend, BackendSubscription};
+use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
+
+#[derive(Debug, Default)]
+pub(crate) struct MemoryBackend {
+    mailboxes: RwLock<HashMap<EntityId, Arc<Mailbox>>>,
+    /// Behaviour or interface name → agents listing it (true when it is their
+    /// own behaviour). The empty name lists every active agent.
+    index: RwLock<HashMap<String, HashMap<EntityId, bool>>>,
+}
+
+#[derive(Debug)]
+struct Mailbox {
+    id: EntityId,
+    agent: Option<AgentInfo>,
+    state: Mutex<QueueState>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    terminated: bool,
+    /// Unacknowledged (and acknowledged but not yet popped) messages, by seq.
+    queue: VecDeque<Entry>,
+    next_seq: u64,
+    unacked: usize,
+    /// Bumped by every subscribe; an older subscription sees it and ends.
+    generation: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    message: pb::Message,
+    acked: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The names an agent is listed under in the index, with whether each is its own.
+fn index_names(agent: &AgentInfo) -> impl Iterator<Item = (&str, bool)> {
+    [("", false), (agent.behaviour.as_str(), true)]
+        .into_iter()
+        .chain(agent.implements.iter().map(|n| (n.as_str(), false)))
+}
+
+impl MemoryBackend {
+    fn mailbox(&self, id: &EntityId) -> Result<Arc<Mailbox>, ExchangeError> {
+        read(&self.mailboxes).get(id).cloned().ok_or(ExchangeError::NotFound(*id))
+    }
+
+    fn push(
+        &self,
+        dest: &EntityId,
+        message: pb::Message,
+        max: Option<usize>,
+    ) -> Result<(), ExchangeError> {
+        let mailbox = self.mailbox(dest)?;
+        {
+            let mut state = lock(&mailbox.state);
+            if state.terminated {
+                return Err(ExchangeError::Terminated(*dest));
+            }
+            if let Some(limit) = max.filter(|limit| state.unacked >= *limit) {
+                return Err(ExchangeError::MailboxFull { id: *dest, limit });
+            }
+            let seq = state.next_seq;
+            state.next_seq += 1;
+            state.unacked += 1;
+            state.queue.push_back(Entry { seq, message, acked: false });
+        }
+        mailbox.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Backend for MemoryBackend {
+    async fn create(&self, id: EntityId, agent: Option<AgentInfo>) -> Result<(), ExchangeError> {
+        {
+            let mut mailboxes = write(&self.mailboxes);
+            if let Some(existing) = mailboxes.get(&id) {
+                return Err(if lock(&existing.state).terminated {
+                    ExchangeError::Terminated(id)
+                } else {
+                    ExchangeError::AlreadyExists(id)
+                });
+            }
+            let mailbox = Mailbox {
+                id,
+                agent: agent.clone(),
+                state: Mutex::default(),
+                changed: Notify::new(),
+            };
+            mailboxes.insert(id, Arc::new(mailbox));
+        }
+        if let Some(agent) = &agent {
+            let mut index = write(&self.index);
+            for (name, own) in index_names(agent) {
+                *index.entry(name.to_owned()).or_default().entry(id).or_default() |= own;
+            }
+        }
+        Ok(())
+    }
+
+    async fn terminate(
+        &self,
+        id: &EntityId,
+    ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError> {
+        let mailbox = self.mailbox(id)?;
+        let queued = {
+            let mut state = lock(&mailbox.state);
+            if state.terminated {
+                return Ok((MailboxState::Terminated, Vec::new()));
+            }
+            state.terminated = true;
+            state.unacked = 0;
+            std::mem::take(&mut state.queue)
+        };
+        mailbox.changed.notify_waiters();
+        if let Some(agent) = &mailbox.agent {
+            let mut index = write(&self.index);
+            for (name, _) in index_names(agent) {
+                if let Some(ids) = index.get_mut(name) {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        index.remove(name);
+                    }
+                }
+            }
+        }
+        let unacked = queued.into_iter().filter(|e| !e.acked).map(|e| e.message).collect();
+        Ok((MailboxState::Active, unacked))
+    }
+
+    async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError> {
+        let Ok(mailbox) = self.mailbox(id) else {
+            return Ok(MailboxStatus { state: MailboxState::Missing, queued: 0, agent: None });
+        };
+        let state = lock(&mailbox.state);
+        Ok(MailboxStatus {
+            state: if state.terminated { MailboxState::Terminated } else { MailboxState::Active },
+            queued: state.unacked,
+            agent: mailbox.agent.clone(),
+        })
+    }
+
+    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ExchangeError> {
+        let mut ids: Vec<EntityId> = match read(&self.index).get(name) {
+            Some(ids) => ids.iter().filter(|(_, own)| **own || !exact).map(|(id, _)| *id).collect(),
+            None => return Ok(Vec::new()),
+        };
+        ids.sort_unstable();
+        let mailboxes = read(&self.mailboxes);
+        Ok(ids.iter().filter_map(|id| mailboxes.get(id)?.agent.clone()).collect())
+    }
+
+    async fn enqueue(
+        &self,
+        messages: Vec<(EntityId, pb::Message)>,
+        max_queued: Option<usize>,
+    ) -> Vec<Result<(), ExchangeError>> {
+        messages.into_iter().map(|(dest, m)| self.push(&dest, m, max_queued)).collect()
+    }
+
+    async fn subscribe(
+        &self,
+        id: &EntityId,
+    ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
+        let mailbox = self.mailbox(id)?;
+        let generation = {
+            let mut state = lock(&mailbox.state);
+            if state.terminated {
+                return Err(ExchangeError::Terminated(*id));
+            }
+            state.generation += 1;
+            state.generation
+        };
+        mailbox.changed.notify_waiters();
+        Ok(Box::new(MemorySubscription { mailbox, generation, cursor: 0 }))
+    }
+
+    async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
+        let mailbox = self.mailbox(id)?;
+        let mut state = lock(&mailbox.state);
+        if state.terminated {
+            return Err(ExchangeError::Terminated(*id));
+        }
+        if let Some(bad) = seqs.iter().find(|s| **s >= state.next_seq) {
+            return Err(ExchangeError::InvalidArgument(format!(
+                "seq {bad} was never delivered from mailbox {id}"
+            )));
+        }
+        let state = &mut *state;
+        for seq in seqs {
+            let pos = state.queue.partition_point(|e| e.seq < *seq);
+            if let Some(entry) = state.queue.get_mut(pos).filter(|e| e.seq == *seq && !e.acked) {
+                entry.acked = true;
+                state.unacked -= 1;
+            }
+        }
+        while state.queue.front().is_some_and(|e| e.acked) {
+            state.queue.pop_front();
+        }
+        Ok(())
+    }
+
+    async fn forget(&self, id: &EntityId) {
+        if let Some(mailbox) = write(&self.mailboxes).remove(id) {
+            lock(&mailbox.state).terminated = true;
+            mailbox.changed.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MemorySubscription {
+    mailbox: Arc<Mailbox>,
+    generation: u64,
+    /// Seq of the next message to deliver.
+    cursor: u64,
+}
+
+#[async_trait]
+impl BackendSubscription for MemorySubscription {
+    async fn next_batch(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Delivery>, ExchangeError> {
+        loop {
+            let changed = self.mailbox.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let state = lock(&self.mailbox.state);
+                if state.terminated {
+                    return Err(ExchangeError::Terminated(self.mailbox.id));
+                }
+                if state.generation != self.generation {
+                    return Err(ExchangeError::Superseded(self.mailbox.id));
+                }
+                let start = state.queue.partition_point(|e| e.seq < self.cursor);
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                for entry in state.queue.range(start..).filter(|e| !e.acked) {
+                    if batch.len() >= max || (!batch.is_empty() && bytes >= max_bytes) {
+                        break;
+                    }
+                    bytes += entry.message.encoded_len();
+                    batch.push((entry.seq, entry.message.clone()));
+                }
+                if let Some((last, _)) = batch.last() {
+                    self.cursor = last + 1;
+                    return Ok(batch);
+                }
+            }
+            changed.await;
+        }
+    }
+}
