@@ -1,0 +1,282 @@
+//! What only the Redis backend does: survive an exchange crash, serve the same
+//! mailboxes from several replicas, expire idle mailboxes and gravestones.
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use academy_exchange::testing::RedisServer;
+use academy_exchange::{Backend, RedisOptions, RunningServer, ServerOptions};
+use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+fn ping(src: &str, dest: &str, n: usize) -> pb::Message {
+    pb::Message {
+        header: Some(pb::Header {
+            src: src.into(),
+            dest: dest.into(),
+            tag: uuid::Uuid::new_v4().to_string(),
+            // The message number rides in the label.
+            label: n.to_string(),
+            ..Default::default()
+        }),
+        body: Some(Body::PingRequest(pb::PingRequest {})),
+    }
+}
+
+fn number(message: &pb::Message) -> usize {
+    message.header.as_ref().unwrap().label.parse().unwrap()
+}
+
+async fn connect(url: &str) -> ExchangeClient<Channel> {
+    for _ in 0..200 {
+        if let Ok(rpc) = ExchangeClient::connect(url.to_owned()).await {
+            return rpc;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no exchange at {url}");
+}
+
+/// The real `academy-exchange` binary on `port`, with its mailboxes in Redis.
+fn spawn_exchange(port: u16, redis: &RedisServer) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_academy-exchange"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--backend", "redis"])
+        .args(["--redis-url", &redis.url()])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("binary starts")
+}
+
+#[tokio::test]
+async fn a_killed_exchange_loses_no_accepted_message_and_redelivers_no_acknowledged_one() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut exchange = spawn_exchange(port, &redis);
+    let mut rpc = connect(&url).await;
+    let agent = rpc
+        .register_agent(pb::RegisterAgentRequest { behaviour: "t.A".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent_id;
+    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let client = client.into_inner().client_id;
+
+    const TOTAL: usize = 600;
+    let accepted = Arc::new(Mutex::new(BTreeSet::new()));
+    let sender = tokio::spawn({
+        let (url, accepted) = (url.clone(), accepted.clone());
+        let (client, agent) = (client.clone(), agent.clone());
+        async move {
+            let mut rpc = connect(&url).await;
+            for n in 0..TOTAL {
+                // Retry until accepted: a send that failed may or may not have
+                // landed, which at-least-once allows.
+                loop {
+                    let sent =
+                        rpc.send(pb::SendRequest { message: Some(ping(&client, &agent, n)) });
+                    if sent.await.is_ok() {
+                        accepted.lock().unwrap().insert(n);
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if n % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    });
+
+    // A subscriber that acknowledges what it gets and reconnects by itself.
+    let deliveries: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
+    let acked_before_kill = Arc::new(Mutex::new(BTreeSet::new()));
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let subscriber = tokio::spawn({
+        let (url, agent) = (url.clone(), agent.clone());
+        let (deliveries, acked_before_kill, killed) =
+            (deliveries.clone(), acked_before_kill.clone(), killed.clone());
+        async move {
+            loop {
+                let mut rpc = connect(&url).await;
+                let subscribed = rpc.subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() });
+                let Ok(stream) = subscribed.await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let mut stream = stream.into_inner();
+                while let Some(Ok(frame)) = stream.next().await {
+                    let mut seqs = Vec::new();
+                    let mut numbers = Vec::new();
+                    for d in frame.deliveries {
+                        let n = number(d.message.as_ref().unwrap());
+                        *deliveries.lock().unwrap().entry(n).or_default() += 1;
+                        seqs.push(d.seq);
+                        numbers.push(n);
+                    }
+                    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs };
+                    if rpc.acknowledge(ack).await.is_ok()
+                        && !killed.load(std::sync::atomic::Ordering::SeqCst)
+                    {
+                        acked_before_kill.lock().unwrap().extend(numbers);
+                    }
+                    if deliveries.lock().unwrap().len() == TOTAL {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    // Kill -9 while messages flow, then restart on the same address.
+    while accepted.lock().unwrap().len() < TOTAL / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    exchange.kill().unwrap();
+    exchange.wait().unwrap();
+    let acked_then: BTreeSet<usize> = acked_before_kill.lock().unwrap().clone();
+    let deliveries_then: HashMap<usize, usize> = deliveries.lock().unwrap().clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut exchange = spawn_exchange(port, &redis);
+
+    tokio::time::timeout(Duration::from_secs(30), sender).await.expect("sender done").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), subscriber)
+        .await
+        .expect("all delivered")
+        .unwrap();
+    exchange.kill().unwrap();
+    exchange.wait().unwrap();
+
+    let accepted = accepted.lock().unwrap().clone();
+    let deliveries = deliveries.lock().unwrap().clone();
+    assert_eq!(accepted.len(), TOTAL);
+    let lost: Vec<_> = accepted.iter().filter(|n| !deliveries.contains_key(n)).collect();
+    assert!(lost.is_empty(), "accepted but never delivered: {lost:?}");
+    assert!(!acked_then.is_empty(), "the kill came after some acknowledgements");
+    let again: Vec<_> =
+        acked_then.iter().filter(|n| deliveries[*n] > deliveries_then[*n]).collect();
+    assert!(again.is_empty(), "acknowledged before the kill, delivered again: {again:?}");
+}
+
+async fn replica(redis: &RedisServer) -> (RunningServer, ExchangeClient<Channel>) {
+    let backend = Backend::Redis(RedisOptions { url: redis.url(), ..Default::default() });
+    let server =
+        RunningServer::start(ServerOptions { backend, ..Default::default() }).await.unwrap();
+    let rpc = connect(&server.url()).await;
+    (server, rpc)
+}
+
+#[tokio::test]
+async fn replicas_on_one_redis_serve_the_same_mailboxes() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let (_a, mut on_a) = replica(&redis).await;
+    let (_b, mut on_b) = replica(&redis).await;
+
+    let agent = on_a
+        .register_agent(pb::RegisterAgentRequest {
+            behaviour: "t.Sensor".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent_id;
+    let client = on_a.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let client = client.into_inner().client_id;
+
+    let found = on_b
+        .discover(pb::DiscoverRequest { behaviour: "t.Sensor".into(), exact: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    assert_eq!(found.len(), 1, "B sees what A registered");
+
+    // Subscribed on B, sent through A: pushed across replicas.
+    let mut stream = on_b
+        .subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    for n in 0..20 {
+        on_a.send(pb::SendRequest { message: Some(ping(&client, &agent, n)) }).await.unwrap();
+    }
+    let mut received = Vec::new();
+    while received.len() < 20 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+        let frame = frame.expect("pushed within 5 s").unwrap().unwrap();
+        received.extend(frame.deliveries.iter().map(|d| number(d.message.as_ref().unwrap())));
+    }
+    assert_eq!(received, (0..20).collect::<Vec<_>>(), "in order");
+
+    // A subscriber on A takes the mailbox over from the one on B.
+    let _taken = on_a.subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() }).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
+    assert_eq!(end.unwrap().unwrap_err().code(), tonic::Code::Aborted);
+
+    // Terminating through B answers a request queued through A.
+    let mut replies = on_a
+        .subscribe(pb::SubscribeRequest { mailbox_id: client.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    on_b.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    let mut answers = Vec::new();
+    while answers.len() < 20 {
+        let frame = tokio::time::timeout(Duration::from_secs(5), replies.next()).await;
+        answers.extend(frame.expect("answers within 5 s").unwrap().unwrap().deliveries);
+    }
+    assert_eq!(answers.len(), 20, "every queued request answered, once");
+    assert!(
+        answers
+            .iter()
+            .all(|d| matches!(d.message.as_ref().unwrap().body, Some(Body::ErrorResponse(_))))
+    );
+}
+
+#[tokio::test]
+async fn idle_mailboxes_and_gravestones_expire_when_configured() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let ttl = Some(Duration::from_secs(1));
+    let options = RedisOptions {
+        url: redis.url(),
+        mailbox_ttl: ttl,
+        gravestone_ttl: ttl,
+        ..Default::default()
+    };
+    let backend = Backend::Redis(options);
+    let server =
+        RunningServer::start(ServerOptions { backend, ..Default::default() }).await.unwrap();
+    let mut rpc = connect(&server.url()).await;
+    let register = pb::RegisterAgentRequest { behaviour: "t.Idle".into(), ..Default::default() };
+    let idle = rpc.register_agent(register.clone()).await.unwrap().into_inner().agent_id;
+    let dead = rpc.register_agent(register).await.unwrap().into_inner().agent_id;
+    rpc.terminate(pb::TerminateRequest { id: dead.clone() }).await.unwrap();
+    let state = |id: &str| pb::StatusRequest { id: id.into() };
+    assert_eq!(
+        rpc.status(state(&idle)).await.unwrap().into_inner().state(),
+        pb::MailboxState::Active
+    );
+    assert_eq!(
+        rpc.status(state(&dead)).await.unwrap().into_inner().state(),
+        pb::MailboxState::Terminated
+    );
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        rpc.status(state(&idle)).await.unwrap().into_inner().state(),
+        pb::MailboxState::Missing
+    );
+    assert_eq!(
+        rpc.status(state(&dead)).await.unwrap().into_inner().state(),
+        pb::MailboxState::Missing
+    );
+    let found = rpc.discover(pb::DiscoverRequest { behaviour: "t.Idle".into(), exact: false });
+    assert!(found.await.unwrap().into_inner().agents.is_empty(), "expired agents leave discovery");
+}
