@@ -271,16 +271,20 @@ async fn serve_action<B: Behaviour>(
     seq
 }
 
-/// Answers a request, waiting (with backoff, up to about half a minute) while
-/// the caller's mailbox is full rather than dropping the answer.
+/// Answers a request, retrying with backoff (for about half a minute) while
+/// the exchange is unreachable or the caller's mailbox is full, rather than
+/// dropping the answer.
 async fn reply_patiently(mailbox: &Mailbox, request: &pb::Header, body: Body) {
+    use academy_exchange::ExchangeError::{MailboxFull, ShuttingDown, Unavailable};
     let mut backoff = Duration::from_millis(10);
     loop {
         match mailbox.reply(request, body.clone()).await {
             Ok(()) => return,
-            Err(ClientError::Exchange(academy_exchange::ExchangeError::MailboxFull { .. }))
-                if backoff < Duration::from_secs(16) =>
-            {
+            Err(
+                e @ (ClientError::Transport(_)
+                | ClientError::Exchange(MailboxFull { .. } | Unavailable(_) | ShuttingDown)),
+            ) if backoff < Duration::from_secs(16) => {
+                tracing::debug!(to = %request.src, error = %e, ?backoff, "answer not sent yet; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }

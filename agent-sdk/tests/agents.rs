@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use academy_exchange::{RunningServer, ServerOptions};
+use academy_exchange::testing::RedisServer;
+use academy_exchange::{Backend, RedisOptions, RunningServer, ServerOptions};
 use academy_proto::pb;
 use academy_proto::pb::message::Body;
 use academy_sdk::{
@@ -560,5 +561,41 @@ async fn a_stalled_exchange_cannot_hold_a_call_past_its_timeout() {
     frozen.store(false, Ordering::SeqCst);
     let after = echo.with_timeout(Duration::from_secs(5)).echo("after".into()).await;
     assert_eq!(after.unwrap(), "after");
+    manager.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn agents_and_calls_ride_out_an_exchange_restart_on_redis() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let options = |listen| ServerOptions {
+        listen,
+        backend: Backend::Redis(RedisOptions { url: redis.url(), ..Default::default() }),
+        ..Default::default()
+    };
+    let first = RunningServer::start(options("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let addr = first.addr();
+    let manager = Manager::connect(&first.url()).await.unwrap();
+    let echo = manager.launch(Echo::new()).await.unwrap();
+    assert_eq!(echo.echo("before".into()).await.unwrap(), "before");
+
+    // In flight across the restart: accepted before, answered after.
+    let in_flight = tokio::spawn({
+        let echo = echo.with_timeout(Duration::from_secs(20));
+        async move { echo.sleep(500).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    first.shutdown().await;
+
+    // While the exchange is away, calls fail fast with a retryable error.
+    let err = echo.with_timeout(Duration::from_secs(5)).echo("down".into()).await.unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    // Stay down past the end of the action: its answer has to wait for us.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let _second = RunningServer::start(options(addr)).await.unwrap();
+    assert_eq!(in_flight.await.unwrap(), Ok(500), "the call in flight completes");
+    // The agent resubscribed by itself: new calls work.
+    let echo = echo.with_timeout(Duration::from_secs(10));
+    assert_eq!(echo.echo("after".into()).await.unwrap(), "after");
     manager.close().await.unwrap();
 }
