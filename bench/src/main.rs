@@ -43,16 +43,33 @@ struct Args {
     /// Calls in the sequential latency scenario.
     #[arg(long, default_value_t = 10_000)]
     calls: u64,
-    /// Run only these scenarios (e.g. `--only b,d`), for profiling.
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    /// Run only these scenarios (e.g. `--only b,d`), for profiling; `s` is
+    /// the scale run (memory and discovery with `--mailboxes` idle mailboxes).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e,s")]
     only: Vec<char>,
+    /// Backends to measure, side by side.
+    #[arg(long, value_delimiter = ',', default_value = "memory,redis")]
+    backend: Vec<BackendKind>,
+    /// Idle mailboxes registered for the scale run.
+    #[arg(long, default_value_t = 100_000)]
+    mailboxes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendKind {
+    Memory,
+    Redis,
 }
 
 #[derive(Subcommand)]
 enum Role {
     /// Serve an exchange (the benchmark starts this in a child process).
     #[command(hide = true)]
-    ServeExchange,
+    ServeExchange {
+        /// Keep mailboxes in the Redis at this URL instead of in memory.
+        #[arg(long)]
+        redis: Option<String>,
+    },
     /// Serve the plain tonic echo (the floor), in a child process.
     #[command(hide = true)]
     ServeFloor,
@@ -60,25 +77,34 @@ enum Role {
 
 /// A server in a child process; killed on drop.
 struct Server {
-    _child: Child,
+    child: Child,
     addr: SocketAddr,
 }
 
-async fn spawn_server(role: &str) -> anyhow::Result<Server> {
+async fn spawn_server(role: &[&str]) -> anyhow::Result<Server> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
-        .arg(role)
+        .args(role)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .context("cannot start the server process")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let line = BufReader::new(stdout).lines().next_line().await?.context("server said nothing")?;
-    Ok(Server { _child: child, addr: line.trim().parse()? })
+    Ok(Server { child, addr: line.trim().parse()? })
 }
 
-async fn serve_exchange() -> anyhow::Result<()> {
-    let server = academy_exchange::RunningServer::start(Default::default()).await?;
+async fn serve_exchange(redis: Option<String>) -> anyhow::Result<()> {
+    let backend = match redis {
+        Some(url) => academy_exchange::Backend::Redis(academy_exchange::RedisOptions {
+            url,
+            ..Default::default()
+        }),
+        None => academy_exchange::Backend::Memory,
+    };
+    let limits = academy_exchange::Limits { max_queued: 100_000, ..Default::default() };
+    let options = academy_exchange::ServerOptions { backend, limits, ..Default::default() };
+    let server = academy_exchange::RunningServer::start(options).await?;
     println!("{}", server.addr());
     std::future::pending::<()>().await;
     Ok(())
@@ -232,33 +258,111 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}")
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    match args.role {
-        Some(Role::ServeExchange) => return serve_exchange().await,
-        Some(Role::ServeFloor) => return serve_floor().await,
-        None => {}
-    }
+/// Resident memory of a process, in bytes (Linux).
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmRSS")?;
+    Ok(kib * 1024)
+}
 
+/// Registers `n` idle agent mailboxes (behaviours `bench.Idle0..999`, all
+/// implementing `bench.Idle`); returns memory growth and discovery latency.
+async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>> {
+    use academy_proto::pb::{self, exchange_client::ExchangeClient};
+    let rpc = ExchangeClient::connect(url.to_owned()).await?.max_decoding_message_size(usize::MAX);
+    let before: Vec<u64> = pids.iter().map(|p| rss(*p)).collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    use futures::StreamExt as _;
+    let register = futures::stream::iter(0..n).map(|i| {
+        let mut rpc = rpc.clone();
+        async move {
+            let req = pb::RegisterAgentRequest {
+                behaviour: format!("bench.Idle{}", i % 1000),
+                implements: vec!["bench.Idle".into()],
+                name: format!("idle-{i}"),
+                agent_id: String::new(),
+            };
+            rpc.register_agent(req).await.map(drop)
+        }
+    });
+    let results: Vec<_> = register.buffer_unordered(64).collect().await;
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let registered = n as f64 / start.elapsed().as_secs_f64();
+    let after: Vec<u64> = pids.iter().map(|p| rss(*p)).collect::<Result<_, _>>()?;
+    let grown: Vec<String> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| {
+            let grown = a.saturating_sub(*b);
+            format!(
+                "{:.0} MiB ({:.0} B/mailbox)",
+                grown as f64 / 1048576.0,
+                grown as f64 / n as f64
+            )
+        })
+        .collect();
+    let discover = |name: &str, exact: bool| {
+        let mut rpc = rpc.clone();
+        let req = pb::DiscoverRequest { behaviour: name.to_owned(), exact };
+        async move {
+            let found = rpc.discover(req).await?.into_inner().agents.len();
+            anyhow::ensure!(found > 0, "discovery found nothing");
+            Ok(())
+        }
+    };
+    let few = sequential(200, || discover("bench.Idle7", true)).await?;
+    let all = sequential(5, || discover("bench.Idle", false)).await?;
+    let mut rows = vec![
+        format!("| (s) register {n} idle agent mailboxes | {registered:.0} registrations/s |"),
+        format!("| (s) exchange memory growth | {} |", grown[0]),
+    ];
+    if let Some(redis) = grown.get(1) {
+        rows.push(format!("| (s) Redis memory growth | {redis} |"));
+    }
+    rows.push(format!(
+        "| (s) discover 1 behaviour ({} agents) among {n}: p50 / p99 | {:.0} µs / {:.0} µs |",
+        n / 1000,
+        few.p50_us,
+        few.p99_us
+    ));
+    rows.push(format!(
+        "| (s) discover an interface all {n} implement: p50 | {:.0} ms |",
+        all.p50_us / 1000.0
+    ));
+    Ok(rows)
+}
+
+/// Every scenario against one exchange-server (in its own process).
+async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String>> {
     let run = |scenario: char| args.only.contains(&scenario);
-    let exchange = spawn_server("serve-exchange").await?;
-    let manager = Manager::connect(&format!("http://{}", exchange.addr)).await?;
+    let redis = match backend {
+        BackendKind::Memory => None,
+        BackendKind::Redis => Some(academy_exchange::testing::RedisServer::start()?),
+    };
+    let mut role = vec!["serve-exchange".to_owned()];
+    if let Some(redis) = &redis {
+        role.extend(["--redis".to_owned(), redis.url()]);
+    }
+    let exchange = spawn_server(&role.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    let url = format!("http://{}", exchange.addr);
+    let manager = Manager::connect(&url).await?;
     let echo = manager.launch(Echo).await?;
     let mut rows = Vec::new();
 
     if run('a') {
         let a = echo_latency(&echo, 100, args.calls).await?;
         rows.push(format!(
-            "| (a) sequential echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | p50 ≤ 150 µs |",
+            "| (a) sequential echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) |",
             a.p50_us, a.p99_us, a.per_sec
         ));
     }
     if run('b') {
         let b = throughput(&echo, 64, args.seconds).await?;
-        rows.push(format!(
-            "| (b) 64 in flight, one client → one agent | {b:.0} actions/s | ≥ 50,000 |"
-        ));
+        rows.push(format!("| (b) 64 in flight, one client → one agent | {b:.0} actions/s |"));
     }
     if run('c') {
         let mut fleet = Vec::new();
@@ -267,48 +371,77 @@ async fn main() -> anyhow::Result<()> {
         }
         let c = fan_out(&fleet, 200, 20).await?;
         rows.push(format!(
-            "| (c) fan-out, 16 agents × 200 calls, all at once | {c:.0} actions/s | ≥ 50,000 |"
+            "| (c) fan-out, 16 agents × 200 calls, all at once | {c:.0} actions/s |"
         ));
     }
     if run('d') {
         let d = echo_latency(&echo, 1 << 20, 200).await?;
         rows.push(format!(
-            "| (d) 1 MiB echo, sequential | {:.0} MB/s (p50 {:.2} ms) | ≥ 500 MB/s |",
+            "| (d) 1 MiB echo, sequential | {:.0} MB/s (p50 {:.2} ms) |",
             d.per_sec * (1 << 20) as f64 / 1e6,
             d.p50_us / 1000.0
         ));
     }
     manager.close().await?;
+    if run('s') {
+        let mut pids = vec![exchange.child.id().context("exchange exited")?];
+        pids.extend(redis.as_ref().map(|r| r.pid()));
+        rows.extend(scale(&url, args.mailboxes, &pids).await?);
+    }
+    Ok(rows)
+}
 
-    if run('e') {
-        let floor_server = spawn_server("serve-floor").await?;
-        let url = format!("http://{}", floor_server.addr);
-        let channel = tonic::transport::Endpoint::from_shared(url)?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(4 * 1024 * 1024))
-            .initial_connection_window_size(Some(8 * 1024 * 1024))
-            .connect()
-            .await?;
-        let floor = floor::floor_client::FloorClient::new(channel);
-        let e = floor_latency(&floor, 100, args.calls).await?;
-        rows.push(format!(
-            "| (e) floor: plain tonic unary echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) | — |",
+async fn measure_floor(args: &Args) -> anyhow::Result<Vec<String>> {
+    let floor_server = spawn_server(&["serve-floor"]).await?;
+    let url = format!("http://{}", floor_server.addr);
+    let channel = tonic::transport::Endpoint::from_shared(url)?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .connect()
+        .await?;
+    let floor = floor::floor_client::FloorClient::new(channel);
+    let e = floor_latency(&floor, 100, args.calls).await?;
+    let e_mib = floor_latency(&floor, 1 << 20, 200).await?;
+    Ok(vec![
+        format!(
+            "| (e) floor: plain tonic unary echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) |",
             e.p50_us, e.p99_us, e.per_sec
-        ));
-        let e_mib = floor_latency(&floor, 1 << 20, 200).await?;
-        rows.push(format!(
-            "| (e') floor: plain tonic unary echo, 1 MiB | {:.0} MB/s (p50 {:.2} ms) | — |",
+        ),
+        format!(
+            "| (e') floor: plain tonic unary echo, 1 MiB | {:.0} MB/s (p50 {:.2} ms) |",
             e_mib.per_sec * (1 << 20) as f64 / 1e6,
             e_mib.p50_us / 1000.0
-        ));
-    }
+        ),
+    ])
+}
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.role {
+        Some(Role::ServeExchange { redis }) => return serve_exchange(redis).await,
+        Some(Role::ServeFloor) => return serve_floor().await,
+        None => {}
+    }
     println!("Machine: {}", machine());
-    println!();
-    println!("| scenario | result | target |");
-    println!("|---|---|---|");
-    for row in rows {
-        println!("{row}");
+    for backend in &args.backend {
+        println!();
+        println!("Backend: {backend:?}");
+        println!();
+        println!("| scenario | result |");
+        println!("|---|---|");
+        for row in measure(&args, *backend).await? {
+            println!("{row}");
+        }
+    }
+    if args.only.contains(&'e') {
+        println!();
+        println!("| floor | result |");
+        println!("|---|---|");
+        for row in measure_floor(&args).await? {
+            println!("{row}");
+        }
     }
     Ok(())
 }

@@ -280,3 +280,36 @@ async fn idle_mailboxes_and_gravestones_expire_when_configured() {
     let found = rpc.discover(pb::DiscoverRequest { behaviour: "t.Idle".into(), exact: false });
     assert!(found.await.unwrap().into_inner().agents.is_empty(), "expired agents leave discovery");
 }
+
+#[tokio::test]
+async fn scripts_lost_by_redis_are_loaded_again() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let (_server, mut rpc) = replica(&redis).await;
+    let register = pb::RegisterAgentRequest { behaviour: "t.A".into(), ..Default::default() };
+    let agent = rpc.register_agent(register.clone()).await.unwrap().into_inner().agent_id;
+    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let client = client.into_inner().client_id;
+    assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
+    // Every scripted operation still works, and does its work once.
+    rpc.register_agent(register).await.unwrap();
+    let batch =
+        pb::SendBatchRequest { messages: (0..3).map(|n| ping(&client, &agent, n)).collect() };
+    let results = rpc.send_batch(batch).await.unwrap().into_inner().results;
+    assert!(results.iter().all(|r| r.code == 0), "{results:?}");
+    let status = rpc.status(pb::StatusRequest { id: agent.clone() }).await.unwrap();
+    assert_eq!(status.into_inner().queued, 3);
+    assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
+    let mut stream = rpc
+        .subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let got = stream.next().await.unwrap().unwrap().deliveries;
+    assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
+    let seqs = got.iter().map(|d| d.seq).collect();
+    rpc.acknowledge(pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs }).await.unwrap();
+    assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
+    rpc.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    let status = rpc.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
+    assert_eq!(status.state(), pb::MailboxState::Terminated);
+}

@@ -81,7 +81,7 @@ if not s then return 'missing' end
 if s == 't' then return 'terminated' end
 local max = tonumber(ARGV[2])
 if max > 0 and redis.call('XLEN', KEYS[2]) >= max then return 'full' end
-redis.call('XADD', KEYS[2], '*', 'm', ARGV[1])
+redis.call('HSET', KEYS[1], 'l', redis.call('XADD', KEYS[2], '*', 'm', ARGV[1]))
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl) end
 return 'ok'
@@ -132,11 +132,7 @@ local s = redis.call('HGET', KEYS[1], 's')
 if not s then return 'missing' end
 if s == 't' then return 'terminated' end
 if #ARGV == 0 then return 'ok' end
-local last = '0-0'
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  local info = redis.call('XINFO', 'STREAM', KEYS[2])
-  for i = 1, #info, 2 do if info[i] == 'last-generated-id' then last = info[i + 1] end end
-end
+local last = redis.call('HGET', KEYS[1], 'l') or '0-0'
 local lms, lseq = string.match(last, '(%d+)-(%d+)')
 lms, lseq = tonumber(lms), tonumber(lseq)
 for _, id in ipairs(ARGV) do
@@ -170,6 +166,49 @@ fn secs(ttl: Option<Duration>) -> u64 {
     ttl.map_or(0, |t| t.as_secs().max(1))
 }
 
+/// A Lua script, run by its hash (EVALSHA) and loaded again whenever Redis
+/// lost it (a restart, SCRIPT FLUSH).
+#[derive(Debug)]
+struct Lua {
+    body: &'static str,
+    sha: String,
+}
+
+impl Lua {
+    fn new(body: &'static str) -> Self {
+        Self { body, sha: redis::Script::new(body).get_hash().to_owned() }
+    }
+
+    /// `EVALSHA` of this script on `keys`; add its arguments to it.
+    fn call(&self, keys: &[String]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(keys.len()).arg(keys);
+        cmd
+    }
+}
+
+#[derive(Debug)]
+struct Scripts {
+    create: Lua,
+    enqueue: Lua,
+    terminate: Lua,
+    subscribe: Lua,
+    acknowledge: Lua,
+}
+
+fn is_noscript(value: &Value) -> bool {
+    matches!(value, Value::ServerError(e) if e.code() == "NOSCRIPT")
+}
+
+fn pipeline<'a>(calls: impl IntoIterator<Item = &'a redis::Cmd>) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for call in calls {
+        pipe.add_command(call.clone());
+    }
+    pipe
+}
+
 #[derive(Debug, Clone)]
 struct Keys {
     prefix: String,
@@ -193,6 +232,7 @@ impl Keys {
 #[derive(Debug)]
 pub(crate) struct RedisBackend {
     conn: ConnectionManager,
+    scripts: Scripts,
     keys: Keys,
     options: RedisOptions,
     reader: Arc<Reader>,
@@ -232,19 +272,51 @@ impl RedisBackend {
         });
         tokio::spawn(reader.clone().run(blocking));
         tracing::info!(url = %options.url, prefix = %options.prefix, "using Redis for mailboxes");
-        Ok(Self { conn, keys, options, reader })
+        let scripts = Scripts {
+            create: Lua::new(CREATE),
+            enqueue: Lua::new(ENQUEUE),
+            terminate: Lua::new(TERMINATE),
+            subscribe: Lua::new(SUBSCRIBE),
+            acknowledge: Lua::new(ACKNOWLEDGE),
+        };
+        Ok(Self { conn, scripts, keys, options, reader })
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, ExchangeError> {
-        cmd.query_async(&mut self.conn.clone()).await.map_err(unavailable)
+    /// Runs script calls in one pipeline, in order; one answer each (a failed
+    /// call answers `Value::ServerError`). Calls that found the script missing
+    /// had no effect: they are sent again once it is loaded.
+    async fn run(&self, lua: &Lua, calls: &[redis::Cmd]) -> Result<Vec<Value>, ExchangeError> {
+        let mut conn = self.conn.clone();
+        let mut answers: Vec<Value> =
+            pipeline(calls).query_async(&mut conn).await.map_err(unavailable)?;
+        let missing: Vec<usize> =
+            (0..answers.len()).filter(|i| is_noscript(&answers[*i])).collect();
+        if !missing.is_empty() {
+            let _: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(lua.body)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let again: Vec<Value> = pipeline(missing.iter().map(|i| &calls[*i]))
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            for (i, answer) in missing.into_iter().zip(again) {
+                answers[i] = answer;
+            }
+        }
+        Ok(answers)
     }
-}
 
-/// `EVAL script` on `keys`; add the script's arguments to it.
-fn script(body: &str, keys: &[String]) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(body).arg(keys.len()).arg(keys);
-    cmd
+    /// Runs one script call.
+    async fn run_one(&self, lua: &Lua, call: redis::Cmd) -> Result<Value, ExchangeError> {
+        match self.run(lua, &[call]).await?.pop() {
+            Some(Value::ServerError(e)) => Err(ExchangeError::Unavailable(e.to_string())),
+            Some(answer) => Ok(answer),
+            None => Err(ExchangeError::Unavailable("Redis gave no answer".into())),
+        }
+    }
 }
 
 /// What a script said about a mailbox it looked at.
@@ -264,10 +336,10 @@ impl Backend for RedisBackend {
             None => ("c", "", Vec::new(), ""),
         };
         let implements = serde_json::to_string(&implements).expect("strings serialise");
-        let mut cmd = script(CREATE, &[self.keys.mailbox(&id)]);
+        let mut cmd = self.scripts.create.call(&[self.keys.mailbox(&id)]);
         cmd.arg(id.to_string()).arg(kind).arg(behaviour).arg(implements).arg(name);
         cmd.arg(secs(self.options.mailbox_ttl)).arg(&self.keys.prefix);
-        let answer: String = self.query(&cmd).await?;
+        let answer = string(&self.run_one(&self.scripts.create, cmd).await?).unwrap_or_default();
         match answer.as_str() {
             "ok" => Ok(()),
             "t" => Err(ExchangeError::Terminated(id)),
@@ -280,10 +352,9 @@ impl Backend for RedisBackend {
         id: &EntityId,
     ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError> {
         let keys = [self.keys.mailbox(id), self.keys.queue(id), self.keys.control(id)];
-        let mut cmd = script(TERMINATE, &keys);
+        let mut cmd = self.scripts.terminate.call(&keys);
         cmd.arg(id.to_string()).arg(secs(self.options.gravestone_ttl)).arg(&self.keys.prefix);
-        let answer: Vec<Value> = self.query(&cmd).await?;
-        let mut answer = answer.into_iter();
+        let mut answer = array(self.run_one(&self.scripts.terminate, cmd).await?).into_iter();
         let head = answer.next().and_then(|v| string(&v)).unwrap_or_default();
         match head.as_str() {
             "missing" => Err(ExchangeError::NotFound(*id)),
@@ -365,31 +436,27 @@ impl Backend for RedisBackend {
         }
         let ttl = secs(self.options.mailbox_ttl);
         let max = max_queued.unwrap_or(0);
-        let mut pipe = redis::pipe();
-        for (dest, message) in &messages {
-            pipe.cmd("EVAL")
-                .arg(ENQUEUE)
-                .arg(2)
-                .arg(self.keys.mailbox(dest))
-                .arg(self.keys.queue(dest))
-                .arg(message.encode_to_vec())
-                .arg(max)
-                .arg(ttl);
-        }
-        let answers: Vec<String> = match pipe.query_async(&mut self.conn.clone()).await {
+        let calls: Vec<redis::Cmd> = messages
+            .iter()
+            .map(|(dest, message)| {
+                let keys = [self.keys.mailbox(dest), self.keys.queue(dest)];
+                let mut cmd = self.scripts.enqueue.call(&keys);
+                cmd.arg(message.encode_to_vec()).arg(max).arg(ttl);
+                cmd
+            })
+            .collect();
+        let answers = match self.run(&self.scripts.enqueue, &calls).await {
             Ok(answers) => answers,
-            Err(e) => {
-                return messages.iter().map(|_| Err(unavailable(e.clone()))).collect();
-            }
+            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
         };
         messages
             .iter()
             .zip(answers)
-            .map(|((dest, _), answer)| match answer.as_str() {
-                "ok" => Ok(()),
-                "full" => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
-                other => Err(state_error(dest, other).unwrap_or_else(|| {
-                    ExchangeError::Unavailable(format!("enqueue said {other}"))
+            .map(|((dest, _), answer)| match string(&answer).as_deref() {
+                Some("ok") => Ok(()),
+                Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
+                other => Err(other.and_then(|a| state_error(dest, a)).unwrap_or_else(|| {
+                    ExchangeError::Unavailable(format!("enqueue failed: {answer:?}"))
                 })),
             })
             .collect()
@@ -400,9 +467,9 @@ impl Backend for RedisBackend {
         id: &EntityId,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
         let keys = [self.keys.mailbox(id), self.keys.control(id), self.keys.queue(id)];
-        let mut cmd = script(SUBSCRIBE, &keys);
+        let mut cmd = self.scripts.subscribe.call(&keys);
         cmd.arg(secs(self.options.mailbox_ttl));
-        let answer: Vec<Value> = self.query(&cmd).await?;
+        let answer = array(self.run_one(&self.scripts.subscribe, cmd).await?);
         let head = answer.first().and_then(string).unwrap_or_default();
         if let Some(err) = state_error(id, &head) {
             return Err(err);
@@ -420,9 +487,10 @@ impl Backend for RedisBackend {
 
     async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
         let ids: Vec<String> = seqs.iter().map(|s| stream_id_of(*s)).collect();
-        let mut cmd = script(ACKNOWLEDGE, &[self.keys.mailbox(id), self.keys.queue(id)]);
+        let mut cmd = self.scripts.acknowledge.call(&[self.keys.mailbox(id), self.keys.queue(id)]);
         cmd.arg(&ids);
-        let answer: String = self.query(&cmd).await?;
+        let answer =
+            string(&self.run_one(&self.scripts.acknowledge, cmd).await?).unwrap_or_default();
         if let Some(err) = state_error(id, &answer) {
             return Err(err);
         }
@@ -464,6 +532,13 @@ fn string(value: &Value) -> Option<String> {
         Value::SimpleString(s) => Some(s.clone()),
         Value::Okay => Some("OK".into()),
         _ => None,
+    }
+}
+
+fn array(value: Value) -> Vec<Value> {
+    match value {
+        Value::Array(items) => items,
+        _ => Vec::new(),
     }
 }
 
