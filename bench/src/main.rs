@@ -336,9 +336,10 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
     Ok(rows)
 }
 
-/// Every scenario against one exchange-server (in its own process).
-async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String>> {
-    let run = |scenario: char| args.only.contains(&scenario);
+/// A fresh exchange-server process (and Redis, for that backend).
+async fn start_exchange(
+    backend: BackendKind,
+) -> anyhow::Result<(Server, Option<academy_exchange::testing::RedisServer>)> {
     let redis = match backend {
         BackendKind::Memory => None,
         BackendKind::Redis => Some(academy_exchange::testing::RedisServer::start()?),
@@ -348,6 +349,14 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
         role.extend(["--redis".to_owned(), redis.url()]);
     }
     let exchange = spawn_server(&role.iter().map(String::as_str).collect::<Vec<_>>()).await?;
+    Ok((exchange, redis))
+}
+
+/// Every scenario against one exchange-server (in its own process); the scale
+/// run against a fresh one, so its memory growth is its own.
+async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String>> {
+    let run = |scenario: char| args.only.contains(&scenario);
+    let (exchange, _redis) = start_exchange(backend).await?;
     let url = format!("http://{}", exchange.addr);
     let manager = Manager::connect(&url).await?;
     let echo = manager.launch(Echo).await?;
@@ -383,9 +392,12 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
         ));
     }
     manager.close().await?;
+    drop(exchange);
     if run('s') {
+        let (exchange, redis) = start_exchange(backend).await?;
         let mut pids = vec![exchange.child.id().context("exchange exited")?];
         pids.extend(redis.as_ref().map(|r| r.pid()));
+        let url = format!("http://{}", exchange.addr);
         rows.extend(scale(&url, args.mailboxes, &pids).await?);
     }
     Ok(rows)
