@@ -5,6 +5,9 @@ use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{agent_and_client, message};
+
 use academy_proto::pb::{self, exchange_client::ExchangeClient};
 
 /// Starts the binary on a free port and returns it with its address, read from
@@ -42,26 +45,11 @@ fn sigterm(child: &std::process::Child) {
 async fn sigterm_stops_the_server_promptly_despite_open_streams() {
     let (mut child, url) = spawn_exchange();
     let mut rpc = ExchangeClient::connect(url).await.unwrap();
-    let id = rpc
-        .register_agent(pb::RegisterAgentRequest { behaviour: "t.A".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .agent_id;
-    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
-    let client = client.into_inner().client_id;
+    let (id, client) = agent_and_client(&mut rpc, "t.A").await;
 
     // The env var limit is in force: the third queued message is refused.
     for i in 0..3 {
-        let message = pb::Message {
-            header: Some(pb::Header {
-                src: client.clone(),
-                dest: id.clone(),
-                tag: uuid::Uuid::new_v4().to_string(),
-                ..Default::default()
-            }),
-            body: Some(pb::message::Body::PingRequest(pb::PingRequest {})),
-        };
+        let message = message(&client, &id, pb::message::Body::PingRequest(pb::PingRequest {}));
         let sent = rpc.send(pb::SendRequest { message: Some(message) }).await;
         assert_eq!(sent.is_ok(), i < 2, "message {i}: {sent:?}");
     }

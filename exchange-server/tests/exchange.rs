@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+mod common;
+use common::message;
+
 use academy_exchange::testing::RedisServer;
 use academy_exchange::{Backend, Limits, RedisOptions, RunningServer, ServerOptions};
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
@@ -83,18 +86,6 @@ impl Harness {
 
 fn request(src: &str, dest: &str, action: &str) -> pb::Message {
     message(src, dest, Body::ActionRequest(pb::ActionRequest { action: action.into(), args: None }))
-}
-
-fn message(src: &str, dest: &str, body: Body) -> pb::Message {
-    pb::Message {
-        header: Some(pb::Header {
-            src: src.into(),
-            dest: dest.into(),
-            tag: uuid::Uuid::new_v4().to_string(),
-            ..Default::default()
-        }),
-        body: Some(body),
-    }
 }
 
 /// Next delivered message, failing the test if none comes within a second.

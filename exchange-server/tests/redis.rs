@@ -6,29 +6,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod common;
+use common::{agent_and_client, number, ping};
+
 use academy_exchange::testing::RedisServer;
 use academy_exchange::{Backend, RedisOptions, RunningServer, ServerOptions};
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
-
-fn ping(src: &str, dest: &str, n: usize) -> pb::Message {
-    pb::Message {
-        header: Some(pb::Header {
-            src: src.into(),
-            dest: dest.into(),
-            tag: uuid::Uuid::new_v4().to_string(),
-            // The message number rides in the label.
-            label: n.to_string(),
-            ..Default::default()
-        }),
-        body: Some(Body::PingRequest(pb::PingRequest {})),
-    }
-}
-
-fn number(message: &pb::Message) -> usize {
-    message.header.as_ref().unwrap().label.parse().unwrap()
-}
 
 async fn connect(url: &str) -> ExchangeClient<Channel> {
     for _ in 0..200 {
@@ -58,14 +43,7 @@ async fn a_killed_exchange_loses_no_accepted_message_and_redelivers_no_acknowled
     let url = format!("http://127.0.0.1:{port}");
     let mut exchange = spawn_exchange(port, &redis);
     let mut rpc = connect(&url).await;
-    let agent = rpc
-        .register_agent(pb::RegisterAgentRequest { behaviour: "t.A".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .agent_id;
-    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
-    let client = client.into_inner().client_id;
+    let (agent, client) = agent_and_client(&mut rpc, "t.A").await;
 
     const TOTAL: usize = 600;
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));
@@ -178,17 +156,7 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
     let (_a, mut on_a) = replica(&redis).await;
     let (_b, mut on_b) = replica(&redis).await;
 
-    let agent = on_a
-        .register_agent(pb::RegisterAgentRequest {
-            behaviour: "t.Sensor".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .agent_id;
-    let client = on_a.register_client(pb::RegisterClientRequest::default()).await.unwrap();
-    let client = client.into_inner().client_id;
+    let (agent, client) = agent_and_client(&mut on_a, "t.Sensor").await;
 
     let found = on_b
         .discover(pb::DiscoverRequest { behaviour: "t.Sensor".into(), exact: true })
@@ -285,13 +253,10 @@ async fn idle_mailboxes_and_gravestones_expire_when_configured() {
 async fn scripts_lost_by_redis_are_loaded_again() {
     let redis = RedisServer::start().expect("redis-server must run for this test");
     let (_server, mut rpc) = replica(&redis).await;
-    let register = pb::RegisterAgentRequest { behaviour: "t.A".into(), ..Default::default() };
-    let agent = rpc.register_agent(register.clone()).await.unwrap().into_inner().agent_id;
-    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
-    let client = client.into_inner().client_id;
+    let (agent, client) = agent_and_client(&mut rpc, "t.A").await;
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
     // Every scripted operation still works, and does its work once.
-    rpc.register_agent(register).await.unwrap();
+    agent_and_client(&mut rpc, "t.A").await;
     let batch =
         pb::SendBatchRequest { messages: (0..3).map(|n| ping(&client, &agent, n)).collect() };
     let results = rpc.send_batch(batch).await.unwrap().into_inner().results;
