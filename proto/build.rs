@@ -3,7 +3,8 @@
 use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["academy/v1/messages.proto", "academy/v1/exchange.proto"];
+    let files =
+        ["academy/v1/messages.proto", "academy/v1/exchange.proto", "academy/v1/launcher.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

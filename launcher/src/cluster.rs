@@ -1,0 +1,448 @@
+//! The launcher's state: agents, workers, and the rules that move agents
+//! between states (DESIGN.md, "The launcher"). No I/O here: the service feeds
+//! it events and sends what it asks to the workers.
+
+use std::collections::{BTreeMap, HashMap};
+
+use academy_proto::pb::{self, AgentState, launcher_message::Body};
+use tokio::sync::{broadcast, mpsc};
+
+/// Messages to one worker's stream.
+pub(crate) type WorkerTx = mpsc::UnboundedSender<pb::LauncherMessage>;
+
+#[derive(Debug)]
+struct Worker {
+    record: pb::WorkerRecord,
+    implements: HashMap<String, Vec<String>>,
+    tx: WorkerTx,
+}
+
+impl Worker {
+    fn free(&self) -> usize {
+        (self.record.capacity as usize).saturating_sub(self.record.agent_ids.len())
+    }
+
+    fn can_run(&self, agent: &pb::AgentRecord) -> bool {
+        !self.record.draining
+            && self.implements.contains_key(&agent.behaviour)
+            && agent.selector.iter().all(|(k, v)| self.record.labels.get(k) == Some(v))
+    }
+
+    fn send(&self, body: Body) {
+        // A closed stream means the worker is going away; its removal follows.
+        let _ = self.tx.send(pb::LauncherMessage { body: Some(body) });
+    }
+}
+
+/// Agents and workers, and what happens between them.
+#[derive(Debug)]
+pub(crate) struct Cluster {
+    /// By agent id; ordered by id, i.e. by launch time (UUID v7).
+    agents: BTreeMap<String, pb::AgentRecord>,
+    workers: BTreeMap<String, Worker>,
+    /// Agents being stopped so they can run elsewhere (drain), not for good.
+    moving: std::collections::HashSet<String>,
+    changes: broadcast::Sender<pb::AgentRecord>,
+}
+
+impl Cluster {
+    pub(crate) fn new() -> Self {
+        Self {
+            agents: BTreeMap::new(),
+            workers: BTreeMap::new(),
+            moving: Default::default(),
+            changes: broadcast::channel(4096).0,
+        }
+    }
+
+    pub(crate) fn watch(&self) -> (Vec<pb::AgentRecord>, broadcast::Receiver<pb::AgentRecord>) {
+        (self.agents.values().cloned().collect(), self.changes.subscribe())
+    }
+
+    pub(crate) fn agent(&self, id: &str) -> Option<&pb::AgentRecord> {
+        self.agents.get(id)
+    }
+
+    pub(crate) fn agents(&self) -> Vec<pb::AgentRecord> {
+        self.agents.values().cloned().collect()
+    }
+
+    pub(crate) fn workers(&self) -> Vec<pb::WorkerRecord> {
+        self.workers.values().map(|w| w.record.clone()).collect()
+    }
+
+    /// Interfaces of `behaviour` as the workers offering it declare them, or
+    /// `None` when no registered worker offers it.
+    pub(crate) fn implements(&self, behaviour: &str) -> Option<Vec<String>> {
+        self.workers.values().find_map(|w| w.implements.get(behaviour).cloned())
+    }
+
+    /// Behaviours some registered worker offers.
+    pub(crate) fn offered(&self) -> Vec<String> {
+        let mut names: Vec<_> =
+            self.workers.values().flat_map(|w| w.implements.keys().cloned()).collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    fn changed(&self, id: &str) {
+        if let Some(record) = self.agents.get(id) {
+            let _ = self.changes.send(record.clone());
+        }
+    }
+
+    fn set(&mut self, id: &str, state: AgentState, reason: String) {
+        if let Some(agent) = self.agents.get_mut(id) {
+            agent.state = state.into();
+            agent.reason = reason;
+            if !matches!(state, AgentState::Starting | AgentState::Running | AgentState::Stopping) {
+                if let Some(worker) = self.workers.get_mut(&agent.worker_id) {
+                    worker.record.agent_ids.retain(|a| a != id);
+                }
+                agent.worker_id.clear();
+            }
+        }
+        self.changed(id);
+    }
+
+    pub(crate) fn add_worker(&mut self, id: String, register: pb::RegisterWorker, tx: WorkerTx) {
+        let implements: HashMap<_, _> =
+            register.behaviours.iter().map(|b| (b.name.clone(), b.implements.clone())).collect();
+        let record = pb::WorkerRecord {
+            worker_id: id.clone(),
+            name: register.name,
+            capacity: register.capacity,
+            labels: register.labels,
+            behaviours: implements.keys().cloned().collect(),
+            agent_ids: Vec::new(),
+            draining: false,
+        };
+        tracing::info!(worker = %id, capacity = record.capacity, behaviours = ?record.behaviours, "worker joined");
+        self.workers.insert(id, Worker { record, implements, tx });
+        self.schedule();
+    }
+
+    /// A worker is gone (its stream closed, or it missed its heartbeats): its
+    /// agents are placed again elsewhere.
+    pub(crate) fn remove_worker(&mut self, id: &str) {
+        let Some(worker) = self.workers.remove(id) else { return };
+        tracing::warn!(worker = %id, agents = worker.record.agent_ids.len(), "worker lost; moving its agents");
+        for agent_id in worker.record.agent_ids {
+            let stopping =
+                self.agents.get(&agent_id).is_some_and(|a| a.state() == AgentState::Stopping);
+            if stopping && !self.moving.remove(&agent_id) {
+                self.set(
+                    &agent_id,
+                    AgentState::Stopped,
+                    format!("worker {id} was lost while stopping it"),
+                );
+            } else {
+                self.moving.remove(&agent_id);
+                self.set(&agent_id, AgentState::Pending, format!("worker {id} was lost"));
+            }
+        }
+        self.schedule();
+    }
+
+    pub(crate) fn has_worker(&self, id: &str) -> bool {
+        self.workers.contains_key(id)
+    }
+
+    pub(crate) fn launch(&mut self, record: pb::AgentRecord) -> pb::AgentRecord {
+        let id = record.agent_id.clone();
+        self.agents.insert(id.clone(), record);
+        self.changed(&id);
+        self.schedule();
+        self.agents[&id].clone()
+    }
+
+    /// Places every pending agent that some worker can take, on the worker
+    /// with the most free slots (so agents spread out).
+    pub(crate) fn schedule(&mut self) {
+        let pending: Vec<String> = self
+            .agents
+            .values()
+            .filter(|a| a.state() == AgentState::Pending)
+            .map(|a| a.agent_id.clone())
+            .collect();
+        for id in pending {
+            let agent = &self.agents[&id];
+            let chosen = self
+                .workers
+                .values()
+                .filter(|w| w.free() > 0 && w.can_run(agent))
+                .max_by_key(|w| (w.free(), std::cmp::Reverse(w.record.worker_id.clone())))
+                .map(|w| w.record.worker_id.clone());
+            let Some(worker_id) = chosen else {
+                let reason = format!(
+                    "waiting for a worker offering {} with a free slot{}",
+                    agent.behaviour,
+                    if agent.selector.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and labels {:?}", agent.selector)
+                    }
+                );
+                if agent.reason != reason {
+                    self.agents.get_mut(&id).expect("listed above").reason = reason;
+                    self.changed(&id);
+                }
+                continue;
+            };
+            let agent = self.agents.get_mut(&id).expect("listed above");
+            agent.epoch += 1;
+            agent.worker_id.clone_from(&worker_id);
+            agent.state = AgentState::Starting.into();
+            agent.reason.clear();
+            let start = pb::StartAgent {
+                agent_id: id.clone(),
+                behaviour: agent.behaviour.clone(),
+                config_json: agent.config_json.clone(),
+                epoch: agent.epoch,
+            };
+            let worker = self.workers.get_mut(&worker_id).expect("chosen above");
+            worker.record.agent_ids.push(id.clone());
+            worker.send(Body::Start(start));
+            tracing::info!(agent = %id, worker = %worker_id, "agent placed");
+            self.changed(&id);
+        }
+    }
+
+    /// A worker reports on an agent. Reports about another placement (an
+    /// older epoch, another worker) are stale and ignored.
+    pub(crate) fn report(&mut self, worker_id: &str, report: pb::AgentReport) {
+        let Some(agent) = self.agents.get(&report.agent_id) else { return };
+        if agent.epoch != report.epoch || agent.worker_id != worker_id {
+            tracing::debug!(agent = %report.agent_id, epoch = report.epoch, "stale report ignored");
+            return;
+        }
+        let state = report.state();
+        let id = report.agent_id;
+        match state {
+            AgentState::Running => {
+                if agent.state() == AgentState::Starting {
+                    self.set(&id, AgentState::Running, String::new());
+                }
+            }
+            AgentState::Stopped => {
+                if self.moving.remove(&id) {
+                    self.set(&id, AgentState::Pending, "moved off a draining worker".into());
+                    self.schedule();
+                } else {
+                    self.set(&id, AgentState::Stopped, report.error);
+                    self.schedule();
+                }
+            }
+            AgentState::Failed => {
+                self.moving.remove(&id);
+                let agent = self.agents.get_mut(&id).expect("found above");
+                if agent.restarts < agent.retry_limit {
+                    agent.restarts += 1;
+                    let reason = format!("restart {} after: {}", agent.restarts, report.error);
+                    tracing::warn!(agent = %id, %reason, "agent failed; restarting");
+                    self.set(&id, AgentState::Pending, reason);
+                    self.schedule();
+                } else {
+                    tracing::error!(agent = %id, error = %report.error, "agent failed for good");
+                    self.set(&id, AgentState::Failed, report.error);
+                    self.schedule();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops an agent. `Ok(true)` when it was running and a worker was asked
+    /// to stop it; `Ok(false)` when it was not running (now STOPPED).
+    pub(crate) fn stop(&mut self, id: &str, terminate: bool) -> Option<bool> {
+        let agent = self.agents.get(id)?;
+        match agent.state() {
+            AgentState::Starting | AgentState::Running | AgentState::Stopping => {
+                let stop = pb::StopAgent { agent_id: id.to_owned(), epoch: agent.epoch, terminate };
+                if let Some(worker) = self.workers.get(&agent.worker_id) {
+                    worker.send(Body::Stop(stop));
+                }
+                self.moving.remove(id);
+                self.set(id, AgentState::Stopping, "stop requested".into());
+                Some(true)
+            }
+            AgentState::Pending => {
+                self.set(id, AgentState::Stopped, "stopped before it was placed".into());
+                Some(false)
+            }
+            _ => Some(false),
+        }
+    }
+
+    /// No new agents on this worker; its agents stop (keeping their mailboxes)
+    /// and are placed elsewhere.
+    pub(crate) fn drain(&mut self, worker_id: &str) -> Option<pb::WorkerRecord> {
+        let worker = self.workers.get_mut(worker_id)?;
+        worker.record.draining = true;
+        let record = worker.record.clone();
+        for id in &record.agent_ids {
+            let Some(agent) = self.agents.get(id) else { continue };
+            let stop = pb::StopAgent { agent_id: id.clone(), epoch: agent.epoch, terminate: false };
+            worker.send(Body::Stop(stop));
+            self.moving.insert(id.clone());
+        }
+        for id in &record.agent_ids {
+            self.set(id, AgentState::Stopping, format!("moving off draining worker {worker_id}"));
+        }
+        tracing::info!(worker = %worker_id, agents = record.agent_ids.len(), "draining worker");
+        Some(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(
+        cluster: &mut Cluster,
+        id: &str,
+        capacity: u32,
+        labels: &[(&str, &str)],
+    ) -> mpsc::UnboundedReceiver<pb::LauncherMessage> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let register = pb::RegisterWorker {
+            name: id.into(),
+            capacity,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            behaviours: vec![pb::BehaviourSpec { name: "t.A".into(), implements: vec![] }],
+        };
+        cluster.add_worker(id.into(), register, tx);
+        rx
+    }
+
+    fn launch(
+        cluster: &mut Cluster,
+        n: usize,
+        selector: &[(&str, &str)],
+        retries: u32,
+    ) -> pb::AgentRecord {
+        cluster.launch(pb::AgentRecord {
+            agent_id: format!("agent-{n:03}"),
+            behaviour: "t.A".into(),
+            selector: selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            retry_limit: retries,
+            state: AgentState::Pending.into(),
+            ..Default::default()
+        })
+    }
+
+    fn starts(rx: &mut mpsc::UnboundedReceiver<pb::LauncherMessage>) -> Vec<pb::StartAgent> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| match m.body {
+                Some(Body::Start(s)) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn agents_spread_over_free_slots_and_wait_when_there_are_none() {
+        let mut cluster = Cluster::new();
+        let mut a = worker(&mut cluster, "w-a", 2, &[]);
+        let mut b = worker(&mut cluster, "w-b", 2, &[]);
+        for n in 0..5 {
+            launch(&mut cluster, n, &[], 0);
+        }
+        assert_eq!(starts(&mut a).len(), 2);
+        assert_eq!(starts(&mut b).len(), 2);
+        let last = cluster.agent("agent-004").unwrap();
+        assert_eq!(last.state(), AgentState::Pending);
+        assert!(last.reason.contains("free slot"), "{}", last.reason);
+        // A slot frees up: the pending agent is placed.
+        let done = pb::AgentReport {
+            agent_id: "agent-000".into(),
+            epoch: 1,
+            state: AgentState::Stopped.into(),
+            error: String::new(),
+        };
+        cluster.report(&cluster.agent("agent-000").unwrap().worker_id.clone(), done);
+        assert_eq!(cluster.agent("agent-004").unwrap().state(), AgentState::Starting);
+    }
+
+    #[test]
+    fn selectors_pick_workers_by_label() {
+        let mut cluster = Cluster::new();
+        let mut cpu = worker(&mut cluster, "w-cpu", 4, &[("kind", "cpu")]);
+        let mut gpu = worker(&mut cluster, "w-gpu", 4, &[("kind", "gpu")]);
+        launch(&mut cluster, 0, &[("kind", "gpu")], 0);
+        launch(&mut cluster, 1, &[("kind", "tpu")], 0);
+        assert!(starts(&mut cpu).is_empty());
+        assert_eq!(starts(&mut gpu).len(), 1);
+        assert_eq!(cluster.agent("agent-001").unwrap().state(), AgentState::Pending);
+    }
+
+    #[test]
+    fn failures_restart_up_to_the_limit_and_stale_reports_are_ignored() {
+        let mut cluster = Cluster::new();
+        let mut w = worker(&mut cluster, "w", 4, &[]);
+        launch(&mut cluster, 0, &[], 1);
+        let fail = |epoch| pb::AgentReport {
+            agent_id: "agent-000".into(),
+            epoch,
+            state: AgentState::Failed.into(),
+            error: "boom".into(),
+        };
+        assert_eq!(starts(&mut w)[0].epoch, 1);
+        cluster.report("w", fail(1));
+        let restarted = cluster.agent("agent-000").unwrap();
+        assert_eq!(
+            (restarted.state(), restarted.restarts, restarted.epoch),
+            (AgentState::Starting, 1, 2)
+        );
+        cluster.report("w", fail(1)); // stale: epoch 1 is over
+        assert_eq!(cluster.agent("agent-000").unwrap().state(), AgentState::Starting);
+        cluster.report("w", fail(2));
+        let failed = cluster.agent("agent-000").unwrap();
+        assert_eq!((failed.state(), failed.reason.as_str()), (AgentState::Failed, "boom"));
+    }
+
+    #[test]
+    fn a_lost_worker_s_agents_move_with_a_new_epoch() {
+        let mut cluster = Cluster::new();
+        let _a = worker(&mut cluster, "w-a", 1, &[]);
+        launch(&mut cluster, 0, &[], 0);
+        assert_eq!(cluster.agent("agent-000").unwrap().worker_id, "w-a");
+        let mut b = worker(&mut cluster, "w-b", 1, &[]);
+        cluster.remove_worker("w-a");
+        let moved = cluster.agent("agent-000").unwrap();
+        assert_eq!((moved.worker_id.as_str(), moved.epoch), ("w-b", 2));
+        assert_eq!(starts(&mut b)[0].epoch, 2);
+        // The old worker's late report changes nothing.
+        let late = pb::AgentReport {
+            agent_id: "agent-000".into(),
+            epoch: 1,
+            state: AgentState::Failed.into(),
+            error: "x".into(),
+        };
+        cluster.report("w-a", late);
+        assert_eq!(cluster.agent("agent-000").unwrap().state(), AgentState::Starting);
+    }
+
+    #[test]
+    fn draining_moves_agents_and_takes_no_new_ones() {
+        let mut cluster = Cluster::new();
+        let _a = worker(&mut cluster, "w-a", 2, &[]);
+        launch(&mut cluster, 0, &[], 0);
+        let mut b = worker(&mut cluster, "w-b", 2, &[]);
+        cluster.drain("w-a");
+        assert_eq!(cluster.agent("agent-000").unwrap().state(), AgentState::Stopping);
+        let stopped = pb::AgentReport {
+            agent_id: "agent-000".into(),
+            epoch: 1,
+            state: AgentState::Stopped.into(),
+            error: String::new(),
+        };
+        cluster.report("w-a", stopped);
+        let moved = cluster.agent("agent-000").unwrap();
+        assert_eq!((moved.state(), moved.worker_id.as_str()), (AgentState::Starting, "w-b"));
+        assert_eq!(starts(&mut b).len(), 1);
+        launch(&mut cluster, 1, &[], 0);
+        assert_eq!(cluster.agent("agent-001").unwrap().worker_id, "w-b");
+    }
+}

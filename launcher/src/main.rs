@@ -1,0 +1,46 @@
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use academy_exchange::telemetry::{LogFormat, init_tracing};
+use academy_launcher::{LauncherOptions, RunningLauncher};
+use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Academy launcher: places agents on workers and keeps them running.
+#[derive(Debug, Parser)]
+#[command(name = "academy-launcher", version)]
+struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "ACADEMY_LAUNCHER_LISTEN", default_value = "127.0.0.1:50052")]
+    listen: SocketAddr,
+    /// URL of the exchange the agents use.
+    #[arg(long, env = "ACADEMY_EXCHANGE_URL", default_value = "http://127.0.0.1:50051")]
+    exchange: String,
+    /// Milliseconds without a heartbeat after which a worker is dead.
+    #[arg(long, env = "ACADEMY_LAUNCHER_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
+    heartbeat_timeout_ms: u64,
+    /// Log format (the level comes from RUST_LOG, default info).
+    #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    anyhow::ensure!(
+        config.heartbeat_timeout_ms >= 100,
+        "--heartbeat-timeout-ms must be at least 100"
+    );
+    let launcher = RunningLauncher::start(LauncherOptions {
+        listen: config.listen,
+        exchange_url: config.exchange,
+        heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
+    })
+    .await?;
+    tokio::signal::ctrl_c().await?;
+    launcher.shutdown().await;
+    Ok(())
+}

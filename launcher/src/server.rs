@@ -1,0 +1,105 @@
+//! Serving the launcher over gRPC, with health and reflection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use academy_proto::pb::launcher_server::LauncherServer;
+use academy_sdk::GrpcExchange;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::LauncherService;
+
+/// How to run a launcher.
+#[derive(Debug, Clone)]
+pub struct LauncherOptions {
+    pub listen: SocketAddr,
+    /// The exchange the launched agents use (`http://HOST:PORT`).
+    pub exchange_url: String,
+    /// A worker silent for this long is declared dead and its agents move.
+    pub heartbeat_timeout: Duration,
+}
+
+impl Default for LauncherOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            exchange_url: "http://127.0.0.1:50051".into(),
+            heartbeat_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A running launcher; dropping it shuts it down.
+#[derive(Debug)]
+pub struct RunningLauncher {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+impl RunningLauncher {
+    pub async fn start(options: LauncherOptions) -> anyhow::Result<Self> {
+        let exchange = GrpcExchange::connect(options.exchange_url.clone()).await?;
+        let service = LauncherService::new(
+            Arc::new(exchange),
+            options.exchange_url.clone(),
+            options.heartbeat_timeout,
+        );
+        let listener = TcpListener::bind(options.listen).await?;
+        let addr = listener.local_addr()?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<LauncherServer<LauncherService>>().await;
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(academy_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+            let conn = conn?;
+            conn.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(conn)
+        });
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone().cancelled_owned();
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?)
+            .add_service(LauncherServer::new(service));
+        let deadline = shutdown.clone();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                result = router.serve_with_incoming_shutdown(incoming, signal) => result,
+                // Worker streams stay open: give them a moment, then go.
+                () = async { deadline.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => Ok(()),
+            }
+        });
+        tracing::info!(%addr, exchange = %options.exchange_url, "launcher listening");
+        Ok(Self { addr, shutdown, task: Some(task) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RunningLauncher {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,227 @@
+//! The `academy.v1.Launcher` gRPC service.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use academy_exchange::EntityId;
+use academy_proto::pb::{self, AgentState, launcher_server, worker_message::Body};
+use academy_sdk::{ClientError, SharedExchange};
+use futures::{Stream, StreamExt as _};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cluster::Cluster;
+
+/// The launcher's gRPC face.
+#[derive(Debug, Clone)]
+pub struct LauncherService {
+    cluster: Arc<Mutex<Cluster>>,
+    exchange: SharedExchange,
+    exchange_url: String,
+    heartbeat_timeout: Duration,
+}
+
+impl LauncherService {
+    pub(crate) fn new(
+        exchange: SharedExchange,
+        exchange_url: String,
+        heartbeat_timeout: Duration,
+    ) -> Self {
+        Self {
+            cluster: Arc::new(Mutex::new(Cluster::new())),
+            exchange,
+            exchange_url,
+            heartbeat_timeout,
+        }
+    }
+
+    fn cluster(&self) -> std::sync::MutexGuard<'_, Cluster> {
+        self.cluster.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn exchange_status(err: ClientError) -> Status {
+    match err {
+        ClientError::Exchange(e) => e.into(),
+        ClientError::Transport(e) => Status::unavailable(format!("exchange unreachable: {e}")),
+    }
+}
+
+fn agent_id(value: &str) -> Result<String, Status> {
+    EntityId::parse_field(value, "agent_id")?;
+    Ok(value.to_owned())
+}
+
+type RpcResult<T> = Result<Response<T>, Status>;
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl launcher_server::Launcher for LauncherService {
+    #[tracing::instrument(skip_all, fields(behaviour = %request.get_ref().behaviour))]
+    async fn launch(&self, request: Request<pb::LaunchRequest>) -> RpcResult<pb::LaunchResponse> {
+        let req = request.into_inner();
+        if req.behaviour.is_empty() {
+            return Err(Status::invalid_argument("behaviour is empty"));
+        }
+        let config_json =
+            if req.config_json.trim().is_empty() { "{}".to_owned() } else { req.config_json };
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&config_json) {
+            return Err(Status::invalid_argument(format!("config_json is not JSON: {e}")));
+        }
+        let Some(implements) = self.cluster().implements(&req.behaviour) else {
+            let offered = self.cluster().offered();
+            return Err(Status::failed_precondition(format!(
+                "no registered worker offers behaviour {:?} (offered: {offered:?})",
+                req.behaviour
+            )));
+        };
+        let implements: Vec<&str> = implements.iter().map(String::as_str).collect();
+        let id = self
+            .exchange
+            .register_agent(&req.behaviour, &implements, &req.name, None)
+            .await
+            .map_err(exchange_status)?;
+        let record = pb::AgentRecord {
+            agent_id: id.to_string(),
+            behaviour: req.behaviour,
+            name: req.name,
+            config_json,
+            selector: req.selector,
+            retry_limit: req.retry_limit,
+            state: AgentState::Pending.into(),
+            ..Default::default()
+        };
+        let agent = self.cluster().launch(record);
+        Ok(Response::new(pb::LaunchResponse { agent: Some(agent) }))
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> RpcResult<pb::GetResponse> {
+        let id = agent_id(&request.get_ref().agent_id)?;
+        let agent = self.cluster().agent(&id).cloned();
+        let agent =
+            agent.ok_or_else(|| Status::not_found(format!("no agent {id} was launched here")))?;
+        Ok(Response::new(pb::GetResponse { agent: Some(agent) }))
+    }
+
+    async fn list(&self, _request: Request<pb::ListRequest>) -> RpcResult<pb::ListResponse> {
+        Ok(Response::new(pb::ListResponse { agents: self.cluster().agents() }))
+    }
+
+    type WatchStream = BoxStream<pb::WatchResponse>;
+
+    async fn watch(&self, _request: Request<pb::WatchRequest>) -> RpcResult<Self::WatchStream> {
+        let (now, changes) = self.cluster().watch();
+        let now = futures::stream::iter(now).map(Ok);
+        let changes = tokio_stream::wrappers::BroadcastStream::new(changes).map(|change| {
+            change.map_err(|_| Status::aborted("this watcher fell behind; watch again"))
+        });
+        let stream =
+            now.chain(changes).map(|agent| agent.map(|a| pb::WatchResponse { agent: Some(a) }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent_id))]
+    async fn stop(&self, request: Request<pb::StopRequest>) -> RpcResult<pb::StopResponse> {
+        let req = request.into_inner();
+        let id = agent_id(&req.agent_id)?;
+        let running = self.cluster().stop(&id, req.terminate);
+        let running =
+            running.ok_or_else(|| Status::not_found(format!("no agent {id} was launched here")))?;
+        // Not running: nobody else will terminate the mailbox.
+        if !running && req.terminate {
+            let mailbox: EntityId = id.parse().map_err(Status::from)?;
+            self.exchange.terminate(&mailbox).await.map_err(exchange_status)?;
+        }
+        let agent = self.cluster().agent(&id).cloned();
+        Ok(Response::new(pb::StopResponse { agent }))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<pb::ListWorkersRequest>,
+    ) -> RpcResult<pb::ListWorkersResponse> {
+        Ok(Response::new(pb::ListWorkersResponse { workers: self.cluster().workers() }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<pb::DrainWorkerRequest>,
+    ) -> RpcResult<pb::DrainWorkerResponse> {
+        let id = &request.get_ref().worker_id;
+        let worker = self.cluster().drain(id);
+        let worker =
+            worker.ok_or_else(|| Status::not_found(format!("no worker {id:?} is registered")))?;
+        Ok(Response::new(pb::DrainWorkerResponse { worker: Some(worker) }))
+    }
+
+    type JoinStream = BoxStream<pb::LauncherMessage>;
+
+    async fn join(
+        &self,
+        request: Request<Streaming<pb::WorkerMessage>>,
+    ) -> RpcResult<Self::JoinStream> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(self.heartbeat_timeout, inbound.next()).await;
+        let register = match first {
+            Ok(Some(Ok(pb::WorkerMessage { body: Some(Body::Register(register)) }))) => register,
+            Ok(Some(Err(status))) => return Err(status),
+            _ => return Err(Status::invalid_argument("a worker's first message must be register")),
+        };
+        if register.capacity == 0 || register.behaviours.is_empty() {
+            return Err(Status::invalid_argument(
+                "a worker needs a capacity and at least one behaviour",
+            ));
+        }
+        let worker_id = format!("worker:{}", uuid::Uuid::now_v7());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let interval = self.heartbeat_timeout / 4;
+        let welcome = pb::WorkerRegistered {
+            worker_id: worker_id.clone(),
+            heartbeat_interval_ms: interval.as_millis() as u32,
+            lease_ms: (self.heartbeat_timeout / 2).as_millis() as u32,
+            exchange_url: self.exchange_url.clone(),
+        };
+        let _ = tx.send(pb::LauncherMessage {
+            body: Some(pb::launcher_message::Body::Registered(welcome)),
+        });
+        self.cluster().add_worker(worker_id.clone(), register, tx.clone());
+        tokio::spawn(self.clone().serve_worker(worker_id, inbound, tx));
+        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+impl LauncherService {
+    /// Follows one worker's stream until it ends or falls silent for the
+    /// heartbeat timeout; then the worker is lost and its agents move.
+    async fn serve_worker(
+        self,
+        worker_id: String,
+        mut inbound: Streaming<pb::WorkerMessage>,
+        tx: mpsc::UnboundedSender<pb::LauncherMessage>,
+    ) {
+        let why = loop {
+            let next = tokio::time::timeout(self.heartbeat_timeout, inbound.next()).await;
+            let body = match next {
+                Err(_) => break format!("no heartbeat for {:?}", self.heartbeat_timeout),
+                Ok(None) => break "its stream closed".to_owned(),
+                Ok(Some(Err(status))) => break format!("its stream broke: {}", status.message()),
+                Ok(Some(Ok(message))) => message.body,
+            };
+            if !self.cluster().has_worker(&worker_id) {
+                break "it was removed".to_owned();
+            }
+            match body {
+                Some(Body::Heartbeat(_)) => {
+                    let pong = pb::launcher_message::Body::Heartbeat(pb::Heartbeat {});
+                    let _ = tx.send(pb::LauncherMessage { body: Some(pong) });
+                }
+                Some(Body::Report(report)) => self.cluster().report(&worker_id, report),
+                Some(Body::Register(_)) | None => {}
+            }
+        };
+        tracing::warn!(worker = %worker_id, reason = %why, "worker lost");
+        self.cluster().remove_worker(&worker_id);
+    }
+}
