@@ -9,6 +9,7 @@ mod handle;
 mod mailbox;
 mod manager;
 mod runtime;
+mod worker;
 
 pub use academy_exchange::{AgentInfo, EntityId, EntityKind, MailboxState, MailboxStatus};
 pub use academy_macros::behaviour;
@@ -20,6 +21,7 @@ pub use error::{AgentError, ClientError, HandleError, ManagerError};
 pub use handle::{Handle, RawHandle};
 pub use manager::{LaunchOptions, Manager};
 pub use runtime::{AgentConfig, run_agent};
+pub use worker::Worker;
 
 /// Used by the code `#[behaviour]` generates; not part of the API.
 #[doc(hidden)]

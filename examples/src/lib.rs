@@ -1,6 +1,8 @@
 //! Helpers shared by the examples: run against an external exchange-server, or
 //! embed one (a real gRPC server on loopback) when none is given.
 
+pub mod behaviours;
+
 use std::net::SocketAddr;
 
 use academy_exchange::{RunningServer, ServerOptions};

@@ -3,87 +3,9 @@
 //!
 //! `cargo run -p academy-examples --bin pipeline [-- --exchange http://HOST:PORT]`
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-
-use academy_sdk::{Handle, HandleError, behaviour};
+use academy_examples::behaviours::{Cleaner, Coordinator, WordStats};
+use academy_sdk::HandleError;
 use clap::Parser;
-use serde::{Deserialize, Serialize};
-
-/// Normalises text: lower case, letters and spaces only.
-struct Cleaner;
-
-#[behaviour(name = "example.Cleaner")]
-impl Cleaner {
-    #[action]
-    async fn clean(&self, text: String) -> String {
-        text.chars()
-            .map(|c| if c.is_alphanumeric() { c.to_ascii_lowercase() } else { ' ' })
-            .collect()
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Report {
-    words: usize,
-    distinct: usize,
-    top: Option<(String, usize)>,
-}
-
-/// Counts words; discoverable as any `example.Analyser`.
-struct WordStats;
-
-#[behaviour(name = "example.WordStats", implements("example.Analyser"))]
-impl WordStats {
-    #[action]
-    async fn analyse(&self, text: String) -> Result<Report, String> {
-        let mut counts: HashMap<&str, usize> = HashMap::new();
-        for word in text.split_whitespace() {
-            *counts.entry(word).or_default() += 1;
-        }
-        if counts.is_empty() {
-            return Err("nothing to analyse".into());
-        }
-        let top = counts.iter().max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w)));
-        Ok(Report {
-            words: counts.values().sum(),
-            distinct: counts.len(),
-            top: top.map(|(w, n)| ((*w).to_owned(), *n)),
-        })
-    }
-}
-
-/// Runs documents through the cleaner and the analyser, all concurrently.
-#[derive(Default)]
-struct Coordinator {
-    processed: AtomicU64,
-}
-
-#[behaviour(name = "example.Coordinator")]
-impl Coordinator {
-    #[action]
-    async fn process(
-        &self,
-        cleaner: Handle<Cleaner>,
-        analyser: Handle<WordStats>,
-        documents: Vec<String>,
-    ) -> Result<Vec<Report>, HandleError> {
-        let jobs = documents.into_iter().map(|doc| async {
-            let clean = cleaner.clean(doc).await?;
-            let report = analyser.analyse(clean).await?;
-            self.processed.fetch_add(1, Ordering::Relaxed);
-            Ok(report)
-        });
-        futures::future::try_join_all(jobs).await
-    }
-
-    /// A control loop on a timer: report progress.
-    #[timer(every = Duration::from_millis(200))]
-    async fn progress(&self) {
-        tracing::info!(processed = self.processed.load(Ordering::Relaxed), "coordinator");
-    }
-}
 
 #[derive(Parser)]
 struct Args {
@@ -96,8 +18,8 @@ async fn main() -> anyhow::Result<()> {
     academy_examples::init_logging();
     let (manager, _server) = Args::parse().exchange.connect().await?;
 
-    let cleaner = manager.launch(Cleaner).await?;
-    let analyser = manager.launch(WordStats).await?;
+    let cleaner = manager.launch(Cleaner::default()).await?;
+    let analyser = manager.launch(WordStats::default()).await?;
     let coordinator = manager.launch(Coordinator::default()).await?;
 
     let found = manager.discover("example.Analyser", false).await?;

@@ -1,0 +1,110 @@
+//! The example behaviours, shared by the pipeline and the worker binary. Each
+//! is built from the JSON config of its launch (`{}` for the defaults).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use academy_sdk::{Handle, HandleError, Shutdown, behaviour};
+use serde::{Deserialize, Serialize};
+
+/// Normalises text: lower case, letters and spaces only.
+#[derive(Debug, Default, Deserialize)]
+pub struct Cleaner {}
+
+#[behaviour(name = "example.Cleaner")]
+impl Cleaner {
+    #[action]
+    async fn clean(&self, text: String) -> String {
+        text.chars()
+            .map(|c| if c.is_alphanumeric() { c.to_ascii_lowercase() } else { ' ' })
+            .collect()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub words: usize,
+    pub distinct: usize,
+    pub top: Option<(String, usize)>,
+}
+
+/// Counts words; discoverable as any `example.Analyser`.
+#[derive(Debug, Default, Deserialize)]
+pub struct WordStats {}
+
+#[behaviour(name = "example.WordStats", implements("example.Analyser"))]
+impl WordStats {
+    #[action]
+    async fn analyse(&self, text: String) -> Result<Report, String> {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for word in text.split_whitespace() {
+            *counts.entry(word).or_default() += 1;
+        }
+        if counts.is_empty() {
+            return Err("nothing to analyse".into());
+        }
+        let top = counts.iter().max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w)));
+        Ok(Report {
+            words: counts.values().sum(),
+            distinct: counts.len(),
+            top: top.map(|(w, n)| ((*w).to_owned(), *n)),
+        })
+    }
+}
+
+/// Runs documents through a cleaner and an analyser, all concurrently.
+#[derive(Debug, Default, Deserialize)]
+pub struct Coordinator {
+    #[serde(skip)]
+    processed: AtomicU64,
+}
+
+#[behaviour(name = "example.Coordinator")]
+impl Coordinator {
+    #[action]
+    async fn process(
+        &self,
+        cleaner: Handle<Cleaner>,
+        analyser: Handle<WordStats>,
+        documents: Vec<String>,
+    ) -> Result<Vec<Report>, HandleError> {
+        let jobs = documents.into_iter().map(|doc| async {
+            let clean = cleaner.clean(doc).await?;
+            let report = analyser.analyse(clean).await?;
+            self.processed.fetch_add(1, Ordering::Relaxed);
+            Ok(report)
+        });
+        futures::future::try_join_all(jobs).await
+    }
+
+    /// A control loop on a timer: report progress.
+    #[timer(every = Duration::from_millis(200))]
+    async fn progress(&self) {
+        tracing::info!(processed = self.processed.load(Ordering::Relaxed), "coordinator");
+    }
+}
+
+/// Fails its control loop after `fail_after_ms`: shows restarts under a launcher.
+#[derive(Debug, Deserialize)]
+pub struct Crashy {
+    pub fail_after_ms: u64,
+}
+
+#[behaviour(name = "example.Crashy")]
+impl Crashy {
+    #[action]
+    async fn alive(&self) -> bool {
+        true
+    }
+
+    #[control_loop]
+    async fn crash(&self, shutdown: Shutdown) -> Result<(), String> {
+        tokio::select! {
+            () = shutdown.cancelled() => Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(self.fail_after_ms)) => {
+                Err(format!("crashed after {} ms, as configured", self.fail_after_ms))
+            }
+        }
+    }
+}

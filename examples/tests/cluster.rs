@@ -1,0 +1,286 @@
+//! A cluster end to end: an exchange and a launcher, and workers as real
+//! processes (the `worker` example), one of which is killed with SIGKILL.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use academy_examples::behaviours::WordStats;
+use academy_exchange::{MailboxState, RunningServer, ServerOptions};
+use academy_launcher::{LauncherOptions, RunningLauncher};
+use academy_proto::pb::{self, AgentState, launcher_client::LauncherClient};
+use academy_sdk::Manager;
+use tonic::transport::Channel;
+
+struct Cluster {
+    exchange: RunningServer,
+    launcher: RunningLauncher,
+    rpc: LauncherClient<Channel>,
+    workers: Vec<(String, Child)>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.workers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn cluster(workers: &[&str]) -> Cluster {
+    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
+    let launcher = RunningLauncher::start(LauncherOptions {
+        exchange_url: exchange.url(),
+        heartbeat_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let rpc = LauncherClient::connect(launcher.url()).await.unwrap();
+    let mut cluster = Cluster { exchange, launcher, rpc, workers: Vec::new() };
+    for name in workers {
+        cluster.add_worker(name);
+    }
+    let expected = cluster.workers.len();
+    wait(|| async {
+        let mut rpc = cluster.rpc.clone();
+        rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers.len()
+            == expected
+    })
+    .await;
+    cluster
+}
+
+impl Cluster {
+    fn add_worker(&mut self, name: &str) {
+        let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["--launcher", &self.launcher.url(), "--name", name, "--capacity", "4"])
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("worker starts");
+        self.workers.push((name.to_owned(), child));
+    }
+
+    async fn launch(
+        &mut self,
+        behaviour: &str,
+        config: &str,
+        retry_limit: u32,
+    ) -> Result<String, tonic::Status> {
+        let req = pb::LaunchRequest {
+            behaviour: behaviour.into(),
+            config_json: config.into(),
+            retry_limit,
+            ..Default::default()
+        };
+        Ok(self.rpc.launch(req).await?.into_inner().agent.unwrap().agent_id)
+    }
+
+    async fn get(&self, id: &str) -> pb::AgentRecord {
+        let mut rpc = self.rpc.clone();
+        rpc.get(pb::GetRequest { agent_id: id.into() }).await.unwrap().into_inner().agent.unwrap()
+    }
+
+    async fn wait_state(&self, id: &str, state: AgentState) -> pb::AgentRecord {
+        wait(|| async { self.get(id).await.state() == state }).await;
+        self.get(id).await
+    }
+
+    /// Name of the worker an agent runs on.
+    async fn worker_of(&self, id: &str) -> String {
+        let worker_id = self.get(id).await.worker_id;
+        let mut rpc = self.rpc.clone();
+        let workers =
+            rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+        workers.into_iter().find(|w| w.worker_id == worker_id).map(|w| w.name).unwrap_or_default()
+    }
+}
+
+/// Polls `ready` every 20 ms for up to 15 s.
+async fn wait<F, Fut>(mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ready().await {
+        assert!(Instant::now() < deadline, "condition not reached within 15 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn agents_spread_over_workers_and_move_when_one_is_killed() {
+    let mut cluster = cluster(&["w1", "w2"]).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(cluster.launch("example.WordStats", "{}", 0).await.unwrap());
+    }
+    let mut per_worker = std::collections::HashMap::<String, usize>::new();
+    for id in &ids {
+        cluster.wait_state(id, AgentState::Running).await;
+        *per_worker.entry(cluster.worker_of(id).await).or_default() += 1;
+    }
+    assert_eq!(per_worker.values().copied().collect::<Vec<_>>(), vec![2, 2], "{per_worker:?}");
+
+    let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
+    let victim = ids[0].clone();
+    let analyser =
+        manager.handle::<WordStats>(victim.parse().unwrap()).with_timeout(Duration::from_secs(20));
+    assert_eq!(analyser.analyse("a b a".into()).await.unwrap().words, 3);
+
+    // SIGKILL the worker running it, then call it at once: the request waits in
+    // its mailbox and is served once the agent runs on the other worker.
+    let doomed = cluster.worker_of(&victim).await;
+    let (_, child) = cluster.workers.iter_mut().find(|(n, _)| *n == doomed).unwrap();
+    let killed_at = Instant::now();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let call = tokio::spawn({
+        let analyser = analyser.clone();
+        async move { analyser.analyse("served after the move".into()).await }
+    });
+    let moved = cluster.wait_state(&victim, AgentState::Running).await;
+    wait(|| async { cluster.get(&victim).await.epoch == 2 }).await;
+    let failover = killed_at.elapsed();
+    assert_ne!(cluster.worker_of(&victim).await, doomed);
+    assert_eq!(moved.restarts, 0, "a lost worker is not the agent's failure");
+    assert_eq!(call.await.unwrap().unwrap().words, 4);
+    assert_eq!(analyser.analyse("still here".into()).await.unwrap().words, 2);
+    eprintln!("failover took {failover:?}");
+    manager.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn stop_restart_pending_and_bad_launches() {
+    let mut cluster = cluster(&["w1"]).await;
+    let exchange = academy_sdk::GrpcExchange::connect(cluster.exchange.url()).await.unwrap();
+    use academy_sdk::ExchangeClient as _;
+
+    // Stop keeping the mailbox, and stop terminating it.
+    let kept = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    let gone = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    for id in [&kept, &gone] {
+        cluster.wait_state(id, AgentState::Running).await;
+    }
+    for (id, terminate) in [(&kept, false), (&gone, true)] {
+        let stop = pb::StopRequest { agent_id: id.to_string(), terminate };
+        cluster.rpc.stop(stop).await.unwrap();
+        cluster.wait_state(id, AgentState::Stopped).await;
+    }
+    let state = |id: &String| {
+        let exchange = exchange.clone();
+        let id = id.parse().unwrap();
+        async move { exchange.status(&id).await.unwrap().state }
+    };
+    assert_eq!(state(&kept).await, MailboxState::Active);
+    assert_eq!(state(&gone).await, MailboxState::Terminated);
+
+    // A failing agent restarts up to its limit, then is failed with the error.
+    let crashy = cluster.launch("example.Crashy", r#"{"fail_after_ms": 50}"#, 2).await.unwrap();
+    let failed = cluster.wait_state(&crashy, AgentState::Failed).await;
+    assert_eq!(failed.restarts, 2);
+    assert!(failed.reason.contains("crashed after 50 ms"), "{}", failed.reason);
+    assert_eq!(state(&crashy).await, MailboxState::Active, "restarts keep the mailbox");
+
+    // A config that doesn't fit the behaviour fails with a reason.
+    let misfit = cluster.launch("example.Crashy", r#"{"wrong": 1}"#, 0).await.unwrap();
+    let failed = cluster.wait_state(&misfit, AgentState::Failed).await;
+    assert!(failed.reason.contains("fail_after_ms"), "{}", failed.reason);
+
+    // No worker with the labels: pending, with the reason.
+    let req = pb::LaunchRequest {
+        behaviour: "example.WordStats".into(),
+        selector: [("gpu".to_owned(), "yes".to_owned())].into(),
+        ..Default::default()
+    };
+    let pending = cluster.rpc.launch(req).await.unwrap().into_inner().agent.unwrap();
+    assert_eq!(pending.state(), AgentState::Pending);
+    assert!(pending.reason.contains("gpu"), "{}", pending.reason);
+
+    // Bad launches are refused with a clear error.
+    let err = cluster.launch("example.Nope", "{}", 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("example.WordStats"),
+        "lists what is offered: {}",
+        err.message()
+    );
+    let err = cluster.launch("example.WordStats", "{not json", 0).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = cluster.rpc.get(pb::GetRequest { agent_id: "agent:nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let unknown = format!("agent:{}", uuid::Uuid::new_v4());
+    let err = cluster.rpc.stop(pb::StopRequest { agent_id: unknown, terminate: false }).await;
+    assert_eq!(err.unwrap_err().code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn draining_a_worker_moves_its_agents_and_keeps_their_mailboxes() {
+    let mut cluster = cluster(&["w1"]).await;
+    let id = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    cluster.wait_state(&id, AgentState::Running).await;
+    cluster.add_worker("w2");
+    wait(|| async {
+        let mut rpc = cluster.rpc.clone();
+        rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers.len() == 2
+    })
+    .await;
+    let from = cluster.get(&id).await.worker_id;
+    cluster.rpc.drain_worker(pb::DrainWorkerRequest { worker_id: from.clone() }).await.unwrap();
+    wait(|| async {
+        let agent = cluster.get(&id).await;
+        agent.state() == AgentState::Running && agent.worker_id != from
+    })
+    .await;
+    assert_eq!(cluster.worker_of(&id).await, "w2");
+    let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
+    let analyser =
+        manager.handle::<WordStats>(id.parse().unwrap()).with_timeout(Duration::from_secs(10));
+    assert_eq!(analyser.analyse("moved".into()).await.unwrap().words, 1);
+    manager.close().await.unwrap();
+}
+
+fn signal(child: &Child, name: &str) {
+    let sent = Command::new("kill").args([name, &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+}
+
+#[tokio::test]
+async fn a_worker_back_from_the_dead_does_not_serve_moved_agents() {
+    let mut cluster = cluster(&["w1"]).await;
+    let id = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    cluster.wait_state(&id, AgentState::Running).await;
+    cluster.add_worker("w2");
+    wait(|| async {
+        let mut rpc = cluster.rpc.clone();
+        rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers.len() == 2
+    })
+    .await;
+
+    // Freeze w1: it stops heartbeating but keeps its connections, as in a
+    // partition. After the heartbeat timeout the launcher moves the agent.
+    signal(&cluster.workers[0].1, "-STOP");
+    wait(|| async {
+        let agent = cluster.get(&id).await;
+        agent.state() == AgentState::Running && agent.epoch == 2
+    })
+    .await;
+    assert_eq!(cluster.worker_of(&id).await, "w2");
+
+    // w1 wakes up: its lease has run out, so it stops its copy instead of
+    // taking the mailbox back.
+    signal(&cluster.workers[0].1, "-CONT");
+    let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
+    let analyser =
+        manager.handle::<WordStats>(id.parse().unwrap()).with_timeout(Duration::from_secs(10));
+    for _ in 0..20 {
+        assert_eq!(analyser.analyse("one owner".into()).await.unwrap().words, 2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent = cluster.get(&id).await;
+    assert_eq!((agent.state(), agent.epoch), (AgentState::Running, 2), "{agent:?}");
+    assert_eq!(cluster.worker_of(&id).await, "w2");
+    manager.close().await.unwrap();
+}
