@@ -220,10 +220,8 @@ impl Cluster {
         let state = report.state();
         let id = report.agent_id;
         match state {
-            AgentState::Running => {
-                if agent.state() == AgentState::Starting {
-                    self.set(&id, AgentState::Running, String::new());
-                }
+            AgentState::Running if agent.state() == AgentState::Starting => {
+                self.set(&id, AgentState::Running, String::new());
             }
             AgentState::Stopped => {
                 if self.moving.remove(&id) {
