@@ -110,6 +110,20 @@ impl Manager {
         Ok(self.handle(id))
     }
 
+    /// Launches behaviour `B` on a worker node through `launcher` (built there
+    /// from `config`); the handle works as for agents launched here. Stop it
+    /// with [`Launcher::stop`](crate::Launcher::stop).
+    pub async fn launch_remote<B: Behaviour>(
+        &self,
+        launcher: &crate::Launcher,
+        config: &impl serde::Serialize,
+        options: crate::RemoteLaunch,
+    ) -> Result<Handle<B>, ClientError> {
+        let record = launcher.launch::<B>(config, options).await?;
+        let id = EntityId::parse_field(&record.agent_id, "agent_id")?;
+        Ok(self.handle(id))
+    }
+
     /// A handle to agent `id` that calls from this manager's mailbox.
     pub fn handle<B: Behaviour>(&self, id: EntityId) -> Handle<B> {
         Handle::from_raw(self.raw_handle(id))

@@ -124,7 +124,17 @@ async fn agents_spread_over_workers_and_move_when_one_is_killed() {
     }
     assert_eq!(per_worker.values().copied().collect::<Vec<_>>(), vec![2, 2], "{per_worker:?}");
 
+    // The manager launches through the launcher too, with the same handles.
     let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
+    let launcher = academy_sdk::Launcher::connect(&cluster.launcher.url()).await.unwrap();
+    let remote = manager
+        .launch_remote::<WordStats>(&launcher, &serde_json::json!({}), Default::default())
+        .await
+        .unwrap();
+    let remote = remote.with_timeout(Duration::from_secs(10));
+    assert_eq!(remote.analyse("launched remotely".into()).await.unwrap().words, 2);
+    launcher.stop(remote.id(), true).await.unwrap();
+    cluster.wait_state(&remote.id().to_string(), AgentState::Stopped).await;
     let victim = ids[0].clone();
     let analyser =
         manager.handle::<WordStats>(victim.parse().unwrap()).with_timeout(Duration::from_secs(20));

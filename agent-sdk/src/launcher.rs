@@ -1,0 +1,68 @@
+//! A client of the launcher: launch agents on worker nodes, stop them, look
+//! them up. [`Manager::launch_remote`](crate::Manager::launch_remote) returns
+//! typed handles to them.
+
+use std::collections::HashMap;
+
+use academy_exchange::EntityId;
+use academy_proto::pb::{self, launcher_client::LauncherClient};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::{Behaviour, ClientError};
+
+/// How to launch an agent through the launcher.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteLaunch {
+    pub name: String,
+    /// Labels the worker must carry.
+    pub selector: HashMap<String, String>,
+    /// Restarts allowed after failures.
+    pub retry_limit: u32,
+}
+
+/// Talks to an `academy-launcher`.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    rpc: LauncherClient<Channel>,
+}
+
+impl Launcher {
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let rpc = LauncherClient::connect(url.to_owned()).await.map_err(|e| {
+            ClientError::Transport(format!("cannot connect to the launcher at {url}: {e}"))
+        })?;
+        Ok(Self { rpc })
+    }
+
+    /// Launches behaviour `B`, built on a worker from `config` (as JSON).
+    pub async fn launch<B: Behaviour>(
+        &self,
+        config: &impl Serialize,
+        options: RemoteLaunch,
+    ) -> Result<pb::AgentRecord, ClientError> {
+        let config_json = serde_json::to_string(config)
+            .map_err(|e| ClientError::Transport(format!("config does not serialise: {e}")))?;
+        let request = pb::LaunchRequest {
+            behaviour: B::NAME.to_owned(),
+            config_json,
+            name: options.name,
+            selector: options.selector,
+            retry_limit: options.retry_limit,
+        };
+        let agent = self.rpc.clone().launch(request).await?.into_inner().agent;
+        agent.ok_or_else(|| ClientError::Transport("the launcher returned no record".into()))
+    }
+
+    pub async fn get(&self, id: EntityId) -> Result<pb::AgentRecord, ClientError> {
+        let request = pb::GetRequest { agent_id: id.to_string() };
+        let agent = self.rpc.clone().get(request).await?.into_inner().agent;
+        agent.ok_or_else(|| ClientError::Transport("the launcher returned no record".into()))
+    }
+
+    /// Stops an agent, terminating its mailbox or keeping it.
+    pub async fn stop(&self, id: EntityId, terminate: bool) -> Result<(), ClientError> {
+        self.rpc.clone().stop(pb::StopRequest { agent_id: id.to_string(), terminate }).await?;
+        Ok(())
+    }
+}
