@@ -6,7 +6,7 @@ use serde_json::Value;
 /// Largest integer an f64 holds exactly; whole numbers up to it become JSON integers.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
-pub(crate) fn from_proto(value: prost_types::Value) -> Value {
+pub fn from_proto(value: prost_types::Value) -> Value {
     match value.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
         Some(Kind::BoolValue(b)) => Value::Bool(b),
@@ -25,7 +25,7 @@ pub(crate) fn from_proto(value: prost_types::Value) -> Value {
     }
 }
 
-pub(crate) fn to_proto(value: Value) -> prost_types::Value {
+pub fn to_proto(value: Value) -> prost_types::Value {
     let kind = match value {
         Value::Null => Kind::NullValue(0),
         Value::Bool(b) => Kind::BoolValue(b),

@@ -18,7 +18,7 @@ mod error;
 mod exchange;
 mod id;
 mod invoke;
-mod json;
+pub mod json;
 mod server;
 mod service;
 pub mod telemetry;

@@ -1,0 +1,309 @@
+//! `academy`: inspect and drive a live system from the shell.
+
+use std::collections::HashMap;
+
+use academy_proto::pb::{self, exchange_client::ExchangeClient, launcher_client::LauncherClient};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+
+/// Academy command line: agents, workers, discovery and calls.
+#[derive(Debug, Parser)]
+#[command(name = "academy", version)]
+struct Cli {
+    /// URL of the exchange.
+    #[arg(
+        long,
+        global = true,
+        env = "ACADEMY_EXCHANGE_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    exchange: String,
+    /// URL of the launcher.
+    #[arg(
+        long,
+        global = true,
+        env = "ACADEMY_LAUNCHER_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    launcher: String,
+    /// Print JSON (one object per line) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Agents placed by the launcher.
+    #[command(subcommand)]
+    Agents(Agents),
+    /// Worker nodes.
+    #[command(subcommand)]
+    Workers(Workers),
+    /// Active agents implementing a behaviour (all when no name is given).
+    Discover {
+        behaviour: Option<String>,
+        /// Only agents whose own behaviour is this one.
+        #[arg(long)]
+        exact: bool,
+    },
+    /// State of a mailbox.
+    Status { id: String },
+    /// Calls an action with JSON arguments and prints the result.
+    Invoke {
+        agent_id: String,
+        action: String,
+        /// JSON array of positional arguments, or object of named ones.
+        args: Option<String>,
+        /// Milliseconds to wait for the result.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Agents {
+    List,
+    /// Launches an agent on a worker that offers its behaviour.
+    Launch {
+        behaviour: String,
+        /// JSON configuration of the behaviour.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Worker labels required, as key=value (repeatable).
+        #[arg(long = "selector", value_parser = key_value)]
+        selector: Vec<(String, String)>,
+        /// Restarts allowed after failures.
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
+    },
+    /// Stops an agent (keeping its mailbox unless --terminate).
+    Stop {
+        agent_id: String,
+        #[arg(long)]
+        terminate: bool,
+    },
+    /// Prints every agent, then each change as it happens.
+    Watch,
+}
+
+#[derive(Debug, Subcommand)]
+enum Workers {
+    List,
+    /// Moves a worker's agents elsewhere and places nothing new on it.
+    Drain {
+        worker_id: String,
+    },
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or("expected key=value")?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn state_name(state: i32) -> String {
+    pb::AgentState::try_from(state)
+        .map(|s| s.as_str_name().trim_start_matches("AGENT_STATE_").to_lowercase())
+        .unwrap_or_else(|_| state.to_string())
+}
+
+fn agent_json(a: &pb::AgentRecord) -> Value {
+    json!({
+        "agent_id": a.agent_id, "behaviour": a.behaviour, "name": a.name,
+        "state": state_name(a.state), "worker_id": a.worker_id, "epoch": a.epoch,
+        "restarts": a.restarts, "retry_limit": a.retry_limit, "reason": a.reason,
+        "selector": a.selector, "config": serde_json::from_str::<Value>(&a.config_json).unwrap_or(Value::Null),
+    })
+}
+
+fn worker_json(w: &pb::WorkerRecord) -> Value {
+    json!({
+        "worker_id": w.worker_id, "name": w.name, "capacity": w.capacity, "labels": w.labels,
+        "behaviours": w.behaviours, "agents": w.agent_ids, "draining": w.draining,
+    })
+}
+
+/// Prints rows as JSON lines or as an aligned table of `columns`.
+fn print(json: bool, columns: &[&str], rows: &[Value]) {
+    if json {
+        for row in rows {
+            println!("{row}");
+        }
+        return;
+    }
+    let cell = |row: &Value, column: &str| match &row[column] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map_or(v.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(","),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| rows.iter().map(|r| cell(r, c).len()).max().unwrap_or(0).max(c.len()))
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> =
+            cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(columns.iter().map(|c| c.to_uppercase()).collect());
+    for row in rows {
+        line(columns.iter().map(|c| cell(row, c)).collect());
+    }
+}
+
+const AGENT_COLUMNS: &[&str] =
+    &["agent_id", "behaviour", "state", "worker_id", "restarts", "reason"];
+
+async fn launcher(url: &str) -> anyhow::Result<LauncherClient<tonic::transport::Channel>> {
+    LauncherClient::connect(url.to_owned())
+        .await
+        .with_context(|| format!("cannot reach the launcher at {url}"))
+}
+
+async fn exchange(url: &str) -> anyhow::Result<ExchangeClient<tonic::transport::Channel>> {
+    let client = ExchangeClient::connect(url.to_owned()).await;
+    Ok(client
+        .with_context(|| format!("cannot reach the exchange at {url}"))?
+        .max_decoding_message_size(usize::MAX))
+}
+
+/// A gRPC error as a one-line message for people.
+fn failed(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agents(Agents::List) => {
+            let agents =
+                launcher(&cli.launcher).await?.list(pb::ListRequest {}).await.map_err(failed)?;
+            let rows: Vec<Value> = agents.into_inner().agents.iter().map(agent_json).collect();
+            print(cli.json, AGENT_COLUMNS, &rows);
+        }
+        Command::Agents(Agents::Launch { behaviour, config, name, selector, retries }) => {
+            let request = pb::LaunchRequest {
+                behaviour,
+                config_json: config,
+                name,
+                selector: selector.into_iter().collect::<HashMap<_, _>>(),
+                retry_limit: retries,
+            };
+            let agent = launcher(&cli.launcher).await?.launch(request).await.map_err(failed)?;
+            let agent = agent.into_inner().agent.context("no record returned")?;
+            print(cli.json, AGENT_COLUMNS, &[agent_json(&agent)]);
+        }
+        Command::Agents(Agents::Stop { agent_id, terminate }) => {
+            let mut rpc = launcher(&cli.launcher).await?;
+            let agent = rpc
+                .stop(pb::StopRequest { agent_id, terminate })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .agent
+                .context("no record returned")?;
+            print(cli.json, AGENT_COLUMNS, &[agent_json(&agent)]);
+        }
+        Command::Agents(Agents::Watch) => {
+            let mut changes = launcher(&cli.launcher)
+                .await?
+                .watch(pb::WatchRequest {})
+                .await
+                .map_err(failed)?
+                .into_inner();
+            while let Some(change) = changes.next().await {
+                let agent = change.map_err(failed)?.agent.context("no record")?;
+                let row = agent_json(&agent);
+                if cli.json {
+                    println!("{row}");
+                } else {
+                    println!(
+                        "{} {} {} {} {}",
+                        row["agent_id"],
+                        row["behaviour"],
+                        row["state"],
+                        row["worker_id"],
+                        row["reason"]
+                    );
+                }
+            }
+        }
+        Command::Workers(Workers::List) => {
+            let workers = launcher(&cli.launcher)
+                .await?
+                .list_workers(pb::ListWorkersRequest {})
+                .await
+                .map_err(failed)?;
+            let rows: Vec<Value> = workers.into_inner().workers.iter().map(worker_json).collect();
+            print(
+                cli.json,
+                &["worker_id", "name", "capacity", "agents", "draining", "behaviours"],
+                &rows,
+            );
+        }
+        Command::Workers(Workers::Drain { worker_id }) => {
+            let mut rpc = launcher(&cli.launcher).await?;
+            let worker = rpc
+                .drain_worker(pb::DrainWorkerRequest { worker_id })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .worker
+                .context("no record returned")?;
+            print(cli.json, &["worker_id", "name", "agents", "draining"], &[worker_json(&worker)]);
+        }
+        Command::Discover { behaviour, exact } => {
+            let request = pb::DiscoverRequest { behaviour: behaviour.unwrap_or_default(), exact };
+            let found = exchange(&cli.exchange).await?.discover(request).await.map_err(failed)?;
+            let rows: Vec<Value> = found
+                .into_inner()
+                .agents
+                .iter()
+                .map(|a| json!({"agent_id": a.agent_id, "behaviour": a.behaviour, "implements": a.implements, "name": a.name}))
+                .collect();
+            print(cli.json, &["agent_id", "behaviour", "implements", "name"], &rows);
+        }
+        Command::Status { id } => {
+            let status = exchange(&cli.exchange)
+                .await?
+                .status(pb::StatusRequest { id: id.clone() })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let state =
+                status.state().as_str_name().trim_start_matches("MAILBOX_STATE_").to_lowercase();
+            let behaviour = status.agent.map(|a| a.behaviour).unwrap_or_default();
+            let row =
+                json!({"id": id, "state": state, "queued": status.queued, "behaviour": behaviour});
+            print(cli.json, &["id", "state", "queued", "behaviour"], &[row]);
+        }
+        Command::Invoke { agent_id, action, args, timeout_ms } => {
+            let args = match args {
+                Some(text) => Some(academy_exchange::json::to_proto(
+                    serde_json::from_str(&text).context("args must be JSON")?,
+                )),
+                None => None,
+            };
+            let request = pb::InvokeRequest { agent_id, action, args, timeout_ms };
+            let result = exchange(&cli.exchange).await?.invoke(request).await.map_err(failed)?;
+            let result =
+                result.into_inner().result.map_or(Value::Null, academy_exchange::json::from_proto);
+            println!(
+                "{}",
+                if cli.json { result.to_string() } else { serde_json::to_string_pretty(&result)? }
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! The `academy` command line against a real exchange, launcher and worker.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use academy_exchange::{RunningServer, ServerOptions};
+use academy_launcher::{LauncherOptions, RunningLauncher};
+use academy_sdk::{Worker, behaviour};
+use serde_json::Value;
+
+#[derive(Default, serde::Deserialize)]
+struct Counter {
+    #[serde(default)]
+    start: u64,
+    #[serde(skip)]
+    count: AtomicU64,
+}
+
+#[behaviour(name = "test.Counter", implements("test.Metric"))]
+impl Counter {
+    #[action]
+    async fn increment(&self, by: u64) -> u64 {
+        self.start + self.count.fetch_add(by, Ordering::SeqCst) + by
+    }
+}
+
+struct Cli {
+    exchange: String,
+    launcher: String,
+}
+
+impl Cli {
+    /// Runs `academy ARGS` and returns (success, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_academy"))
+            .args(["--exchange", &self.exchange, "--launcher", &self.launcher])
+            .args(args)
+            .output()
+            .expect("academy runs");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// Runs `academy --json ARGS`, which must succeed, and parses each line.
+    fn json(&self, args: &[&str]) -> Vec<Value> {
+        let (ok, stdout, stderr) = self.run(&[&["--json"], args].concat());
+        assert!(ok, "academy {args:?} failed: {stderr}");
+        stdout.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_drives_a_live_system() {
+    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
+    let launcher = RunningLauncher::start(LauncherOptions {
+        exchange_url: exchange.url(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stop_worker = tokio_util::sync::CancellationToken::new();
+    let worker = Worker::new(launcher.url()).name("w1").capacity(2).register::<Counter>();
+    let worker = tokio::spawn(worker.run_until(stop_worker.clone().cancelled_owned()));
+    let cli = Cli { exchange: exchange.url(), launcher: launcher.url() };
+    let cli = std::sync::Arc::new(cli);
+    let run = |args: &'static [&'static str]| {
+        let cli = cli.clone();
+        tokio::task::spawn_blocking(move || cli.json(args))
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run(&["workers", "list"]).await.unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the worker never joined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let workers = run(&["workers", "list"]).await.unwrap();
+    assert_eq!(workers[0]["name"], "w1");
+
+    let cli2 = cli.clone();
+    let launched = tokio::task::spawn_blocking(move || {
+        cli2.json(&[
+            "agents",
+            "launch",
+            "test.Counter",
+            "--config",
+            r#"{"start": 100}"#,
+            "--retries",
+            "1",
+        ])
+    })
+    .await
+    .unwrap();
+    let id = launched[0]["agent_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let agents = run(&["agents", "list"]).await.unwrap();
+        if agents[0]["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never running: {agents:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let cli2 = cli.clone();
+    let id2 = id.clone();
+    let checks = tokio::task::spawn_blocking(move || {
+        let (ok, out, err) = cli2.run(&["invoke", &id2, "increment", "[5]"]);
+        assert!(ok, "{err}");
+        assert_eq!(out.trim(), "105", "config and call reached the agent");
+        let found = cli2.json(&["discover", "test.Metric"]);
+        assert_eq!(found[0]["agent_id"], id2.as_str());
+        let status = cli2.json(&["status", &id2]);
+        assert_eq!(status[0]["state"], "active");
+        let (ok, table, _) = cli2.run(&["agents", "list"]);
+        assert!(ok && table.starts_with("AGENT_ID"), "a table for people: {table}");
+
+        let (ok, _, err) = cli2.run(&["agents", "launch", "test.Nope"]);
+        assert!(!ok && err.contains("no registered worker offers"), "{err}");
+        let (ok, _, err) = cli2.run(&["invoke", &id2, "increment", "not json"]);
+        assert!(!ok && err.contains("args must be JSON"), "{err}");
+        let (ok, _, err) = cli2.run(&["workers", "drain", "worker:nope"]);
+        assert!(!ok && err.contains("NotFound"), "{err}");
+
+        let stopped = cli2.json(&["agents", "stop", &id2, "--terminate"]);
+        assert_eq!(stopped[0]["state"], "stopping");
+    })
+    .await;
+    checks.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let cli2 = cli.clone();
+        let id2 = id.clone();
+        let status =
+            tokio::task::spawn_blocking(move || cli2.json(&["status", &id2])).await.unwrap();
+        if status[0]["state"] == "terminated" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never terminated: {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_worker.cancel();
+    worker.await.unwrap().unwrap();
+}
