@@ -3,7 +3,7 @@
 export CARGO_BUILD_JOBS ?= 2
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test bench
+.PHONY: demo test bench cluster
 
 ## Run the demo on the embedded exchange (no Redis, no cluster).
 demo:
@@ -21,6 +21,10 @@ test:
 	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 	cargo nextest run --workspace --locked --profile ci
 	cargo test --workspace --doc --locked
+
+## A local cluster: exchange, launcher and two workers, with the pipeline on them.
+cluster:
+	examples/cluster.sh
 
 ## Run the end-to-end benchmark (figures for BENCHMARKS.md).
 bench:

@@ -115,22 +115,20 @@ impl fmt::Debug for GrpcExchange {
 }
 
 impl GrpcExchange {
-    /// Connects to `url` (e.g. `http://127.0.0.1:50051`).
+    /// Connects to `url` (e.g. `http://127.0.0.1:50051`); fails if it can't.
     pub async fn connect(url: impl Into<String>) -> Result<Self, ClientError> {
         let url = url.into();
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| ClientError::Transport(format!("bad exchange url {url:?}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(Some(4 * 1024 * 1024))
-            .initial_connection_window_size(Some(8 * 1024 * 1024));
-        let channel = endpoint
+        let channel = endpoint(&url)?
             .connect()
             .await
             .map_err(|e| ClientError::Transport(format!("cannot connect to {url}: {e}")))?;
         Ok(Self::from_channel(channel))
+    }
+
+    /// A client of `url` that connects on first use (and again whenever the
+    /// connection drops), for services that may start before the exchange.
+    pub fn lazy(url: &str) -> Result<Self, ClientError> {
+        Ok(Self::from_channel(endpoint(url)?.connect_lazy()))
     }
 
     /// Uses an existing channel (must be called inside a tokio runtime).
@@ -146,6 +144,17 @@ impl GrpcExchange {
     fn rpc(&self) -> RpcClient<Channel> {
         self.rpc.clone()
     }
+}
+
+fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|e| ClientError::Transport(format!("bad exchange url {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(8 * 1024 * 1024)))
 }
 
 /// Sends queued messages in batches until every `GrpcExchange` clone is gone.

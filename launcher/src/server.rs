@@ -43,7 +43,8 @@ pub struct RunningLauncher {
 
 impl RunningLauncher {
     pub async fn start(options: LauncherOptions) -> anyhow::Result<Self> {
-        let exchange = GrpcExchange::connect(options.exchange_url.clone()).await?;
+        // Lazily: the exchange may start after the launcher.
+        let exchange = GrpcExchange::lazy(&options.exchange_url)?;
         let service = LauncherService::new(
             Arc::new(exchange),
             options.exchange_url.clone(),

@@ -4,23 +4,54 @@
 //! `cargo run -p academy-examples --bin pipeline [-- --exchange http://HOST:PORT]`
 
 use academy_examples::behaviours::{Cleaner, Coordinator, WordStats};
-use academy_sdk::HandleError;
+use std::time::Duration;
+
+use academy_sdk::{HandleError, Launcher, RemoteLaunch};
 use clap::Parser;
 
 #[derive(Parser)]
 struct Args {
     #[command(flatten)]
     exchange: academy_examples::ExchangeArgs,
+    /// Launch the agents on workers through this launcher (the agents keep
+    /// running after the pipeline ends) instead of in this process.
+    #[arg(long)]
+    launcher: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     academy_examples::init_logging();
-    let (manager, _server) = Args::parse().exchange.connect().await?;
+    let args = Args::parse();
+    let (manager, _server) = args.exchange.connect().await?;
 
-    let cleaner = manager.launch(Cleaner::default()).await?;
-    let analyser = manager.launch(WordStats::default()).await?;
-    let coordinator = manager.launch(Coordinator::default()).await?;
+    let (cleaner, analyser, coordinator) = match &args.launcher {
+        None => (
+            manager.launch(Cleaner::default()).await?,
+            manager.launch(WordStats::default()).await?,
+            manager.launch(Coordinator::default()).await?,
+        ),
+        Some(url) => {
+            let launcher = Launcher::connect(url).await?;
+            let config = serde_json::json!({});
+            let options = RemoteLaunch { retry_limit: 3, ..Default::default() };
+            let timeout = Duration::from_secs(30);
+            (
+                manager
+                    .launch_remote::<Cleaner>(&launcher, &config, options.clone())
+                    .await?
+                    .with_timeout(timeout),
+                manager
+                    .launch_remote::<WordStats>(&launcher, &config, options.clone())
+                    .await?
+                    .with_timeout(timeout),
+                manager
+                    .launch_remote::<Coordinator>(&launcher, &config, options)
+                    .await?
+                    .with_timeout(timeout),
+            )
+        }
+    };
 
     let found = manager.discover("example.Analyser", false).await?;
     println!("analysers found by discovery: {}", found.len());
