@@ -3,6 +3,7 @@
 //!
 //! `cargo run --release -p academy-bench` prints a Markdown table for BENCHMARKS.md.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -22,7 +23,8 @@ mod floor {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-struct Echo;
+#[derive(serde::Deserialize)]
+struct Echo {}
 
 #[behaviour(name = "bench.Echo")]
 impl Echo {
@@ -44,9 +46,16 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     calls: u64,
     /// Run only these scenarios (e.g. `--only b,d`), for profiling; `s` is
-    /// the scale run (memory and discovery with `--mailboxes` idle mailboxes).
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e,s")]
+    /// the scale run (memory and discovery with `--mailboxes` idle mailboxes),
+    /// `l` the launcher run (`--agents` agents on two workers, then failover).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e,s,l")]
     only: Vec<char>,
+    /// Agents launched in the launcher run.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Heartbeat timeout of the launcher run's launcher, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_timeout_ms: u64,
     /// Backends to measure, side by side.
     #[arg(long, value_delimiter = ',', default_value = "memory,redis")]
     backend: Vec<BackendKind>,
@@ -73,6 +82,22 @@ enum Role {
     /// Serve the plain tonic echo (the floor), in a child process.
     #[command(hide = true)]
     ServeFloor,
+    /// Serve a launcher, in a child process.
+    #[command(hide = true)]
+    ServeLauncher {
+        #[arg(long)]
+        exchange: String,
+        #[arg(long)]
+        heartbeat_timeout_ms: u64,
+    },
+    /// Run a worker offering bench.Echo, in a child process.
+    #[command(hide = true)]
+    ServeWorker {
+        #[arg(long)]
+        launcher: String,
+        #[arg(long)]
+        capacity: u32,
+    },
 }
 
 /// A server in a child process; killed on drop.
@@ -359,7 +384,7 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
     let (exchange, _redis) = start_exchange(backend).await?;
     let url = format!("http://{}", exchange.addr);
     let manager = Manager::connect(&url).await?;
-    let echo = manager.launch(Echo).await?;
+    let echo = manager.launch(Echo {}).await?;
     let mut rows = Vec::new();
 
     if run('a') {
@@ -376,7 +401,7 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
     if run('c') {
         let mut fleet = Vec::new();
         for _ in 0..16 {
-            fleet.push(manager.launch(Echo).await?);
+            fleet.push(manager.launch(Echo {}).await?);
         }
         let c = fan_out(&fleet, 200, 20).await?;
         rows.push(format!(
@@ -428,12 +453,182 @@ async fn measure_floor(args: &Args) -> anyhow::Result<Vec<String>> {
     ])
 }
 
+async fn serve_launcher(exchange: String, heartbeat_timeout_ms: u64) -> anyhow::Result<()> {
+    let launcher = academy_launcher::RunningLauncher::start(academy_launcher::LauncherOptions {
+        exchange_url: exchange,
+        heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms),
+        ..Default::default()
+    })
+    .await?;
+    println!("{}", launcher.addr());
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Waits until `count(records)` is reached, following the launcher's watch.
+async fn watch_until(
+    launcher: String,
+    mut done: impl FnMut(&HashMap<String, academy_proto::pb::AgentRecord>) -> bool,
+) -> anyhow::Result<()> {
+    use academy_proto::pb;
+    let mut rpc = pb::launcher_client::LauncherClient::connect(launcher).await?;
+    let mut changes = rpc.watch(pb::WatchRequest {}).await?.into_inner();
+    let mut agents = HashMap::new();
+    while let Some(change) = tokio_stream::StreamExt::next(&mut changes).await {
+        let agent = change?.agent.context("no record")?;
+        agents.insert(agent.agent_id.clone(), agent);
+        if done(&agents) {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the watch ended")
+}
+
+/// Launches `n` agents on two workers, then kills one (SIGKILL) and freezes
+/// the other's replacement (SIGSTOP): time to launch and to fail over.
+async fn measure_launcher(args: &Args) -> anyhow::Result<Vec<String>> {
+    use academy_proto::pb::{self, AgentState};
+    let (exchange, _redis) = start_exchange(BackendKind::Memory).await?;
+    let exchange_url = format!("http://{}", exchange.addr);
+    let timeout = args.heartbeat_timeout_ms.to_string();
+    let launcher = spawn_server(&[
+        "serve-launcher",
+        "--exchange",
+        &exchange_url,
+        "--heartbeat-timeout-ms",
+        &timeout,
+    ])
+    .await?;
+    let launcher_url = format!("http://{}", launcher.addr);
+    let capacity = args.agents.to_string();
+    let worker = |name: &'static str| {
+        let exe = std::env::current_exe();
+        let (url, capacity) = (launcher_url.clone(), capacity.clone());
+        async move {
+            let child = Command::new(exe?)
+                .args(["serve-worker", "--launcher", &url, "--capacity", &capacity])
+                .env("RUST_LOG", "error")
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("cannot start {name}"))?;
+            anyhow::Ok(child)
+        }
+    };
+    let mut workers = vec![worker("worker 1").await?, worker("worker 2").await?];
+    let mut rpc = pb::launcher_client::LauncherClient::connect(launcher_url.clone()).await?;
+    while rpc.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let n = args.agents;
+    let running = |agents: &HashMap<String, pb::AgentRecord>| {
+        agents.values().filter(|a| a.state() == AgentState::Running).count()
+    };
+    let all_running =
+        tokio::spawn(watch_until(launcher_url.clone(), move |agents| running(agents) == n));
+    let start = Instant::now();
+    let launches = futures::StreamExt::map(futures::stream::iter(0..n), |_| {
+        let mut rpc = rpc.clone();
+        async move {
+            let request = pb::LaunchRequest {
+                behaviour: "bench.Echo".into(),
+                config_json: "{}".into(),
+                ..Default::default()
+            };
+            rpc.launch(request).await.map(drop)
+        }
+    });
+    let results: Vec<_> =
+        futures::StreamExt::collect(futures::StreamExt::buffer_unordered(launches, 64)).await;
+    results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let launched = start.elapsed();
+    all_running.await??;
+    let started = start.elapsed();
+
+    // All running, and none on `gone`.
+    let settled = |gone: String| {
+        move |agents: &HashMap<String, pb::AgentRecord>| {
+            agents.len() == n
+                && agents.values().all(|a| a.state() == AgentState::Running && a.worker_id != gone)
+        }
+    };
+    let busy = |rpc: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>| {
+        let mut rpc = rpc.clone();
+        async move {
+            let workers = rpc.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers;
+            anyhow::Ok(
+                workers.into_iter().map(|w| (w.worker_id, w.agent_ids.len())).collect::<Vec<_>>(),
+            )
+        }
+    };
+
+    // Failover after SIGKILL: the launcher sees the stream close. Which worker
+    // process has which id is unknown, so wait for "all on one worker".
+    let before = busy(&mut rpc).await?;
+    let killed = Instant::now();
+    workers[0].kill().await?;
+    watch_until(launcher_url.clone(), move |agents| {
+        agents.len() == n
+            && agents.values().all(|a| a.state() == AgentState::Running)
+            && agents
+                .values()
+                .map(|a| a.worker_id.as_str())
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == 1
+    })
+    .await?;
+    let kill_failover = killed.elapsed();
+    let after = busy(&mut rpc).await?;
+    let moved =
+        before.iter().find(|(id, _)| !after.iter().any(|(a, _)| a == id)).map_or(0, |(_, n)| *n);
+
+    // Failover after a freeze (SIGSTOP): only the heartbeat timeout tells.
+    let survivor =
+        after.iter().find(|(_, n)| *n > 0).map(|(id, _)| id.clone()).context("no busy worker")?;
+    workers.push(worker("worker 3").await?);
+    while busy(&mut rpc).await?.len() < 2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = workers[1].id().context("worker exited")?;
+    let frozen = Instant::now();
+    let stopped = std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status()?;
+    anyhow::ensure!(stopped.success(), "cannot SIGSTOP the worker");
+    watch_until(launcher_url.clone(), settled(survivor)).await?;
+    let freeze_failover = frozen.elapsed();
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+
+    Ok(vec![
+        format!(
+            "| (l) launch {n} agents on 2 workers: all launched / all running | {:.0} agents/s / {:.0} agents/s |",
+            n as f64 / launched.as_secs_f64(),
+            n as f64 / started.as_secs_f64()
+        ),
+        format!(
+            "| (l) failover after SIGKILL of a worker ({moved} agents) | {:.0} ms |",
+            kill_failover.as_secs_f64() * 1000.0
+        ),
+        format!(
+            "| (l) failover after SIGSTOP of a worker ({n} agents; heartbeat timeout {} ms) | {:.0} ms |",
+            args.heartbeat_timeout_ms,
+            freeze_failover.as_secs_f64() * 1000.0
+        ),
+    ])
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.role {
         Some(Role::ServeExchange { redis }) => return serve_exchange(redis).await,
         Some(Role::ServeFloor) => return serve_floor().await,
+        Some(Role::ServeLauncher { exchange, heartbeat_timeout_ms }) => {
+            return serve_launcher(exchange, heartbeat_timeout_ms).await;
+        }
+        Some(Role::ServeWorker { launcher, capacity }) => {
+            academy_sdk::Worker::new(launcher).capacity(capacity).register::<Echo>().run().await?;
+            return Ok(());
+        }
         None => {}
     }
     println!("Machine: {}", machine());
@@ -444,6 +639,16 @@ async fn main() -> anyhow::Result<()> {
         println!("| scenario | result |");
         println!("|---|---|");
         for row in measure(&args, *backend).await? {
+            println!("{row}");
+        }
+    }
+    if args.only.contains(&'l') {
+        println!();
+        println!("Launcher (in-memory exchange):");
+        println!();
+        println!("| scenario | result |");
+        println!("|---|---|");
+        for row in measure_launcher(&args).await? {
             println!("{row}");
         }
     }
