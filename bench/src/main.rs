@@ -73,26 +73,26 @@ enum BackendKind {
 #[derive(Subcommand)]
 enum Role {
     /// Serve an exchange (the benchmark starts this in a child process).
-    #[command(hide = true)]
-    ServeExchange {
+    #[command(hide = true, name = "serve-exchange")]
+    Exchange {
         /// Keep mailboxes in the Redis at this URL instead of in memory.
         #[arg(long)]
         redis: Option<String>,
     },
     /// Serve the plain tonic echo (the floor), in a child process.
-    #[command(hide = true)]
-    ServeFloor,
+    #[command(hide = true, name = "serve-floor")]
+    Floor,
     /// Serve a launcher, in a child process.
-    #[command(hide = true)]
-    ServeLauncher {
+    #[command(hide = true, name = "serve-launcher")]
+    Launcher {
         #[arg(long)]
         exchange: String,
         #[arg(long)]
         heartbeat_timeout_ms: u64,
     },
     /// Run a worker offering bench.Echo, in a child process.
-    #[command(hide = true)]
-    ServeWorker {
+    #[command(hide = true, name = "serve-worker")]
+    Worker {
         #[arg(long)]
         launcher: String,
         #[arg(long)]
@@ -620,12 +620,12 @@ async fn measure_launcher(args: &Args) -> anyhow::Result<Vec<String>> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.role {
-        Some(Role::ServeExchange { redis }) => return serve_exchange(redis).await,
-        Some(Role::ServeFloor) => return serve_floor().await,
-        Some(Role::ServeLauncher { exchange, heartbeat_timeout_ms }) => {
+        Some(Role::Exchange { redis }) => return serve_exchange(redis).await,
+        Some(Role::Floor) => return serve_floor().await,
+        Some(Role::Launcher { exchange, heartbeat_timeout_ms }) => {
             return serve_launcher(exchange, heartbeat_timeout_ms).await;
         }
-        Some(Role::ServeWorker { launcher, capacity }) => {
+        Some(Role::Worker { launcher, capacity }) => {
             academy_sdk::Worker::new(launcher).capacity(capacity).register::<Echo>().run().await?;
             return Ok(());
         }
