@@ -13,7 +13,9 @@ use tonic::transport::Channel;
 
 struct Cluster {
     exchange: RunningServer,
-    launcher: RunningLauncher,
+    /// `None` while a test restarts it (on the same address).
+    launcher: Option<RunningLauncher>,
+    launcher_url: String,
     rpc: LauncherClient<Channel>,
     workers: Vec<(String, Child)>,
 }
@@ -36,8 +38,10 @@ async fn cluster(workers: &[&str]) -> Cluster {
     })
     .await
     .unwrap();
-    let rpc = LauncherClient::connect(launcher.url()).await.unwrap();
-    let mut cluster = Cluster { exchange, launcher, rpc, workers: Vec::new() };
+    let launcher_url = launcher.url();
+    let rpc = LauncherClient::connect(launcher_url.clone()).await.unwrap();
+    let mut cluster =
+        Cluster { exchange, launcher: Some(launcher), launcher_url, rpc, workers: Vec::new() };
     for name in workers {
         cluster.add_worker(name);
     }
@@ -54,7 +58,7 @@ async fn cluster(workers: &[&str]) -> Cluster {
 impl Cluster {
     fn add_worker(&mut self, name: &str) {
         let child = Command::new(env!("CARGO_BIN_EXE_worker"))
-            .args(["--launcher", &self.launcher.url(), "--name", name, "--capacity", "4"])
+            .args(["--launcher", &self.launcher_url, "--name", name, "--capacity", "4"])
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()
@@ -126,7 +130,7 @@ async fn agents_spread_over_workers_and_move_when_one_is_killed() {
 
     // The manager launches through the launcher too, with the same handles.
     let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
-    let launcher = academy_sdk::Launcher::connect(&cluster.launcher.url()).await.unwrap();
+    let launcher = academy_sdk::Launcher::connect(&cluster.launcher_url).await.unwrap();
     let remote = manager
         .launch_remote::<WordStats>(&launcher, &serde_json::json!({}), Default::default())
         .await
@@ -292,5 +296,60 @@ async fn a_worker_back_from_the_dead_does_not_serve_moved_agents() {
     let agent = cluster.get(&id).await;
     assert_eq!((agent.state(), agent.epoch), (AgentState::Running, 2), "{agent:?}");
     assert_eq!(cluster.worker_of(&id).await, "w2");
+    manager.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_launcher_restarted_on_redis_forgets_nothing() {
+    let redis = academy_exchange::testing::RedisServer::start()
+        .expect("redis-server must run for this test");
+    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
+    let options = LauncherOptions {
+        exchange_url: exchange.url(),
+        heartbeat_timeout: Duration::from_secs(1),
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    };
+    let launcher = RunningLauncher::start(options.clone()).await.unwrap();
+    let launcher_url = launcher.url();
+    let rpc = LauncherClient::connect(launcher_url.clone()).await.unwrap();
+    let mut cluster =
+        Cluster { exchange, launcher: Some(launcher), launcher_url, rpc, workers: Vec::new() };
+    cluster.add_worker("w1");
+    wait(|| async {
+        let mut rpc = cluster.rpc.clone();
+        rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers.len() == 1
+    })
+    .await;
+    let running = cluster.launch("example.WordStats", "{}", 2).await.unwrap();
+    let stopped = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    cluster.wait_state(&running, AgentState::Running).await;
+    cluster.wait_state(&stopped, AgentState::Running).await;
+    cluster
+        .rpc
+        .stop(pb::StopRequest { agent_id: stopped.clone(), terminate: false })
+        .await
+        .unwrap();
+    cluster.wait_state(&stopped, AgentState::Stopped).await;
+
+    // Restart the launcher on the same address and Redis.
+    let first = cluster.launcher.take().unwrap();
+    let addr = first.addr();
+    first.shutdown().await;
+    let second = RunningLauncher::start(LauncherOptions { listen: addr, ..options }).await.unwrap();
+    cluster.launcher = Some(second);
+    cluster.rpc = LauncherClient::connect(cluster.launcher_url.clone()).await.unwrap();
+
+    let agents = cluster.rpc.list(pb::ListRequest {}).await.unwrap().into_inner().agents;
+    assert_eq!(agents.len(), 2, "both records survived: {agents:?}");
+    assert_eq!(cluster.get(&stopped).await.state(), AgentState::Stopped);
+    // The worker rejoins by itself and the running agent comes back.
+    let back = cluster.wait_state(&running, AgentState::Running).await;
+    assert!(back.epoch >= 2, "placed again: {back:?}");
+    assert_eq!(back.retry_limit, 2);
+    let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
+    let analyser =
+        manager.handle::<WordStats>(running.parse().unwrap()).with_timeout(Duration::from_secs(10));
+    assert_eq!(analyser.analyse("after the restart".into()).await.unwrap().words, 3);
     manager.close().await.unwrap();
 }

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use academy_proto::pb::{self, AgentState, launcher_message::Body};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::store::Write;
 
 /// Messages to one worker's stream.
 pub(crate) type WorkerTx = mpsc::UnboundedSender<pb::LauncherMessage>;
@@ -43,6 +45,8 @@ pub(crate) struct Cluster {
     /// Agents being stopped so they can run elsewhere (drain), not for good.
     moving: std::collections::HashSet<String>,
     changes: broadcast::Sender<pb::AgentRecord>,
+    /// Where records are persisted, if anywhere.
+    store: Option<mpsc::UnboundedSender<Write>>,
 }
 
 impl Cluster {
@@ -52,7 +56,27 @@ impl Cluster {
             workers: BTreeMap::new(),
             moving: Default::default(),
             changes: broadcast::channel(4096).0,
+            store: None,
         }
+    }
+
+    /// Persists every change through `store`, starting from `records`.
+    pub(crate) fn restore(
+        &mut self,
+        records: Vec<pb::AgentRecord>,
+        store: mpsc::UnboundedSender<Write>,
+    ) {
+        for record in records {
+            self.agents.insert(record.agent_id.clone(), record);
+        }
+        self.store = Some(store);
+    }
+
+    /// A promise that every change so far is persisted (at once without a store).
+    pub(crate) fn flushed(&self) -> Option<oneshot::Receiver<()>> {
+        let (done, flushed) = oneshot::channel();
+        self.store.as_ref()?.send(Write::Flush(done)).ok()?;
+        Some(flushed)
     }
 
     pub(crate) fn watch(&self) -> (Vec<pb::AgentRecord>, broadcast::Receiver<pb::AgentRecord>) {
@@ -88,6 +112,9 @@ impl Cluster {
 
     fn changed(&self, id: &str) {
         if let Some(record) = self.agents.get(id) {
+            if let Some(store) = &self.store {
+                let _ = store.send(Write::Record(Box::new(record.clone())));
+            }
             let _ = self.changes.send(record.clone());
         }
     }

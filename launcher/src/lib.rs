@@ -8,6 +8,7 @@
 mod cluster;
 mod server;
 mod service;
+mod store;
 
 pub use server::{LauncherOptions, RunningLauncher};
 pub use service::LauncherService;

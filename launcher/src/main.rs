@@ -21,6 +21,12 @@ struct Config {
     /// Milliseconds without a heartbeat after which a worker is dead.
     #[arg(long, env = "ACADEMY_LAUNCHER_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
     heartbeat_timeout_ms: u64,
+    /// Keep agent records in Redis at this URL, so a restart forgets nothing.
+    #[arg(long, env = "ACADEMY_LAUNCHER_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of the launcher's Redis keys.
+    #[arg(long, env = "ACADEMY_LAUNCHER_REDIS_PREFIX", default_value = "academy")]
+    redis_prefix: String,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -38,6 +44,8 @@ async fn main() -> anyhow::Result<()> {
         listen: config.listen,
         exchange_url: config.exchange,
         heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
+        redis_url: config.redis_url,
+        redis_prefix: config.redis_prefix,
     })
     .await?;
     tokio::signal::ctrl_c().await?;

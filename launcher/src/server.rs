@@ -11,7 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::LauncherService;
+use crate::cluster::Cluster;
+use crate::{LauncherService, store};
 
 /// How to run a launcher.
 #[derive(Debug, Clone)]
@@ -21,6 +22,11 @@ pub struct LauncherOptions {
     pub exchange_url: String,
     /// A worker silent for this long is declared dead and its agents move.
     pub heartbeat_timeout: Duration,
+    /// Keep agent records in this Redis (`redis://HOST:PORT/DB`), so a
+    /// restarted launcher forgets nothing; in memory when `None`.
+    pub redis_url: Option<String>,
+    /// Prefix of the launcher's Redis keys.
+    pub redis_prefix: String,
 }
 
 impl Default for LauncherOptions {
@@ -29,6 +35,8 @@ impl Default for LauncherOptions {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             exchange_url: "http://127.0.0.1:50051".into(),
             heartbeat_timeout: Duration::from_secs(3),
+            redis_url: None,
+            redis_prefix: "academy".into(),
         }
     }
 }
@@ -45,7 +53,15 @@ impl RunningLauncher {
     pub async fn start(options: LauncherOptions) -> anyhow::Result<Self> {
         // Lazily: the exchange may start after the launcher.
         let exchange = GrpcExchange::lazy(&options.exchange_url)?;
+        let mut cluster = Cluster::new();
+        if let Some(url) = &options.redis_url {
+            let (records, store) = store::open(url, &options.redis_prefix).await?;
+            cluster.restore(records, store);
+        }
+        let shutdown = CancellationToken::new();
         let service = LauncherService::new(
+            cluster,
+            shutdown.clone(),
             Arc::new(exchange),
             options.exchange_url.clone(),
             options.heartbeat_timeout,
@@ -64,7 +80,6 @@ impl RunningLauncher {
             conn.set_nodelay(true)?;
             Ok::<_, std::io::Error>(conn)
         });
-        let shutdown = CancellationToken::new();
         let signal = shutdown.clone().cancelled_owned();
         let router = tonic::transport::Server::builder()
             .add_service(health_service)

@@ -17,6 +17,8 @@ use crate::cluster::Cluster;
 #[derive(Debug, Clone)]
 pub struct LauncherService {
     cluster: Arc<Mutex<Cluster>>,
+    /// Ends worker sessions and watches when the launcher shuts down.
+    shutdown: tokio_util::sync::CancellationToken,
     exchange: SharedExchange,
     exchange_url: String,
     heartbeat_timeout: Duration,
@@ -24,15 +26,21 @@ pub struct LauncherService {
 
 impl LauncherService {
     pub(crate) fn new(
+        cluster: Cluster,
+        shutdown: tokio_util::sync::CancellationToken,
         exchange: SharedExchange,
         exchange_url: String,
         heartbeat_timeout: Duration,
     ) -> Self {
-        Self {
-            cluster: Arc::new(Mutex::new(Cluster::new())),
-            exchange,
-            exchange_url,
-            heartbeat_timeout,
+        let cluster = Arc::new(Mutex::new(cluster));
+        Self { cluster, shutdown, exchange, exchange_url, heartbeat_timeout }
+    }
+
+    /// Waits until every change so far is persisted (no-op without a store).
+    async fn persisted(&self) {
+        let flushed = self.cluster().flushed();
+        if let Some(flushed) = flushed {
+            let _ = flushed.await;
         }
     }
 
@@ -93,6 +101,7 @@ impl launcher_server::Launcher for LauncherService {
             ..Default::default()
         };
         let agent = self.cluster().launch(record);
+        self.persisted().await;
         Ok(Response::new(pb::LaunchResponse { agent: Some(agent) }))
     }
 
@@ -133,6 +142,7 @@ impl launcher_server::Launcher for LauncherService {
             let mailbox: EntityId = id.parse().map_err(Status::from)?;
             self.exchange.terminate(&mailbox).await.map_err(exchange_status)?;
         }
+        self.persisted().await;
         let agent = self.cluster().agent(&id).cloned();
         Ok(Response::new(pb::StopResponse { agent }))
     }
@@ -187,7 +197,9 @@ impl launcher_server::Launcher for LauncherService {
         });
         self.cluster().add_worker(worker_id.clone(), register, tx.clone());
         tokio::spawn(self.clone().serve_worker(worker_id, inbound, tx));
-        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok);
+        let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(Ok)
+            .take_until(self.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(outbound)))
     }
 }
@@ -202,7 +214,10 @@ impl LauncherService {
         tx: mpsc::UnboundedSender<pb::LauncherMessage>,
     ) {
         let why = loop {
-            let next = tokio::time::timeout(self.heartbeat_timeout, inbound.next()).await;
+            let next = tokio::select! {
+                next = tokio::time::timeout(self.heartbeat_timeout, inbound.next()) => next,
+                () = self.shutdown.cancelled() => return,
+            };
             let body = match next {
                 Err(_) => break format!("no heartbeat for {:?}", self.heartbeat_timeout),
                 Ok(None) => break "its stream closed".to_owned(),
