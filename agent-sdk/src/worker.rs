@@ -110,7 +110,7 @@ impl Worker {
     /// Serves until SIGINT or SIGTERM, reconnecting to the launcher when the
     /// connection drops; then stops its agents, keeping their mailboxes.
     pub async fn run(self) -> Result<(), ClientError> {
-        self.run_until(shutdown_signal()).await
+        self.run_until(academy_exchange::shutdown_signal()).await
     }
 
     /// Serves until `shutdown` completes.
@@ -258,15 +258,5 @@ impl Worker {
         let run = (offered.factory)(&start.config_json, id, exchange, stop.clone())?;
         tracing::info!(agent = %id, behaviour = %start.behaviour, epoch = start.epoch, "starting agent");
         Ok((stop, run))
-    }
-}
-
-/// SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs on unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -151,14 +151,7 @@ impl floor::floor_server::Floor for FloorService {
 async fn serve_floor() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |conn| {
-            let conn = conn?;
-            conn.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(conn)
-        },
-    );
+    let incoming = academy_exchange::nodelay_incoming(listener);
     // The same transport settings as the exchange-server's.
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(4 * 1024 * 1024))

@@ -43,20 +43,14 @@ async fn cluster(workers: &[&str]) -> Cluster {
     let mut cluster =
         Cluster { exchange, launcher: Some(launcher), launcher_url, rpc, workers: Vec::new() };
     for name in workers {
-        cluster.add_worker(name);
+        cluster.add_worker(name).await;
     }
-    let expected = cluster.workers.len();
-    wait(|| async {
-        let mut rpc = cluster.rpc.clone();
-        rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers.len()
-            == expected
-    })
-    .await;
     cluster
 }
 
 impl Cluster {
-    fn add_worker(&mut self, name: &str) {
+    /// Starts a worker process and waits until it has joined.
+    async fn add_worker(&mut self, name: &str) {
         let child = Command::new(env!("CARGO_BIN_EXE_worker"))
             .args(["--launcher", &self.launcher_url, "--name", name, "--capacity", "4"])
             .env("RUST_LOG", "warn")
@@ -64,6 +58,14 @@ impl Cluster {
             .spawn()
             .expect("worker starts");
         self.workers.push((name.to_owned(), child));
+        let expected = self.workers.len();
+        wait(|| async {
+            let mut rpc = self.rpc.clone();
+            let workers =
+                rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+            workers.len() == expected
+        })
+        .await;
     }
 
     async fn launch(
@@ -235,12 +237,7 @@ async fn draining_a_worker_moves_its_agents_and_keeps_their_mailboxes() {
     let mut cluster = cluster(&["w1"]).await;
     let id = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
     cluster.wait_state(&id, AgentState::Running).await;
-    cluster.add_worker("w2");
-    wait(|| async {
-        let mut rpc = cluster.rpc.clone();
-        rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers.len() == 2
-    })
-    .await;
+    cluster.add_worker("w2").await;
     let from = cluster.get(&id).await.worker_id;
     cluster.rpc.drain_worker(pb::DrainWorkerRequest { worker_id: from.clone() }).await.unwrap();
     wait(|| async {
@@ -266,12 +263,7 @@ async fn a_worker_back_from_the_dead_does_not_serve_moved_agents() {
     let mut cluster = cluster(&["w1"]).await;
     let id = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
     cluster.wait_state(&id, AgentState::Running).await;
-    cluster.add_worker("w2");
-    wait(|| async {
-        let mut rpc = cluster.rpc.clone();
-        rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers.len() == 2
-    })
-    .await;
+    cluster.add_worker("w2").await;
 
     // Freeze w1: it stops heartbeating but keeps its connections, as in a
     // partition. After the heartbeat timeout the launcher moves the agent.
@@ -315,12 +307,7 @@ async fn a_launcher_restarted_on_redis_forgets_nothing() {
     let rpc = LauncherClient::connect(launcher_url.clone()).await.unwrap();
     let mut cluster =
         Cluster { exchange, launcher: Some(launcher), launcher_url, rpc, workers: Vec::new() };
-    cluster.add_worker("w1");
-    wait(|| async {
-        let mut rpc = cluster.rpc.clone();
-        rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers.len() == 1
-    })
-    .await;
+    cluster.add_worker("w1").await;
     let running = cluster.launch("example.WordStats", "{}", 2).await.unwrap();
     let stopped = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
     cluster.wait_state(&running, AgentState::Running).await;

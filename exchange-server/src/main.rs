@@ -1,7 +1,7 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use academy_exchange::{Config, RunningServer, telemetry};
+use academy_exchange::{Config, RunningServer, shutdown_signal, telemetry};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -21,14 +21,5 @@ async fn main() -> anyhow::Result<()> {
             tracing::warn!("second signal: exiting now");
             std::process::exit(130);
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs on unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

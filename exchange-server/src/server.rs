@@ -12,6 +12,28 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Exchange, ExchangeService, Limits, RedisOptions};
 
+/// Accepted connections of `listener`, with TCP_NODELAY set (small messages
+/// must not wait for Nagle).
+pub fn nodelay_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
+/// Completes on SIGINT or SIGTERM (what Kubernetes sends to stop a pod).
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs on unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// Room above the message-size limit for the request around a message, so an
 /// oversized message gets the exchange's own error naming both sizes.
 const FRAME_SLACK_BYTES: usize = 64 * 1024;
@@ -97,11 +119,7 @@ impl RunningServer {
         let service = ExchangeServer::new(ExchangeService::new(exchange.clone()))
             .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
             .max_encoding_message_size(usize::MAX);
-        let incoming = TcpListenerStream::new(listener).map(|conn| {
-            let conn = conn?;
-            conn.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(conn)
-        });
+        let incoming = nodelay_incoming(listener);
         let signal = {
             let shutdown = shutdown.clone();
             let exchange = exchange.clone();

@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         redis_prefix: config.redis_prefix,
     })
     .await?;
-    tokio::signal::ctrl_c().await?;
+    academy_exchange::shutdown_signal().await;
     launcher.shutdown().await;
     Ok(())
 }

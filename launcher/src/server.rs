@@ -8,7 +8,6 @@ use academy_proto::pb::launcher_server::LauncherServer;
 use academy_sdk::GrpcExchange;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
@@ -75,11 +74,7 @@ impl RunningLauncher {
                 .register_encoded_file_descriptor_set(academy_proto::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         };
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-            let conn = conn?;
-            conn.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(conn)
-        });
+        let incoming = academy_exchange::nodelay_incoming(listener);
         let signal = shutdown.clone().cancelled_owned();
         let router = tonic::transport::Server::builder()
             .add_service(health_service)
