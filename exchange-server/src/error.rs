@@ -97,7 +97,9 @@ impl ExchangeError {
             "SUBSCRIPTION_SUPERSEDED" => Self::Superseded(id()?),
             "SHUTTING_DOWN" => Self::ShuttingDown,
             "DEADLINE_EXCEEDED" => Self::DeadlineExceeded(message),
-            "STORE_UNAVAILABLE" => Self::Unavailable(message),
+            "STORE_UNAVAILABLE" => Self::Unavailable(
+                message.strip_prefix("mailbox store unavailable: ").unwrap_or(&message).to_owned(),
+            ),
             _ => return None,
         })
     }
@@ -150,6 +152,7 @@ mod tests {
             ExchangeError::TooLarge { size: 10, limit: 5 },
             ExchangeError::InvalidArgument("bad".into()),
             ExchangeError::ShuttingDown,
+            ExchangeError::Unavailable("connection refused".into()),
         ] {
             let status = Status::from(err.clone());
             assert_eq!(status.code(), err.code());
