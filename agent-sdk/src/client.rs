@@ -95,6 +95,9 @@ impl ExchangeClient for LocalExchange {
     }
 }
 
+/// Agents per page when discovering (keeps each answer well under 1 MiB).
+const DISCOVER_PAGE: u32 = 2_000;
+
 /// Most messages sent in one `SendBatch` call.
 const MAX_SEND_BATCH: usize = 512;
 
@@ -245,9 +248,24 @@ impl ExchangeClient for GrpcExchange {
         })
     }
     async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {
-        let response =
-            self.rpc().discover(pb::DiscoverRequest { behaviour: name.to_owned(), exact }).await?;
-        response.into_inner().agents.into_iter().map(info_from_pb).collect()
+        let mut found = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let request = pb::DiscoverRequest {
+                behaviour: name.to_owned(),
+                exact,
+                page_size: DISCOVER_PAGE,
+                page_token,
+            };
+            let page = self.rpc().discover(request).await?.into_inner();
+            for info in page.agents {
+                found.push(info_from_pb(info)?);
+            }
+            if page.next_page_token.is_empty() {
+                return Ok(found);
+            }
+            page_token = page.next_page_token;
+        }
     }
     async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
         let (reply, result) = oneshot::channel();

@@ -325,7 +325,7 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
         .collect();
     let discover = |name: &str, exact: bool| {
         let mut rpc = rpc.clone();
-        let req = pb::DiscoverRequest { behaviour: name.to_owned(), exact };
+        let req = pb::DiscoverRequest { behaviour: name.to_owned(), exact, ..Default::default() };
         async move {
             let found = rpc.discover(req).await?.into_inner().agents.len();
             anyhow::ensure!(found > 0, "discovery found nothing");

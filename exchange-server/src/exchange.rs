@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisOptions};
-use crate::backend::{Backend, BackendSubscription};
+use crate::backend::{Backend, BackendSubscription, Page};
 use crate::{EntityId, ExchangeError};
 
 /// Limits of an exchange, each with a clear error when passed.
@@ -181,12 +181,24 @@ impl Exchange {
     /// Active agents whose behaviour is `name` (`exact`) or lists it; every
     /// active agent when `name` is empty. Ordered by id (creation time).
     pub async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ExchangeError> {
+        Ok(self.discover_page(name, exact, None, None).await?.0)
+    }
+
+    /// One page of [`discover`](Self::discover): at most `limit` agents after
+    /// `after`, and the id to continue after when more match.
+    pub async fn discover_page(
+        &self,
+        name: &str,
+        exact: bool,
+        after: Option<EntityId>,
+        limit: Option<usize>,
+    ) -> Result<(Vec<AgentInfo>, Option<EntityId>), ExchangeError> {
         if exact && name.is_empty() {
             return Err(ExchangeError::InvalidArgument(
                 "exact discovery needs a behaviour name".into(),
             ));
         }
-        self.backend.discover(name, exact).await
+        self.backend.discover(name, exact, Page { after, limit }).await
     }
 
     /// Checks a message and returns its destination.

@@ -81,9 +81,13 @@ impl exchange_server::Exchange for ExchangeService {
         request: Request<pb::DiscoverRequest>,
     ) -> RpcResult<pb::DiscoverResponse> {
         let req = request.into_inner();
-        let agents = self.exchange.discover(&req.behaviour, req.exact).await?;
+        let after = parse_optional_id(&req.page_token, "page_token")?;
+        let limit = (req.page_size > 0).then_some(req.page_size as usize);
+        let (agents, next) =
+            self.exchange.discover_page(&req.behaviour, req.exact, after, limit).await?;
         Ok(Response::new(pb::DiscoverResponse {
             agents: agents.into_iter().map(Into::into).collect(),
+            next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 

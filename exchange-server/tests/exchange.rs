@@ -165,7 +165,7 @@ async fn discovery_by_name_interface_and_without_terminated_agents(store: Store)
     let b = h.agent("lab.Hygrometer", &["lab.Sensor"]).await;
     let c = h.agent("lab.Sensor", &[]).await;
     let mut discover = async |name: &str, exact: bool| {
-        let req = pb::DiscoverRequest { behaviour: name.into(), exact };
+        let req = pb::DiscoverRequest { behaviour: name.into(), exact, ..Default::default() };
         let agents = h.rpc.discover(req).await.unwrap().into_inner().agents;
         agents.into_iter().map(|a| a.agent_id).collect::<Vec<_>>()
     };
@@ -177,7 +177,11 @@ async fn discovery_by_name_interface_and_without_terminated_agents(store: Store)
     h.terminate(&a).await;
     assert_eq!(
         h.rpc
-            .discover(pb::DiscoverRequest { behaviour: "lab.Sensor".into(), exact: false })
+            .discover(pb::DiscoverRequest {
+                behaviour: "lab.Sensor".into(),
+                exact: false,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -185,8 +189,49 @@ async fn discovery_by_name_interface_and_without_terminated_agents(store: Store)
             .len(),
         2
     );
-    let err = h.rpc.discover(pb::DiscoverRequest { behaviour: String::new(), exact: true }).await;
+    let err = h
+        .rpc
+        .discover(pb::DiscoverRequest {
+            behaviour: String::new(),
+            exact: true,
+            ..Default::default()
+        })
+        .await;
     assert_eq!(err.unwrap_err().code(), Code::InvalidArgument);
+}
+
+async fn discovery_pages_through_large_answers(store: Store) {
+    let mut h = start(store).await;
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        all.push(h.agent("lab.Paged", &[]).await);
+    }
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut page_token = String::new();
+    loop {
+        let req = pb::DiscoverRequest {
+            behaviour: "lab.Paged".into(),
+            page_size: 2,
+            page_token,
+            ..Default::default()
+        };
+        let page = h.rpc.discover(req).await.unwrap().into_inner();
+        assert!(page.agents.len() <= 2);
+        seen.extend(page.agents.into_iter().map(|a| a.agent_id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!((seen, pages), (all, 3), "every agent once, in order, in three pages");
+    let bad = pb::DiscoverRequest {
+        behaviour: "lab.Paged".into(),
+        page_token: "page two".into(),
+        ..Default::default()
+    };
+    assert_eq!(h.rpc.discover(bad).await.unwrap_err().code(), Code::InvalidArgument);
 }
 
 async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber(store: Store) {
@@ -421,6 +466,7 @@ conformance!(
     terminated_mailbox_refuses_send_subscribe_and_reregistration,
     terminate_answers_queued_requests_with_errors_of_the_same_tag,
     discovery_by_name_interface_and_without_terminated_agents,
+    discovery_pages_through_large_answers,
     unacknowledged_messages_are_redelivered_to_the_next_subscriber,
     a_new_subscriber_supersedes_the_old_one,
     messages_from_one_sender_arrive_in_order,

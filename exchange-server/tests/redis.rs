@@ -159,7 +159,11 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
     let (agent, client) = agent_and_client(&mut on_a, "t.Sensor").await;
 
     let found = on_b
-        .discover(pb::DiscoverRequest { behaviour: "t.Sensor".into(), exact: true })
+        .discover(pb::DiscoverRequest {
+            behaviour: "t.Sensor".into(),
+            exact: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -245,7 +249,11 @@ async fn idle_mailboxes_and_gravestones_expire_when_configured() {
         rpc.status(state(&dead)).await.unwrap().into_inner().state(),
         pb::MailboxState::Missing
     );
-    let found = rpc.discover(pb::DiscoverRequest { behaviour: "t.Idle".into(), exact: false });
+    let found = rpc.discover(pb::DiscoverRequest {
+        behaviour: "t.Idle".into(),
+        exact: false,
+        ..Default::default()
+    });
     assert!(found.await.unwrap().into_inner().agents.is_empty(), "expired agents leave discovery");
 }
 

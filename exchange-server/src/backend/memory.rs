@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use prost::Message as _;
 use tokio::sync::Notify;
 
-use super::{Backend, BackendSubscription};
+use super::{Backend, BackendSubscription, Found, Page};
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
 
 #[derive(Debug, Default)]
@@ -165,14 +165,14 @@ impl Backend for MemoryBackend {
         })
     }
 
-    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ExchangeError> {
-        let mut ids: Vec<EntityId> = match read(&self.index).get(name) {
+    async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError> {
+        let ids: Vec<EntityId> = match read(&self.index).get(name) {
             Some(ids) => ids.iter().filter(|(_, own)| **own || !exact).map(|(id, _)| *id).collect(),
-            None => return Ok(Vec::new()),
+            None => return Ok((Vec::new(), None)),
         };
-        ids.sort_unstable();
+        let (ids, next) = page.cut(ids);
         let mailboxes = read(&self.mailboxes);
-        Ok(ids.iter().filter_map(|id| mailboxes.get(id)?.agent.clone()).collect())
+        Ok((ids.iter().filter_map(|id| mailboxes.get(id)?.agent.clone()).collect(), next))
     }
 
     async fn enqueue(

@@ -7,6 +7,35 @@ use async_trait::async_trait;
 
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
 
+/// Which part of a discovery to return.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Page {
+    pub(crate) after: Option<EntityId>,
+    pub(crate) limit: Option<usize>,
+}
+
+impl Page {
+    /// The ids of this page out of all matching `ids`, and the next page's
+    /// token (the page's last id) when more follow.
+    pub(crate) fn cut(&self, mut ids: Vec<EntityId>) -> (Vec<EntityId>, Option<EntityId>) {
+        ids.sort_unstable();
+        if let Some(after) = self.after {
+            ids.retain(|id| *id > after);
+        }
+        match self.limit {
+            Some(limit) if ids.len() > limit => {
+                ids.truncate(limit);
+                let next = ids.last().copied();
+                (ids, next)
+            }
+            _ => (ids, None),
+        }
+    }
+}
+
+/// A page of discovery.
+pub(crate) type Found = (Vec<AgentInfo>, Option<EntityId>);
+
 pub(crate) mod memory;
 pub(crate) mod redis;
 
@@ -27,8 +56,9 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError>;
 
     /// Active agents listing `name` (`exact`: as their own behaviour); all
-    /// active agents for the empty name.
-    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ExchangeError>;
+    /// active agents for the empty name. In id order, from the first id after
+    /// `page.after`, at most `page.limit`; with the token of the next page.
+    async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError>;
 
     /// Appends messages to their destinations, in order; one result each.
     /// `max_queued` bounds each destination's unacknowledged messages.

@@ -27,7 +27,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
 
-use super::{Backend, BackendSubscription};
+use super::{Backend, BackendSubscription, Found, Page};
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
 
 /// How to reach Redis and how long keys live there.
@@ -389,15 +389,14 @@ impl Backend for RedisBackend {
         Ok(MailboxStatus { state, queued, agent })
     }
 
-    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ExchangeError> {
+    async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError> {
         let mut conn = self.conn.clone();
         let members: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.keys.index(name, exact))
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let mut ids: Vec<EntityId> = members.iter().filter_map(|m| m.parse().ok()).collect();
-        ids.sort_unstable();
+        let (ids, next) = page.cut(members.iter().filter_map(|m| m.parse().ok()).collect());
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n"]);
@@ -423,7 +422,7 @@ impl Backend for RedisBackend {
                 .query_async(&mut conn)
                 .await;
         }
-        Ok(found)
+        Ok((found, next))
     }
 
     async fn enqueue(

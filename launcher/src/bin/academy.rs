@@ -264,7 +264,11 @@ async fn main() -> anyhow::Result<()> {
             print(cli.json, &["worker_id", "name", "agents", "draining"], &[worker_json(&worker)]);
         }
         Command::Discover { behaviour, exact } => {
-            let request = pb::DiscoverRequest { behaviour: behaviour.unwrap_or_default(), exact };
+            let request = pb::DiscoverRequest {
+                behaviour: behaviour.unwrap_or_default(),
+                exact,
+                ..Default::default()
+            };
             let found = exchange(&cli.exchange).await?.discover(request).await.map_err(failed)?;
             let rows: Vec<Value> = found
                 .into_inner()
