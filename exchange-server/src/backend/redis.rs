@@ -700,14 +700,15 @@ impl Reader {
         let mut messages = Vec::new();
         let mut events = Vec::new();
         for (stream_id, fields) in entries {
-            let field = |name: &str| fields.iter().find(|(f, _)| f == name).map(|(_, v)| v);
             if is_queue {
-                match (seq_of(&stream_id), field("m").cloned().and_then(bytes)) {
+                let data = fields.into_iter().find(|(f, _)| f == "m").and_then(|(_, v)| bytes(v));
+                match (seq_of(&stream_id), data) {
                     (Some(seq), Some(data)) => messages.push((seq, data)),
                     _ => tracing::warn!(%stream_id, "skipping a malformed queue entry"),
                 }
                 watched.queue_cursor = stream_id;
             } else {
+                let field = |name: &str| fields.iter().find(|(f, _)| f == name).map(|(_, v)| v);
                 match field("x").and_then(string).as_deref() {
                     Some("t") => events.push(Event::Terminated),
                     Some("s") => {
