@@ -18,9 +18,9 @@ test:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo test --workspace --doc --locked
 	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 	cargo nextest run --workspace --locked --profile ci
-	cargo test --workspace --doc --locked
 
 ## A local cluster: exchange, launcher and two workers, with the pipeline on them.
 cluster:
