@@ -260,9 +260,14 @@ impl Cluster {
                 }
             }
             AgentState::Failed => {
-                self.moving.remove(&id);
+                let moving = self.moving.remove(&id);
                 let agent = self.agents.get_mut(&id).expect("found above");
-                if agent.restarts < agent.retry_limit {
+                if agent.state() == AgentState::Stopping && !moving {
+                    // Asked to stop, it failed on its way out: it stays stopped.
+                    let reason = format!("failed while stopping: {}", report.error);
+                    self.set(&id, AgentState::Stopped, reason);
+                    self.schedule();
+                } else if agent.restarts < agent.retry_limit {
                     agent.restarts += 1;
                     let reason = format!("restart {} after: {}", agent.restarts, report.error);
                     tracing::warn!(agent = %id, %reason, "agent failed; restarting");
@@ -425,6 +430,24 @@ mod tests {
         cluster.report("w", fail(2));
         let failed = cluster.agent("agent-000").unwrap();
         assert_eq!((failed.state(), failed.reason.as_str()), (AgentState::Failed, "boom"));
+    }
+
+    #[test]
+    fn an_agent_failing_while_asked_to_stop_stays_stopped() {
+        let mut cluster = Cluster::new();
+        let _w = worker(&mut cluster, "w", 4, &[]);
+        launch(&mut cluster, 0, &[], 3);
+        assert_eq!(cluster.stop("agent-000", false), Some(true));
+        let failed = pb::AgentReport {
+            agent_id: "agent-000".into(),
+            epoch: 1,
+            state: AgentState::Failed.into(),
+            error: "shutdown hook failed".into(),
+        };
+        cluster.report("w", failed);
+        let agent = cluster.agent("agent-000").unwrap();
+        assert_eq!((agent.state(), agent.restarts), (AgentState::Stopped, 0));
+        assert!(agent.reason.contains("shutdown hook failed"), "{}", agent.reason);
     }
 
     #[test]
