@@ -163,6 +163,10 @@ impl exchange_server::Exchange for ExchangeService {
         let deadline = grpc_timeout(request.metadata());
         let req = request.into_inner();
         let agent = EntityId::parse_field(&req.agent_id, "agent_id")?;
+        if !agent.is_agent() {
+            let message = format!("agent_id {agent} is a client, which serves no actions");
+            return Err(ExchangeError::InvalidArgument(message).into());
+        }
         if req.action.is_empty() {
             return Err(ExchangeError::InvalidArgument("action is empty".into()).into());
         }

@@ -391,6 +391,17 @@ async fn malformed_input_is_invalid_argument_and_the_server_keeps_running(store:
                 .await
                 .unwrap_err(),
         ),
+        (
+            "invoke on a client",
+            h.rpc
+                .invoke(pb::InvokeRequest {
+                    agent_id: client.clone(),
+                    action: "x".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err(),
+        ),
     ];
     for (what, status) in checks {
         assert_eq!(status.code(), Code::InvalidArgument, "{what}: {status:?}");
