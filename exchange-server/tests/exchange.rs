@@ -272,11 +272,13 @@ async fn messages_from_one_sender_arrive_in_order(store: Store) {
     let mut h = start(store).await;
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
-    let sent: Vec<_> = (0..200).map(|i| request(&client, &agent, &format!("a{i}"))).collect();
-    let batch = pb::SendBatchRequest { messages: sent[..100].to_vec() };
+    // A batch larger than a backend's chunk (Redis: 128), then single sends.
+    let sent: Vec<_> = (0..400).map(|i| request(&client, &agent, &format!("a{i}"))).collect();
+    let batch = pb::SendBatchRequest { messages: sent[..300].to_vec() };
     let results = h.rpc.send_batch(batch).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 300);
     assert!(results.iter().all(|r| r.code == 0));
-    for m in &sent[100..] {
+    for m in &sent[300..] {
         h.send(m.clone()).await.unwrap();
     }
     let mut stream = h.subscribe(&agent).await;

@@ -75,16 +75,24 @@ end
 return 'ok'
 ";
 
+/// Appends messages, in order: KEYS are (mailbox, queue) pairs, ARGV the
+/// queue bound, the TTL, then one message per pair. One answer per message.
 const ENQUEUE: &str = r"
-local s = redis.call('HGET', KEYS[1], 's')
-if not s then return 'missing' end
-if s == 't' then return 'terminated' end
-local max = tonumber(ARGV[2])
-if max > 0 and redis.call('XLEN', KEYS[2]) >= max then return 'full' end
-redis.call('HSET', KEYS[1], 'l', redis.call('XADD', KEYS[2], '*', 'm', ARGV[1]))
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl) end
-return 'ok'
+local max, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for i = 1, #KEYS / 2 do
+  local mb, q = KEYS[2 * i - 1], KEYS[2 * i]
+  local s = redis.call('HGET', mb, 's')
+  if not s then out[i] = 'missing'
+  elseif s == 't' then out[i] = 'terminated'
+  elseif max > 0 and redis.call('XLEN', q) >= max then out[i] = 'full'
+  else
+    redis.call('HSET', mb, 'l', redis.call('XADD', q, '*', 'm', ARGV[i + 2]))
+    if ttl > 0 then redis.call('EXPIRE', mb, ttl); redis.call('EXPIRE', q, ttl) end
+    out[i] = 'ok'
+  end
+end
+return out
 ";
 
 const TERMINATE: &str = r"
@@ -143,6 +151,10 @@ end
 redis.call('XDEL', KEYS[2], unpack(ARGV))
 return 'ok'
 ";
+
+/// Most messages, and bytes, in one enqueue script call.
+const ENQUEUE_CHUNK: usize = 128;
+const ENQUEUE_CHUNK_BYTES: usize = 1 << 20;
 
 /// Stream ids (`<ms>-<n>`) as the u64 seqs of the protocol: ms in the high 44
 /// bits, n in the low 20 (a million entries in one millisecond of one stream).
@@ -435,17 +447,35 @@ impl Backend for RedisBackend {
         }
         let ttl = secs(self.options.mailbox_ttl);
         let max = max_queued.unwrap_or(0);
-        let calls: Vec<redis::Cmd> = messages
-            .iter()
-            .map(|(dest, message)| {
-                let keys = [self.keys.mailbox(dest), self.keys.queue(dest)];
+        // One script call per chunk: few enough messages or bytes that Redis,
+        // single-threaded, is not held up long by any one call.
+        let (mut calls, mut sizes) = (Vec::new(), Vec::new());
+        let (mut keys, mut data, mut bytes) = (Vec::new(), Vec::new(), 0);
+        for (i, (dest, message)) in messages.iter().enumerate() {
+            let encoded = message.encode_to_vec();
+            bytes += encoded.len();
+            keys.push(self.keys.mailbox(dest));
+            keys.push(self.keys.queue(dest));
+            data.push(encoded);
+            let last = i + 1 == messages.len();
+            if last || data.len() >= ENQUEUE_CHUNK || bytes >= ENQUEUE_CHUNK_BYTES {
                 let mut cmd = self.scripts.enqueue.call(&keys);
-                cmd.arg(message.encode_to_vec()).arg(max).arg(ttl);
-                cmd
-            })
-            .collect();
-        let answers = match self.run(&self.scripts.enqueue, &calls).await {
-            Ok(answers) => answers,
+                cmd.arg(max).arg(ttl).arg(&data);
+                calls.push(cmd);
+                sizes.push(data.len());
+                (keys, data, bytes) = (Vec::new(), Vec::new(), 0);
+            }
+        }
+        let answers: Vec<Value> = match self.run(&self.scripts.enqueue, &calls).await {
+            // A chunk answers one value per message, or one error for them all.
+            Ok(answers) => answers
+                .into_iter()
+                .zip(sizes)
+                .flat_map(|(answer, n)| match answer {
+                    Value::Array(items) if items.len() == n => items,
+                    other => vec![other; n],
+                })
+                .collect(),
             Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
         };
         messages
