@@ -10,8 +10,9 @@ pub enum ClientError {
     /// The exchange answered with an error (unknown id, terminated mailbox, ...).
     #[error(transparent)]
     Exchange(#[from] ExchangeError),
-    /// The exchange could not be reached or the connection broke; retryable.
-    #[error("exchange unreachable: {0}")]
+    /// The exchange (or launcher) could not be reached or the connection
+    /// broke; retryable. The message says which and why.
+    #[error("unreachable: {0}")]
     Transport(String),
 }
 
@@ -26,7 +27,15 @@ impl From<tonic::Status> for ClientError {
 
 impl From<tonic::transport::Error> for ClientError {
     fn from(err: tonic::transport::Error) -> Self {
-        Self::Transport(err.to_string())
+        Self::Transport(describe(&err))
+    }
+}
+
+/// An error with its cause: tonic's own text is just "transport error".
+pub(crate) fn describe(err: &tonic::transport::Error) -> String {
+    match std::error::Error::source(err) {
+        Some(cause) => format!("{err}: {cause}"),
+        None => err.to_string(),
     }
 }
 

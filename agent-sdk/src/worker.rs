@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::client::{GrpcExchange, SharedExchange};
+use crate::error::describe;
 use crate::runtime::{self, StopSignal};
 use crate::{AgentConfig, AgentError, Behaviour, ClientError};
 
@@ -139,7 +140,13 @@ impl Worker {
         &self,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<SessionEnd, ClientError> {
-        let mut launcher = LauncherClient::connect(self.launcher_url.clone()).await?;
+        let url = &self.launcher_url;
+        let mut launcher = LauncherClient::connect(url.clone()).await.map_err(|e| {
+            ClientError::Transport(format!(
+                "cannot connect to the launcher at {url}: {}",
+                describe(&e)
+            ))
+        })?;
         let (out, outbound) = mpsc::unbounded_channel();
         let send = |body| {
             let _ = out.send(pb::WorkerMessage { body: Some(body) });

@@ -52,7 +52,7 @@ impl LauncherService {
 fn exchange_status(err: ClientError) -> Status {
     match err {
         ClientError::Exchange(e) => e.into(),
-        ClientError::Transport(e) => Status::unavailable(format!("exchange unreachable: {e}")),
+        ClientError::Transport(e) => Status::unavailable(format!("exchange {e}")),
     }
 }
 
