@@ -212,11 +212,11 @@ fn is_noscript(value: &Value) -> bool {
     matches!(value, Value::ServerError(e) if e.code() == "NOSCRIPT")
 }
 
-fn pipeline<'a>(calls: impl IntoIterator<Item = &'a redis::Cmd>) -> redis::Pipeline {
+fn pipeline(calls: impl IntoIterator<Item = redis::Cmd>) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for call in calls {
-        pipe.add_command(call.clone());
+        pipe.add_command(call);
     }
     pipe
 }
@@ -297,10 +297,10 @@ impl RedisBackend {
     /// Runs script calls in one pipeline, in order; one answer each (a failed
     /// call answers `Value::ServerError`). Calls that found the script missing
     /// had no effect: they are sent again once it is loaded.
-    async fn run(&self, lua: &Lua, calls: &[redis::Cmd]) -> Result<Vec<Value>, ExchangeError> {
+    async fn run(&self, lua: &Lua, calls: Vec<redis::Cmd>) -> Result<Vec<Value>, ExchangeError> {
         let mut conn = self.conn.clone();
-        let mut answers: Vec<Value> =
-            pipeline(calls).query_async(&mut conn).await.map_err(unavailable)?;
+        let pipe = pipeline(calls);
+        let mut answers: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
         let missing: Vec<usize> =
             (0..answers.len()).filter(|i| is_noscript(&answers[*i])).collect();
         if !missing.is_empty() {
@@ -310,7 +310,9 @@ impl RedisBackend {
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            let again: Vec<Value> = pipeline(missing.iter().map(|i| &calls[*i]))
+            // Rare: only the calls to send again are copied.
+            let retry = pipe.cmd_iter().enumerate().filter(|(i, _)| missing.contains(i));
+            let again: Vec<Value> = pipeline(retry.map(|(_, call)| call.clone()))
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
@@ -323,7 +325,7 @@ impl RedisBackend {
 
     /// Runs one script call.
     async fn run_one(&self, lua: &Lua, call: redis::Cmd) -> Result<Value, ExchangeError> {
-        match self.run(lua, &[call]).await?.pop() {
+        match self.run(lua, vec![call]).await?.pop() {
             Some(Value::ServerError(e)) => Err(ExchangeError::Unavailable(e.to_string())),
             Some(answer) => Ok(answer),
             None => Err(ExchangeError::Unavailable("Redis gave no answer".into())),
@@ -466,7 +468,7 @@ impl Backend for RedisBackend {
                 (keys, data, bytes) = (Vec::new(), Vec::new(), 0);
             }
         }
-        let answers: Vec<Value> = match self.run(&self.scripts.enqueue, &calls).await {
+        let answers: Vec<Value> = match self.run(&self.scripts.enqueue, calls).await {
             // A chunk answers one value per message, or one error for them all.
             Ok(answers) => answers
                 .into_iter()
