@@ -113,13 +113,7 @@ impl Mailbox {
 
     /// Answers `request` with `body` (same tag and label, back to its sender).
     pub(crate) async fn reply(&self, request: &pb::Header, body: Body) -> Result<(), ClientError> {
-        let header = pb::Header {
-            src: self.id.to_string(),
-            dest: request.src.clone(),
-            tag: request.tag.clone(),
-            label: request.label.clone(),
-            traceparent: request.traceparent.clone(),
-        };
+        let header = request.reply_from(self.id.to_string());
         self.exchange.send(pb::Message { header: Some(header), body: Some(body) }).await
     }
 
@@ -178,13 +172,7 @@ impl Mailbox {
                                 details: HashMap::new(),
                             });
                             let reply = pb::Message {
-                                header: Some(pb::Header {
-                                    src: id.to_string(),
-                                    dest: header.src,
-                                    tag: header.tag,
-                                    label: header.label,
-                                    traceparent: header.traceparent,
-                                }),
+                                header: Some(header.reply_from(id.to_string())),
                                 body: Some(body),
                             };
                             let _ = exchange.send(reply).await;

@@ -281,13 +281,7 @@ fn terminated_reply(id: &EntityId, request: &pb::Message) -> Option<pb::Message>
         return None;
     }
     Some(pb::Message {
-        header: Some(pb::Header {
-            src: id.to_string(),
-            dest: header.src.clone(),
-            tag: header.tag.clone(),
-            label: header.label.clone(),
-            traceparent: header.traceparent.clone(),
-        }),
+        header: Some(header.reply_from(id.to_string())),
         body: Some(Body::ErrorResponse(pb::ErrorResponse {
             code: tonic::Code::FailedPrecondition as i32,
             r#type: "MailboxTerminated".into(),
