@@ -176,8 +176,8 @@ impl Worker {
                 ));
             }
         };
-        let exchange: SharedExchange =
-            Arc::new(GrpcExchange::connect(welcome.exchange_url.clone()).await?);
+        // Lazily: the exchange may not be up yet; the channel connects on use.
+        let exchange: SharedExchange = Arc::new(GrpcExchange::lazy(&welcome.exchange_url)?);
         let lease = Duration::from_millis(welcome.lease_ms.into());
         let mut heartbeat = tokio::time::interval(Duration::from_millis(
             welcome.heartbeat_interval_ms.max(10).into(),
@@ -220,7 +220,7 @@ impl Worker {
                             match self.start(&start, exchange.clone()) {
                                 Ok((stop, run)) => {
                                     let epoch = start.epoch;
-                                    runs.spawn(async move { (id.clone(), epoch, run.await) });
+                                    runs.spawn(async move { (id, epoch, run.await) });
                                     agents.insert(start.agent_id.clone(), (epoch, stop));
                                     report(start.agent_id, epoch, AgentState::Running, String::new());
                                 }
