@@ -80,15 +80,7 @@ impl ExchangeClient for LocalExchange {
     }
     async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError> {
         let subscription = self.exchange.subscribe(id).await?;
-        let max_bytes = self.exchange.limits().max_message_bytes;
-        Ok(futures::stream::unfold(Some(subscription), move |sub| async move {
-            let mut sub = sub?;
-            match sub.next_batch(256, max_bytes).await {
-                Ok(batch) => Some((Ok(batch), Some(sub))),
-                Err(e) => Some((Err(e.into()), None)),
-            }
-        })
-        .boxed())
+        Ok(subscription.into_stream().map(|batch| Ok(batch?)).boxed())
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
         Ok(self.exchange.acknowledge(id, &seqs).await?)

@@ -261,7 +261,8 @@ impl Exchange {
     /// [`ExchangeError::Superseded`]; every unacknowledged message is delivered again.
     pub async fn subscribe(&self, id: &EntityId) -> Result<Subscription, ExchangeError> {
         let inner = self.backend.subscribe(id).await?;
-        Ok(Subscription { id: *id, inner, shutdown: self.shutdown.clone() })
+        let max_bytes = self.limits.max_message_bytes;
+        Ok(Subscription { id: *id, inner, max_bytes, shutdown: self.shutdown.clone() })
     }
 
     /// Removes delivered messages. Unknown or already acknowledged seqs are ignored.
@@ -296,12 +297,32 @@ fn terminated_reply(id: &EntityId, request: &pb::Message) -> Option<pb::Message>
 pub struct Subscription {
     id: EntityId,
     inner: Box<dyn BackendSubscription>,
+    /// Bytes gathered in one batch before it is handed over.
+    max_bytes: usize,
     shutdown: CancellationToken,
 }
+
+/// Most messages in one batch of [`Subscription::into_stream`].
+const MAX_BATCH: usize = 256;
 
 impl Subscription {
     pub fn mailbox_id(&self) -> EntityId {
         self.id
+    }
+
+    /// The subscription as a stream of batches, ending after its first error
+    /// (terminated, taken over, shutting down).
+    pub fn into_stream(
+        self,
+    ) -> impl futures::Stream<Item = Result<Vec<Delivery>, ExchangeError>> + Send + 'static {
+        futures::stream::unfold(Some(self), |sub| async move {
+            let mut sub = sub?;
+            let max_bytes = sub.max_bytes;
+            match sub.next_batch(MAX_BATCH, max_bytes).await {
+                Ok(batch) => Some((Ok(batch), Some(sub))),
+                Err(e) => Some((Err(e), None)),
+            }
+        })
     }
 
     /// Waits for messages and returns up to `max` of them (at least one), in order,

@@ -4,13 +4,11 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use academy_proto::pb::{self, exchange_server};
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use tonic::{Code, Request, Response, Status};
 
 use crate::{EntityId, Exchange, ExchangeError, json};
 
-/// Most messages in one `SubscribeResponse` frame.
-const MAX_DELIVERIES_PER_FRAME: usize = 256;
 /// Invoke's wait when neither `timeout_ms` nor a call deadline is given.
 const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -130,20 +128,13 @@ impl exchange_server::Exchange for ExchangeService {
     ) -> RpcResult<Self::SubscribeStream> {
         let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
         let subscription = self.exchange.subscribe(&id).await?;
-        let max_bytes = self.exchange.limits().max_message_bytes;
         tracing::debug!("subscriber attached");
-        let stream = futures::stream::unfold(Some(subscription), move |sub| async move {
-            let mut sub = sub?;
-            match sub.next_batch(MAX_DELIVERIES_PER_FRAME, max_bytes).await {
-                Ok(batch) => {
-                    let deliveries = batch
-                        .into_iter()
-                        .map(|(seq, message)| pb::Delivery { seq, message: Some(message) })
-                        .collect();
-                    Some((Ok(pb::SubscribeResponse { deliveries }), Some(sub)))
-                }
-                Err(e) => Some((Err(e.into()), None)),
-            }
+        let stream = subscription.into_stream().map(|batch| {
+            let deliveries = batch?
+                .into_iter()
+                .map(|(seq, message)| pb::Delivery { seq, message: Some(message) })
+                .collect();
+            Ok(pb::SubscribeResponse { deliveries })
         });
         Ok(Response::new(Box::pin(stream)))
     }
