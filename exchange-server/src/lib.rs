@@ -31,7 +31,9 @@ pub use exchange::{
     AgentInfo, Delivery, Exchange, Limits, MailboxState, MailboxStatus, Subscription,
 };
 pub use id::{EntityId, EntityKind};
-pub use server::{Backend, RunningServer, ServerOptions, nodelay_incoming, shutdown_signal};
+pub use server::{
+    Backend, RunningServer, ServerOptions, nodelay_incoming, reflection, shutdown_signal,
+};
 pub use service::ExchangeService;
 
 /// Content type of JSON payloads, which every peer supports.

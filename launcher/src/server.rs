@@ -69,17 +69,12 @@ impl RunningLauncher {
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LauncherServer<LauncherService>>().await;
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(academy_proto::FILE_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
         let incoming = academy_exchange::nodelay_incoming(listener);
         let signal = shutdown.clone().cancelled_owned();
         let router = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(reflection().build_v1()?)
-            .add_service(reflection().build_v1alpha()?)
+            .add_service(academy_exchange::reflection().build_v1()?)
+            .add_service(academy_exchange::reflection().build_v1alpha()?)
             .add_service(LauncherServer::new(service));
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {
