@@ -80,7 +80,7 @@ impl Cluster {
     }
 
     pub(crate) fn watch(&self) -> (Vec<pb::AgentRecord>, broadcast::Receiver<pb::AgentRecord>) {
-        (self.agents.values().cloned().collect(), self.changes.subscribe())
+        (self.agents(), self.changes.subscribe())
     }
 
     pub(crate) fn agent(&self, id: &str) -> Option<&pb::AgentRecord> {
