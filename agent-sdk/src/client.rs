@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use academy_exchange::{
@@ -95,12 +96,24 @@ const MAX_SEND_BATCH: usize = 512;
 
 type SendJob = (pb::Message, oneshot::Sender<Result<(), ClientError>>);
 
-/// Talks to an exchange-server over gRPC. Concurrent sends are coalesced into
-/// `SendBatch` calls, one at a time, so order per destination is kept.
+/// Talks to an exchange-server over gRPC. Sends go out one call at a time, so
+/// order per destination is kept: a send made while the client is idle goes
+/// straight out from the caller's task; sends made while a call is in flight
+/// queue up and go out together, in order, in one `SendBatch` call.
 #[derive(Clone)]
 pub struct GrpcExchange {
     rpc: RpcClient<Channel>,
-    sends: mpsc::UnboundedSender<SendJob>,
+    sends: Arc<Sends>,
+}
+
+/// The one-call-at-a-time discipline of [`GrpcExchange`]'s sends.
+#[derive(Debug)]
+struct Sends {
+    /// Held by whoever has a send call in flight.
+    turn: tokio::sync::Mutex<()>,
+    /// Sends queued for the batching task and not finished yet.
+    queued: AtomicUsize,
+    jobs: mpsc::UnboundedSender<SendJob>,
 }
 
 impl fmt::Debug for GrpcExchange {
@@ -131,8 +144,13 @@ impl GrpcExchange {
         let rpc = RpcClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let (sends, jobs) = mpsc::unbounded_channel();
-        tokio::spawn(send_loop(rpc.clone(), jobs));
+        let (jobs, receiver) = mpsc::unbounded_channel();
+        let sends = Arc::new(Sends {
+            turn: tokio::sync::Mutex::new(()),
+            queued: AtomicUsize::new(0),
+            jobs,
+        });
+        tokio::spawn(send_loop(rpc.clone(), sends.clone(), receiver));
         Self { rpc, sends }
     }
 
@@ -153,27 +171,44 @@ fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
 }
 
 /// Sends queued messages in batches until every `GrpcExchange` clone is gone.
-async fn send_loop(mut rpc: RpcClient<Channel>, mut jobs: mpsc::UnboundedReceiver<SendJob>) {
+async fn send_loop(
+    mut rpc: RpcClient<Channel>,
+    sends: Arc<Sends>,
+    mut jobs: mpsc::UnboundedReceiver<SendJob>,
+) {
     let mut batch = Vec::new();
     while jobs.recv_many(&mut batch, MAX_SEND_BATCH).await > 0 {
         let (messages, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-        match rpc.send_batch(pb::SendBatchRequest { messages }).await {
-            Ok(response) => {
-                let results = response.into_inner().results;
-                for (i, reply) in replies.into_iter().enumerate() {
-                    let _ = reply.send(match results.get(i) {
-                        Some(r) if r.code == tonic::Code::Ok as i32 => Ok(()),
-                        Some(r) => Err(batch_error(r)),
-                        None => Err(ClientError::Transport("exchange dropped a result".into())),
-                    });
-                }
-            }
-            Err(status) => {
-                let err = ClientError::from(status);
-                for reply in replies {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
+        let turn = sends.turn.lock().await;
+        let results = send_batch(&mut rpc, messages).await;
+        sends.queued.fetch_sub(replies.len(), Ordering::Release);
+        drop(turn);
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// One `SendBatch` call; one result per message.
+async fn send_batch(
+    rpc: &mut RpcClient<Channel>,
+    messages: Vec<pb::Message>,
+) -> Vec<Result<(), ClientError>> {
+    let n = messages.len();
+    match rpc.send_batch(pb::SendBatchRequest { messages }).await {
+        Ok(response) => {
+            let mut results = response.into_inner().results.into_iter();
+            (0..n)
+                .map(|_| match results.next() {
+                    Some(r) if r.code == tonic::Code::Ok as i32 => Ok(()),
+                    Some(r) => Err(batch_error(&r)),
+                    None => Err(ClientError::Transport("exchange dropped a result".into())),
+                })
+                .collect()
+        }
+        Err(status) => {
+            let err = ClientError::from(status);
+            vec![Err(err); n]
         }
     }
 }
@@ -260,11 +295,23 @@ impl ExchangeClient for GrpcExchange {
         }
     }
     async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
+        // Idle (no call in flight, nothing queued): send from this task, which
+        // saves a hop to the batching task. The queue is checked while holding
+        // the turn, so nothing queued earlier can be overtaken.
+        if let Ok(_turn) = self.sends.turn.try_lock()
+            && self.sends.queued.load(Ordering::Acquire) == 0
+        {
+            let result = send_batch(&mut self.rpc(), vec![message]).await.pop();
+            return result.unwrap_or_else(|| Err(ClientError::Transport("no result".into())));
+        }
+        let closed = || ClientError::Transport("exchange client is closed".into());
         let (reply, result) = oneshot::channel();
-        self.sends
-            .send((message, reply))
-            .map_err(|_| ClientError::Transport("exchange client is closed".into()))?;
-        result.await.map_err(|_| ClientError::Transport("exchange client is closed".into()))?
+        self.sends.queued.fetch_add(1, Ordering::Release);
+        if self.sends.jobs.send((message, reply)).is_err() {
+            self.sends.queued.fetch_sub(1, Ordering::Release);
+            return Err(closed());
+        }
+        result.await.map_err(|_| closed())?
     }
     async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError> {
         let stream = self

@@ -18,6 +18,10 @@ use crate::{ClientError, HandleError};
 pub(crate) type Requests = mpsc::UnboundedSender<(u64, pb::Message)>;
 
 const MAX_ACK_BATCH: usize = 1024;
+/// How long acknowledgements wait to be sent together. A message acknowledged
+/// but not yet reported is delivered again if the subscriber dies meanwhile,
+/// which at-least-once delivery allows.
+const ACK_LINGER: Duration = Duration::from_millis(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
@@ -265,6 +269,18 @@ async fn read_loop(mailbox: Weak<Mailbox>, mut stream: DeliveryStream, requests:
 async fn ack_loop(exchange: SharedExchange, id: EntityId, mut jobs: mpsc::UnboundedReceiver<Ack>) {
     let mut batch = Vec::new();
     while jobs.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
+        // Gather what else comes in the next moment (unless someone waits for
+        // a flush): one call for many acknowledgements keeps them off the
+        // path of the messages themselves.
+        let linger = tokio::time::sleep(ACK_LINGER);
+        tokio::pin!(linger);
+        while batch.len() < MAX_ACK_BATCH && !batch.iter().any(|job| matches!(job, Ack::Flush(_))) {
+            let room = MAX_ACK_BATCH - batch.len();
+            tokio::select! {
+                () = &mut linger => break,
+                n = jobs.recv_many(&mut batch, room) => if n == 0 { break },
+            }
+        }
         let mut seqs = Vec::with_capacity(batch.len());
         let mut flushed = Vec::new();
         for job in batch.drain(..) {

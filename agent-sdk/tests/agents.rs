@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use academy_exchange::testing::RedisServer;
-use academy_exchange::{Backend, RedisOptions, RunningServer, ServerOptions};
+use academy_exchange::{Backend, ExchangeError, RedisOptions, RunningServer, ServerOptions};
 use academy_proto::pb;
 use academy_proto::pb::message::Body;
 use academy_sdk::{
-    AgentError, Codec, Handle, HandleError, LaunchOptions, MailboxState, Manager, ManagerError,
-    Shutdown, behaviour,
+    AgentError, ClientError, Codec, Handle, HandleError, LaunchOptions, MailboxState, Manager,
+    ManagerError, Shutdown, behaviour,
 };
 use futures::StreamExt as _;
 use tonic::Code;
@@ -410,6 +410,65 @@ async fn calls_fail_with_a_retryable_error_when_the_exchange_goes_away() {
     server.shutdown().await;
     let err = echo.with_timeout(Duration::from_secs(5)).echo("down".into()).await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
+}
+
+/// Sends from many tasks at once share one client: some go straight out,
+/// others queue and go in batches. Every one must arrive, each task's in order,
+/// and a send to a missing mailbox must fail alone.
+#[tokio::test]
+async fn concurrent_sends_all_arrive_in_each_senders_order() {
+    let (_server, manager) = start().await;
+    let exchange = manager.exchange().clone();
+    let dest = exchange.register_client().await.unwrap();
+    let missing = academy_sdk::EntityId::new_agent();
+    let src = manager.client_id().to_string();
+    let (tasks, per_task) = (8, 150u64);
+    let senders = (0..tasks as u64).map(|task| {
+        let (exchange, src) = (exchange.clone(), src.clone());
+        tokio::spawn(async move {
+            for n in 0..per_task {
+                let message = |dest: academy_sdk::EntityId| pb::Message {
+                    header: Some(pb::Header {
+                        src: src.clone(),
+                        dest: dest.to_string(),
+                        tag: uuid::Uuid::from_u64_pair(task, n).to_string(),
+                        ..Default::default()
+                    }),
+                    body: Some(Body::PingRequest(pb::PingRequest {})),
+                };
+                exchange.send(message(dest)).await.unwrap();
+                if n % 50 == 0 {
+                    let err = exchange.send(message(missing)).await.unwrap_err();
+                    assert!(
+                        matches!(err, ClientError::Exchange(ExchangeError::NotFound(id)) if id == missing),
+                        "{err:?}"
+                    );
+                }
+            }
+        })
+    });
+    for sender in futures::future::join_all(senders).await {
+        sender.unwrap();
+    }
+    let mut stream = exchange.subscribe(&dest).await.unwrap();
+    let mut next = vec![0; tasks];
+    let mut received = 0;
+    while received < tasks as u64 * per_task {
+        let batch = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("every message arrives")
+            .unwrap()
+            .unwrap();
+        for (_, message) in batch {
+            let tag: uuid::Uuid = message.header.unwrap().tag.parse().unwrap();
+            let (task, n) = tag.as_u64_pair();
+            let task = usize::try_from(task).unwrap();
+            assert_eq!(n, next[task], "task {task} out of order");
+            next[task] += 1;
+            received += 1;
+        }
+    }
+    assert_eq!(next, vec![per_task; tasks]);
 }
 
 #[tokio::test]
