@@ -47,8 +47,9 @@ struct Args {
     calls: u64,
     /// Run only these scenarios (e.g. `--only b,d`), for profiling; `s` is
     /// the scale run (memory and discovery with `--mailboxes` idle mailboxes),
-    /// `l` the launcher run (`--agents` agents on two workers, then failover).
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e,s,l")]
+    /// `l` the launcher run (`--agents` agents on two workers, then failover),
+    /// `f` (a) and (b) again with a thousand more agents subscribed.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,f,e,s,l")]
     only: Vec<char>,
     /// Agents launched in the launcher run.
     #[arg(long, default_value_t = 1000)]
@@ -99,6 +100,9 @@ enum Role {
         capacity: u32,
     },
 }
+
+/// Other agents subscribed during scenario (f).
+const FLEET: usize = 1000;
 
 /// A server in a child process; killed on drop.
 struct Server {
@@ -407,6 +411,19 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
             "| (d) 1 MiB echo, sequential | {:.0} MB/s (p50 {:.2} ms) |",
             d.per_sec * (1 << 20) as f64 / 1e6,
             d.p50_us / 1000.0
+        ));
+    }
+    if run('f') {
+        // A fleet: delivery must not slow down with the number of subscribers.
+        let mut fleet = Vec::with_capacity(FLEET);
+        for _ in 0..FLEET {
+            fleet.push(manager.launch(Echo {}).await?);
+        }
+        let a = echo_latency(&echo, 100, args.calls).await?;
+        let b = throughput(&echo, 64, args.seconds).await?;
+        rows.push(format!(
+            "| (f) (a) and (b) with {FLEET} more agents subscribed | p50 {:.0} µs; {b:.0} actions/s |",
+            a.p50_us
         ));
     }
     manager.close().await?;

@@ -286,3 +286,68 @@ async fn scripts_lost_by_redis_are_loaded_again() {
     let status = rpc.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
     assert_eq!(status.state(), pb::MailboxState::Terminated);
 }
+
+/// Notices can be lost (a dropped connection, a full output buffer). Here
+/// they go astray: the mailbox is made to point at another replica. Once its
+/// notice connection drops and comes back, the replica reads every mailbox it
+/// serves and finds what it missed: messages, and a termination. Large
+/// messages, read from the stream rather than carried in the notice, keep
+/// their place among small ones.
+#[tokio::test]
+async fn subscribers_find_what_they_missed_when_notices_are_lost() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let (_server, mut rpc) = replica(&redis).await;
+    let (agent, client) = agent_and_client(&mut rpc, "t.A").await;
+    let mut stream = rpc
+        .subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let message = |n: usize| {
+        let mut message = ping(&client, &agent, n);
+        if n % 4 == 3 {
+            let data = vec![b'x'; 200 * 1024].into();
+            let args = pb::Payload { content_type: "application/json".into(), data };
+            message.body = Some(Body::ActionRequest(pb::ActionRequest {
+                action: "pad".into(),
+                args: Some(args),
+            }));
+        }
+        message
+    };
+    let mailbox_key = format!("academy:mb:{agent}");
+    let astray = || redis.command(&["HSET", &mailbox_key, "r", "elsewhere"]).unwrap();
+    let reconnect = || {
+        assert_eq!(redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap(), ":1");
+    };
+    let mut received = Vec::new();
+    for n in 0..10 {
+        rpc.send(pb::SendRequest { message: Some(message(n)) }).await.unwrap();
+    }
+    while received.len() < 10 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+        let frame = frame.expect("delivered within 10 s").unwrap().unwrap();
+        received.extend(frame.deliveries.iter().map(|d| number(d.message.as_ref().unwrap())));
+    }
+    assert_eq!(received, (0..10).collect::<Vec<_>>());
+
+    astray();
+    for n in 10..20 {
+        rpc.send(pb::SendRequest { message: Some(message(n)) }).await.unwrap();
+    }
+    let early = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(early.is_err(), "no notice, no delivery: {early:?}");
+    reconnect();
+    while received.len() < 20 {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+        let frame = frame.expect("found within 10 s of reconnecting").unwrap().unwrap();
+        received.extend(frame.deliveries.iter().map(|d| number(d.message.as_ref().unwrap())));
+    }
+    assert_eq!(received, (0..20).collect::<Vec<_>>(), "all, in order, once");
+
+    astray();
+    rpc.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    reconnect();
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap();
+    assert_eq!(end.unwrap().unwrap_err().code(), tonic::Code::FailedPrecondition);
+}

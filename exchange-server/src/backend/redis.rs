@@ -3,17 +3,21 @@
 //!
 //! Keys, under the prefix `P`:
 //! - `P:mb:<id>`: hash of the mailbox (`s` state a/t, `k` kind a/c, `b`
-//!   behaviour, `i` implements as JSON, `n` name, `g` subscriber generation);
+//!   behaviour, `i` implements as JSON, `n` name, `g` subscriber generation,
+//!   `l` id of the last message added, `r` the replica its subscriber is on);
 //! - `P:q:<id>`: stream of its unacknowledged messages (field `m`, protobuf);
 //!   an acknowledged message is deleted, so its length is the queue length;
-//! - `P:c:<id>`: control stream: `x=s g=<gen>` when a subscriber takes over,
-//!   `x=t` when the mailbox is terminated; it wakes subscribers on any replica;
 //! - `P:ix:<name>` / `P:ox:<name>`: discovery index, agents listing a name / whose
 //!   own behaviour it is (`P:ix:` lists every active agent).
 //!
-//! State changes run as Lua scripts (atomic). Each replica has one reader task
-//! that blocks in `XREAD` on the queue and control streams of all its
-//! subscriptions, so delivery is pushed, never polled.
+//! State changes run as Lua scripts (atomic). Each replica listens on its own
+//! pub/sub channel `P:bell:<replica>`; a script that adds a message to a
+//! mailbox with a subscriber publishes it there (small messages whole, large
+//! ones as a notice to read), as does one that terminates the mailbox or hands
+//! it to another subscriber. So delivery is pushed, and its cost does not grow
+//! with the number of subscriptions. Each notice names the message before it,
+//! so a replica that missed one (a dropped connection) sees the gap and reads
+//! the stream; after reconnecting it reads every subscribed stream again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -22,6 +26,7 @@ use std::time::Duration;
 use academy_proto::pb;
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt as _;
 use prost::Message as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
@@ -54,11 +59,11 @@ impl Default for RedisOptions {
     }
 }
 
-/// How long the reader blocks in one `XREAD` before looking at its
-/// subscriptions again (new ones wake it at once through its wake stream).
-const BLOCK_MS: u64 = 10_000;
 /// Most entries read from one stream at a time.
 const READ_COUNT: usize = 512;
+/// Messages up to this size travel in the notice itself; larger ones are read
+/// from the stream, so no large payload is copied twice.
+const MAX_NOTICE_BYTES: usize = 64 * 1024;
 
 const CREATE: &str = r"
 local s = redis.call('HGET', KEYS[1], 's')
@@ -75,23 +80,41 @@ end
 return 'ok'
 ";
 
-/// Appends messages, in order: KEYS are (mailbox, queue) pairs, ARGV the
-/// queue bound, the TTL, then one message per pair. One answer per message.
+/// Appends messages, in order: KEYS are (mailbox, queue) pairs; ARGV the
+/// queue bound, the TTL, the notice size limit, the channel prefix, then
+/// (mailbox id, message) pairs. One answer per message. Each mailbox with a
+/// subscriber gets a notice on its replica's channel, one publish per replica
+/// for the whole call: `m <id> <previous> <added> <size>\n<message>` per
+/// message, or `n <id> <previous> <added> 0\n` for a large one.
 const ENQUEUE: &str = r"
-local max, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local out = {}
+local max, ttl, small, bell = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local out, notices = {}, {}
 for i = 1, #KEYS / 2 do
   local mb, q = KEYS[2 * i - 1], KEYS[2 * i]
-  local s = redis.call('HGET', mb, 's')
-  if not s then out[i] = 'missing'
-  elseif s == 't' then out[i] = 'terminated'
+  local id, data = ARGV[2 * i + 3], ARGV[2 * i + 4]
+  local h = redis.call('HMGET', mb, 's', 'l', 'r')
+  if not h[1] then out[i] = 'missing'
+  elseif h[1] == 't' then out[i] = 'terminated'
   elseif max > 0 and redis.call('XLEN', q) >= max then out[i] = 'full'
   else
-    redis.call('HSET', mb, 'l', redis.call('XADD', q, '*', 'm', ARGV[i + 2]))
+    local added = redis.call('XADD', q, '*', 'm', data)
+    redis.call('HSET', mb, 'l', added)
     if ttl > 0 then redis.call('EXPIRE', mb, ttl); redis.call('EXPIRE', q, ttl) end
+    if h[3] then
+      local parts = notices[h[3]] or {}
+      notices[h[3]] = parts
+      local head = id .. ' ' .. (h[2] or '0-0') .. ' ' .. added
+      if #data <= small then
+        table.insert(parts, 'm ' .. head .. ' ' .. #data .. '\n')
+        table.insert(parts, data)
+      else
+        table.insert(parts, 'n ' .. head .. ' 0\n')
+      end
+    end
     out[i] = 'ok'
   end
 end
+for replica, parts in pairs(notices) do redis.call('PUBLISH', bell .. replica, table.concat(parts)) end
 return out
 ";
 
@@ -108,8 +131,8 @@ for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
   for i = 1, #f, 2 do if f[i] == 'm' then table.insert(out, f[i + 1]) end end
 end
 redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 16, '*', 'x', 't')
-redis.call('EXPIRE', KEYS[3], 3600)
+local r = redis.call('HGET', KEYS[1], 'r')
+if r then redis.call('PUBLISH', ARGV[3] .. ':bell:' .. r, 't ' .. ARGV[1] .. '\n') end
 if redis.call('HGET', KEYS[1], 'k') == 'a' then
   local p, b = ARGV[3], redis.call('HGET', KEYS[1], 'b')
   redis.call('SREM', p .. ':ix:', ARGV[1])
@@ -122,16 +145,18 @@ end
 return out
 ";
 
+/// Makes replica ARGV[3] the subscriber's; the previous one (on any replica)
+/// is told it was taken over.
 const SUBSCRIBE: &str = r"
 local s = redis.call('HGET', KEYS[1], 's')
 if not s then return {'missing'} end
 if s == 't' then return {'terminated'} end
 local g = redis.call('HINCRBY', KEYS[1], 'g', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', 16, '*', 'x', 's', 'g', g)
+local r = redis.call('HGET', KEYS[1], 'r')
+if r then redis.call('PUBLISH', ARGV[2] .. ':bell:' .. r, 's ' .. ARGV[4] .. ' ' .. g .. '\n') end
+redis.call('HSET', KEYS[1], 'r', ARGV[3])
 local ttl = tonumber(ARGV[1])
-if ttl > 0 then
-  redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl); redis.call('EXPIRE', KEYS[3], ttl)
-end
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl) end
 return {'ok', g}
 ";
 
@@ -233,8 +258,9 @@ impl Keys {
     fn queue(&self, id: &EntityId) -> String {
         format!("{}:q:{id}", self.prefix)
     }
-    fn control(&self, id: &EntityId) -> String {
-        format!("{}:c:{id}", self.prefix)
+    /// The prefix of the replicas' notice channels.
+    fn bell(&self) -> String {
+        format!("{}:bell:", self.prefix)
     }
     fn index(&self, name: &str, exact: bool) -> String {
         format!("{}:{}:{name}", self.prefix, if exact { "ox" } else { "ix" })
@@ -270,19 +296,8 @@ impl RedisBackend {
                         options.url
                     ))
                 })?;
-        let blocking = ConnectionManager::new_with_config(
-            client,
-            config(Duration::from_millis(BLOCK_MS) + Duration::from_secs(10)),
-        )
-        .await
-        .map_err(unavailable)?;
         let keys = Keys { prefix: options.prefix.clone() };
-        let reader = Arc::new(Reader {
-            subscriptions: Mutex::default(),
-            wake_key: format!("{}:wake:{}", options.prefix, uuid::Uuid::new_v4()),
-            conn: conn.clone(),
-        });
-        tokio::spawn(reader.clone().run(blocking));
+        let reader = Reader::start(client, conn.clone(), keys.bell()).await?;
         tracing::info!(url = %options.url, prefix = %options.prefix, "using Redis for mailboxes");
         let scripts = Scripts {
             create: Lua::new(CREATE),
@@ -365,7 +380,7 @@ impl Backend for RedisBackend {
         &self,
         id: &EntityId,
     ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError> {
-        let keys = [self.keys.mailbox(id), self.keys.queue(id), self.keys.control(id)];
+        let keys = [self.keys.mailbox(id), self.keys.queue(id)];
         let mut cmd = self.scripts.terminate.call(&keys);
         cmd.arg(id.to_string()).arg(secs(self.options.gravestone_ttl)).arg(&self.keys.prefix);
         let mut answer = array(self.run_one(&self.scripts.terminate, cmd).await?).into_iter();
@@ -452,17 +467,21 @@ impl Backend for RedisBackend {
         // One script call per chunk: few enough messages or bytes that Redis,
         // single-threaded, is not held up long by any one call.
         let (mut calls, mut sizes) = (Vec::new(), Vec::new());
+        let bell = self.keys.bell();
         let (mut keys, mut data, mut bytes) = (Vec::new(), Vec::new(), 0);
         for (i, (dest, message)) in messages.iter().enumerate() {
             let encoded = message.encode_to_vec();
             bytes += encoded.len();
             keys.push(self.keys.mailbox(dest));
             keys.push(self.keys.queue(dest));
-            data.push(encoded);
+            data.push((dest.to_string(), encoded));
             let last = i + 1 == messages.len();
             if last || data.len() >= ENQUEUE_CHUNK || bytes >= ENQUEUE_CHUNK_BYTES {
                 let mut cmd = self.scripts.enqueue.call(&keys);
-                cmd.arg(max).arg(ttl).arg(&data);
+                cmd.arg(max).arg(ttl).arg(MAX_NOTICE_BYTES).arg(&bell);
+                for (id, message) in &data {
+                    cmd.arg(id).arg(message);
+                }
                 calls.push(cmd);
                 sizes.push(data.len());
                 (keys, data, bytes) = (Vec::new(), Vec::new(), 0);
@@ -497,21 +516,22 @@ impl Backend for RedisBackend {
         &self,
         id: &EntityId,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
-        let keys = [self.keys.mailbox(id), self.keys.control(id), self.keys.queue(id)];
+        let keys = [self.keys.mailbox(id), self.keys.queue(id)];
         let mut cmd = self.scripts.subscribe.call(&keys);
-        cmd.arg(secs(self.options.mailbox_ttl));
+        cmd.arg(secs(self.options.mailbox_ttl)).arg(&self.keys.prefix).arg(&self.reader.replica);
+        cmd.arg(id.to_string());
         let answer = array(self.run_one(&self.scripts.subscribe, cmd).await?);
         let head = answer.first().and_then(string).unwrap_or_default();
         if let Some(err) = state_error(id, &head) {
             return Err(err);
         }
         let generation = answer.get(1).and_then(integer).unwrap_or(0);
-        let events = self.reader.add(*id, self.keys.queue(id), self.keys.control(id)).await;
+        let events = self.reader.add(*id, &self.keys, generation);
         Ok(Box::new(RedisSubscription {
             id: *id,
-            generation,
             events,
             ready: VecDeque::new(),
+            end: None,
             reader: self.reader.clone(),
         }))
     }
@@ -535,7 +555,7 @@ impl Backend for RedisBackend {
     }
 
     async fn forget(&self, id: &EntityId) {
-        let keys = [self.keys.mailbox(id), self.keys.queue(id), self.keys.control(id)];
+        let keys = [self.keys.mailbox(id), self.keys.queue(id)];
         let done: Result<(), _> =
             redis::cmd("DEL").arg(&keys).query_async(&mut self.conn.clone()).await;
         if let Err(e) = done {
@@ -591,224 +611,321 @@ fn integer(value: &Value) -> Option<u64> {
 #[derive(Debug)]
 enum Event {
     Messages(Vec<(u64, Bytes)>),
-    /// A subscriber (of this generation) took over the mailbox.
-    TakenOver(u64),
+    /// Another subscriber took over the mailbox.
+    TakenOver,
     Terminated,
 }
 
 #[derive(Debug)]
 struct Watched {
     token: u64,
+    mailbox_key: String,
     queue_key: String,
-    control_key: String,
-    queue_cursor: String,
-    control_cursor: String,
+    generation: u64,
+    /// The last message handed over (or known gone): the next one must follow it.
+    cursor: u64,
     events: mpsc::UnboundedSender<Event>,
 }
 
-/// The mailboxes a reader watches, by id and by stream key.
-#[derive(Debug, Default)]
-struct Watching {
-    by_id: HashMap<EntityId, Watched>,
-    by_key: HashMap<String, EntityId>,
+/// What a notice on a replica's channel says.
+#[derive(Debug, PartialEq)]
+enum Notice {
+    /// Message `added` follows `previous` in mailbox `id`; its bytes when small.
+    Added {
+        id: EntityId,
+        previous: u64,
+        added: u64,
+        data: Option<Bytes>,
+    },
+    TakenOver {
+        id: EntityId,
+        generation: u64,
+    },
+    Terminated {
+        id: EntityId,
+    },
 }
 
-impl Watching {
-    fn insert(&mut self, id: EntityId, watched: Watched) {
-        self.by_key.insert(watched.queue_key.clone(), id);
-        self.by_key.insert(watched.control_key.clone(), id);
-        self.by_id.insert(id, watched);
-    }
-
-    /// Stops watching `id` if `token` is still its subscription's.
-    fn remove(&mut self, id: &EntityId, token: u64) {
-        if let Some(watched) = self.by_id.get(id).filter(|w| w.token == token) {
-            self.by_key.remove(&watched.queue_key);
-            self.by_key.remove(&watched.control_key);
-            self.by_id.remove(id);
+impl Notice {
+    /// The notices of one publish, in order; `None` if any is malformed.
+    fn parse_all(mut payload: &[u8]) -> Option<Vec<Self>> {
+        let mut notices = Vec::new();
+        while !payload.is_empty() {
+            let end = payload.iter().position(|b| *b == b'\n')?;
+            let head = std::str::from_utf8(&payload[..end]).ok()?;
+            payload = &payload[end + 1..];
+            let mut words = head.split(' ');
+            let kind = words.next()?;
+            let id: EntityId = words.next()?.parse().ok()?;
+            let mut seq = || words.next().map(|w| if w == "0-0" { Some(0) } else { seq_of(w) });
+            let notice = match kind {
+                "m" | "n" => {
+                    let (previous, added) = (seq()??, seq()??);
+                    let size: usize = words.next()?.parse().ok()?;
+                    let data = payload.get(..size)?;
+                    payload = &payload[size..];
+                    let data = (kind == "m").then(|| Bytes::copy_from_slice(data));
+                    Self::Added { id, previous, added, data }
+                }
+                "s" => Self::TakenOver { id, generation: words.next()?.parse().ok()? },
+                "t" => Self::Terminated { id },
+                _ => return None,
+            };
+            notices.push(notice);
         }
+        Some(notices)
     }
 }
 
-/// One blocking `XREAD` for all the subscriptions of this replica.
+/// Delivers the notices of this replica's channel to its subscriptions.
 #[derive(Debug)]
 struct Reader {
-    subscriptions: Mutex<Watching>,
-    /// A stream of this reader alone: an entry in it interrupts the `XREAD`.
-    wake_key: String,
+    subscriptions: Mutex<HashMap<EntityId, Watched>>,
+    /// This replica's name in the mailbox hashes (`r`).
+    replica: String,
     conn: ConnectionManager,
+    /// Subscriptions whose stream must be read (new ones).
+    reads: mpsc::UnboundedSender<EntityId>,
 }
 
 impl Reader {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Watching> {
+    /// Listens on this replica's channel before returning, so no notice sent
+    /// to a subscription made afterwards can be missed.
+    async fn start(
+        client: redis::Client,
+        conn: ConnectionManager,
+        bell: String,
+    ) -> Result<Arc<Self>, ExchangeError> {
+        let replica = uuid::Uuid::new_v4().simple().to_string();
+        let channel = format!("{bell}{replica}");
+        let notices = listen(&client, &channel).await.map_err(unavailable)?;
+        let (reads, pending) = mpsc::unbounded_channel();
+        let reader = Arc::new(Self { subscriptions: Mutex::default(), replica, conn, reads });
+        tokio::spawn(reader.clone().run(client, channel, notices, pending));
+        Ok(reader)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<EntityId, Watched>> {
         self.subscriptions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Watches a mailbox for a new subscription, replacing this replica's
-    /// previous one (whose channel then closes).
-    async fn add(
+    /// previous one (whose channel then closes), and reads what is queued.
+    fn add(
         &self,
         id: EntityId,
-        queue_key: String,
-        control_key: String,
+        keys: &Keys,
+        generation: u64,
     ) -> (u64, mpsc::UnboundedReceiver<Event>) {
         static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let token = TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (events, receiver) = mpsc::unbounded_channel();
         let watched = Watched {
             token,
-            queue_key,
-            control_key,
-            queue_cursor: "0-0".into(),
-            control_cursor: "0-0".into(),
+            mailbox_key: keys.mailbox(&id),
+            queue_key: keys.queue(&id),
+            generation,
+            cursor: 0,
             events,
         };
         self.lock().insert(id, watched);
-        self.wake().await;
+        let _ = self.reads.send(id);
         (token, receiver)
     }
 
     fn remove(&self, id: &EntityId, token: u64) {
-        self.lock().remove(id, token);
-    }
-
-    async fn wake(&self) {
-        let woke: Result<(), _> = redis::cmd("XADD")
-            .arg(&self.wake_key)
-            .arg(&["MAXLEN", "~", "8", "*", "w", "1"])
-            .query_async(&mut self.conn.clone())
-            .await;
-        if let Err(e) = woke {
-            tracing::debug!(error = %e, "cannot wake the Redis reader");
+        let mut watching = self.lock();
+        if watching.get(id).is_some_and(|w| w.token == token) {
+            watching.remove(id);
         }
     }
 
-    async fn run(self: Arc<Self>, mut conn: ConnectionManager) {
-        let mut wake_cursor = "0-0".to_owned();
-        let mut backoff = Duration::from_millis(50);
+    async fn run(
+        self: Arc<Self>,
+        client: redis::Client,
+        channel: String,
+        mut notices: redis::aio::PubSubStream,
+        mut reads: mpsc::UnboundedReceiver<EntityId>,
+    ) {
         loop {
-            let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT").arg(READ_COUNT).arg("BLOCK").arg(BLOCK_MS).arg("STREAMS");
-            let mut cursors = Vec::new();
-            {
-                let watching = self.lock();
-                for watched in watching.by_id.values() {
-                    cmd.arg(&watched.queue_key).arg(&watched.control_key);
-                    cursors.push(watched.queue_cursor.clone());
-                    cursors.push(watched.control_cursor.clone());
+            loop {
+                tokio::select! {
+                    Some(id) = reads.recv() => self.read(id).await,
+                    notice = notices.next() => match notice {
+                        Some(msg) => self.handle(msg.get_payload_bytes()).await,
+                        None => break,
+                    },
                 }
             }
-            cmd.arg(&self.wake_key).arg(&cursors).arg(&wake_cursor);
-            let reply: Value = match cmd.query_async(&mut conn).await {
-                Ok(reply) => {
-                    backoff = Duration::from_millis(50);
-                    reply
+            tracing::warn!("lost Redis notices; reconnecting");
+            let mut backoff = Duration::from_millis(50);
+            notices = loop {
+                match listen(&client, &channel).await {
+                    Ok(notices) => break notices,
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?backoff, "cannot listen for Redis notices");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
                 }
+            };
+            // Notices sent meanwhile are lost: look at every subscription again.
+            let ids: Vec<EntityId> = self.lock().keys().copied().collect();
+            for id in ids {
+                self.recheck(id).await;
+            }
+        }
+    }
+
+    async fn handle(&self, payload: &[u8]) {
+        let Some(notices) = Notice::parse_all(payload) else {
+            tracing::warn!("skipping a malformed notice");
+            return;
+        };
+        let mut reads: Vec<EntityId> = Vec::new();
+        for notice in notices {
+            // Once a mailbox must be read, so must all it was noticed after.
+            if let Some(id) = self.take(notice).filter(|id| !reads.contains(id)) {
+                reads.push(id);
+            }
+        }
+        // Large, or something before it was missed: read the stream.
+        for id in reads {
+            self.read(id).await;
+        }
+    }
+
+    /// Acts on a notice; the mailbox whose stream must be read, if any.
+    fn take(&self, notice: Notice) -> Option<EntityId> {
+        let mut watching = self.lock();
+        match notice {
+            Notice::Added { id, previous, added, data } => {
+                let watched = watching.get_mut(&id)?;
+                if added <= watched.cursor {
+                    return None; // Already read from the stream.
+                }
+                let Some(data) = data.filter(|_| previous == watched.cursor) else {
+                    return Some(id);
+                };
+                watched.cursor = added;
+                if watched.events.send(Event::Messages(vec![(added, data)])).is_err() {
+                    watching.remove(&id);
+                }
+                None
+            }
+            Notice::TakenOver { id, generation } => {
+                if watching.get(&id).is_some_and(|w| generation > w.generation) {
+                    let _ = watching.remove(&id).map(|w| w.events.send(Event::TakenOver));
+                }
+                None
+            }
+            Notice::Terminated { id } => {
+                let _ = watching.remove(&id).map(|w| w.events.send(Event::Terminated));
+                None
+            }
+        }
+    }
+
+    /// Hands over every message after the subscription's cursor.
+    async fn read(&self, id: EntityId) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let Some((key, token, cursor)) =
+                self.lock().get(&id).map(|w| (w.queue_key.clone(), w.token, w.cursor))
+            else {
+                return;
+            };
+            let reply: Result<Value, _> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(format!("({}", stream_id_of(cursor)))
+                .arg("+")
+                .arg("COUNT")
+                .arg(READ_COUNT)
+                .query_async(&mut self.conn.clone())
+                .await;
+            let entries = match reply {
+                Ok(reply) => range_entries(reply),
                 Err(e) => {
-                    tracing::warn!(error = %e, ?backoff, "Redis read failed; retrying");
+                    tracing::warn!(mailbox = %id, error = %e, ?backoff, "cannot read a queue; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
             };
-            for (key, entries) in stream_entries(reply) {
-                if key == self.wake_key {
-                    if let Some((id, _)) = entries.last() {
-                        wake_cursor.clone_from(id);
-                    }
-                    continue;
+            let full = entries.len() >= READ_COUNT;
+            let mut watching = self.lock();
+            let Some(watched) = watching.get_mut(&id).filter(|w| w.token == token) else {
+                return;
+            };
+            let fresh: Vec<_> =
+                entries.into_iter().filter(|(seq, _)| *seq > watched.cursor).collect();
+            if let Some((last, _)) = fresh.last() {
+                watched.cursor = *last;
+                if watched.events.send(Event::Messages(fresh)).is_err() {
+                    watching.remove(&id);
+                    return;
                 }
-                self.dispatch(&key, entries);
+            }
+            if !full {
+                return;
             }
         }
     }
 
-    /// Hands entries of one stream to the subscription watching it.
-    fn dispatch(&self, key: &str, entries: Vec<StreamEntry>) {
-        let mut watching = self.lock();
-        let Some(id) = watching.by_key.get(key).copied() else { return };
-        let Some(watched) = watching.by_id.get_mut(&id) else { return };
-        let is_queue = watched.queue_key == key;
-        let mut messages = Vec::new();
-        let mut events = Vec::new();
-        for (stream_id, fields) in entries {
-            if is_queue {
-                let data = fields.into_iter().find(|(f, _)| f == "m").and_then(|(_, v)| bytes(v));
-                match (seq_of(&stream_id), data) {
-                    (Some(seq), Some(data)) => messages.push((seq, data)),
-                    _ => tracing::warn!(%stream_id, "skipping a malformed queue entry"),
-                }
-                watched.queue_cursor = stream_id;
-            } else {
-                let field = |name: &str| fields.iter().find(|(f, _)| f == name).map(|(_, v)| v);
-                match field("x").and_then(string).as_deref() {
-                    Some("t") => events.push(Event::Terminated),
-                    Some("s") => {
-                        events.push(Event::TakenOver(field("g").and_then(integer).unwrap_or(0)))
-                    }
-                    _ => {}
-                }
-                watched.control_cursor = stream_id;
-            }
-        }
-        if !messages.is_empty() {
-            events.insert(0, Event::Messages(messages));
-        }
-        if events.into_iter().any(|event| watched.events.send(event).is_err()) {
-            // The subscription is gone: stop watching.
-            let token = watched.token;
-            watching.remove(&id, token);
-        }
+    /// After notices may have been lost: ends subscriptions that were taken
+    /// over or terminated meanwhile, and reads the others' streams.
+    async fn recheck(&self, id: EntityId) {
+        let Some((key, generation)) =
+            self.lock().get(&id).map(|w| (w.mailbox_key.clone(), w.generation))
+        else {
+            return;
+        };
+        let fields: Result<(Option<String>, Option<u64>), _> = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&["s", "g"])
+            .query_async(&mut self.conn.clone())
+            .await;
+        let event = match fields {
+            Ok((Some(state), _)) if state == "t" => Event::Terminated,
+            Ok((None, _)) => Event::Terminated,
+            Ok((_, Some(now))) if now > generation => Event::TakenOver,
+            _ => return self.read(id).await,
+        };
+        let _ = self.lock().remove(&id).map(|w| w.events.send(event));
     }
 }
 
-/// One stream entry: its id and its fields.
-type StreamEntry = (String, Vec<(String, Value)>);
+/// A pub/sub connection listening on `channel`.
+async fn listen(
+    client: &redis::Client,
+    channel: &str,
+) -> Result<redis::aio::PubSubStream, RedisError> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(channel).await?;
+    Ok(pubsub.into_on_message())
+}
 
-/// `XREAD`'s reply as (stream key, entries); RESP2 or RESP3.
-fn stream_entries(reply: Value) -> Vec<(String, Vec<StreamEntry>)> {
-    let streams: Vec<(Value, Value)> = match reply {
-        Value::Array(items) => items
-            .into_iter()
-            .filter_map(|item| match item {
-                Value::Array(mut pair) if pair.len() == 2 => {
-                    let entries = pair.pop()?;
-                    Some((pair.pop()?, entries))
-                }
-                _ => None,
-            })
-            .collect(),
-        Value::Map(pairs) => pairs,
-        _ => Vec::new(),
-    };
-    streams
+/// `XRANGE`'s reply as (seq, message) pairs.
+fn range_entries(reply: Value) -> Vec<(u64, Bytes)> {
+    array(reply)
         .into_iter()
-        .filter_map(|(key, entries)| {
-            let Value::Array(entries) = entries else {
-                return None;
+        .filter_map(|entry| {
+            let mut entry = array(entry).into_iter();
+            let stream_id = entry.next().and_then(|v| string(&v))?;
+            let mut fields = array(entry.next()?).into_iter();
+            let data = loop {
+                let (name, value) = (fields.next()?, fields.next()?);
+                if string(&name).as_deref() == Some("m") {
+                    break bytes(value);
+                }
             };
-            let entries = entries
-                .into_iter()
-                .filter_map(|entry| {
-                    let Value::Array(mut entry) = entry else {
-                        return None;
-                    };
-                    if entry.len() != 2 {
-                        return None;
-                    }
-                    let Value::Array(flat) = entry.pop()? else {
-                        return None;
-                    };
-                    let id = string(&entry.pop()?)?;
-                    let mut fields = Vec::with_capacity(flat.len() / 2);
-                    let mut flat = flat.into_iter();
-                    while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
-                        fields.push((string(&name)?, value));
-                    }
-                    Some((id, fields))
-                })
-                .collect();
-            Some((string(&key)?, entries))
+            match (seq_of(&stream_id), data) {
+                (Some(seq), Some(data)) => Some((seq, data)),
+                _ => {
+                    tracing::warn!(%stream_id, "skipping a malformed queue entry");
+                    None
+                }
+            }
         })
         .collect()
 }
@@ -816,9 +933,10 @@ fn stream_entries(reply: Value) -> Vec<(String, Vec<StreamEntry>)> {
 #[derive(Debug)]
 struct RedisSubscription {
     id: EntityId,
-    generation: u64,
     events: (u64, mpsc::UnboundedReceiver<Event>),
     ready: VecDeque<(u64, Bytes)>,
+    /// How the subscription ended, reported once what came before is delivered.
+    end: Option<ExchangeError>,
     reader: Arc<Reader>,
 }
 
@@ -856,15 +974,26 @@ impl BackendSubscription for RedisSubscription {
                 }
                 continue;
             }
-            match self.events.1.recv().await {
-                Some(Event::Messages(messages)) => self.ready.extend(messages),
-                Some(Event::TakenOver(generation)) if generation > self.generation => {
-                    return Err(ExchangeError::Superseded(self.id));
+            if let Some(end) = self.end.take() {
+                return Err(end);
+            }
+            // Everything already there, so a busy mailbox goes out in batches.
+            let mut event = self.events.1.recv().await;
+            loop {
+                match event {
+                    Some(Event::Messages(messages)) => self.ready.extend(messages),
+                    Some(Event::TakenOver) => self.end = Some(ExchangeError::Superseded(self.id)),
+                    Some(Event::Terminated) => self.end = Some(ExchangeError::Terminated(self.id)),
+                    // Replaced by a newer subscription on this replica.
+                    None => self.end = Some(ExchangeError::Superseded(self.id)),
                 }
-                Some(Event::TakenOver(_)) => {}
-                Some(Event::Terminated) => return Err(ExchangeError::Terminated(self.id)),
-                // Replaced by a newer subscription on this replica.
-                None => return Err(ExchangeError::Superseded(self.id)),
+                if self.end.is_some() || self.ready.len() >= max {
+                    break;
+                }
+                match self.events.1.try_recv() {
+                    Ok(next) => event = Some(next),
+                    Err(_) => break,
+                }
             }
         }
     }
@@ -883,5 +1012,40 @@ mod tests {
         assert_eq!(stream_id_of(b), "1700000000000-7");
         assert_eq!(seq_of("x-1"), None);
         assert_eq!(seq_of(&format!("1-{}", 1u64 << SEQ_BITS)), None);
+    }
+
+    #[test]
+    fn notices_parse_and_malformed_ones_are_refused() {
+        let id = EntityId::new_agent();
+        let (a, b) = (seq_of("5-1").unwrap(), seq_of("6-0").unwrap());
+        let payload = format!("m {id} 0-0 5-1 10\nbytes\nmoren {id} 5-1 6-0 0\ns {id} 7\nt {id}\n");
+        let notices = Notice::parse_all(payload.as_bytes()).unwrap();
+        assert_eq!(
+            notices,
+            vec![
+                Notice::Added {
+                    id,
+                    previous: 0,
+                    added: a,
+                    data: Some(Bytes::from_static(b"bytes\nmore"))
+                },
+                Notice::Added { id, previous: a, added: b, data: None },
+                Notice::TakenOver { id, generation: 7 },
+                Notice::Terminated { id },
+            ]
+        );
+        for bad in [
+            "m\n",
+            "x {id}\n",
+            "t {id}",
+            "m {id} 1-1\n",
+            "m {id} a-b 1-1 0\n",
+            "m {id} 0-0 1-1 9\nshort",
+            "s {id}\n",
+            "t nobody\n",
+        ] {
+            let bad = bad.replace("{id}", &id.to_string());
+            assert_eq!(Notice::parse_all(bad.as_bytes()), None, "{bad:?}");
+        }
     }
 }
