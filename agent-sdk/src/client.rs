@@ -301,8 +301,10 @@ impl ExchangeClient for GrpcExchange {
         if let Ok(_turn) = self.sends.turn.try_lock()
             && self.sends.queued.load(Ordering::Acquire) == 0
         {
-            let result = send_batch(&mut self.rpc(), vec![message]).await.pop();
-            return result.unwrap_or_else(|| Err(ClientError::Transport("no result".into())));
+            return send_batch(&mut self.rpc(), vec![message])
+                .await
+                .pop()
+                .expect("send_batch answers one result per message");
         }
         let closed = || ClientError::Transport("exchange client is closed".into());
         let (reply, result) = oneshot::channel();

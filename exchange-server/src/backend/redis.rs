@@ -657,7 +657,7 @@ impl Notice {
             let mut words = head.split(' ');
             let kind = words.next()?;
             let id: EntityId = words.next()?.parse().ok()?;
-            let mut seq = || words.next().map(|w| if w == "0-0" { Some(0) } else { seq_of(w) });
+            let mut seq = || words.next().map(seq_of);
             let notice = match kind {
                 "m" | "n" => {
                     let (previous, added) = (seq()??, seq()??);
@@ -758,14 +758,13 @@ impl Reader {
                 }
             }
             tracing::warn!("lost Redis notices; reconnecting");
-            let mut backoff = Duration::from_millis(50);
+            let mut backoff = FIRST_RETRY;
             notices = loop {
                 match listen(&client, &channel).await {
                     Ok(notices) => break notices,
                     Err(e) => {
                         tracing::warn!(error = %e, ?backoff, "cannot listen for Redis notices");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        back_off(&mut backoff).await;
                     }
                 }
             };
@@ -828,7 +827,7 @@ impl Reader {
 
     /// Hands over every message after the subscription's cursor.
     async fn read(&self, id: EntityId) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = FIRST_RETRY;
         loop {
             let Some((key, token, cursor)) =
                 self.lock().get(&id).map(|w| (w.queue_key.clone(), w.token, w.cursor))
@@ -847,8 +846,7 @@ impl Reader {
                 Ok(reply) => range_entries(reply),
                 Err(e) => {
                     tracing::warn!(mailbox = %id, error = %e, ?backoff, "cannot read a queue; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    back_off(&mut backoff).await;
                     continue;
                 }
             };
@@ -893,6 +891,15 @@ impl Reader {
         };
         let _ = self.lock().remove(&id).map(|w| w.events.send(event));
     }
+}
+
+/// The first pause before retrying a failed Redis call; it doubles up to 2 s.
+const FIRST_RETRY: Duration = Duration::from_millis(50);
+
+/// Waits `backoff`, then doubles it for the next retry.
+async fn back_off(backoff: &mut Duration) {
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
 }
 
 /// A pub/sub connection listening on `channel`.
