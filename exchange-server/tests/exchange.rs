@@ -246,8 +246,11 @@ async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber(store: S
     let mut stream = h.subscribe(&agent).await;
     let got = next(&mut stream).await;
     assert_eq!(got.len(), 2);
-    // Acknowledge only the first, then drop the connection's stream.
-    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![got[0].seq] };
+    // Acknowledge only the first (among thousands of unknown seqs, which are
+    // ignored), then drop the connection's stream.
+    let mut seqs: Vec<u64> = (1..=9_000).filter(|s| *s < got[0].seq).collect();
+    seqs.push(got[0].seq);
+    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs };
     h.rpc.acknowledge(ack).await.unwrap();
     drop(stream);
 
@@ -308,9 +311,13 @@ async fn oversized_message_and_full_mailbox_are_resource_exhausted(store: Store)
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("1024"), "names the limit: {}", err.message());
 
-    for _ in 0..3 {
-        h.send(request(&client, &agent, "x")).await.unwrap();
-    }
+    h.send(request(&client, &agent, "x")).await.unwrap();
+    // The bound holds within one batch too: two more fit, the rest are refused.
+    let batch = pb::SendBatchRequest { messages: vec![request(&client, &agent, "x"); 4] };
+    let results = h.rpc.send_batch(batch).await.unwrap().into_inner().results;
+    let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
+    let exhausted = Code::ResourceExhausted as i32;
+    assert_eq!(codes, [0, 0, exhausted, exhausted]);
     let err = h.send(request(&client, &agent, "x")).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("full"), "{}", err.message());

@@ -80,38 +80,54 @@ end
 return 'ok'
 ";
 
-/// Appends messages, in order: KEYS are (mailbox, queue) pairs; ARGV the
-/// queue bound, the TTL, the notice size limit, the channel prefix, then
-/// (mailbox id, message) pairs. One answer per message. Each mailbox with a
-/// subscriber gets a notice on its replica's channel, one publish per replica
-/// for the whole call: `m <id> <previous> <added> <size>\n<message>` per
-/// message, or `n <id> <previous> <added> 0\n` for a large one.
+/// Appends messages, in order: KEYS are the (mailbox, queue) pairs of the
+/// mailboxes written to; ARGV the queue bound, the TTL, the notice size limit,
+/// the channel prefix, the number of mailboxes and their ids, then per message
+/// the number of its mailbox's pair (from 1) and the message. One answer per
+/// message. Each mailbox with a subscriber gets a notice on its replica's
+/// channel, one publish per replica for the whole call:
+/// `m <id> <previous> <added> <size>\n<message>` per message, or
+/// `n <id> <previous> <added> 0\n` for a large one. A mailbox's hash is read
+/// and written once per call, however many messages it gets.
 const ENQUEUE: &str = r"
-local max, ttl, small, bell = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local out, notices = {}, {}
-for i = 1, #KEYS / 2 do
-  local mb, q = KEYS[2 * i - 1], KEYS[2 * i]
-  local id, data = ARGV[2 * i + 3], ARGV[2 * i + 4]
+local max, ttl, small, bell, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local boxes, notices = {}, {}
+for k = 1, n do
+  local mb, q = KEYS[2 * k - 1], KEYS[2 * k]
   local h = redis.call('HMGET', mb, 's', 'l', 'r')
-  if not h[1] then out[i] = 'missing'
-  elseif h[1] == 't' then out[i] = 'terminated'
-  elseif max > 0 and redis.call('XLEN', q) >= max then out[i] = 'full'
+  local m = {id = ARGV[5 + k], state = h[1], last = h[2] or '0-0', replica = h[3]}
+  if h[1] == 'a' and max > 0 then m.len = redis.call('XLEN', q) end
+  boxes[k] = m
+end
+local out = {}
+for i = 6 + n, #ARGV, 2 do
+  local k, data = tonumber(ARGV[i]), ARGV[i + 1]
+  local m = boxes[k]
+  if not m.state then out[#out + 1] = 'missing'
+  elseif m.state == 't' then out[#out + 1] = 'terminated'
+  elseif m.len and m.len >= max then out[#out + 1] = 'full'
   else
-    local added = redis.call('XADD', q, '*', 'm', data)
-    redis.call('HSET', mb, 'l', added)
-    if ttl > 0 then redis.call('EXPIRE', mb, ttl); redis.call('EXPIRE', q, ttl) end
-    if h[3] then
-      local parts = notices[h[3]] or {}
-      notices[h[3]] = parts
-      local head = id .. ' ' .. (h[2] or '0-0') .. ' ' .. added
+    local added = redis.call('XADD', KEYS[2 * k], '*', 'm', data)
+    if m.len then m.len = m.len + 1 end
+    if m.replica then
+      local parts = notices[m.replica] or {}
+      notices[m.replica] = parts
+      local head = m.id .. ' ' .. m.last .. ' ' .. added
       if #data <= small then
-        table.insert(parts, 'm ' .. head .. ' ' .. #data .. '\n')
-        table.insert(parts, data)
+        parts[#parts + 1] = 'm ' .. head .. ' ' .. #data .. '\n'
+        parts[#parts + 1] = data
       else
-        table.insert(parts, 'n ' .. head .. ' 0\n')
+        parts[#parts + 1] = 'n ' .. head .. ' 0\n'
       end
     end
-    out[i] = 'ok'
+    m.last, m.added = added, true
+    out[#out + 1] = 'ok'
+  end
+end
+for k, m in ipairs(boxes) do
+  if m.added then
+    redis.call('HSET', KEYS[2 * k - 1], 'l', m.last)
+    if ttl > 0 then redis.call('EXPIRE', KEYS[2 * k - 1], ttl); redis.call('EXPIRE', KEYS[2 * k], ttl) end
   end
 end
 for replica, parts in pairs(notices) do redis.call('PUBLISH', bell .. replica, table.concat(parts)) end
@@ -160,22 +176,42 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2]
 return {'ok', g}
 ";
 
+/// Deletes acknowledged messages: ARGV is the highest id acknowledged, then
+/// every id (deleted a thousand at a time: Lua's `unpack` is bounded). None
+/// may be above the last message added.
 const ACKNOWLEDGE: &str = r"
 local s = redis.call('HGET', KEYS[1], 's')
 if not s then return 'missing' end
 if s == 't' then return 'terminated' end
-if #ARGV == 0 then return 'ok' end
+if #ARGV < 2 then return 'ok' end
 local last = redis.call('HGET', KEYS[1], 'l') or '0-0'
 local lms, lseq = string.match(last, '(%d+)-(%d+)')
-lms, lseq = tonumber(lms), tonumber(lseq)
-for _, id in ipairs(ARGV) do
-  local ms, seq = string.match(id, '(%d+)-(%d+)')
-  ms, seq = tonumber(ms), tonumber(seq)
-  if ms > lms or (ms == lms and seq > lseq) then return 'never:' .. id end
-end
-redis.call('XDEL', KEYS[2], unpack(ARGV))
+local ms, seq = string.match(ARGV[1], '(%d+)-(%d+)')
+ms, seq, lms, lseq = tonumber(ms), tonumber(seq), tonumber(lms), tonumber(lseq)
+if ms > lms or (ms == lms and seq > lseq) then return 'never:' .. ARGV[1] end
+for i = 2, #ARGV, 1000 do redis.call('XDEL', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 return 'ok'
 ";
+
+/// Messages for one enqueue script call: each names its mailbox by its place
+/// in `mailboxes`, so a mailbox's keys and id are sent once.
+#[derive(Debug, Default)]
+struct Chunk {
+    mailboxes: Vec<EntityId>,
+    messages: Vec<(usize, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Chunk {
+    fn add(&mut self, dest: &EntityId, message: Vec<u8>) {
+        let k = self.mailboxes.iter().position(|id| id == dest).unwrap_or_else(|| {
+            self.mailboxes.push(*dest);
+            self.mailboxes.len() - 1
+        });
+        self.bytes += message.len();
+        self.messages.push((k, message));
+    }
+}
 
 /// Most messages, and bytes, in one enqueue script call.
 const ENQUEUE_CHUNK: usize = 128;
@@ -466,25 +502,30 @@ impl Backend for RedisBackend {
         let max = max_queued.unwrap_or(0);
         // One script call per chunk: few enough messages or bytes that Redis,
         // single-threaded, is not held up long by any one call.
-        let (mut calls, mut sizes) = (Vec::new(), Vec::new());
         let bell = self.keys.bell();
-        let (mut keys, mut data, mut bytes) = (Vec::new(), Vec::new(), 0);
+        let (mut calls, mut sizes) = (Vec::new(), Vec::new());
+        let mut chunk = Chunk::default();
         for (i, (dest, message)) in messages.iter().enumerate() {
-            let encoded = message.encode_to_vec();
-            bytes += encoded.len();
-            keys.push(self.keys.mailbox(dest));
-            keys.push(self.keys.queue(dest));
-            data.push((dest.to_string(), encoded));
+            chunk.add(dest, message.encode_to_vec());
             let last = i + 1 == messages.len();
-            if last || data.len() >= ENQUEUE_CHUNK || bytes >= ENQUEUE_CHUNK_BYTES {
+            if last || chunk.messages.len() >= ENQUEUE_CHUNK || chunk.bytes >= ENQUEUE_CHUNK_BYTES {
+                let chunk = std::mem::take(&mut chunk);
+                let keys: Vec<String> = chunk
+                    .mailboxes
+                    .iter()
+                    .flat_map(|id| [self.keys.mailbox(id), self.keys.queue(id)])
+                    .collect();
                 let mut cmd = self.scripts.enqueue.call(&keys);
                 cmd.arg(max).arg(ttl).arg(MAX_NOTICE_BYTES).arg(&bell);
-                for (id, message) in &data {
-                    cmd.arg(id).arg(message);
+                cmd.arg(chunk.mailboxes.len());
+                for id in &chunk.mailboxes {
+                    cmd.arg(id.to_string());
+                }
+                for (k, message) in &chunk.messages {
+                    cmd.arg(k + 1).arg(message);
                 }
                 calls.push(cmd);
-                sizes.push(data.len());
-                (keys, data, bytes) = (Vec::new(), Vec::new(), 0);
+                sizes.push(chunk.messages.len());
             }
         }
         let answers: Vec<Value> = match self.run(&self.scripts.enqueue, calls).await {
@@ -539,7 +580,7 @@ impl Backend for RedisBackend {
     async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
         let ids: Vec<String> = seqs.iter().map(|s| stream_id_of(*s)).collect();
         let mut cmd = self.scripts.acknowledge.call(&[self.keys.mailbox(id), self.keys.queue(id)]);
-        cmd.arg(&ids);
+        cmd.arg(seqs.iter().max().map(|s| stream_id_of(*s))).arg(&ids);
         let answer =
             string(&self.run_one(&self.scripts.acknowledge, cmd).await?).unwrap_or_default();
         if let Some(err) = state_error(id, &answer) {
