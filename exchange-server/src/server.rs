@@ -24,11 +24,16 @@ pub fn nodelay_incoming(
     })
 }
 
-/// Server reflection over every Academy contract, health, reflection itself
-/// and google.rpc (ErrorInfo details), so grpcurl can list, describe and decode
-/// all of it. Build v1 and v1alpha services from it.
-pub fn reflection() -> tonic_reflection::server::Builder<'static> {
+/// Server reflection for a server of `service` (e.g. `academy.v1.Exchange`):
+/// it lists that service, health and reflection, and describes every Academy
+/// contract and google.rpc (ErrorInfo details), so grpcurl can list, describe
+/// and decode all of it. Build v1 and v1alpha services from it.
+pub fn reflection(service: &str) -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
+        .with_service_name(service)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .register_encoded_file_descriptor_set(academy_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
@@ -116,6 +121,7 @@ impl RunningServer {
         let shutdown = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExchangeServer<ExchangeService>>().await;
+        let reflection = || reflection("academy.v1.Exchange");
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
         let service = ExchangeServer::new(ExchangeService::new(exchange.clone()))

@@ -73,8 +73,8 @@ impl RunningLauncher {
         let signal = shutdown.clone().cancelled_owned();
         let router = tonic::transport::Server::builder()
             .add_service(health_service)
-            .add_service(academy_exchange::reflection().build_v1()?)
-            .add_service(academy_exchange::reflection().build_v1alpha()?)
+            .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1()?)
+            .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1alpha()?)
             .add_service(LauncherServer::new(service));
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {
