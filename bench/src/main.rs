@@ -63,6 +63,10 @@ struct Args {
     /// Idle mailboxes registered for the scale run.
     #[arg(long, default_value_t = 100_000)]
     mailboxes: usize,
+    /// Worker threads of the exchange process, as `academy-exchange
+    /// --worker-threads` (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    exchange_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -79,6 +83,8 @@ enum Role {
         /// Keep mailboxes in the Redis at this URL instead of in memory.
         #[arg(long)]
         redis: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        worker_threads: usize,
     },
     /// Serve the plain tonic echo (the floor), in a child process.
     #[command(hide = true, name = "serve-floor")]
@@ -361,12 +367,14 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
 /// A fresh exchange-server process (and Redis, for that backend).
 async fn start_exchange(
     backend: BackendKind,
+    args: &Args,
 ) -> anyhow::Result<(Server, Option<academy_exchange::testing::RedisServer>)> {
     let redis = match backend {
         BackendKind::Memory => None,
         BackendKind::Redis => Some(academy_exchange::testing::RedisServer::start()?),
     };
     let mut role = vec!["serve-exchange".to_owned()];
+    role.extend(["--worker-threads".to_owned(), args.exchange_threads.to_string()]);
     if let Some(redis) = &redis {
         role.extend(["--redis".to_owned(), redis.url()]);
     }
@@ -378,7 +386,7 @@ async fn start_exchange(
 /// run against a fresh one, so its memory growth is its own.
 async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String>> {
     let run = |scenario: char| args.only.contains(&scenario);
-    let (exchange, _redis) = start_exchange(backend).await?;
+    let (exchange, _redis) = start_exchange(backend, args).await?;
     let url = format!("http://{}", exchange.addr);
     let manager = Manager::connect(&url).await?;
     let echo = manager.launch(Echo {}).await?;
@@ -429,7 +437,7 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
     manager.close().await?;
     drop(exchange);
     if run('s') {
-        let (exchange, redis) = start_exchange(backend).await?;
+        let (exchange, redis) = start_exchange(backend, args).await?;
         let mut pids = vec![exchange.child.id().context("exchange exited")?];
         pids.extend(redis.as_ref().map(|r| r.pid()));
         let url = format!("http://{}", exchange.addr);
@@ -498,7 +506,7 @@ async fn watch_until(
 /// the other's replacement (SIGSTOP): time to launch and to fail over.
 async fn measure_launcher(args: &Args) -> anyhow::Result<Vec<String>> {
     use academy_proto::pb::{self, AgentState};
-    let (exchange, _redis) = start_exchange(BackendKind::Memory).await?;
+    let (exchange, _redis) = start_exchange(BackendKind::Memory, args).await?;
     let exchange_url = format!("http://{}", exchange.addr);
     let timeout = args.heartbeat_timeout_ms.to_string();
     let launcher = spawn_server(&[
@@ -626,11 +634,20 @@ async fn measure_launcher(args: &Args) -> anyhow::Result<Vec<String>> {
     ])
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(Role::Exchange { worker_threads, .. }) = args.role
+        && worker_threads > 0
+    {
+        runtime.worker_threads(worker_threads);
+    }
+    runtime.enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     match args.role {
-        Some(Role::Exchange { redis }) => return serve_exchange(redis).await,
+        Some(Role::Exchange { redis, .. }) => return serve_exchange(redis).await,
         Some(Role::Floor) => return serve_floor().await,
         Some(Role::Launcher { exchange, heartbeat_timeout_ms }) => {
             return serve_launcher(exchange, heartbeat_timeout_ms).await;
@@ -642,6 +659,9 @@ async fn main() -> anyhow::Result<()> {
         None => {}
     }
     println!("Machine: {}", machine());
+    if args.exchange_threads > 0 {
+        println!("Exchange worker threads: {}", args.exchange_threads);
+    }
     for backend in &args.backend {
         println!();
         println!("Backend: {backend:?}");

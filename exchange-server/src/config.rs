@@ -45,12 +45,26 @@ pub struct Config {
     /// Seconds open calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "ACADEMY_EXCHANGE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
     pub shutdown_grace_secs: f64,
+    /// Threads serving requests (0: one per core the process may use). On
+    /// small nodes, 1 saves the cross-core wake-ups of handing work between
+    /// threads (see BENCHMARKS.md).
+    #[arg(long, env = "ACADEMY_EXCHANGE_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
 }
 
 impl Config {
+    /// The runtime the server runs on.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        if self.worker_threads > 0 {
+            runtime.worker_threads(self.worker_threads);
+        }
+        runtime.enable_all().build()
+    }
+
     pub fn server_options(&self) -> anyhow::Result<ServerOptions> {
         anyhow::ensure!(self.max_message_bytes > 0, "--max-message-bytes must be positive");
         anyhow::ensure!(self.max_queued > 0, "--max-queued must be positive");

@@ -1,16 +1,19 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use academy_exchange::{Config, RunningServer, shutdown_signal, telemetry};
+use academy_exchange::{Config, RunningServer, ServerOptions, shutdown_signal, telemetry};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init_tracing(config.log_format);
     let options = config.server_options()?;
+    config.runtime().context("cannot start the runtime")?.block_on(serve(options))
+}
+
+async fn serve(options: ServerOptions) -> anyhow::Result<()> {
     let server = RunningServer::start(options.clone())
         .await
         .with_context(|| format!("cannot listen on {}", options.listen))?;

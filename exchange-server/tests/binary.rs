@@ -17,6 +17,7 @@ fn spawn_exchange() -> (std::process::Child, String) {
         .env("ACADEMY_EXCHANGE_LISTEN", "127.0.0.1:0")
         .env("ACADEMY_LOG_FORMAT", "json")
         .env("ACADEMY_EXCHANGE_MAX_QUEUED", "2")
+        .env("ACADEMY_EXCHANGE_WORKER_THREADS", "1")
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
