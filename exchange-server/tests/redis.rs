@@ -351,3 +351,15 @@ async fn subscribers_find_what_they_missed_when_notices_are_lost() {
     let end = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap();
     assert_eq!(end.unwrap().unwrap_err().code(), tonic::Code::FailedPrecondition);
 }
+
+#[tokio::test]
+async fn a_replica_that_cannot_listen_for_notices_refuses_to_start() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    // Redis answers SUBSCRIBE with an error; a replica that went on would
+    // never hear of new messages for its subscribers.
+    assert_eq!(redis.command(&["ACL", "SETUSER", "default", "-subscribe"]).unwrap(), "+OK");
+    let backend = Backend::Redis(RedisOptions { url: redis.url(), ..Default::default() });
+    let err = RunningServer::start(ServerOptions { backend, ..Default::default() }).await.err();
+    let err = err.expect("the exchange must not start deaf").to_string();
+    assert!(err.contains("cannot listen on Redis channel") && err.contains("NoPerm"), "{err}");
+}

@@ -739,7 +739,9 @@ impl Reader {
     ) -> Result<Arc<Self>, ExchangeError> {
         let replica = uuid::Uuid::new_v4().simple().to_string();
         let channel = format!("{bell}{replica}");
-        let notices = listen(&client, &channel).await.map_err(unavailable)?;
+        let notices = listen(&client, &channel).await.map_err(|e| {
+            ExchangeError::Unavailable(format!("cannot listen on Redis channel {channel}: {e}"))
+        })?;
         let (reads, pending) = mpsc::unbounded_channel();
         let reader = Arc::new(Self { subscriptions: Mutex::default(), replica, conn, reads });
         tokio::spawn(reader.clone().run(client, channel, notices, pending));
