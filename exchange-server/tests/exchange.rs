@@ -285,14 +285,8 @@ async fn messages_from_one_sender_arrive_in_order(store: Store) {
         h.send(m.clone()).await.unwrap();
     }
     let mut stream = h.subscribe(&agent).await;
-    let mut received = Vec::new();
-    while received.len() < sent.len() {
-        received.extend(next(&mut stream).await);
-    }
-    let tags: Vec<_> =
-        received.iter().map(|d| tag(d.message.as_ref().unwrap()).to_owned()).collect();
     let expected: Vec<_> = sent.iter().map(|m| tag(m).to_owned()).collect();
-    assert_eq!(tags, expected);
+    assert_eq!(tags(&mut stream, sent.len()).await, expected);
 }
 
 async fn oversized_message_and_full_mailbox_are_resource_exhausted(store: Store) {
@@ -423,19 +417,40 @@ async fn send_batch_reports_each_message(store: Store) {
     let mut h = start(store).await;
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
+    let other = h.agent("test.A", &[]).await;
     let gone = h.agent("test.A", &[]).await;
     h.terminate(&gone).await;
-    let messages = vec![
-        request(&client, &agent, "ok"),
-        request(&client, &gone, "x"),
-        request(&client, &format!("agent:{}", uuid::Uuid::new_v4()), "x"),
-    ];
-    let results =
-        h.rpc.send_batch(pb::SendBatchRequest { messages }).await.unwrap().into_inner().results;
+    let missing = format!("agent:{}", uuid::Uuid::new_v4());
+    // One subscriber is there when the batch arrives, the other comes later.
+    let mut stream = h.subscribe(&agent).await;
+    // Mailboxes interleaved, so each answer must be matched to its message.
+    let to = [&agent, &gone, &other, &missing, &agent, &other, &gone, &agent];
+    let messages: Vec<_> =
+        to.iter().enumerate().map(|(i, dest)| request(&client, dest, &format!("m{i}"))).collect();
+    let batch = pb::SendBatchRequest { messages: messages.clone() };
+    let results = h.rpc.send_batch(batch).await.unwrap().into_inner().results;
     let codes: Vec<_> = results.iter().map(|r| Code::from_i32(r.code)).collect();
-    assert_eq!(codes, vec![Code::Ok, Code::FailedPrecondition, Code::NotFound]);
+    let (ok, dead, unknown) = (Code::Ok, Code::FailedPrecondition, Code::NotFound);
+    assert_eq!(codes, vec![ok, dead, ok, unknown, ok, ok, dead, ok]);
     assert_eq!(results[1].reason, "MAILBOX_TERMINATED");
     assert_eq!(results[1].metadata.get("id"), Some(&gone));
+    assert_eq!(results[3].metadata.get("id"), Some(&missing));
+
+    let expect = |idx: &[usize]| -> Vec<String> {
+        idx.iter().map(|i| tag(&messages[*i]).to_owned()).collect()
+    };
+    assert_eq!(tags(&mut stream, 3).await, expect(&[0, 4, 7]));
+    let mut stream = h.subscribe(&other).await;
+    assert_eq!(tags(&mut stream, 2).await, expect(&[2, 5]));
+}
+
+/// The tags of the next `n` messages delivered.
+async fn tags(stream: &mut Streaming<pb::SubscribeResponse>, n: usize) -> Vec<String> {
+    let mut tags = Vec::new();
+    while tags.len() < n {
+        tags.extend(next(stream).await.iter().map(|d| tag(d.message.as_ref().unwrap()).to_owned()));
+    }
+    tags
 }
 
 async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones(store: Store) {
