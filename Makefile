@@ -11,11 +11,14 @@ demo:
 	cargo run --release -p academy-examples --bin pipeline
 
 ## Run every check and test (what CI runs). Redis tests need redis-server:
-## installed here when missing (as root, or with sudo).
+## installed here when missing (as root, or with sudo); the Python client test
+## needs grpcio-tools: installed with pip when missing.
 test:
 	@command -v redis-server >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+	@python3 -c 'import grpc_tools' 2>/dev/null || \
+		python3 -m pip install -q --disable-pip-version-check grpcio-tools
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	cargo test --workspace --doc --locked

@@ -1,0 +1,100 @@
+"""Calls a Rust agent from Python, with a client generated from proto/.
+
+    python3 -m pip install grpcio grpcio-tools
+    python3 -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen proto/academy/v1/*.proto
+    PYTHONPATH=gen python3 examples/python/client.py 127.0.0.1:50051 example.Analyser
+
+It registers a client mailbox, discovers an agent implementing the behaviour
+named on the command line, calls its `analyse` action with JSON arguments,
+reads the answer from its own mailbox, then shows the errors a caller meets:
+an unknown action (an ErrorResponse from the agent) and an unknown mailbox (a
+gRPC NOT_FOUND from the exchange). Each result is printed as one JSON line.
+"""
+
+import json
+import queue
+import sys
+import threading
+import uuid
+
+import grpc
+
+from academy.v1 import exchange_pb2 as ex
+from academy.v1 import exchange_pb2_grpc
+from academy.v1 import messages_pb2 as msg
+
+JSON = "application/json"
+
+
+class Client:
+    """A client mailbox: requests go out with Send, answers come in on Subscribe."""
+
+    def __init__(self, target):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = exchange_pb2_grpc.ExchangeStub(self.channel)
+        self.id = self.stub.RegisterClient(ex.RegisterClientRequest(name="python")).client_id
+        self.answers = queue.Queue()
+        self.stream = self.stub.Subscribe(ex.SubscribeRequest(mailbox_id=self.id))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for frame in self.stream:
+                for delivery in frame.deliveries:
+                    self.answers.put(delivery.message)
+                # Delivered messages stay queued until acknowledged.
+                seqs = [d.seq for d in frame.deliveries]
+                self.stub.Acknowledge(ex.AcknowledgeRequest(mailbox_id=self.id, seqs=seqs))
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                self.answers.put(err)
+
+    def call(self, agent, action, *args, timeout=10):
+        tag = str(uuid.uuid4())
+        request = msg.Message(
+            header=msg.Header(src=self.id, dest=agent, tag=tag),
+            action_request=msg.ActionRequest(
+                action=action, args=msg.Payload(content_type=JSON, data=json.dumps(list(args)).encode())
+            ),
+        )
+        self.stub.Send(ex.SendRequest(message=request))
+        while True:
+            answer = self.answers.get(timeout=timeout)
+            if isinstance(answer, Exception):
+                raise answer
+            if answer.header.tag != tag:
+                continue  # an answer to an earlier call that timed out
+            body = answer.WhichOneof("body")
+            if body == "action_response":
+                return {"result": json.loads(answer.action_response.result.data)}
+            if body == "error_response":
+                error = answer.error_response
+                return {"error": {"code": error.code, "type": error.type, "message": error.message}}
+            raise RuntimeError(f"unexpected answer {body}")
+
+    def close(self):
+        self.stub.Terminate(ex.TerminateRequest(id=self.id))
+        self.stream.cancel()
+        self.channel.close()
+
+
+def main():
+    target, behaviour = sys.argv[1], sys.argv[2]
+    client = Client(target)
+    found = client.stub.Discover(ex.DiscoverRequest(behaviour=behaviour)).agents
+    if not found:
+        sys.exit(f"no agent implements {behaviour}")
+    agent = found[0].agent_id
+    print(json.dumps({"discovered": agent, "behaviour": found[0].behaviour}))
+    print(json.dumps({"analyse": client.call(agent, "analyse", "to be or not to be")}))
+    print(json.dumps({"unknown_action": client.call(agent, "no_such_action")}))
+    missing = f"agent:{uuid.uuid4()}"
+    try:
+        client.call(missing, "analyse", "x")
+    except grpc.RpcError as err:
+        print(json.dumps({"unknown_mailbox": {"code": err.code().name, "message": err.details()}}))
+    client.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+//! A client in another language, generated from `proto/` with grpcio-tools,
+//! calls a Rust agent through a real exchange-server: `examples/python/client.py`
+//! run as its docstring says (`make test` installs grpcio-tools when missing).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use academy_examples::behaviours::WordStats;
+use academy_exchange::{RunningServer, ServerOptions};
+use academy_sdk::Manager;
+use serde_json::{Value, json};
+
+fn python() -> Command {
+    Command::new("python3")
+}
+
+/// Generates the Python modules of every contract into `out`.
+fn generate(root: &Path, out: &Path) {
+    let protos = root.join("proto");
+    let files: Vec<PathBuf> = std::fs::read_dir(protos.join("academy/v1"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "proto"))
+        .collect();
+    let done = python()
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&protos)
+        .arg(format!("--python_out={}", out.display()))
+        .arg(format!("--grpc_python_out={}", out.display()))
+        .args(&files)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        done.status.success(),
+        "grpcio-tools must generate the client (python3 -m pip install grpcio-tools): {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
+    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
+    let manager = Manager::connect(&exchange.url()).await.unwrap();
+    let agent = manager.launch(WordStats::default()).await.unwrap();
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+    let out = std::env::temp_dir().join(format!("academy-python-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&out).unwrap();
+    generate(&root, &out);
+    let target = exchange.addr().to_string();
+    let script = root.join("examples/python/client.py");
+    let pythonpath = out.clone();
+    let run = tokio::task::spawn_blocking(move || {
+        python()
+            .arg(script)
+            .args([target.as_str(), "example.Analyser"])
+            .env("PYTHONPATH", pythonpath)
+            .output()
+            .expect("python3 runs")
+    })
+    .await
+    .unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
+
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines[0]["discovered"], agent.id().to_string());
+    assert_eq!(lines[0]["behaviour"], "example.WordStats");
+    assert_eq!(lines[1]["analyse"]["result"], json!({"words": 6, "distinct": 4, "top": ["be", 2]}));
+    let unknown = &lines[2]["unknown_action"]["error"];
+    assert_eq!(unknown["code"], 12, "UNIMPLEMENTED: {unknown}");
+    assert!(unknown["message"].as_str().unwrap().contains("analyse"), "{unknown}");
+    assert_eq!(lines[3]["unknown_mailbox"]["code"], "NOT_FOUND");
+    manager.close().await.unwrap();
+    exchange.shutdown().await;
+}
