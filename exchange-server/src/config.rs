@@ -25,7 +25,12 @@ pub struct Config {
     #[arg(long, env = "ACADEMY_EXCHANGE_BACKEND", value_enum, default_value_t = BackendKind::Memory)]
     pub backend: BackendKind,
     /// Redis URL, for --backend redis.
-    #[arg(long, env = "ACADEMY_EXCHANGE_REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    #[arg(
+        long,
+        env = "ACADEMY_EXCHANGE_REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
     pub redis_url: String,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, env = "ACADEMY_EXCHANGE_REDIS_PREFIX", default_value = "academy")]

@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
 async fn serve(options: ServerOptions) -> anyhow::Result<()> {
     let server = RunningServer::start(options.clone())
         .await
-        .with_context(|| format!("cannot listen on {}", options.listen))?;
+        .with_context(|| format!("cannot start the exchange on {}", options.listen))?;
     shutdown_signal().await;
     tokio::select! {
         () = server.shutdown() => Ok(()),

@@ -363,3 +363,42 @@ async fn a_replica_that_cannot_listen_for_notices_refuses_to_start() {
     let err = err.expect("the exchange must not start deaf").to_string();
     assert!(err.contains("cannot listen on Redis channel") && err.contains("NoPerm"), "{err}");
 }
+
+#[test]
+fn a_redis_password_never_shows_in_logs_or_errors() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    assert_eq!(redis.command(&["CONFIG", "SET", "requirepass", "hunter2"]).unwrap(), "+OK");
+    let with_password = |password: &str| {
+        let url = redis.url().replacen("redis://", &format!("redis://:{password}@"), 1);
+        Command::new(env!("CARGO_BIN_EXE_academy-exchange"))
+            .args(["--listen", "127.0.0.1:0", "--backend", "redis", "--log-format", "json"])
+            .env("ACADEMY_EXCHANGE_REDIS_URL", url)
+            .env("RUST_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("binary starts")
+    };
+    // The wrong password: the exchange exits and says why, with the URL masked.
+    let out = with_password("not-it").wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot reach Redis at redis://:***@"), "{stderr}");
+    assert!(!stderr.contains("not-it"), "{stderr}");
+    // The right one: it starts, and its log names Redis without the password.
+    let mut child = with_password("hunter2");
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut seen = Vec::new();
+    for line in lines {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("exchange listening") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = seen.join("\n");
+    assert!(log.contains("using Redis for mailboxes") && log.contains(":***@"), "{log}");
+    assert!(!log.contains("hunter2"), "{log}");
+}

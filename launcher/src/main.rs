@@ -22,7 +22,7 @@ struct Config {
     #[arg(long, env = "ACADEMY_LAUNCHER_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
     heartbeat_timeout_ms: u64,
     /// Keep agent records in Redis at this URL, so a restart forgets nothing.
-    #[arg(long, env = "ACADEMY_LAUNCHER_REDIS_URL")]
+    #[arg(long, env = "ACADEMY_LAUNCHER_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Prefix of the launcher's Redis keys.
     #[arg(long, env = "ACADEMY_LAUNCHER_REDIS_PREFIX", default_value = "academy")]

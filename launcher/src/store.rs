@@ -60,6 +60,7 @@ pub(crate) async fn open(
             }
         }
     });
-    tracing::info!(url, records = records.len(), "launcher state in Redis");
+    let url = academy_exchange::redacted_url(url);
+    tracing::info!(%url, records = records.len(), "launcher state in Redis");
     Ok((records, tx))
 }

@@ -231,6 +231,19 @@ fn stream_id_of(seq: u64) -> String {
     format!("{}-{}", seq >> SEQ_BITS, seq & ((1 << SEQ_BITS) - 1))
 }
 
+/// `url` fit for logs and error messages: a password in it shows as `***`.
+pub fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let user = rest[..at].split_once(':').map_or("", |(user, _)| user);
+    format!("{scheme}://{user}:***{}", &rest[at..])
+}
+
 fn unavailable(err: RedisError) -> ExchangeError {
     ExchangeError::Unavailable(err.to_string())
 }
@@ -315,7 +328,8 @@ pub(crate) struct RedisBackend {
 impl RedisBackend {
     pub(crate) async fn connect(options: RedisOptions) -> Result<Self, ExchangeError> {
         let client = redis::Client::open(options.url.as_str()).map_err(|e| {
-            ExchangeError::InvalidArgument(format!("bad Redis URL {:?}: {e}", options.url))
+            let url = redacted_url(&options.url);
+            ExchangeError::InvalidArgument(format!("bad Redis URL {url:?}: {e}"))
         })?;
         let config = |response: Duration| {
             ConnectionManagerConfig::new()
@@ -329,12 +343,13 @@ impl RedisBackend {
                 .map_err(|e| {
                     ExchangeError::Unavailable(format!(
                         "cannot reach Redis at {}: {e}",
-                        options.url
+                        redacted_url(&options.url)
                     ))
                 })?;
         let keys = Keys { prefix: options.prefix.clone() };
         let reader = Reader::start(client, conn.clone(), keys.bell()).await?;
-        tracing::info!(url = %options.url, prefix = %options.prefix, "using Redis for mailboxes");
+        let url = redacted_url(&options.url);
+        tracing::info!(%url, prefix = %options.prefix, "using Redis for mailboxes");
         let scripts = Scripts {
             create: Lua::new(CREATE),
             enqueue: Lua::new(ENQUEUE),
@@ -1052,6 +1067,20 @@ impl BackendSubscription for RedisSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_in_redis_urls_are_redacted() {
+        for (url, shown) in [
+            ("redis://:hunter2@redis:6379/0", "redis://:***@redis:6379/0"),
+            ("redis://app:hunter2@redis:6379", "redis://app:***@redis:6379"),
+            ("rediss://hunter2@redis/1", "rediss://:***@redis/1"),
+            ("redis://redis:6379/0", "redis://redis:6379/0"),
+            ("redis://redis/0?x=a@b", "redis://redis/0?x=a@b"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted_url(url), shown);
+        }
+    }
 
     #[test]
     fn stream_ids_map_to_ordered_seqs_and_back() {
