@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A `redis-server` child process with no persistence, in its own directory.
+/// A `redis-server` child process in its own directory, saving only when
+/// restarted.
 #[derive(Debug)]
 pub struct RedisServer {
     child: Child,
@@ -26,22 +27,20 @@ impl RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let dir = std::env::temp_dir().join(format!("academy-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "no", "--dir"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("cannot run redis-server ({e}): install it with `apt-get install -y redis-server`"),
-                )
-            })?;
+        let child = spawn(port, &dir)?;
         let mut server = Self { child, port, dir };
         server.wait_until_ready()?;
         Ok(server)
+    }
+
+    /// Stops the server, keeping its data (`SHUTDOWN SAVE`), and starts it
+    /// again on the same port: what a Redis restart looks like to clients.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        // The connection closes as Redis exits: no answer to read.
+        let _ = self.command(&["SHUTDOWN", "SAVE"]);
+        self.child.wait()?;
+        self.child = spawn(self.port, &self.dir)?;
+        self.wait_until_ready()
     }
 
     fn wait_until_ready(&mut self) -> std::io::Result<()> {
@@ -99,6 +98,22 @@ impl RedisServer {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+fn spawn(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        .args(["--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot run redis-server ({e}): install it with `apt-get install -y redis-server`"),
+            )
+        })
 }
 
 impl Drop for RedisServer {

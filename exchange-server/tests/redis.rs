@@ -402,3 +402,46 @@ fn a_redis_password_never_shows_in_logs_or_errors() {
     assert!(log.contains("using Redis for mailboxes") && log.contains(":***@"), "{log}");
     assert!(!log.contains("hunter2"), "{log}");
 }
+
+#[tokio::test]
+async fn subscribers_ride_out_a_redis_restart() {
+    let mut redis = RedisServer::start().expect("redis-server must run for this test");
+    let (_server, mut rpc) = replica(&redis).await;
+    let (agent, client) = agent_and_client(&mut rpc, "t.Patient").await;
+    let mut stream = rpc
+        .subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    rpc.send(pb::SendRequest { message: Some(ping(&client, &agent, 0)) }).await.unwrap();
+    assert_eq!(numbers(&mut stream).await, [0]);
+
+    redis.restart().unwrap();
+    // Until the exchange has reconnected, a send fails as retryable, never
+    // otherwise; then it is accepted and pushed to the same subscription.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match rpc.send(pb::SendRequest { message: Some(ping(&client, &agent, 1)) }).await {
+            Ok(_) => break,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "Redis still unreachable: {status:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let after = numbers(&mut stream).await;
+    assert_eq!(after, [1], "the new message, and not the one delivered before");
+    let status = rpc.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
+    assert_eq!(status.queued, 2, "both kept until acknowledged, across the restart");
+}
+
+/// The numbers of the next frame's messages, pushed within 10 s.
+async fn numbers(stream: &mut tonic::Streaming<pb::SubscribeResponse>) -> Vec<usize> {
+    let frame = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+    let frame = frame.expect("pushed within 10 s").unwrap().unwrap();
+    frame.deliveries.iter().map(|d| number(d.message.as_ref().unwrap())).collect()
+}
