@@ -331,24 +331,31 @@ impl RedisBackend {
             let url = redacted_url(&options.url);
             ExchangeError::InvalidArgument(format!("bad Redis URL {url:?}: {e}"))
         })?;
-        let config = |response: Duration| {
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(response))
-                .set_max_delay(Duration::from_secs(2))
-        };
-        let conn =
-            ConnectionManager::new_with_config(client.clone(), config(Duration::from_secs(10)))
-                .await
-                .map_err(|e| {
-                    ExchangeError::Unavailable(format!(
-                        "cannot reach Redis at {}: {e}",
-                        redacted_url(&options.url)
-                    ))
-                })?;
+        let url = redacted_url(&options.url);
+        let unreachable =
+            |e: RedisError| ExchangeError::Unavailable(format!("cannot reach Redis at {url}: {e}"));
+        // A wrong password or a forbidden command won't mend: say so at once,
+        // not after the connection manager's retries (which are for a Redis
+        // that is still starting).
+        let first = tokio::time::timeout(FIRST_CONNECT, client.get_multiplexed_async_connection());
+        if let Ok(Err(e)) = first.await
+            && matches!(
+                e.kind(),
+                redis::ErrorKind::AuthenticationFailed
+                    | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+            )
+        {
+            return Err(unreachable(e));
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(FIRST_CONNECT))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(unreachable)?;
         let keys = Keys { prefix: options.prefix.clone() };
         let reader = Reader::start(client, conn.clone(), keys.bell()).await?;
-        let url = redacted_url(&options.url);
         tracing::info!(%url, prefix = %options.prefix, "using Redis for mailboxes");
         let scripts = Scripts {
             create: Lua::new(CREATE),
@@ -950,6 +957,9 @@ impl Reader {
         let _ = self.lock().remove(&id).map(|w| w.events.send(event));
     }
 }
+
+/// How long one attempt to connect to Redis may take.
+const FIRST_CONNECT: Duration = Duration::from_secs(5);
 
 /// The first pause before retrying a failed Redis call; it doubles up to 2 s.
 const FIRST_RETRY: Duration = Duration::from_millis(50);
