@@ -24,7 +24,7 @@ mod service;
 pub mod telemetry;
 pub mod testing;
 
-pub use backend::redis::{RedisOptions, redacted_url};
+pub use backend::redis::{RedisOptions, connect_redis, redacted_url};
 pub use config::{BackendKind, Config};
 pub use error::{ERROR_DOMAIN, ExchangeError};
 pub use exchange::{

@@ -2,8 +2,8 @@
 //! agent id → protobuf record, written in order by one task.
 
 use academy_proto::pb::{self, AgentState};
+use anyhow::Context as _;
 use prost::Message as _;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
 /// Work for the writer task.
@@ -19,8 +19,9 @@ pub(crate) async fn open(
     url: &str,
     prefix: &str,
 ) -> anyhow::Result<(Vec<pb::AgentRecord>, mpsc::UnboundedSender<Write>)> {
-    let client = redis::Client::open(url)?;
-    let mut conn = ConnectionManager::new(client).await?;
+    let (_, mut conn) = academy_exchange::connect_redis(url)
+        .await
+        .context("cannot keep the launcher's records in Redis")?;
     let key = format!("{prefix}:launcher:agents");
     let stored: Vec<Vec<u8>> = redis::cmd("HVALS").arg(&key).query_async(&mut conn).await?;
     let mut records = Vec::with_capacity(stored.len());

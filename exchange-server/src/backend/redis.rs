@@ -316,6 +316,38 @@ impl Keys {
     }
 }
 
+/// Connects to the Redis at `url` as every Academy service does: a bad URL, a
+/// wrong password or a forbidden command fails at once; an unreachable Redis
+/// is retried for a while, as it may be starting. Errors never show the
+/// password.
+pub async fn connect_redis(url: &str) -> Result<(redis::Client, ConnectionManager), ExchangeError> {
+    let shown = redacted_url(url);
+    let client = redis::Client::open(url)
+        .map_err(|e| ExchangeError::InvalidArgument(format!("bad Redis URL {shown:?}: {e}")))?;
+    let unreachable =
+        |e: RedisError| ExchangeError::Unavailable(format!("cannot reach Redis at {shown}: {e}"));
+    // The connection manager's retries are for a Redis that is starting; a
+    // wrong password or a forbidden command won't mend, so one plain
+    // connection is tried first.
+    let first = tokio::time::timeout(FIRST_CONNECT, client.get_multiplexed_async_connection());
+    if let Ok(Err(e)) = first.await
+        && matches!(
+            e.kind(),
+            redis::ErrorKind::AuthenticationFailed
+                | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
+        )
+    {
+        return Err(unreachable(e));
+    }
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(FIRST_CONNECT))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_max_delay(Duration::from_secs(2));
+    let conn =
+        ConnectionManager::new_with_config(client.clone(), config).await.map_err(unreachable)?;
+    Ok((client, conn))
+}
+
 #[derive(Debug)]
 pub(crate) struct RedisBackend {
     conn: ConnectionManager,
@@ -327,35 +359,10 @@ pub(crate) struct RedisBackend {
 
 impl RedisBackend {
     pub(crate) async fn connect(options: RedisOptions) -> Result<Self, ExchangeError> {
-        let client = redis::Client::open(options.url.as_str()).map_err(|e| {
-            let url = redacted_url(&options.url);
-            ExchangeError::InvalidArgument(format!("bad Redis URL {url:?}: {e}"))
-        })?;
-        let url = redacted_url(&options.url);
-        let unreachable =
-            |e: RedisError| ExchangeError::Unavailable(format!("cannot reach Redis at {url}: {e}"));
-        // A wrong password or a forbidden command won't mend: say so at once,
-        // not after the connection manager's retries (which are for a Redis
-        // that is still starting).
-        let first = tokio::time::timeout(FIRST_CONNECT, client.get_multiplexed_async_connection());
-        if let Ok(Err(e)) = first.await
-            && matches!(
-                e.kind(),
-                redis::ErrorKind::AuthenticationFailed
-                    | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
-            )
-        {
-            return Err(unreachable(e));
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(FIRST_CONNECT))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(unreachable)?;
+        let (client, conn) = connect_redis(&options.url).await?;
         let keys = Keys { prefix: options.prefix.clone() };
         let reader = Reader::start(client, conn.clone(), keys.bell()).await?;
+        let url = redacted_url(&options.url);
         tracing::info!(%url, prefix = %options.prefix, "using Redis for mailboxes");
         let scripts = Scripts {
             create: Lua::new(CREATE),
