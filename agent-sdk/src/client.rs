@@ -166,8 +166,8 @@ fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(8 * 1024 * 1024)))
+        .initial_stream_window_size(Some(academy_exchange::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(academy_exchange::CONNECTION_WINDOW_BYTES)))
 }
 
 /// Sends queued messages in batches until every `GrpcExchange` clone is gone.

@@ -164,8 +164,8 @@ async fn serve_floor() -> anyhow::Result<()> {
     let incoming = academy_exchange::nodelay_incoming(listener);
     // The same transport settings as the exchange-server's.
     tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .initial_stream_window_size(Some(academy_exchange::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(academy_exchange::CONNECTION_WINDOW_BYTES))
         .add_service(floor::floor_server::FloorServer::new(FloorService))
         .serve_with_incoming(incoming)
         .await?;
@@ -451,8 +451,8 @@ async fn measure_floor(args: &Args) -> anyhow::Result<Vec<String>> {
     let url = format!("http://{}", floor_server.addr);
     let channel = tonic::transport::Endpoint::from_shared(url)?
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(8 * 1024 * 1024))
+        .initial_stream_window_size(Some(academy_exchange::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(academy_exchange::CONNECTION_WINDOW_BYTES))
         .connect()
         .await?;
     let floor = floor::floor_client::FloorClient::new(channel);
@@ -636,13 +636,12 @@ async fn measure_launcher(args: &Args) -> anyhow::Result<Vec<String>> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(Role::Exchange { worker_threads, .. }) = args.role
-        && worker_threads > 0
-    {
-        runtime.worker_threads(worker_threads);
-    }
-    runtime.enable_all().build()?.block_on(run(args))
+    // The exchange's process runs as academy-exchange's does.
+    let worker_threads = match args.role {
+        Some(Role::Exchange { worker_threads, .. }) => worker_threads,
+        _ => 0,
+    };
+    academy_exchange::server_runtime(worker_threads)?.block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

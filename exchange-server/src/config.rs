@@ -61,15 +61,6 @@ pub struct Config {
 }
 
 impl Config {
-    /// The runtime the server runs on.
-    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let mut runtime = tokio::runtime::Builder::new_multi_thread();
-        if self.worker_threads > 0 {
-            runtime.worker_threads(self.worker_threads);
-        }
-        runtime.enable_all().build()
-    }
-
     pub fn server_options(&self) -> anyhow::Result<ServerOptions> {
         anyhow::ensure!(self.max_message_bytes > 0, "--max-message-bytes must be positive");
         anyhow::ensure!(self.max_queued > 0, "--max-queued must be positive");

@@ -32,7 +32,8 @@ pub use exchange::{
 };
 pub use id::{EntityId, EntityKind};
 pub use server::{
-    Backend, RunningServer, ServerOptions, nodelay_incoming, reflection, shutdown_signal,
+    Backend, CONNECTION_WINDOW_BYTES, RunningServer, STREAM_WINDOW_BYTES, ServerOptions,
+    nodelay_incoming, reflection, server_runtime, shutdown_signal,
 };
 pub use service::ExchangeService;
 

@@ -1,7 +1,9 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use academy_exchange::{Config, RunningServer, ServerOptions, shutdown_signal, telemetry};
+use academy_exchange::{
+    Config, RunningServer, ServerOptions, server_runtime, shutdown_signal, telemetry,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -10,7 +12,8 @@ fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     telemetry::init_tracing(config.log_format);
     let options = config.server_options()?;
-    config.runtime().context("cannot start the runtime")?.block_on(serve(options))
+    let runtime = server_runtime(config.worker_threads).context("cannot start the runtime")?;
+    runtime.block_on(serve(options))
 }
 
 async fn serve(options: ServerOptions) -> anyhow::Result<()> {

@@ -50,6 +50,22 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// HTTP/2 flow-control windows of Academy's servers and clients, per stream and
+/// per connection: large enough that a 1 MiB message need not wait for a
+/// window update.
+pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+
+/// The runtime an exchange-server runs on: `worker_threads` threads, or one
+/// per core the process may use when 0.
+pub fn server_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        runtime.worker_threads(worker_threads);
+    }
+    runtime.enable_all().build()
+}
+
 /// Room above the message-size limit for the request around a message, so an
 /// oversized message gets the exchange's own error naming both sizes.
 const FRAME_SLACK_BYTES: usize = 64 * 1024;
@@ -141,8 +157,8 @@ impl RunningServer {
         let grace = options.shutdown_grace;
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .initial_stream_window_size(Some(4 * 1024 * 1024))
-            .initial_connection_window_size(Some(8 * 1024 * 1024))
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
