@@ -158,14 +158,14 @@ impl Cluster {
         for agent_id in worker.record.agent_ids {
             let stopping =
                 self.agents.get(&agent_id).is_some_and(|a| a.state() == AgentState::Stopping);
-            if stopping && !self.moving.remove(&agent_id) {
+            let moving = self.moving.remove(&agent_id);
+            if stopping && !moving {
                 self.set(
                     &agent_id,
                     AgentState::Stopped,
                     format!("worker {id} was lost while stopping it"),
                 );
             } else {
-                self.moving.remove(&agent_id);
                 self.set(&agent_id, AgentState::Pending, format!("worker {id} was lost"));
             }
         }
@@ -249,14 +249,13 @@ impl Cluster {
         match state {
             AgentState::Running if agent.state() == AgentState::Starting => {
                 self.set(&id, AgentState::Running, String::new());
+                return;
             }
             AgentState::Stopped => {
                 if self.moving.remove(&id) {
                     self.set(&id, AgentState::Pending, "moved off a draining worker".into());
-                    self.schedule();
                 } else {
                     self.set(&id, AgentState::Stopped, report.error);
-                    self.schedule();
                 }
             }
             AgentState::Failed => {
@@ -266,21 +265,20 @@ impl Cluster {
                     // Asked to stop, it failed on its way out: it stays stopped.
                     let reason = format!("failed while stopping: {}", report.error);
                     self.set(&id, AgentState::Stopped, reason);
-                    self.schedule();
                 } else if agent.restarts < agent.retry_limit {
                     agent.restarts += 1;
                     let reason = format!("restart {} after: {}", agent.restarts, report.error);
                     tracing::warn!(agent = %id, %reason, "agent failed; restarting");
                     self.set(&id, AgentState::Pending, reason);
-                    self.schedule();
                 } else {
                     tracing::error!(agent = %id, error = %report.error, "agent failed for good");
                     self.set(&id, AgentState::Failed, report.error);
-                    self.schedule();
                 }
             }
-            _ => {}
+            _ => return,
         }
+        // A slot was freed, or the agent waits to be placed again.
+        self.schedule();
     }
 
     /// Stops an agent. `Ok(true)` when it was running and a worker was asked
@@ -362,6 +360,16 @@ mod tests {
         })
     }
 
+    /// What a worker says about agent-000 in placement `epoch`.
+    fn report(epoch: u64, state: AgentState, error: &str) -> pb::AgentReport {
+        pb::AgentReport {
+            agent_id: "agent-000".into(),
+            epoch,
+            state: state.into(),
+            error: error.into(),
+        }
+    }
+
     fn starts(rx: &mut mpsc::UnboundedReceiver<pb::LauncherMessage>) -> Vec<pb::StartAgent> {
         std::iter::from_fn(|| rx.try_recv().ok())
             .filter_map(|m| match m.body {
@@ -385,12 +393,7 @@ mod tests {
         assert_eq!(last.state(), AgentState::Pending);
         assert!(last.reason.contains("free slot"), "{}", last.reason);
         // A slot frees up: the pending agent is placed.
-        let done = pb::AgentReport {
-            agent_id: "agent-000".into(),
-            epoch: 1,
-            state: AgentState::Stopped.into(),
-            error: String::new(),
-        };
+        let done = report(1, AgentState::Stopped, "");
         cluster.report(&cluster.agent("agent-000").unwrap().worker_id.clone(), done);
         assert_eq!(cluster.agent("agent-004").unwrap().state(), AgentState::Starting);
     }
@@ -412,12 +415,7 @@ mod tests {
         let mut cluster = Cluster::new();
         let mut w = worker(&mut cluster, "w", 4, &[]);
         launch(&mut cluster, 0, &[], 1);
-        let fail = |epoch| pb::AgentReport {
-            agent_id: "agent-000".into(),
-            epoch,
-            state: AgentState::Failed.into(),
-            error: "boom".into(),
-        };
+        let fail = |epoch| report(epoch, AgentState::Failed, "boom");
         assert_eq!(starts(&mut w)[0].epoch, 1);
         cluster.report("w", fail(1));
         let restarted = cluster.agent("agent-000").unwrap();
@@ -438,13 +436,7 @@ mod tests {
         let _w = worker(&mut cluster, "w", 4, &[]);
         launch(&mut cluster, 0, &[], 3);
         assert_eq!(cluster.stop("agent-000", false), Some(true));
-        let failed = pb::AgentReport {
-            agent_id: "agent-000".into(),
-            epoch: 1,
-            state: AgentState::Failed.into(),
-            error: "shutdown hook failed".into(),
-        };
-        cluster.report("w", failed);
+        cluster.report("w", report(1, AgentState::Failed, "shutdown hook failed"));
         let agent = cluster.agent("agent-000").unwrap();
         assert_eq!((agent.state(), agent.restarts), (AgentState::Stopped, 0));
         assert!(agent.reason.contains("shutdown hook failed"), "{}", agent.reason);
@@ -462,13 +454,7 @@ mod tests {
         assert_eq!((moved.worker_id.as_str(), moved.epoch), ("w-b", 2));
         assert_eq!(starts(&mut b)[0].epoch, 2);
         // The old worker's late report changes nothing.
-        let late = pb::AgentReport {
-            agent_id: "agent-000".into(),
-            epoch: 1,
-            state: AgentState::Failed.into(),
-            error: "x".into(),
-        };
-        cluster.report("w-a", late);
+        cluster.report("w-a", report(1, AgentState::Failed, "x"));
         assert_eq!(cluster.agent("agent-000").unwrap().state(), AgentState::Starting);
     }
 
@@ -480,13 +466,7 @@ mod tests {
         let mut b = worker(&mut cluster, "w-b", 2, &[]);
         cluster.drain("w-a");
         assert_eq!(cluster.agent("agent-000").unwrap().state(), AgentState::Stopping);
-        let stopped = pb::AgentReport {
-            agent_id: "agent-000".into(),
-            epoch: 1,
-            state: AgentState::Stopped.into(),
-            error: String::new(),
-        };
-        cluster.report("w-a", stopped);
+        cluster.report("w-a", report(1, AgentState::Stopped, ""));
         let moved = cluster.agent("agent-000").unwrap();
         assert_eq!((moved.state(), moved.worker_id.as_str()), (AgentState::Starting, "w-b"));
         assert_eq!(starts(&mut b).len(), 1);
