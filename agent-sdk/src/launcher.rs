@@ -9,6 +9,7 @@ use academy_proto::pb::{self, launcher_client::LauncherClient};
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use crate::error::describe;
 use crate::{Behaviour, ClientError};
 
 /// How to launch an agent through the launcher.
@@ -30,7 +31,10 @@ pub struct Launcher {
 impl Launcher {
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
         let rpc = LauncherClient::connect(url.to_owned()).await.map_err(|e| {
-            ClientError::Transport(format!("cannot connect to the launcher at {url}: {e}"))
+            ClientError::Transport(format!(
+                "cannot connect to the launcher at {url}: {}",
+                describe(&e)
+            ))
         })?;
         Ok(Self { rpc })
     }

@@ -74,8 +74,7 @@ impl Harness {
     }
 
     async fn subscribe(&mut self, id: &str) -> Streaming<pb::SubscribeResponse> {
-        let req = pb::SubscribeRequest { mailbox_id: id.into() };
-        self.rpc.subscribe(req).await.unwrap().into_inner()
+        common::subscribe(&mut self.rpc, id).await
     }
 
     async fn terminate(&mut self, id: &str) -> pb::MailboxState {

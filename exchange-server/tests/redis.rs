@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod common;
-use common::{agent_and_client, number, ping};
+use common::{agent_and_client, number, ping, subscribe};
 
 use academy_exchange::testing::RedisServer;
 use academy_exchange::{Backend, RedisOptions, RunningServer, ServerOptions};
@@ -171,11 +171,7 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
     assert_eq!(found.len(), 1, "B sees what A registered");
 
     // Subscribed on B, sent through A: pushed across replicas.
-    let mut stream = on_b
-        .subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe(&mut on_b, &agent).await;
     for n in 0..20 {
         on_a.send(pb::SendRequest { message: Some(ping(&client, &agent, n)) }).await.unwrap();
     }
@@ -188,16 +184,12 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
     assert_eq!(received, (0..20).collect::<Vec<_>>(), "in order");
 
     // A subscriber on A takes the mailbox over from the one on B.
-    let _taken = on_a.subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() }).await.unwrap();
+    let _taken = subscribe(&mut on_a, &agent).await;
     let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
     assert_eq!(end.unwrap().unwrap_err().code(), tonic::Code::Aborted);
 
     // Terminating through B answers a request queued through A.
-    let mut replies = on_a
-        .subscribe(pb::SubscribeRequest { mailbox_id: client.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut replies = subscribe(&mut on_a, &client).await;
     on_b.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
     let mut answers = Vec::new();
     while answers.len() < 20 {
@@ -272,11 +264,7 @@ async fn scripts_lost_by_redis_are_loaded_again() {
     let status = rpc.status(pb::StatusRequest { id: agent.clone() }).await.unwrap();
     assert_eq!(status.into_inner().queued, 3);
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
-    let mut stream = rpc
-        .subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe(&mut rpc, &agent).await;
     let got = stream.next().await.unwrap().unwrap().deliveries;
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
     let seqs = got.iter().map(|d| d.seq).collect();
@@ -298,11 +286,7 @@ async fn subscribers_find_what_they_missed_when_notices_are_lost() {
     let redis = RedisServer::start().expect("redis-server must run for this test");
     let (_server, mut rpc) = replica(&redis).await;
     let (agent, client) = agent_and_client(&mut rpc, "t.A").await;
-    let mut stream = rpc
-        .subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe(&mut rpc, &agent).await;
     let message = |n: usize| {
         let mut message = ping(&client, &agent, n);
         if n % 4 == 3 {
@@ -408,11 +392,7 @@ async fn subscribers_ride_out_a_redis_restart() {
     let mut redis = RedisServer::start().expect("redis-server must run for this test");
     let (_server, mut rpc) = replica(&redis).await;
     let (agent, client) = agent_and_client(&mut rpc, "t.Patient").await;
-    let mut stream = rpc
-        .subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = subscribe(&mut rpc, &agent).await;
     rpc.send(pb::SendRequest { message: Some(ping(&client, &agent, 0)) }).await.unwrap();
     assert_eq!(numbers(&mut stream).await, [0]);
 

@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
+use tonic::Streaming;
 use tonic::transport::Channel;
 
 /// A message from `src` to `dest` with a fresh tag.
@@ -37,4 +38,13 @@ pub async fn agent_and_client(
     let agent = rpc.register_agent(register).await.unwrap().into_inner().agent_id;
     let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
     (agent, client.into_inner().client_id)
+}
+
+/// Subscribes to mailbox `id`.
+pub async fn subscribe(
+    rpc: &mut ExchangeClient<Channel>,
+    id: &str,
+) -> Streaming<pb::SubscribeResponse> {
+    let request = pb::SubscribeRequest { mailbox_id: id.into() };
+    rpc.subscribe(request).await.unwrap().into_inner()
 }
