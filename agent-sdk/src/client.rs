@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::ClientError;
+use crate::credentials::{Authorized, Credentials};
 
 /// Messages delivered to a subscriber, batch by batch.
 pub type DeliveryStream = BoxStream<'static, Result<Vec<Delivery>, ClientError>>;
@@ -102,7 +103,7 @@ type SendJob = (pb::Message, oneshot::Sender<Result<(), ClientError>>);
 /// queue up and go out together, in order, in one `SendBatch` call.
 #[derive(Clone)]
 pub struct GrpcExchange {
-    rpc: RpcClient<Channel>,
+    rpc: RpcClient<Authorized>,
     sends: Arc<Sends>,
 }
 
@@ -123,25 +124,34 @@ impl fmt::Debug for GrpcExchange {
 }
 
 impl GrpcExchange {
-    /// Connects to `url` (e.g. `http://127.0.0.1:50051`); fails if it can't.
+    /// Connects to `url` (e.g. `http://127.0.0.1:50051`), with the token in
+    /// `ACADEMY_TOKEN` if set; fails if it can't.
     pub async fn connect(url: impl Into<String>) -> Result<Self, ClientError> {
+        Self::connect_with(url, &Credentials::from_env()?).await
+    }
+
+    /// Connects to `url`, presenting `credentials`.
+    pub async fn connect_with(
+        url: impl Into<String>,
+        credentials: &Credentials,
+    ) -> Result<Self, ClientError> {
         let url = url.into();
         let channel = endpoint(&url)?
             .connect()
             .await
             .map_err(|e| ClientError::Transport(format!("cannot connect to {url}: {e}")))?;
-        Ok(Self::from_channel(channel))
+        Ok(Self::from_channel(channel, credentials))
     }
 
     /// A client of `url` that connects on first use (and again whenever the
     /// connection drops), for services that may start before the exchange.
-    pub fn lazy(url: &str) -> Result<Self, ClientError> {
-        Ok(Self::from_channel(endpoint(url)?.connect_lazy()))
+    pub fn lazy(url: &str, credentials: &Credentials) -> Result<Self, ClientError> {
+        Ok(Self::from_channel(endpoint(url)?.connect_lazy(), credentials))
     }
 
     /// Uses an existing channel (must be called inside a tokio runtime).
-    pub fn from_channel(channel: Channel) -> Self {
-        let rpc = RpcClient::new(channel)
+    pub fn from_channel(channel: Channel, credentials: &Credentials) -> Self {
+        let rpc = RpcClient::new(credentials.on(channel))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         let (jobs, receiver) = mpsc::unbounded_channel();
@@ -154,7 +164,7 @@ impl GrpcExchange {
         Self { rpc, sends }
     }
 
-    fn rpc(&self) -> RpcClient<Channel> {
+    fn rpc(&self) -> RpcClient<Authorized> {
         self.rpc.clone()
     }
 }
@@ -172,7 +182,7 @@ fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
 
 /// Sends queued messages in batches until every `GrpcExchange` clone is gone.
 async fn send_loop(
-    mut rpc: RpcClient<Channel>,
+    mut rpc: RpcClient<Authorized>,
     sends: Arc<Sends>,
     mut jobs: mpsc::UnboundedReceiver<SendJob>,
 ) {
@@ -191,7 +201,7 @@ async fn send_loop(
 
 /// One `SendBatch` call; one result per message.
 async fn send_batch(
-    rpc: &mut RpcClient<Channel>,
+    rpc: &mut RpcClient<Authorized>,
     messages: Vec<pb::Message>,
 ) -> Vec<Result<(), ClientError>> {
     let n = messages.len();

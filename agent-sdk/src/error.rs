@@ -14,13 +14,28 @@ pub enum ClientError {
     /// broke; retryable. The message says which and why.
     #[error("unreachable: {0}")]
     Transport(String),
+    /// A service refused the call for a reason of its own (the launcher: an
+    /// unknown agent, a caller not permitted, ...); retrying will not help.
+    #[error("refused ({code:?}): {message}")]
+    Refused { code: tonic::Code, message: String },
 }
 
 impl From<tonic::Status> for ClientError {
     fn from(status: tonic::Status) -> Self {
-        match ExchangeError::from_status(&status) {
-            Some(err) => Self::Exchange(err),
-            None => Self::Transport(format!("{}: {}", status.code(), status.message())),
+        use tonic::Code;
+        if let Some(err) = ExchangeError::from_status(&status) {
+            return Self::Exchange(err);
+        }
+        match status.code() {
+            code @ (Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented) => Self::Refused { code, message: status.message().to_owned() },
+            code => Self::Transport(format!("{code}: {}", status.message())),
         }
     }
 }
@@ -65,6 +80,9 @@ pub enum HandleError {
     /// Arguments or result could not be (de)serialised.
     #[error("codec: {0}")]
     Codec(String),
+    /// A service refused the call for a reason of its own (see [`ClientError::Refused`]).
+    #[error("refused ({code:?}): {message}")]
+    Refused { code: tonic::Code, message: String },
     /// The handle has no mailbox to send from: use it inside an agent, or get it
     /// from a manager.
     #[error(
@@ -88,6 +106,7 @@ impl From<ClientError> for HandleError {
             ClientError::Exchange(ExchangeError::Terminated(id)) => Self::Terminated(id),
             ClientError::Exchange(e) => Self::Exchange(e),
             ClientError::Transport(e) => Self::Transport(e),
+            ClientError::Refused { code, message } => Self::Refused { code, message },
         }
     }
 }

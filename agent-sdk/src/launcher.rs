@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use academy_exchange::EntityId;
 use academy_proto::pb::{self, launcher_client::LauncherClient};
 use serde::Serialize;
-use tonic::transport::Channel;
+use tonic::transport::Endpoint;
 
+use crate::credentials::{Authorized, Credentials};
 use crate::error::describe;
 use crate::{Behaviour, ClientError};
 
@@ -25,18 +26,18 @@ pub struct RemoteLaunch {
 /// Talks to an `academy-launcher`.
 #[derive(Debug, Clone)]
 pub struct Launcher {
-    rpc: LauncherClient<Channel>,
+    rpc: LauncherClient<Authorized>,
 }
 
 impl Launcher {
+    /// Connects to the launcher at `url`, with the token in `ACADEMY_TOKEN` if set.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let rpc = LauncherClient::connect(url.to_owned()).await.map_err(|e| {
-            ClientError::Transport(format!(
-                "cannot connect to the launcher at {url}: {}",
-                describe(&e)
-            ))
-        })?;
-        Ok(Self { rpc })
+        Self::connect_with(url, &Credentials::from_env()?).await
+    }
+
+    /// Connects to the launcher at `url`, presenting `credentials`.
+    pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Self, ClientError> {
+        Ok(Self { rpc: LauncherClient::new(connect_launcher(url, credentials).await?) })
     }
 
     /// Launches behaviour `B`, built on a worker from `config` (as JSON).
@@ -69,4 +70,20 @@ impl Launcher {
         self.rpc.clone().stop(pb::StopRequest { agent_id: id.to_string(), terminate }).await?;
         Ok(())
     }
+}
+
+/// A channel to the launcher at `url`, presenting `credentials`.
+pub(crate) async fn connect_launcher(
+    url: &str,
+    credentials: &Credentials,
+) -> Result<Authorized, ClientError> {
+    let cannot = |e: &tonic::transport::Error| {
+        ClientError::Transport(format!("cannot connect to the launcher at {url}: {}", describe(e)))
+    };
+    let channel = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| cannot(&e))?
+        .connect()
+        .await
+        .map_err(|e| cannot(&e))?;
+    Ok(credentials.on(channel))
 }

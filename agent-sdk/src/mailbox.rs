@@ -256,6 +256,11 @@ async fn read_loop(mailbox: Weak<Mailbox>, mut stream: DeliveryStream, requests:
                 Err(ClientError::Exchange(
                     ExchangeError::Terminated(_) | ExchangeError::NotFound(_),
                 )) => return fail(HandleError::Terminated(id)),
+                // Ownership never changes: asking again will not help.
+                Err(ClientError::Exchange(err @ ExchangeError::PermissionDenied { .. })) => {
+                    tracing::warn!(mailbox = %id, error = %err, "cannot resubscribe");
+                    return fail(HandleError::Exchange(err));
+                }
                 Err(err) => {
                     tracing::debug!(mailbox = %id, error = %err, ?backoff, "resubscribe failed");
                     backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -26,7 +26,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::client::{GrpcExchange, SharedExchange};
-use crate::error::describe;
+use crate::credentials::Credentials;
+use crate::launcher::connect_launcher;
 use crate::runtime::{self, StopSignal};
 use crate::{AgentConfig, AgentError, Behaviour, ClientError};
 
@@ -47,6 +48,7 @@ pub struct Worker {
     capacity: u32,
     labels: HashMap<String, String>,
     behaviours: HashMap<&'static str, Offered>,
+    credentials: Option<Credentials>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -57,6 +59,7 @@ impl std::fmt::Debug for Worker {
             .field("capacity", &self.capacity)
             .field("labels", &self.labels)
             .field("behaviours", &self.behaviours.keys().collect::<Vec<_>>())
+            .field("credentials", &self.credentials)
             .finish()
     }
 }
@@ -75,7 +78,17 @@ impl Worker {
             capacity: 16,
             labels: HashMap::new(),
             behaviours: HashMap::new(),
+            credentials: None,
         }
+    }
+
+    /// What it presents to the launcher and the exchange (by default, the
+    /// token in `ACADEMY_TOKEN` if set). With authentication on, a worker
+    /// must be the principal the launcher registers agents as, so it may
+    /// subscribe to their mailboxes.
+    pub fn credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = Some(credentials);
+        self
     }
 
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -141,12 +154,11 @@ impl Worker {
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<SessionEnd, ClientError> {
         let url = &self.launcher_url;
-        let mut launcher = LauncherClient::connect(url.clone()).await.map_err(|e| {
-            ClientError::Transport(format!(
-                "cannot connect to the launcher at {url}: {}",
-                describe(&e)
-            ))
-        })?;
+        let credentials = match &self.credentials {
+            Some(credentials) => credentials.clone(),
+            None => Credentials::from_env()?,
+        };
+        let mut launcher = LauncherClient::new(connect_launcher(url, &credentials).await?);
         let (out, outbound) = mpsc::unbounded_channel();
         let send = |body| {
             let _ = out.send(pb::WorkerMessage { body: Some(body) });
@@ -177,7 +189,8 @@ impl Worker {
             }
         };
         // Lazily: the exchange may not be up yet; the channel connects on use.
-        let exchange: SharedExchange = Arc::new(GrpcExchange::lazy(&welcome.exchange_url)?);
+        let exchange: SharedExchange =
+            Arc::new(GrpcExchange::lazy(&welcome.exchange_url, &credentials)?);
         let lease = Duration::from_millis(welcome.lease_ms.into());
         let mut heartbeat = tokio::time::interval(Duration::from_millis(
             welcome.heartbeat_interval_ms.max(10).into(),

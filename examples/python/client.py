@@ -9,9 +9,13 @@ named on the command line, calls its `analyse` action with JSON arguments,
 reads the answer from its own mailbox, then shows the errors a caller meets:
 an unknown action (an ErrorResponse from the agent) and an unknown mailbox (a
 gRPC NOT_FOUND from the exchange). Each result is printed as one JSON line.
+With ACADEMY_TOKEN set, every call carries it as a bearer token (for an
+exchange started with --tokens-file).
 """
 
+import collections
 import json
+import os
 import queue
 import sys
 import threading
@@ -26,12 +30,39 @@ from academy.v1 import messages_pb2 as msg
 JSON = "application/json"
 
 
+class _Call(
+    collections.namedtuple("_Call", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        metadata = list(details.metadata or []) + [self.header]
+        return _Call(details.method, details.timeout, metadata, details.credentials,
+                     details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+
 class Client:
     """A client mailbox: requests go out with Send, answers come in on Subscribe."""
 
     def __init__(self, target):
         self.channel = grpc.insecure_channel(target)
-        self.stub = exchange_pb2_grpc.ExchangeStub(self.channel)
+        token = os.environ.get("ACADEMY_TOKEN")
+        channel = grpc.intercept_channel(self.channel, Bearer(token)) if token else self.channel
+        self.stub = exchange_pb2_grpc.ExchangeStub(channel)
         self.id = self.stub.RegisterClient(ex.RegisterClientRequest(name="python")).client_id
         self.answers = queue.Queue()
         self.stream = self.stub.Subscribe(ex.SubscribeRequest(mailbox_id=self.id))

@@ -1,13 +1,15 @@
 //! A client in another language, generated from `proto/` with grpcio-tools,
 //! calls a Rust agent through a real exchange-server: `examples/python/client.py`
-//! run as its docstring says (`make test` installs grpcio-tools when missing).
+//! run as its docstring says (`make test` installs grpcio-tools when missing),
+//! with authentication on: the agent's principal and the script's differ.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use academy_examples::behaviours::WordStats;
+use academy_exchange::auth::Tokens;
 use academy_exchange::{RunningServer, ServerOptions};
-use academy_sdk::Manager;
+use academy_sdk::{Credentials, GrpcExchange, Manager};
 use serde_json::{Value, json};
 
 fn python() -> Command {
@@ -37,10 +39,17 @@ fn generate(root: &Path, out: &Path) {
     );
 }
 
+const RUST_TOKEN: &str = "rust-token-0123456789";
+const PYTHON_TOKEN: &str = "python-token-0123456789";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
-    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
-    let manager = Manager::connect(&exchange.url()).await.unwrap();
+    let tokens = Tokens::parse(&format!("rust {RUST_TOKEN}\npython {PYTHON_TOKEN}")).unwrap();
+    let options = ServerOptions { tokens: Some(tokens), ..Default::default() };
+    let exchange = RunningServer::start(options).await.unwrap();
+    let credentials = Credentials::bearer(RUST_TOKEN).unwrap();
+    let rust = GrpcExchange::connect_with(exchange.url(), &credentials).await.unwrap();
+    let manager = Manager::new(std::sync::Arc::new(rust)).await.unwrap();
     let agent = manager.launch(WordStats::default()).await.unwrap();
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
@@ -50,17 +59,20 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     let target = exchange.addr().to_string();
     let script = root.join("examples/python/client.py");
     let pythonpath = out.clone();
-    let run = tokio::task::spawn_blocking(move || {
-        python()
-            .arg(script)
-            .args([target.as_str(), "example.Analyser"])
-            .env("PYTHONPATH", pythonpath)
-            .output()
-            .expect("python3 runs")
-    })
-    .await
-    .unwrap();
+    let run_with = |token: Option<&'static str>| {
+        let mut command = python();
+        command.arg(&script).args([target.as_str(), "example.Analyser"]);
+        command.env("PYTHONPATH", &pythonpath).env_remove("ACADEMY_TOKEN");
+        if let Some(token) = token {
+            command.env("ACADEMY_TOKEN", token);
+        }
+        tokio::task::spawn_blocking(move || command.output().expect("python3 runs"))
+    };
+    let refused = run_with(None).await.unwrap();
+    let run = run_with(Some(PYTHON_TOKEN)).await.unwrap();
     std::fs::remove_dir_all(&out).unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("UNAUTHENTICATED"), "{stderr}");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
 

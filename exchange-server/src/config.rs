@@ -1,8 +1,10 @@
 //! Command-line and environment configuration of `academy-exchange`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::Tokens;
 use crate::{Backend, Limits, RedisOptions, ServerOptions, telemetry::LogFormat};
 
 /// Where mailboxes are kept.
@@ -55,6 +57,11 @@ pub struct Config {
     /// threads (see BENCHMARKS.md).
     #[arg(long, env = "ACADEMY_EXCHANGE_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
+    /// File of `principal token` lines: every call must then carry
+    /// `authorization: Bearer <token>`, and a mailbox belongs to the principal
+    /// that registered it. Without it, anyone who can connect is served.
+    #[arg(long, env = "ACADEMY_EXCHANGE_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -87,6 +94,7 @@ impl Config {
                 max_queued: self.max_queued,
             },
             shutdown_grace: grace,
+            tokens: self.tokens_file.as_deref().map(Tokens::load).transpose()?,
         })
     }
 }

@@ -21,6 +21,12 @@ pub enum ExchangeError {
     Terminated(EntityId),
     #[error("mailbox {0} already exists")]
     AlreadyExists(EntityId),
+    #[error(
+        "mailbox {id} belongs to principal {owner:?}: only it may subscribe to, acknowledge or terminate it"
+    )]
+    PermissionDenied { id: EntityId, owner: String },
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error("mailbox {id} is full ({limit} queued messages)")]
     MailboxFull { id: EntityId, limit: usize },
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
@@ -44,6 +50,8 @@ impl ExchangeError {
             Self::NotFound(_) => Code::NotFound,
             Self::Terminated(_) => Code::FailedPrecondition,
             Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::PermissionDenied { .. } => Code::PermissionDenied,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::MailboxFull { .. } | Self::TooLarge { .. } => Code::ResourceExhausted,
             Self::Superseded(_) => Code::Aborted,
             Self::ShuttingDown | Self::Unavailable(_) => Code::Unavailable,
@@ -58,6 +66,8 @@ impl ExchangeError {
             Self::NotFound(_) => "MAILBOX_NOT_FOUND",
             Self::Terminated(_) => "MAILBOX_TERMINATED",
             Self::AlreadyExists(_) => "MAILBOX_EXISTS",
+            Self::PermissionDenied { .. } => "NOT_OWNER",
+            Self::Unauthenticated(_) => "UNAUTHENTICATED",
             Self::MailboxFull { .. } => "MAILBOX_FULL",
             Self::TooLarge { .. } => "MESSAGE_TOO_LARGE",
             Self::Superseded(_) => "SUBSCRIPTION_SUPERSEDED",
@@ -90,6 +100,10 @@ impl ExchangeError {
             "MAILBOX_NOT_FOUND" => Self::NotFound(id()?),
             "MAILBOX_TERMINATED" => Self::Terminated(id()?),
             "MAILBOX_EXISTS" => Self::AlreadyExists(id()?),
+            "NOT_OWNER" => {
+                Self::PermissionDenied { id: id()?, owner: metadata.get("owner")?.clone() }
+            }
+            "UNAUTHENTICATED" => Self::Unauthenticated(message),
             "MAILBOX_FULL" => Self::MailboxFull { id: id()?, limit: number("limit")? },
             "MESSAGE_TOO_LARGE" => {
                 Self::TooLarge { size: number("size")?, limit: number("limit")? }
@@ -114,6 +128,10 @@ impl ExchangeError {
             | Self::Superseded(id) => {
                 metadata.insert("id".into(), id.to_string());
             }
+            Self::PermissionDenied { id, owner } => {
+                metadata.insert("id".into(), id.to_string());
+                metadata.insert("owner".into(), owner.clone());
+            }
             Self::MailboxFull { id, limit } => {
                 metadata.insert("id".into(), id.to_string());
                 metadata.insert("limit".into(), limit.to_string());
@@ -123,6 +141,7 @@ impl ExchangeError {
                 metadata.insert("limit".into(), limit.to_string());
             }
             Self::InvalidArgument(_)
+            | Self::Unauthenticated(_)
             | Self::ShuttingDown
             | Self::DeadlineExceeded(_)
             | Self::Unavailable(_) => {}
@@ -149,6 +168,8 @@ mod tests {
             ExchangeError::NotFound(id),
             ExchangeError::Terminated(id),
             ExchangeError::MailboxFull { id, limit: 3 },
+            ExchangeError::PermissionDenied { id, owner: "alice".into() },
+            ExchangeError::Unauthenticated("unknown bearer token".into()),
             ExchangeError::TooLarge { size: 10, limit: 5 },
             ExchangeError::InvalidArgument("bad".into()),
             ExchangeError::ShuttingDown,

@@ -85,6 +85,10 @@ pub struct Exchange {
     backend: Arc<dyn Backend>,
     limits: Limits,
     shutdown: CancellationToken,
+    /// Who this view of the exchange acts for: the owner of the mailboxes it
+    /// registers, and the only one then allowed to subscribe to, acknowledge
+    /// or terminate them. `None` is trusted (in-process use, no authentication).
+    principal: Option<Arc<str>>,
 }
 
 impl Default for Exchange {
@@ -106,7 +110,16 @@ impl Exchange {
     }
 
     fn over(backend: Arc<dyn Backend>, limits: Limits) -> Self {
-        Self { backend, limits, shutdown: CancellationToken::new() }
+        Self { backend, limits, shutdown: CancellationToken::new(), principal: None }
+    }
+
+    /// This exchange, acting for `principal` (see DESIGN.md, "Security").
+    pub fn acting_as(&self, principal: Option<Arc<str>>) -> Self {
+        Self { principal, ..self.clone() }
+    }
+
+    fn principal(&self) -> Option<&str> {
+        self.principal.as_deref()
     }
 
     pub fn limits(&self) -> Limits {
@@ -139,7 +152,7 @@ impl Exchange {
             )));
         }
         let info = AgentInfo { id, behaviour: behaviour.to_owned(), implements, name };
-        self.backend.create(id, Some(info)).await?;
+        self.backend.create(id, Some(info), self.principal()).await?;
         tracing::debug!(agent = %id, behaviour, "agent mailbox created");
         Ok(id)
     }
@@ -147,7 +160,7 @@ impl Exchange {
     /// Creates the mailbox of a new client.
     pub async fn register_client(&self) -> Result<EntityId, ExchangeError> {
         let id = EntityId::new_client();
-        self.backend.create(id, None).await?;
+        self.backend.create(id, None, self.principal()).await?;
         tracing::debug!(client = %id, "client mailbox created");
         Ok(id)
     }
@@ -161,7 +174,7 @@ impl Exchange {
     /// Terminates a mailbox and answers every request still queued in it with an
     /// error. Idempotent: returns the state before the call.
     pub async fn terminate(&self, id: &EntityId) -> Result<MailboxState, ExchangeError> {
-        let (previous, queued) = self.backend.terminate(id).await?;
+        let (previous, queued) = self.backend.terminate(id, self.principal()).await?;
         let replies: Vec<_> = queued
             .iter()
             .filter_map(|m| terminated_reply(id, m))
@@ -260,14 +273,14 @@ impl Exchange {
     /// Becomes the one subscriber of a mailbox. A previous subscription ends with
     /// [`ExchangeError::Superseded`]; every unacknowledged message is delivered again.
     pub async fn subscribe(&self, id: &EntityId) -> Result<Subscription, ExchangeError> {
-        let inner = self.backend.subscribe(id).await?;
+        let inner = self.backend.subscribe(id, self.principal()).await?;
         let max_bytes = self.limits.max_message_bytes;
         Ok(Subscription { id: *id, inner, max_bytes, shutdown: self.shutdown.clone() })
     }
 
     /// Removes delivered messages. Unknown or already acknowledged seqs are ignored.
     pub async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
-        self.backend.acknowledge(id, seqs).await
+        self.backend.acknowledge(id, seqs, self.principal()).await
     }
 }
 

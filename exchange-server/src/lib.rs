@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod auth;
 mod backend;
 mod config;
 mod error;

@@ -9,7 +9,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
+use crate::auth::{Authenticator, Tokens};
 use crate::{Exchange, ExchangeService, Limits, RedisOptions};
 
 /// Accepted connections of `listener`, with TCP_NODELAY set (small messages
@@ -88,6 +90,9 @@ pub struct ServerOptions {
     pub limits: Limits,
     /// How long open calls may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// Bearer tokens every call must carry (health and reflection excepted);
+    /// `None` serves anyone who can connect.
+    pub tokens: Option<Tokens>,
 }
 
 impl Default for ServerOptions {
@@ -97,6 +102,7 @@ impl Default for ServerOptions {
             backend: Backend::Memory,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
+            tokens: None,
         }
     }
 }
@@ -143,6 +149,9 @@ impl RunningServer {
         let service = ExchangeServer::new(ExchangeService::new(exchange.clone()))
             .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
             .max_encoding_message_size(usize::MAX);
+        let auth = Authenticator::new(options.tokens.clone());
+        let authenticated = auth.is_enabled();
+        let service = InterceptedService::new(service, auth);
         let incoming = nodelay_incoming(listener);
         let signal = {
             let shutdown = shutdown.clone();
@@ -173,7 +182,7 @@ impl RunningServer {
                 }
             }
         });
-        tracing::info!(%addr, "exchange listening");
+        tracing::info!(%addr, authenticated, "exchange listening");
         Ok(Self { addr, exchange, shutdown, task: Some(task) })
     }
 

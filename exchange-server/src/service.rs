@@ -7,6 +7,7 @@ use academy_proto::pb::{self, exchange_server};
 use futures::{Stream, StreamExt as _};
 use tonic::{Code, Request, Response, Status};
 
+use crate::auth::Principal;
 use crate::{EntityId, Exchange, ExchangeError, json};
 
 /// Invoke's wait when neither `timeout_ms` nor a call deadline is given.
@@ -21,6 +22,11 @@ pub struct ExchangeService {
 impl ExchangeService {
     pub fn new(exchange: Exchange) -> Self {
         Self { exchange }
+    }
+
+    /// The exchange, acting for the principal that made `request`.
+    fn exchange_for<T>(&self, request: &Request<T>) -> Exchange {
+        self.exchange.acting_as(Principal::of(request))
     }
 }
 
@@ -37,18 +43,19 @@ impl exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::RegisterAgentRequest>,
     ) -> RpcResult<pb::RegisterAgentResponse> {
+        let exchange = self.exchange_for(&request);
         let req = request.into_inner();
         let id = parse_optional_id(&req.agent_id, "agent_id")?;
-        let id = self.exchange.register_agent(&req.behaviour, req.implements, req.name, id).await?;
+        let id = exchange.register_agent(&req.behaviour, req.implements, req.name, id).await?;
         Ok(Response::new(pb::RegisterAgentResponse { agent_id: id.to_string() }))
     }
 
     #[tracing::instrument(skip_all)]
     async fn register_client(
         &self,
-        _request: Request<pb::RegisterClientRequest>,
+        request: Request<pb::RegisterClientRequest>,
     ) -> RpcResult<pb::RegisterClientResponse> {
-        let id = self.exchange.register_client().await?;
+        let id = self.exchange_for(&request).register_client().await?;
         Ok(Response::new(pb::RegisterClientResponse { client_id: id.to_string() }))
     }
 
@@ -58,7 +65,7 @@ impl exchange_server::Exchange for ExchangeService {
         request: Request<pb::TerminateRequest>,
     ) -> RpcResult<pb::TerminateResponse> {
         let id = EntityId::parse_field(&request.get_ref().id, "id")?;
-        let previous = self.exchange.terminate(&id).await?;
+        let previous = self.exchange_for(&request).terminate(&id).await?;
         Ok(Response::new(pb::TerminateResponse {
             previous_state: pb::MailboxState::from(previous).into(),
         }))
@@ -127,7 +134,7 @@ impl exchange_server::Exchange for ExchangeService {
         request: Request<pb::SubscribeRequest>,
     ) -> RpcResult<Self::SubscribeStream> {
         let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
-        let subscription = self.exchange.subscribe(&id).await?;
+        let subscription = self.exchange_for(&request).subscribe(&id).await?;
         tracing::debug!("subscriber attached");
         let stream = subscription.into_stream().map(|batch| {
             let deliveries = batch?
@@ -145,13 +152,14 @@ impl exchange_server::Exchange for ExchangeService {
     ) -> RpcResult<pb::AcknowledgeResponse> {
         let req = request.get_ref();
         let id = EntityId::parse_field(&req.mailbox_id, "mailbox_id")?;
-        self.exchange.acknowledge(&id, &req.seqs).await?;
+        self.exchange_for(&request).acknowledge(&id, &req.seqs).await?;
         Ok(Response::new(pb::AcknowledgeResponse {}))
     }
 
     #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent_id, action = %request.get_ref().action))]
     async fn invoke(&self, request: Request<pb::InvokeRequest>) -> RpcResult<pb::InvokeResponse> {
         let deadline = grpc_timeout(request.metadata());
+        let exchange = self.exchange_for(&request);
         let req = request.into_inner();
         let agent = EntityId::parse_field(&req.agent_id, "agent_id")?;
         if !agent.is_agent() {
@@ -167,8 +175,7 @@ impl exchange_server::Exchange for ExchangeService {
             (ms, d) => Duration::from_millis(ms.into()).min(d.unwrap_or(Duration::MAX)),
         };
         let args = req.args.map_or(serde_json::Value::Array(Vec::new()), json::from_proto);
-        let reply =
-            crate::invoke::invoke(&self.exchange, agent, &req.action, &args, timeout).await?;
+        let reply = crate::invoke::invoke(&exchange, agent, &req.action, &args, timeout).await?;
         match reply {
             Ok(result) => {
                 Ok(Response::new(pb::InvokeResponse { result: Some(json::to_proto(result)) }))

@@ -78,3 +78,27 @@ fn bad_configuration_is_refused_with_a_clear_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--listen"), "{stderr}");
 }
+
+#[test]
+fn a_bad_tokens_file_is_refused_naming_the_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("academy-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, "alice 0123456789abcdef\nbob short\n").unwrap();
+    let missing = dir.join("missing");
+    for (path, expected) in [
+        (&file, "line 2: the token of \"bob\" is shorter than 16 characters"),
+        (&missing, "cannot read tokens file"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_academy-exchange"))
+            .args(["--listen", "127.0.0.1:0", "--tokens-file"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected) && stderr.contains(&*path.to_string_lossy()), "{stderr}");
+        assert!(!stderr.contains("0123456789abcdef"), "a token leaked: {stderr}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

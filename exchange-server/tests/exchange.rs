@@ -7,8 +7,11 @@ use std::time::Duration;
 mod common;
 use common::message;
 
+use academy_exchange::auth::Tokens;
 use academy_exchange::testing::RedisServer;
-use academy_exchange::{Backend, Limits, RedisOptions, RunningServer, ServerOptions};
+use academy_exchange::{
+    Backend, ExchangeError, Limits, RedisOptions, RunningServer, ServerOptions,
+};
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
@@ -27,6 +30,11 @@ struct Harness {
 }
 
 async fn start_with(store: Store, limits: Limits) -> Harness {
+    start_as(store, ServerOptions { limits, ..Default::default() }).await
+}
+
+/// A server of `options`, over `store`.
+async fn start_as(store: Store, options: ServerOptions) -> Harness {
     let (backend, redis) = match store {
         Store::Memory => (Backend::Memory, None),
         Store::Redis => {
@@ -35,8 +43,7 @@ async fn start_with(store: Store, limits: Limits) -> Harness {
             (Backend::Redis(options), Some(redis))
         }
     };
-    let options = ServerOptions { limits, backend, ..Default::default() };
-    let server = RunningServer::start(options).await.expect("server starts");
+    let server = RunningServer::start(ServerOptions { backend, ..options }).await.expect("starts");
     let rpc = ExchangeClient::connect(server.url()).await.expect("client connects");
     Harness { server, rpc, _redis: redis }
 }
@@ -469,6 +476,82 @@ async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones(store: Store) 
     assert!(err.message().contains(&idle), "{}", err.message());
 }
 
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Bearer(&'static str);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = format!("Bearer {}", self.0).parse().expect("ascii token");
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789";
+
+async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
+    let tokens = Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let h = start_as(store, ServerOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let as_ = |token| ExchangeClient::with_interceptor(channel.clone(), Bearer(token));
+    let (mut alice, mut bob, mut nobody) = (as_(ALICE), as_(BOB), h.rpc.clone());
+
+    // Without a token, or with an unknown one: UNAUTHENTICATED, health excepted.
+    let err = nobody.register_client(pb::RegisterClientRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("authorization: Bearer"), "{}", err.message());
+    let mut stranger = as_("mallory-token-0123456789");
+    let err = stranger.status(pb::StatusRequest { id: "x".into() }).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "unknown bearer token"));
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let check = tonic_health::pb::HealthCheckRequest { service: "academy.v1.Exchange".into() };
+    assert_eq!(health.check(check).await.unwrap().into_inner().status, 1); // SERVING
+
+    let (agent, client) = common::agent_and_client(&mut alice, "test.A").await;
+    // Anyone may send to it and ask about it...
+    bob.send(pb::SendRequest { message: Some(common::ping(&client, &agent, 1)) }).await.unwrap();
+    let status = bob.status(pb::StatusRequest { id: agent.clone() }).await.unwrap().into_inner();
+    assert_eq!((status.state(), status.queued), (pb::MailboxState::Active, 1));
+    // ...but only alice may receive from it or end it.
+    let denied = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        let id = agent.parse().unwrap();
+        let expected = ExchangeError::PermissionDenied { id, owner: "alice".into() };
+        assert_eq!(ExchangeError::from_status(&status), Some(expected));
+    };
+    let subscribe = pb::SubscribeRequest { mailbox_id: agent.clone() };
+    denied(bob.subscribe(subscribe).await.unwrap_err());
+    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![0] };
+    denied(bob.acknowledge(ack).await.unwrap_err());
+    denied(bob.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap_err());
+    let status = bob.status(pb::StatusRequest { id: agent.clone() }).await.unwrap().into_inner();
+    assert_eq!((status.state(), status.queued), (pb::MailboxState::Active, 1));
+
+    let mut stream = common::subscribe(&mut alice, &agent).await;
+    let delivered = next(&mut stream).await;
+    assert_eq!(common::number(delivered[0].message.as_ref().unwrap()), 1);
+    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![delivered[0].seq] };
+    alice.acknowledge(ack).await.unwrap();
+    // Bob's Invoke gets a mailbox of his own to wait in: the agent is idle, so
+    // the call times out rather than being refused.
+    let invoke = pb::InvokeRequest {
+        agent_id: agent.clone(),
+        action: "get".into(),
+        timeout_ms: 100,
+        ..Default::default()
+    };
+    assert_eq!(bob.invoke(invoke).await.unwrap_err().code(), Code::DeadlineExceeded);
+    let done = alice.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    assert_eq!(done.into_inner().previous_state(), pb::MailboxState::Active);
+    // Even terminated, it is still not bob's to terminate.
+    denied(bob.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap_err());
+}
+
 async fn shutdown_ends_open_subscriptions_promptly(store: Store) {
     let mut h = start(store).await;
     let agent = h.agent("test.A", &[]).await;
@@ -509,4 +592,5 @@ conformance!(
     send_batch_reports_each_message,
     invoke_reports_unknown_agents_and_times_out_on_idle_ones,
     shutdown_ends_open_subscriptions_promptly,
+    mailboxes_belong_to_the_principal_that_registered_them,
 );

@@ -1,8 +1,11 @@
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use academy_exchange::auth::Tokens;
 use academy_exchange::telemetry::{LogFormat, init_tracing};
 use academy_launcher::{LauncherOptions, RunningLauncher};
+use academy_sdk::Credentials;
 use clap::Parser;
 
 #[global_allocator]
@@ -27,6 +30,16 @@ struct Config {
     /// Prefix of the launcher's Redis keys.
     #[arg(long, env = "ACADEMY_LAUNCHER_REDIS_PREFIX", default_value = "academy")]
     redis_prefix: String,
+    /// File of `principal token` lines: every call must then carry
+    /// `authorization: Bearer <token>`. Without it, anyone who can connect is served.
+    #[arg(long, env = "ACADEMY_LAUNCHER_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// With --tokens-file: the principal workers use (the only one that may
+    /// join as a worker or drain workers). The launcher's own ACADEMY_TOKEN
+    /// must belong to it on the exchange, as workers subscribe to the
+    /// mailboxes the launcher registers.
+    #[arg(long, env = "ACADEMY_LAUNCHER_WORKER_PRINCIPAL")]
+    worker_principal: Option<String>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -46,6 +59,9 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
         redis_url: config.redis_url,
         redis_prefix: config.redis_prefix,
+        tokens: config.tokens_file.as_deref().map(Tokens::load).transpose()?,
+        worker_principal: config.worker_principal,
+        exchange_credentials: Credentials::from_env()?,
     })
     .await?;
     academy_exchange::shutdown_signal().await;

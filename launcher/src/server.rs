@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use academy_exchange::auth::{Authenticator, Tokens};
 use academy_proto::pb::launcher_server::LauncherServer;
-use academy_sdk::GrpcExchange;
+use academy_sdk::{Credentials, GrpcExchange};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::cluster::Cluster;
 use crate::{LauncherService, store};
@@ -26,6 +28,15 @@ pub struct LauncherOptions {
     pub redis_url: Option<String>,
     /// Prefix of the launcher's Redis keys.
     pub redis_prefix: String,
+    /// Bearer tokens every call must carry (health and reflection excepted);
+    /// `None` serves anyone who can connect.
+    pub tokens: Option<Tokens>,
+    /// With `tokens`: the one principal that may serve as a worker (and drain
+    /// workers). Workers subscribe to the mailboxes this launcher registers,
+    /// so it must also be the principal of `exchange_credentials`.
+    pub worker_principal: Option<String>,
+    /// What the launcher presents to the exchange.
+    pub exchange_credentials: Credentials,
 }
 
 impl Default for LauncherOptions {
@@ -36,6 +47,9 @@ impl Default for LauncherOptions {
             heartbeat_timeout: Duration::from_secs(3),
             redis_url: None,
             redis_prefix: "academy".into(),
+            tokens: None,
+            worker_principal: None,
+            exchange_credentials: Credentials::none(),
         }
     }
 }
@@ -50,8 +64,12 @@ pub struct RunningLauncher {
 
 impl RunningLauncher {
     pub async fn start(options: LauncherOptions) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            options.tokens.is_none() || options.worker_principal.is_some(),
+            "a launcher that authenticates calls needs the workers' principal (--worker-principal)"
+        );
         // Lazily: the exchange may start after the launcher.
-        let exchange = GrpcExchange::lazy(&options.exchange_url)?;
+        let exchange = GrpcExchange::lazy(&options.exchange_url, &options.exchange_credentials)?;
         let mut cluster = Cluster::new();
         if let Some(url) = &options.redis_url {
             let (records, store) = store::open(url, &options.redis_prefix).await?;
@@ -64,6 +82,7 @@ impl RunningLauncher {
             Arc::new(exchange),
             options.exchange_url.clone(),
             options.heartbeat_timeout,
+            options.worker_principal.as_deref().map(Into::into),
         );
         let listener = TcpListener::bind(options.listen).await?;
         let addr = listener.local_addr()?;
@@ -75,7 +94,10 @@ impl RunningLauncher {
             .add_service(health_service)
             .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1()?)
             .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1alpha()?)
-            .add_service(LauncherServer::new(service));
+            .add_service(InterceptedService::new(
+                LauncherServer::new(service),
+                Authenticator::new(options.tokens.clone()),
+            ));
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {
             tokio::select! {
@@ -84,7 +106,8 @@ impl RunningLauncher {
                 () = async { deadline.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => Ok(()),
             }
         });
-        tracing::info!(%addr, exchange = %options.exchange_url, "launcher listening");
+        let authenticated = options.tokens.is_some();
+        tracing::info!(%addr, exchange = %options.exchange_url, authenticated, "launcher listening");
         Ok(Self { addr, shutdown, task: Some(task) })
     }
 

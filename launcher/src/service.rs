@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use academy_exchange::EntityId;
+use academy_exchange::auth::Principal;
 use academy_proto::pb::{self, AgentState, launcher_server, worker_message::Body};
 use academy_sdk::{ClientError, SharedExchange};
 use futures::{Stream, StreamExt as _};
@@ -22,6 +23,8 @@ pub struct LauncherService {
     exchange: SharedExchange,
     exchange_url: String,
     heartbeat_timeout: Duration,
+    /// When calls are authenticated: the principal of the workers.
+    worker_principal: Option<Arc<str>>,
 }
 
 impl LauncherService {
@@ -31,9 +34,21 @@ impl LauncherService {
         exchange: SharedExchange,
         exchange_url: String,
         heartbeat_timeout: Duration,
+        worker_principal: Option<Arc<str>>,
     ) -> Self {
         let cluster = Arc::new(Mutex::new(cluster));
-        Self { cluster, shutdown, exchange, exchange_url, heartbeat_timeout }
+        Self { cluster, shutdown, exchange, exchange_url, heartbeat_timeout, worker_principal }
+    }
+
+    /// Refuses a caller other than the workers' principal (when calls are
+    /// authenticated) from doing `what`.
+    fn workers_only<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
+        match (&self.worker_principal, Principal::of(request)) {
+            (Some(workers), Some(caller)) if workers != &caller => Err(Status::permission_denied(
+                format!("only principal {workers:?} may {what}; you are {caller:?}"),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Waits until every change so far is persisted (no-op without a store).
@@ -53,6 +68,7 @@ fn exchange_status(err: ClientError) -> Status {
     match err {
         ClientError::Exchange(e) => e.into(),
         ClientError::Transport(e) => Status::unavailable(format!("exchange {e}")),
+        ClientError::Refused { code, message } => Status::new(code, format!("exchange: {message}")),
     }
 }
 
@@ -68,6 +84,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl launcher_server::Launcher for LauncherService {
     #[tracing::instrument(skip_all, fields(behaviour = %request.get_ref().behaviour))]
     async fn launch(&self, request: Request<pb::LaunchRequest>) -> RpcResult<pb::LaunchResponse> {
+        let owner = Principal::of(&request).map(|p| p.to_string()).unwrap_or_default();
         let req = request.into_inner();
         if req.behaviour.is_empty() {
             return Err(Status::invalid_argument("behaviour is empty"));
@@ -98,6 +115,7 @@ impl launcher_server::Launcher for LauncherService {
             selector: req.selector,
             retry_limit: req.retry_limit,
             state: AgentState::Pending.into(),
+            owner,
             ..Default::default()
         };
         let agent = self.cluster().launch(record);
@@ -132,8 +150,19 @@ impl launcher_server::Launcher for LauncherService {
 
     #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent_id))]
     async fn stop(&self, request: Request<pb::StopRequest>) -> RpcResult<pb::StopResponse> {
+        let id = agent_id(&request.get_ref().agent_id)?;
+        let owner = self.cluster().agent(&id).map(|a| a.owner.clone()).unwrap_or_default();
+        if let Some(caller) = Principal::of(&request)
+            && !owner.is_empty()
+            && *caller != *owner
+            && self.worker_principal.as_ref() != Some(&caller)
+        {
+            return Err(Status::permission_denied(format!(
+                "agent {id} was launched by principal {owner:?}: only it (or the workers' \
+                 principal) may stop it; you are {caller:?}"
+            )));
+        }
         let req = request.into_inner();
-        let id = agent_id(&req.agent_id)?;
         let running = self.cluster().stop(&id, req.terminate);
         let running =
             running.ok_or_else(|| Status::not_found(format!("no agent {id} was launched here")))?;
@@ -158,6 +187,7 @@ impl launcher_server::Launcher for LauncherService {
         &self,
         request: Request<pb::DrainWorkerRequest>,
     ) -> RpcResult<pb::DrainWorkerResponse> {
+        self.workers_only(&request, "drain workers")?;
         let id = &request.get_ref().worker_id;
         let worker = self.cluster().drain(id);
         let worker =
@@ -171,6 +201,7 @@ impl launcher_server::Launcher for LauncherService {
         &self,
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> RpcResult<Self::JoinStream> {
+        self.workers_only(&request, "serve as a worker")?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.heartbeat_timeout, inbound.next()).await;
         let register = match first {

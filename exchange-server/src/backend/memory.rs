@@ -9,6 +9,7 @@ use prost::Message as _;
 use tokio::sync::Notify;
 
 use super::{Backend, BackendSubscription, Found, Page};
+use crate::auth::permitted;
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
 
 #[derive(Debug, Default)]
@@ -23,6 +24,7 @@ pub(crate) struct MemoryBackend {
 struct Mailbox {
     id: EntityId,
     agent: Option<AgentInfo>,
+    owner: Option<Box<str>>,
     state: Mutex<QueueState>,
     changed: Notify,
 }
@@ -69,6 +71,17 @@ impl MemoryBackend {
         read(&self.mailboxes).get(id).cloned().ok_or(ExchangeError::NotFound(*id))
     }
 
+    /// The mailbox, if `caller` may act for its owner.
+    fn owned(&self, id: &EntityId, caller: Option<&str>) -> Result<Arc<Mailbox>, ExchangeError> {
+        let mailbox = self.mailbox(id)?;
+        match &mailbox.owner {
+            Some(owner) if !permitted(Some(owner), caller) => {
+                Err(ExchangeError::PermissionDenied { id: *id, owner: owner.to_string() })
+            }
+            _ => Ok(mailbox),
+        }
+    }
+
     fn push(
         &self,
         dest: &EntityId,
@@ -96,7 +109,12 @@ impl MemoryBackend {
 
 #[async_trait]
 impl Backend for MemoryBackend {
-    async fn create(&self, id: EntityId, agent: Option<AgentInfo>) -> Result<(), ExchangeError> {
+    async fn create(
+        &self,
+        id: EntityId,
+        agent: Option<AgentInfo>,
+        owner: Option<&str>,
+    ) -> Result<(), ExchangeError> {
         {
             let mut mailboxes = write(&self.mailboxes);
             if let Some(existing) = mailboxes.get(&id) {
@@ -109,6 +127,7 @@ impl Backend for MemoryBackend {
             let mailbox = Mailbox {
                 id,
                 agent: agent.clone(),
+                owner: owner.map(Into::into),
                 state: Mutex::default(),
                 changed: Notify::new(),
             };
@@ -126,8 +145,9 @@ impl Backend for MemoryBackend {
     async fn terminate(
         &self,
         id: &EntityId,
+        caller: Option<&str>,
     ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError> {
-        let mailbox = self.mailbox(id)?;
+        let mailbox = self.owned(id, caller)?;
         let queued = {
             let mut state = lock(&mailbox.state);
             if state.terminated {
@@ -186,8 +206,9 @@ impl Backend for MemoryBackend {
     async fn subscribe(
         &self,
         id: &EntityId,
+        caller: Option<&str>,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
-        let mailbox = self.mailbox(id)?;
+        let mailbox = self.owned(id, caller)?;
         let generation = {
             let mut state = lock(&mailbox.state);
             if state.terminated {
@@ -200,8 +221,13 @@ impl Backend for MemoryBackend {
         Ok(Box::new(MemorySubscription { mailbox, generation, cursor: 0 }))
     }
 
-    async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
-        let mailbox = self.mailbox(id)?;
+    async fn acknowledge(
+        &self,
+        id: &EntityId,
+        seqs: &[u64],
+        caller: Option<&str>,
+    ) -> Result<(), ExchangeError> {
+        let mailbox = self.owned(id, caller)?;
         let mut state = lock(&mailbox.state);
         if state.terminated {
             return Err(ExchangeError::Terminated(*id));

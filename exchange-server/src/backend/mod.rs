@@ -43,14 +43,24 @@ pub(crate) mod redis;
 /// can't reach its store answers [`ExchangeError::Unavailable`].
 #[async_trait]
 pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
-    /// Creates a mailbox (an agent's when `agent` is given).
-    async fn create(&self, id: EntityId, agent: Option<AgentInfo>) -> Result<(), ExchangeError>;
+    /// Creates a mailbox (an agent's when `agent` is given), owned by `owner`.
+    ///
+    /// `terminate`, `subscribe` and `acknowledge` answer
+    /// [`ExchangeError::PermissionDenied`] unless `caller` may act for the
+    /// mailbox's owner ([`permitted`](crate::auth::permitted)).
+    async fn create(
+        &self,
+        id: EntityId,
+        agent: Option<AgentInfo>,
+        owner: Option<&str>,
+    ) -> Result<(), ExchangeError>;
 
     /// Marks a mailbox terminated and empties it; returns its state before and
     /// the messages that were still unacknowledged.
     async fn terminate(
         &self,
         id: &EntityId,
+        caller: Option<&str>,
     ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError>;
 
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError>;
@@ -69,10 +79,18 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     ) -> Vec<Result<(), ExchangeError>>;
 
     /// Becomes the one subscriber of a mailbox, from its oldest unacknowledged message.
-    async fn subscribe(&self, id: &EntityId)
-    -> Result<Box<dyn BackendSubscription>, ExchangeError>;
+    async fn subscribe(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+    ) -> Result<Box<dyn BackendSubscription>, ExchangeError>;
 
-    async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError>;
+    async fn acknowledge(
+        &self,
+        id: &EntityId,
+        seqs: &[u64],
+        caller: Option<&str>,
+    ) -> Result<(), ExchangeError>;
 
     /// Deletes a transient client mailbox without a gravestone.
     async fn forget(&self, id: &EntityId);

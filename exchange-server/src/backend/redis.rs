@@ -65,10 +65,13 @@ const READ_COUNT: usize = 512;
 /// from the stream, so no large payload is copied twice.
 const MAX_NOTICE_BYTES: usize = 64 * 1024;
 
+/// Creates mailbox ARGV[1]: kind, behaviour, implements (JSON), name, TTL,
+/// key prefix, owner (empty: none). Answers its state if it already exists.
 const CREATE: &str = r"
 local s = redis.call('HGET', KEYS[1], 's')
 if s then return s end
 redis.call('HSET', KEYS[1], 's', 'a', 'k', ARGV[2], 'b', ARGV[3], 'i', ARGV[4], 'n', ARGV[5], 'g', 0)
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'o', ARGV[8]) end
 if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
 if ARGV[2] == 'a' then
   local p = ARGV[7]
@@ -134,9 +137,12 @@ for replica, parts in pairs(notices) do redis.call('PUBLISH', bell .. replica, t
 return out
 ";
 
+/// Terminates mailbox ARGV[1] for caller ARGV[4] (owner check: see SUBSCRIBE).
 const TERMINATE: &str = r"
 local s = redis.call('HGET', KEYS[1], 's')
 if not s then return {'missing'} end
+local o = redis.call('HGET', KEYS[1], 'o')
+if o and ARGV[4] ~= '' and o ~= ARGV[4] then return {'denied', o} end
 if s == 't' then return {'terminated'} end
 redis.call('HSET', KEYS[1], 's', 't')
 local ttl = tonumber(ARGV[2])
@@ -161,11 +167,17 @@ end
 return out
 ";
 
-/// Makes replica ARGV[3] the subscriber's; the previous one (on any replica)
-/// is told it was taken over.
+/// Makes replica ARGV[3] the subscriber's, for caller ARGV[5]; the previous
+/// one (on any replica) is told it was taken over.
+///
+/// Owner check, here and in TERMINATE and ACKNOWLEDGE: a mailbox with an owner
+/// (`o`) answers `denied` to a caller with another principal; an empty caller
+/// is trusted.
 const SUBSCRIBE: &str = r"
 local s = redis.call('HGET', KEYS[1], 's')
 if not s then return {'missing'} end
+local o = redis.call('HGET', KEYS[1], 'o')
+if o and ARGV[5] ~= '' and o ~= ARGV[5] then return {'denied', o} end
 if s == 't' then return {'terminated'} end
 local g = redis.call('HINCRBY', KEYS[1], 'g', 1)
 local r = redis.call('HGET', KEYS[1], 'r')
@@ -176,20 +188,21 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2]
 return {'ok', g}
 ";
 
-/// Deletes acknowledged messages: ARGV is the highest id acknowledged, then
-/// every id (deleted a thousand at a time: Lua's `unpack` is bounded). None
-/// may be above the last message added.
+/// Deletes acknowledged messages: ARGV is the caller, the highest id
+/// acknowledged, then every id (deleted a thousand at a time: Lua's `unpack`
+/// is bounded). None may be above the last message added.
 const ACKNOWLEDGE: &str = r"
-local s = redis.call('HGET', KEYS[1], 's')
+local h = redis.call('HMGET', KEYS[1], 's', 'o', 'l')
+local s, o = h[1], h[2]
 if not s then return 'missing' end
+if o and ARGV[1] ~= '' and o ~= ARGV[1] then return 'denied:' .. o end
 if s == 't' then return 'terminated' end
-if #ARGV < 2 then return 'ok' end
-local last = redis.call('HGET', KEYS[1], 'l') or '0-0'
-local lms, lseq = string.match(last, '(%d+)-(%d+)')
-local ms, seq = string.match(ARGV[1], '(%d+)-(%d+)')
+if #ARGV < 3 then return 'ok' end
+local lms, lseq = string.match(h[3] or '0-0', '(%d+)-(%d+)')
+local ms, seq = string.match(ARGV[2], '(%d+)-(%d+)')
 ms, seq, lms, lseq = tonumber(ms), tonumber(seq), tonumber(lms), tonumber(lseq)
-if ms > lms or (ms == lms and seq > lseq) then return 'never:' .. ARGV[1] end
-for i = 2, #ARGV, 1000 do redis.call('XDEL', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+if ms > lms or (ms == lms and seq > lseq) then return 'never:' .. ARGV[2] end
+for i = 3, #ARGV, 1000 do redis.call('XDEL', KEYS[2], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 return 'ok'
 ";
 
@@ -413,18 +426,34 @@ impl RedisBackend {
     }
 }
 
-/// What a script said about a mailbox it looked at.
-fn state_error(id: &EntityId, answer: &str) -> Option<ExchangeError> {
+/// What a script said about a mailbox it looked at: `missing`, `terminated`,
+/// or `denied` with the owner (`owner` reads it from the reply).
+fn state_error(
+    id: &EntityId,
+    answer: &str,
+    owner: impl FnOnce() -> Option<String>,
+) -> Option<ExchangeError> {
     match answer {
         "missing" => Some(ExchangeError::NotFound(*id)),
         "terminated" => Some(ExchangeError::Terminated(*id)),
+        "denied" => Some(ExchangeError::PermissionDenied { id: *id, owner: owner()? }),
         _ => None,
     }
 }
 
+/// The caller as a script argument: empty when trusted.
+fn caller_arg(caller: Option<&str>) -> &str {
+    caller.unwrap_or_default()
+}
+
 #[async_trait]
 impl Backend for RedisBackend {
-    async fn create(&self, id: EntityId, agent: Option<AgentInfo>) -> Result<(), ExchangeError> {
+    async fn create(
+        &self,
+        id: EntityId,
+        agent: Option<AgentInfo>,
+        owner: Option<&str>,
+    ) -> Result<(), ExchangeError> {
         let (kind, behaviour, implements, name) = match &agent {
             Some(a) => ("a", a.behaviour.as_str(), a.implements.clone(), a.name.as_str()),
             None => ("c", "", Vec::new(), ""),
@@ -432,7 +461,7 @@ impl Backend for RedisBackend {
         let implements = serde_json::to_string(&implements).expect("strings serialise");
         let mut cmd = self.scripts.create.call(&[self.keys.mailbox(&id)]);
         cmd.arg(id.to_string()).arg(kind).arg(behaviour).arg(implements).arg(name);
-        cmd.arg(secs(self.options.mailbox_ttl)).arg(&self.keys.prefix);
+        cmd.arg(secs(self.options.mailbox_ttl)).arg(&self.keys.prefix).arg(caller_arg(owner));
         let answer = string(&self.run_one(&self.scripts.create, cmd).await?).unwrap_or_default();
         match answer.as_str() {
             "ok" => Ok(()),
@@ -444,15 +473,22 @@ impl Backend for RedisBackend {
     async fn terminate(
         &self,
         id: &EntityId,
+        caller: Option<&str>,
     ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError> {
         let keys = [self.keys.mailbox(id), self.keys.queue(id)];
         let mut cmd = self.scripts.terminate.call(&keys);
         cmd.arg(id.to_string()).arg(secs(self.options.gravestone_ttl)).arg(&self.keys.prefix);
+        cmd.arg(caller_arg(caller));
         let mut answer = array(self.run_one(&self.scripts.terminate, cmd).await?).into_iter();
         let head = answer.next().and_then(|v| string(&v)).unwrap_or_default();
         match head.as_str() {
-            "missing" => Err(ExchangeError::NotFound(*id)),
             "terminated" => Ok((MailboxState::Terminated, Vec::new())),
+            "missing" | "denied" => {
+                Err(state_error(id, &head, || answer.next().and_then(|v| string(&v)))
+                    .unwrap_or_else(|| {
+                        ExchangeError::Unavailable(format!("terminate failed: {head}"))
+                    }))
+            }
             _ => Ok((
                 MailboxState::Active,
                 answer.filter_map(|v| pb::Message::decode(bytes(v)?).ok()).collect(),
@@ -575,9 +611,11 @@ impl Backend for RedisBackend {
             .map(|((dest, _), answer)| match string(&answer).as_deref() {
                 Some("ok") => Ok(()),
                 Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
-                other => Err(other.and_then(|a| state_error(dest, a)).unwrap_or_else(|| {
-                    ExchangeError::Unavailable(format!("enqueue failed: {answer:?}"))
-                })),
+                other => {
+                    Err(other.and_then(|a| state_error(dest, a, || None)).unwrap_or_else(|| {
+                        ExchangeError::Unavailable(format!("enqueue failed: {answer:?}"))
+                    }))
+                }
             })
             .collect()
     }
@@ -585,14 +623,15 @@ impl Backend for RedisBackend {
     async fn subscribe(
         &self,
         id: &EntityId,
+        caller: Option<&str>,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
         let keys = [self.keys.mailbox(id), self.keys.queue(id)];
         let mut cmd = self.scripts.subscribe.call(&keys);
         cmd.arg(secs(self.options.mailbox_ttl)).arg(&self.keys.prefix).arg(&self.reader.replica);
-        cmd.arg(id.to_string());
+        cmd.arg(id.to_string()).arg(caller_arg(caller));
         let answer = array(self.run_one(&self.scripts.subscribe, cmd).await?);
         let head = answer.first().and_then(string).unwrap_or_default();
-        if let Some(err) = state_error(id, &head) {
+        if let Some(err) = state_error(id, &head, || answer.get(1).and_then(string)) {
             return Err(err);
         }
         let generation = answer.get(1).and_then(integer).unwrap_or(0);
@@ -606,13 +645,19 @@ impl Backend for RedisBackend {
         }))
     }
 
-    async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
+    async fn acknowledge(
+        &self,
+        id: &EntityId,
+        seqs: &[u64],
+        caller: Option<&str>,
+    ) -> Result<(), ExchangeError> {
         let ids: Vec<String> = seqs.iter().map(|s| stream_id_of(*s)).collect();
         let mut cmd = self.scripts.acknowledge.call(&[self.keys.mailbox(id), self.keys.queue(id)]);
-        cmd.arg(seqs.iter().max().map(|s| stream_id_of(*s))).arg(&ids);
+        cmd.arg(caller_arg(caller)).arg(seqs.iter().max().map(|s| stream_id_of(*s))).arg(&ids);
         let answer =
             string(&self.run_one(&self.scripts.acknowledge, cmd).await?).unwrap_or_default();
-        if let Some(err) = state_error(id, &answer) {
+        let (head, owner) = answer.split_once(':').unwrap_or((&answer, ""));
+        if let Some(err) = state_error(id, head, || Some(owner.to_owned())) {
             return Err(err);
         }
         match answer.strip_prefix("never:") {

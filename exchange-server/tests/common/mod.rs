@@ -3,7 +3,6 @@
 
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 /// A message from `src` to `dest` with a fresh tag.
 pub fn message(src: &str, dest: &str, body: Body) -> pb::Message {
@@ -30,10 +29,13 @@ pub fn number(message: &pb::Message) -> usize {
 }
 
 /// Registers an agent of `behaviour` and a client; returns their ids.
-pub async fn agent_and_client(
-    rpc: &mut ExchangeClient<Channel>,
-    behaviour: &str,
-) -> (String, String) {
+pub async fn agent_and_client<T>(rpc: &mut ExchangeClient<T>, behaviour: &str) -> (String, String)
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     let register = pb::RegisterAgentRequest { behaviour: behaviour.into(), ..Default::default() };
     let agent = rpc.register_agent(register).await.unwrap().into_inner().agent_id;
     let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
@@ -41,10 +43,13 @@ pub async fn agent_and_client(
 }
 
 /// Subscribes to mailbox `id`.
-pub async fn subscribe(
-    rpc: &mut ExchangeClient<Channel>,
-    id: &str,
-) -> Streaming<pb::SubscribeResponse> {
+pub async fn subscribe<T>(rpc: &mut ExchangeClient<T>, id: &str) -> Streaming<pb::SubscribeResponse>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
     let request = pb::SubscribeRequest { mailbox_id: id.into() };
     rpc.subscribe(request).await.unwrap().into_inner()
 }

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use academy_proto::pb::{self, exchange_client::ExchangeClient, launcher_client::LauncherClient};
+use academy_sdk::{Authorized, Credentials};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use futures::StreamExt as _;
@@ -28,6 +29,9 @@ struct Cli {
         default_value = "http://127.0.0.1:50052"
     )]
     launcher: String,
+    /// Bearer token, for services started with --tokens-file.
+    #[arg(long, global = true, env = "ACADEMY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Print JSON (one object per line) instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -35,7 +39,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// Agents placed by the launcher.
     #[command(subcommand)]
@@ -64,7 +68,7 @@ enum Command {
     },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Agents {
     List,
     /// Launches an agent on a worker that offers its behaviour.
@@ -92,7 +96,7 @@ enum Agents {
     Watch,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Workers {
     List,
     /// Moves a worker's agents elsewhere and places nothing new on it.
@@ -116,7 +120,7 @@ fn agent_json(a: &pb::AgentRecord) -> Value {
     json!({
         "agent_id": a.agent_id, "behaviour": a.behaviour, "name": a.name,
         "state": state_name(a.state), "worker_id": a.worker_id, "epoch": a.epoch,
-        "restarts": a.restarts, "retry_limit": a.retry_limit, "reason": a.reason,
+        "restarts": a.restarts, "retry_limit": a.retry_limit, "reason": a.reason, "owner": a.owner,
         "selector": a.selector, "config": serde_json::from_str::<Value>(&a.config_json).unwrap_or(Value::Null),
     })
 }
@@ -164,17 +168,31 @@ fn print(json: bool, columns: &[&str], rows: &[Value]) {
 const AGENT_COLUMNS: &[&str] =
     &["agent_id", "behaviour", "state", "worker_id", "restarts", "reason"];
 
-async fn launcher(url: &str) -> anyhow::Result<LauncherClient<tonic::transport::Channel>> {
-    LauncherClient::connect(url.to_owned())
-        .await
-        .with_context(|| format!("cannot reach the launcher at {url}"))
+impl Cli {
+    fn credentials(&self) -> anyhow::Result<Credentials> {
+        match self.token.as_deref().map(str::trim) {
+            Some(token) if !token.is_empty() => Ok(Credentials::bearer(token)?),
+            _ => Ok(Credentials::none()),
+        }
+    }
+
+    async fn channel(&self, url: &str, service: &str) -> anyhow::Result<Authorized> {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .with_context(|| format!("bad {service} url {url:?}"))?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the {service} at {url}"))?;
+        Ok(self.credentials()?.on(channel))
+    }
 }
 
-async fn exchange(url: &str) -> anyhow::Result<ExchangeClient<tonic::transport::Channel>> {
-    let client = ExchangeClient::connect(url.to_owned()).await;
-    Ok(client
-        .with_context(|| format!("cannot reach the exchange at {url}"))?
-        .max_decoding_message_size(usize::MAX))
+async fn launcher(cli: &Cli) -> anyhow::Result<LauncherClient<Authorized>> {
+    Ok(LauncherClient::new(cli.channel(&cli.launcher, "launcher").await?))
+}
+
+async fn exchange(cli: &Cli) -> anyhow::Result<ExchangeClient<Authorized>> {
+    let channel = cli.channel(&cli.exchange, "exchange").await?;
+    Ok(ExchangeClient::new(channel).max_decoding_message_size(usize::MAX))
 }
 
 /// A gRPC error as a one-line message for people.
@@ -185,10 +203,9 @@ fn failed(status: tonic::Status) -> anyhow::Error {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
+    match cli.command.clone() {
         Command::Agents(Agents::List) => {
-            let agents =
-                launcher(&cli.launcher).await?.list(pb::ListRequest {}).await.map_err(failed)?;
+            let agents = launcher(&cli).await?.list(pb::ListRequest {}).await.map_err(failed)?;
             let rows: Vec<Value> = agents.into_inner().agents.iter().map(agent_json).collect();
             print(cli.json, AGENT_COLUMNS, &rows);
         }
@@ -200,12 +217,12 @@ async fn main() -> anyhow::Result<()> {
                 selector: selector.into_iter().collect::<HashMap<_, _>>(),
                 retry_limit: retries,
             };
-            let agent = launcher(&cli.launcher).await?.launch(request).await.map_err(failed)?;
+            let agent = launcher(&cli).await?.launch(request).await.map_err(failed)?;
             let agent = agent.into_inner().agent.context("no record returned")?;
             print(cli.json, AGENT_COLUMNS, &[agent_json(&agent)]);
         }
         Command::Agents(Agents::Stop { agent_id, terminate }) => {
-            let mut rpc = launcher(&cli.launcher).await?;
+            let mut rpc = launcher(&cli).await?;
             let agent = rpc
                 .stop(pb::StopRequest { agent_id, terminate })
                 .await
@@ -216,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
             print(cli.json, AGENT_COLUMNS, &[agent_json(&agent)]);
         }
         Command::Agents(Agents::Watch) => {
-            let mut changes = launcher(&cli.launcher)
+            let mut changes = launcher(&cli)
                 .await?
                 .watch(pb::WatchRequest {})
                 .await
@@ -240,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Workers(Workers::List) => {
-            let workers = launcher(&cli.launcher)
+            let workers = launcher(&cli)
                 .await?
                 .list_workers(pb::ListWorkersRequest {})
                 .await
@@ -253,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Workers(Workers::Drain { worker_id }) => {
-            let mut rpc = launcher(&cli.launcher).await?;
+            let mut rpc = launcher(&cli).await?;
             let worker = rpc
                 .drain_worker(pb::DrainWorkerRequest { worker_id })
                 .await
@@ -269,7 +286,7 @@ async fn main() -> anyhow::Result<()> {
                 exact,
                 ..Default::default()
             };
-            let found = exchange(&cli.exchange).await?.discover(request).await.map_err(failed)?;
+            let found = exchange(&cli).await?.discover(request).await.map_err(failed)?;
             let rows: Vec<Value> = found
                 .into_inner()
                 .agents
@@ -279,7 +296,7 @@ async fn main() -> anyhow::Result<()> {
             print(cli.json, &["agent_id", "behaviour", "implements", "name"], &rows);
         }
         Command::Status { id } => {
-            let status = exchange(&cli.exchange)
+            let status = exchange(&cli)
                 .await?
                 .status(pb::StatusRequest { id: id.clone() })
                 .await
@@ -300,7 +317,7 @@ async fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let request = pb::InvokeRequest { agent_id, action, args, timeout_ms };
-            let result = exchange(&cli.exchange).await?.invoke(request).await.map_err(failed)?;
+            let result = exchange(&cli).await?.invoke(request).await.map_err(failed)?;
             let result =
                 result.into_inner().result.map_or(Value::Null, academy_exchange::json::from_proto);
             println!(

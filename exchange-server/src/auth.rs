@@ -1,0 +1,194 @@
+//! Bearer-token authentication (DESIGN.md, "Security"), shared by the exchange
+//! and the launcher: a tokens file names the principal behind each token; an
+//! interceptor turns a call's `authorization: Bearer <token>` into that
+//! principal, or refuses the call with `UNAUTHENTICATED`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::{Request, Status};
+
+use crate::ExchangeError;
+
+/// Shortest token accepted: anything shorter can be guessed.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// Who made a call, as its token says. Put in the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Principal(pub Arc<str>);
+
+impl Principal {
+    /// The principal of a call that passed [`Authenticator`]; `None` when the
+    /// server does not authenticate.
+    pub fn of<T>(request: &Request<T>) -> Option<Arc<str>> {
+        request.extensions().get::<Self>().map(|p| p.0.clone())
+    }
+}
+
+/// Token → principal, read from a file of `principal token` lines (blank
+/// lines and lines starting with `#` are skipped). Several tokens may name one
+/// principal, so a token can be rotated without downtime.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Tokens(HashMap<String, Principal>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the tokens themselves.
+        let mut principals: Vec<&str> = self.0.values().map(|p| &*p.0).collect();
+        principals.sort_unstable();
+        principals.dedup();
+        f.debug_struct("Tokens").field("principals", &principals).finish()
+    }
+}
+
+impl Tokens {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read tokens file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("tokens file {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut tokens = HashMap::new();
+        for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let [principal, token] = words[..] else {
+                return Err(format!(
+                    "line {number}: expected `principal token`, found {} words",
+                    words.len()
+                ));
+            };
+            if token.chars().count() < MIN_TOKEN_CHARS {
+                return Err(format!(
+                    "line {number}: the token of {principal:?} is shorter than {MIN_TOKEN_CHARS} characters"
+                ));
+            }
+            if !token.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(format!(
+                    "line {number}: the token of {principal:?} has characters a header can't carry"
+                ));
+            }
+            let principal = Principal(principal.into());
+            if tokens.insert(token.to_owned(), principal).is_some() {
+                return Err(format!("line {number}: this token is listed twice"));
+            }
+        }
+        if tokens.is_empty() {
+            return Err("no tokens: every call would be refused".into());
+        }
+        Ok(Self(tokens))
+    }
+}
+
+/// A tonic interceptor: with tokens, every call must carry a known bearer
+/// token, whose principal it adds to the request; without, calls pass as they
+/// are (no principal: the server trusts its network).
+#[derive(Debug, Clone, Default)]
+pub struct Authenticator {
+    tokens: Option<Arc<Tokens>>,
+}
+
+impl Authenticator {
+    pub fn new(tokens: Option<Tokens>) -> Self {
+        Self { tokens: tokens.map(Arc::new) }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.tokens.is_some()
+    }
+}
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(tokens) = &self.tokens else {
+            return Ok(request);
+        };
+        let denied = |why: &str| Status::from(ExchangeError::Unauthenticated(why.to_owned()));
+        let header = request.metadata().get("authorization").ok_or_else(|| {
+            denied(
+                "this server needs a bearer token: send the header `authorization: Bearer <token>`",
+            )
+        })?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .ok_or_else(|| denied("the authorization header is not `Bearer <token>`"))?;
+        let principal = tokens.0.get(token.trim()).ok_or_else(|| denied("unknown bearer token"))?;
+        request.extensions_mut().insert(principal.clone());
+        Ok(request)
+    }
+}
+
+/// May `caller` act as the owner of a mailbox owned by `owner`? A mailbox made
+/// without a principal is anyone's; a caller without one (in-process, or a
+/// server that does not authenticate) is trusted.
+pub(crate) fn permitted(owner: Option<&str>, caller: Option<&str>) -> bool {
+    match (owner, caller) {
+        (Some(owner), Some(caller)) => owner == caller,
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::service::Interceptor as _;
+
+    use super::*;
+
+    const ALICE: &str = "alice-0123456789abcdef";
+
+    fn call(auth: &mut Authenticator, header: Option<&str>) -> Result<Option<Arc<str>>, Status> {
+        let mut request = Request::new(());
+        if let Some(value) = header {
+            request.metadata_mut().insert("authorization", value.parse().unwrap());
+        }
+        auth.call(request).map(|r| Principal::of(&r))
+    }
+
+    #[test]
+    fn tokens_files_parse_and_bad_ones_say_which_line() {
+        let tokens = Tokens::parse(&format!(
+            "# who\n\nalice {ALICE}\n bob  bob-0123456789abcdef \nalice alice-second-token-xyz\n"
+        ))
+        .unwrap();
+        assert_eq!(tokens.0.len(), 3);
+        assert_eq!(tokens.0[ALICE], Principal("alice".into()));
+        assert!(!format!("{tokens:?}").contains(ALICE), "Debug must not show tokens");
+        for (text, expected) in [
+            ("alice\n", "line 1: expected `principal token`, found 1 words"),
+            ("# c\nalice short\n", "line 2: the token of \"alice\" is shorter than 16 characters"),
+            (&format!("a {ALICE}\nb {ALICE}\n"), "line 2: this token is listed twice"),
+            ("# nobody\n", "no tokens: every call would be refused"),
+        ] {
+            assert_eq!(Tokens::parse(text).unwrap_err(), expected);
+        }
+    }
+
+    #[test]
+    fn calls_need_a_known_bearer_token() {
+        let mut open = Authenticator::default();
+        assert_eq!(call(&mut open, None).unwrap(), None);
+        let mut auth = Authenticator::new(Some(Tokens::parse(&format!("alice {ALICE}")).unwrap()));
+        assert_eq!(
+            call(&mut auth, Some(&format!("Bearer {ALICE}"))).unwrap().as_deref(),
+            Some("alice")
+        );
+        for header in [None, Some("Basic abc"), Some("Bearer nope-nope-nope-nope")] {
+            let status = call(&mut auth, header).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{header:?}");
+        }
+    }
+
+    #[test]
+    fn owners_and_trusted_callers() {
+        assert!(permitted(Some("a"), Some("a")));
+        assert!(!permitted(Some("a"), Some("b")));
+        assert!(permitted(None, Some("b")));
+        assert!(permitted(Some("a"), None));
+    }
+}

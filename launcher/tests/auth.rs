@@ -1,0 +1,149 @@
+//! A system with authentication on (DESIGN.md, "Security"): an exchange and a
+//! launcher with the same tokens file, a worker and the launcher acting as one
+//! principal, users as others. Real servers on loopback, the real CLI.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use academy_exchange::auth::Tokens;
+use academy_exchange::{ExchangeError, RunningServer, ServerOptions};
+use academy_launcher::{LauncherOptions, RunningLauncher};
+use academy_proto::pb;
+use academy_sdk::{
+    ClientError, Credentials, GrpcExchange, HandleError, Launcher, Manager, RemoteLaunch, Worker,
+    behaviour,
+};
+
+#[derive(Default, serde::Deserialize)]
+struct Greeter {
+    greeting: String,
+}
+
+#[behaviour(name = "test.Greeter")]
+impl Greeter {
+    #[action]
+    async fn greet(&self, name: String) -> String {
+        format!("{} {name}", self.greeting)
+    }
+}
+
+const SYSTEM: &str = "system-token-0123456789";
+const ALICE: &str = "alice-token-0123456789";
+const BOB: &str = "bob-token-0123456789";
+
+fn creds(token: &str) -> Credentials {
+    Credentials::bearer(token).unwrap()
+}
+
+/// Runs `academy ARGS` with `token` (if any); (success, stdout, stderr).
+async fn cli(
+    launcher: String,
+    token: Option<&'static str>,
+    args: &'static [&str],
+) -> (bool, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_academy"));
+        command.env_remove("ACADEMY_TOKEN").args(["--launcher", &launcher]);
+        if let Some(token) = token {
+            command.env("ACADEMY_TOKEN", token);
+        }
+        let out = command.args(args).output().expect("academy runs");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_launch_call_and_stop_only_their_own_agents() {
+    let tokens = Tokens::parse(&format!("system {SYSTEM}\nalice {ALICE}\nbob {BOB}\n")).unwrap();
+    let exchange =
+        RunningServer::start(ServerOptions { tokens: Some(tokens.clone()), ..Default::default() })
+            .await
+            .unwrap();
+    let options = |tokens, worker_principal: Option<&str>| LauncherOptions {
+        exchange_url: exchange.url(),
+        tokens,
+        worker_principal: worker_principal.map(Into::into),
+        exchange_credentials: creds(SYSTEM),
+        ..Default::default()
+    };
+    let err = RunningLauncher::start(options(Some(tokens.clone()), None)).await.unwrap_err();
+    assert!(err.to_string().contains("--worker-principal"), "{err}");
+    let launcher = RunningLauncher::start(options(Some(tokens), Some("system"))).await.unwrap();
+
+    // Only the workers' principal may join as a worker.
+    let mut intruder = pb::launcher_client::LauncherClient::new(creds(ALICE).on(
+        tonic::transport::Endpoint::from_shared(launcher.url()).unwrap().connect().await.unwrap(),
+    ));
+    let join = intruder.join(futures::stream::empty()).await.unwrap_err();
+    assert_eq!(join.code(), tonic::Code::PermissionDenied, "{join:?}");
+    let stop_worker = tokio_util::sync::CancellationToken::new();
+    let worker = Worker::new(launcher.url()).credentials(creds(SYSTEM)).register::<Greeter>();
+    let worker = tokio::spawn(worker.run_until(stop_worker.clone().cancelled_owned()));
+
+    // Without a token nothing is served.
+    let (ok, _, err) = cli(launcher.url(), None, &["agents", "list"]).await;
+    assert!(!ok && err.contains("Unauthenticated"), "{err}");
+    let bad =
+        Launcher::connect_with(&launcher.url(), &creds("nobody-token-0123456789")).await.unwrap();
+    assert!(matches!(
+        bad.get(academy_sdk::EntityId::new_agent()).await,
+        Err(ClientError::Exchange(ExchangeError::Unauthenticated(_)))
+    ));
+
+    let alice = Launcher::connect_with(&launcher.url(), &creds(ALICE)).await.unwrap();
+    let manager = Manager::new(std::sync::Arc::new(
+        GrpcExchange::connect_with(exchange.url(), &creds(ALICE)).await.unwrap(),
+    ))
+    .await
+    .unwrap();
+    let config = serde_json::json!({ "greeting": "hello" });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let greeter = loop {
+        match manager.launch_remote::<Greeter>(&alice, &config, RemoteLaunch::default()).await {
+            Ok(handle) => break handle,
+            // The worker may not have joined yet.
+            Err(e) => assert!(Instant::now() < deadline, "cannot launch: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The worker (as `system`) subscribed to the mailbox the launcher (as
+    // `system`) registered; alice's call went through it.
+    assert_eq!(greeter.greet("alice".into()).await.unwrap(), "hello alice");
+    let record = alice.get(greeter.id()).await.unwrap();
+    assert_eq!(record.owner, "alice");
+
+    // Bob may call it, but not stop it, nor end its mailbox behind the launcher's back.
+    let bob = Launcher::connect_with(&launcher.url(), &creds(BOB)).await.unwrap();
+    let Err(ClientError::Refused { code: tonic::Code::PermissionDenied, message }) =
+        bob.stop(greeter.id(), true).await
+    else {
+        panic!("bob stopped alice's agent");
+    };
+    assert!(message.contains("launched by principal \"alice\""), "{message}");
+    let bob_exchange = GrpcExchange::connect_with(exchange.url(), &creds(BOB)).await.unwrap();
+    let terminate = academy_sdk::ExchangeClient::terminate(&bob_exchange, &greeter.id()).await;
+    assert!(
+        matches!(terminate, Err(ClientError::Exchange(ExchangeError::PermissionDenied { ref owner, .. })) if owner == "system"),
+        "{terminate:?}"
+    );
+    let (ok, _, err) = cli(launcher.url(), Some(BOB), &["workers", "drain", "worker:x"]).await;
+    assert!(!ok && err.contains("PermissionDenied"), "{err}");
+
+    // The CLI, with alice's token, sees her agent; she stops it.
+    let (ok, out, err) = cli(launcher.url(), Some(ALICE), &["--json", "agents", "list"]).await;
+    assert!(ok && out.contains("\"owner\":\"alice\""), "{out}{err}");
+    alice.stop(greeter.id(), true).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match greeter.greet("again".into()).await {
+            Err(HandleError::Terminated(_)) => break,
+            other => assert!(Instant::now() < deadline, "still answering: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_worker.cancel();
+    worker.await.unwrap().unwrap();
+}
