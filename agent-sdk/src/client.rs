@@ -16,6 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::ClientError;
 use crate::credentials::{Authorized, Credentials};
+use crate::error::describe;
 
 /// Messages delivered to a subscriber, batch by batch.
 pub type DeliveryStream = BoxStream<'static, Result<Vec<Delivery>, ClientError>>;
@@ -136,17 +137,16 @@ impl GrpcExchange {
         credentials: &Credentials,
     ) -> Result<Self, ClientError> {
         let url = url.into();
-        let channel = endpoint(&url)?
-            .connect()
-            .await
-            .map_err(|e| ClientError::Transport(format!("cannot connect to {url}: {e}")))?;
+        let channel = endpoint(&url, credentials)?.connect().await.map_err(|e| {
+            ClientError::Transport(format!("cannot connect to {url}: {}", describe(&e)))
+        })?;
         Ok(Self::from_channel(channel, credentials))
     }
 
     /// A client of `url` that connects on first use (and again whenever the
     /// connection drops), for services that may start before the exchange.
     pub fn lazy(url: &str, credentials: &Credentials) -> Result<Self, ClientError> {
-        Ok(Self::from_channel(endpoint(url)?.connect_lazy(), credentials))
+        Ok(Self::from_channel(endpoint(url, credentials)?.connect_lazy(), credentials))
     }
 
     /// Uses an existing channel (must be called inside a tokio runtime).
@@ -169,9 +169,9 @@ impl GrpcExchange {
     }
 }
 
-fn endpoint(url: &str) -> Result<Endpoint, ClientError> {
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|e| ClientError::Transport(format!("bad exchange url {url:?}: {e}")))?
+fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint, ClientError> {
+    Ok(credentials
+        .endpoint(url)?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))

@@ -1,19 +1,28 @@
-//! What the SDK shows Academy's services to say who it is: a bearer token,
-//! for servers started with `--tokens-file` (DESIGN.md, "Security").
+//! What the SDK shows Academy's services to say who it is, and how it knows
+//! them: a bearer token, for servers started with `--tokens-file`, and for
+//! `https://` URLs the CA to trust and a client certificate for mutual TLS
+//! (DESIGN.md, "Security").
 
 use std::fmt;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::ClientError;
 
-/// The environment variable [`Credentials::from_env`] reads.
+/// The environment variable [`Credentials::from_env`] reads the token from.
 pub const TOKEN_ENV: &str = "ACADEMY_TOKEN";
+/// Environment variables [`Credentials::from_env`] reads PEM file paths from:
+/// the CA to trust for `https://` URLs (instead of the public web roots), and
+/// the client certificate and key for mutual TLS.
+pub const TLS_CA_ENV: &str = "ACADEMY_TLS_CA";
+pub const TLS_CERT_ENV: &str = "ACADEMY_TLS_CERT";
+pub const TLS_KEY_ENV: &str = "ACADEMY_TLS_KEY";
 
-/// A bearer token sent with every call, or nothing. `connect` functions use
-/// [`Credentials::from_env`]; the `connect_with` ones take them explicitly.
+/// A bearer token sent with every call (or none), and the TLS settings of
+/// `https://` URLs. `connect` functions use [`Credentials::from_env`]; the
+/// `connect_with` ones take them explicitly.
 ///
 /// ```
 /// # fn demo() -> Result<(), academy_sdk::ClientError> {
@@ -25,14 +34,18 @@ pub const TOKEN_ENV: &str = "ACADEMY_TOKEN";
 #[derive(Clone, Default)]
 pub struct Credentials {
     authorization: Option<MetadataValue<Ascii>>,
+    ca: Option<Certificate>,
+    identity: Option<Identity>,
 }
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.authorization {
-            Some(_) => f.write_str("Credentials(bearer ***)"),
-            None => f.write_str("Credentials(none)"),
-        }
+        let token = if self.authorization.is_some() { "bearer ***" } else { "none" };
+        f.debug_struct("Credentials")
+            .field("token", &token)
+            .field("tls_ca", &self.ca.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
     }
 }
 
@@ -43,19 +56,80 @@ impl Credentials {
     }
 
     pub fn bearer(token: &str) -> Result<Self, ClientError> {
+        Self::none().with_token(token)
+    }
+
+    /// These credentials, with a bearer token.
+    pub fn with_token(mut self, token: &str) -> Result<Self, ClientError> {
         let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
             ClientError::Transport("the bearer token has characters a header can't carry".into())
         })?;
-        Ok(Self { authorization: Some(value) })
+        self.authorization = Some(value);
+        Ok(self)
     }
 
-    /// The token in `ACADEMY_TOKEN`, or none when it is unset or empty.
+    /// These credentials, trusting servers whose certificate `ca_pem` signed.
+    pub fn with_tls_ca(mut self, ca_pem: &[u8]) -> Self {
+        self.ca = Some(Certificate::from_pem(ca_pem));
+        self
+    }
+
+    /// These credentials, showing this client certificate (mutual TLS).
+    pub fn with_client_certificate(mut self, cert_pem: &[u8], key_pem: &[u8]) -> Self {
+        self.identity = Some(Identity::from_pem(cert_pem, key_pem));
+        self
+    }
+
+    /// From the environment: the token in `ACADEMY_TOKEN`, and the PEM files
+    /// named by `ACADEMY_TLS_CA`, `ACADEMY_TLS_CERT` and `ACADEMY_TLS_KEY`;
+    /// each unset or empty variable adds nothing.
     pub fn from_env() -> Result<Self, ClientError> {
-        match std::env::var(TOKEN_ENV) {
-            Ok(token) if !token.trim().is_empty() => Self::bearer(&token)
-                .map_err(|e| ClientError::Transport(format!("{TOKEN_ENV}: {e}"))),
-            _ => Ok(Self::none()),
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let read = |name: &str| -> Result<Option<Vec<u8>>, ClientError> {
+            var(name)
+                .map(|path| {
+                    std::fs::read(&path).map_err(|e| {
+                        ClientError::Transport(format!("{name}: cannot read {path}: {e}"))
+                    })
+                })
+                .transpose()
+        };
+        let mut credentials = Self::none();
+        if let Some(token) = var(TOKEN_ENV) {
+            credentials = credentials
+                .with_token(&token)
+                .map_err(|e| ClientError::Transport(format!("{TOKEN_ENV}: {e}")))?;
         }
+        if let Some(ca) = read(TLS_CA_ENV)? {
+            credentials = credentials.with_tls_ca(&ca);
+        }
+        match (read(TLS_CERT_ENV)?, read(TLS_KEY_ENV)?) {
+            (Some(cert), Some(key)) => Ok(credentials.with_client_certificate(&cert, &key)),
+            (None, None) => Ok(credentials),
+            _ => Err(ClientError::Transport(format!(
+                "{TLS_CERT_ENV} and {TLS_KEY_ENV} go together: set both or neither"
+            ))),
+        }
+    }
+
+    /// An endpoint for `url`: TLS (with these settings) when it is `https://`.
+    pub fn endpoint(&self, url: &str) -> Result<Endpoint, ClientError> {
+        let bad = |what: &str, e: tonic::transport::Error| {
+            ClientError::Transport(format!("{what} {url:?}: {}", crate::error::describe(&e)))
+        };
+        let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad("bad url", e))?;
+        if !url.starts_with("https://") {
+            return Ok(endpoint);
+        }
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.ca {
+            Some(ca) => tls.ca_certificate(ca.clone()),
+            None => tls.with_webpki_roots(),
+        };
+        if let Some(identity) = &self.identity {
+            tls = tls.identity(identity.clone());
+        }
+        endpoint.tls_config(tls).map_err(|e| bad("invalid TLS settings for", e))
     }
 
     /// `channel`, sending these credentials with every call: for the

@@ -35,7 +35,7 @@ impl From<tonic::Status> for ClientError {
             | Code::FailedPrecondition
             | Code::OutOfRange
             | Code::Unimplemented) => Self::Refused { code, message: status.message().to_owned() },
-            code => Self::Transport(format!("{code}: {}", status.message())),
+            code => Self::Transport(format!("{code}: {}", status_text(&status))),
         }
     }
 }
@@ -46,12 +46,23 @@ impl From<tonic::transport::Error> for ClientError {
     }
 }
 
+/// A status's message and the causes under it: for a broken connection,
+/// tonic's message is just "transport error" and the cause is what tells.
+pub fn status_text(status: &tonic::Status) -> String {
+    with_causes(status.message().to_owned(), std::error::Error::source(status))
+}
+
 /// An error with its cause: tonic's own text is just "transport error".
 pub(crate) fn describe(err: &tonic::transport::Error) -> String {
-    match std::error::Error::source(err) {
-        Some(cause) => format!("{err}: {cause}"),
-        None => err.to_string(),
+    with_causes(err.to_string(), std::error::Error::source(err))
+}
+
+fn with_causes(mut text: String, mut cause: Option<&(dyn std::error::Error + 'static)>) -> String {
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
     }
+    text
 }
 
 /// A call through a handle failed.

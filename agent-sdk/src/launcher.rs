@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use academy_exchange::EntityId;
 use academy_proto::pb::{self, launcher_client::LauncherClient};
 use serde::Serialize;
-use tonic::transport::Endpoint;
 
 use crate::credentials::{Authorized, Credentials};
 use crate::error::describe;
@@ -77,13 +76,8 @@ pub(crate) async fn connect_launcher(
     url: &str,
     credentials: &Credentials,
 ) -> Result<Authorized, ClientError> {
-    let cannot = |e: &tonic::transport::Error| {
-        ClientError::Transport(format!("cannot connect to the launcher at {url}: {}", describe(e)))
-    };
-    let channel = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| cannot(&e))?
-        .connect()
-        .await
-        .map_err(|e| cannot(&e))?;
+    let channel = credentials.endpoint(url)?.connect().await.map_err(|e| {
+        ClientError::Transport(format!("cannot connect to the launcher at {url}: {}", describe(&e)))
+    })?;
     Ok(credentials.on(channel))
 }

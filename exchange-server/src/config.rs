@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::Tokens;
+use crate::tls::Tls;
 use crate::{Backend, Limits, RedisOptions, ServerOptions, telemetry::LogFormat};
 
 /// Where mailboxes are kept.
@@ -62,6 +63,15 @@ pub struct Config {
     /// that registered it. Without it, anyone who can connect is served.
     #[arg(long, env = "ACADEMY_EXCHANGE_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
+    /// Serve TLS with this certificate (PEM, with its chain), and --tls-key.
+    #[arg(long, env = "ACADEMY_EXCHANGE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "ACADEMY_EXCHANGE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
+    #[arg(long, env = "ACADEMY_EXCHANGE_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -95,6 +105,11 @@ impl Config {
             },
             shutdown_grace: grace,
             tokens: self.tokens_file.as_deref().map(Tokens::load).transpose()?,
+            tls: Tls::from_flags(
+                self.tls_cert.as_deref(),
+                self.tls_key.as_deref(),
+                self.tls_client_ca.as_deref(),
+            )?,
         })
     }
 }

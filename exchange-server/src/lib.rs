@@ -24,6 +24,7 @@ mod server;
 mod service;
 pub mod telemetry;
 pub mod testing;
+pub mod tls;
 
 pub use backend::redis::{RedisOptions, connect_redis, redacted_url};
 pub use config::{BackendKind, Config};

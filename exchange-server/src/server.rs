@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::{Authenticator, Tokens};
+use crate::tls::{Tls, server_builder};
 use crate::{Exchange, ExchangeService, Limits, RedisOptions};
 
 /// Accepted connections of `listener`, with TCP_NODELAY set (small messages
@@ -93,6 +94,8 @@ pub struct ServerOptions {
     /// Bearer tokens every call must carry (health and reflection excepted);
     /// `None` serves anyone who can connect.
     pub tokens: Option<Tokens>,
+    /// Serve TLS (mutual TLS when it names a client CA); plaintext when `None`.
+    pub tls: Option<Tls>,
 }
 
 impl Default for ServerOptions {
@@ -103,6 +106,7 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
             tokens: None,
+            tls: None,
         }
     }
 }
@@ -111,6 +115,7 @@ impl Default for ServerOptions {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    tls: bool,
     exchange: Exchange,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -164,7 +169,8 @@ impl RunningServer {
             }
         };
         let grace = options.shutdown_grace;
-        let router = tonic::transport::Server::builder()
+        let router = server_builder(options.tls.as_ref())
+            .map_err(std::io::Error::other)?
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
@@ -182,17 +188,20 @@ impl RunningServer {
                 }
             }
         });
-        tracing::info!(%addr, authenticated, "exchange listening");
-        Ok(Self { addr, exchange, shutdown, task: Some(task) })
+        let (tls, mutual_tls) =
+            options.tls.as_ref().map_or((false, false), |t| (true, t.is_mutual()));
+        tracing::info!(%addr, authenticated, tls, mutual_tls, "exchange listening");
+        Ok(Self { addr, tls, exchange, shutdown, task: Some(task) })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://ADDR`, for clients.
+    /// `http://ADDR` (`https://` with TLS), for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The exchange behind the server, for in-process use beside it.

@@ -1,4 +1,5 @@
-//! Test support: a real `redis-server` on a free loopback port, stopped on drop.
+//! Test support: a real `redis-server` on a free loopback port, stopped on
+//! drop; certificates for TLS tests ([`TestPki`]).
 //!
 //! ```no_run
 //! let redis = academy_exchange::testing::RedisServer::start().expect("redis-server runs");
@@ -121,5 +122,59 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// PEM certificate and private key.
+#[derive(Debug, Clone)]
+pub struct CertifiedKey {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Certificates for TLS tests: a CA, a server certificate it signed for
+/// `localhost` and `127.0.0.1`, and a client certificate it signed.
+#[derive(Debug)]
+pub struct TestPki {
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pub server: CertifiedKey,
+    pub client: CertifiedKey,
+}
+
+impl TestPki {
+    pub fn new(name: &str) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("no names");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("a key pair generates");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, key).expect("the CA signs itself");
+        let server = Self::issue_by(&ca, &["localhost", "127.0.0.1"]);
+        let client = Self::issue_by(&ca, &["client"]);
+        Self { ca, server, client }
+    }
+
+    /// The CA's certificate (PEM).
+    pub fn ca(&self) -> String {
+        self.ca.pem()
+    }
+
+    fn issue_by(ca: &rcgen::Issuer<'static, rcgen::KeyPair>, names: &[&str]) -> CertifiedKey {
+        let key = rcgen::KeyPair::generate().expect("a key pair generates");
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let params = rcgen::CertificateParams::new(names).expect("valid names");
+        let cert = params.signed_by(&key, ca).expect("the CA signs");
+        CertifiedKey { cert: cert.pem(), key: key.serialize_pem() }
+    }
+
+    /// The server side: this PKI's server certificate, and with `mutual` its
+    /// CA for client certificates.
+    pub fn server_tls(&self, mutual: bool) -> crate::tls::Tls {
+        let ca = self.ca();
+        let client_ca = mutual.then_some(ca.as_bytes());
+        crate::tls::Tls::from_pem(
+            self.server.cert.as_bytes(),
+            self.server.key.as_bytes(),
+            client_ca,
+        )
     }
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use academy_exchange::auth::Tokens;
 use academy_exchange::telemetry::{LogFormat, init_tracing};
+use academy_exchange::tls::Tls;
 use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_sdk::Credentials;
 use clap::Parser;
@@ -40,6 +41,17 @@ struct Config {
     /// mailboxes the launcher registers.
     #[arg(long, env = "ACADEMY_LAUNCHER_WORKER_PRINCIPAL")]
     worker_principal: Option<String>,
+    /// Serve TLS with this certificate (PEM, with its chain), and --tls-key.
+    /// For an `https://` exchange URL, ACADEMY_TLS_CA (and ACADEMY_TLS_CERT /
+    /// ACADEMY_TLS_KEY for mutual TLS) say how the launcher connects to it.
+    #[arg(long, env = "ACADEMY_LAUNCHER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "ACADEMY_LAUNCHER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
+    #[arg(long, env = "ACADEMY_LAUNCHER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -62,6 +74,11 @@ async fn main() -> anyhow::Result<()> {
         tokens: config.tokens_file.as_deref().map(Tokens::load).transpose()?,
         worker_principal: config.worker_principal,
         exchange_credentials: Credentials::from_env()?,
+        tls: Tls::from_flags(
+            config.tls_cert.as_deref(),
+            config.tls_key.as_deref(),
+            config.tls_client_ca.as_deref(),
+        )?,
     })
     .await?;
     academy_exchange::shutdown_signal().await;

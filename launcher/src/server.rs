@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use academy_exchange::auth::{Authenticator, Tokens};
+use academy_exchange::tls::{Tls, server_builder};
 use academy_proto::pb::launcher_server::LauncherServer;
 use academy_sdk::{Credentials, GrpcExchange};
 use tokio::net::TcpListener;
@@ -37,6 +38,8 @@ pub struct LauncherOptions {
     pub worker_principal: Option<String>,
     /// What the launcher presents to the exchange.
     pub exchange_credentials: Credentials,
+    /// Serve TLS (mutual TLS when it names a client CA); plaintext when `None`.
+    pub tls: Option<Tls>,
 }
 
 impl Default for LauncherOptions {
@@ -50,6 +53,7 @@ impl Default for LauncherOptions {
             tokens: None,
             worker_principal: None,
             exchange_credentials: Credentials::none(),
+            tls: None,
         }
     }
 }
@@ -58,6 +62,7 @@ impl Default for LauncherOptions {
 #[derive(Debug)]
 pub struct RunningLauncher {
     addr: SocketAddr,
+    tls: bool,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
@@ -90,7 +95,7 @@ impl RunningLauncher {
         health.set_serving::<LauncherServer<LauncherService>>().await;
         let incoming = academy_exchange::nodelay_incoming(listener);
         let signal = shutdown.clone().cancelled_owned();
-        let router = tonic::transport::Server::builder()
+        let router = server_builder(options.tls.as_ref())?
             .add_service(health_service)
             .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1()?)
             .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1alpha()?)
@@ -106,17 +111,19 @@ impl RunningLauncher {
                 () = async { deadline.cancelled().await; tokio::time::sleep(Duration::from_secs(2)).await } => Ok(()),
             }
         });
-        let authenticated = options.tokens.is_some();
-        tracing::info!(%addr, exchange = %options.exchange_url, authenticated, "launcher listening");
-        Ok(Self { addr, shutdown, task: Some(task) })
+        let (authenticated, tls) = (options.tokens.is_some(), options.tls.is_some());
+        tracing::info!(%addr, exchange = %options.exchange_url, authenticated, tls, "launcher listening");
+        Ok(Self { addr, tls, shutdown, task: Some(task) })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// `http://ADDR` (`https://` with TLS), for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub async fn shutdown(mut self) {

@@ -1,17 +1,21 @@
-//! A system with authentication on (DESIGN.md, "Security"): an exchange and a
-//! launcher with the same tokens file, a worker and the launcher acting as one
-//! principal, users as others. Real servers on loopback, the real CLI.
+//! A system with security on (DESIGN.md, "Security"): an exchange and a
+//! launcher with the same tokens file, serving mutual TLS; a worker and the
+//! launcher acting as one principal, users as others. Real servers on
+//! loopback, the real CLI.
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use academy_exchange::auth::Tokens;
+use academy_exchange::testing::TestPki;
 use academy_exchange::{ExchangeError, RunningServer, ServerOptions};
 use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb;
 use academy_sdk::{
-    ClientError, Credentials, GrpcExchange, HandleError, Launcher, Manager, RemoteLaunch, Worker,
-    behaviour,
+    ClientError, Credentials, GrpcExchange, HandleError, Launcher, Manager, RemoteLaunch,
+    TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, Worker, behaviour,
 };
 
 #[derive(Default, serde::Deserialize)]
@@ -31,8 +35,34 @@ const SYSTEM: &str = "system-token-0123456789";
 const ALICE: &str = "alice-token-0123456789";
 const BOB: &str = "bob-token-0123456789";
 
+static PKI: LazyLock<TestPki> = LazyLock::new(|| TestPki::new("academy test CA"));
+
+/// The token, and what mutual TLS needs: the CA and a client certificate.
 fn creds(token: &str) -> Credentials {
-    Credentials::bearer(token).unwrap()
+    let client = &PKI.client;
+    Credentials::none()
+        .with_tls_ca(PKI.ca().as_bytes())
+        .with_client_certificate(client.cert.as_bytes(), client.key.as_bytes())
+        .with_token(token)
+        .unwrap()
+}
+
+/// The PEM files the CLI reads (ACADEMY_TLS_*), in a fresh directory.
+fn pem_files() -> Vec<(&'static str, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("academy-pem-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = [
+        (TLS_CA_ENV, "ca.pem", PKI.ca()),
+        (TLS_CERT_ENV, "client.pem", PKI.client.cert.clone()),
+        (TLS_KEY_ENV, "client.key", PKI.client.key.clone()),
+    ];
+    files
+        .into_iter()
+        .map(|(var, name, pem)| {
+            std::fs::write(dir.join(name), pem).unwrap();
+            (var, dir.join(name))
+        })
+        .collect()
 }
 
 /// Runs `academy ARGS` with `token` (if any); (success, stdout, stderr).
@@ -44,6 +74,7 @@ async fn cli(
     tokio::task::spawn_blocking(move || {
         let mut command = Command::new(env!("CARGO_BIN_EXE_academy"));
         command.env_remove("ACADEMY_TOKEN").args(["--launcher", &launcher]);
+        command.envs(pem_files());
         if let Some(token) = token {
             command.env("ACADEMY_TOKEN", token);
         }
@@ -58,15 +89,16 @@ async fn cli(
 #[tokio::test(flavor = "multi_thread")]
 async fn users_launch_call_and_stop_only_their_own_agents() {
     let tokens = Tokens::parse(&format!("system {SYSTEM}\nalice {ALICE}\nbob {BOB}\n")).unwrap();
-    let exchange =
-        RunningServer::start(ServerOptions { tokens: Some(tokens.clone()), ..Default::default() })
-            .await
-            .unwrap();
+    let tls = || Some(PKI.server_tls(true));
+    let options = ServerOptions { tokens: Some(tokens.clone()), tls: tls(), ..Default::default() };
+    let exchange = RunningServer::start(options).await.unwrap();
+    assert!(exchange.url().starts_with("https://"));
     let options = |tokens, worker_principal: Option<&str>| LauncherOptions {
         exchange_url: exchange.url(),
         tokens,
         worker_principal: worker_principal.map(Into::into),
         exchange_credentials: creds(SYSTEM),
+        tls: tls(),
         ..Default::default()
     };
     let err = RunningLauncher::start(options(Some(tokens.clone()), None)).await.unwrap_err();
@@ -74,9 +106,9 @@ async fn users_launch_call_and_stop_only_their_own_agents() {
     let launcher = RunningLauncher::start(options(Some(tokens), Some("system"))).await.unwrap();
 
     // Only the workers' principal may join as a worker.
-    let mut intruder = pb::launcher_client::LauncherClient::new(creds(ALICE).on(
-        tonic::transport::Endpoint::from_shared(launcher.url()).unwrap().connect().await.unwrap(),
-    ));
+    let alice_creds = creds(ALICE);
+    let channel = alice_creds.endpoint(&launcher.url()).unwrap().connect().await.unwrap();
+    let mut intruder = pb::launcher_client::LauncherClient::new(alice_creds.on(channel));
     let join = intruder.join(futures::stream::empty()).await.unwrap_err();
     assert_eq!(join.code(), tonic::Code::PermissionDenied, "{join:?}");
     let stop_worker = tokio_util::sync::CancellationToken::new();

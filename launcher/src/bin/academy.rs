@@ -169,20 +169,24 @@ const AGENT_COLUMNS: &[&str] =
     &["agent_id", "behaviour", "state", "worker_id", "restarts", "reason"];
 
 impl Cli {
+    /// ACADEMY_TLS_* from the environment, the token from --token or ACADEMY_TOKEN.
     fn credentials(&self) -> anyhow::Result<Credentials> {
+        let credentials = Credentials::from_env()?;
         match self.token.as_deref().map(str::trim) {
-            Some(token) if !token.is_empty() => Ok(Credentials::bearer(token)?),
-            _ => Ok(Credentials::none()),
+            Some(token) if !token.is_empty() => Ok(credentials.with_token(token)?),
+            _ => Ok(credentials),
         }
     }
 
     async fn channel(&self, url: &str, service: &str) -> anyhow::Result<Authorized> {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .with_context(|| format!("bad {service} url {url:?}"))?
+        let credentials = self.credentials()?;
+        let channel = credentials
+            .endpoint(url)
+            .with_context(|| format!("cannot reach the {service}"))?
             .connect()
             .await
             .with_context(|| format!("cannot reach the {service} at {url}"))?;
-        Ok(self.credentials()?.on(channel))
+        Ok(credentials.on(channel))
     }
 }
 
@@ -197,7 +201,7 @@ async fn exchange(cli: &Cli) -> anyhow::Result<ExchangeClient<Authorized>> {
 
 /// A gRPC error as a one-line message for people.
 fn failed(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+    anyhow::anyhow!("{:?}: {}", status.code(), academy_sdk::status_text(&status))
 }
 
 #[tokio::main(flavor = "current_thread")]
