@@ -48,8 +48,9 @@ struct Args {
     /// Run only these scenarios (e.g. `--only b,d`), for profiling; `s` is
     /// the scale run (memory and discovery with `--mailboxes` idle mailboxes),
     /// `l` the launcher run (`--agents` agents on two workers, then failover),
-    /// `f` (a) and (b) again with a thousand more agents subscribed.
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,f,e,s,l")]
+    /// `f` (a) and (b) again with a thousand more agents subscribed, `t` (a)
+    /// and (b) with bearer tokens and mutual TLS (in-memory exchange).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,f,e,s,l,t")]
     only: Vec<char>,
     /// Agents launched in the launcher run.
     #[arg(long, default_value_t = 1000)]
@@ -85,6 +86,10 @@ enum Role {
         redis: Option<String>,
         #[arg(long, default_value_t = 0)]
         worker_threads: usize,
+        /// Require tokens and mutual TLS, from `tokens`, `server.pem`,
+        /// `server.key` and `ca.pem` in this directory.
+        #[arg(long)]
+        secure_dir: Option<std::path::PathBuf>,
     },
     /// Serve the plain tonic echo (the floor), in a child process.
     #[command(hide = true, name = "serve-floor")]
@@ -129,7 +134,10 @@ async fn spawn_server(role: &[&str]) -> anyhow::Result<Server> {
     Ok(Server { child, addr: line.trim().parse()? })
 }
 
-async fn serve_exchange(redis: Option<String>) -> anyhow::Result<()> {
+async fn serve_exchange(
+    redis: Option<String>,
+    secure_dir: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let backend = match redis {
         Some(url) => academy_exchange::Backend::Redis(academy_exchange::RedisOptions {
             url,
@@ -138,7 +146,12 @@ async fn serve_exchange(redis: Option<String>) -> anyhow::Result<()> {
         None => academy_exchange::Backend::Memory,
     };
     let limits = academy_exchange::Limits { max_queued: 100_000, ..Default::default() };
-    let options = academy_exchange::ServerOptions { backend, limits, ..Default::default() };
+    let mut options = academy_exchange::ServerOptions { backend, limits, ..Default::default() };
+    if let Some(dir) = secure_dir {
+        options.tokens = Some(academy_exchange::auth::Tokens::load(&dir.join("tokens"))?);
+        let (cert, key, ca) = (dir.join("server.pem"), dir.join("server.key"), dir.join("ca.pem"));
+        options.tls = Some(academy_exchange::tls::Tls::load(&cert, &key, Some(&ca))?);
+    }
     let server = academy_exchange::RunningServer::start(options).await?;
     println!("{}", server.addr());
     std::future::pending::<()>().await;
@@ -446,6 +459,42 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
     Ok(rows)
 }
 
+/// (a) and (b) against an in-memory exchange that requires a bearer token and
+/// mutual TLS, with certificates made for the run.
+async fn measure_secure(args: &Args) -> anyhow::Result<Vec<String>> {
+    const TOKEN: &str = "bench-token-0123456789";
+    let pki = academy_exchange::testing::TestPki::new("bench CA");
+    let dir = std::env::temp_dir().join(format!("academy-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for (name, pem) in [
+        ("tokens", format!("bench {TOKEN}\n")),
+        ("server.pem", pki.server.cert.clone()),
+        ("server.key", pki.server.key.clone()),
+        ("ca.pem", pki.ca()),
+    ] {
+        std::fs::write(dir.join(name), pem)?;
+    }
+    let threads = args.exchange_threads.to_string();
+    let role = ["serve-exchange", "--worker-threads", &threads, "--secure-dir"];
+    let exchange =
+        spawn_server(&[&role[..], &[dir.to_str().context("temp dir is UTF-8")?]].concat()).await?;
+    let credentials = academy_sdk::Credentials::bearer(TOKEN)?
+        .with_tls_ca(pki.ca().as_bytes())
+        .with_client_certificate(pki.client.cert.as_bytes(), pki.client.key.as_bytes());
+    let url = format!("https://{}", exchange.addr);
+    let client = academy_sdk::GrpcExchange::connect_with(url, &credentials).await?;
+    let manager = Manager::new(std::sync::Arc::new(client)).await?;
+    let echo = manager.launch(Echo {}).await?;
+    let a = echo_latency(&echo, 100, args.calls).await?;
+    let b = throughput(&echo, 64, args.seconds).await?;
+    manager.close().await?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(vec![format!(
+        "| (t) (a) and (b) with a bearer token and mutual TLS | p50 {:.0} µs / p99 {:.0} µs; {b:.0} actions/s |",
+        a.p50_us, a.p99_us
+    )])
+}
+
 async fn measure_floor(args: &Args) -> anyhow::Result<Vec<String>> {
     let floor_server = spawn_server(&["serve-floor"]).await?;
     let url = format!("http://{}", floor_server.addr);
@@ -646,7 +695,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.role {
-        Some(Role::Exchange { redis, .. }) => return serve_exchange(redis).await,
+        Some(Role::Exchange { redis, secure_dir, .. }) => {
+            return serve_exchange(redis, secure_dir).await;
+        }
         Some(Role::Floor) => return serve_floor().await,
         Some(Role::Launcher { exchange, heartbeat_timeout_ms }) => {
             return serve_launcher(exchange, heartbeat_timeout_ms).await;
@@ -678,6 +729,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("| scenario | result |");
         println!("|---|---|");
         for row in measure_launcher(&args).await? {
+            println!("{row}");
+        }
+    }
+    if args.only.contains(&'t') {
+        println!();
+        println!("Security (in-memory exchange):");
+        println!();
+        println!("| scenario | result |");
+        println!("|---|---|");
+        for row in measure_secure(&args).await? {
             println!("{row}");
         }
     }
