@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisOptions};
-use crate::backend::{Backend, BackendSubscription, Page};
+use crate::backend::{Backend, BackendSubscription, Page, awaiting_answer};
 use crate::{EntityId, ExchangeError};
 
 /// Limits of an exchange, each with a clear error when passed.
@@ -176,7 +176,7 @@ impl Exchange {
     pub async fn terminate(&self, id: &EntityId) -> Result<MailboxState, ExchangeError> {
         let (previous, queued) = self.backend.terminate(id, self.principal()).await?;
         let replies: Vec<_> = queued
-            .iter()
+            .into_iter()
             .filter_map(|m| terminated_reply(id, m))
             .filter_map(|reply| Some((reply.header.as_ref()?.dest.parse().ok()?, reply)))
             .collect();
@@ -285,15 +285,10 @@ impl Exchange {
 }
 
 /// The error response that answers a request left in a terminated mailbox.
-fn terminated_reply(id: &EntityId, request: &pb::Message) -> Option<pb::Message> {
+fn terminated_reply(id: &EntityId, request: pb::Message) -> Option<pb::Message> {
     use pb::message::Body;
+    let request = awaiting_answer(request)?;
     let header = request.header.as_ref()?;
-    if !matches!(
-        request.body,
-        Some(Body::ActionRequest(_) | Body::PingRequest(_) | Body::ShutdownRequest(_))
-    ) {
-        return None;
-    }
     Some(pb::Message {
         header: Some(header.reply_from(id.to_string())),
         body: Some(Body::ErrorResponse(pb::ErrorResponse {

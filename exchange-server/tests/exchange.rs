@@ -165,6 +165,43 @@ async fn terminate_answers_queued_requests_with_errors_of_the_same_tag(store: St
     }
 }
 
+/// Hundreds queued, with arguments and with messages that await no answer
+/// among them: every request is answered, in order, and nothing else.
+async fn terminate_answers_every_request_of_a_long_queue(store: Store) {
+    let mut h = start(store).await;
+    let client = h.client().await;
+    let agent = h.agent("test.A", &[]).await;
+    let mut replies = h.subscribe(&client).await;
+    let args =
+        pb::Payload { content_type: "application/json".into(), data: vec![b'1'; 4096].into() };
+    let mut asked = Vec::new();
+    let mut messages = Vec::new();
+    for n in 0..300 {
+        let message = match n % 3 {
+            0 => message(&client, &agent, Body::ActionResponse(pb::ActionResponse::default())),
+            1 => common::ping(&client, &agent, n),
+            _ => message(
+                &client,
+                &agent,
+                Body::ActionRequest(pb::ActionRequest {
+                    action: "work".into(),
+                    args: Some(args.clone()),
+                }),
+            ),
+        };
+        if n % 3 != 0 {
+            asked.push(tag(&message).to_owned());
+        }
+        messages.push(message);
+    }
+    let results = h.rpc.send_batch(pb::SendBatchRequest { messages }).await.unwrap();
+    assert!(results.into_inner().results.iter().all(|r| r.code == 0));
+    assert_eq!(h.terminate(&agent).await, pb::MailboxState::Active);
+    assert_eq!(tags(&mut replies, asked.len()).await, asked);
+    let status = h.rpc.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
+    assert_eq!((status.state(), status.queued), (pb::MailboxState::Terminated, 0));
+}
+
 async fn discovery_by_name_interface_and_without_terminated_agents(store: Store) {
     let mut h = start(store).await;
     let a = h.agent("lab.Thermometer", &["lab.Sensor"]).await;
@@ -582,6 +619,7 @@ conformance!(
     send_to_unknown_id_is_not_found,
     terminated_mailbox_refuses_send_subscribe_and_reregistration,
     terminate_answers_queued_requests_with_errors_of_the_same_tag,
+    terminate_answers_every_request_of_a_long_queue,
     discovery_by_name_interface_and_without_terminated_agents,
     discovery_pages_through_large_answers,
     unacknowledged_messages_are_redelivered_to_the_next_subscriber,

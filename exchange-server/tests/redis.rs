@@ -271,6 +271,9 @@ async fn scripts_lost_by_redis_are_loaded_again() {
     rpc.acknowledge(pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs }).await.unwrap();
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
     rpc.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    // The queue, and the drain it became to answer what was left, are gone.
+    let (queue, drain) = (format!("academy:q:{agent}"), format!("academy:dq:{agent}"));
+    assert_eq!(redis.command(&["EXISTS", &queue, &drain]).unwrap(), ":0");
     let status = rpc.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
     assert_eq!(status.state(), pb::MailboxState::Terminated);
 }

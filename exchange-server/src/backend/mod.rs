@@ -33,6 +33,19 @@ impl Page {
     }
 }
 
+/// `message` if it is a request whose sender waits for an answer (one left in
+/// a terminated mailbox gets an error), without its arguments, which the
+/// answer does not need.
+pub(crate) fn awaiting_answer(mut message: pb::Message) -> Option<pb::Message> {
+    use pb::message::Body;
+    match &mut message.body {
+        Some(Body::ActionRequest(request)) => request.args = None,
+        Some(Body::PingRequest(_) | Body::ShutdownRequest(_)) => {}
+        _ => return None,
+    }
+    Some(message)
+}
+
 /// A page of discovery.
 pub(crate) type Found = (Vec<AgentInfo>, Option<EntityId>);
 

@@ -7,6 +7,8 @@
 //!   `l` id of the last message added, `r` the replica its subscriber is on);
 //! - `P:q:<id>`: stream of its unacknowledged messages (field `m`, protobuf);
 //!   an acknowledged message is deleted, so its length is the queue length;
+//! - `P:dq:<id>`: the queue of a mailbox just terminated, while the exchange
+//!   answers the requests left in it;
 //! - `P:ix:<name>` / `P:ox:<name>`: discovery index, agents listing a name / whose
 //!   own behaviour it is (`P:ix:` lists every active agent).
 //!
@@ -32,7 +34,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
 
-use super::{Backend, BackendSubscription, Found, Page};
+use super::{Backend, BackendSubscription, Found, Page, awaiting_answer};
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
 
 /// How to reach Redis and how long keys live there.
@@ -61,6 +63,13 @@ impl Default for RedisOptions {
 
 /// Most entries read from one stream at a time.
 const READ_COUNT: usize = 512;
+/// Subscriptions looked at again per round trip after notices were lost.
+const RECHECK_BATCH: usize = 256;
+/// Entries read at a time from a terminated mailbox's queue (messages may be
+/// large; only the requests' headers are kept).
+const DRAIN_PAGE: usize = 64;
+/// How long a drain stream lives if the exchange that should read it dies.
+const DRAIN_TTL_SECS: u64 = 24 * 3600;
 /// Messages up to this size travel in the notice itself; larger ones are read
 /// from the stream, so no large payload is copied twice.
 const MAX_NOTICE_BYTES: usize = 64 * 1024;
@@ -138,6 +147,10 @@ return out
 ";
 
 /// Terminates mailbox ARGV[1] for caller ARGV[4] (owner check: see SUBSCRIBE).
+/// Its queue becomes the drain stream KEYS[3] (answers `active`, `drain`), which
+/// the exchange reads a page at a time to answer the requests left in it and
+/// then deletes: however long the queue, no one reply or step is large. A
+/// drain left by a crash expires after `DRAIN_TTL_SECS` (ARGV[5]).
 const TERMINATE: &str = r"
 local s = redis.call('HGET', KEYS[1], 's')
 if not s then return {'missing'} end
@@ -148,11 +161,11 @@ redis.call('HSET', KEYS[1], 's', 't')
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end
 local out = {'active'}
-for _, e in ipairs(redis.call('XRANGE', KEYS[2], '-', '+')) do
-  local f = e[2]
-  for i = 1, #f, 2 do if f[i] == 'm' then table.insert(out, f[i + 1]) end end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[5])
+  out[2] = 'drain'
 end
-redis.call('DEL', KEYS[2])
 local r = redis.call('HGET', KEYS[1], 'r')
 if r then redis.call('PUBLISH', ARGV[3] .. ':bell:' .. r, 't ' .. ARGV[1] .. '\n') end
 if redis.call('HGET', KEYS[1], 'k') == 'a' then
@@ -320,6 +333,10 @@ impl Keys {
     fn queue(&self, id: &EntityId) -> String {
         format!("{}:q:{id}", self.prefix)
     }
+    /// What was queued in a terminated mailbox, until its requests are answered.
+    fn drain(&self, id: &EntityId) -> String {
+        format!("{}:dq:{id}", self.prefix)
+    }
     /// The prefix of the replicas' notice channels.
     fn bell(&self) -> String {
         format!("{}:bell:", self.prefix)
@@ -426,6 +443,51 @@ impl RedisBackend {
     }
 }
 
+impl RedisBackend {
+    /// Reads the drain stream of terminated mailbox `id` a page at a time,
+    /// keeping the requests that wait for an answer (without their arguments),
+    /// then deletes it. A failure leaves the rest unanswered (their callers
+    /// time out) and the stream to expire.
+    async fn drain(&self, id: &EntityId) -> Vec<pb::Message> {
+        let key = self.keys.drain(id);
+        let mut conn = self.conn.clone();
+        let (mut waiting, mut cursor) = (Vec::new(), "-".to_owned());
+        loop {
+            let page: Result<Value, _> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&cursor)
+                .arg("+")
+                .arg("COUNT")
+                .arg(DRAIN_PAGE)
+                .query_async(&mut conn)
+                .await;
+            let entries = match page {
+                Ok(page) => range_entries(page),
+                Err(e) => {
+                    tracing::warn!(mailbox = %id, error = %e, "cannot read a terminated mailbox's queue; its requests stay unanswered");
+                    return waiting;
+                }
+            };
+            let Some((last, _)) = entries.last() else { break };
+            cursor = format!("({}", stream_id_of(*last));
+            let full = entries.len() >= DRAIN_PAGE;
+            for (_, data) in entries {
+                if let Some(request) = pb::Message::decode(data).ok().and_then(awaiting_answer) {
+                    waiting.push(request);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        let deleted: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(&mut conn).await;
+        if let Err(e) = deleted {
+            tracing::warn!(mailbox = %id, error = %e, "cannot delete a drained queue; it expires");
+        }
+        waiting
+    }
+}
+
 /// What a script said about a mailbox it looked at: `missing`, `terminated`,
 /// or `denied` with the owner (`owner` reads it from the reply).
 fn state_error(
@@ -475,10 +537,10 @@ impl Backend for RedisBackend {
         id: &EntityId,
         caller: Option<&str>,
     ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError> {
-        let keys = [self.keys.mailbox(id), self.keys.queue(id)];
+        let keys = [self.keys.mailbox(id), self.keys.queue(id), self.keys.drain(id)];
         let mut cmd = self.scripts.terminate.call(&keys);
         cmd.arg(id.to_string()).arg(secs(self.options.gravestone_ttl)).arg(&self.keys.prefix);
-        cmd.arg(caller_arg(caller));
+        cmd.arg(caller_arg(caller)).arg(DRAIN_TTL_SECS);
         let mut answer = array(self.run_one(&self.scripts.terminate, cmd).await?).into_iter();
         let head = answer.next().and_then(|v| string(&v)).unwrap_or_default();
         match head.as_str() {
@@ -489,10 +551,12 @@ impl Backend for RedisBackend {
                         ExchangeError::Unavailable(format!("terminate failed: {head}"))
                     }))
             }
-            _ => Ok((
-                MailboxState::Active,
-                answer.filter_map(|v| pb::Message::decode(bytes(v)?).ok()).collect(),
-            )),
+            "active" => {
+                let drain = answer.next().and_then(|v| string(&v)).is_some();
+                let waiting = if drain { self.drain(id).await } else { Vec::new() };
+                Ok((MailboxState::Active, waiting))
+            }
+            _ => Err(ExchangeError::Unavailable(format!("terminate failed: {head}"))),
         }
     }
 
@@ -886,10 +950,7 @@ impl Reader {
                 }
             };
             // Notices sent meanwhile are lost: look at every subscription again.
-            let ids: Vec<EntityId> = self.lock().keys().copied().collect();
-            for id in ids {
-                self.recheck(id).await;
-            }
+            self.recheck_all().await;
         }
     }
 
@@ -959,54 +1020,104 @@ impl Reader {
                 .arg(READ_COUNT)
                 .query_async(&mut self.conn.clone())
                 .await;
-            let entries = match reply {
-                Ok(reply) => range_entries(reply),
+            match reply {
+                Ok(reply) => {
+                    if !self.hand_over(id, token, range_entries(reply)) {
+                        return;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(mailbox = %id, error = %e, ?backoff, "cannot read a queue; retrying");
                     back_off(&mut backoff).await;
-                    continue;
                 }
-            };
-            let full = entries.len() >= READ_COUNT;
-            let mut watching = self.lock();
-            let Some(watched) = watching.get_mut(&id).filter(|w| w.token == token) else {
-                return;
-            };
-            let fresh: Vec<_> =
-                entries.into_iter().filter(|(seq, _)| *seq > watched.cursor).collect();
-            if let Some((last, _)) = fresh.last() {
-                watched.cursor = *last;
-                if watched.events.send(Event::Messages(fresh)).is_err() {
-                    watching.remove(&id);
-                    return;
-                }
-            }
-            if !full {
-                return;
             }
         }
     }
 
-    /// After notices may have been lost: ends subscriptions that were taken
-    /// over or terminated meanwhile, and reads the others' streams.
-    async fn recheck(&self, id: EntityId) {
-        let Some((key, generation)) =
-            self.lock().get(&id).map(|w| (w.mailbox_key.clone(), w.generation))
-        else {
-            return;
+    /// Hands the entries after its cursor to subscription `token` of `id`;
+    /// whether more may follow (a full page, and the subscription still there).
+    fn hand_over(&self, id: EntityId, token: u64, entries: Vec<(u64, Bytes)>) -> bool {
+        let full = entries.len() >= READ_COUNT;
+        let mut watching = self.lock();
+        let Some(watched) = watching.get_mut(&id).filter(|w| w.token == token) else {
+            return false;
         };
-        let fields: Result<(Option<String>, Option<u64>), _> = redis::cmd("HMGET")
-            .arg(&key)
-            .arg(&["s", "g"])
-            .query_async(&mut self.conn.clone())
-            .await;
-        let event = match fields {
-            Ok((Some(state), _)) if state == "t" => Event::Terminated,
-            Ok((None, _)) => Event::Terminated,
-            Ok((_, Some(now))) if now > generation => Event::TakenOver,
-            _ => return self.read(id).await,
-        };
-        let _ = self.lock().remove(&id).map(|w| w.events.send(event));
+        let fresh: Vec<_> = entries.into_iter().filter(|(seq, _)| *seq > watched.cursor).collect();
+        if let Some((last, _)) = fresh.last() {
+            watched.cursor = *last;
+            if watched.events.send(Event::Messages(fresh)).is_err() {
+                watching.remove(&id);
+                return false;
+            }
+        }
+        full
+    }
+
+    /// After notices may have been lost: ends the subscriptions whose mailbox
+    /// was taken over or terminated meanwhile, and reads the others' streams.
+    /// Many mailboxes per round trip, so catching up is not one round trip per
+    /// subscription.
+    async fn recheck_all(&self) {
+        let started = std::time::Instant::now();
+        let ids: Vec<EntityId> = self.lock().keys().copied().collect();
+        for chunk in ids.chunks(RECHECK_BATCH) {
+            let watched: Vec<_> = {
+                let watching = self.lock();
+                chunk
+                    .iter()
+                    .filter_map(|id| {
+                        let w = watching.get(id)?;
+                        let keys = (w.mailbox_key.clone(), w.queue_key.clone());
+                        Some((*id, keys, w.generation, w.token, w.cursor))
+                    })
+                    .collect()
+            };
+            let mut pipe = redis::pipe();
+            for (_, (mailbox, queue), _, _, cursor) in &watched {
+                pipe.cmd("HMGET").arg(mailbox).arg(&["s", "g"]);
+                let after = format!("({}", stream_id_of(*cursor));
+                pipe.cmd("XRANGE").arg(queue).arg(after).arg("+").arg("COUNT").arg(READ_COUNT);
+            }
+            let replies: Vec<Value> = match pipe.query_async(&mut self.conn.clone()).await {
+                Ok(replies) => replies,
+                Err(e) => {
+                    // Each read retries by itself until Redis answers.
+                    tracing::warn!(error = %e, "cannot recheck subscriptions; reading each");
+                    for (id, ..) in watched {
+                        self.read(id).await;
+                    }
+                    continue;
+                }
+            };
+            let mut replies = replies.into_iter();
+            for (id, _, generation, token, _) in watched {
+                let (Some(fields), Some(range)) = (replies.next(), replies.next()) else { break };
+                let fields = array(fields);
+                let state = fields.first().and_then(string);
+                let now = fields.get(1).and_then(integer).unwrap_or(0);
+                let event = match state.as_deref() {
+                    None | Some("t") => Some(Event::Terminated),
+                    Some(_) if now > generation => Some(Event::TakenOver),
+                    Some(_) => None,
+                };
+                match event {
+                    Some(event) => {
+                        let mut watching = self.lock();
+                        if watching.get(&id).is_some_and(|w| w.token == token) {
+                            let _ = watching.remove(&id).map(|w| w.events.send(event));
+                        }
+                    }
+                    None if self.hand_over(id, token, range_entries(range)) => self.read(id).await,
+                    None => {}
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        tracing::info!(
+            subscriptions = ids.len(),
+            ?elapsed,
+            "rechecked subscriptions after lost notices"
+        );
     }
 }
 
