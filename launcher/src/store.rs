@@ -2,7 +2,6 @@
 //! agent id → protobuf record, written in order by one task.
 
 use academy_proto::pb::{self, AgentState};
-use anyhow::Context as _;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 
@@ -19,9 +18,14 @@ pub(crate) async fn open(
     url: &str,
     prefix: &str,
 ) -> anyhow::Result<(Vec<pb::AgentRecord>, mpsc::UnboundedSender<Write>)> {
-    let (_, mut conn) = academy_exchange::connect_redis(url)
-        .await
-        .context("cannot keep the launcher's records in Redis")?;
+    let (_, mut conn) = academy_exchange::connect_redis(url).await.map_err(|e| {
+        // Its own words, not the exchange's ("mailbox store unavailable").
+        let why = match e {
+            academy_exchange::ExchangeError::Unavailable(why) => why,
+            other => other.to_string(),
+        };
+        anyhow::anyhow!("cannot keep the launcher's records in Redis: {why}")
+    })?;
     let key = format!("{prefix}:launcher:agents");
     let stored: Vec<Vec<u8>> = redis::cmd("HVALS").arg(&key).query_async(&mut conn).await?;
     let mut records = Vec::with_capacity(stored.len());

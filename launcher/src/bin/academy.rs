@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use academy_proto::pb::{self, exchange_client::ExchangeClient, launcher_client::LauncherClient};
-use academy_sdk::{Authorized, Credentials};
+use academy_sdk::{Authorized, Credentials, ExchangeClient as _, GrpcExchange};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use futures::StreamExt as _;
@@ -285,17 +285,12 @@ async fn main() -> anyhow::Result<()> {
             print(cli.json, &["worker_id", "name", "agents", "draining"], &[worker_json(&worker)]);
         }
         Command::Discover { behaviour, exact } => {
-            let request = pb::DiscoverRequest {
-                behaviour: behaviour.unwrap_or_default(),
-                exact,
-                ..Default::default()
-            };
-            let found = exchange(&cli).await?.discover(request).await.map_err(failed)?;
+            // The SDK's client pages through large fleets.
+            let client = GrpcExchange::connect_with(&cli.exchange, &cli.credentials()?).await?;
+            let found = client.discover(&behaviour.unwrap_or_default(), exact).await?;
             let rows: Vec<Value> = found
-                .into_inner()
-                .agents
                 .iter()
-                .map(|a| json!({"agent_id": a.agent_id, "behaviour": a.behaviour, "implements": a.implements, "name": a.name}))
+                .map(|a| json!({"agent_id": a.id.to_string(), "behaviour": a.behaviour, "implements": a.implements, "name": a.name}))
                 .collect();
             print(cli.json, &["agent_id", "behaviour", "implements", "name"], &rows);
         }
