@@ -4,8 +4,9 @@
 //! principal, or refuses the call with `UNAUTHENTICATED`.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::time::Duration;
 
 use tonic::{Request, Status};
 
@@ -29,16 +30,29 @@ impl Principal {
 /// Token → principal, read from a file of `principal token` lines (blank
 /// lines and lines starting with `#` are skipped). Several tokens may name one
 /// principal, so a token can be rotated without downtime.
+///
+/// Tokens loaded from a file follow it: a server reads it again every
+/// [`RELOAD_EVERY`] (or as set by [`Tokens::reload_every`]) and, if it
+/// changed and parses, uses the new tokens; if it does not parse, it keeps the
+/// old ones and logs why. A Kubernetes Secret mounted as a volume is updated
+/// in place, so tokens rotate without restarting anything.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Tokens(HashMap<String, Principal>);
+pub struct Tokens {
+    map: HashMap<String, Principal>,
+    /// The file they came from, and how often to look at it again.
+    source: Option<(PathBuf, Duration)>,
+}
+
+/// How often a tokens file is read again, by default.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the tokens themselves.
-        let mut principals: Vec<&str> = self.0.values().map(|p| &*p.0).collect();
-        principals.sort_unstable();
-        principals.dedup();
-        f.debug_struct("Tokens").field("principals", &principals).finish()
+        f.debug_struct("Tokens")
+            .field("principals", &self.principals())
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -46,7 +60,25 @@ impl Tokens {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read tokens file {}: {e}", path.display()))?;
-        Self::parse(&text).map_err(|e| anyhow::anyhow!("tokens file {}: {e}", path.display()))
+        let tokens = Self::parse(&text)
+            .map_err(|e| anyhow::anyhow!("tokens file {}: {e}", path.display()))?;
+        Ok(Self { source: Some((path.to_owned(), RELOAD_EVERY)), ..tokens })
+    }
+
+    /// Tokens from a file, read again this often (see [`Tokens`]).
+    pub fn reload_every(mut self, every: Duration) -> Self {
+        if let Some((_, interval)) = &mut self.source {
+            *interval = every;
+        }
+        self
+    }
+
+    /// The principals named, sorted, each once.
+    pub fn principals(&self) -> Vec<&str> {
+        let mut principals: Vec<&str> = self.map.values().map(|p| &*p.0).collect();
+        principals.sort_unstable();
+        principals.dedup();
+        principals
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -80,7 +112,7 @@ impl Tokens {
         if tokens.is_empty() {
             return Err("no tokens: every call would be refused".into());
         }
-        Ok(Self(tokens))
+        Ok(Self { map: tokens, source: None })
     }
 }
 
@@ -89,12 +121,20 @@ impl Tokens {
 /// are (no principal: the server trusts its network).
 #[derive(Debug, Clone, Default)]
 pub struct Authenticator {
-    tokens: Option<Arc<Tokens>>,
+    tokens: Option<Arc<RwLock<Arc<Tokens>>>>,
 }
 
 impl Authenticator {
+    /// Checks calls against `tokens`; if they came from a file, follows it
+    /// (see [`Tokens`]) for as long as a clone of this authenticator lives.
+    /// Must be called inside a tokio runtime when they came from a file.
     pub fn new(tokens: Option<Tokens>) -> Self {
-        Self { tokens: tokens.map(Arc::new) }
+        let source = tokens.as_ref().and_then(|t| t.source.clone());
+        let tokens = tokens.map(|t| Arc::new(RwLock::new(Arc::new(t))));
+        if let (Some(shared), Some((path, every))) = (&tokens, source) {
+            tokio::spawn(follow(Arc::downgrade(shared), path, every));
+        }
+        Self { tokens }
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -102,11 +142,42 @@ impl Authenticator {
     }
 }
 
+/// Reads the tokens file every `every`, until the authenticator is gone,
+/// taking its tokens when the file changed and still parses.
+async fn follow(tokens: Weak<RwLock<Arc<Tokens>>>, path: PathBuf, every: Duration) {
+    let mut last = std::fs::read(&path).ok();
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = tokens.upgrade() else { return };
+        let text = match std::fs::read(&path) {
+            Ok(text) if Some(&text) == last.as_ref() => continue,
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the tokens file; keeping the tokens in use");
+                continue;
+            }
+        };
+        match Tokens::parse(&String::from_utf8_lossy(&text)) {
+            Ok(fresh) => {
+                let principals = fresh.principals().len();
+                let fresh = Tokens { source: Some((path.clone(), every)), ..fresh };
+                *shared.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+                tracing::info!(path = %path.display(), principals, "tokens file changed; new tokens in use");
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the tokens file changed but is not valid; keeping the tokens in use");
+            }
+        }
+        last = Some(text);
+    }
+}
+
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(tokens) = &self.tokens else {
+        let Some(shared) = &self.tokens else {
             return Ok(request);
         };
+        let tokens = shared.read().unwrap_or_else(PoisonError::into_inner).clone();
         let denied = |why: &str| Status::from(ExchangeError::Unauthenticated(why.to_owned()));
         let header = request.metadata().get("authorization").ok_or_else(|| {
             denied(
@@ -118,7 +189,8 @@ impl tonic::service::Interceptor for Authenticator {
             .ok()
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .ok_or_else(|| denied("the authorization header is not `Bearer <token>`"))?;
-        let principal = tokens.0.get(token.trim()).ok_or_else(|| denied("unknown bearer token"))?;
+        let principal =
+            tokens.map.get(token.trim()).ok_or_else(|| denied("unknown bearer token"))?;
         request.extensions_mut().insert(principal.clone());
         Ok(request)
     }
@@ -156,8 +228,8 @@ mod tests {
             "# who\n\nalice {ALICE}\n bob  bob-0123456789abcdef \nalice alice-second-token-xyz\n"
         ))
         .unwrap();
-        assert_eq!(tokens.0.len(), 3);
-        assert_eq!(tokens.0[ALICE], Principal("alice".into()));
+        assert_eq!(tokens.map.len(), 3);
+        assert_eq!(tokens.map[ALICE], Principal("alice".into()));
         assert!(!format!("{tokens:?}").contains(ALICE), "Debug must not show tokens");
         for (text, expected) in [
             ("alice\n", "line 1: expected `principal token`, found 1 words"),

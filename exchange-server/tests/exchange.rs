@@ -589,6 +589,43 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     denied(bob.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap_err());
 }
 
+/// A tokens file that changes is followed: a new token works and a removed
+/// one stops working, without a restart; a broken file changes nothing.
+#[tokio::test]
+async fn a_changed_tokens_file_takes_effect_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("academy-reload-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, format!("alice {ALICE}\n")).unwrap();
+    let tokens = Tokens::load(&file).unwrap().reload_every(Duration::from_millis(20));
+    let h =
+        start_as(Store::Memory, ServerOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let code = |token| {
+        let mut rpc = ExchangeClient::with_interceptor(channel.clone(), Bearer(token));
+        async move {
+            let status = rpc.status(pb::StatusRequest { id: "client:nope".into() }).await;
+            status.err().map_or(Code::Ok, |e| e.code())
+        }
+    };
+    // An unknown id is INVALID_ARGUMENT: the call got past authentication.
+    let (passed, refused) = (Code::InvalidArgument, Code::Unauthenticated);
+    assert_eq!((code(ALICE).await, code(BOB).await), (passed, refused));
+
+    std::fs::write(&file, format!("bob {BOB}\n")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while code(BOB).await != passed {
+        assert!(tokio::time::Instant::now() < deadline, "the new token never took effect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(code(ALICE).await, refused);
+
+    std::fs::write(&file, "bob short\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((code(ALICE).await, code(BOB).await), (refused, passed));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 async fn shutdown_ends_open_subscriptions_promptly(store: Store) {
     let mut h = start(store).await;
     let agent = h.agent("test.A", &[]).await;
