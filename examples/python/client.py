@@ -10,7 +10,9 @@ reads the answer from its own mailbox, then shows the errors a caller meets:
 an unknown action (an ErrorResponse from the agent) and an unknown mailbox (a
 gRPC NOT_FOUND from the exchange). Each result is printed as one JSON line.
 With ACADEMY_TOKEN set, every call carries it as a bearer token (for an
-exchange started with --tokens-file).
+exchange started with --tokens-file). With ACADEMY_TLS_CA set (a PEM file), it
+connects over TLS trusting that CA, showing the client certificate in
+ACADEMY_TLS_CERT and ACADEMY_TLS_KEY if set (mutual TLS).
 """
 
 import collections
@@ -55,11 +57,25 @@ class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
         return continuation(self._with_token(details), request)
 
 
+def channel_to(target):
+    """A plaintext channel, or TLS per ACADEMY_TLS_CA / _CERT / _KEY."""
+    read = lambda var: open(os.environ[var], "rb").read() if os.environ.get(var) else None
+    ca = read("ACADEMY_TLS_CA")
+    if ca is None:
+        return grpc.insecure_channel(target)
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=read("ACADEMY_TLS_KEY"),
+        certificate_chain=read("ACADEMY_TLS_CERT"),
+    )
+    return grpc.secure_channel(target, tls)
+
+
 class Client:
     """A client mailbox: requests go out with Send, answers come in on Subscribe."""
 
     def __init__(self, target):
-        self.channel = grpc.insecure_channel(target)
+        self.channel = channel_to(target)
         token = os.environ.get("ACADEMY_TOKEN")
         channel = grpc.intercept_channel(self.channel, Bearer(token)) if token else self.channel
         self.stub = exchange_pb2_grpc.ExchangeStub(channel)

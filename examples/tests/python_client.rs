@@ -1,13 +1,15 @@
 //! A client in another language, generated from `proto/` with grpcio-tools,
 //! calls a Rust agent through a real exchange-server: `examples/python/client.py`
 //! run as its docstring says (`make test` installs grpcio-tools when missing),
-//! with authentication on: the agent's principal and the script's differ.
+//! with authentication and mutual TLS on: the agent's principal and the
+//! script's differ.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use academy_examples::behaviours::WordStats;
 use academy_exchange::auth::Tokens;
+use academy_exchange::testing::TestPki;
 use academy_exchange::{RunningServer, ServerOptions};
 use academy_sdk::{Credentials, GrpcExchange, Manager};
 use serde_json::{Value, json};
@@ -45,9 +47,14 @@ const PYTHON_TOKEN: &str = "python-token-0123456789";
 #[tokio::test(flavor = "multi_thread")]
 async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     let tokens = Tokens::parse(&format!("rust {RUST_TOKEN}\npython {PYTHON_TOKEN}")).unwrap();
-    let options = ServerOptions { tokens: Some(tokens), ..Default::default() };
+    let pki = TestPki::new("academy test CA");
+    let tls = Some(pki.server_tls(true));
+    let options = ServerOptions { tokens: Some(tokens), tls, ..Default::default() };
     let exchange = RunningServer::start(options).await.unwrap();
-    let credentials = Credentials::bearer(RUST_TOKEN).unwrap();
+    let credentials = Credentials::bearer(RUST_TOKEN)
+        .unwrap()
+        .with_tls_ca(pki.ca().as_bytes())
+        .with_client_certificate(pki.client.cert.as_bytes(), pki.client.key.as_bytes());
     let rust = GrpcExchange::connect_with(exchange.url(), &credentials).await.unwrap();
     let manager = Manager::new(std::sync::Arc::new(rust)).await.unwrap();
     let agent = manager.launch(WordStats::default()).await.unwrap();
@@ -56,6 +63,15 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     let out = std::env::temp_dir().join(format!("academy-python-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&out).unwrap();
     generate(&root, &out);
+    let pem = [
+        ("ACADEMY_TLS_CA", "ca.pem", pki.ca()),
+        ("ACADEMY_TLS_CERT", "client.pem", pki.client.cert.clone()),
+        ("ACADEMY_TLS_KEY", "client.key", pki.client.key.clone()),
+    ]
+    .map(|(var, name, text)| {
+        std::fs::write(out.join(name), text).unwrap();
+        (var, out.join(name))
+    });
     let target = exchange.addr().to_string();
     let script = root.join("examples/python/client.py");
     let pythonpath = out.clone();
@@ -63,6 +79,7 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
         let mut command = python();
         command.arg(&script).args([target.as_str(), "example.Analyser"]);
         command.env("PYTHONPATH", &pythonpath).env_remove("ACADEMY_TOKEN");
+        command.envs(pem.clone());
         if let Some(token) = token {
             command.env("ACADEMY_TOKEN", token);
         }
