@@ -66,6 +66,11 @@ impl LauncherService {
 
 fn exchange_status(err: ClientError) -> Status {
     match err {
+        // The launcher's own token, not the caller's: a misconfiguration.
+        ClientError::Exchange(academy_exchange::ExchangeError::Unauthenticated(why)) => {
+            tracing::error!(%why, "the exchange refused the launcher's credentials (its ACADEMY_TOKEN)");
+            Status::internal(format!("the exchange refused the launcher's credentials: {why}"))
+        }
         ClientError::Exchange(e) => e.into(),
         ClientError::Transport(e) => Status::unavailable(format!("exchange {e}")),
         ClientError::Refused { code, message } => Status::new(code, format!("exchange: {message}")),

@@ -88,7 +88,7 @@ async fn cli(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn users_launch_call_and_stop_only_their_own_agents() {
-    let tokens = Tokens::parse(&format!("system {SYSTEM}\nalice {ALICE}\nbob {BOB}\n")).unwrap();
+    let tokens = tokens_again();
     let tls = || Some(PKI.server_tls(true));
     let options = ServerOptions { tokens: Some(tokens.clone()), tls: tls(), ..Default::default() };
     let exchange = RunningServer::start(options).await.unwrap();
@@ -176,6 +176,39 @@ async fn users_launch_call_and_stop_only_their_own_agents() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // A launcher whose own token the exchange refuses says so, rather than
+    // telling alice that hers is wrong.
+    let misconfigured = RunningLauncher::start(LauncherOptions {
+        exchange_credentials: creds("stale-token-0123456789"),
+        ..options(Some(tokens_again()), Some("system"))
+    })
+    .await
+    .unwrap();
+    let worker2 = Worker::new(misconfigured.url()).credentials(creds(SYSTEM)).register::<Greeter>();
+    let worker2 = tokio::spawn(worker2.run_until(stop_worker.clone().cancelled_owned()));
+    let alice2 = Launcher::connect_with(&misconfigured.url(), &creds(ALICE)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match alice2.launch::<Greeter>(&config, RemoteLaunch::default()).await {
+            // The worker may not have joined yet.
+            Err(ClientError::Refused { code: tonic::Code::FailedPrecondition, .. }) => {}
+            other => break other,
+        }
+        assert!(Instant::now() < deadline, "the worker never joined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // INTERNAL: the SDK reports it as retryable (an operator can fix it).
+    let Err(ClientError::Transport(message)) = refused else {
+        panic!("expected INTERNAL, got {refused:?}");
+    };
+    assert!(message.contains("refused the launcher's credentials"), "{message}");
+
     stop_worker.cancel();
     worker.await.unwrap().unwrap();
+    worker2.await.unwrap().unwrap();
+}
+
+fn tokens_again() -> Tokens {
+    Tokens::parse(&format!("system {SYSTEM}\nalice {ALICE}\nbob {BOB}\n")).unwrap()
 }
