@@ -9,6 +9,7 @@ use academy_proto::pb;
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::permitted;
 use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisOptions};
 use crate::backend::{Backend, BackendSubscription, Page, awaiting_answer};
@@ -253,10 +254,13 @@ impl Exchange {
         let mut valid = Vec::with_capacity(messages.len());
         for message in messages {
             match self.validate(&message) {
-                Ok(dest) => {
-                    valid.push((dest, message));
-                    results.push(Ok(()));
-                }
+                Ok(dest) => match self.shutdown_denied(&message, &dest).await {
+                    Some(denied) => results.push(Err(denied)),
+                    None => {
+                        valid.push((dest, message));
+                        results.push(Ok(()));
+                    }
+                },
                 Err(e) => results.push(Err(e)),
             }
         }
@@ -268,6 +272,25 @@ impl Exchange {
                 .unwrap_or(Err(ExchangeError::Unavailable("backend dropped a result".into())));
         }
         results
+    }
+
+    /// A shutdown request ends an agent (and may terminate its mailbox), so,
+    /// like terminating, only its mailbox's owner may send one. The lookup is
+    /// made for shutdown requests only, which are rare.
+    async fn shutdown_denied(
+        &self,
+        message: &pb::Message,
+        dest: &EntityId,
+    ) -> Option<ExchangeError> {
+        if self.principal.is_none()
+            || !matches!(message.body, Some(pb::message::Body::ShutdownRequest(_)))
+        {
+            return None;
+        }
+        // A failed lookup is left to the enqueue to report (unavailable).
+        let owner = self.backend.owner(dest).await.ok().flatten()?;
+        (!permitted(Some(&owner), self.principal()))
+            .then_some(ExchangeError::PermissionDenied { id: *dest, owner })
     }
 
     /// Becomes the one subscriber of a mailbox. A previous subscription ends with

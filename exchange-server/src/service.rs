@@ -97,11 +97,12 @@ impl exchange_server::Exchange for ExchangeService {
     }
 
     async fn send(&self, request: Request<pb::SendRequest>) -> RpcResult<pb::SendResponse> {
+        let exchange = self.exchange_for(&request);
         let message = request
             .into_inner()
             .message
             .ok_or_else(|| ExchangeError::InvalidArgument("message is missing".into()))?;
-        self.exchange.send(message).await?;
+        exchange.send(message).await?;
         Ok(Response::new(pb::SendResponse {}))
     }
 
@@ -109,7 +110,8 @@ impl exchange_server::Exchange for ExchangeService {
         &self,
         request: Request<pb::SendBatchRequest>,
     ) -> RpcResult<pb::SendBatchResponse> {
-        let results = self.exchange.send_batch(request.into_inner().messages).await;
+        let exchange = self.exchange_for(&request);
+        let results = exchange.send_batch(request.into_inner().messages).await;
         let results = results
             .into_iter()
             .map(|r| match r {

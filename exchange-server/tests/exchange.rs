@@ -574,6 +574,23 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     assert_eq!(common::number(delivered[0].message.as_ref().unwrap()), 1);
     let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![delivered[0].seq] };
     alice.acknowledge(ack).await.unwrap();
+    // Asking an agent to shut down is like terminating it: the owner's call.
+    let shutdown = || {
+        let body = Body::ShutdownRequest(pb::ShutdownRequest { terminate: Some(true) });
+        pb::SendRequest { message: Some(message(&client, &agent, body)) }
+    };
+    denied(bob.send(shutdown()).await.unwrap_err());
+    let batch = pb::SendBatchRequest {
+        messages: vec![common::ping(&client, &agent, 2), shutdown().message.unwrap()],
+    };
+    let results = bob.send_batch(batch).await.unwrap().into_inner().results;
+    let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
+    assert_eq!(codes, [Code::Ok as i32, Code::PermissionDenied as i32]);
+    assert_eq!(results[1].metadata.get("owner").map(String::as_str), Some("alice"));
+    alice.send(shutdown()).await.unwrap();
+    let kinds: Vec<_> =
+        next(&mut stream).await.into_iter().map(|d| d.message.unwrap().body).collect();
+    assert!(matches!(kinds[..], [Some(Body::PingRequest(_)), ..]), "{kinds:?}");
     // Bob's Invoke gets a mailbox of his own to wait in: the agent is idle, so
     // the call times out rather than being refused.
     let invoke = pb::InvokeRequest {

@@ -251,6 +251,10 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    async fn owner(&self, id: &EntityId) -> Result<Option<String>, ExchangeError> {
+        Ok(self.mailbox(id).ok().and_then(|m| m.owner.as_deref().map(str::to_owned)))
+    }
+
     async fn forget(&self, id: &EntityId) {
         if let Some(mailbox) = write(&self.mailboxes).remove(id) {
             lock(&mailbox.state).terminated = true;

@@ -105,6 +105,10 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         caller: Option<&str>,
     ) -> Result<(), ExchangeError>;
 
+    /// The principal that owns mailbox `id`; `None` if it has none or does
+    /// not exist.
+    async fn owner(&self, id: &EntityId) -> Result<Option<String>, ExchangeError>;
+
     /// Deletes a transient client mailbox without a gravestone.
     async fn forget(&self, id: &EntityId);
 }

@@ -733,6 +733,15 @@ impl Backend for RedisBackend {
         }
     }
 
+    async fn owner(&self, id: &EntityId) -> Result<Option<String>, ExchangeError> {
+        redis::cmd("HGET")
+            .arg(self.keys.mailbox(id))
+            .arg("o")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
     async fn forget(&self, id: &EntityId) {
         let keys = [self.keys.mailbox(id), self.keys.queue(id)];
         let done: Result<(), _> =
