@@ -254,13 +254,21 @@ impl Exchange {
         let mut valid = Vec::with_capacity(messages.len());
         for message in messages {
             match self.validate(&message) {
-                Ok(dest) => match self.shutdown_denied(&message, &dest).await {
-                    Some(denied) => results.push(Err(denied)),
-                    None => {
-                        valid.push((dest, message));
-                        results.push(Ok(()));
+                Ok(dest) => {
+                    // Only shutdown requests from a principal need a lookup.
+                    let denied = if self.principal.is_some() && is_shutdown(&message) {
+                        self.shutdown_denied(&dest).await
+                    } else {
+                        None
+                    };
+                    match denied {
+                        Some(denied) => results.push(Err(denied)),
+                        None => {
+                            valid.push((dest, message));
+                            results.push(Ok(()));
+                        }
                     }
-                },
+                }
                 Err(e) => results.push(Err(e)),
             }
         }
@@ -277,16 +285,7 @@ impl Exchange {
     /// A shutdown request ends an agent (and may terminate its mailbox), so,
     /// like terminating, only its mailbox's owner may send one. The lookup is
     /// made for shutdown requests only, which are rare.
-    async fn shutdown_denied(
-        &self,
-        message: &pb::Message,
-        dest: &EntityId,
-    ) -> Option<ExchangeError> {
-        if self.principal.is_none()
-            || !matches!(message.body, Some(pb::message::Body::ShutdownRequest(_)))
-        {
-            return None;
-        }
+    async fn shutdown_denied(&self, dest: &EntityId) -> Option<ExchangeError> {
         // A failed lookup is left to the enqueue to report (unavailable).
         let owner = self.backend.owner(dest).await.ok().flatten()?;
         (!permitted(Some(&owner), self.principal()))
@@ -305,6 +304,10 @@ impl Exchange {
     pub async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
         self.backend.acknowledge(id, seqs, self.principal()).await
     }
+}
+
+fn is_shutdown(message: &pb::Message) -> bool {
+    matches!(message.body, Some(pb::message::Body::ShutdownRequest(_)))
 }
 
 /// The error response that answers a request left in a terminated mailbox.

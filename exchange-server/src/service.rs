@@ -1,5 +1,6 @@
 //! The `academy.v1.Exchange` gRPC service over an [`Exchange`].
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -24,9 +25,13 @@ impl ExchangeService {
         Self { exchange }
     }
 
-    /// The exchange, acting for the principal that made `request`.
-    fn exchange_for<T>(&self, request: &Request<T>) -> Exchange {
-        self.exchange.acting_as(Principal::of(request))
+    /// The exchange, acting for the principal that made `request` (no copy
+    /// when calls are not authenticated: sends are the hot path).
+    fn exchange_for<T>(&self, request: &Request<T>) -> Cow<'_, Exchange> {
+        match Principal::of(request) {
+            None => Cow::Borrowed(&self.exchange),
+            principal => Cow::Owned(self.exchange.acting_as(principal)),
+        }
     }
 }
 
