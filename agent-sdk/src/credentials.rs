@@ -10,6 +10,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::ClientError;
+use crate::error::describe;
 
 /// The environment variable [`Credentials::from_env`] reads the token from.
 pub const TOKEN_ENV: &str = "ACADEMY_TOKEN";
@@ -115,7 +116,7 @@ impl Credentials {
     /// An endpoint for `url`: TLS (with these settings) when it is `https://`.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, ClientError> {
         let bad = |what: &str, e: tonic::transport::Error| {
-            ClientError::Transport(format!("{what} {url:?}: {}", crate::error::describe(&e)))
+            ClientError::Transport(format!("{what} {url:?}: {}", describe(&e)))
         };
         let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad("bad url", e))?;
         if !url.starts_with("https://") {
@@ -130,6 +131,16 @@ impl Credentials {
             tls = tls.identity(identity.clone());
         }
         endpoint.tls_config(tls).map_err(|e| bad("invalid TLS settings for", e))
+    }
+
+    /// A connection to the service at `url` whose calls carry these
+    /// credentials: for the generated clients, e.g.
+    /// `LauncherClient::new(credentials.connect(url).await?)`.
+    pub async fn connect(&self, url: &str) -> Result<Authorized, ClientError> {
+        let channel = self.endpoint(url)?.connect().await.map_err(|e| {
+            ClientError::Transport(format!("cannot connect to {url}: {}", describe(&e)))
+        })?;
+        Ok(self.on(channel))
     }
 
     /// `channel`, sending these credentials with every call: for the

@@ -9,7 +9,6 @@ use academy_proto::pb::{self, launcher_client::LauncherClient};
 use serde::Serialize;
 
 use crate::credentials::{Authorized, Credentials};
-use crate::error::describe;
 use crate::{Behaviour, ClientError};
 
 /// How to launch an agent through the launcher.
@@ -36,7 +35,7 @@ impl Launcher {
 
     /// Connects to the launcher at `url`, presenting `credentials`.
     pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Self, ClientError> {
-        Ok(Self { rpc: LauncherClient::new(connect_launcher(url, credentials).await?) })
+        Ok(Self { rpc: LauncherClient::new(credentials.connect(url).await?) })
     }
 
     /// Launches behaviour `B`, built on a worker from `config` (as JSON).
@@ -69,15 +68,4 @@ impl Launcher {
         self.rpc.clone().stop(pb::StopRequest { agent_id: id.to_string(), terminate }).await?;
         Ok(())
     }
-}
-
-/// A channel to the launcher at `url`, presenting `credentials`.
-pub(crate) async fn connect_launcher(
-    url: &str,
-    credentials: &Credentials,
-) -> Result<Authorized, ClientError> {
-    let channel = credentials.endpoint(url)?.connect().await.map_err(|e| {
-        ClientError::Transport(format!("cannot connect to the launcher at {url}: {}", describe(&e)))
-    })?;
-    Ok(credentials.on(channel))
 }

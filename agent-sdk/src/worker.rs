@@ -27,7 +27,6 @@ use tokio::task::JoinSet;
 
 use crate::client::{GrpcExchange, SharedExchange};
 use crate::credentials::Credentials;
-use crate::launcher::connect_launcher;
 use crate::runtime::{self, StopSignal};
 use crate::{AgentConfig, AgentError, Behaviour, ClientError};
 
@@ -158,7 +157,7 @@ impl Worker {
             Some(credentials) => credentials.clone(),
             None => Credentials::from_env()?,
         };
-        let mut launcher = LauncherClient::new(connect_launcher(url, &credentials).await?);
+        let mut launcher = LauncherClient::new(credentials.connect(url).await?);
         let (out, outbound) = mpsc::unbounded_channel();
         let send = |body| {
             let _ = out.send(pb::WorkerMessage { body: Some(body) });

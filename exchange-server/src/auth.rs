@@ -121,7 +121,7 @@ impl Tokens {
 /// are (no principal: the server trusts its network).
 #[derive(Debug, Clone, Default)]
 pub struct Authenticator {
-    tokens: Option<Arc<RwLock<Arc<Tokens>>>>,
+    tokens: Option<Arc<RwLock<Tokens>>>,
 }
 
 impl Authenticator {
@@ -130,7 +130,7 @@ impl Authenticator {
     /// Must be called inside a tokio runtime when they came from a file.
     pub fn new(tokens: Option<Tokens>) -> Self {
         let source = tokens.as_ref().and_then(|t| t.source.clone());
-        let tokens = tokens.map(|t| Arc::new(RwLock::new(Arc::new(t))));
+        let tokens = tokens.map(|t| Arc::new(RwLock::new(t)));
         if let (Some(shared), Some((path, every))) = (&tokens, source) {
             tokio::spawn(follow(Arc::downgrade(shared), path, every));
         }
@@ -144,7 +144,7 @@ impl Authenticator {
 
 /// Reads the tokens file every `every`, until the authenticator is gone,
 /// taking its tokens when the file changed and still parses.
-async fn follow(tokens: Weak<RwLock<Arc<Tokens>>>, path: PathBuf, every: Duration) {
+async fn follow(tokens: Weak<RwLock<Tokens>>, path: PathBuf, every: Duration) {
     let mut last = std::fs::read(&path).ok();
     loop {
         tokio::time::sleep(every).await;
@@ -161,7 +161,7 @@ async fn follow(tokens: Weak<RwLock<Arc<Tokens>>>, path: PathBuf, every: Duratio
             Ok(fresh) => {
                 let principals = fresh.principals().len();
                 let fresh = Tokens { source: Some((path.clone(), every)), ..fresh };
-                *shared.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(fresh);
+                *shared.write().unwrap_or_else(PoisonError::into_inner) = fresh;
                 tracing::info!(path = %path.display(), principals, "tokens file changed; new tokens in use");
             }
             Err(e) => {
@@ -177,7 +177,6 @@ impl tonic::service::Interceptor for Authenticator {
         let Some(shared) = &self.tokens else {
             return Ok(request);
         };
-        let tokens = shared.read().unwrap_or_else(PoisonError::into_inner).clone();
         let denied = |why: &str| Status::from(ExchangeError::Unauthenticated(why.to_owned()));
         let header = request.metadata().get("authorization").ok_or_else(|| {
             denied(
@@ -189,9 +188,14 @@ impl tonic::service::Interceptor for Authenticator {
             .ok()
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .ok_or_else(|| denied("the authorization header is not `Bearer <token>`"))?;
-        let principal =
-            tokens.map.get(token.trim()).ok_or_else(|| denied("unknown bearer token"))?;
-        request.extensions_mut().insert(principal.clone());
+        let principal = shared
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map
+            .get(token.trim())
+            .cloned()
+            .ok_or_else(|| denied("unknown bearer token"))?;
+        request.extensions_mut().insert(principal);
         Ok(request)
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::permitted;
 use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisOptions};
-use crate::backend::{Backend, BackendSubscription, Page, awaiting_answer};
+use crate::backend::{Backend, BackendSubscription, Page};
 use crate::{EntityId, ExchangeError};
 
 /// Limits of an exchange, each with a clear error when passed.
@@ -177,7 +177,7 @@ impl Exchange {
     pub async fn terminate(&self, id: &EntityId) -> Result<MailboxState, ExchangeError> {
         let (previous, queued) = self.backend.terminate(id, self.principal()).await?;
         let replies: Vec<_> = queued
-            .into_iter()
+            .iter()
             .filter_map(|m| terminated_reply(id, m))
             .filter_map(|reply| Some((reply.header.as_ref()?.dest.parse().ok()?, reply)))
             .collect();
@@ -311,9 +311,8 @@ fn is_shutdown(message: &pb::Message) -> bool {
 }
 
 /// The error response that answers a request left in a terminated mailbox.
-fn terminated_reply(id: &EntityId, request: pb::Message) -> Option<pb::Message> {
+fn terminated_reply(id: &EntityId, request: &pb::Message) -> Option<pb::Message> {
     use pb::message::Body;
-    let request = awaiting_answer(request)?;
     let header = request.header.as_ref()?;
     Some(pb::Message {
         header: Some(header.reply_from(id.to_string())),

@@ -4,8 +4,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use academy_exchange::{RunningServer, ServerOptions};
-use academy_launcher::{LauncherOptions, RunningLauncher};
+mod common;
 use academy_sdk::{Worker, behaviour};
 use serde_json::Value;
 
@@ -52,13 +51,7 @@ impl Cli {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_drives_a_live_system() {
-    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
-    let launcher = RunningLauncher::start(LauncherOptions {
-        exchange_url: exchange.url(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (exchange, launcher) = common::exchange_and_launcher().await;
     let stop_worker = tokio_util::sync::CancellationToken::new();
     let worker = Worker::new(launcher.url()).name("w1").capacity(2).register::<Counter>();
     let worker = tokio::spawn(worker.run_until(stop_worker.clone().cancelled_owned()));

@@ -1,8 +1,7 @@
 //! What grpcurl lists: each server advertises its own service, health and
 //! reflection, and not the other server's service.
 
-use academy_exchange::{RunningServer, ServerOptions};
-use academy_launcher::{LauncherOptions, RunningLauncher};
+mod common;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
@@ -31,13 +30,7 @@ async fn services(url: String) -> Vec<String> {
 
 #[tokio::test]
 async fn each_server_lists_its_own_services() {
-    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
-    let launcher = RunningLauncher::start(LauncherOptions {
-        exchange_url: exchange.url(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (exchange, launcher) = common::exchange_and_launcher().await;
     let common = ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"];
     let common = [&common[..], &["grpc.reflection.v1alpha.ServerReflection"]].concat();
     for (url, own) in

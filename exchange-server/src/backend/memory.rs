@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use prost::Message as _;
 use tokio::sync::Notify;
 
-use super::{Backend, BackendSubscription, Found, Page};
+use super::{Backend, BackendSubscription, Found, Page, awaiting_answer};
 use crate::auth::permitted;
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
 
@@ -169,8 +169,8 @@ impl Backend for MemoryBackend {
                 }
             }
         }
-        let unacked = queued.into_iter().filter(|e| !e.acked).map(|e| e.message).collect();
-        Ok((MailboxState::Active, unacked))
+        let waiting = queued.into_iter().filter(|e| !e.acked);
+        Ok((MailboxState::Active, waiting.filter_map(|e| awaiting_answer(e.message)).collect()))
     }
 
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError> {

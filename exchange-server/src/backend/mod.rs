@@ -69,7 +69,8 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<(), ExchangeError>;
 
     /// Marks a mailbox terminated and empties it; returns its state before and
-    /// the messages that were still unacknowledged.
+    /// the unacknowledged requests in it that await an answer
+    /// ([`awaiting_answer`]).
     async fn terminate(
         &self,
         id: &EntityId,

@@ -451,16 +451,10 @@ impl RedisBackend {
     async fn drain(&self, id: &EntityId) -> Vec<pb::Message> {
         let key = self.keys.drain(id);
         let mut conn = self.conn.clone();
-        let (mut waiting, mut cursor) = (Vec::new(), "-".to_owned());
+        let (mut waiting, mut cursor) = (Vec::new(), 0);
         loop {
-            let page: Result<Value, _> = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(&cursor)
-                .arg("+")
-                .arg("COUNT")
-                .arg(DRAIN_PAGE)
-                .query_async(&mut conn)
-                .await;
+            let page: Result<Value, _> =
+                range_after(&key, cursor, DRAIN_PAGE).query_async(&mut conn).await;
             let entries = match page {
                 Ok(page) => range_entries(page),
                 Err(e) => {
@@ -469,7 +463,7 @@ impl RedisBackend {
                 }
             };
             let Some((last, _)) = entries.last() else { break };
-            cursor = format!("({}", stream_id_of(*last));
+            cursor = *last;
             let full = entries.len() >= DRAIN_PAGE;
             for (_, data) in entries {
                 if let Some(request) = pb::Message::decode(data).ok().and_then(awaiting_answer) {
@@ -1021,14 +1015,8 @@ impl Reader {
             else {
                 return;
             };
-            let reply: Result<Value, _> = redis::cmd("XRANGE")
-                .arg(&key)
-                .arg(format!("({}", stream_id_of(cursor)))
-                .arg("+")
-                .arg("COUNT")
-                .arg(READ_COUNT)
-                .query_async(&mut self.conn.clone())
-                .await;
+            let reply: Result<Value, _> =
+                range_after(&key, cursor, READ_COUNT).query_async(&mut self.conn.clone()).await;
             match reply {
                 Ok(reply) => {
                     if !self.hand_over(id, token, range_entries(reply)) {
@@ -1084,8 +1072,7 @@ impl Reader {
             let mut pipe = redis::pipe();
             for (_, (mailbox, queue), _, _, cursor) in &watched {
                 pipe.cmd("HMGET").arg(mailbox).arg(&["s", "g"]);
-                let after = format!("({}", stream_id_of(*cursor));
-                pipe.cmd("XRANGE").arg(queue).arg(after).arg("+").arg("COUNT").arg(READ_COUNT);
+                pipe.add_command(range_after(queue, *cursor, READ_COUNT));
             }
             let replies: Vec<Value> = match pipe.query_async(&mut self.conn.clone()).await {
                 Ok(replies) => replies,
@@ -1150,6 +1137,14 @@ async fn listen(
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(channel).await?;
     Ok(pubsub.into_on_message())
+}
+
+/// `XRANGE` of at most `count` entries of stream `key` after seq `after`
+/// (0: from the first; every message's seq is above 0).
+fn range_after(key: &str, after: u64, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(key).arg(format!("({}", stream_id_of(after))).arg("+").arg("COUNT").arg(count);
+    cmd
 }
 
 /// `XRANGE`'s reply as (seq, message) pairs.

@@ -179,14 +179,8 @@ impl Cli {
     }
 
     async fn channel(&self, url: &str, service: &str) -> anyhow::Result<Authorized> {
-        let credentials = self.credentials()?;
-        let channel = credentials
-            .endpoint(url)
-            .with_context(|| format!("cannot reach the {service}"))?
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach the {service} at {url}"))?;
-        Ok(credentials.on(channel))
+        let channel = self.credentials()?.connect(url).await;
+        channel.with_context(|| format!("cannot reach the {service}"))
     }
 }
 
