@@ -43,7 +43,9 @@ pub fn current_agent() -> Option<AgentContext> {
     CONTEXT.try_with(|c| c.agent.clone()).ok().flatten()
 }
 
-/// Who sent the request that the running action serves (an agent or a client).
+/// Who sent the request that the running action serves (an agent or a client):
+/// its `header.src`. An exchange that authenticates callers only accepts a
+/// message from a mailbox of its sender's principal, so there it can be trusted.
 pub fn current_caller() -> Option<EntityId> {
     CONTEXT.try_with(|c| c.caller).ok().flatten()
 }

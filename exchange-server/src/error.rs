@@ -22,7 +22,7 @@ pub enum ExchangeError {
     #[error("mailbox {0} already exists")]
     AlreadyExists(EntityId),
     #[error(
-        "mailbox {id} belongs to principal {owner:?}: only it may receive from it, shut its agent down or terminate it"
+        "mailbox {id} belongs to principal {owner:?}: only it may receive from it, send from it, shut its agent down or terminate it"
     )]
     PermissionDenied { id: EntityId, owner: String },
     #[error("{0}")]

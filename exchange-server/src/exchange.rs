@@ -88,7 +88,8 @@ pub struct Exchange {
     shutdown: CancellationToken,
     /// Who this view of the exchange acts for: the owner of the mailboxes it
     /// registers, and the only one then allowed to subscribe to, acknowledge
-    /// or terminate them. `None` is trusted (in-process use, no authentication).
+    /// or terminate them, or to send from them. `None` is trusted (in-process
+    /// use, no authentication).
     principal: Option<Arc<str>>,
 }
 
@@ -182,8 +183,9 @@ impl Exchange {
             .filter_map(|reply| Some((reply.header.as_ref()?.dest.parse().ok()?, reply)))
             .collect();
         let answered = replies.len();
-        // Requesters may be gone too; nobody is left to tell then.
-        let _ = self.backend.enqueue(replies, None).await;
+        // Requesters may be gone too; nobody is left to tell then. The
+        // exchange answers for the terminated mailbox, whoever terminated it.
+        let _ = self.backend.enqueue(replies, None, None).await;
         tracing::debug!(mailbox = %id, answered, "mailbox terminated");
         Ok(previous)
     }
@@ -272,8 +274,9 @@ impl Exchange {
                 Err(e) => results.push(Err(e)),
             }
         }
-        let mut stored =
-            self.backend.enqueue(valid, Some(self.limits.max_queued)).await.into_iter();
+        let stored =
+            self.backend.enqueue(valid, Some(self.limits.max_queued), self.principal()).await;
+        let mut stored = stored.into_iter();
         for result in results.iter_mut().filter(|r| r.is_ok()) {
             *result = stored
                 .next()

@@ -10,7 +10,7 @@ use common::message;
 use academy_exchange::auth::Tokens;
 use academy_exchange::testing::RedisServer;
 use academy_exchange::{
-    Backend, ExchangeError, Limits, RedisOptions, RunningServer, ServerOptions,
+    Backend, EntityId, ExchangeError, Limits, RedisOptions, RunningServer, ServerOptions,
 };
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
 use tokio_stream::StreamExt as _;
@@ -550,8 +550,10 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     assert_eq!(health.check(check).await.unwrap().into_inner().status, 1); // SERVING
 
     let (agent, client) = common::agent_and_client(&mut alice, "test.A").await;
+    let register = pb::RegisterClientRequest::default();
+    let bobs = bob.register_client(register).await.unwrap().into_inner().client_id;
     // Anyone may send to it and ask about it...
-    bob.send(pb::SendRequest { message: Some(common::ping(&client, &agent, 1)) }).await.unwrap();
+    bob.send(pb::SendRequest { message: Some(common::ping(&bobs, &agent, 1)) }).await.unwrap();
     let status = bob.status(pb::StatusRequest { id: agent.clone() }).await.unwrap().into_inner();
     assert_eq!((status.state(), status.queued), (pb::MailboxState::Active, 1));
     // ...but only alice may receive from it or end it.
@@ -575,22 +577,45 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![delivered[0].seq] };
     alice.acknowledge(ack).await.unwrap();
     // Asking an agent to shut down is like terminating it: the owner's call.
-    let shutdown = || {
+    let shutdown = |from: &str| {
         let body = Body::ShutdownRequest(pb::ShutdownRequest { terminate: Some(true) });
-        pb::SendRequest { message: Some(message(&client, &agent, body)) }
+        pb::SendRequest { message: Some(message(from, &agent, body)) }
     };
-    denied(bob.send(shutdown()).await.unwrap_err());
+    denied(bob.send(shutdown(&bobs)).await.unwrap_err());
+    // Nor may bob send in alice's name (from her mailbox), or from a mailbox
+    // nobody registered: the agent must be able to trust `header.src`.
+    let unregistered = EntityId::new_client().to_string();
     let batch = pb::SendBatchRequest {
-        messages: vec![common::ping(&client, &agent, 2), shutdown().message.unwrap()],
+        messages: vec![
+            common::ping(&bobs, &agent, 2),
+            shutdown(&bobs).message.unwrap(),
+            common::ping(&client, &agent, 3),
+            common::ping(&unregistered, &agent, 4),
+            common::ping(&bobs, &agent, 5),
+        ],
     };
     let results = bob.send_batch(batch).await.unwrap().into_inner().results;
     let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
-    assert_eq!(codes, [Code::Ok as i32, Code::PermissionDenied as i32]);
+    let (ok, no, bad) =
+        (Code::Ok as i32, Code::PermissionDenied as i32, Code::InvalidArgument as i32);
+    assert_eq!(codes, [ok, no, no, bad, ok]);
     assert_eq!(results[1].metadata.get("owner").map(String::as_str), Some("alice"));
-    alice.send(shutdown()).await.unwrap();
-    let kinds: Vec<_> =
-        next(&mut stream).await.into_iter().map(|d| d.message.unwrap().body).collect();
-    assert!(matches!(kinds[..], [Some(Body::PingRequest(_)), ..]), "{kinds:?}");
+    assert_eq!(results[2].metadata.get("id"), Some(&client), "{results:?}");
+    assert_eq!(results[2].metadata.get("owner").map(String::as_str), Some("alice"));
+    assert!(results[3].message.contains("is not a registered mailbox"), "{results:?}");
+    let spoofed = bob.send(pb::SendRequest { message: Some(common::ping(&client, &agent, 6)) });
+    let err = spoofed.await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("send from it"), "{}", err.message());
+    alice.send(shutdown(&client)).await.unwrap();
+    let mut kinds: Vec<pb::Message> =
+        next(&mut stream).await.into_iter().map(|d| d.message.unwrap()).collect();
+    while kinds.len() < 3 {
+        kinds.extend(next(&mut stream).await.into_iter().map(|d| d.message.unwrap()));
+    }
+    assert!(matches!(kinds[2].body, Some(Body::ShutdownRequest(_))), "{kinds:?}");
+    let labels: Vec<_> = kinds.iter().map(|m| m.header.as_ref().unwrap().label.as_str()).collect();
+    assert_eq!(labels, ["2", "5", ""], "only bob's own pings, then alice's shutdown request");
     // Bob's Invoke gets a mailbox of his own to wait in: the agent is idle, so
     // the call times out rather than being refused.
     let invoke = pb::InvokeRequest {

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use prost::Message as _;
 use tokio::sync::Notify;
 
-use super::{Backend, BackendSubscription, Found, Page, awaiting_answer};
+use super::{Backend, BackendSubscription, Found, Page, awaiting_answer, source, unknown_source};
 use crate::auth::permitted;
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
 
@@ -79,6 +79,22 @@ impl MemoryBackend {
                 Err(ExchangeError::PermissionDenied { id: *id, owner: owner.to_string() })
             }
             _ => Ok(mailbox),
+        }
+    }
+
+    /// Checks that `sender` (when given) may act for `message`'s source.
+    fn check_source(
+        &self,
+        message: &pb::Message,
+        sender: Option<&str>,
+    ) -> Result<(), ExchangeError> {
+        if sender.is_none() {
+            return Ok(());
+        }
+        let src = source(message)?;
+        match self.owned(&src, sender) {
+            Err(ExchangeError::NotFound(_)) => Err(unknown_source(&src)),
+            owned => owned.map(drop),
         }
     }
 
@@ -199,8 +215,15 @@ impl Backend for MemoryBackend {
         &self,
         messages: Vec<(EntityId, pb::Message)>,
         max_queued: Option<usize>,
+        sender: Option<&str>,
     ) -> Vec<Result<(), ExchangeError>> {
-        messages.into_iter().map(|(dest, m)| self.push(&dest, m, max_queued)).collect()
+        messages
+            .into_iter()
+            .map(|(dest, m)| {
+                self.check_source(&m, sender)?;
+                self.push(&dest, m, max_queued)
+            })
+            .collect()
     }
 
     async fn subscribe(

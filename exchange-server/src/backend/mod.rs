@@ -46,6 +46,21 @@ pub(crate) fn awaiting_answer(mut message: pb::Message) -> Option<pb::Message> {
     Some(message)
 }
 
+/// The mailbox a message says it comes from (`header.src`), which a sender
+/// must own.
+pub(crate) fn source(message: &pb::Message) -> Result<EntityId, ExchangeError> {
+    let src = message.header.as_ref().map(|h| h.src.as_str()).unwrap_or_default();
+    EntityId::parse_field(src, "header.src")
+}
+
+/// The error for a message whose `header.src` names no mailbox, when its
+/// sender must own the mailbox it sends from.
+pub(crate) fn unknown_source(src: &EntityId) -> ExchangeError {
+    ExchangeError::InvalidArgument(format!(
+        "header.src {src} is not a registered mailbox: send from a mailbox you registered"
+    ))
+}
+
 /// A page of discovery.
 pub(crate) type Found = (Vec<AgentInfo>, Option<EntityId>);
 
@@ -85,11 +100,14 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError>;
 
     /// Appends messages to their destinations, in order; one result each.
-    /// `max_queued` bounds each destination's unacknowledged messages.
+    /// `max_queued` bounds each destination's unacknowledged messages. With a
+    /// `sender`, each message's `header.src` must be a mailbox it may act for
+    /// ([`source`], [`unknown_source`]), so no one sends in another's name.
     async fn enqueue(
         &self,
         messages: Vec<(EntityId, pb::Message)>,
         max_queued: Option<usize>,
+        sender: Option<&str>,
     ) -> Vec<Result<(), ExchangeError>>;
 
     /// Becomes the one subscriber of a mailbox, from its oldest unacknowledged message.

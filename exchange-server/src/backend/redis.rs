@@ -34,7 +34,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
 
-use super::{Backend, BackendSubscription, Found, Page, awaiting_answer};
+use super::{Backend, BackendSubscription, Found, Page, awaiting_answer, source, unknown_source};
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
 
 /// How to reach Redis and how long keys live there.
@@ -93,29 +93,40 @@ return 'ok'
 ";
 
 /// Appends messages, in order: KEYS are the (mailbox, queue) pairs of the
-/// mailboxes written to; ARGV the queue bound, the TTL, the notice size limit,
-/// the channel prefix, the number of mailboxes and their ids, then per message
-/// the number of its mailbox's pair (from 1) and the message. One answer per
-/// message. Each mailbox with a subscriber gets a notice on its replica's
+/// mailboxes written to, then the mailboxes the messages come from when the
+/// sender is checked; ARGV the queue bound, the TTL, the notice size limit,
+/// the channel prefix, the number of mailboxes, the sender (empty: trusted)
+/// and the mailboxes' ids, then per message the number of its mailbox's pair
+/// (from 1), with a sender the number of its source mailbox (from 1), and the
+/// message. One answer per message; a source the sender may not act for
+/// answers `nosrc` (no such mailbox) or `denied:<owner>`. Each mailbox with a subscriber gets a notice on its replica's
 /// channel, one publish per replica for the whole call:
 /// `m <id> <previous> <added> <size>\n<message>` per message, or
 /// `n <id> <previous> <added> 0\n` for a large one. A mailbox's hash is read
 /// and written once per call, however many messages it gets.
 const ENQUEUE: &str = r"
-local max, ttl, small, bell, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local boxes, notices = {}, {}
+local max, ttl, small, bell, n, sender = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local boxes, notices, refused = {}, {}, {[0] = 'nosrc'}
 for k = 1, n do
   local mb, q = KEYS[2 * k - 1], KEYS[2 * k]
   local h = redis.call('HMGET', mb, 's', 'l', 'r')
-  local m = {id = ARGV[5 + k], state = h[1], last = h[2] or '0-0', replica = h[3]}
+  local m = {id = ARGV[6 + k], state = h[1], last = h[2] or '0-0', replica = h[3]}
   if h[1] == 'a' and max > 0 then m.len = redis.call('XLEN', q) end
   boxes[k] = m
 end
+for j = 1, #KEYS - 2 * n do
+  local h = redis.call('HMGET', KEYS[2 * n + j], 's', 'o')
+  if not h[1] then refused[j] = 'nosrc'
+  elseif h[2] and h[2] ~= sender then refused[j] = 'denied:' .. h[2] end
+end
 local out = {}
-for i = 6 + n, #ARGV, 2 do
-  local k, data = tonumber(ARGV[i]), ARGV[i + 1]
+local step = sender == '' and 2 or 3
+for i = 7 + n, #ARGV, step do
+  local k, data = tonumber(ARGV[i]), ARGV[i + step - 1]
   local m = boxes[k]
-  if not m.state then out[#out + 1] = 'missing'
+  local no = step == 3 and refused[tonumber(ARGV[i + 1])]
+  if no then out[#out + 1] = no
+  elseif not m.state then out[#out + 1] = 'missing'
   elseif m.state == 't' then out[#out + 1] = 'terminated'
   elseif m.len and m.len >= max then out[#out + 1] = 'full'
   else
@@ -220,23 +231,31 @@ return 'ok'
 ";
 
 /// Messages for one enqueue script call: each names its mailbox by its place
-/// in `mailboxes`, so a mailbox's keys and id are sent once.
+/// in `mailboxes` (and, when its sender is checked, its source by its place
+/// in `sources`), so a mailbox's keys and id are sent once.
 #[derive(Debug, Default)]
 struct Chunk {
     mailboxes: Vec<EntityId>,
-    messages: Vec<(usize, Vec<u8>)>,
+    sources: Vec<EntityId>,
+    messages: Vec<(usize, Option<usize>, Vec<u8>)>,
     bytes: usize,
 }
 
 impl Chunk {
-    fn add(&mut self, dest: &EntityId, message: Vec<u8>) {
-        let k = self.mailboxes.iter().position(|id| id == dest).unwrap_or_else(|| {
-            self.mailboxes.push(*dest);
-            self.mailboxes.len() - 1
-        });
+    fn add(&mut self, dest: &EntityId, src: Option<&EntityId>, message: Vec<u8>) {
+        let k = place(&mut self.mailboxes, dest);
+        let s = src.map(|src| place(&mut self.sources, src));
         self.bytes += message.len();
-        self.messages.push((k, message));
+        self.messages.push((k, s, message));
     }
+}
+
+/// The position of `id` in `ids`, added at the end if it is not there.
+fn place(ids: &mut Vec<EntityId>, id: &EntityId) -> usize {
+    ids.iter().position(|x| x == id).unwrap_or_else(|| {
+        ids.push(*id);
+        ids.len() - 1
+    })
 }
 
 /// Most messages, and bytes, in one enqueue script call.
@@ -617,10 +636,16 @@ impl Backend for RedisBackend {
         &self,
         messages: Vec<(EntityId, pb::Message)>,
         max_queued: Option<usize>,
+        sender: Option<&str>,
     ) -> Vec<Result<(), ExchangeError>> {
         if messages.is_empty() {
             return Vec::new();
         }
+        // With a sender, each message's source (validated by the exchange).
+        let sources: Vec<Option<EntityId>> = match sender {
+            Some(_) => messages.iter().map(|(_, m)| source(m).ok()).collect(),
+            None => Vec::new(),
+        };
         let ttl = secs(self.options.mailbox_ttl);
         let max = max_queued.unwrap_or(0);
         // One script call per chunk: few enough messages or bytes that Redis,
@@ -629,7 +654,7 @@ impl Backend for RedisBackend {
         let (mut calls, mut sizes) = (Vec::new(), Vec::new());
         let mut chunk = Chunk::default();
         for (i, (dest, message)) in messages.iter().enumerate() {
-            chunk.add(dest, message.encode_to_vec());
+            chunk.add(dest, sources.get(i).copied().flatten().as_ref(), message.encode_to_vec());
             let last = i + 1 == messages.len();
             if last || chunk.messages.len() >= ENQUEUE_CHUNK || chunk.bytes >= ENQUEUE_CHUNK_BYTES {
                 let chunk = std::mem::take(&mut chunk);
@@ -637,15 +662,21 @@ impl Backend for RedisBackend {
                     .mailboxes
                     .iter()
                     .flat_map(|id| [self.keys.mailbox(id), self.keys.queue(id)])
+                    .chain(chunk.sources.iter().map(|id| self.keys.mailbox(id)))
                     .collect();
                 let mut cmd = self.scripts.enqueue.call(&keys);
                 cmd.arg(max).arg(ttl).arg(MAX_NOTICE_BYTES).arg(&bell);
-                cmd.arg(chunk.mailboxes.len());
+                cmd.arg(chunk.mailboxes.len()).arg(caller_arg(sender));
                 for id in &chunk.mailboxes {
                     cmd.arg(id.to_string());
                 }
-                for (k, message) in &chunk.messages {
-                    cmd.arg(k + 1).arg(message);
+                for (k, s, message) in &chunk.messages {
+                    cmd.arg(k + 1);
+                    if sender.is_some() {
+                        // 0, a source that did not parse, is refused.
+                        cmd.arg(s.map_or(0, |s| s + 1));
+                    }
+                    cmd.arg(message);
                 }
                 calls.push(cmd);
                 sizes.push(chunk.messages.len());
@@ -666,9 +697,19 @@ impl Backend for RedisBackend {
         messages
             .iter()
             .zip(answers)
-            .map(|((dest, _), answer)| match string(&answer).as_deref() {
+            .map(|((dest, message), answer)| match string(&answer).as_deref() {
                 Some("ok") => Ok(()),
                 Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
+                // About the message's source, which the exchange validated.
+                Some(a) if a == "nosrc" || a.starts_with("denied:") => {
+                    let src = source(message)?;
+                    Err(match a.strip_prefix("denied:") {
+                        Some(owner) => {
+                            ExchangeError::PermissionDenied { id: src, owner: owner.into() }
+                        }
+                        None => unknown_source(&src),
+                    })
+                }
                 other => {
                     Err(other.and_then(|a| state_error(dest, a, || None)).unwrap_or_else(|| {
                         ExchangeError::Unavailable(format!("enqueue failed: {answer:?}"))
