@@ -90,8 +90,9 @@ impl ExchangeClient for LocalExchange {
     }
 }
 
-/// Agents per page when discovering (keeps each answer well under 1 MiB).
-const DISCOVER_PAGE: u32 = 2_000;
+/// Agents per page when discovering: the most the exchange answers at once
+/// (fewer pages: each costs the Redis backend a read of the whole index).
+const DISCOVER_PAGE: u32 = 10_000;
 
 /// Most messages sent in one `SendBatch` call.
 const MAX_SEND_BATCH: usize = 512;

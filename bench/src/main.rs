@@ -346,11 +346,26 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
             )
         })
         .collect();
+    // Every match, page after page (the exchange answers at most 10,000 at once).
     let discover = |name: &str, exact: bool| {
         let mut rpc = rpc.clone();
-        let req = pb::DiscoverRequest { behaviour: name.to_owned(), exact, ..Default::default() };
+        let behaviour = name.to_owned();
         async move {
-            let found = rpc.discover(req).await?.into_inner().agents.len();
+            let (mut found, mut page_token) = (0, String::new());
+            loop {
+                let req = pb::DiscoverRequest {
+                    behaviour: behaviour.clone(),
+                    exact,
+                    page_size: 10_000,
+                    page_token,
+                };
+                let page = rpc.discover(req).await?.into_inner();
+                found += page.agents.len();
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             anyhow::ensure!(found > 0, "discovery found nothing");
             Ok(())
         }
@@ -371,7 +386,7 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
         few.p99_us
     ));
     rows.push(format!(
-        "| (s) discover an interface all {n} implement: p50 | {:.0} ms |",
+        "| (s) discover an interface all {n} implement, in pages of 10,000: p50 | {:.0} ms |",
         all.p50_us / 1000.0
     ));
     Ok(rows)

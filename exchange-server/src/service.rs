@@ -92,13 +92,18 @@ impl exchange_server::Exchange for ExchangeService {
     ) -> RpcResult<pb::DiscoverResponse> {
         let req = request.into_inner();
         let after = parse_optional_id(&req.page_token, "page_token")?;
-        let limit = (req.page_size > 0).then_some(req.page_size as usize);
+        let limit = Some(page_limit(req.page_size));
         let (agents, next) =
             self.exchange.discover_page(&req.behaviour, req.exact, after, limit).await?;
-        Ok(Response::new(pb::DiscoverResponse {
-            agents: agents.into_iter().map(Into::into).collect(),
-            next_page_token: next.map(|id| id.to_string()).unwrap_or_default(),
-        }))
+        let mut agents: Vec<pb::AgentInfo> = agents.into_iter().map(Into::into).collect();
+        let next_page_token = match fit(&agents) {
+            Some(keep) => {
+                agents.truncate(keep);
+                agents[keep - 1].agent_id.clone()
+            }
+            None => next.map(|id| id.to_string()).unwrap_or_default(),
+        };
+        Ok(Response::new(pb::DiscoverResponse { agents, next_page_token }))
     }
 
     async fn send(&self, request: Request<pb::SendRequest>) -> RpcResult<pb::SendResponse> {
@@ -211,9 +216,41 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
+/// Most agents in one Discover answer, whatever `page_size` asks; 0 asks for
+/// this many. About 80 bytes each: well under the 4 MiB that gRPC clients
+/// accept by default.
+const MAX_DISCOVER_PAGE: u32 = 10_000;
+
+/// A Discover answer holds fewer agents when their names and interfaces are
+/// long: it stops before this many bytes (with at least one agent).
+const MAX_DISCOVER_BYTES: usize = 1 << 20;
+
+fn page_limit(page_size: u32) -> usize {
+    let agents = if page_size == 0 { MAX_DISCOVER_PAGE } else { page_size.min(MAX_DISCOVER_PAGE) };
+    agents as usize
+}
+
+/// How many of `agents` fit in one answer, if not all.
+fn fit(agents: &[pb::AgentInfo]) -> Option<usize> {
+    use prost::Message as _;
+    let mut bytes = 0;
+    let over = agents.iter().position(|agent| {
+        bytes += agent.encoded_len() + 4; // with the field's tag and length
+        bytes > MAX_DISCOVER_BYTES
+    })?;
+    Some(over.max(1)).filter(|keep| *keep < agents.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discovery_pages_are_bounded_whatever_the_page_size() {
+        assert_eq!(page_limit(0), 10_000);
+        assert_eq!(page_limit(25), 25);
+        assert_eq!(page_limit(50_000), 10_000);
+    }
 
     #[test]
     fn parses_grpc_timeout() {

@@ -269,6 +269,28 @@ async fn discovery_pages_through_large_answers(store: Store) {
         page_token = page.next_page_token;
     }
     assert_eq!((seen, pages), (all, 3), "every agent once, in order, in three pages");
+
+    // Agents with long names come fewer to an answer (it stays under 1 MiB),
+    // whatever the page size; at least one at a time.
+    for letter in ["a", "b", "c"] {
+        let name = letter.repeat(400_000);
+        let long =
+            pb::RegisterAgentRequest { behaviour: "lab.Long".into(), name, ..Default::default() };
+        h.rpc.register_agent(long).await.unwrap();
+    }
+    let mut sizes = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req =
+            pb::DiscoverRequest { behaviour: "lab.Long".into(), page_token, ..Default::default() };
+        let page = h.rpc.discover(req).await.unwrap().into_inner();
+        sizes.push(page.agents.len());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(sizes, [2, 1]);
     let bad = pb::DiscoverRequest {
         behaviour: "lab.Paged".into(),
         page_token: "page two".into(),
