@@ -60,7 +60,8 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     let agent = manager.launch(WordStats::default()).await.unwrap();
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
-    let out = std::env::temp_dir().join(format!("academy-python-{}", uuid::Uuid::new_v4()));
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-python-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&out).unwrap();
     generate(&root, &out);
     let pem = [

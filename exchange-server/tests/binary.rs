@@ -81,7 +81,8 @@ fn bad_configuration_is_refused_with_a_clear_message() {
 
 #[test]
 fn a_bad_tokens_file_is_refused_naming_the_file_and_line() {
-    let dir = std::env::temp_dir().join(format!("academy-tokens-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-tokens-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("tokens");
     std::fs::write(&file, "alice 0123456789abcdef\nbob short\n").unwrap();

@@ -657,7 +657,8 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
 /// one stops working, without a restart; a broken file changes nothing.
 #[tokio::test]
 async fn a_changed_tokens_file_takes_effect_without_a_restart() {
-    let dir = std::env::temp_dir().join(format!("academy-reload-{}", uuid::Uuid::new_v4()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-reload-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("tokens");
     std::fs::write(&file, format!("alice {ALICE}\n")).unwrap();

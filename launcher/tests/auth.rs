@@ -49,7 +49,8 @@ fn creds(token: &str) -> Credentials {
 
 /// The PEM files the CLI reads (ACADEMY_TLS_*), in a fresh directory.
 fn pem_files() -> Vec<(&'static str, PathBuf)> {
-    let dir = std::env::temp_dir().join(format!("academy-pem-{}", uuid::Uuid::new_v4()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-pem-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let files = [
         (TLS_CA_ENV, "ca.pem", PKI.ca()),
