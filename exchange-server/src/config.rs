@@ -72,6 +72,9 @@ pub struct Config {
     /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
     #[arg(long, env = "ACADEMY_EXCHANGE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token).
+    #[arg(long, env = "ACADEMY_EXCHANGE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -110,6 +113,7 @@ impl Config {
                 self.tls_key.as_deref(),
                 self.tls_client_ca.as_deref(),
             )?,
+            metrics_listen: self.metrics_listen,
         })
     }
 }

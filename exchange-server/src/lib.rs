@@ -20,6 +20,7 @@ mod exchange;
 mod id;
 mod invoke;
 pub mod json;
+pub mod metrics;
 mod server;
 mod service;
 pub mod telemetry;

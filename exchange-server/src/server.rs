@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use academy_proto::pb::exchange_server::ExchangeServer;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::auth::{Authenticator, Tokens};
+use crate::metrics::{self, ExchangeMetrics, RpcMetrics};
 use crate::tls::{Tls, server_builder};
 use crate::{Exchange, ExchangeService, Limits, RedisOptions};
 
@@ -96,6 +98,8 @@ pub struct ServerOptions {
     pub tokens: Option<Tokens>,
     /// Serve TLS (mutual TLS when it names a client CA); plaintext when `None`.
     pub tls: Option<Tls>,
+    /// Serve Prometheus metrics at `GET /metrics` on this address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerOptions {
@@ -107,6 +111,7 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(10),
             tokens: None,
             tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -115,6 +120,7 @@ impl Default for ServerOptions {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     tls: bool,
     exchange: Exchange,
     shutdown: CancellationToken,
@@ -151,7 +157,13 @@ impl RunningServer {
         let reflection = || reflection("academy.v1.Exchange");
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
-        let service = ExchangeServer::new(ExchangeService::new(exchange.clone()))
+        let mut registry = Registry::default();
+        let calls = RpcMetrics::register(&mut registry);
+        let service = ExchangeService::new(exchange.clone())
+            .with_metrics(ExchangeMetrics::register(&mut registry));
+        let (metrics_addr, count_calls) =
+            metrics::serve_if(options.metrics_listen, registry, &calls, shutdown.clone()).await?;
+        let service = ExchangeServer::new(service)
             .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
             .max_encoding_message_size(usize::MAX);
         let auth = Authenticator::new(options.tokens.clone());
@@ -174,6 +186,7 @@ impl RunningServer {
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+            .layer(tower::util::option_layer(count_calls))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -191,11 +204,16 @@ impl RunningServer {
         let (tls, mutual_tls) =
             options.tls.as_ref().map_or((false, false), |t| (true, t.is_mutual()));
         tracing::info!(%addr, authenticated, tls, mutual_tls, "exchange listening");
-        Ok(Self { addr, tls, exchange, shutdown, task: Some(task) })
+        Ok(Self { addr, metrics_addr, tls, exchange, shutdown, task: Some(task) })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where metrics are served, with `metrics_listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://ADDR` (`https://` with TLS), for clients.

@@ -9,6 +9,7 @@ use futures::{Stream, StreamExt as _};
 use tonic::{Code, Request, Response, Status};
 
 use crate::auth::Principal;
+use crate::metrics::ExchangeMetrics;
 use crate::{EntityId, Exchange, ExchangeError, json};
 
 /// Invoke's wait when neither `timeout_ms` nor a call deadline is given.
@@ -18,11 +19,17 @@ const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct ExchangeService {
     exchange: Exchange,
+    metrics: ExchangeMetrics,
 }
 
 impl ExchangeService {
     pub fn new(exchange: Exchange) -> Self {
-        Self { exchange }
+        Self { exchange, metrics: ExchangeMetrics::default() }
+    }
+
+    /// Counts messages and subscriptions in `metrics` (registered by the server).
+    pub(crate) fn with_metrics(self, metrics: ExchangeMetrics) -> Self {
+        Self { metrics, ..self }
     }
 
     /// The exchange, acting for the principal that made `request` (no copy
@@ -112,7 +119,9 @@ impl exchange_server::Exchange for ExchangeService {
             .into_inner()
             .message
             .ok_or_else(|| ExchangeError::InvalidArgument("message is missing".into()))?;
-        exchange.send(message).await?;
+        let result = exchange.send(message).await;
+        self.metrics.sent(&result);
+        result?;
         Ok(Response::new(pb::SendResponse {}))
     }
 
@@ -124,6 +133,7 @@ impl exchange_server::Exchange for ExchangeService {
         let results = exchange.send_batch(request.into_inner().messages).await;
         let results = results
             .into_iter()
+            .inspect(|r| self.metrics.sent(r))
             .map(|r| match r {
                 Ok(()) => pb::SendResult::default(),
                 Err(e) => pb::SendResult {
@@ -148,8 +158,11 @@ impl exchange_server::Exchange for ExchangeService {
         let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
         let subscription = self.exchange_for(&request).subscribe(&id).await?;
         tracing::debug!("subscriber attached");
-        let stream = subscription.into_stream().map(|batch| {
-            let deliveries = batch?
+        let open = Open::new(self.metrics.clone());
+        let stream = subscription.into_stream().map(move |batch| {
+            let batch = batch?;
+            open.0.delivered.inc_by(batch.len() as u64);
+            let deliveries = batch
                 .into_iter()
                 .map(|(seq, message)| pb::Delivery { seq, message: Some(message) })
                 .collect();
@@ -214,6 +227,23 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// Counts a subscription open while it lives (in its stream).
+#[derive(Debug)]
+struct Open(ExchangeMetrics);
+
+impl Open {
+    fn new(metrics: ExchangeMetrics) -> Self {
+        metrics.subscriptions.inc();
+        Self(metrics)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.subscriptions.dec();
+    }
 }
 
 /// Most agents in one Discover answer, whatever `page_size` asks; 0 asks for

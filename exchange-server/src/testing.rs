@@ -1,5 +1,6 @@
 //! Test support: a real `redis-server` on a free loopback port, stopped on
-//! drop; certificates for TLS tests ([`TestPki`]).
+//! drop; certificates for TLS tests ([`TestPki`]); reading a server's
+//! metrics ([`scrape`]).
 //!
 //! ```no_run
 //! let redis = academy_exchange::testing::RedisServer::start().expect("redis-server runs");
@@ -177,4 +178,22 @@ impl TestPki {
             client_ca,
         )
     }
+}
+
+/// `GET /metrics` from `addr` (blocking; plain HTTP/1.1): the status line
+/// and the body.
+pub fn scrape(addr: SocketAddr) -> std::io::Result<(String, String)> {
+    let mut conn = TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+}
+
+/// The value of the sample `series` (name with labels, as printed) in
+/// metrics `text`, if present.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }

@@ -91,6 +91,14 @@ impl Cluster {
         self.agents.values().cloned().collect()
     }
 
+    pub(crate) fn agent_states(&self) -> impl Iterator<Item = AgentState> + '_ {
+        self.agents.values().map(pb::AgentRecord::state)
+    }
+
+    pub(crate) fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
     pub(crate) fn workers(&self) -> Vec<pb::WorkerRecord> {
         self.workers.values().map(|w| w.record.clone()).collect()
     }

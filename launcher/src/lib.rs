@@ -6,6 +6,7 @@
 //! launcher over the `Join` stream of `academy.v1.Launcher`.
 
 mod cluster;
+mod metrics;
 mod server;
 mod service;
 mod store;

@@ -52,6 +52,9 @@ struct Config {
     /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
     #[arg(long, env = "ACADEMY_LAUNCHER_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token).
+    #[arg(long, env = "ACADEMY_LAUNCHER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -79,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
             config.tls_key.as_deref(),
             config.tls_client_ca.as_deref(),
         )?,
+        metrics_listen: config.metrics_listen,
     })
     .await?;
     academy_exchange::shutdown_signal().await;

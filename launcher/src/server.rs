@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use academy_exchange::auth::{Authenticator, Tokens};
+use academy_exchange::metrics::{self, RpcMetrics};
 use academy_exchange::tls::{Tls, server_builder};
 use academy_proto::pb::launcher_server::LauncherServer;
 use academy_sdk::{Credentials, GrpcExchange};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +42,8 @@ pub struct LauncherOptions {
     pub exchange_credentials: Credentials,
     /// Serve TLS (mutual TLS when it names a client CA); plaintext when `None`.
     pub tls: Option<Tls>,
+    /// Serve Prometheus metrics at `GET /metrics` on this address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for LauncherOptions {
@@ -54,6 +58,7 @@ impl Default for LauncherOptions {
             worker_principal: None,
             exchange_credentials: Credentials::none(),
             tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -62,6 +67,7 @@ impl Default for LauncherOptions {
 #[derive(Debug)]
 pub struct RunningLauncher {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     tls: bool,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
@@ -89,6 +95,11 @@ impl RunningLauncher {
             options.heartbeat_timeout,
             options.worker_principal.as_deref().map(Into::into),
         );
+        let mut registry = Registry::default();
+        let calls = RpcMetrics::register(&mut registry);
+        registry.register_collector(Box::new(service.gauges()));
+        let (metrics_addr, count_calls) =
+            metrics::serve_if(options.metrics_listen, registry, &calls, shutdown.clone()).await?;
         let listener = TcpListener::bind(options.listen).await?;
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -96,6 +107,7 @@ impl RunningLauncher {
         let incoming = academy_exchange::nodelay_incoming(listener);
         let signal = shutdown.clone().cancelled_owned();
         let router = server_builder(options.tls.as_ref())?
+            .layer(tower::util::option_layer(count_calls))
             .add_service(health_service)
             .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1()?)
             .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1alpha()?)
@@ -113,11 +125,16 @@ impl RunningLauncher {
         });
         let (authenticated, tls) = (options.tokens.is_some(), options.tls.is_some());
         tracing::info!(%addr, exchange = %options.exchange_url, authenticated, tls, "launcher listening");
-        Ok(Self { addr, tls, shutdown, task: Some(task) })
+        Ok(Self { addr, metrics_addr, tls, shutdown, task: Some(task) })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where metrics are served, with `metrics_listen`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `http://ADDR` (`https://` with TLS), for clients.

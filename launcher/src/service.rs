@@ -40,6 +40,11 @@ impl LauncherService {
         Self { cluster, shutdown, exchange, exchange_url, heartbeat_timeout, worker_principal }
     }
 
+    /// The launcher's own gauges, for its metrics registry.
+    pub(crate) fn gauges(&self) -> crate::metrics::ClusterGauges {
+        crate::metrics::ClusterGauges(self.cluster.clone())
+    }
+
     /// Refuses a caller other than the workers' principal (when calls are
     /// authenticated) from doing `what`.
     fn workers_only<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
