@@ -99,8 +99,9 @@ return 'ok'
 /// and the mailboxes' ids, then per message the number of its mailbox's pair
 /// (from 1), with a sender the number of its source mailbox (from 1), and the
 /// message. One answer per message; a source the sender may not act for
-/// answers `nosrc` (no such mailbox) or `denied:<owner>`. Each mailbox with a subscriber gets a notice on its replica's
-/// channel, one publish per replica for the whole call:
+/// answers `nosrc` (no such mailbox) or `denied:<owner>`. Each mailbox with a
+/// subscriber gets a notice on its replica's channel, one publish per replica
+/// for the whole call:
 /// `m <id> <previous> <added> <size>\n<message>` per message, or
 /// `n <id> <previous> <added> 0\n` for a large one. A mailbox's hash is read
 /// and written once per call, however many messages it gets.
@@ -641,11 +642,6 @@ impl Backend for RedisBackend {
         if messages.is_empty() {
             return Vec::new();
         }
-        // With a sender, each message's source (validated by the exchange).
-        let sources: Vec<Option<EntityId>> = match sender {
-            Some(_) => messages.iter().map(|(_, m)| source(m).ok()).collect(),
-            None => Vec::new(),
-        };
         let ttl = secs(self.options.mailbox_ttl);
         let max = max_queued.unwrap_or(0);
         // One script call per chunk: few enough messages or bytes that Redis,
@@ -654,7 +650,9 @@ impl Backend for RedisBackend {
         let (mut calls, mut sizes) = (Vec::new(), Vec::new());
         let mut chunk = Chunk::default();
         for (i, (dest, message)) in messages.iter().enumerate() {
-            chunk.add(dest, sources.get(i).copied().flatten().as_ref(), message.encode_to_vec());
+            // With a sender, the message's source (validated by the exchange).
+            let src = sender.and_then(|_| source(message).ok());
+            chunk.add(dest, src.as_ref(), message.encode_to_vec());
             let last = i + 1 == messages.len();
             if last || chunk.messages.len() >= ENQUEUE_CHUNK || chunk.bytes >= ENQUEUE_CHUNK_BYTES {
                 let chunk = std::mem::take(&mut chunk);
