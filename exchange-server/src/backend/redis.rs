@@ -701,12 +701,9 @@ impl Backend for RedisBackend {
                 // About the message's source, which the exchange validated.
                 Some(a) if a == "nosrc" || a.starts_with("denied:") => {
                     let src = source(message)?;
-                    Err(match a.strip_prefix("denied:") {
-                        Some(owner) => {
-                            ExchangeError::PermissionDenied { id: src, owner: owner.into() }
-                        }
-                        None => unknown_source(&src),
-                    })
+                    let (head, owner) = a.split_once(':').unwrap_or((a, ""));
+                    let denied = state_error(&src, head, || Some(owner.to_owned()));
+                    Err(denied.unwrap_or_else(|| unknown_source(&src)))
                 }
                 other => {
                     Err(other.and_then(|a| state_error(dest, a, || None)).unwrap_or_else(|| {
