@@ -268,7 +268,21 @@ async fn discovery_pages_through_large_answers(store: Store) {
         }
         page_token = page.next_page_token;
     }
-    assert_eq!((seen, pages), (all, 3), "every agent once, in order, in three pages");
+    assert_eq!((seen, pages), (all.clone(), 3), "every agent once, in order, in three pages");
+
+    // A page as long as what is left is the last; a token whose agent has
+    // left discovery still says where to go on.
+    let page = async |rpc: &mut ExchangeClient<Channel>, exact: bool, page_token: &str| {
+        let behaviour = "lab.Paged".into();
+        let page_token = page_token.into();
+        let req = pb::DiscoverRequest { behaviour, exact, page_size: 2, page_token };
+        let page = rpc.discover(req).await.unwrap().into_inner();
+        let ids: Vec<String> = page.agents.into_iter().map(|a| a.agent_id).collect();
+        (ids, page.next_page_token)
+    };
+    h.terminate(&all[1]).await;
+    assert_eq!(page(&mut h.rpc, false, &all[1]).await, (all[2..4].to_vec(), all[3].clone()));
+    assert_eq!(page(&mut h.rpc, true, &all[2]).await, (all[3..5].to_vec(), String::new()));
 
     // Agents with long names come fewer to an answer (it stays under 1 MiB),
     // whatever the page size; at least one at a time.

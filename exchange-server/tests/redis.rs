@@ -10,7 +10,7 @@ mod common;
 use common::{agent_and_client, number, ping, subscribe};
 
 use academy_exchange::testing::RedisServer;
-use academy_exchange::{Backend, RedisOptions, RunningServer, ServerOptions};
+use academy_exchange::{Backend, EntityId, RedisOptions, RunningServer, ServerOptions};
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
@@ -427,4 +427,56 @@ async fn numbers(stream: &mut tonic::Streaming<pb::SubscribeResponse>) -> Vec<us
     let frame = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
     let frame = frame.expect("pushed within 10 s").unwrap().unwrap();
     frame.deliveries.iter().map(|d| number(d.message.as_ref().unwrap())).collect()
+}
+
+#[tokio::test]
+async fn an_earlier_versions_discovery_index_is_taken_over_at_start() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let redis_ok = |args: &[&str]| {
+        let answer = redis.command(args).unwrap();
+        assert!(!answer.starts_with('-'), "{args:?}: {answer}");
+        answer
+    };
+    // Agents as exchanges before 2026-12 left them: a hash each, listed in
+    // sets; one of them terminated since (still listed, as after a crash).
+    let ids: Vec<String> = (0..6).map(|_| EntityId::new_agent().to_string()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let behaviour = if n % 2 == 0 { "old.Even" } else { "old.Odd" };
+        let state = if n == 5 { "t" } else { "a" };
+        let mailbox = format!("academy:mb:{id}");
+        let fields = ["s", state, "k", "a", "b", behaviour, "i", r#"["old.Any"]"#, "n", ""];
+        redis_ok(&[&["HSET", mailbox.as_str()][..], &fields[..]].concat());
+        for set in ["ix:", &format!("ix:{behaviour}"), &format!("ox:{behaviour}"), "ix:old.Any"] {
+            redis_ok(&["SADD", &format!("academy:{set}"), id]);
+        }
+    }
+
+    let (_server, mut rpc) = replica(&redis).await;
+    let mut lookup = rpc.clone();
+    let mut discover = async |name: &str, exact: bool, page_size: u32| {
+        let (mut found, mut page_token) = (Vec::new(), String::new());
+        loop {
+            let req = pb::DiscoverRequest { behaviour: name.into(), exact, page_size, page_token };
+            let page = lookup.discover(req).await.unwrap().into_inner();
+            found.extend(page.agents.into_iter().map(|a| a.agent_id));
+            if page.next_page_token.is_empty() {
+                return found;
+            }
+            page_token = page.next_page_token;
+        }
+    };
+    let active = &ids[..5];
+    assert_eq!(discover("old.Any", false, 0).await, active);
+    assert_eq!(discover("old.Any", false, 2).await, active, "paged, in id order");
+    assert_eq!(discover("", false, 3).await, active);
+    assert_eq!(discover("old.Even", true, 0).await, [ids[0].as_str(), &ids[2], &ids[4]]);
+    assert_eq!(discover("old.Odd", false, 1).await, [ids[1].as_str(), &ids[3]]);
+    for old in ["academy:ix:", "academy:ix:old.Any", "academy:ox:old.Even", "academy:ix:old.Odd"] {
+        assert_eq!(redis_ok(&["EXISTS", old]), ":0", "{old} deleted");
+    }
+
+    // The agents moved are indexed as any other: terminating one unlists it.
+    rpc.terminate(pb::TerminateRequest { id: ids[0].clone() }).await.unwrap();
+    assert_eq!(discover("old.Any", false, 0).await, &ids[1..5]);
+    assert_eq!(discover("old.Even", true, 0).await, [ids[2].as_str(), &ids[4]]);
 }

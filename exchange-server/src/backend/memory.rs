@@ -1,6 +1,7 @@
 //! The in-memory backend: mailboxes live as long as the process.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex, RwLock};
 
 use academy_proto::pb;
@@ -15,9 +16,10 @@ use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxS
 #[derive(Debug, Default)]
 pub(crate) struct MemoryBackend {
     mailboxes: RwLock<HashMap<EntityId, Arc<Mailbox>>>,
-    /// Behaviour or interface name → agents listing it (true when it is their
-    /// own behaviour). The empty name lists every active agent.
-    index: RwLock<HashMap<String, HashMap<EntityId, bool>>>,
+    /// Discovery, in id order: `[listing, own]`, behaviour or interface name →
+    /// agents listing it / whose own behaviour it is. The empty name lists
+    /// every active agent.
+    index: RwLock<[HashMap<String, BTreeSet<EntityId>>; 2]>,
 }
 
 #[derive(Debug)]
@@ -59,9 +61,11 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The names an agent is listed under in the index, with whether each is its own.
+/// The names an agent is listed under in the index, and whether in the
+/// index of own behaviours (`exact`).
 fn index_names(agent: &AgentInfo) -> impl Iterator<Item = (&str, bool)> {
-    [("", false), (agent.behaviour.as_str(), true)]
+    let own = agent.behaviour.as_str();
+    [("", false), (own, false), (own, true)]
         .into_iter()
         .chain(agent.implements.iter().map(|n| (n.as_str(), false)))
 }
@@ -151,8 +155,8 @@ impl Backend for MemoryBackend {
         }
         if let Some(agent) = &agent {
             let mut index = write(&self.index);
-            for (name, own) in index_names(agent) {
-                *index.entry(name.to_owned()).or_default().entry(id).or_default() |= own;
+            for (name, exact) in index_names(agent) {
+                index[usize::from(exact)].entry(name.to_owned()).or_default().insert(id);
             }
         }
         Ok(())
@@ -176,11 +180,12 @@ impl Backend for MemoryBackend {
         mailbox.changed.notify_waiters();
         if let Some(agent) = &mailbox.agent {
             let mut index = write(&self.index);
-            for (name, _) in index_names(agent) {
-                if let Some(ids) = index.get_mut(name) {
+            for (name, exact) in index_names(agent) {
+                let names = &mut index[usize::from(exact)];
+                if let Some(ids) = names.get_mut(name) {
                     ids.remove(id);
                     if ids.is_empty() {
-                        index.remove(name);
+                        names.remove(name);
                     }
                 }
             }
@@ -202,11 +207,13 @@ impl Backend for MemoryBackend {
     }
 
     async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError> {
-        let ids: Vec<EntityId> = match read(&self.index).get(name) {
-            Some(ids) => ids.iter().filter(|(_, own)| **own || !exact).map(|(id, _)| *id).collect(),
+        let (ids, next) = match read(&self.index)[usize::from(exact)].get(name) {
+            Some(ids) => {
+                let from = page.after.map_or(Bound::Unbounded, Bound::Excluded);
+                page.take(ids.range((from, Bound::Unbounded)).copied())
+            }
             None => return Ok((Vec::new(), None)),
         };
-        let (ids, next) = page.cut(ids);
         let mailboxes = read(&self.mailboxes);
         Ok((ids.iter().filter_map(|id| mailboxes.get(id)?.agent.clone()).collect(), next))
     }

@@ -15,20 +15,23 @@ pub(crate) struct Page {
 }
 
 impl Page {
-    /// The ids of this page out of all matching `ids`, and the next page's
-    /// token (the page's last id) when more follow.
-    pub(crate) fn cut(&self, mut ids: Vec<EntityId>) -> (Vec<EntityId>, Option<EntityId>) {
-        ids.sort_unstable();
-        if let Some(after) = self.after {
-            ids.retain(|id| *id > after);
-        }
-        match self.limit {
-            Some(limit) if ids.len() > limit => {
-                ids.truncate(limit);
-                let next = ids.last().copied();
-                (ids, next)
-            }
-            _ => (ids, None),
+    /// This page out of `ids`, the matching ids after `after` in ascending
+    /// order, and the next page's token (the page's last id) when more follow.
+    /// Reads at most one id past the page.
+    pub(crate) fn take(
+        &self,
+        ids: impl IntoIterator<Item = EntityId>,
+    ) -> (Vec<EntityId>, Option<EntityId>) {
+        let Some(limit) = self.limit else {
+            return (ids.into_iter().collect(), None);
+        };
+        let mut page: Vec<EntityId> = ids.into_iter().take(limit.saturating_add(1)).collect();
+        if page.len() > limit {
+            page.truncate(limit);
+            let next = page.last().copied();
+            (page, next)
+        } else {
+            (page, None)
         }
     }
 }

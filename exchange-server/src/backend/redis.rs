@@ -9,8 +9,11 @@
 //!   an acknowledged message is deleted, so its length is the queue length;
 //! - `P:dq:<id>`: the queue of a mailbox just terminated, while the exchange
 //!   answers the requests left in it;
-//! - `P:ix:<name>` / `P:ox:<name>`: discovery index, agents listing a name / whose
-//!   own behaviour it is (`P:ix:` lists every active agent).
+//! - `P:idx:<name>` / `P:own:<name>`: discovery index, agents listing a name /
+//!   whose own behaviour it is (`P:idx:` lists every active agent); sorted sets
+//!   whose members all score 0, so they are ordered by id and a page is read
+//!   by range. (Versions before 2026-12 kept sets at `P:ix:` / `P:ox:`: see
+//!   [`MIGRATE_INDEX`].)
 //!
 //! State changes run as Lua scripts (atomic). Each replica listens on its own
 //! pub/sub channel `P:bell:<replica>`; a script that adds a message to a
@@ -61,6 +64,10 @@ impl Default for RedisOptions {
     }
 }
 
+/// Agents moved per call of [`MIGRATE_INDEX`].
+const MIGRATE_BATCH: usize = 100;
+/// How often an exchange looks for agents in an earlier version's index.
+const MIGRATE_EVERY: Duration = Duration::from_secs(60);
 /// Most entries read from one stream at a time.
 const READ_COUNT: usize = 512;
 /// Subscriptions looked at again per round trip after notices were lost.
@@ -74,23 +81,37 @@ const DRAIN_TTL_SECS: u64 = 24 * 3600;
 /// from the stream, so no large payload is copied twice.
 const MAX_NOTICE_BYTES: usize = 64 * 1024;
 
+/// Lua: `index(add, p, id, b, i)` adds agent `id`, of behaviour `b` and
+/// implementing the JSON list `i`, to the discovery index under prefix `p`,
+/// or removes it.
+macro_rules! lua_index {
+    () => {
+        r"
+local function index(add, p, id, b, i)
+  local keys = {p .. ':idx:', p .. ':idx:' .. b, p .. ':own:' .. b}
+  for _, name in ipairs(cjson.decode(i)) do keys[#keys + 1] = p .. ':idx:' .. name end
+  for _, key in ipairs(keys) do
+    if add then redis.call('ZADD', key, 0, id) else redis.call('ZREM', key, id) end
+  end
+end
+"
+    };
+}
+
 /// Creates mailbox ARGV[1]: kind, behaviour, implements (JSON), name, TTL,
 /// key prefix, owner (empty: none). Answers its state if it already exists.
-const CREATE: &str = r"
+const CREATE: &str = concat!(
+    lua_index!(),
+    r"
 local s = redis.call('HGET', KEYS[1], 's')
 if s then return s end
 redis.call('HSET', KEYS[1], 's', 'a', 'k', ARGV[2], 'b', ARGV[3], 'i', ARGV[4], 'n', ARGV[5], 'g', 0)
 if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'o', ARGV[8]) end
 if tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
-if ARGV[2] == 'a' then
-  local p = ARGV[7]
-  redis.call('SADD', p .. ':ix:', ARGV[1])
-  redis.call('SADD', p .. ':ix:' .. ARGV[3], ARGV[1])
-  redis.call('SADD', p .. ':ox:' .. ARGV[3], ARGV[1])
-  for _, name in ipairs(cjson.decode(ARGV[4])) do redis.call('SADD', p .. ':ix:' .. name, ARGV[1]) end
-end
+if ARGV[2] == 'a' then index(true, ARGV[7], ARGV[1], ARGV[3], ARGV[4]) end
 return 'ok'
-";
+"
+);
 
 /// Appends messages, in order: KEYS are the (mailbox, queue) pairs of the
 /// mailboxes written to, then the mailboxes the messages come from when the
@@ -163,7 +184,9 @@ return out
 /// the exchange reads a page at a time to answer the requests left in it and
 /// then deletes: however long the queue, no one reply or step is large. A
 /// drain left by a crash expires after `DRAIN_TTL_SECS` (ARGV[5]).
-const TERMINATE: &str = r"
+const TERMINATE: &str = concat!(
+    lua_index!(),
+    r"
 local s = redis.call('HGET', KEYS[1], 's')
 if not s then return {'missing'} end
 local o = redis.call('HGET', KEYS[1], 'o')
@@ -180,17 +203,36 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 local r = redis.call('HGET', KEYS[1], 'r')
 if r then redis.call('PUBLISH', ARGV[3] .. ':bell:' .. r, 't ' .. ARGV[1] .. '\n') end
-if redis.call('HGET', KEYS[1], 'k') == 'a' then
-  local p, b = ARGV[3], redis.call('HGET', KEYS[1], 'b')
-  redis.call('SREM', p .. ':ix:', ARGV[1])
-  redis.call('SREM', p .. ':ix:' .. b, ARGV[1])
-  redis.call('SREM', p .. ':ox:' .. b, ARGV[1])
-  for _, name in ipairs(cjson.decode(redis.call('HGET', KEYS[1], 'i'))) do
-    redis.call('SREM', p .. ':ix:' .. name, ARGV[1])
+local h = redis.call('HMGET', KEYS[1], 'k', 'b', 'i')
+if h[1] == 'a' then index(false, ARGV[3], ARGV[1], h[2], h[3]) end
+return out
+"
+);
+
+/// Moves at most ARGV[2] agents from the index of earlier versions (sets:
+/// `P:ix:` of every active agent, `P:ix:<name>`, `P:ox:<name>`; ARGV[1] is
+/// `P`) to the sorted one, rebuilding their entries from their mailboxes and
+/// deleting the old sets they were in; answers how many it took (0: none
+/// left). Each call is short, and a crash between calls loses nothing.
+const MIGRATE_INDEX: &str = concat!(
+    lua_index!(),
+    r"
+local p = ARGV[1]
+local ids = redis.call('SPOP', p .. ':ix:', tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  local h = redis.call('HMGET', p .. ':mb:' .. id, 's', 'b', 'i')
+  if h[1] == 'a' then
+    index(true, p, id, h[2], h[3])
+    local old = {p .. ':ox:' .. h[2], p .. ':ix:' .. h[2]}
+    for _, name in ipairs(cjson.decode(h[3])) do old[#old + 1] = p .. ':ix:' .. name end
+    for _, key in ipairs(old) do
+      if key ~= p .. ':ix:' then redis.call('DEL', key) end
+    end
   end
 end
-return out
-";
+return #ids
+"
+);
 
 /// Makes replica ARGV[3] the subscriber's, for caller ARGV[5]; the previous
 /// one (on any replica) is told it was taken over.
@@ -300,7 +342,7 @@ fn secs(ttl: Option<Duration>) -> u64 {
 
 /// A Lua script, run by its hash (EVALSHA) and loaded again whenever Redis
 /// lost it (a restart, SCRIPT FLUSH).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Lua {
     body: &'static str,
     sha: String,
@@ -319,13 +361,14 @@ impl Lua {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Scripts {
     create: Lua,
     enqueue: Lua,
     terminate: Lua,
     subscribe: Lua,
     acknowledge: Lua,
+    migrate_index: Lua,
 }
 
 fn is_noscript(value: &Value) -> bool {
@@ -362,7 +405,7 @@ impl Keys {
         format!("{}:bell:", self.prefix)
     }
     fn index(&self, name: &str, exact: bool) -> String {
-        format!("{}:{}:{name}", self.prefix, if exact { "ox" } else { "ix" })
+        format!("{}:{}:{name}", self.prefix, if exact { "own" } else { "idx" })
     }
 }
 
@@ -398,7 +441,7 @@ pub async fn connect_redis(url: &str) -> Result<(redis::Client, ConnectionManage
     Ok((client, conn))
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct RedisBackend {
     conn: ConnectionManager,
     scripts: Scripts,
@@ -420,8 +463,50 @@ impl RedisBackend {
             terminate: Lua::new(TERMINATE),
             subscribe: Lua::new(SUBSCRIBE),
             acknowledge: Lua::new(ACKNOWLEDGE),
+            migrate_index: Lua::new(MIGRATE_INDEX),
         };
-        Ok(Self { conn, scripts, keys, options, reader })
+        let backend = Self { conn, scripts, keys, options, reader };
+        backend.migrate_index().await?;
+        // During a rolling upgrade, replicas of earlier versions still write
+        // the old index: take what they add.
+        let again = backend.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(MIGRATE_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = again.migrate_index().await {
+                    tracing::warn!(error = %e, "cannot look for a discovery index of an earlier version");
+                }
+            }
+        });
+        Ok(backend)
+    }
+
+    /// Moves every agent listed in an earlier version's discovery index
+    /// ([`MIGRATE_INDEX`]) to this one's; nothing when there is none.
+    async fn migrate_index(&self) -> Result<(), ExchangeError> {
+        let old = format!("{}:ix:", self.keys.prefix);
+        let mut conn = self.conn.clone();
+        let exists: bool =
+            redis::cmd("EXISTS").arg(&old).query_async(&mut conn).await.map_err(unavailable)?;
+        if !exists {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut moved = 0;
+        loop {
+            let mut cmd = self.scripts.migrate_index.call(&[]);
+            cmd.arg(&self.keys.prefix).arg(MIGRATE_BATCH);
+            let answer = self.run_one(&self.scripts.migrate_index, cmd).await?;
+            match integer(&answer) {
+                Some(0) | None => break,
+                Some(n) => moved += n,
+            }
+        }
+        let elapsed = started.elapsed();
+        tracing::info!(agents = moved, ?elapsed, "moved an earlier version's discovery index");
+        Ok(())
     }
 
     /// Runs script calls in one pipeline, in order; one answer each (a failed
@@ -599,12 +684,15 @@ impl Backend for RedisBackend {
 
     async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError> {
         let mut conn = self.conn.clone();
-        let members: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(self.keys.index(name, exact))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let (ids, next) = page.cut(members.iter().filter_map(|m| m.parse().ok()).collect());
+        let mut range = redis::cmd("ZRANGEBYLEX");
+        range.arg(self.keys.index(name, exact));
+        range.arg(page.after.map_or_else(|| "-".to_owned(), |id| format!("({id}"))).arg("+");
+        if let Some(limit) = page.limit {
+            // One more than the page, to know whether another follows.
+            range.arg("LIMIT").arg(0).arg(limit.saturating_add(1));
+        }
+        let members: Vec<String> = range.query_async(&mut conn).await.map_err(unavailable)?;
+        let (ids, next) = page.take(members.iter().filter_map(|m| m.parse().ok()));
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n"]);
@@ -624,7 +712,7 @@ impl Backend for RedisBackend {
             }
         }
         if !stale.is_empty() {
-            let _: Result<(), _> = redis::cmd("SREM")
+            let _: Result<(), _> = redis::cmd("ZREM")
                 .arg(self.keys.index(name, exact))
                 .arg(&stale)
                 .query_async(&mut conn)
