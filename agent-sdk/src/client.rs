@@ -283,6 +283,7 @@ impl ExchangeClient for GrpcExchange {
             state: state_from_pb(response.state),
             queued: usize::try_from(response.queued).unwrap_or(usize::MAX),
             agent: response.agent.map(info_from_pb).transpose()?,
+            subscribed: response.subscribed,
         })
     }
     async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {

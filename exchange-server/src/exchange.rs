@@ -74,6 +74,15 @@ pub struct MailboxStatus {
     pub state: MailboxState,
     pub queued: usize,
     pub agent: Option<AgentInfo>,
+    /// Someone is subscribed to the (active) mailbox now.
+    pub subscribed: bool,
+}
+
+impl MailboxStatus {
+    /// The status of an id no mailbox has.
+    pub(crate) fn missing() -> Self {
+        Self { state: MailboxState::Missing, queued: 0, agent: None, subscribed: false }
+    }
 }
 
 /// One message handed to a subscriber, with its position for acknowledging it.

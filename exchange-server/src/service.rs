@@ -90,6 +90,7 @@ impl exchange_server::Exchange for ExchangeService {
             state: pb::MailboxState::from(status.state).into(),
             queued: status.queued as u64,
             agent: status.agent.map(Into::into),
+            subscribed: status.subscribed,
         }))
     }
 

@@ -76,6 +76,20 @@ impl Harness {
         resp.state()
     }
 
+    async fn subscribed(&mut self, id: &str) -> bool {
+        let resp = self.rpc.status(pb::StatusRequest { id: id.into() }).await.unwrap();
+        resp.into_inner().subscribed
+    }
+
+    /// Waits up to 5 s for the server to see a subscription end.
+    async fn until_unsubscribed(&mut self, id: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.subscribed(id).await {
+            assert!(tokio::time::Instant::now() < deadline, "{id} still has a subscriber");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn send(&mut self, message: pb::Message) -> Result<(), tonic::Status> {
         self.rpc.send(pb::SendRequest { message: Some(message) }).await.map(drop)
     }
@@ -339,6 +353,30 @@ async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber(store: S
     assert_eq!(tag(again[0].message.as_ref().unwrap()), tag(&second));
     let status = h.rpc.status(pb::StatusRequest { id: agent.clone() }).await.unwrap();
     assert_eq!(status.into_inner().queued, 1);
+}
+
+async fn status_says_whether_a_subscriber_listens(store: Store) {
+    let mut h = start(store).await;
+    let agent = h.agent("lab.Listener", &[]).await;
+    assert!(!h.subscribed(&agent).await, "no subscriber yet");
+    let first = h.subscribe(&agent).await;
+    assert!(h.subscribed(&agent).await);
+
+    // A subscriber that was taken over leaving does not count.
+    let second = h.subscribe(&agent).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h.subscribed(&agent).await, "the newer subscriber still listens");
+    // A subscriber whose connection closes stops counting.
+    drop(second);
+    h.until_unsubscribed(&agent).await;
+
+    let _third = h.subscribe(&agent).await;
+    assert!(h.subscribed(&agent).await);
+    h.terminate(&agent).await;
+    assert!(!h.subscribed(&agent).await, "a terminated mailbox has no subscriber");
+    let unknown = EntityId::new_agent().to_string();
+    assert!(!h.subscribed(&unknown).await);
 }
 
 async fn a_new_subscriber_supersedes_the_old_one(store: Store) {
@@ -786,6 +824,7 @@ conformance!(
     discovery_pages_through_large_answers,
     unacknowledged_messages_are_redelivered_to_the_next_subscriber,
     a_new_subscriber_supersedes_the_old_one,
+    status_says_whether_a_subscriber_listens,
     messages_from_one_sender_arrive_in_order,
     oversized_message_and_full_mailbox_are_resource_exhausted,
     malformed_input_is_invalid_argument_and_the_server_keeps_running,

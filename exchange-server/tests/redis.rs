@@ -172,6 +172,8 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
 
     // Subscribed on B, sent through A: pushed across replicas.
     let mut stream = subscribe(&mut on_b, &agent).await;
+    let status = on_a.status(pb::StatusRequest { id: agent.clone() }).await.unwrap();
+    assert!(status.into_inner().subscribed, "A sees B's subscriber");
     for n in 0..20 {
         on_a.send(pb::SendRequest { message: Some(ping(&client, &agent, n)) }).await.unwrap();
     }

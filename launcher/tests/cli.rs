@@ -105,6 +105,7 @@ async fn the_cli_drives_a_live_system() {
         assert_eq!(found[0]["agent_id"], id2.as_str());
         let status = cli2.json(&["status", &id2]);
         assert_eq!(status[0]["state"], "active");
+        assert_eq!(status[0]["subscribed"], true, "its worker runs it");
         let (ok, table, _) = cli2.run(&["agents", "list"]);
         assert!(ok && table.starts_with("AGENT_ID"), "a table for people: {table}");
 

@@ -40,6 +40,8 @@ struct QueueState {
     unacked: usize,
     /// Bumped by every subscribe; an older subscription sees it and ends.
     generation: u64,
+    /// The subscription of the current generation is open.
+    subscribed: bool,
 }
 
 #[derive(Debug)]
@@ -196,13 +198,14 @@ impl Backend for MemoryBackend {
 
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError> {
         let Ok(mailbox) = self.mailbox(id) else {
-            return Ok(MailboxStatus { state: MailboxState::Missing, queued: 0, agent: None });
+            return Ok(MailboxStatus::missing());
         };
         let state = lock(&mailbox.state);
         Ok(MailboxStatus {
             state: if state.terminated { MailboxState::Terminated } else { MailboxState::Active },
             queued: state.unacked,
             agent: mailbox.agent.clone(),
+            subscribed: state.subscribed && !state.terminated,
         })
     }
 
@@ -245,6 +248,7 @@ impl Backend for MemoryBackend {
                 return Err(ExchangeError::Terminated(*id));
             }
             state.generation += 1;
+            state.subscribed = true;
             state.generation
         };
         mailbox.changed.notify_waiters();
@@ -299,6 +303,15 @@ struct MemorySubscription {
     generation: u64,
     /// Seq of the next message to deliver.
     cursor: u64,
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        let mut state = lock(&self.mailbox.state);
+        if state.generation == self.generation {
+            state.subscribed = false;
+        }
+    }
 }
 
 #[async_trait]

@@ -9,6 +9,9 @@
 //!   an acknowledged message is deleted, so its length is the queue length;
 //! - `P:dq:<id>`: the queue of a mailbox just terminated, while the exchange
 //!   answers the requests left in it;
+//! - `P:replica:<replica>`: present while the replica runs (renewed every
+//!   `PRESENCE_EVERY`, expiring after `PRESENCE_TTL`), so a subscriber whose
+//!   replica died stops counting as one;
 //! - `P:idx:<name>` / `P:own:<name>`: discovery index, agents listing a name /
 //!   whose own behaviour it is (`P:idx:` lists every active agent); sorted sets
 //!   whose members all score 0, so they are ordered by id and a page is read
@@ -64,6 +67,9 @@ impl Default for RedisOptions {
     }
 }
 
+/// How often a replica renews its presence, and how long it lasts.
+const PRESENCE_EVERY: Duration = Duration::from_secs(5);
+const PRESENCE_TTL: Duration = Duration::from_secs(15);
 /// Agents moved per call of [`MIGRATE_INDEX`].
 const MIGRATE_BATCH: usize = 100;
 /// How often an exchange looks for agents in an earlier version's index.
@@ -255,6 +261,14 @@ if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2]
 return {'ok', g}
 ";
 
+/// Forgets replica ARGV[2] as the one with mailbox KEYS[1]'s subscriber, as
+/// its subscription of generation ARGV[1] ended, unless a newer one took over.
+const UNSUBSCRIBE: &str = r"
+local h = redis.call('HMGET', KEYS[1], 'g', 'r')
+if h[1] == ARGV[1] and h[2] == ARGV[2] then redis.call('HDEL', KEYS[1], 'r') end
+return 'ok'
+";
+
 /// Deletes acknowledged messages: ARGV is the caller, the highest id
 /// acknowledged, then every id (deleted a thousand at a time: Lua's `unpack`
 /// is bounded). None may be above the last message added.
@@ -368,6 +382,7 @@ struct Scripts {
     terminate: Lua,
     subscribe: Lua,
     acknowledge: Lua,
+    unsubscribe: Lua,
     migrate_index: Lua,
 }
 
@@ -399,6 +414,10 @@ impl Keys {
     /// What was queued in a terminated mailbox, until its requests are answered.
     fn drain(&self, id: &EntityId) -> String {
         format!("{}:dq:{id}", self.prefix)
+    }
+    /// Present while `replica` runs.
+    fn replica(&self, replica: &str) -> String {
+        format!("{}:replica:{replica}", self.prefix)
     }
     /// The prefix of the replicas' notice channels.
     fn bell(&self) -> String {
@@ -444,7 +463,7 @@ pub async fn connect_redis(url: &str) -> Result<(redis::Client, ConnectionManage
 #[derive(Debug, Clone)]
 pub(crate) struct RedisBackend {
     conn: ConnectionManager,
-    scripts: Scripts,
+    scripts: Arc<Scripts>,
     keys: Keys,
     options: RedisOptions,
     reader: Arc<Reader>,
@@ -457,30 +476,58 @@ impl RedisBackend {
         let reader = Reader::start(client, conn.clone(), keys.bell()).await?;
         let url = redacted_url(&options.url);
         tracing::info!(%url, prefix = %options.prefix, "using Redis for mailboxes");
-        let scripts = Scripts {
+        let scripts = Arc::new(Scripts {
             create: Lua::new(CREATE),
             enqueue: Lua::new(ENQUEUE),
             terminate: Lua::new(TERMINATE),
             subscribe: Lua::new(SUBSCRIBE),
             acknowledge: Lua::new(ACKNOWLEDGE),
+            unsubscribe: Lua::new(UNSUBSCRIBE),
             migrate_index: Lua::new(MIGRATE_INDEX),
-        };
-        let backend = Self { conn, scripts, keys, options, reader };
-        backend.migrate_index().await?;
-        // During a rolling upgrade, replicas of earlier versions still write
-        // the old index: take what they add.
-        let again = backend.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(MIGRATE_EVERY);
-            every.tick().await;
-            loop {
-                every.tick().await;
-                if let Err(e) = again.migrate_index().await {
-                    tracing::warn!(error = %e, "cannot look for a discovery index of an earlier version");
-                }
-            }
         });
+        let backend = Self { conn, scripts, keys, options, reader };
+        backend.renew_presence().await?;
+        backend.migrate_index().await?;
+        tokio::spawn(backend.clone().keep());
         Ok(backend)
+    }
+
+    /// Renews this replica's presence; and, as during a rolling upgrade
+    /// replicas of earlier versions still write the old discovery index,
+    /// takes what they add.
+    async fn keep(self) {
+        let mut presence = tokio::time::interval(PRESENCE_EVERY);
+        let mut migrate = tokio::time::interval(MIGRATE_EVERY);
+        // Both were just done.
+        presence.tick().await;
+        migrate.tick().await;
+        loop {
+            tokio::select! {
+                _ = presence.tick() => if let Err(e) = self.renew_presence().await {
+                    tracing::warn!(error = %e, "cannot renew this replica's presence");
+                },
+                _ = migrate.tick() => if let Err(e) = self.migrate_index().await {
+                    tracing::warn!(error = %e, "cannot look for an earlier version's discovery index");
+                },
+            }
+        }
+    }
+
+    async fn renew_presence(&self) -> Result<(), ExchangeError> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.replica(&self.reader.replica)).arg(1);
+        set.arg("PX").arg(u64::try_from(PRESENCE_TTL.as_millis()).unwrap_or(u64::MAX));
+        set.query_async(&mut self.conn.clone()).await.map_err(unavailable)
+    }
+
+    /// Forgets this replica as mailbox `id`'s subscriber's, as its
+    /// subscription of `generation` ended (unless a newer one took over).
+    async fn unsubscribed(&self, id: &EntityId, generation: u64) {
+        let mut cmd = self.scripts.unsubscribe.call(&[self.keys.mailbox(id)]);
+        cmd.arg(generation).arg(&self.reader.replica);
+        if let Err(e) = self.run_one(&self.scripts.unsubscribe, cmd).await {
+            tracing::warn!(mailbox = %id, error = %e, "cannot record that a subscription ended");
+        }
     }
 
     /// Moves every agent listed in an earlier version's discovery index
@@ -663,23 +710,30 @@ impl Backend for RedisBackend {
         let (fields, queued): (Vec<Option<String>>, usize) = redis::pipe()
             .cmd("HMGET")
             .arg(self.keys.mailbox(id))
-            .arg(&["s", "k", "b", "i", "n"])
+            .arg(&["s", "k", "b", "i", "n", "r"])
             .cmd("XLEN")
             .arg(self.keys.queue(id))
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
         let state = match fields.first().cloned().flatten().as_deref() {
-            None => {
-                return Ok(MailboxStatus { state: MailboxState::Missing, queued: 0, agent: None });
-            }
+            None => return Ok(MailboxStatus::missing()),
             Some("t") => MailboxState::Terminated,
             Some(_) => MailboxState::Active,
         };
         let agent = (fields.get(1).cloned().flatten().as_deref() == Some("a"))
             .then(|| agent_info(*id, &fields[2..]))
             .flatten();
-        Ok(MailboxStatus { state, queued, agent })
+        // Its subscriber's replica, if it still runs.
+        let subscribed = match fields.get(5).cloned().flatten() {
+            Some(replica) if state == MailboxState::Active => redis::cmd("EXISTS")
+                .arg(self.keys.replica(&replica))
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?,
+            _ => false,
+        };
+        Ok(MailboxStatus { state, queued, agent, subscribed })
     }
 
     async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError> {
@@ -820,10 +874,11 @@ impl Backend for RedisBackend {
         let events = self.reader.add(*id, &self.keys, generation);
         Ok(Box::new(RedisSubscription {
             id: *id,
+            generation,
             events,
             ready: VecDeque::new(),
             end: None,
-            reader: self.reader.clone(),
+            backend: self.clone(),
         }))
     }
 
@@ -1041,11 +1096,14 @@ impl Reader {
         (token, receiver)
     }
 
-    fn remove(&self, id: &EntityId, token: u64) {
+    /// Stops watching for subscription `token`; whether it was still watched.
+    fn remove(&self, id: &EntityId, token: u64) -> bool {
         let mut watching = self.lock();
-        if watching.get(id).is_some_and(|w| w.token == token) {
+        let current = watching.get(id).is_some_and(|w| w.token == token);
+        if current {
             watching.remove(id);
         }
+        current
     }
 
     async fn run(
@@ -1299,16 +1357,25 @@ fn range_entries(reply: Value) -> Vec<(u64, Bytes)> {
 #[derive(Debug)]
 struct RedisSubscription {
     id: EntityId,
+    generation: u64,
     events: (u64, mpsc::UnboundedReceiver<Event>),
     ready: VecDeque<(u64, Bytes)>,
     /// How the subscription ended, reported once what came before is delivered.
     end: Option<ExchangeError>,
-    reader: Arc<Reader>,
+    backend: RedisBackend,
 }
 
 impl Drop for RedisSubscription {
     fn drop(&mut self) {
-        self.reader.remove(&self.id, self.events.0);
+        // Still the mailbox's subscription (not taken over, not ended by
+        // its termination): it has no subscriber any more.
+        if !self.backend.reader.remove(&self.id, self.events.0) {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (backend, id, generation) = (self.backend.clone(), self.id, self.generation);
+            runtime.spawn(async move { backend.unsubscribed(&id, generation).await });
+        }
     }
 }
 

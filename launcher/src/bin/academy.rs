@@ -298,9 +298,14 @@ async fn main() -> anyhow::Result<()> {
             let state =
                 status.state().as_str_name().trim_start_matches("MAILBOX_STATE_").to_lowercase();
             let behaviour = status.agent.map(|a| a.behaviour).unwrap_or_default();
-            let row =
-                json!({"id": id, "state": state, "queued": status.queued, "behaviour": behaviour});
-            print(cli.json, &["id", "state", "queued", "behaviour"], &[row]);
+            let row = json!({
+                "id": id,
+                "state": state,
+                "subscribed": status.subscribed,
+                "queued": status.queued,
+                "behaviour": behaviour,
+            });
+            print(cli.json, &["id", "state", "subscribed", "queued", "behaviour"], &[row]);
         }
         Command::Invoke { agent_id, action, args, timeout_ms } => {
             let args = match args {
