@@ -356,7 +356,7 @@ fn secs(ttl: Option<Duration>) -> u64 {
 
 /// A Lua script, run by its hash (EVALSHA) and loaded again whenever Redis
 /// lost it (a restart, SCRIPT FLUSH).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Lua {
     body: &'static str,
     sha: String,
@@ -375,7 +375,7 @@ impl Lua {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Scripts {
     create: Lua,
     enqueue: Lua,
