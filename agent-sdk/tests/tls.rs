@@ -1,10 +1,13 @@
 //! TLS and mutual TLS between the SDK and a real exchange-server on loopback,
 //! with certificates made for the test (a CA, the server's, a client's).
 
-use academy_exchange::testing::TestPki;
+use academy_exchange::auth::Tokens;
+use academy_exchange::testing::{CertifiedKey, TestPki};
 use academy_exchange::tls::Tls;
-use academy_exchange::{RunningServer, ServerOptions};
-use academy_sdk::{ClientError, Credentials, GrpcExchange, Manager, behaviour};
+use academy_exchange::{ExchangeError, RunningServer, ServerOptions};
+use academy_sdk::{
+    ClientError, Credentials, ExchangeClient as _, GrpcExchange, Manager, behaviour,
+};
 
 #[derive(Default)]
 struct Echo;
@@ -77,4 +80,62 @@ async fn a_server_with_a_key_that_is_not_pem_refuses_to_start() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("invalid TLS certificate or key"), "{err}");
+}
+
+#[tokio::test]
+async fn client_certificates_name_principals_and_a_token_wins() {
+    let pki = TestPki::new("academy test CA");
+    let tokens = Tokens::parse("carol carol-0123456789abcdef").unwrap();
+    let tls = pki.server_tls(true).with_client_principals().unwrap();
+    let options = ServerOptions { tls: Some(tls), tokens: Some(tokens), ..Default::default() };
+    let server = RunningServer::start(options).await.unwrap();
+    let ca = Credentials::none().with_tls_ca(pki.ca().as_bytes());
+    let as_holder = |cert: &CertifiedKey| {
+        ca.clone().with_client_certificate(cert.cert.as_bytes(), cert.key.as_bytes())
+    };
+    let connect = async |credentials: &Credentials| {
+        GrpcExchange::connect_with(server.url(), credentials).await.unwrap()
+    };
+    let spiffe = "spiffe://lab.example/ns/academy/sa/analyst";
+    let analyst = connect(&as_holder(&pki.issue(&[spiffe, "analyst.lab.example"]))).await;
+    let bob = connect(&as_holder(&pki.issue(&["bob.lab.example"]))).await;
+
+    // A mailbox belongs to the principal the certificate names: the URI if
+    // it has one, else its DNS name.
+    let id = analyst.register_agent("test.Owned", &[], "", None).await.unwrap();
+    let err = bob.terminate(&id).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Exchange(ExchangeError::PermissionDenied { owner, .. })
+            if owner == spiffe),
+        "{err}"
+    );
+    let bobs = bob.register_agent("test.Owned", &[], "", None).await.unwrap();
+    let err = analyst.terminate(&bobs).await.unwrap_err();
+    assert!(err.to_string().contains("\"bob.lab.example\""), "{err}");
+    analyst.terminate(&id).await.unwrap();
+
+    // A bearer token names the caller whatever its certificate.
+    let carol = connect(
+        &as_holder(&pki.issue(&["bob.lab.example"])).with_token("carol-0123456789abcdef").unwrap(),
+    )
+    .await;
+    let carols = carol.register_agent("test.Owned", &[], "", None).await.unwrap();
+    let err = bob.terminate(&carols).await.unwrap_err();
+    assert!(err.to_string().contains("principal \"carol\""), "{err}");
+
+    // A certificate that names no one is refused, with what to do.
+    let nameless = connect(&as_holder(&pki.issue(&[]))).await;
+    let err = nameless.register_agent("test.Owned", &[], "", None).await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Exchange(ExchangeError::Unauthenticated(why))
+            if why.contains("subject alternative name")),
+        "{err}"
+    );
+}
+
+#[test]
+fn client_principals_need_mutual_tls() {
+    let pki = TestPki::new("academy test CA");
+    let err = pki.server_tls(false).with_client_principals().unwrap_err();
+    assert!(err.to_string().contains("mutual TLS"), "{err}");
 }

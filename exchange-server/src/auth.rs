@@ -1,7 +1,8 @@
-//! Bearer-token authentication (DESIGN.md, "Security"), shared by the exchange
-//! and the launcher: a tokens file names the principal behind each token; an
-//! interceptor turns a call's `authorization: Bearer <token>` into that
-//! principal, or refuses the call with `UNAUTHENTICATED`.
+//! Authentication (DESIGN.md, "Security"), shared by the exchange and the
+//! launcher: a tokens file names the principal behind each token, and with
+//! mutual TLS a client certificate can name it too; an interceptor turns a
+//! call's `authorization: Bearer <token>`, or else its client certificate,
+//! into that principal, or refuses the call with `UNAUTHENTICATED`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +16,8 @@ use crate::ExchangeError;
 /// Shortest token accepted: anything shorter can be guessed.
 const MIN_TOKEN_CHARS: usize = 16;
 
-/// Who made a call, as its token says. Put in the request's extensions.
+/// Who made a call, as its token or certificate says. Put in the request's
+/// extensions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal(pub Arc<str>);
 
@@ -117,11 +119,14 @@ impl Tokens {
 }
 
 /// A tonic interceptor: with tokens, every call must carry a known bearer
-/// token, whose principal it adds to the request; without, calls pass as they
-/// are (no principal: the server trusts its network).
+/// token, whose principal it adds to the request; with client certificates
+/// ([`with_client_certificates`](Self::with_client_certificates)), a call
+/// without a token is its certificate's principal; with neither, calls pass
+/// as they are (no principal: the server trusts its network).
 #[derive(Debug, Clone, Default)]
 pub struct Authenticator {
     tokens: Option<Arc<RwLock<Tokens>>>,
+    client_certificates: bool,
 }
 
 impl Authenticator {
@@ -134,12 +139,56 @@ impl Authenticator {
         if let (Some(shared), Some((path, every))) = (&tokens, source) {
             tokio::spawn(follow(Arc::downgrade(shared), path, every));
         }
-        Self { tokens }
+        Self { tokens, client_certificates: false }
+    }
+
+    /// Also takes a call's principal from its client certificate (mutual
+    /// TLS): its first URI subject alternative name (a SPIFFE id, say), else
+    /// its first DNS name. A bearer token, when the call has one, wins.
+    pub fn with_client_certificates(mut self, on: bool) -> Self {
+        self.client_certificates = on;
+        self
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.tokens.is_some()
+        self.tokens.is_some() || self.client_certificates
     }
+}
+
+fn denied(why: &str) -> Status {
+    Status::from(ExchangeError::Unauthenticated(why.to_owned()))
+}
+
+/// The principal of bearer token `header` (`Bearer <token>`).
+fn token_principal(
+    tokens: &RwLock<Tokens>,
+    header: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+) -> Result<Principal, Status> {
+    let token = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .ok_or_else(|| denied("the authorization header is not `Bearer <token>`"))?;
+    let tokens = tokens.read().unwrap_or_else(PoisonError::into_inner);
+    tokens.map.get(token.trim()).cloned().ok_or_else(|| denied("unknown bearer token"))
+}
+
+/// The principal a call's client certificate names (already verified by
+/// the TLS handshake against the server's client CA).
+fn certificate_principal(request: &Request<()>) -> Result<Principal, Status> {
+    let certs = request.peer_certs().ok_or_else(|| {
+        denied("this server needs a client certificate (mutual TLS) or a bearer token")
+    })?;
+    let leaf = certs.first().ok_or_else(|| denied("no client certificate was presented"))?;
+    let cert = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| denied(&format!("cannot read the client certificate: {e:?}")))?;
+    let name = cert.valid_uri_names().next().or_else(|| cert.valid_dns_names().next());
+    let name = name.ok_or_else(|| {
+        denied(
+            "the client certificate names no principal: give it a URI or DNS subject alternative name",
+        )
+    })?;
+    Ok(Principal(name.into()))
 }
 
 /// Reads the tokens file every `every`, until the authenticator is gone,
@@ -174,27 +223,17 @@ async fn follow(tokens: Weak<RwLock<Tokens>>, path: PathBuf, every: Duration) {
 
 impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(shared) = &self.tokens else {
-            return Ok(request);
+        let header = request.metadata().get("authorization");
+        let principal = match (&self.tokens, header) {
+            (Some(tokens), Some(header)) => token_principal(tokens, header)?,
+            _ if self.client_certificates => certificate_principal(&request)?,
+            (Some(_), None) => {
+                return Err(denied(
+                    "this server needs a bearer token: send the header `authorization: Bearer <token>`",
+                ));
+            }
+            (None, _) => return Ok(request),
         };
-        let denied = |why: &str| Status::from(ExchangeError::Unauthenticated(why.to_owned()));
-        let header = request.metadata().get("authorization").ok_or_else(|| {
-            denied(
-                "this server needs a bearer token: send the header `authorization: Bearer <token>`",
-            )
-        })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-            .ok_or_else(|| denied("the authorization header is not `Bearer <token>`"))?;
-        let principal = shared
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .map
-            .get(token.trim())
-            .cloned()
-            .ok_or_else(|| denied("unknown bearer token"))?;
         request.extensions_mut().insert(principal);
         Ok(request)
     }
@@ -257,6 +296,18 @@ mod tests {
         for header in [None, Some("Basic abc"), Some("Bearer nope-nope-nope-nope")] {
             let status = call(&mut auth, header).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{header:?}");
+        }
+    }
+
+    #[test]
+    fn with_client_certificates_a_call_without_a_token_needs_one() {
+        let mut certs = Authenticator::default().with_client_certificates(true);
+        assert!(certs.is_enabled());
+        // A token means nothing to a server without tokens.
+        for header in [None, Some(format!("Bearer {ALICE}"))] {
+            let status = call(&mut certs, header.as_deref()).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+            assert!(status.message().contains("client certificate"), "{}", status.message());
         }
     }
 

@@ -72,6 +72,11 @@ pub struct Config {
     /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
     #[arg(long, env = "ACADEMY_EXCHANGE_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// With mutual TLS: a call without a bearer token is the principal its
+    /// client certificate names (its first URI subject alternative name, such
+    /// as a SPIFFE id, else its first DNS name).
+    #[arg(long, env = "ACADEMY_EXCHANGE_CLIENT_CERT_PRINCIPALS", requires = "tls_client_ca")]
+    pub client_cert_principals: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token).
     #[arg(long, env = "ACADEMY_EXCHANGE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -112,6 +117,7 @@ impl Config {
                 self.tls_cert.as_deref(),
                 self.tls_key.as_deref(),
                 self.tls_client_ca.as_deref(),
+                self.client_cert_principals,
             )?,
             metrics_listen: self.metrics_listen,
         })

@@ -166,7 +166,8 @@ impl RunningServer {
         let service = ExchangeServer::new(service)
             .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
             .max_encoding_message_size(usize::MAX);
-        let auth = Authenticator::new(options.tokens.clone());
+        let auth = Authenticator::new(options.tokens.clone())
+            .with_client_certificates(options.tls.as_ref().is_some_and(Tls::client_principals));
         let authenticated = auth.is_enabled();
         let service = InterceptedService::new(service, auth);
         let incoming = nodelay_incoming(listener);

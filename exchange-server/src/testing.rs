@@ -159,10 +159,21 @@ impl TestPki {
         self.ca.pem()
     }
 
+    /// A client certificate signed by this CA, with these DNS (or, with a
+    /// scheme, URI) subject alternative names.
+    pub fn issue(&self, names: &[&str]) -> CertifiedKey {
+        Self::issue_by(&self.ca, names)
+    }
+
     fn issue_by(ca: &rcgen::Issuer<'static, rcgen::KeyPair>, names: &[&str]) -> CertifiedKey {
         let key = rcgen::KeyPair::generate().expect("a key pair generates");
+        let (uris, names): (Vec<&str>, Vec<&str>) = names.iter().partition(|n| n.contains("://"));
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let params = rcgen::CertificateParams::new(names).expect("valid names");
+        let mut params = rcgen::CertificateParams::new(names).expect("valid names");
+        for uri in uris {
+            let uri = rcgen::string::Ia5String::try_from(uri).expect("an ASCII URI");
+            params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        }
         let cert = params.signed_by(&key, ca).expect("the CA signs");
         CertifiedKey { cert: cert.pem(), key: key.serialize_pem() }
     }

@@ -6,17 +6,22 @@ use std::path::Path;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// A server's certificate and key, and with mutual TLS the CA its clients'
-/// certificates must chain to. All PEM.
+/// certificates must chain to, and whether those certificates name the
+/// clients' principals. All PEM.
 #[derive(Clone)]
 pub struct Tls {
     identity: Identity,
     client_ca: Option<Certificate>,
+    client_principals: bool,
 }
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the private key.
-        f.debug_struct("Tls").field("mutual", &self.client_ca.is_some()).finish_non_exhaustive()
+        f.debug_struct("Tls")
+            .field("mutual", &self.client_ca.is_some())
+            .field("client_principals", &self.client_principals)
+            .finish_non_exhaustive()
     }
 }
 
@@ -25,7 +30,25 @@ impl Tls {
         Self {
             identity: Identity::from_pem(cert, key),
             client_ca: client_ca.map(Certificate::from_pem),
+            client_principals: false,
         }
+    }
+
+    /// A client's certificate names its principal (see
+    /// [`Authenticator::with_client_certificates`](crate::auth::Authenticator::with_client_certificates)),
+    /// as a bearer token does; mutual TLS only.
+    pub fn with_client_principals(mut self) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            self.is_mutual(),
+            "client certificates can name principals only with mutual TLS (a client CA)"
+        );
+        self.client_principals = true;
+        Ok(self)
+    }
+
+    /// Whether client certificates name principals.
+    pub fn client_principals(&self) -> bool {
+        self.client_principals
     }
 
     /// Reads the PEM files (`client_ca`: require client certificates it signed).
@@ -38,18 +61,24 @@ impl Tls {
         Ok(Self::from_pem(&read(cert, "certificate")?, &read(key, "key")?, client_ca.as_deref()))
     }
 
-    /// From the certificate, key and client CA flags of a server; `None`
-    /// without a certificate (the flags' `requires` pair cert and key).
+    /// From the certificate, key, client CA and client principals flags of
+    /// a server; `None` without a certificate (the flags' `requires` pair
+    /// cert and key).
     pub fn from_flags(
         cert: Option<&Path>,
         key: Option<&Path>,
         client_ca: Option<&Path>,
+        client_principals: bool,
     ) -> anyhow::Result<Option<Self>> {
-        match (cert, key) {
-            (Some(cert), Some(key)) => Ok(Some(Self::load(cert, key, client_ca)?)),
-            (None, None) => Ok(None),
+        let tls = match (cert, key) {
+            (Some(cert), Some(key)) => Self::load(cert, key, client_ca)?,
+            (None, None) if client_principals => {
+                anyhow::bail!("client certificates can name principals only with mutual TLS")
+            }
+            (None, None) => return Ok(None),
             _ => anyhow::bail!("a TLS certificate and its key go together"),
-        }
+        };
+        Ok(Some(if client_principals { tls.with_client_principals()? } else { tls }))
     }
 
     /// Whether clients must show a certificate.

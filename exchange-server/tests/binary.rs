@@ -70,13 +70,15 @@ async fn sigterm_stops_the_server_promptly_despite_open_streams() {
 
 #[test]
 fn bad_configuration_is_refused_with_a_clear_message() {
-    let out = Command::new(env!("CARGO_BIN_EXE_academy-exchange"))
-        .args(["--listen", "not-an-address"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--listen"), "{stderr}");
+    for (args, expected) in [
+        (&["--listen", "not-an-address"][..], "--listen"),
+        (&["--client-cert-principals"][..], "--tls-client-ca"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_academy-exchange")).args(args).output().unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
 }
 
 #[test]

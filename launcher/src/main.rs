@@ -35,7 +35,7 @@ struct Config {
     /// `authorization: Bearer <token>`. Without it, anyone who can connect is served.
     #[arg(long, env = "ACADEMY_LAUNCHER_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
-    /// With --tokens-file: the principal workers use (the only one that may
+    /// With --tokens-file or --client-cert-principals: the principal workers use (the only one that may
     /// join as a worker or drain workers). The launcher's own ACADEMY_TOKEN
     /// must belong to it on the exchange, as workers subscribe to the
     /// mailboxes the launcher registers.
@@ -52,6 +52,11 @@ struct Config {
     /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
     #[arg(long, env = "ACADEMY_LAUNCHER_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// With mutual TLS: a call without a bearer token is the principal its
+    /// client certificate names (its first URI subject alternative name, such
+    /// as a SPIFFE id, else its first DNS name).
+    #[arg(long, env = "ACADEMY_LAUNCHER_CLIENT_CERT_PRINCIPALS", requires = "tls_client_ca")]
+    client_cert_principals: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token).
     #[arg(long, env = "ACADEMY_LAUNCHER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -81,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             config.tls_cert.as_deref(),
             config.tls_key.as_deref(),
             config.tls_client_ca.as_deref(),
+            config.client_cert_principals,
         )?,
         metrics_listen: config.metrics_listen,
     })

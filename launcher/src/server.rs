@@ -75,8 +75,10 @@ pub struct RunningLauncher {
 
 impl RunningLauncher {
     pub async fn start(options: LauncherOptions) -> anyhow::Result<Self> {
+        let auth = Authenticator::new(options.tokens.clone())
+            .with_client_certificates(options.tls.as_ref().is_some_and(Tls::client_principals));
         anyhow::ensure!(
-            options.tokens.is_none() || options.worker_principal.is_some(),
+            !auth.is_enabled() || options.worker_principal.is_some(),
             "a launcher that authenticates calls needs the workers' principal (--worker-principal)"
         );
         // Lazily: the exchange may start after the launcher.
@@ -111,10 +113,7 @@ impl RunningLauncher {
             .add_service(health_service)
             .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1()?)
             .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1alpha()?)
-            .add_service(InterceptedService::new(
-                LauncherServer::new(service),
-                Authenticator::new(options.tokens.clone()),
-            ));
+            .add_service(InterceptedService::new(LauncherServer::new(service), auth));
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {
             tokio::select! {
