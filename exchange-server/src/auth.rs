@@ -302,7 +302,7 @@ mod tests {
     }
 
     #[test]
-    fn with_client_certificates_a_call_without_a_token_needs_one() {
+    fn with_client_certificates_a_call_without_a_token_needs_a_certificate() {
         let mut certs = Authenticator::default().with_client_certificates(true);
         assert!(certs.is_enabled());
         // A token means nothing to a server without tokens.
