@@ -482,3 +482,25 @@ async fn an_earlier_versions_discovery_index_is_taken_over_at_start() {
     assert_eq!(discover("old.Any", false, 0).await, &ids[1..5]);
     assert_eq!(discover("old.Even", true, 0).await, [ids[2].as_str(), &ids[4]]);
 }
+
+#[tokio::test]
+async fn a_replica_that_stops_withdraws_its_presence_and_its_subscribers() {
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let replicas = || redis.command(&["KEYS", "academy:replica:*"]).unwrap();
+    let (server, mut rpc) = replica(&redis).await;
+    let (agent, _) = agent_and_client(&mut rpc, "t.Present").await;
+    let _stream = subscribe(&mut rpc, &agent).await;
+    assert_eq!(replicas(), "*1", "a running replica is present");
+
+    // Stopped (its stream still open on this side): no longer present, so
+    // another replica reports the mailbox without a subscriber at once.
+    drop(server);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while replicas() != "*0" {
+        assert!(tokio::time::Instant::now() < deadline, "presence never withdrawn");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_other, mut on_other) = replica(&redis).await;
+    let status = on_other.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
+    assert!(!status.subscribed);
+}

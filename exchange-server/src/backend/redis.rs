@@ -39,6 +39,7 @@ use prost::Message as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::{Backend, BackendSubscription, Found, Page, awaiting_answer, source, unknown_source};
 use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
@@ -467,13 +468,37 @@ pub(crate) struct RedisBackend {
     keys: Keys,
     options: RedisOptions,
     reader: Arc<Reader>,
+    /// Held by every handle on the backend but its own background tasks'.
+    _in_use: Option<Arc<InUse>>,
+}
+
+/// When the last handle on a backend goes, its background tasks stop and
+/// its replica's presence is withdrawn.
+#[derive(Debug)]
+struct InUse {
+    stop: CancellationToken,
+    conn: ConnectionManager,
+    presence: String,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (mut conn, key) = (self.conn.clone(), std::mem::take(&mut self.presence));
+            runtime.spawn(async move {
+                let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
+            });
+        }
+    }
 }
 
 impl RedisBackend {
     pub(crate) async fn connect(options: RedisOptions) -> Result<Self, ExchangeError> {
         let (client, conn) = connect_redis(&options.url).await?;
         let keys = Keys { prefix: options.prefix.clone() };
-        let reader = Reader::start(client, conn.clone(), keys.bell()).await?;
+        let stop = CancellationToken::new();
+        let reader = Reader::start(client, conn.clone(), keys.bell(), stop.clone()).await?;
         let url = redacted_url(&options.url);
         tracing::info!(%url, prefix = %options.prefix, "using Redis for mailboxes");
         let scripts = Arc::new(Scripts {
@@ -485,10 +510,14 @@ impl RedisBackend {
             unsubscribe: Lua::new(UNSUBSCRIBE),
             migrate_index: Lua::new(MIGRATE_INDEX),
         });
-        let backend = Self { conn, scripts, keys, options, reader };
+        let presence = keys.replica(&reader.replica);
+        let in_use = InUse { stop: stop.clone(), conn: conn.clone(), presence };
+        let backend =
+            Self { conn, scripts, keys, options, reader, _in_use: Some(Arc::new(in_use)) };
         backend.renew_presence().await?;
         backend.migrate_index().await?;
-        tokio::spawn(backend.clone().keep());
+        let tasks = Self { _in_use: None, ..backend.clone() };
+        tokio::spawn(async move { stop.run_until_cancelled(tasks.keep()).await });
         Ok(backend)
     }
 
@@ -1056,6 +1085,7 @@ impl Reader {
         client: redis::Client,
         conn: ConnectionManager,
         bell: String,
+        stop: CancellationToken,
     ) -> Result<Arc<Self>, ExchangeError> {
         let replica = uuid::Uuid::new_v4().simple().to_string();
         let channel = format!("{bell}{replica}");
@@ -1064,7 +1094,8 @@ impl Reader {
         })?;
         let (reads, pending) = mpsc::unbounded_channel();
         let reader = Arc::new(Self { subscriptions: Mutex::default(), replica, conn, reads });
-        tokio::spawn(reader.clone().run(client, channel, notices, pending));
+        let run = reader.clone().run(client, channel, notices, pending);
+        tokio::spawn(async move { stop.run_until_cancelled(run).await });
         Ok(reader)
     }
 
