@@ -72,7 +72,7 @@ impl Default for RedisOptions {
 const PRESENCE_EVERY: Duration = Duration::from_secs(5);
 const PRESENCE_TTL: Duration = Duration::from_secs(15);
 /// Agents moved per call of [`MIGRATE_INDEX`].
-const MIGRATE_BATCH: usize = 100;
+const MIGRATE_BATCH: usize = 50;
 /// How often an exchange looks for agents in an earlier version's index.
 const MIGRATE_EVERY: Duration = Duration::from_secs(60);
 /// Most entries read from one stream at a time.
@@ -90,14 +90,19 @@ const MAX_NOTICE_BYTES: usize = 64 * 1024;
 
 /// Lua: `index(add, p, id, b, i)` adds agent `id`, of behaviour `b` and
 /// implementing the JSON list `i`, to the discovery index under prefix `p`,
-/// or removes it.
+/// or removes it. `index_keys(p, listing, own, b, i)` names the keys that
+/// list such an agent, in this index (`:idx:`, `:own:`) or an earlier
+/// version's (`:ix:`, `:ox:`).
 macro_rules! lua_index {
     () => {
         r"
+local function index_keys(p, listing, own, b, i)
+  local keys = {p .. listing, p .. listing .. b, p .. own .. b}
+  for _, name in ipairs(cjson.decode(i)) do keys[#keys + 1] = p .. listing .. name end
+  return keys
+end
 local function index(add, p, id, b, i)
-  local keys = {p .. ':idx:', p .. ':idx:' .. b, p .. ':own:' .. b}
-  for _, name in ipairs(cjson.decode(i)) do keys[#keys + 1] = p .. ':idx:' .. name end
-  for _, key in ipairs(keys) do
+  for _, key in ipairs(index_keys(p, ':idx:', ':own:', b, i)) do
     if add then redis.call('ZADD', key, 0, id) else redis.call('ZREM', key, id) end
   end
 end
@@ -219,8 +224,10 @@ return out
 /// Moves at most ARGV[2] agents from the index of earlier versions (sets:
 /// `P:ix:` of every active agent, `P:ix:<name>`, `P:ox:<name>`; ARGV[1] is
 /// `P`) to the sorted one, rebuilding their entries from their mailboxes and
-/// deleting the old sets they were in; answers how many it took (0: none
-/// left). Each call is short, and a crash between calls loses nothing.
+/// taking them out of the old sets (which Redis deletes once empty), so
+/// replicas of the earlier version still list the agents not yet moved;
+/// answers how many it took (0: none left). Each call is short, and a crash
+/// between calls loses nothing.
 const MIGRATE_INDEX: &str = concat!(
     lua_index!(),
     r"
@@ -228,13 +235,9 @@ local p = ARGV[1]
 local ids = redis.call('SPOP', p .. ':ix:', tonumber(ARGV[2]))
 for _, id in ipairs(ids) do
   local h = redis.call('HMGET', p .. ':mb:' .. id, 's', 'b', 'i')
-  if h[1] == 'a' then
-    index(true, p, id, h[2], h[3])
-    local old = {p .. ':ox:' .. h[2], p .. ':ix:' .. h[2]}
-    for _, name in ipairs(cjson.decode(h[3])) do old[#old + 1] = p .. ':ix:' .. name end
-    for _, key in ipairs(old) do
-      if key ~= p .. ':ix:' then redis.call('DEL', key) end
-    end
+  if h[2] then
+    for _, key in ipairs(index_keys(p, ':ix:', ':ox:', h[2], h[3])) do redis.call('SREM', key, id) end
+    if h[1] == 'a' then index(true, p, id, h[2], h[3]) end
   end
 end
 return #ids
