@@ -3,7 +3,7 @@
 export CARGO_BUILD_JOBS ?= 2
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test bench cluster
+.PHONY: demo test bench cluster proto
 
 ## Run the demo on the embedded exchange (no Redis, no cluster).
 demo:
@@ -32,3 +32,7 @@ cluster:
 ## Run the end-to-end benchmark (figures for BENCHMARKS.md).
 bench:
 	cargo run --release -p academy-bench
+
+## Regenerate proto/src/generated/ after changing a .proto file.
+proto:
+	ACADEMY_REGENERATE=1 cargo test -p academy-proto --test generated

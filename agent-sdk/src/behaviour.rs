@@ -19,8 +19,11 @@ pub type Shutdown = CancellationToken;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct ActionError {
+    /// The gRPC code the caller sees (UNKNOWN for the action's own errors).
     pub code: tonic::Code,
+    /// The error's kind, e.g. the Rust type name of the action's error.
     pub kind: String,
+    /// What went wrong.
     pub message: String,
 }
 
@@ -34,10 +37,12 @@ impl ActionError {
         }
     }
 
+    /// Arguments that do not decode (INVALID_ARGUMENT).
     pub fn invalid_args(message: String) -> Self {
         Self { code: tonic::Code::InvalidArgument, kind: "InvalidArguments".into(), message }
     }
 
+    /// An action the behaviour does not have (UNIMPLEMENTED), listing those it has.
     pub fn unknown_action(action: &str, known: &[&str]) -> Self {
         Self {
             code: tonic::Code::Unimplemented,
@@ -46,6 +51,7 @@ impl ActionError {
         }
     }
 
+    /// An action cancelled because its agent shut down (CANCELLED).
     pub fn cancelled(action: &str) -> Self {
         Self {
             code: tonic::Code::Cancelled,
@@ -54,6 +60,7 @@ impl ActionError {
         }
     }
 
+    /// A failure of the runtime, not of the action (INTERNAL).
     pub fn internal(message: String) -> Self {
         Self { code: tonic::Code::Internal, kind: "Internal".into(), message }
     }
@@ -77,7 +84,9 @@ fn short_type_name(full: &str) -> &str {
 
 /// A control loop or timer of a behaviour, as started by the runtime.
 pub struct ControlLoop {
+    /// The method's name.
     pub name: &'static str,
+    /// The loop, ending with its error if it fails.
     pub run: BoxFuture<'static, Result<(), String>>,
 }
 
@@ -111,10 +120,12 @@ pub trait Behaviour: Send + Sync + Sized + 'static {
         Vec::new()
     }
 
+    /// Runs before the agent serves requests (they wait for it).
     fn on_startup(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
 
+    /// Runs after loops and actions have stopped.
     fn on_shutdown(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }

@@ -2,16 +2,13 @@
 //! what Rust peers use by default: self-describing like JSON, but strings and
 //! byte strings travel as length-prefixed copies instead of escaped text.
 
-use academy_exchange::CONTENT_TYPE_JSON;
+use academy_proto::content_type::{JSON as CONTENT_TYPE_JSON, MSGPACK as CONTENT_TYPE_MSGPACK};
 use academy_proto::pb;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::ActionError;
-
-/// Content type of MessagePack payloads.
-pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
 
 /// Error type an agent answers for a payload whose content type it can't read;
 /// the caller may then retry in JSON.
@@ -20,7 +17,9 @@ pub(crate) const UNSUPPORTED_CONTENT_TYPE: &str = "UnsupportedContentType";
 /// How a handle encodes arguments (the agent answers in the same codec).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Codec {
+    /// JSON (`application/json`): what every peer reads.
     Json,
+    /// MessagePack (`application/msgpack`): what Rust peers send by default.
     #[default]
     MsgPack,
 }

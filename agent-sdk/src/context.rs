@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use academy_exchange::EntityId;
+use academy_proto::EntityId;
 use tokio_util::sync::CancellationToken;
 
 use crate::mailbox::Mailbox;
@@ -28,6 +28,7 @@ pub struct AgentContext {
 }
 
 impl AgentContext {
+    /// The agent's id.
     pub fn id(&self) -> EntityId {
         self.id
     }

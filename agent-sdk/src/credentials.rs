@@ -1,24 +1,26 @@
 //! What the SDK shows Academy's services to say who it is, and how it knows
 //! them: a bearer token, for servers started with `--tokens-file`, and for
 //! `https://` URLs the CA to trust and a client certificate for mutual TLS
-//! (DESIGN.md, "Security").
+//! (docs/design.md, "Security"). TLS needs the crate's `tls` feature.
 
 use std::fmt;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 
 use crate::ClientError;
 use crate::error::describe;
 
 /// The environment variable [`Credentials::from_env`] reads the token from.
 pub const TOKEN_ENV: &str = "ACADEMY_TOKEN";
-/// Environment variables [`Credentials::from_env`] reads PEM file paths from:
-/// the CA to trust for `https://` URLs (instead of the public web roots), and
-/// the client certificate and key for mutual TLS.
+/// The environment variable naming the PEM file of the CA to trust for
+/// `https://` URLs (instead of the public web roots).
 pub const TLS_CA_ENV: &str = "ACADEMY_TLS_CA";
+/// The environment variable naming the PEM file of the client certificate
+/// (mutual TLS), with [`TLS_KEY_ENV`].
 pub const TLS_CERT_ENV: &str = "ACADEMY_TLS_CERT";
+/// The environment variable naming the PEM file of the client certificate's key.
 pub const TLS_KEY_ENV: &str = "ACADEMY_TLS_KEY";
 
 /// A bearer token sent with every call (or none), and the TLS settings of
@@ -35,8 +37,10 @@ pub const TLS_KEY_ENV: &str = "ACADEMY_TLS_KEY";
 #[derive(Clone, Default)]
 pub struct Credentials {
     authorization: Option<MetadataValue<Ascii>>,
-    ca: Option<Certificate>,
-    identity: Option<Identity>,
+    /// PEM of the CA to trust.
+    ca: Option<Vec<u8>>,
+    /// PEM of the client certificate and its key.
+    identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl fmt::Debug for Credentials {
@@ -56,6 +60,7 @@ impl Credentials {
         Self::default()
     }
 
+    /// A bearer token (for servers started with `--tokens-file`).
     pub fn bearer(token: &str) -> Result<Self, ClientError> {
         Self::none().with_token(token)
     }
@@ -71,13 +76,13 @@ impl Credentials {
 
     /// These credentials, trusting servers whose certificate `ca_pem` signed.
     pub fn with_tls_ca(mut self, ca_pem: &[u8]) -> Self {
-        self.ca = Some(Certificate::from_pem(ca_pem));
+        self.ca = Some(ca_pem.to_vec());
         self
     }
 
     /// These credentials, showing this client certificate (mutual TLS).
     pub fn with_client_certificate(mut self, cert_pem: &[u8], key_pem: &[u8]) -> Self {
-        self.identity = Some(Identity::from_pem(cert_pem, key_pem));
+        self.identity = Some((cert_pem.to_vec(), key_pem.to_vec()));
         self
     }
 
@@ -115,22 +120,35 @@ impl Credentials {
 
     /// An endpoint for `url`: TLS (with these settings) when it is `https://`.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, ClientError> {
-        let bad = |what: &str, e: tonic::transport::Error| {
-            ClientError::Transport(format!("{what} {url:?}: {}", describe(&e)))
-        };
-        let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad("bad url", e))?;
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| ClientError::Transport(format!("bad url {url:?}: {}", describe(&e))))?;
         if !url.starts_with("https://") {
             return Ok(endpoint);
         }
+        self.tls(endpoint, url)
+    }
+
+    #[cfg(feature = "tls")]
+    fn tls(&self, endpoint: Endpoint, url: &str) -> Result<Endpoint, ClientError> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
         let mut tls = ClientTlsConfig::new();
         tls = match &self.ca {
-            Some(ca) => tls.ca_certificate(ca.clone()),
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
             None => tls.with_webpki_roots(),
         };
-        if let Some(identity) = &self.identity {
-            tls = tls.identity(identity.clone());
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
         }
-        endpoint.tls_config(tls).map_err(|e| bad("invalid TLS settings for", e))
+        endpoint.tls_config(tls).map_err(|e| {
+            ClientError::Transport(format!("invalid TLS settings for {url:?}: {}", describe(&e)))
+        })
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn tls(&self, _endpoint: Endpoint, url: &str) -> Result<Endpoint, ClientError> {
+        Err(ClientError::Transport(format!(
+            "{url:?} needs TLS, which this program was built without: enable the `tls` feature of academy-sdk"
+        )))
     }
 
     /// A connection to the service at `url` whose calls carry these

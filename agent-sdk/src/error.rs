@@ -1,8 +1,8 @@
-//! Typed errors of the SDK: exchange calls, handle calls, agents.
+//! Errors of the SDK, by concern.
 
 use std::time::Duration;
 
-use academy_exchange::{EntityId, ExchangeError};
+use academy_proto::{EntityId, ExchangeError};
 
 /// An exchange operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -17,7 +17,12 @@ pub enum ClientError {
     /// A service refused the call for a reason of its own (the launcher: an
     /// unknown agent, a caller not permitted, ...); retrying will not help.
     #[error("refused ({code:?}): {message}")]
-    Refused { code: tonic::Code, message: String },
+    Refused {
+        /// The status code.
+        code: tonic::Code,
+        /// The service's message.
+        message: String,
+    },
 }
 
 impl From<tonic::Status> for ClientError {
@@ -72,7 +77,16 @@ pub enum HandleError {
     /// arguments didn't decode (INVALID_ARGUMENT), it doesn't exist
     /// (UNIMPLEMENTED) or was cancelled at shutdown (CANCELLED).
     #[error("{action} failed: {kind}: {message}")]
-    Remote { action: String, code: tonic::Code, kind: String, message: String },
+    Remote {
+        /// The action called.
+        action: String,
+        /// The error's gRPC code.
+        code: tonic::Code,
+        /// The error's kind, e.g. the Rust type name of the action's error.
+        kind: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The agent's mailbox (or the caller's own) is terminated.
     #[error("mailbox {0} is terminated")]
     Terminated(EntityId),
@@ -93,7 +107,12 @@ pub enum HandleError {
     Codec(String),
     /// A service refused the call for a reason of its own (see [`ClientError::Refused`]).
     #[error("refused ({code:?}): {message}")]
-    Refused { code: tonic::Code, message: String },
+    Refused {
+        /// The status code.
+        code: tonic::Code,
+        /// The service's message.
+        message: String,
+    },
     /// The handle has no mailbox to send from: use it inside an agent, or get it
     /// from a manager.
     #[error(
@@ -125,33 +144,73 @@ impl From<ClientError> for HandleError {
 /// Why an agent stopped other than by a requested shutdown.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AgentError {
+    /// Its startup hook failed.
     #[error("agent {id}: startup hook failed: {message}")]
-    Startup { id: EntityId, message: String },
+    Startup {
+        /// The agent.
+        id: EntityId,
+        /// What the hook said.
+        message: String,
+    },
+    /// One of its control loops (or timers) failed.
     #[error("agent {id}: control loop {name} failed: {message}")]
-    Loop { id: EntityId, name: String, message: String },
+    Loop {
+        /// The agent.
+        id: EntityId,
+        /// The loop's method name.
+        name: String,
+        /// What the loop said.
+        message: String,
+    },
+    /// Its shutdown hook failed.
     #[error("agent {id}: shutdown hook failed: {message}")]
-    ShutdownHook { id: EntityId, message: String },
+    ShutdownHook {
+        /// The agent.
+        id: EntityId,
+        /// What the hook said.
+        message: String,
+    },
+    /// The exchange refused or could not be reached.
     #[error("agent {id}: {source}")]
-    Exchange { id: EntityId, source: ClientError },
+    Exchange {
+        /// The agent.
+        id: EntityId,
+        /// Why.
+        source: ClientError,
+    },
     /// The mailbox stopped delivering for another reason than termination
     /// (another runtime took it over): this runtime leaves the mailbox alone.
     #[error("agent {id}: lost its mailbox: {reason}")]
-    MailboxLost { id: EntityId, reason: String },
+    MailboxLost {
+        /// The agent.
+        id: EntityId,
+        /// Why.
+        reason: String,
+    },
+    /// Its runtime panicked or was aborted.
     #[error("agent {id}: runtime task panicked or was aborted")]
-    Panicked { id: EntityId },
+    Panicked {
+        /// The agent.
+        id: EntityId,
+    },
 }
 
 /// An error the manager reports.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ManagerError {
+    /// No agent with this id was launched by this manager.
     #[error("agent {0} is not managed here")]
     UnknownAgent(EntityId),
+    /// The agent did not stop in time.
     #[error("agent {0} did not stop within {1:?}")]
     Timeout(EntityId, Duration),
+    /// The agent stopped with this failure.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// The exchange refused or could not be reached.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// Agents failed (when closing the manager).
     #[error("{} agents failed; first: {}", .0.len(), .0[0])]
     Agents(Vec<AgentError>),
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use academy_exchange::EntityId;
+use academy_proto::EntityId;
 use academy_proto::pb::{self, message::Body};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -15,6 +15,31 @@ use serde::de::DeserializeOwned;
 use crate::codec::{self, Codec};
 use crate::mailbox::Mailbox;
 use crate::{Behaviour, HandleError, context};
+
+/// What becomes of an agent's mailbox when it shuts down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MailboxPolicy {
+    /// What the agent's [`AgentConfig`](crate::AgentConfig) says (by default:
+    /// terminated after a requested shutdown).
+    #[default]
+    AgentDefault,
+    /// Terminated: requests still queued are answered with errors, and the
+    /// id can never be registered again.
+    Terminate,
+    /// Kept: messages keep queuing, and the agent can be run on it again.
+    Keep,
+}
+
+impl MailboxPolicy {
+    /// Whether to terminate, when the policy says.
+    pub(crate) fn terminate(self) -> Option<bool> {
+        match self {
+            Self::AgentDefault => None,
+            Self::Terminate => Some(true),
+            Self::Keep => Some(false),
+        }
+    }
+}
 
 /// An untyped handle: calls actions by name. Typed handles ([`Handle`]) wrap one.
 #[derive(Clone)]
@@ -49,7 +74,8 @@ impl RawHandle {
         Self::new(agent, None)
     }
 
-    pub fn agent_id(&self) -> EntityId {
+    /// The agent's id.
+    pub fn id(&self) -> EntityId {
         self.agent
     }
 
@@ -118,10 +144,10 @@ impl RawHandle {
         }
     }
 
-    /// Asks the agent to shut down, and to terminate its mailbox or not (`None`:
-    /// the agent's own policy). Does not wait for it to stop.
-    pub async fn shutdown(&self, terminate: Option<bool>) -> Result<(), HandleError> {
-        let body = Body::ShutdownRequest(pb::ShutdownRequest { terminate });
+    /// Asks the agent to shut down, doing with its mailbox what `mailbox`
+    /// says. Does not wait for it to stop.
+    pub async fn shutdown(&self, mailbox: MailboxPolicy) -> Result<(), HandleError> {
+        let body = Body::ShutdownRequest(pb::ShutdownRequest { terminate: mailbox.terminate() });
         Ok(self.mailbox()?.send(self.agent, body).await?)
     }
 
@@ -158,10 +184,12 @@ impl<B: Behaviour> Handle<B> {
         Self::from_raw(RawHandle::unbound(agent))
     }
 
+    /// The untyped handle inside.
     pub fn raw(&self) -> &RawHandle {
         self.actions.as_ref()
     }
 
+    /// The agent's id.
     pub fn id(&self) -> EntityId {
         self.raw().agent
     }
@@ -182,8 +210,8 @@ impl<B: Behaviour> Handle<B> {
     }
 
     /// See [`RawHandle::shutdown`].
-    pub async fn shutdown(&self, terminate: Option<bool>) -> Result<(), HandleError> {
-        self.raw().shutdown(terminate).await
+    pub async fn shutdown(&self, mailbox: MailboxPolicy) -> Result<(), HandleError> {
+        self.raw().shutdown(mailbox).await
     }
 }
 

@@ -4,16 +4,17 @@
 
 use std::collections::HashMap;
 
-use academy_exchange::EntityId;
+use academy_proto::EntityId;
 use academy_proto::pb::{self, launcher_client::LauncherClient};
 use serde::Serialize;
 
 use crate::credentials::{Authorized, Credentials};
-use crate::{Behaviour, ClientError};
+use crate::{Behaviour, ClientError, MailboxPolicy};
 
 /// How to launch an agent through the launcher.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteLaunch {
+    /// Human-readable name, shown by discovery.
     pub name: String,
     /// Labels the worker must carry.
     pub selector: HashMap<String, String>,
@@ -57,14 +58,18 @@ impl Launcher {
         agent.ok_or_else(|| ClientError::Transport("the launcher returned no record".into()))
     }
 
+    /// The launcher's record of agent `id`.
     pub async fn get(&self, id: EntityId) -> Result<pb::AgentRecord, ClientError> {
         let request = pb::GetRequest { agent_id: id.to_string() };
         let agent = self.rpc.clone().get(request).await?.into_inner().agent;
         agent.ok_or_else(|| ClientError::Transport("the launcher returned no record".into()))
     }
 
-    /// Stops an agent, terminating its mailbox or keeping it.
-    pub async fn stop(&self, id: EntityId, terminate: bool) -> Result<(), ClientError> {
+    /// Stops an agent, terminating its mailbox or keeping it
+    /// ([`MailboxPolicy::AgentDefault`] keeps it: a stop through the launcher
+    /// leaves the mailbox to whoever terminates it).
+    pub async fn stop(&self, id: EntityId, mailbox: MailboxPolicy) -> Result<(), ClientError> {
+        let terminate = mailbox == MailboxPolicy::Terminate;
         self.rpc.clone().stop(pb::StopRequest { agent_id: id.to_string(), terminate }).await?;
         Ok(())
     }

@@ -1,31 +1,29 @@
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
 
 mod behaviour;
-mod client;
-mod codec;
+pub mod codec;
 mod context;
-mod credentials;
-mod error;
+pub mod credentials;
+pub mod error;
+pub mod exchange;
 mod handle;
-mod launcher;
+pub mod launcher;
 mod mailbox;
 mod manager;
-mod runtime;
-mod worker;
+pub mod runtime;
+pub mod worker;
 
-pub use academy_exchange::{AgentInfo, EntityId, EntityKind, MailboxState, MailboxStatus};
 pub use academy_macros::behaviour;
+pub use academy_proto as proto;
+pub use academy_proto::{EntityId, EntityKind, RegisteredAgent};
 pub use behaviour::{ActionError, Behaviour, ControlLoop, Shutdown};
-pub use client::{DeliveryStream, ExchangeClient, GrpcExchange, LocalExchange, SharedExchange};
-pub use codec::{CONTENT_TYPE_MSGPACK, Codec};
 pub use context::{AgentContext, current_agent, current_caller};
-pub use credentials::{Authorized, Credentials, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, TOKEN_ENV};
-pub use error::{AgentError, ClientError, HandleError, ManagerError, status_text};
-pub use handle::{Handle, RawHandle};
-pub use launcher::{Launcher, RemoteLaunch};
-pub use manager::{LaunchOptions, Manager};
-pub use runtime::{AgentConfig, run_agent};
-pub use worker::Worker;
+pub use credentials::Credentials;
+pub use error::{AgentError, ClientError, HandleError, ManagerError};
+pub use handle::{Handle, MailboxPolicy, RawHandle};
+pub use manager::{LaunchOptions, Manager, Matching};
+pub use runtime::AgentConfig;
 
 /// Used by the code `#[behaviour]` generates; not part of the API.
 #[doc(hidden)]

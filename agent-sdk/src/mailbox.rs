@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use academy_exchange::{EntityId, ExchangeError};
 use academy_proto::pb::{self, message::Body};
+use academy_proto::{EntityId, ExchangeError};
 use futures::StreamExt as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{DeliveryStream, SharedExchange};
+use crate::exchange::{DeliveryStream, SharedExchange};
 use crate::{ClientError, HandleError};
 
 /// Requests delivered to an agent, with their seq for acknowledging them.
@@ -226,8 +226,11 @@ async fn read_loop(mailbox: Weak<Mailbox>, mut stream: DeliveryStream, requests:
         let err = match next {
             Some(Ok(batch)) => {
                 let Some(m) = mailbox.upgrade() else { return };
-                for (seq, message) in batch {
-                    m.route(seq, message, requests.as_ref());
+                for delivery in batch {
+                    match delivery.message {
+                        Some(message) => m.route(delivery.seq, message, requests.as_ref()),
+                        None => m.ack(delivery.seq),
+                    }
                 }
                 continue;
             }

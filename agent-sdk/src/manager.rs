@@ -5,19 +5,34 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use academy_exchange::{AgentInfo, EntityId, ExchangeError, MailboxState};
+use academy_proto::pb::MailboxState;
+use academy_proto::{EntityId, ExchangeError, RegisteredAgent};
 use tokio::sync::watch;
 
-use crate::client::{GrpcExchange, LocalExchange, SharedExchange};
+use crate::exchange::{GrpcExchange, SharedExchange};
 use crate::mailbox::Mailbox;
 use crate::runtime::{self, StopSignal};
-use crate::{AgentConfig, AgentError, Behaviour, ClientError, Handle, ManagerError, RawHandle};
+use crate::{
+    AgentConfig, AgentError, Behaviour, ClientError, Handle, MailboxPolicy, ManagerError, RawHandle,
+};
+
+/// Which agents discovery finds for a behaviour name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Matching {
+    /// Agents whose behaviour is the name or that implement it (as an
+    /// interface).
+    #[default]
+    Implements,
+    /// Agents whose own behaviour is the name.
+    Exact,
+}
 
 /// Options of [`Manager::launch_with`].
 #[derive(Debug, Clone, Default)]
 pub struct LaunchOptions {
     /// Human-readable name, shown by discovery.
     pub name: String,
+    /// How the agent behaves at shutdown.
     pub config: AgentConfig,
     /// Run on this existing, ACTIVE mailbox (e.g. to restart an agent that shut
     /// down without terminating) instead of registering a new one.
@@ -55,10 +70,12 @@ impl Manager {
 
     /// A manager on a fresh in-process exchange: no server, for tests and
     /// single-process programs.
+    #[cfg(feature = "embedded")]
     pub async fn in_process() -> Result<Self, ClientError> {
-        Self::new(Arc::new(LocalExchange::default())).await
+        Self::new(Arc::new(crate::exchange::LocalExchange::default())).await
     }
 
+    /// The exchange client it uses.
     pub fn exchange(&self) -> &SharedExchange {
         &self.exchange
     }
@@ -73,6 +90,7 @@ impl Manager {
         self.launch_with(behaviour, LaunchOptions::default()).await
     }
 
+    /// Runs `behaviour` as an agent in this process, as `options` say.
     pub async fn launch_with<B: Behaviour>(
         &self,
         behaviour: B,
@@ -86,7 +104,9 @@ impl Manager {
                 match self.exchange.status(&id).await?.state {
                     MailboxState::Active => id,
                     MailboxState::Terminated => return Err(ExchangeError::Terminated(id).into()),
-                    MailboxState::Missing => return Err(ExchangeError::NotFound(id).into()),
+                    MailboxState::Missing | MailboxState::Unspecified => {
+                        return Err(ExchangeError::NotFound(id).into());
+                    }
                 }
             }
             None => {
@@ -112,12 +132,12 @@ impl Manager {
 
     /// Launches behaviour `B` on a worker node through `launcher` (built there
     /// from `config`); the handle works as for agents launched here. Stop it
-    /// with [`Launcher::stop`](crate::Launcher::stop).
+    /// with [`Launcher::stop`](crate::launcher::Launcher::stop).
     pub async fn launch_remote<B: Behaviour>(
         &self,
-        launcher: &crate::Launcher,
+        launcher: &crate::launcher::Launcher,
         config: &impl serde::Serialize,
-        options: crate::RemoteLaunch,
+        options: crate::launcher::RemoteLaunch,
     ) -> Result<Handle<B>, ClientError> {
         let record = launcher.launch::<B>(config, options).await?;
         let id = EntityId::parse_field(&record.agent_id, "agent_id")?;
@@ -134,9 +154,14 @@ impl Manager {
         RawHandle::new(id, Some(self.mailbox.clone()))
     }
 
-    /// Active agents implementing `name` (or exactly of behaviour `name`).
-    pub async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {
-        self.exchange.discover(name, exact).await
+    /// Active agents implementing `name` (or, [`Matching::Exact`], of
+    /// behaviour `name`), in id order; every active agent for the empty name.
+    pub async fn discover(
+        &self,
+        name: &str,
+        matching: Matching,
+    ) -> Result<Vec<RegisteredAgent>, ClientError> {
+        self.exchange.discover(name, matching).await
     }
 
     /// Agents launched here that are still running.
@@ -167,15 +192,16 @@ impl Manager {
         Ok(result?)
     }
 
-    /// Signals agent `id` to shut down (`terminate`: override its policy) and
-    /// waits for it to stop.
+    /// Signals agent `id` to shut down, doing with its mailbox what `mailbox`
+    /// says, and waits for it to stop.
     pub async fn shutdown(
         &self,
         id: EntityId,
-        terminate: Option<bool>,
+        mailbox: MailboxPolicy,
         timeout: Option<Duration>,
     ) -> Result<(), ManagerError> {
-        lock(&self.agents).get(&id).ok_or(ManagerError::UnknownAgent(id))?.stop.stop(terminate);
+        let stop = lock(&self.agents).get(&id).map(|a| a.stop.clone());
+        stop.ok_or(ManagerError::UnknownAgent(id))?.stop(mailbox.terminate());
         self.wait(id, timeout).await
     }
 

@@ -1,20 +1,22 @@
-//! The agent runtime (DESIGN.md, "Agents"): startup gating, concurrent actions,
-//! loops, and the shutdown sequence.
+//! The agent runtime (docs/design.md, "Agents"): startup gating, concurrent
+//! actions, loops, and the shutdown sequence. [`run_agent`] runs one agent on
+//! an existing mailbox; the [`Manager`](crate::Manager) and the
+//! [`Worker`](crate::worker::Worker) use it.
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use academy_exchange::EntityId;
+use academy_proto::EntityId;
 use academy_proto::pb::{self, message::Body};
 use futures::FutureExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::SharedExchange;
 use crate::context::{self, AgentContext, Context};
+use crate::exchange::SharedExchange;
 use crate::mailbox::Mailbox;
 use crate::{ActionError, AgentError, Behaviour, ClientError, HandleError};
 
@@ -275,7 +277,7 @@ async fn serve_action<B: Behaviour>(
 /// the exchange is unreachable or the caller's mailbox is full, rather than
 /// dropping the answer.
 async fn reply_patiently(mailbox: &Mailbox, request: &pb::Header, body: Body) {
-    use academy_exchange::ExchangeError::{MailboxFull, ShuttingDown, Unavailable};
+    use academy_proto::ExchangeError::{MailboxFull, ShuttingDown, Unavailable};
     let mut backoff = Duration::from_millis(10);
     loop {
         match mailbox.reply(request, body.clone()).await {

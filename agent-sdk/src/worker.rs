@@ -1,7 +1,7 @@
 //! Workers: programs that run the agents a launcher places on them.
 //!
 //! ```no_run
-//! # use academy_sdk::{Worker, behaviour};
+//! # use academy_sdk::{worker::Worker, behaviour};
 //! # #[derive(Default, serde::Deserialize)]
 //! # struct Counter;
 //! # #[behaviour(name = "example.Counter")]
@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use academy_exchange::EntityId;
+use academy_proto::EntityId;
 use academy_proto::pb::{
     self, AgentState, launcher_client::LauncherClient, launcher_message::Body,
 };
@@ -25,8 +25,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::client::{GrpcExchange, SharedExchange};
 use crate::credentials::Credentials;
+use crate::exchange::{GrpcExchange, SharedExchange};
 use crate::runtime::{self, StopSignal};
 use crate::{AgentConfig, AgentError, Behaviour, ClientError};
 
@@ -69,7 +69,22 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// Completes on SIGINT or SIGTERM.
+async fn signalled() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        // Without a SIGTERM handler, SIGINT still stops the worker.
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 impl Worker {
+    /// A worker that joins the launcher at `launcher_url`.
     pub fn new(launcher_url: impl Into<String>) -> Self {
         Self {
             launcher_url: launcher_url.into(),
@@ -90,6 +105,7 @@ impl Worker {
         self
     }
 
+    /// Its name, shown by the launcher.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
@@ -123,7 +139,7 @@ impl Worker {
     /// Serves until SIGINT or SIGTERM, reconnecting to the launcher when the
     /// connection drops; then stops its agents, keeping their mailboxes.
     pub async fn run(self) -> Result<(), ClientError> {
-        self.run_until(academy_exchange::shutdown_signal()).await
+        self.run_until(signalled()).await
     }
 
     /// Serves until `shutdown` completes.

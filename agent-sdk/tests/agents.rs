@@ -5,21 +5,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use academy_exchange::testing::RedisServer;
-use academy_exchange::{Backend, ExchangeError, RedisOptions, RunningServer, ServerOptions};
-use academy_proto::pb;
+use academy_exchange::{ExchangeOptions, MailboxStore, RedisOptions, RunningExchange};
 use academy_proto::pb::message::Body;
+use academy_proto::{ExchangeError, pb};
+use academy_sdk::codec::Codec;
+use academy_sdk::exchange::MailboxState;
 use academy_sdk::{
-    AgentError, ClientError, Codec, Handle, HandleError, LaunchOptions, MailboxState, Manager,
-    ManagerError, Shutdown, behaviour,
+    AgentError, ClientError, Handle, HandleError, LaunchOptions, MailboxPolicy, Manager,
+    ManagerError, Matching, Shutdown, behaviour,
 };
+use academy_server::testing::RedisServer;
 use futures::StreamExt as _;
 use tonic::Code;
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
-async fn start() -> (RunningServer, Manager) {
-    let server = RunningServer::start(ServerOptions::default()).await.expect("server starts");
+async fn start() -> (RunningExchange, Manager) {
+    let server = RunningExchange::start(ExchangeOptions::default()).await.expect("server starts");
     let manager = Manager::connect(&server.url()).await.expect("manager connects");
     (server, manager)
 }
@@ -235,7 +237,7 @@ async fn shutdown_without_terminate_keeps_the_mailbox_for_a_restart() {
     let (_server, manager) = start().await;
     let echo = manager.launch(Echo::new()).await.unwrap();
     let id = echo.id();
-    manager.shutdown(id, Some(false), WAIT).await.unwrap();
+    manager.shutdown(id, MailboxPolicy::Keep, WAIT).await.unwrap();
     let status = manager.exchange().status(&id).await.unwrap();
     assert_eq!(status.state, MailboxState::Active);
 
@@ -251,7 +253,7 @@ async fn shutdown_without_terminate_keeps_the_mailbox_for_a_restart() {
     let restarted = manager.launch_with(Echo::new(), options).await.unwrap();
     assert_eq!(restarted.id(), id);
     assert_eq!(waiting.await.unwrap().unwrap(), "queued while down");
-    manager.shutdown(id, None, WAIT).await.unwrap();
+    manager.shutdown(id, MailboxPolicy::AgentDefault, WAIT).await.unwrap();
     let status = manager.exchange().status(&id).await.unwrap();
     assert_eq!(status.state, MailboxState::Terminated, "terminate_on_success");
     manager.close().await.unwrap();
@@ -325,7 +327,7 @@ async fn in_flight_actions_are_cancelled_at_shutdown() {
         async move { echo.sleep(60_000).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    manager.shutdown(echo.id(), None, WAIT).await.unwrap();
+    manager.shutdown(echo.id(), MailboxPolicy::AgentDefault, WAIT).await.unwrap();
     match slow.await.unwrap() {
         Err(HandleError::Remote { code, .. }) => assert_eq!(code, Code::Cancelled),
         other => panic!("expected a cancelled error, got {other:?}"),
@@ -335,7 +337,7 @@ async fn in_flight_actions_are_cancelled_at_shutdown() {
 
 #[tokio::test]
 async fn oversized_arguments_are_refused_by_the_exchange() {
-    let server = RunningServer::start(ServerOptions {
+    let server = RunningExchange::start(ExchangeOptions {
         limits: academy_exchange::Limits { max_message_bytes: 64 * 1024, max_queued: 100 },
         ..Default::default()
     })
@@ -344,7 +346,7 @@ async fn oversized_arguments_are_refused_by_the_exchange() {
     let manager = Manager::connect(&server.url()).await.unwrap();
     let echo = manager.launch(Echo::new()).await.unwrap();
     match echo.echo("x".repeat(100_000)).await {
-        Err(HandleError::Exchange(academy_exchange::ExchangeError::TooLarge { limit, .. })) => {
+        Err(HandleError::Exchange(academy_proto::ExchangeError::TooLarge { limit, .. })) => {
             assert_eq!(limit, 64 * 1024)
         }
         other => panic!("expected a too-large error, got {other:?}"),
@@ -365,7 +367,7 @@ async fn timers_tick_until_shutdown() {
     })
     .await
     .expect("three ticks");
-    manager.shutdown(ticker.id(), None, WAIT).await.unwrap();
+    manager.shutdown(ticker.id(), MailboxPolicy::AgentDefault, WAIT).await.unwrap();
     let after = ticks.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(ticks.load(Ordering::SeqCst), after, "no tick after shutdown");
@@ -459,8 +461,8 @@ async fn concurrent_sends_all_arrive_in_each_senders_order() {
             .expect("every message arrives")
             .unwrap()
             .unwrap();
-        for (_, message) in batch {
-            let tag: uuid::Uuid = message.header.unwrap().tag.parse().unwrap();
+        for delivery in batch {
+            let tag: uuid::Uuid = delivery.message.unwrap().header.unwrap().tag.parse().unwrap();
             let (task, n) = tag.as_u64_pair();
             let task = usize::try_from(task).unwrap();
             assert_eq!(n, next[task], "task {task} out of order");
@@ -477,7 +479,7 @@ async fn the_in_process_exchange_needs_no_server() {
     let echo = manager.launch(Echo::new()).await.unwrap();
     let relay = manager.launch(Relay).await.unwrap();
     assert_eq!(relay.relay(echo.clone(), "local".into()).await.unwrap(), "via relay: local");
-    let talkers = manager.discover("test.Talker", false).await.unwrap();
+    let talkers = manager.discover("test.Talker", Matching::Implements).await.unwrap();
     assert_eq!(talkers.iter().map(|a| a.id).collect::<Vec<_>>(), vec![echo.id()]);
     manager.close().await.unwrap();
 }
@@ -504,7 +506,8 @@ async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
     let peer = tokio::spawn(async move {
         let mut seen = Vec::new();
         while seen.len() < 3 {
-            for (seq, message) in deliveries.next().await.unwrap().unwrap() {
+            for pb::Delivery { seq, message } in deliveries.next().await.unwrap().unwrap() {
+                let message = message.unwrap();
                 let header = message.header.unwrap();
                 let Some(Body::ActionRequest(request)) = message.body else {
                     continue;
@@ -604,7 +607,7 @@ async fn pausable_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAddr
 
 #[tokio::test]
 async fn a_stalled_exchange_cannot_hold_a_call_past_its_timeout() {
-    let server = RunningServer::start(ServerOptions::default()).await.unwrap();
+    let server = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
     let (proxy, frozen) = pausable_proxy(server.addr()).await;
     let manager = Manager::connect(&format!("http://{proxy}")).await.unwrap();
     let echo = manager.launch(Echo::new()).await.unwrap();
@@ -626,12 +629,12 @@ async fn a_stalled_exchange_cannot_hold_a_call_past_its_timeout() {
 #[tokio::test]
 async fn agents_and_calls_ride_out_an_exchange_restart_on_redis() {
     let redis = RedisServer::start().expect("redis-server must run for this test");
-    let options = |listen| ServerOptions {
+    let options = |listen| ExchangeOptions {
         listen,
-        backend: Backend::Redis(RedisOptions { url: redis.url(), ..Default::default() }),
+        store: MailboxStore::Redis(RedisOptions { url: redis.url(), ..Default::default() }),
         ..Default::default()
     };
-    let first = RunningServer::start(options("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let first = RunningExchange::start(options("127.0.0.1:0".parse().unwrap())).await.unwrap();
     let addr = first.addr();
     let manager = Manager::connect(&first.url()).await.unwrap();
     let echo = manager.launch(Echo::new()).await.unwrap();
@@ -651,7 +654,7 @@ async fn agents_and_calls_ride_out_an_exchange_restart_on_redis() {
     // Stay down past the end of the action: its answer has to wait for us.
     tokio::time::sleep(Duration::from_millis(700)).await;
 
-    let _second = RunningServer::start(options(addr)).await.unwrap();
+    let _second = RunningExchange::start(options(addr)).await.unwrap();
     assert_eq!(in_flight.await.unwrap(), Ok(500), "the call in flight completes");
     // The agent resubscribed by itself: new calls work.
     let echo = echo.with_timeout(Duration::from_secs(10));

@@ -1,13 +1,13 @@
 //! TLS and mutual TLS between the SDK and a real exchange-server on loopback,
 //! with certificates made for the test (a CA, the server's, a client's).
 
-use academy_exchange::auth::Tokens;
-use academy_exchange::testing::{CertifiedKey, TestPki};
-use academy_exchange::tls::Tls;
-use academy_exchange::{ExchangeError, RunningServer, ServerOptions};
-use academy_sdk::{
-    ClientError, Credentials, ExchangeClient as _, GrpcExchange, Manager, behaviour,
-};
+use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_proto::ExchangeError;
+use academy_sdk::exchange::{ExchangeApi as _, GrpcExchange};
+use academy_sdk::{ClientError, Credentials, Manager, behaviour};
+use academy_server::auth::Tokens;
+use academy_server::testing::{CertifiedKey, TestPki};
+use academy_server::tls::Tls;
 
 #[derive(Default)]
 struct Echo;
@@ -20,9 +20,9 @@ impl Echo {
     }
 }
 
-async fn serve(pki: &TestPki, mutual: bool) -> RunningServer {
-    let options = ServerOptions { tls: Some(pki.server_tls(mutual)), ..Default::default() };
-    RunningServer::start(options).await.unwrap()
+async fn serve(pki: &TestPki, mutual: bool) -> RunningExchange {
+    let options = ExchangeOptions { tls: Some(pki.server_tls(mutual)), ..Default::default() };
+    RunningExchange::start(options).await.unwrap()
 }
 
 /// An agent called over the exchange through `credentials`.
@@ -76,7 +76,7 @@ async fn with_mutual_tls_only_clients_with_a_certificate_from_the_ca_get_in() {
 async fn a_server_with_a_key_that_is_not_pem_refuses_to_start() {
     let pki = TestPki::new("academy test CA");
     let tls = Tls::from_pem(pki.server.cert.as_bytes(), b"not a key", None);
-    let err = RunningServer::start(ServerOptions { tls: Some(tls), ..Default::default() })
+    let err = RunningExchange::start(ExchangeOptions { tls: Some(tls), ..Default::default() })
         .await
         .unwrap_err();
     assert!(err.to_string().contains("invalid TLS certificate or key"), "{err}");
@@ -87,8 +87,8 @@ async fn client_certificates_name_principals_and_a_token_wins() {
     let pki = TestPki::new("academy test CA");
     let tokens = Tokens::parse("carol carol-0123456789abcdef").unwrap();
     let tls = pki.server_tls(true).with_client_principals().unwrap();
-    let options = ServerOptions { tls: Some(tls), tokens: Some(tokens), ..Default::default() };
-    let server = RunningServer::start(options).await.unwrap();
+    let options = ExchangeOptions { tls: Some(tls), tokens: Some(tokens), ..Default::default() };
+    let server = RunningExchange::start(options).await.unwrap();
     let ca = Credentials::none().with_tls_ca(pki.ca().as_bytes());
     let as_holder = |cert: &CertifiedKey| {
         ca.clone().with_client_certificate(cert.cert.as_bytes(), cert.key.as_bytes())

@@ -139,20 +139,21 @@ async fn serve_exchange(
     secure_dir: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let backend = match redis {
-        Some(url) => academy_exchange::Backend::Redis(academy_exchange::RedisOptions {
+        Some(url) => academy_exchange::MailboxStore::Redis(academy_exchange::RedisOptions {
             url,
             ..Default::default()
         }),
-        None => academy_exchange::Backend::Memory,
+        None => academy_exchange::MailboxStore::Memory,
     };
     let limits = academy_exchange::Limits { max_queued: 100_000, ..Default::default() };
-    let mut options = academy_exchange::ServerOptions { backend, limits, ..Default::default() };
+    let mut options =
+        academy_exchange::ExchangeOptions { store: backend, limits, ..Default::default() };
     if let Some(dir) = secure_dir {
-        options.tokens = Some(academy_exchange::auth::Tokens::load(&dir.join("tokens"))?);
+        options.tokens = Some(academy_server::auth::Tokens::load(&dir.join("tokens"))?);
         let (cert, key, ca) = (dir.join("server.pem"), dir.join("server.key"), dir.join("ca.pem"));
-        options.tls = Some(academy_exchange::tls::Tls::load(&cert, &key, Some(&ca))?);
+        options.tls = Some(academy_server::tls::Tls::load(&cert, &key, Some(&ca))?);
     }
-    let server = academy_exchange::RunningServer::start(options).await?;
+    let server = academy_exchange::RunningExchange::start(options).await?;
     println!("{}", server.addr());
     std::future::pending::<()>().await;
     Ok(())
@@ -174,11 +175,11 @@ impl floor::floor_server::Floor for FloorService {
 async fn serve_floor() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);
-    let incoming = academy_exchange::nodelay_incoming(listener);
+    let incoming = academy_server::grpc::nodelay_incoming(listener);
     // The same transport settings as the exchange-server's.
     tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(academy_exchange::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(academy_exchange::CONNECTION_WINDOW_BYTES))
+        .initial_stream_window_size(Some(academy_proto::transport::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(academy_proto::transport::CONNECTION_WINDOW_BYTES))
         .add_service(floor::floor_server::FloorServer::new(FloorService))
         .serve_with_incoming(incoming)
         .await?;
@@ -396,10 +397,10 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
 async fn start_exchange(
     backend: BackendKind,
     args: &Args,
-) -> anyhow::Result<(Server, Option<academy_exchange::testing::RedisServer>)> {
+) -> anyhow::Result<(Server, Option<academy_server::testing::RedisServer>)> {
     let redis = match backend {
         BackendKind::Memory => None,
-        BackendKind::Redis => Some(academy_exchange::testing::RedisServer::start()?),
+        BackendKind::Redis => Some(academy_server::testing::RedisServer::start()?),
     };
     let mut role = vec!["serve-exchange".to_owned()];
     role.extend(["--worker-threads".to_owned(), args.exchange_threads.to_string()]);
@@ -478,7 +479,7 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
 /// mutual TLS, with certificates made for the run.
 async fn measure_secure(args: &Args) -> anyhow::Result<Vec<String>> {
     const TOKEN: &str = "bench-token-0123456789";
-    let pki = academy_exchange::testing::TestPki::new("bench CA");
+    let pki = academy_server::testing::TestPki::new("bench CA");
     let dir = std::env::temp_dir().join(format!("academy-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     for (name, pem) in [
@@ -497,7 +498,7 @@ async fn measure_secure(args: &Args) -> anyhow::Result<Vec<String>> {
         .with_tls_ca(pki.ca().as_bytes())
         .with_client_certificate(pki.client.cert.as_bytes(), pki.client.key.as_bytes());
     let url = format!("https://{}", exchange.addr);
-    let client = academy_sdk::GrpcExchange::connect_with(url, &credentials).await?;
+    let client = academy_sdk::exchange::GrpcExchange::connect_with(url, &credentials).await?;
     let manager = Manager::new(std::sync::Arc::new(client)).await?;
     let echo = manager.launch(Echo {}).await?;
     let a = echo_latency(&echo, 100, args.calls).await?;
@@ -515,8 +516,8 @@ async fn measure_floor(args: &Args) -> anyhow::Result<Vec<String>> {
     let url = format!("http://{}", floor_server.addr);
     let channel = tonic::transport::Endpoint::from_shared(url)?
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(academy_exchange::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(academy_exchange::CONNECTION_WINDOW_BYTES))
+        .initial_stream_window_size(Some(academy_proto::transport::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(academy_proto::transport::CONNECTION_WINDOW_BYTES))
         .connect()
         .await?;
     let floor = floor::floor_client::FloorClient::new(channel);
@@ -705,7 +706,7 @@ fn main() -> anyhow::Result<()> {
         Some(Role::Exchange { worker_threads, .. }) => worker_threads,
         _ => 0,
     };
-    academy_exchange::server_runtime(worker_threads)?.block_on(run(args))
+    academy_server::grpc::runtime(worker_threads)?.block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -718,7 +719,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             return serve_launcher(exchange, heartbeat_timeout_ms).await;
         }
         Some(Role::Worker { launcher, capacity }) => {
-            academy_sdk::Worker::new(launcher).capacity(capacity).register::<Echo>().run().await?;
+            academy_sdk::worker::Worker::new(launcher)
+                .capacity(capacity)
+                .register::<Echo>()
+                .run()
+                .await?;
             return Ok(());
         }
         None => {}

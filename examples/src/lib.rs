@@ -5,7 +5,7 @@ pub mod behaviours;
 
 use std::net::SocketAddr;
 
-use academy_exchange::{RunningServer, ServerOptions};
+use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_sdk::Manager;
 use anyhow::Context as _;
 
@@ -24,12 +24,12 @@ pub struct ExchangeArgs {
 impl ExchangeArgs {
     /// A manager talking gRPC to the exchange, and the embedded server if one
     /// was started (keep it alive as long as the manager).
-    pub async fn connect(&self) -> anyhow::Result<(Manager, Option<RunningServer>)> {
+    pub async fn connect(&self) -> anyhow::Result<(Manager, Option<RunningExchange>)> {
         let (url, server) = match &self.exchange {
             Some(url) => (url.clone(), None),
             None => {
-                let options = ServerOptions { listen: self.listen, ..Default::default() };
-                let server = RunningServer::start(options)
+                let options = ExchangeOptions { listen: self.listen, ..Default::default() };
+                let server = RunningExchange::start(options)
                     .await
                     .with_context(|| format!("cannot start an exchange on {}", self.listen))?;
                 (server.url(), Some(server))

@@ -5,14 +5,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use academy_examples::behaviours::WordStats;
-use academy_exchange::{MailboxState, RunningServer, ServerOptions};
+use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_launcher::{LauncherOptions, RunningLauncher};
+use academy_proto::pb::MailboxState;
 use academy_proto::pb::{self, AgentState, launcher_client::LauncherClient};
 use academy_sdk::Manager;
 use tonic::transport::Channel;
 
 struct Cluster {
-    exchange: RunningServer,
+    exchange: RunningExchange,
     /// `None` while a test restarts it (on the same address).
     launcher: Option<RunningLauncher>,
     launcher_url: String,
@@ -30,7 +31,7 @@ impl Drop for Cluster {
 }
 
 async fn cluster(workers: &[&str]) -> Cluster {
-    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
     let launcher = RunningLauncher::start(LauncherOptions {
         exchange_url: exchange.url(),
         heartbeat_timeout: Duration::from_secs(1),
@@ -132,14 +133,14 @@ async fn agents_spread_over_workers_and_move_when_one_is_killed() {
 
     // The manager launches through the launcher too, with the same handles.
     let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
-    let launcher = academy_sdk::Launcher::connect(&cluster.launcher_url).await.unwrap();
+    let launcher = academy_sdk::launcher::Launcher::connect(&cluster.launcher_url).await.unwrap();
     let remote = manager
         .launch_remote::<WordStats>(&launcher, &serde_json::json!({}), Default::default())
         .await
         .unwrap();
     let remote = remote.with_timeout(Duration::from_secs(10));
     assert_eq!(remote.analyse("launched remotely".into()).await.unwrap().words, 2);
-    launcher.stop(remote.id(), true).await.unwrap();
+    launcher.stop(remote.id(), academy_sdk::MailboxPolicy::Terminate).await.unwrap();
     cluster.wait_state(&remote.id().to_string(), AgentState::Stopped).await;
     let victim = ids[0].clone();
     let analyser =
@@ -171,8 +172,9 @@ async fn agents_spread_over_workers_and_move_when_one_is_killed() {
 #[tokio::test]
 async fn stop_restart_pending_and_bad_launches() {
     let mut cluster = cluster(&["w1"]).await;
-    let exchange = academy_sdk::GrpcExchange::connect(cluster.exchange.url()).await.unwrap();
-    use academy_sdk::ExchangeClient as _;
+    let exchange =
+        academy_sdk::exchange::GrpcExchange::connect(cluster.exchange.url()).await.unwrap();
+    use academy_sdk::exchange::ExchangeApi as _;
 
     // Stop keeping the mailbox, and stop terminating it.
     let kept = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
@@ -293,9 +295,9 @@ async fn a_worker_back_from_the_dead_does_not_serve_moved_agents() {
 
 #[tokio::test]
 async fn a_launcher_restarted_on_redis_forgets_nothing() {
-    let redis = academy_exchange::testing::RedisServer::start()
-        .expect("redis-server must run for this test");
-    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
+    let redis =
+        academy_server::testing::RedisServer::start().expect("redis-server must run for this test");
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
     let options = LauncherOptions {
         exchange_url: exchange.url(),
         heartbeat_timeout: Duration::from_secs(1),

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use academy_examples::behaviours::WordStats;
-use academy_exchange::auth::Tokens;
-use academy_exchange::testing::TestPki;
-use academy_exchange::{RunningServer, ServerOptions};
-use academy_sdk::{Credentials, GrpcExchange, Manager};
+use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_sdk::exchange::GrpcExchange;
+use academy_sdk::{Credentials, Manager};
+use academy_server::auth::Tokens;
+use academy_server::testing::TestPki;
 use serde_json::{Value, json};
 
 fn python() -> Command {
@@ -49,8 +50,8 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     let tokens = Tokens::parse(&format!("rust {RUST_TOKEN}\npython {PYTHON_TOKEN}")).unwrap();
     let pki = TestPki::new("academy test CA");
     let tls = Some(pki.server_tls(true));
-    let options = ServerOptions { tokens: Some(tokens), tls, ..Default::default() };
-    let exchange = RunningServer::start(options).await.unwrap();
+    let options = ExchangeOptions { tokens: Some(tokens), tls, ..Default::default() };
+    let exchange = RunningExchange::start(options).await.unwrap();
     let credentials = Credentials::bearer(RUST_TOKEN)
         .unwrap()
         .with_tls_ca(pki.ca().as_bytes())

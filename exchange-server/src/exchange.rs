@@ -1,19 +1,18 @@
-//! The exchange: the rules of DESIGN.md ("Mailboxes", "Delivery") over a
+//! The exchange: the rules of docs/design.md ("Mailboxes", "Delivery") over a
 //! storage backend, so the gRPC service and the SDK's in-process client
 //! behave the same whatever keeps the mailboxes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use academy_proto::pb;
+use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent, pb};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::permitted;
 use crate::backend::memory::MemoryBackend;
+#[cfg(feature = "redis")]
 use crate::backend::redis::{RedisBackend, RedisOptions};
 use crate::backend::{Backend, BackendSubscription, Page};
-use crate::{EntityId, ExchangeError};
 
 /// Limits of an exchange, each with a clear error when passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,64 +28,6 @@ impl Default for Limits {
         Self { max_message_bytes: 4 * 1024 * 1024, max_queued: 10_000 }
     }
 }
-
-/// State of a mailbox, as `Status` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MailboxState {
-    Missing,
-    Active,
-    Terminated,
-}
-
-impl From<MailboxState> for pb::MailboxState {
-    fn from(state: MailboxState) -> Self {
-        match state {
-            MailboxState::Missing => Self::Missing,
-            MailboxState::Active => Self::Active,
-            MailboxState::Terminated => Self::Terminated,
-        }
-    }
-}
-
-/// What discovery knows of an agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentInfo {
-    pub id: EntityId,
-    pub behaviour: String,
-    pub implements: Vec<String>,
-    pub name: String,
-}
-
-impl From<AgentInfo> for pb::AgentInfo {
-    fn from(info: AgentInfo) -> Self {
-        Self {
-            agent_id: info.id.to_string(),
-            behaviour: info.behaviour,
-            implements: info.implements,
-            name: info.name,
-        }
-    }
-}
-
-/// Answer of [`Exchange::status`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MailboxStatus {
-    pub state: MailboxState,
-    pub queued: usize,
-    pub agent: Option<AgentInfo>,
-    /// Someone is subscribed to the (active) mailbox now.
-    pub subscribed: bool,
-}
-
-impl MailboxStatus {
-    /// The status of an id no mailbox has.
-    pub(crate) fn missing() -> Self {
-        Self { state: MailboxState::Missing, queued: 0, agent: None, subscribed: false }
-    }
-}
-
-/// One message handed to a subscriber, with its position for acknowledging it.
-pub type Delivery = (u64, pb::Message);
 
 /// An exchange over the in-memory or the Redis backend. Cheap to clone; clones
 /// share the mailboxes.
@@ -116,6 +57,7 @@ impl Exchange {
 
     /// An exchange whose mailboxes live in Redis: durable, and shared by every
     /// exchange connected to the same Redis and prefix.
+    #[cfg(feature = "redis")]
     pub async fn redis(options: RedisOptions, limits: Limits) -> Result<Self, ExchangeError> {
         Ok(Self::over(Arc::new(RedisBackend::connect(options).await?), limits))
     }
@@ -124,7 +66,7 @@ impl Exchange {
         Self { backend, limits, shutdown: CancellationToken::new(), principal: None }
     }
 
-    /// This exchange, acting for `principal` (see DESIGN.md, "Security").
+    /// This exchange, acting for `principal` (docs/design.md, "Security").
     pub fn acting_as(&self, principal: Option<Arc<str>>) -> Self {
         Self { principal, ..self.clone() }
     }
@@ -133,6 +75,7 @@ impl Exchange {
         self.principal.as_deref()
     }
 
+    /// Its limits.
     pub fn limits(&self) -> Limits {
         self.limits
     }
@@ -162,7 +105,7 @@ impl Exchange {
                 "agent_id {id} is not an agent id"
             )));
         }
-        let info = AgentInfo { id, behaviour: behaviour.to_owned(), implements, name };
+        let info = RegisteredAgent { id, behaviour: behaviour.to_owned(), implements, name };
         self.backend.create(id, Some(info), self.principal()).await?;
         tracing::debug!(agent = %id, behaviour, "agent mailbox created");
         Ok(id)
@@ -178,13 +121,14 @@ impl Exchange {
 
     /// Removes a client mailbox without a gravestone: for transient mailboxes
     /// whose ids nobody can register again (client ids are always fresh).
+    #[cfg(feature = "server")]
     pub(crate) async fn forget(&self, id: &EntityId) {
         self.backend.forget(id).await;
     }
 
     /// Terminates a mailbox and answers every request still queued in it with an
     /// error. Idempotent: returns the state before the call.
-    pub async fn terminate(&self, id: &EntityId) -> Result<MailboxState, ExchangeError> {
+    pub async fn terminate(&self, id: &EntityId) -> Result<pb::MailboxState, ExchangeError> {
         let (previous, queued) = self.backend.terminate(id, self.principal()).await?;
         let replies: Vec<_> = queued
             .iter()
@@ -199,13 +143,18 @@ impl Exchange {
         Ok(previous)
     }
 
+    /// The state of mailbox `id` (`Missing` when none has it).
     pub async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError> {
         self.backend.status(id).await
     }
 
     /// Active agents whose behaviour is `name` (`exact`) or lists it; every
     /// active agent when `name` is empty. Ordered by id (creation time).
-    pub async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ExchangeError> {
+    pub async fn discover(
+        &self,
+        name: &str,
+        exact: bool,
+    ) -> Result<Vec<RegisteredAgent>, ExchangeError> {
         Ok(self.discover_page(name, exact, None, None).await?.0)
     }
 
@@ -217,7 +166,7 @@ impl Exchange {
         exact: bool,
         after: Option<EntityId>,
         limit: Option<usize>,
-    ) -> Result<(Vec<AgentInfo>, Option<EntityId>), ExchangeError> {
+    ) -> Result<(Vec<RegisteredAgent>, Option<EntityId>), ExchangeError> {
         if exact && name.is_empty() {
             return Err(ExchangeError::InvalidArgument(
                 "exact discovery needs a behaviour name".into(),
@@ -318,6 +267,16 @@ impl Exchange {
     }
 }
 
+/// May `caller` act as the owner of a mailbox owned by `owner`? A mailbox made
+/// without a principal is anyone's; a caller without one (in-process, or a
+/// server that does not authenticate) is trusted.
+pub(crate) fn permitted(owner: Option<&str>, caller: Option<&str>) -> bool {
+    match (owner, caller) {
+        (Some(owner), Some(caller)) => owner == caller,
+        _ => true,
+    }
+}
+
 fn is_shutdown(message: &pb::Message) -> bool {
     matches!(message.body, Some(pb::message::Body::ShutdownRequest(_)))
 }
@@ -351,6 +310,7 @@ pub struct Subscription {
 const MAX_BATCH: usize = 256;
 
 impl Subscription {
+    /// The mailbox subscribed to.
     pub fn mailbox_id(&self) -> EntityId {
         self.id
     }
@@ -359,7 +319,8 @@ impl Subscription {
     /// (terminated, taken over, shutting down).
     pub fn into_stream(
         self,
-    ) -> impl futures::Stream<Item = Result<Vec<Delivery>, ExchangeError>> + Send + 'static {
+    ) -> impl futures::Stream<Item = Result<Vec<pb::Delivery>, ExchangeError>> + Send + 'static
+    {
         futures::stream::unfold(Some(self), |sub| async move {
             let mut sub = sub?;
             let max_bytes = sub.max_bytes;
@@ -376,10 +337,23 @@ impl Subscription {
         &mut self,
         max: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Delivery>, ExchangeError> {
+    ) -> Result<Vec<pb::Delivery>, ExchangeError> {
         tokio::select! {
             batch = self.inner.next_batch(max, max_bytes) => batch,
             () = self.shutdown.cancelled() => Err(ExchangeError::ShuttingDown),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_and_trusted_callers() {
+        assert!(permitted(Some("a"), Some("a")));
+        assert!(!permitted(Some("a"), Some("b")));
+        assert!(permitted(None, Some("b")));
+        assert!(permitted(Some("a"), None));
     }
 }

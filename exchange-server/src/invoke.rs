@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use academy_proto::content_type::JSON as CONTENT_TYPE_JSON;
 use academy_proto::pb::{self, message::Body};
+use academy_proto::{EntityId, ExchangeError};
 use serde_json::Value;
 
-use crate::{CONTENT_TYPE_JSON, EntityId, Exchange, ExchangeError};
+use crate::Exchange;
 
 /// Removes the transient mailbox however the call ends (even if it is dropped).
 struct Transient {
@@ -53,7 +55,8 @@ pub(crate) async fn invoke(
         .await?;
     let reply = async {
         loop {
-            for (_, message) in subscription.next_batch(16, usize::MAX).await? {
+            for delivery in subscription.next_batch(16, usize::MAX).await? {
+                let Some(message) = delivery.message else { continue };
                 if message.header.as_ref().is_some_and(|h| h.tag == tag) {
                     return Ok::<_, ExchangeError>(message.body);
                 }

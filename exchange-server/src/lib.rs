@@ -1,44 +1,36 @@
-//! The Academy exchange: mailboxes for agents and clients, served over gRPC
-//! (`academy.v1.Exchange`) or used in-process.
+//! The Academy exchange: mailboxes for agents and clients, used in-process
+//! ([`Exchange`]) or served over gRPC (`academy.v1.Exchange`, feature
+//! `server`).
 //!
-//! Embed a server in a program or a test:
+//! Features: `redis` (default) adds the Redis backend ([`RedisOptions`]);
+//! `server` (default) the gRPC service and [`RunningExchange`]; `cli`
+//! (default) the `academy-exchange` binary; `test-util` the test helpers of
+//! `academy-server`. Without default features, only the exchange and its
+//! in-memory backend are built: what the SDK embeds.
 //!
-//! ```no_run
-//! # async fn demo() -> std::io::Result<()> {
-//! use academy_exchange::{RunningServer, ServerOptions};
-//! let server = RunningServer::start(ServerOptions::default()).await?; // 127.0.0.1:0
-//! println!("serving on {}", server.url());
-//! server.shutdown().await;
+//! ```
+//! # async fn demo() -> Result<(), academy_proto::ExchangeError> {
+//! let exchange = academy_exchange::Exchange::default();
+//! let client = exchange.register_client().await?;
+//! assert_eq!(exchange.status(&client).await?.state, academy_proto::pb::MailboxState::Active);
 //! # Ok(()) }
 //! ```
 
-pub mod auth;
 mod backend;
-mod config;
-mod error;
 mod exchange;
-mod id;
+#[cfg(feature = "server")]
 mod invoke;
-pub mod json;
-pub mod metrics;
+#[cfg(feature = "server")]
+mod metrics;
+#[cfg(feature = "server")]
 mod server;
+#[cfg(feature = "server")]
 mod service;
-pub mod telemetry;
-pub mod testing;
-pub mod tls;
 
-pub use backend::redis::{RedisOptions, connect_redis, redacted_url};
-pub use config::{BackendKind, Config};
-pub use error::{ERROR_DOMAIN, ExchangeError};
-pub use exchange::{
-    AgentInfo, Delivery, Exchange, Limits, MailboxState, MailboxStatus, Subscription,
-};
-pub use id::{EntityId, EntityKind};
-pub use server::{
-    Backend, CONNECTION_WINDOW_BYTES, RunningServer, STREAM_WINDOW_BYTES, ServerOptions,
-    nodelay_incoming, reflection, server_runtime, shutdown_signal,
-};
-pub use service::ExchangeService;
-
-/// Content type of JSON payloads, which every peer supports.
-pub const CONTENT_TYPE_JSON: &str = "application/json";
+#[cfg(feature = "redis")]
+pub use backend::redis::RedisOptions;
+pub use exchange::{Exchange, Limits, Subscription};
+#[cfg(feature = "server")]
+pub use server::{ExchangeOptions, MailboxStore, RunningExchange};
+#[cfg(feature = "server")]
+pub use service::ExchangeGrpc;

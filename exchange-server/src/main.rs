@@ -1,23 +1,25 @@
 use anyhow::Context as _;
 use clap::Parser as _;
 
-use academy_exchange::{
-    Config, RunningServer, ServerOptions, server_runtime, shutdown_signal, telemetry,
-};
+use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_server::grpc::{runtime, shutdown_signal};
+use academy_server::telemetry;
+
+mod cli;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config = cli::Config::parse();
     telemetry::init_tracing(config.log_format);
-    let options = config.server_options()?;
-    let runtime = server_runtime(config.worker_threads).context("cannot start the runtime")?;
+    let options = config.options()?;
+    let runtime = runtime(config.worker_threads).context("cannot start the runtime")?;
     runtime.block_on(serve(options))
 }
 
-async fn serve(options: ServerOptions) -> anyhow::Result<()> {
-    let server = RunningServer::start(options.clone())
+async fn serve(options: ExchangeOptions) -> anyhow::Result<()> {
+    let server = RunningExchange::start(options.clone())
         .await
         .with_context(|| format!("cannot start the exchange on {}", options.listen))?;
     shutdown_signal().await;

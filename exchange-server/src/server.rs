@@ -4,72 +4,21 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use academy_proto::pb::exchange_server::ExchangeServer;
+use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
+use academy_server::auth::{Authenticator, Tokens};
+use academy_server::grpc::{nodelay_incoming, reflection};
+use academy_server::metrics::{self, RpcMetrics};
+use academy_server::tls::{Tls, server_builder};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::auth::{Authenticator, Tokens};
-use crate::metrics::{self, ExchangeMetrics, RpcMetrics};
-use crate::tls::{Tls, server_builder};
-use crate::{Exchange, ExchangeService, Limits, RedisOptions};
-
-/// Accepted connections of `listener`, with TCP_NODELAY set (small messages
-/// must not wait for Nagle).
-pub fn nodelay_incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
-}
-
-/// Server reflection for a server of `service` (e.g. `academy.v1.Exchange`):
-/// it lists that service, health and reflection, and describes every Academy
-/// contract and google.rpc (ErrorInfo details), so grpcurl can list, describe
-/// and decode all of it. Build v1 and v1alpha services from it.
-pub fn reflection(service: &str) -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
-        .with_service_name(service)
-        .with_service_name("grpc.health.v1.Health")
-        .with_service_name("grpc.reflection.v1.ServerReflection")
-        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
-        .register_encoded_file_descriptor_set(academy_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-}
-
-/// Completes on SIGINT or SIGTERM (what Kubernetes sends to stop a pod).
-pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs on unix");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
-/// HTTP/2 flow-control windows of Academy's servers and clients, per stream and
-/// per connection: large enough that a 1 MiB message need not wait for a
-/// window update.
-pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
-
-/// The runtime an exchange-server runs on: `worker_threads` threads, or one
-/// per core the process may use when 0.
-pub fn server_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if worker_threads > 0 {
-        runtime.worker_threads(worker_threads);
-    }
-    runtime.enable_all().build()
-}
+#[cfg(feature = "redis")]
+use crate::RedisOptions;
+use crate::metrics::ExchangeMetrics;
+use crate::{Exchange, ExchangeGrpc, Limits};
 
 /// Room above the message-size limit for the request around a message, so an
 /// oversized message gets the exchange's own error naming both sizes.
@@ -77,19 +26,23 @@ const FRAME_SLACK_BYTES: usize = 64 * 1024;
 
 /// Where an exchange keeps its mailboxes.
 #[derive(Debug, Clone, Default)]
-pub enum Backend {
+pub enum MailboxStore {
     /// In this process: fast, gone with the process.
     #[default]
     Memory,
     /// In Redis: durable, shared by every replica on the same Redis and prefix.
+    #[cfg(feature = "redis")]
     Redis(RedisOptions),
 }
 
 /// How to serve an exchange.
 #[derive(Debug, Clone)]
-pub struct ServerOptions {
+pub struct ExchangeOptions {
+    /// Address to listen on.
     pub listen: SocketAddr,
-    pub backend: Backend,
+    /// Where mailboxes are kept.
+    pub store: MailboxStore,
+    /// Limits of messages and mailboxes.
     pub limits: Limits,
     /// How long open calls may take to finish after shutdown starts.
     pub shutdown_grace: Duration,
@@ -102,11 +55,11 @@ pub struct ServerOptions {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-impl Default for ServerOptions {
+impl Default for ExchangeOptions {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            backend: Backend::Memory,
+            store: MailboxStore::Memory,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
             tokens: None,
@@ -118,7 +71,7 @@ impl Default for ServerOptions {
 
 /// A running exchange-server. Dropping it shuts the server down.
 #[derive(Debug)]
-pub struct RunningServer {
+pub struct RunningExchange {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     tls: bool,
@@ -127,20 +80,21 @@ pub struct RunningServer {
     task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
-impl RunningServer {
+impl RunningExchange {
     /// Binds `options.listen` and serves an in-memory exchange on it.
     ///
     /// ```no_run
     /// # async fn demo() -> std::io::Result<()> {
-    /// let server = academy_exchange::RunningServer::start(Default::default()).await?;
+    /// let server = academy_exchange::RunningExchange::start(Default::default()).await?;
     /// println!("exchange on http://{}", server.addr());
     /// server.shutdown().await;
     /// # Ok(()) }
     /// ```
-    pub async fn start(options: ServerOptions) -> std::io::Result<Self> {
-        let exchange = match &options.backend {
-            Backend::Memory => Exchange::new(options.limits),
-            Backend::Redis(redis) => Exchange::redis(redis.clone(), options.limits)
+    pub async fn start(options: ExchangeOptions) -> std::io::Result<Self> {
+        let exchange = match &options.store {
+            MailboxStore::Memory => Exchange::new(options.limits),
+            #[cfg(feature = "redis")]
+            MailboxStore::Redis(redis) => Exchange::redis(redis.clone(), options.limits)
                 .await
                 .map_err(std::io::Error::other)?,
         };
@@ -148,18 +102,18 @@ impl RunningServer {
     }
 
     /// Serves the given exchange (for example one also used in-process).
-    pub async fn serve(exchange: Exchange, options: ServerOptions) -> std::io::Result<Self> {
+    pub async fn serve(exchange: Exchange, options: ExchangeOptions) -> std::io::Result<Self> {
         let listener = TcpListener::bind(options.listen).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<ExchangeServer<ExchangeService>>().await;
-        let reflection = || reflection("academy.v1.Exchange");
+        health.set_serving::<ExchangeServer<ExchangeGrpc>>().await;
+        let reflection = || reflection(&["academy.v1.Exchange"]);
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
         let mut registry = Registry::default();
         let calls = RpcMetrics::register(&mut registry);
-        let service = ExchangeService::new(exchange.clone())
+        let service = ExchangeGrpc::new(exchange.clone())
             .with_metrics(ExchangeMetrics::register(&mut registry));
         let (metrics_addr, count_calls) =
             metrics::serve_if(options.metrics_listen, registry, &calls, shutdown.clone()).await?;
@@ -177,7 +131,7 @@ impl RunningServer {
             async move {
                 shutdown.cancelled().await;
                 tracing::info!("shutting down: no new calls, ending subscriptions");
-                health.set_not_serving::<ExchangeServer<ExchangeService>>().await;
+                health.set_not_serving::<ExchangeServer<ExchangeGrpc>>().await;
                 exchange.shutdown();
             }
         };
@@ -208,6 +162,7 @@ impl RunningServer {
         Ok(Self { addr, metrics_addr, tls, exchange, shutdown, task: Some(task) })
     }
 
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -241,7 +196,7 @@ impl RunningServer {
     }
 }
 
-impl Drop for RunningServer {
+impl Drop for RunningExchange {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }

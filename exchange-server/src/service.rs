@@ -5,24 +5,26 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use academy_proto::pb::{self, exchange_server};
+use academy_proto::{EntityId, ExchangeError, json};
+use academy_server::auth::Principal;
 use futures::{Stream, StreamExt as _};
 use tonic::{Code, Request, Response, Status};
 
-use crate::auth::Principal;
+use crate::Exchange;
 use crate::metrics::ExchangeMetrics;
-use crate::{EntityId, Exchange, ExchangeError, json};
 
 /// Invoke's wait when neither `timeout_ms` nor a call deadline is given.
 const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The gRPC face of an exchange.
+/// The gRPC face of an exchange (`academy.v1.Exchange`).
 #[derive(Debug, Clone)]
-pub struct ExchangeService {
+pub struct ExchangeGrpc {
     exchange: Exchange,
     metrics: ExchangeMetrics,
 }
 
-impl ExchangeService {
+impl ExchangeGrpc {
+    /// Serves `exchange`.
     pub fn new(exchange: Exchange) -> Self {
         Self { exchange, metrics: ExchangeMetrics::default() }
     }
@@ -49,7 +51,7 @@ fn parse_optional_id(value: &str, field: &str) -> Result<Option<EntityId>, Excha
 type RpcResult<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
-impl exchange_server::Exchange for ExchangeService {
+impl exchange_server::Exchange for ExchangeGrpc {
     #[tracing::instrument(skip_all, fields(behaviour = %request.get_ref().behaviour))]
     async fn register_agent(
         &self,
@@ -78,20 +80,13 @@ impl exchange_server::Exchange for ExchangeService {
     ) -> RpcResult<pb::TerminateResponse> {
         let id = EntityId::parse_field(&request.get_ref().id, "id")?;
         let previous = self.exchange_for(&request).terminate(&id).await?;
-        Ok(Response::new(pb::TerminateResponse {
-            previous_state: pb::MailboxState::from(previous).into(),
-        }))
+        Ok(Response::new(pb::TerminateResponse { previous_state: previous.into() }))
     }
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> RpcResult<pb::StatusResponse> {
         let id = EntityId::parse_field(&request.get_ref().id, "id")?;
         let status = self.exchange.status(&id).await?;
-        Ok(Response::new(pb::StatusResponse {
-            state: pb::MailboxState::from(status.state).into(),
-            queued: status.queued as u64,
-            agent: status.agent.map(Into::into),
-            subscribed: status.subscribed,
-        }))
+        Ok(Response::new(status.into()))
     }
 
     async fn discover(
@@ -161,12 +156,8 @@ impl exchange_server::Exchange for ExchangeService {
         tracing::debug!("subscriber attached");
         let open = Open::new(self.metrics.clone());
         let stream = subscription.into_stream().map(move |batch| {
-            let batch = batch?;
-            open.0.delivered.inc_by(batch.len() as u64);
-            let deliveries = batch
-                .into_iter()
-                .map(|(seq, message)| pb::Delivery { seq, message: Some(message) })
-                .collect();
+            let deliveries = batch?;
+            open.0.delivered.inc_by(deliveries.len() as u64);
             Ok(pb::SubscribeResponse { deliveries })
         });
         Ok(Response::new(Box::pin(stream)))

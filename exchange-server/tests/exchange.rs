@@ -7,12 +7,11 @@ use std::time::Duration;
 mod common;
 use common::message;
 
-use academy_exchange::auth::Tokens;
-use academy_exchange::testing::{RedisServer, sample, scrape};
-use academy_exchange::{
-    Backend, EntityId, ExchangeError, Limits, RedisOptions, RunningServer, ServerOptions,
-};
+use academy_exchange::{ExchangeOptions, Limits, MailboxStore, RedisOptions, RunningExchange};
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
+use academy_proto::{EntityId, ExchangeError};
+use academy_server::auth::Tokens;
+use academy_server::testing::{RedisServer, sample, scrape};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
@@ -24,26 +23,28 @@ enum Store {
 }
 
 struct Harness {
-    server: RunningServer,
+    server: RunningExchange,
     rpc: ExchangeClient<Channel>,
     _redis: Option<RedisServer>,
 }
 
 async fn start_with(store: Store, limits: Limits) -> Harness {
-    start_as(store, ServerOptions { limits, ..Default::default() }).await
+    start_as(store, ExchangeOptions { limits, ..Default::default() }).await
 }
 
 /// A server of `options`, over `store`.
-async fn start_as(store: Store, options: ServerOptions) -> Harness {
+async fn start_as(store: Store, options: ExchangeOptions) -> Harness {
     let (backend, redis) = match store {
-        Store::Memory => (Backend::Memory, None),
+        Store::Memory => (MailboxStore::Memory, None),
         Store::Redis => {
             let redis = RedisServer::start().expect("redis-server must run for these tests");
             let options = RedisOptions { url: redis.url(), ..Default::default() };
-            (Backend::Redis(options), Some(redis))
+            (MailboxStore::Redis(options), Some(redis))
         }
     };
-    let server = RunningServer::start(ServerOptions { backend, ..options }).await.expect("starts");
+    let server = RunningExchange::start(ExchangeOptions { store: backend, ..options })
+        .await
+        .expect("starts");
     let rpc = ExchangeClient::connect(server.url()).await.expect("client connects");
     Harness { server, rpc, _redis: redis }
 }
@@ -607,7 +608,7 @@ const BOB: &str = "bob-token-0123456789";
 
 async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     let tokens = Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
-    let h = start_as(store, ServerOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
     let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
     let as_ = |token| ExchangeClient::with_interceptor(channel.clone(), Bearer(token));
     let (mut alice, mut bob, mut nobody) = (as_(ALICE), as_(BOB), h.rpc.clone());
@@ -715,8 +716,8 @@ async fn a_changed_tokens_file_takes_effect_without_a_restart() {
     let file = dir.join("tokens");
     std::fs::write(&file, format!("alice {ALICE}\n")).unwrap();
     let tokens = Tokens::load(&file).unwrap().reload_every(Duration::from_millis(20));
-    let h =
-        start_as(Store::Memory, ServerOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let h = start_as(Store::Memory, ExchangeOptions { tokens: Some(tokens), ..Default::default() })
+        .await;
     let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
     let code = |token| {
         let mut rpc = ExchangeClient::with_interceptor(channel.clone(), Bearer(token));
@@ -762,7 +763,7 @@ async fn shutdown_ends_open_subscriptions_promptly(store: Store) {
 async fn metrics_count_calls_messages_and_subscriptions(store: Store) {
     let listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let mut h =
-        start_as(store, ServerOptions { metrics_listen: listen, ..Default::default() }).await;
+        start_as(store, ExchangeOptions { metrics_listen: listen, ..Default::default() }).await;
     let addr = h.server.metrics_addr().expect("metrics served");
     let scrape = || async move {
         let (status, text) =

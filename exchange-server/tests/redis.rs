@@ -9,9 +9,10 @@ use std::time::Duration;
 mod common;
 use common::{agent_and_client, number, ping, subscribe};
 
-use academy_exchange::testing::RedisServer;
-use academy_exchange::{Backend, EntityId, RedisOptions, RunningServer, ServerOptions};
+use academy_exchange::{ExchangeOptions, MailboxStore, RedisOptions, RunningExchange};
+use academy_proto::EntityId;
 use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
+use academy_server::testing::RedisServer;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
@@ -142,10 +143,11 @@ async fn a_killed_exchange_loses_no_accepted_message_and_redelivers_no_acknowled
     assert!(again.is_empty(), "acknowledged before the kill, delivered again: {again:?}");
 }
 
-async fn replica(redis: &RedisServer) -> (RunningServer, ExchangeClient<Channel>) {
-    let backend = Backend::Redis(RedisOptions { url: redis.url(), ..Default::default() });
-    let server =
-        RunningServer::start(ServerOptions { backend, ..Default::default() }).await.unwrap();
+async fn replica(redis: &RedisServer) -> (RunningExchange, ExchangeClient<Channel>) {
+    let backend = MailboxStore::Redis(RedisOptions { url: redis.url(), ..Default::default() });
+    let server = RunningExchange::start(ExchangeOptions { store: backend, ..Default::default() })
+        .await
+        .unwrap();
     let rpc = connect(&server.url()).await;
     (server, rpc)
 }
@@ -216,9 +218,10 @@ async fn idle_mailboxes_and_gravestones_expire_when_configured() {
         gravestone_ttl: ttl,
         ..Default::default()
     };
-    let backend = Backend::Redis(options);
-    let server =
-        RunningServer::start(ServerOptions { backend, ..Default::default() }).await.unwrap();
+    let backend = MailboxStore::Redis(options);
+    let server = RunningExchange::start(ExchangeOptions { store: backend, ..Default::default() })
+        .await
+        .unwrap();
     let mut rpc = connect(&server.url()).await;
     let register = pb::RegisterAgentRequest { behaviour: "t.Idle".into(), ..Default::default() };
     let idle = rpc.register_agent(register.clone()).await.unwrap().into_inner().agent_id;
@@ -347,8 +350,10 @@ async fn a_replica_that_cannot_listen_for_notices_refuses_to_start() {
     // Redis answers SUBSCRIBE with an error; a replica that went on would
     // never hear of new messages for its subscribers.
     assert_eq!(redis.command(&["ACL", "SETUSER", "default", "-subscribe"]).unwrap(), "+OK");
-    let backend = Backend::Redis(RedisOptions { url: redis.url(), ..Default::default() });
-    let err = RunningServer::start(ServerOptions { backend, ..Default::default() }).await.err();
+    let backend = MailboxStore::Redis(RedisOptions { url: redis.url(), ..Default::default() });
+    let err = RunningExchange::start(ExchangeOptions { store: backend, ..Default::default() })
+        .await
+        .err();
     let err = err.expect("the exchange must not start deaf").to_string();
     assert!(err.contains("cannot listen on Redis channel") && err.contains("NoPerm"), "{err}");
 }

@@ -2,11 +2,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use academy_exchange::auth::Tokens;
-use academy_exchange::telemetry::{LogFormat, init_tracing};
-use academy_exchange::tls::Tls;
 use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_sdk::Credentials;
+use academy_server::auth::Tokens;
+use academy_server::grpc::shutdown_signal;
+use academy_server::telemetry::{LogFormat, init_tracing};
+use academy_server::tls::Tls;
 use clap::Parser;
 
 #[global_allocator]
@@ -91,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_listen: config.metrics_listen,
     })
     .await?;
-    academy_exchange::shutdown_signal().await;
+    shutdown_signal().await;
     launcher.shutdown().await;
     Ok(())
 }

@@ -4,11 +4,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use academy_exchange::auth::{Authenticator, Tokens};
-use academy_exchange::metrics::{self, RpcMetrics};
-use academy_exchange::tls::{Tls, server_builder};
 use academy_proto::pb::launcher_server::LauncherServer;
-use academy_sdk::{Credentials, GrpcExchange};
+use academy_sdk::Credentials;
+use academy_sdk::exchange::GrpcExchange;
+use academy_server::auth::{Authenticator, Tokens};
+use academy_server::grpc::{nodelay_incoming, reflection};
+use academy_server::metrics::{self, RpcMetrics};
+use academy_server::tls::{Tls, server_builder};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -106,13 +108,13 @@ impl RunningLauncher {
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LauncherServer<LauncherService>>().await;
-        let incoming = academy_exchange::nodelay_incoming(listener);
+        let incoming = nodelay_incoming(listener);
         let signal = shutdown.clone().cancelled_owned();
         let router = server_builder(options.tls.as_ref())?
             .layer(tower::util::option_layer(count_calls))
             .add_service(health_service)
-            .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1()?)
-            .add_service(academy_exchange::reflection("academy.v1.Launcher").build_v1alpha()?)
+            .add_service(reflection(&["academy.v1.Launcher"]).build_v1()?)
+            .add_service(reflection(&["academy.v1.Launcher"]).build_v1alpha()?)
             .add_service(InterceptedService::new(LauncherServer::new(service), auth));
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {

@@ -4,10 +4,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use academy_exchange::EntityId;
-use academy_exchange::auth::Principal;
 use academy_proto::pb::{self, AgentState, launcher_server, worker_message::Body};
-use academy_sdk::{ClientError, SharedExchange};
+use academy_proto::{EntityId, ExchangeError};
+use academy_sdk::ClientError;
+use academy_sdk::exchange::SharedExchange;
+use academy_server::auth::Principal;
 use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
@@ -72,7 +73,7 @@ impl LauncherService {
 fn exchange_status(err: ClientError) -> Status {
     match err {
         // The launcher's own token, not the caller's: a misconfiguration.
-        ClientError::Exchange(academy_exchange::ExchangeError::Unauthenticated(why)) => {
+        ClientError::Exchange(ExchangeError::Unauthenticated(why)) => {
             tracing::error!(%why, "the exchange refused the launcher's credentials (its ACADEMY_TOKEN)");
             Status::internal(format!("the exchange refused the launcher's credentials: {why}"))
         }

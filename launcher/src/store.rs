@@ -18,10 +18,10 @@ pub(crate) async fn open(
     url: &str,
     prefix: &str,
 ) -> anyhow::Result<(Vec<pb::AgentRecord>, mpsc::UnboundedSender<Write>)> {
-    let (_, mut conn) = academy_exchange::connect_redis(url).await.map_err(|e| {
+    let (_, mut conn) = academy_server::redis::connect(url).await.map_err(|e| {
         // Its own words, not the exchange's ("mailbox store unavailable").
         let why = match e {
-            academy_exchange::ExchangeError::Unavailable(why) => why,
+            academy_proto::ExchangeError::Unavailable(why) => why,
             other => other.to_string(),
         };
         anyhow::anyhow!("cannot keep the launcher's records in Redis: {why}")
@@ -65,7 +65,7 @@ pub(crate) async fn open(
             }
         }
     });
-    let url = academy_exchange::redacted_url(url);
+    let url = academy_server::redis::redacted_url(url);
     tracing::info!(%url, records = records.len(), "launcher state in Redis");
     Ok((records, tx))
 }

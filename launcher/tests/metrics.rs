@@ -2,11 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use academy_exchange::testing::{sample, scrape};
-use academy_exchange::{RunningServer, ServerOptions};
+use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb::{self, launcher_client::LauncherClient};
-use academy_sdk::{Worker, behaviour};
+use academy_sdk::behaviour;
+use academy_sdk::worker::Worker;
+use academy_server::testing::{sample, scrape};
 
 #[derive(Default, serde::Deserialize)]
 struct Idle {}
@@ -36,7 +37,7 @@ async fn until(addr: std::net::SocketAddr, series: &'static str, value: f64) -> 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_show_calls_workers_and_agents_by_state() {
-    let exchange = RunningServer::start(ServerOptions::default()).await.unwrap();
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
     let options = LauncherOptions {
         exchange_url: exchange.url(),
         metrics_listen: Some(([127, 0, 0, 1], 0).into()),

@@ -1,7 +1,8 @@
 //! What grpcurl lists: each server advertises its own service, health and
 //! reflection, and not the other server's service.
 
-mod common;
+use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_launcher::{LauncherOptions, RunningLauncher};
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
@@ -28,9 +29,17 @@ async fn services(url: String) -> Vec<String> {
     }
 }
 
+/// An in-memory exchange and a launcher using it, both on loopback.
+async fn exchange_and_launcher() -> (RunningExchange, RunningLauncher) {
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let options = LauncherOptions { exchange_url: exchange.url(), ..Default::default() };
+    let launcher = RunningLauncher::start(options).await.unwrap();
+    (exchange, launcher)
+}
+
 #[tokio::test]
 async fn each_server_lists_its_own_services() {
-    let (exchange, launcher) = common::exchange_and_launcher().await;
+    let (exchange, launcher) = exchange_and_launcher().await;
     let common = ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"];
     let common = [&common[..], &["grpc.reflection.v1alpha.ServerReflection"]].concat();
     for (url, own) in

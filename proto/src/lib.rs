@@ -1,16 +1,52 @@
-//! The protobuf contracts of Academy (package `academy.v1`), generated at build
-//! time from `proto/academy/v1/*.proto` with protox.
+//! The wire model of Academy (package `academy.v1`): the generated messages,
+//! clients and servers ([`pb`]), and what every side shares around them —
+//! entity ids, the typed mailbox status, the error model and its mapping to
+//! gRPC statuses, content types and JSON helpers. Servers and clients depend
+//! on this crate, never on each other.
 //!
 //! ```
-//! use academy_proto::pb;
-//! let state = pb::MailboxState::Active;
-//! assert_eq!(state.as_str_name(), "MAILBOX_STATE_ACTIVE");
+//! use academy_proto::{EntityId, ExchangeError, pb};
+//! let id = EntityId::new_agent();
+//! let status = tonic::Status::from(ExchangeError::Terminated(id));
+//! assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+//! assert_eq!(ExchangeError::from_status(&status), Some(ExchangeError::Terminated(id)));
+//! assert_eq!(pb::MailboxState::Active.as_str_name(), "MAILBOX_STATE_ACTIVE");
 //! ```
 
-/// Generated messages, clients and servers of `academy.v1`.
+#![warn(missing_docs)]
+
+mod error;
+mod id;
+pub mod json;
+mod mailbox;
+
+pub use error::{ERROR_DOMAIN, ExchangeError};
+pub use id::{EntityId, EntityKind};
+pub use mailbox::{MailboxStatus, RegisteredAgent};
+
+/// Generated messages, clients and servers of `academy.v1` (checked in under
+/// `src/generated/`; `tests/generated.rs` keeps them in step with the
+/// `.proto` files).
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
 pub mod pb {
-    tonic::include_proto!("academy.v1");
+    include!("generated/academy.v1.rs");
+}
+
+/// Content types of payloads (`pb::Payload::content_type`).
+pub mod content_type {
+    /// JSON, which every peer reads: other languages, grpcurl, Invoke.
+    pub const JSON: &str = "application/json";
+    /// MessagePack, what Rust peers send each other by default.
+    pub const MSGPACK: &str = "application/msgpack";
+}
+
+/// Transport settings every Academy server and client uses.
+pub mod transport {
+    /// HTTP/2 flow-control window per stream: large enough that a 1 MiB
+    /// message need not wait for a window update.
+    pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
+    /// HTTP/2 flow-control window per connection.
+    pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 }
 
 impl pb::Header {
@@ -28,7 +64,6 @@ impl pb::Header {
 }
 
 /// Encoded `FileDescriptorSet` of the contracts and their imports, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/academy_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("generated/academy_descriptor.bin");
 
 pub use prost_types;

@@ -6,7 +6,8 @@
 use academy_examples::behaviours::{Cleaner, Coordinator, WordStats};
 use std::time::Duration;
 
-use academy_sdk::{HandleError, Launcher, RemoteLaunch};
+use academy_sdk::HandleError;
+use academy_sdk::launcher::{Launcher, RemoteLaunch};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -53,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let found = manager.discover("example.Analyser", false).await?;
+    let found = manager.discover("example.Analyser", academy_sdk::Matching::Implements).await?;
     println!("analysers found by discovery: {}", found.len());
 
     let documents = vec![

@@ -4,7 +4,7 @@
 //! `cargo run -p academy-examples --bin worker -- --launcher http://127.0.0.1:50052`
 
 use academy_examples::behaviours::{Cleaner, Coordinator, Crashy, WordStats};
-use academy_sdk::Worker;
+use academy_sdk::worker::Worker;
 use clap::Parser;
 
 #[derive(Parser)]

@@ -10,8 +10,8 @@ use prost::Message as _;
 use tokio::sync::Notify;
 
 use super::{Backend, BackendSubscription, Found, Page, awaiting_answer, source, unknown_source};
-use crate::auth::permitted;
-use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
+use crate::exchange::permitted;
+use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent};
 
 #[derive(Debug, Default)]
 pub(crate) struct MemoryBackend {
@@ -25,7 +25,7 @@ pub(crate) struct MemoryBackend {
 #[derive(Debug)]
 struct Mailbox {
     id: EntityId,
-    agent: Option<AgentInfo>,
+    agent: Option<RegisteredAgent>,
     owner: Option<Box<str>>,
     state: Mutex<QueueState>,
     changed: Notify,
@@ -65,7 +65,7 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 /// The names an agent is listed under in the index, and whether in the
 /// index of own behaviours (`exact`).
-fn index_names(agent: &AgentInfo) -> impl Iterator<Item = (&str, bool)> {
+fn index_names(agent: &RegisteredAgent) -> impl Iterator<Item = (&str, bool)> {
     let own = agent.behaviour.as_str();
     [("", false), (own, false), (own, true)]
         .into_iter()
@@ -134,7 +134,7 @@ impl Backend for MemoryBackend {
     async fn create(
         &self,
         id: EntityId,
-        agent: Option<AgentInfo>,
+        agent: Option<RegisteredAgent>,
         owner: Option<&str>,
     ) -> Result<(), ExchangeError> {
         {
@@ -168,12 +168,12 @@ impl Backend for MemoryBackend {
         &self,
         id: &EntityId,
         caller: Option<&str>,
-    ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError> {
+    ) -> Result<(pb::MailboxState, Vec<pb::Message>), ExchangeError> {
         let mailbox = self.owned(id, caller)?;
         let queued = {
             let mut state = lock(&mailbox.state);
             if state.terminated {
-                return Ok((MailboxState::Terminated, Vec::new()));
+                return Ok((pb::MailboxState::Terminated, Vec::new()));
             }
             state.terminated = true;
             state.unacked = 0;
@@ -193,7 +193,7 @@ impl Backend for MemoryBackend {
             }
         }
         let waiting = queued.into_iter().filter(|e| !e.acked);
-        Ok((MailboxState::Active, waiting.filter_map(|e| awaiting_answer(e.message)).collect()))
+        Ok((pb::MailboxState::Active, waiting.filter_map(|e| awaiting_answer(e.message)).collect()))
     }
 
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError> {
@@ -202,7 +202,11 @@ impl Backend for MemoryBackend {
         };
         let state = lock(&mailbox.state);
         Ok(MailboxStatus {
-            state: if state.terminated { MailboxState::Terminated } else { MailboxState::Active },
+            state: if state.terminated {
+                pb::MailboxState::Terminated
+            } else {
+                pb::MailboxState::Active
+            },
             queued: state.unacked,
             agent: mailbox.agent.clone(),
             subscribed: state.subscribed && !state.terminated,
@@ -320,7 +324,7 @@ impl BackendSubscription for MemorySubscription {
         &mut self,
         max: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Delivery>, ExchangeError> {
+    ) -> Result<Vec<pb::Delivery>, ExchangeError> {
         loop {
             let changed = self.mailbox.changed.notified();
             tokio::pin!(changed);
@@ -341,10 +345,13 @@ impl BackendSubscription for MemorySubscription {
                         break;
                     }
                     bytes += entry.message.encoded_len();
-                    batch.push((entry.seq, entry.message.clone()));
+                    batch.push(pb::Delivery {
+                        seq: entry.seq,
+                        message: Some(entry.message.clone()),
+                    });
                 }
-                if let Some((last, _)) = batch.last() {
-                    self.cursor = last + 1;
+                if let Some(last) = batch.last() {
+                    self.cursor = last.seq + 1;
                     return Ok(batch);
                 }
             }

@@ -5,7 +5,7 @@
 use academy_proto::pb;
 use async_trait::async_trait;
 
-use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
+use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent};
 
 /// Which part of a discovery to return.
 #[derive(Debug, Clone, Copy, Default)]
@@ -65,9 +65,10 @@ pub(crate) fn unknown_source(src: &EntityId) -> ExchangeError {
 }
 
 /// A page of discovery.
-pub(crate) type Found = (Vec<AgentInfo>, Option<EntityId>);
+pub(crate) type Found = (Vec<RegisteredAgent>, Option<EntityId>);
 
 pub(crate) mod memory;
+#[cfg(feature = "redis")]
 pub(crate) mod redis;
 
 /// Storage of mailboxes. Errors use the exchange's own kinds; a backend that
@@ -78,11 +79,11 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     ///
     /// `terminate`, `subscribe` and `acknowledge` answer
     /// [`ExchangeError::PermissionDenied`] unless `caller` may act for the
-    /// mailbox's owner ([`permitted`](crate::auth::permitted)).
+    /// mailbox's owner ([`permitted`](crate::exchange::permitted)).
     async fn create(
         &self,
         id: EntityId,
-        agent: Option<AgentInfo>,
+        agent: Option<RegisteredAgent>,
         owner: Option<&str>,
     ) -> Result<(), ExchangeError>;
 
@@ -93,7 +94,7 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         &self,
         id: &EntityId,
         caller: Option<&str>,
-    ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError>;
+    ) -> Result<(pb::MailboxState, Vec<pb::Message>), ExchangeError>;
 
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError>;
 
@@ -131,7 +132,8 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// not exist.
     async fn owner(&self, id: &EntityId) -> Result<Option<String>, ExchangeError>;
 
-    /// Deletes a transient client mailbox without a gravestone.
+    /// Deletes a transient client mailbox without a gravestone (Invoke's).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     async fn forget(&self, id: &EntityId);
 }
 
@@ -144,5 +146,5 @@ pub(crate) trait BackendSubscription: Send + std::fmt::Debug {
         &mut self,
         max: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Delivery>, ExchangeError>;
+    ) -> Result<Vec<pb::Delivery>, ExchangeError>;
 }

@@ -36,13 +36,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt as _;
 use prost::Message as _;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Backend, BackendSubscription, Found, Page, awaiting_answer, source, unknown_source};
-use crate::{AgentInfo, Delivery, EntityId, ExchangeError, MailboxState, MailboxStatus};
+use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent};
+use academy_server::redis::{connect as connect_redis, redacted_url};
 
 /// How to reach Redis and how long keys live there.
 #[derive(Debug, Clone)]
@@ -337,19 +338,6 @@ fn stream_id_of(seq: u64) -> String {
     format!("{}-{}", seq >> SEQ_BITS, seq & ((1 << SEQ_BITS) - 1))
 }
 
-/// `url` fit for logs and error messages: a password in it shows as `***`.
-pub fn redacted_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
-    };
-    let user = rest[..at].split_once(':').map_or("", |(user, _)| user);
-    format!("{scheme}://{user}:***{}", &rest[at..])
-}
-
 fn unavailable(err: RedisError) -> ExchangeError {
     ExchangeError::Unavailable(err.to_string())
 }
@@ -430,38 +418,6 @@ impl Keys {
     fn index(&self, name: &str, exact: bool) -> String {
         format!("{}:{}:{name}", self.prefix, if exact { "own" } else { "idx" })
     }
-}
-
-/// Connects to the Redis at `url` as every Academy service does: a bad URL, a
-/// wrong password or a forbidden command fails at once; an unreachable Redis
-/// is retried for a while, as it may be starting. Errors never show the
-/// password.
-pub async fn connect_redis(url: &str) -> Result<(redis::Client, ConnectionManager), ExchangeError> {
-    let shown = redacted_url(url);
-    let client = redis::Client::open(url)
-        .map_err(|e| ExchangeError::InvalidArgument(format!("bad Redis URL {shown:?}: {e}")))?;
-    let unreachable =
-        |e: RedisError| ExchangeError::Unavailable(format!("cannot reach Redis at {shown}: {e}"));
-    // The connection manager's retries are for a Redis that is starting; a
-    // wrong password or a forbidden command won't mend, so one plain
-    // connection is tried first.
-    let first = tokio::time::timeout(FIRST_CONNECT, client.get_multiplexed_async_connection());
-    if let Ok(Err(e)) = first.await
-        && matches!(
-            e.kind(),
-            redis::ErrorKind::AuthenticationFailed
-                | redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
-        )
-    {
-        return Err(unreachable(e));
-    }
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(FIRST_CONNECT))
-        .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_max_delay(Duration::from_secs(2));
-    let conn =
-        ConnectionManager::new_with_config(client.clone(), config).await.map_err(unreachable)?;
-    Ok((client, conn))
 }
 
 #[derive(Debug, Clone)]
@@ -691,7 +647,7 @@ impl Backend for RedisBackend {
     async fn create(
         &self,
         id: EntityId,
-        agent: Option<AgentInfo>,
+        agent: Option<RegisteredAgent>,
         owner: Option<&str>,
     ) -> Result<(), ExchangeError> {
         let (kind, behaviour, implements, name) = match &agent {
@@ -714,7 +670,7 @@ impl Backend for RedisBackend {
         &self,
         id: &EntityId,
         caller: Option<&str>,
-    ) -> Result<(MailboxState, Vec<pb::Message>), ExchangeError> {
+    ) -> Result<(pb::MailboxState, Vec<pb::Message>), ExchangeError> {
         let keys = [self.keys.mailbox(id), self.keys.queue(id), self.keys.drain(id)];
         let mut cmd = self.scripts.terminate.call(&keys);
         cmd.arg(id.to_string()).arg(secs(self.options.gravestone_ttl)).arg(&self.keys.prefix);
@@ -722,7 +678,7 @@ impl Backend for RedisBackend {
         let mut answer = array(self.run_one(&self.scripts.terminate, cmd).await?).into_iter();
         let head = answer.next().and_then(|v| string(&v)).unwrap_or_default();
         match head.as_str() {
-            "terminated" => Ok((MailboxState::Terminated, Vec::new())),
+            "terminated" => Ok((pb::MailboxState::Terminated, Vec::new())),
             "missing" | "denied" => {
                 Err(state_error(id, &head, || answer.next().and_then(|v| string(&v)))
                     .unwrap_or_else(|| {
@@ -732,7 +688,7 @@ impl Backend for RedisBackend {
             "active" => {
                 let drain = answer.next().and_then(|v| string(&v)).is_some();
                 let waiting = if drain { self.drain(id).await } else { Vec::new() };
-                Ok((MailboxState::Active, waiting))
+                Ok((pb::MailboxState::Active, waiting))
             }
             _ => Err(ExchangeError::Unavailable(format!("terminate failed: {head}"))),
         }
@@ -750,15 +706,15 @@ impl Backend for RedisBackend {
             .map_err(unavailable)?;
         let state = match fields.first().cloned().flatten().as_deref() {
             None => return Ok(MailboxStatus::missing()),
-            Some("t") => MailboxState::Terminated,
-            Some(_) => MailboxState::Active,
+            Some("t") => pb::MailboxState::Terminated,
+            Some(_) => pb::MailboxState::Active,
         };
         let agent = (fields.get(1).cloned().flatten().as_deref() == Some("a"))
             .then(|| agent_info(*id, &fields[2..]))
             .flatten();
         // Its subscriber's replica, if it still runs.
         let subscribed = match fields.get(5).cloned().flatten() {
-            Some(replica) if state == MailboxState::Active => redis::cmd("EXISTS")
+            Some(replica) if state == pb::MailboxState::Active => redis::cmd("EXISTS")
                 .arg(self.keys.replica(&replica))
                 .query_async(&mut self.conn.clone())
                 .await
@@ -958,7 +914,7 @@ impl Backend for RedisBackend {
 }
 
 /// Agent info from the hash fields `b`, `i`, `n`.
-fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<AgentInfo> {
+fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<RegisteredAgent> {
     let behaviour = fields.first()?.clone()?;
     let implements = fields
         .get(1)
@@ -967,7 +923,7 @@ fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<AgentInfo> {
         .and_then(|i| serde_json::from_str(&i).ok())
         .unwrap_or_default();
     let name = fields.get(2).cloned().flatten().unwrap_or_default();
-    Some(AgentInfo { id, behaviour, implements, name })
+    Some(RegisteredAgent { id, behaviour, implements, name })
 }
 
 fn string(value: &Value) -> Option<String> {
@@ -1333,9 +1289,6 @@ impl Reader {
     }
 }
 
-/// How long one attempt to connect to Redis may take.
-const FIRST_CONNECT: Duration = Duration::from_secs(5);
-
 /// The first pause before retrying a failed Redis call; it doubles up to 2 s.
 const FIRST_RETRY: Duration = Duration::from_millis(50);
 
@@ -1419,7 +1372,7 @@ impl BackendSubscription for RedisSubscription {
         &mut self,
         max: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Delivery>, ExchangeError> {
+    ) -> Result<Vec<pb::Delivery>, ExchangeError> {
         loop {
             if !self.ready.is_empty() {
                 let mut batch = Vec::new();
@@ -1430,7 +1383,7 @@ impl BackendSubscription for RedisSubscription {
                     };
                     size += data.len();
                     match pb::Message::decode(data) {
-                        Ok(message) => batch.push((seq, message)),
+                        Ok(message) => batch.push(pb::Delivery { seq, message: Some(message) }),
                         Err(e) => {
                             tracing::warn!(mailbox = %self.id, seq, error = %e, "undecodable message")
                         }
@@ -1469,20 +1422,6 @@ impl BackendSubscription for RedisSubscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_in_redis_urls_are_redacted() {
-        for (url, shown) in [
-            ("redis://:hunter2@redis:6379/0", "redis://:***@redis:6379/0"),
-            ("redis://app:hunter2@redis:6379", "redis://app:***@redis:6379"),
-            ("rediss://hunter2@redis/1", "rediss://:***@redis/1"),
-            ("redis://redis:6379/0", "redis://redis:6379/0"),
-            ("redis://redis/0?x=a@b", "redis://redis/0?x=a@b"),
-            ("not a url", "not a url"),
-        ] {
-            assert_eq!(redacted_url(url), shown);
-        }
-    }
 
     #[test]
     fn stream_ids_map_to_ordered_seqs_and_back() {

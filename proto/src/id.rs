@@ -10,14 +10,16 @@ use crate::ExchangeError;
 /// Whether an entity is an agent or a client (a plain program).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EntityKind {
+    /// An agent: serves actions from its mailbox.
     Agent,
+    /// A client: a plain program that calls agents.
     Client,
 }
 
 /// The id of an entity, which is also the address of its mailbox.
 ///
 /// ```
-/// use academy_exchange::EntityId;
+/// use academy_proto::EntityId;
 /// let id = EntityId::new_agent();
 /// let parsed: EntityId = id.to_string().parse().unwrap();
 /// assert_eq!(id, parsed);
@@ -40,14 +42,17 @@ impl EntityId {
         Self { kind: EntityKind::Client, uuid: Uuid::now_v7() }
     }
 
+    /// Agent or client.
     pub fn kind(&self) -> EntityKind {
         self.kind
     }
 
+    /// The UUID part of the id.
     pub fn uuid(&self) -> Uuid {
         self.uuid
     }
 
+    /// Whether this is an agent's id.
     pub fn is_agent(&self) -> bool {
         self.kind == EntityKind::Agent
     }

@@ -4,13 +4,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::auth::Tokens;
-use crate::tls::Tls;
-use crate::{Backend, Limits, RedisOptions, ServerOptions, telemetry::LogFormat};
+use academy_exchange::{ExchangeOptions, Limits, MailboxStore, RedisOptions};
+use academy_server::auth::Tokens;
+use academy_server::telemetry::LogFormat;
+use academy_server::tls::Tls;
 
 /// Where mailboxes are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BackendKind {
+pub(crate) enum BackendKind {
     /// In this process (gone when it exits).
     Memory,
     /// In Redis (durable; several replicas can share it).
@@ -20,13 +21,13 @@ pub enum BackendKind {
 /// Academy exchange-server: keeps mailboxes and streams messages to agents.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "academy-exchange", version)]
-pub struct Config {
+pub(crate) struct Config {
     /// Address to listen on.
     #[arg(long, env = "ACADEMY_EXCHANGE_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Where mailboxes are kept.
     #[arg(long, env = "ACADEMY_EXCHANGE_BACKEND", value_enum, default_value_t = BackendKind::Memory)]
-    pub backend: BackendKind,
+    pub(crate) backend: BackendKind,
     /// Redis URL, for --backend redis.
     #[arg(
         long,
@@ -34,69 +35,69 @@ pub struct Config {
         hide_env_values = true,
         default_value = "redis://127.0.0.1:6379/0"
     )]
-    pub redis_url: String,
+    pub(crate) redis_url: String,
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, env = "ACADEMY_EXCHANGE_REDIS_PREFIX", default_value = "academy")]
-    pub redis_prefix: String,
+    pub(crate) redis_prefix: String,
     /// Seconds after which an idle mailbox expires in Redis (0: never).
     #[arg(long, env = "ACADEMY_EXCHANGE_MAILBOX_TTL_SECS", default_value_t = 0)]
-    pub mailbox_ttl_secs: u64,
+    pub(crate) mailbox_ttl_secs: u64,
     /// Seconds a terminated mailbox's gravestone is kept in Redis (0: forever).
     #[arg(long, env = "ACADEMY_EXCHANGE_GRAVESTONE_TTL_SECS", default_value_t = 0)]
-    pub gravestone_ttl_secs: u64,
+    pub(crate) gravestone_ttl_secs: u64,
     /// Largest message accepted, in bytes.
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
     /// Most unacknowledged messages one mailbox may hold.
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_QUEUED", default_value_t = Limits::default().max_queued)]
-    pub max_queued: usize,
+    pub(crate) max_queued: usize,
     /// Seconds open calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "ACADEMY_EXCHANGE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
-    pub shutdown_grace_secs: f64,
+    pub(crate) shutdown_grace_secs: f64,
     /// Threads serving requests (0: one per core the process may use). On
     /// small nodes, 1 saves the cross-core wake-ups of handing work between
     /// threads (see BENCHMARKS.md).
     #[arg(long, env = "ACADEMY_EXCHANGE_WORKER_THREADS", default_value_t = 0)]
-    pub worker_threads: usize,
+    pub(crate) worker_threads: usize,
     /// File of `principal token` lines: every call must then carry
     /// `authorization: Bearer <token>`, and a mailbox belongs to the principal
     /// that registered it. Without it, anyone who can connect is served.
     #[arg(long, env = "ACADEMY_EXCHANGE_TOKENS_FILE")]
-    pub tokens_file: Option<PathBuf>,
+    pub(crate) tokens_file: Option<PathBuf>,
     /// Serve TLS with this certificate (PEM, with its chain), and --tls-key.
     #[arg(long, env = "ACADEMY_EXCHANGE_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM).
     #[arg(long, env = "ACADEMY_EXCHANGE_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
     /// Mutual TLS: accept only clients whose certificate this CA (PEM) signed.
     #[arg(long, env = "ACADEMY_EXCHANGE_TLS_CLIENT_CA", requires = "tls_cert")]
-    pub tls_client_ca: Option<PathBuf>,
+    pub(crate) tls_client_ca: Option<PathBuf>,
     /// With mutual TLS: a call without a bearer token is the principal its
     /// client certificate names (its first URI subject alternative name, such
     /// as a SPIFFE id, else its first DNS name).
     #[arg(long, env = "ACADEMY_EXCHANGE_CLIENT_CERT_PRINCIPALS", requires = "tls_client_ca")]
-    pub client_cert_principals: bool,
+    pub(crate) client_cert_principals: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token).
     #[arg(long, env = "ACADEMY_EXCHANGE_METRICS_LISTEN")]
-    pub metrics_listen: Option<SocketAddr>,
+    pub(crate) metrics_listen: Option<SocketAddr>,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
-    pub log_format: LogFormat,
+    pub(crate) log_format: LogFormat,
 }
 
 impl Config {
-    pub fn server_options(&self) -> anyhow::Result<ServerOptions> {
+    pub(crate) fn options(&self) -> anyhow::Result<ExchangeOptions> {
         anyhow::ensure!(self.max_message_bytes > 0, "--max-message-bytes must be positive");
         anyhow::ensure!(self.max_queued > 0, "--max-queued must be positive");
         let grace = Duration::try_from_secs_f64(self.shutdown_grace_secs)
             .map_err(|e| anyhow::anyhow!("--shutdown-grace-secs: {e}"))?;
         let ttl = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
-        let backend = match self.backend {
-            BackendKind::Memory => Backend::Memory,
+        let store = match self.backend {
+            BackendKind::Memory => MailboxStore::Memory,
             BackendKind::Redis => {
                 anyhow::ensure!(!self.redis_prefix.is_empty(), "--redis-prefix must not be empty");
-                Backend::Redis(RedisOptions {
+                MailboxStore::Redis(RedisOptions {
                     url: self.redis_url.clone(),
                     prefix: self.redis_prefix.clone(),
                     mailbox_ttl: ttl(self.mailbox_ttl_secs),
@@ -104,9 +105,9 @@ impl Config {
                 })
             }
         };
-        Ok(ServerOptions {
+        Ok(ExchangeOptions {
             listen: self.listen,
-            backend,
+            store,
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
                 max_queued: self.max_queued,

@@ -1,4 +1,4 @@
-//! A system with security on (DESIGN.md, "Security"): an exchange and a
+//! A system with security on (docs/design.md, "Security"): an exchange and a
 //! launcher with the same tokens file, serving mutual TLS; a worker and the
 //! launcher acting as one principal, users as others. Real servers on
 //! loopback, the real CLI.
@@ -8,15 +8,16 @@ use std::process::Command;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use academy_exchange::auth::Tokens;
-use academy_exchange::testing::TestPki;
-use academy_exchange::{ExchangeError, RunningServer, ServerOptions};
+use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_launcher::{LauncherOptions, RunningLauncher};
-use academy_proto::pb;
-use academy_sdk::{
-    ClientError, Credentials, GrpcExchange, HandleError, Launcher, Manager, RemoteLaunch,
-    TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, Worker, behaviour,
-};
+use academy_proto::{ExchangeError, pb};
+use academy_sdk::credentials::{TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV};
+use academy_sdk::exchange::{ExchangeApi, GrpcExchange};
+use academy_sdk::launcher::{Launcher, RemoteLaunch};
+use academy_sdk::worker::Worker;
+use academy_sdk::{ClientError, Credentials, HandleError, MailboxPolicy, Manager, behaviour};
+use academy_server::auth::Tokens;
+use academy_server::testing::TestPki;
 
 #[derive(Default, serde::Deserialize)]
 struct Greeter {
@@ -91,8 +92,9 @@ async fn cli(
 async fn users_launch_call_and_stop_only_their_own_agents() {
     let tokens = tokens_again();
     let tls = || Some(PKI.server_tls(true));
-    let options = ServerOptions { tokens: Some(tokens.clone()), tls: tls(), ..Default::default() };
-    let exchange = RunningServer::start(options).await.unwrap();
+    let options =
+        ExchangeOptions { tokens: Some(tokens.clone()), tls: tls(), ..Default::default() };
+    let exchange = RunningExchange::start(options).await.unwrap();
     assert!(exchange.url().starts_with("https://"));
     let options = |tokens, worker_principal: Option<&str>| LauncherOptions {
         exchange_url: exchange.url(),
@@ -151,13 +153,13 @@ async fn users_launch_call_and_stop_only_their_own_agents() {
     // Bob may call it, but not stop it, nor end its mailbox behind the launcher's back.
     let bob = Launcher::connect_with(&launcher.url(), &creds(BOB)).await.unwrap();
     let Err(ClientError::Refused { code: tonic::Code::PermissionDenied, message }) =
-        bob.stop(greeter.id(), true).await
+        bob.stop(greeter.id(), MailboxPolicy::Terminate).await
     else {
         panic!("bob stopped alice's agent");
     };
     assert!(message.contains("launched by principal \"alice\""), "{message}");
     let bob_exchange = GrpcExchange::connect_with(exchange.url(), &creds(BOB)).await.unwrap();
-    let terminate = academy_sdk::ExchangeClient::terminate(&bob_exchange, &greeter.id()).await;
+    let terminate = ExchangeApi::terminate(&bob_exchange, &greeter.id()).await;
     assert!(
         matches!(terminate, Err(ClientError::Exchange(ExchangeError::PermissionDenied { ref owner, .. })) if owner == "system"),
         "{terminate:?}"
@@ -168,7 +170,7 @@ async fn users_launch_call_and_stop_only_their_own_agents() {
     // The CLI, with alice's token, sees her agent; she stops it.
     let (ok, out, err) = cli(launcher.url(), Some(ALICE), &["--json", "agents", "list"]).await;
     assert!(ok && out.contains("\"owner\":\"alice\""), "{out}{err}");
-    alice.stop(greeter.id(), true).await.unwrap();
+    alice.stop(greeter.id(), MailboxPolicy::Terminate).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match greeter.greet("again".into()).await {

@@ -1,30 +1,35 @@
-//! Exchange clients: gRPC to an exchange-server, or in-process.
+//! Clients of an exchange: [`GrpcExchange`] talks gRPC to an exchange-server,
+//! [`LocalExchange`] (feature `embedded`) uses one in this process. Agents,
+//! handles and the manager reach the exchange through [`ExchangeApi`].
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use academy_exchange::{
-    AgentInfo, Delivery, EntityId, Exchange, ExchangeError, MailboxState, MailboxStatus,
-};
+pub use academy_proto::MailboxStatus;
+pub use academy_proto::pb::MailboxState;
 use academy_proto::pb::{self, exchange_client::ExchangeClient as RpcClient};
+use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
+use academy_proto::{EntityId, ExchangeError, RegisteredAgent};
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::ClientError;
 use crate::credentials::{Authorized, Credentials};
 use crate::error::describe;
+use crate::{ClientError, Matching};
 
 /// Messages delivered to a subscriber, batch by batch.
-pub type DeliveryStream = BoxStream<'static, Result<Vec<Delivery>, ClientError>>;
+pub type DeliveryStream = BoxStream<'static, Result<Vec<pb::Delivery>, ClientError>>;
 
-/// What the SDK needs of an exchange. Implemented by [`GrpcExchange`] and
-/// [`LocalExchange`]; shared as `Arc<dyn ExchangeClient>`.
+/// What the SDK needs of an exchange (the calls of `academy.v1.Exchange`).
+/// Implemented by [`GrpcExchange`] and [`LocalExchange`]; shared as
+/// [`SharedExchange`].
 #[async_trait::async_trait]
-pub trait ExchangeClient: Send + Sync + fmt::Debug + 'static {
+pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
+    /// Creates the mailbox of a new agent (with `id`, or a fresh one).
     async fn register_agent(
         &self,
         behaviour: &str,
@@ -32,29 +37,45 @@ pub trait ExchangeClient: Send + Sync + fmt::Debug + 'static {
         name: &str,
         id: Option<EntityId>,
     ) -> Result<EntityId, ClientError>;
+    /// Creates the mailbox of a new client.
     async fn register_client(&self) -> Result<EntityId, ClientError>;
+    /// Terminates a mailbox (idempotent).
     async fn terminate(&self, id: &EntityId) -> Result<(), ClientError>;
+    /// The state of a mailbox.
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ClientError>;
-    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError>;
+    /// Every active agent listing behaviour `name` (all of them for the
+    /// empty name), in id order.
+    async fn discover(
+        &self,
+        name: &str,
+        matching: Matching,
+    ) -> Result<Vec<RegisteredAgent>, ClientError>;
+    /// Queues a message in its destination's mailbox.
     async fn send(&self, message: pb::Message) -> Result<(), ClientError>;
+    /// Becomes the subscriber of a mailbox.
     async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError>;
+    /// Removes delivered messages.
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError>;
 }
 
-/// Uses an [`Exchange`] in this process: no server, no sockets.
+/// Uses an exchange in this process: no server, no sockets.
+#[cfg(feature = "embedded")]
 #[derive(Debug, Clone, Default)]
 pub struct LocalExchange {
-    exchange: Exchange,
+    exchange: academy_exchange::Exchange,
 }
 
+#[cfg(feature = "embedded")]
 impl LocalExchange {
-    pub fn new(exchange: Exchange) -> Self {
+    /// Uses `exchange` (for example one a server in this process also serves).
+    pub fn new(exchange: academy_exchange::Exchange) -> Self {
         Self { exchange }
     }
 }
 
+#[cfg(feature = "embedded")]
 #[async_trait::async_trait]
-impl ExchangeClient for LocalExchange {
+impl ExchangeApi for LocalExchange {
     async fn register_agent(
         &self,
         behaviour: &str,
@@ -75,8 +96,12 @@ impl ExchangeClient for LocalExchange {
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ClientError> {
         Ok(self.exchange.status(id).await?)
     }
-    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {
-        Ok(self.exchange.discover(name, exact).await?)
+    async fn discover(
+        &self,
+        name: &str,
+        matching: Matching,
+    ) -> Result<Vec<RegisteredAgent>, ClientError> {
+        Ok(self.exchange.discover(name, matching == Matching::Exact).await?)
     }
     async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
         Ok(self.exchange.send(message).await?)
@@ -177,8 +202,8 @@ fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint, ClientErro
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(Some(academy_exchange::STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(academy_exchange::CONNECTION_WINDOW_BYTES)))
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES)))
 }
 
 /// Sends queued messages in batches until every `GrpcExchange` clone is gone.
@@ -231,25 +256,8 @@ fn batch_error(result: &pb::SendResult) -> ClientError {
     )
 }
 
-fn state_from_pb(state: i32) -> MailboxState {
-    match pb::MailboxState::try_from(state) {
-        Ok(pb::MailboxState::Active) => MailboxState::Active,
-        Ok(pb::MailboxState::Terminated) => MailboxState::Terminated,
-        _ => MailboxState::Missing,
-    }
-}
-
-fn info_from_pb(info: pb::AgentInfo) -> Result<AgentInfo, ClientError> {
-    Ok(AgentInfo {
-        id: EntityId::parse_field(&info.agent_id, "agent_id")?,
-        behaviour: info.behaviour,
-        implements: info.implements,
-        name: info.name,
-    })
-}
-
 #[async_trait::async_trait]
-impl ExchangeClient for GrpcExchange {
+impl ExchangeApi for GrpcExchange {
     async fn register_agent(
         &self,
         behaviour: &str,
@@ -279,26 +287,25 @@ impl ExchangeClient for GrpcExchange {
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ClientError> {
         let response =
             self.rpc().status(pb::StatusRequest { id: id.to_string() }).await?.into_inner();
-        Ok(MailboxStatus {
-            state: state_from_pb(response.state),
-            queued: usize::try_from(response.queued).unwrap_or(usize::MAX),
-            agent: response.agent.map(info_from_pb).transpose()?,
-            subscribed: response.subscribed,
-        })
+        Ok(MailboxStatus::try_from(response)?)
     }
-    async fn discover(&self, name: &str, exact: bool) -> Result<Vec<AgentInfo>, ClientError> {
+    async fn discover(
+        &self,
+        name: &str,
+        matching: Matching,
+    ) -> Result<Vec<RegisteredAgent>, ClientError> {
         let mut found = Vec::new();
         let mut page_token = String::new();
         loop {
             let request = pb::DiscoverRequest {
                 behaviour: name.to_owned(),
-                exact,
+                exact: matching == Matching::Exact,
                 page_size: DISCOVER_PAGE,
                 page_token,
             };
             let page = self.rpc().discover(request).await?.into_inner();
             for info in page.agents {
-                found.push(info_from_pb(info)?);
+                found.push(RegisteredAgent::try_from(info)?);
             }
             if page.next_page_token.is_empty() {
                 return Ok(found);
@@ -333,12 +340,7 @@ impl ExchangeClient for GrpcExchange {
             .subscribe(pb::SubscribeRequest { mailbox_id: id.to_string() })
             .await?
             .into_inner();
-        Ok(stream
-            .map(|frame| {
-                let frame = frame?;
-                Ok(frame.deliveries.into_iter().filter_map(|d| Some((d.seq, d.message?))).collect())
-            })
-            .boxed())
+        Ok(stream.map(|frame| Ok(frame?.deliveries)).boxed())
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
         self.rpc().acknowledge(pb::AcknowledgeRequest { mailbox_id: id.to_string(), seqs }).await?;
@@ -347,4 +349,4 @@ impl ExchangeClient for GrpcExchange {
 }
 
 /// An exchange client shared by agents and handles.
-pub type SharedExchange = Arc<dyn ExchangeClient>;
+pub type SharedExchange = Arc<dyn ExchangeApi>;

@@ -1,4 +1,4 @@
-//! Errors of the exchange and their gRPC status codes (DESIGN.md, "Status codes").
+//! Errors of the exchange and their gRPC status codes (docs/design.md, "Errors").
 
 use std::collections::HashMap;
 
@@ -13,28 +13,54 @@ pub const ERROR_DOMAIN: &str = "academy.v1";
 /// Why an exchange operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ExchangeError {
+    /// A malformed id or request; the message says what to fix.
     #[error("{0}")]
     InvalidArgument(String),
+    /// No mailbox has this id.
     #[error("mailbox {0} not found")]
     NotFound(EntityId),
+    /// The mailbox is terminated (for good).
     #[error("mailbox {0} is terminated")]
     Terminated(EntityId),
+    /// A mailbox with this id exists already.
     #[error("mailbox {0} already exists")]
     AlreadyExists(EntityId),
+    /// The caller is not the mailbox's owner.
     #[error(
         "mailbox {id} belongs to principal {owner:?}: only it may receive from it, send from it, shut its agent down or terminate it"
     )]
-    PermissionDenied { id: EntityId, owner: String },
+    PermissionDenied {
+        /// The mailbox.
+        id: EntityId,
+        /// The principal that owns it.
+        owner: String,
+    },
+    /// No credentials, or credentials the server does not know.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The mailbox holds as many unacknowledged messages as it may.
     #[error("mailbox {id} is full ({limit} queued messages)")]
-    MailboxFull { id: EntityId, limit: usize },
+    MailboxFull {
+        /// The mailbox.
+        id: EntityId,
+        /// Its bound.
+        limit: usize,
+    },
+    /// A message larger than the exchange accepts.
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
-    TooLarge { size: usize, limit: usize },
+    TooLarge {
+        /// Its encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Another subscriber took the mailbox over.
     #[error("subscription to mailbox {0} was replaced by a newer subscriber")]
     Superseded(EntityId),
+    /// The exchange is shutting down; try another replica or again later.
     #[error("the exchange is shutting down")]
     ShuttingDown,
+    /// No answer in time.
     #[error("{0}")]
     DeadlineExceeded(String),
     /// The backend's store (Redis) can't be reached; retryable.

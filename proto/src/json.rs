@@ -1,11 +1,12 @@
 //! `google.protobuf.Value` ↔ `serde_json::Value`, for Invoke's plain-JSON arguments.
 
-use academy_proto::prost_types::{self, value::Kind};
+use prost_types::value::Kind;
 use serde_json::Value;
 
 /// Largest integer an f64 holds exactly; whole numbers up to it become JSON integers.
 const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_991.0;
 
+/// A `google.protobuf.Value` as JSON: whole numbers up to 2^53 become integers.
 pub fn from_proto(value: prost_types::Value) -> Value {
     match value.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
@@ -25,6 +26,7 @@ pub fn from_proto(value: prost_types::Value) -> Value {
     }
 }
 
+/// JSON as a `google.protobuf.Value` (numbers become doubles).
 pub fn to_proto(value: Value) -> prost_types::Value {
     let kind = match value {
         Value::Null => Kind::NullValue(0),

@@ -3,7 +3,7 @@
 //! metrics ([`scrape`]).
 //!
 //! ```no_run
-//! let redis = academy_exchange::testing::RedisServer::start().expect("redis-server runs");
+//! let redis = academy_server::testing::RedisServer::start().expect("redis-server runs");
 //! println!("{}", redis.url());
 //! ```
 

@@ -2,8 +2,11 @@
 
 use std::collections::HashMap;
 
+use academy_proto::json;
 use academy_proto::pb::{self, exchange_client::ExchangeClient, launcher_client::LauncherClient};
-use academy_sdk::{Authorized, Credentials, ExchangeClient as _, GrpcExchange};
+use academy_sdk::credentials::Authorized;
+use academy_sdk::exchange::{ExchangeApi as _, GrpcExchange};
+use academy_sdk::{Credentials, Matching};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use futures::StreamExt as _;
@@ -195,7 +198,7 @@ async fn exchange(cli: &Cli) -> anyhow::Result<ExchangeClient<Authorized>> {
 
 /// A gRPC error as a one-line message for people.
 fn failed(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), academy_sdk::status_text(&status))
+    anyhow::anyhow!("{:?}: {}", status.code(), academy_sdk::error::status_text(&status))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -281,7 +284,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Discover { behaviour, exact } => {
             // The SDK's client pages through large fleets.
             let client = GrpcExchange::connect_with(&cli.exchange, &cli.credentials()?).await?;
-            let found = client.discover(&behaviour.unwrap_or_default(), exact).await?;
+            let matching = if exact { Matching::Exact } else { Matching::Implements };
+            let found = client.discover(&behaviour.unwrap_or_default(), matching).await?;
             let rows: Vec<Value> = found
                 .iter()
                 .map(|a| json!({"agent_id": a.id.to_string(), "behaviour": a.behaviour, "implements": a.implements, "name": a.name}))
@@ -309,15 +313,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Invoke { agent_id, action, args, timeout_ms } => {
             let args = match args {
-                Some(text) => Some(academy_exchange::json::to_proto(
-                    serde_json::from_str(&text).context("args must be JSON")?,
-                )),
+                Some(text) => {
+                    Some(json::to_proto(serde_json::from_str(&text).context("args must be JSON")?))
+                }
                 None => None,
             };
             let request = pb::InvokeRequest { agent_id, action, args, timeout_ms };
             let result = exchange(&cli).await?.invoke(request).await.map_err(failed)?;
-            let result =
-                result.into_inner().result.map_or(Value::Null, academy_exchange::json::from_proto);
+            let result = result.into_inner().result.map_or(Value::Null, json::from_proto);
             println!(
                 "{}",
                 if cli.json { result.to_string() } else { serde_json::to_string_pretty(&result)? }

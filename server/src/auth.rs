@@ -1,4 +1,4 @@
-//! Authentication (DESIGN.md, "Security"), shared by the exchange and the
+//! Authentication (docs/design.md, "Security"), shared by the exchange and the
 //! launcher: a tokens file names the principal behind each token, and with
 //! mutual TLS a client certificate can name it too; an interceptor turns a
 //! call's `authorization: Bearer <token>`, or else its client certificate,
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tonic::{Request, Status};
 
-use crate::ExchangeError;
+use academy_proto::ExchangeError;
 
 /// Shortest token accepted: anything shorter can be guessed.
 const MIN_TOKEN_CHARS: usize = 16;
@@ -241,16 +241,6 @@ impl tonic::service::Interceptor for Authenticator {
     }
 }
 
-/// May `caller` act as the owner of a mailbox owned by `owner`? A mailbox made
-/// without a principal is anyone's; a caller without one (in-process, or a
-/// server that does not authenticate) is trusted.
-pub(crate) fn permitted(owner: Option<&str>, caller: Option<&str>) -> bool {
-    match (owner, caller) {
-        (Some(owner), Some(caller)) => owner == caller,
-        _ => true,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use tonic::service::Interceptor as _;
@@ -311,13 +301,5 @@ mod tests {
             assert_eq!(status.code(), tonic::Code::Unauthenticated);
             assert!(status.message().contains("client certificate"), "{}", status.message());
         }
-    }
-
-    #[test]
-    fn owners_and_trusted_callers() {
-        assert!(permitted(Some("a"), Some("a")));
-        assert!(!permitted(Some("a"), Some("b")));
-        assert!(permitted(None, Some("b")));
-        assert!(permitted(Some("a"), None));
     }
 }

@@ -1,5 +1,5 @@
 //! TLS and mutual TLS for Academy's servers (rustls, via tonic), shared by the
-//! exchange and the launcher (DESIGN.md, "Security").
+//! exchange and the launcher (docs/design.md, "Security").
 
 use std::path::Path;
 

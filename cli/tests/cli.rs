@@ -4,8 +4,10 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-mod common;
-use academy_sdk::{Worker, behaviour};
+use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_launcher::{LauncherOptions, RunningLauncher};
+use academy_sdk::behaviour;
+use academy_sdk::worker::Worker;
 use serde_json::Value;
 
 #[derive(Default, serde::Deserialize)]
@@ -49,9 +51,17 @@ impl Cli {
     }
 }
 
+/// An in-memory exchange and a launcher using it, both on loopback.
+async fn exchange_and_launcher() -> (RunningExchange, RunningLauncher) {
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let options = LauncherOptions { exchange_url: exchange.url(), ..Default::default() };
+    let launcher = RunningLauncher::start(options).await.unwrap();
+    (exchange, launcher)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_drives_a_live_system() {
-    let (exchange, launcher) = common::exchange_and_launcher().await;
+    let (exchange, launcher) = exchange_and_launcher().await;
     let stop_worker = tokio_util::sync::CancellationToken::new();
     let worker = Worker::new(launcher.url()).name("w1").capacity(2).register::<Counter>();
     let worker = tokio::spawn(worker.run_until(stop_worker.clone().cancelled_owned()));

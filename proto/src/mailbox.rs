@@ -1,0 +1,89 @@
+//! What the exchange says about a mailbox and the agent behind it.
+
+use crate::{EntityId, ExchangeError, pb};
+
+/// An agent as the exchange registered it: what discovery lists and
+/// `Status` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredAgent {
+    /// The agent's id, also its mailbox's address.
+    pub id: EntityId,
+    /// Its behaviour name, e.g. `example.Counter`.
+    pub behaviour: String,
+    /// The other behaviour names (interfaces) it implements.
+    pub implements: Vec<String>,
+    /// Its optional human-readable name.
+    pub name: String,
+}
+
+impl From<RegisteredAgent> for pb::AgentInfo {
+    fn from(agent: RegisteredAgent) -> Self {
+        Self {
+            agent_id: agent.id.to_string(),
+            behaviour: agent.behaviour,
+            implements: agent.implements,
+            name: agent.name,
+        }
+    }
+}
+
+impl TryFrom<pb::AgentInfo> for RegisteredAgent {
+    type Error = ExchangeError;
+
+    fn try_from(info: pb::AgentInfo) -> Result<Self, ExchangeError> {
+        Ok(Self {
+            id: EntityId::parse_field(&info.agent_id, "agent_id")?,
+            behaviour: info.behaviour,
+            implements: info.implements,
+            name: info.name,
+        })
+    }
+}
+
+/// The state of a mailbox, as `Status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxStatus {
+    /// `Missing` (never registered), `Active` or `Terminated`.
+    pub state: pb::MailboxState,
+    /// Unacknowledged messages in it.
+    pub queued: usize,
+    /// The agent, for an agent's mailbox.
+    pub agent: Option<RegisteredAgent>,
+    /// Someone is subscribed to the (active) mailbox now.
+    pub subscribed: bool,
+}
+
+impl MailboxStatus {
+    /// The status of an id no mailbox has.
+    pub fn missing() -> Self {
+        Self { state: pb::MailboxState::Missing, queued: 0, agent: None, subscribed: false }
+    }
+}
+
+impl From<MailboxStatus> for pb::StatusResponse {
+    fn from(status: MailboxStatus) -> Self {
+        Self {
+            state: status.state.into(),
+            queued: status.queued as u64,
+            agent: status.agent.map(Into::into),
+            subscribed: status.subscribed,
+        }
+    }
+}
+
+impl TryFrom<pb::StatusResponse> for MailboxStatus {
+    type Error = ExchangeError;
+
+    fn try_from(status: pb::StatusResponse) -> Result<Self, ExchangeError> {
+        let state = match status.state() {
+            pb::MailboxState::Unspecified => pb::MailboxState::Missing,
+            state => state,
+        };
+        Ok(Self {
+            state,
+            queued: usize::try_from(status.queued).unwrap_or(usize::MAX),
+            agent: status.agent.map(RegisteredAgent::try_from).transpose()?,
+            subscribed: status.subscribed,
+        })
+    }
+}
