@@ -3,26 +3,32 @@
 export CARGO_BUILD_JOBS ?= 2
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test bench cluster proto
+.PHONY: demo test deps bench cluster proto
 
 ## Run the demo on the embedded exchange (no Redis, no cluster).
 demo:
 	cargo run --release -p academy-examples --bin quickstart
 	cargo run --release -p academy-examples --bin pipeline
 
-## Run every check and test (what CI runs). Redis tests need redis-server:
-## installed here when missing (as root, or with sudo); the Python client test
-## needs grpcio-tools: installed with pip when missing.
-test:
+## Install what the tests need, when missing (returns at once when all is
+## there): redis-server (apt-get, as root or with sudo), grpcio-tools (pip, for
+## the Python client test), cargo-nextest, and buf (npm, into .tools/).
+BUF := .tools/node_modules/.bin/buf
+deps:
 	@command -v redis-server >/dev/null || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
 	@python3 -c 'import grpc_tools' 2>/dev/null || \
 		python3 -m pip install -q --disable-pip-version-check grpcio-tools
+	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
+	@test -x $(BUF) || npm install -s --prefix .tools --no-audit --no-fund @bufbuild/buf@1.75.0
+
+## Run every check and test (what CI runs).
+test: deps
 	cargo fmt --all --check
+	$(BUF) lint proto
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	cargo test --workspace --doc --locked
-	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 	cargo nextest run --workspace --locked --profile ci
 
 ## A local cluster: exchange, launcher and two workers, with the pipeline on them.

@@ -68,7 +68,7 @@ impl ActionError {
     pub(crate) fn into_response(self) -> pb::ErrorResponse {
         pb::ErrorResponse {
             code: self.code as i32,
-            r#type: self.kind,
+            kind: self.kind,
             message: self.message,
             details: Default::default(),
         }

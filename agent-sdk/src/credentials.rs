@@ -153,7 +153,7 @@ impl Credentials {
 
     /// A connection to the service at `url` whose calls carry these
     /// credentials: for the generated clients, e.g.
-    /// `LauncherClient::new(credentials.connect(url).await?)`.
+    /// `LauncherServiceClient::new(credentials.connect(url).await?)`.
     pub async fn connect(&self, url: &str) -> Result<Authorized, ClientError> {
         let channel = self.endpoint(url)?.connect().await.map_err(|e| {
             ClientError::Transport(format!("cannot connect to {url}: {}", describe(&e)))
@@ -162,7 +162,7 @@ impl Credentials {
     }
 
     /// `channel`, sending these credentials with every call: for the
-    /// generated clients, e.g. `ExchangeClient::new(credentials.on(channel))`.
+    /// generated clients, e.g. `ExchangeServiceClient::new(credentials.on(channel))`.
     pub fn on(&self, channel: Channel) -> Authorized {
         InterceptedService::new(channel, self.clone())
     }

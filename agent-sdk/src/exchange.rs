@@ -9,7 +9,7 @@ use std::time::Duration;
 
 pub use academy_proto::MailboxStatus;
 pub use academy_proto::pb::MailboxState;
-use academy_proto::pb::{self, exchange_client::ExchangeClient as RpcClient};
+use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient as RpcClient};
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 use academy_proto::{EntityId, ExchangeError, RegisteredAgent};
 use futures::StreamExt as _;
@@ -24,7 +24,7 @@ use crate::{ClientError, Matching};
 /// Messages delivered to a subscriber, batch by batch.
 pub type DeliveryStream = BoxStream<'static, Result<Vec<pb::Delivery>, ClientError>>;
 
-/// What the SDK needs of an exchange (the calls of `academy.v1.Exchange`).
+/// What the SDK needs of an exchange (the calls of `academy.v1.ExchangeService`).
 /// Implemented by [`GrpcExchange`] and [`LocalExchange`]; shared as
 /// [`SharedExchange`].
 #[async_trait::async_trait]
@@ -281,12 +281,12 @@ impl ExchangeApi for GrpcExchange {
         Ok(EntityId::parse_field(&response.into_inner().client_id, "client_id")?)
     }
     async fn terminate(&self, id: &EntityId) -> Result<(), ClientError> {
-        self.rpc().terminate(pb::TerminateRequest { id: id.to_string() }).await?;
+        self.rpc().terminate(pb::TerminateRequest { mailbox_id: id.to_string() }).await?;
         Ok(())
     }
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ClientError> {
         let response =
-            self.rpc().status(pb::StatusRequest { id: id.to_string() }).await?.into_inner();
+            self.rpc().status(pb::StatusRequest { mailbox_id: id.to_string() }).await?.into_inner();
         Ok(MailboxStatus::try_from(response)?)
     }
     async fn discover(

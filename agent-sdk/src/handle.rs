@@ -120,7 +120,7 @@ impl RawHandle {
                 }
                 // The request was not run: safe to send again, in JSON.
                 Some(Body::ErrorResponse(err))
-                    if err.r#type == codec::UNSUPPORTED_CONTENT_TYPE && codec != Codec::Json =>
+                    if err.kind == codec::UNSUPPORTED_CONTENT_TYPE && codec != Codec::Json =>
                 {
                     tracing::debug!(agent = %self.agent, "agent reads JSON only");
                     self.json_only.store(true, Ordering::Relaxed);
@@ -153,13 +153,13 @@ impl RawHandle {
 
     fn remote_error(&self, action: &str, err: pb::ErrorResponse) -> HandleError {
         let code = tonic::Code::from_i32(err.code);
-        if code == tonic::Code::FailedPrecondition && err.r#type == "MailboxTerminated" {
+        if code == tonic::Code::FailedPrecondition && err.kind == "MailboxTerminated" {
             return HandleError::Terminated(self.agent);
         }
         HandleError::Remote {
             action: action.to_owned(),
             code,
-            kind: err.r#type,
+            kind: err.kind,
             message: err.message,
         }
     }

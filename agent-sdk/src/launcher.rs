@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use academy_proto::EntityId;
-use academy_proto::pb::{self, launcher_client::LauncherClient};
+use academy_proto::pb::{self, launcher_service_client::LauncherServiceClient};
 use serde::Serialize;
 
 use crate::credentials::{Authorized, Credentials};
@@ -25,7 +25,7 @@ pub struct RemoteLaunch {
 /// Talks to an `academy-launcher`.
 #[derive(Debug, Clone)]
 pub struct Launcher {
-    rpc: LauncherClient<Authorized>,
+    rpc: LauncherServiceClient<Authorized>,
 }
 
 impl Launcher {
@@ -36,7 +36,7 @@ impl Launcher {
 
     /// Connects to the launcher at `url`, presenting `credentials`.
     pub async fn connect_with(url: &str, credentials: &Credentials) -> Result<Self, ClientError> {
-        Ok(Self { rpc: LauncherClient::new(credentials.connect(url).await?) })
+        Ok(Self { rpc: LauncherServiceClient::new(credentials.connect(url).await?) })
     }
 
     /// Launches behaviour `B`, built on a worker from `config` (as JSON).
@@ -45,23 +45,23 @@ impl Launcher {
         config: &impl Serialize,
         options: RemoteLaunch,
     ) -> Result<pb::AgentRecord, ClientError> {
-        let config_json = serde_json::to_string(config)
+        let config = serde_json::to_value(config)
             .map_err(|e| ClientError::Transport(format!("config does not serialise: {e}")))?;
-        let request = pb::LaunchRequest {
+        let request = pb::LaunchAgentRequest {
             behaviour: B::NAME.to_owned(),
-            config_json,
+            config: Some(academy_proto::json::to_proto(config)),
             name: options.name,
             selector: options.selector,
             retry_limit: options.retry_limit,
         };
-        let agent = self.rpc.clone().launch(request).await?.into_inner().agent;
+        let agent = self.rpc.clone().launch_agent(request).await?.into_inner().agent;
         agent.ok_or_else(|| ClientError::Transport("the launcher returned no record".into()))
     }
 
     /// The launcher's record of agent `id`.
     pub async fn get(&self, id: EntityId) -> Result<pb::AgentRecord, ClientError> {
-        let request = pb::GetRequest { agent_id: id.to_string() };
-        let agent = self.rpc.clone().get(request).await?.into_inner().agent;
+        let request = pb::GetAgentRequest { agent_id: id.to_string() };
+        let agent = self.rpc.clone().get_agent(request).await?.into_inner().agent;
         agent.ok_or_else(|| ClientError::Transport("the launcher returned no record".into()))
     }
 
@@ -70,7 +70,10 @@ impl Launcher {
     /// leaves the mailbox to whoever terminates it).
     pub async fn stop(&self, id: EntityId, mailbox: MailboxPolicy) -> Result<(), ClientError> {
         let terminate = mailbox == MailboxPolicy::Terminate;
-        self.rpc.clone().stop(pb::StopRequest { agent_id: id.to_string(), terminate }).await?;
+        self.rpc
+            .clone()
+            .stop_agent(pb::StopAgentRequest { agent_id: id.to_string(), terminate })
+            .await?;
         Ok(())
     }
 }

@@ -171,7 +171,7 @@ impl Mailbox {
                         tokio::spawn(async move {
                             let body = Body::ErrorResponse(pb::ErrorResponse {
                                 code: tonic::Code::Unimplemented as i32,
-                                r#type: "NotAnAgent".into(),
+                                kind: "NotAnAgent".into(),
                                 message: format!("{id} is a client and serves no requests"),
                                 details: HashMap::new(),
                             });

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use academy_proto::EntityId;
 use academy_proto::pb::{
-    self, AgentState, launcher_client::LauncherClient, launcher_message::Body,
+    self, AgentState, join_response::Body, launcher_service_client::LauncherServiceClient,
 };
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
@@ -32,8 +32,11 @@ use crate::{AgentConfig, AgentError, Behaviour, ClientError};
 
 type Run = BoxFuture<'static, Result<(), AgentError>>;
 /// Builds a behaviour from its JSON config and returns its runtime.
-type Factory =
-    Arc<dyn Fn(&str, EntityId, SharedExchange, StopSignal) -> Result<Run, String> + Send + Sync>;
+type Factory = Arc<
+    dyn Fn(serde_json::Value, EntityId, SharedExchange, StopSignal) -> Result<Run, String>
+        + Send
+        + Sync,
+>;
 
 struct Offered {
     implements: &'static [&'static str],
@@ -126,7 +129,7 @@ impl Worker {
     /// Offers behaviour `B`, built from the launch's JSON config.
     pub fn register<B: Behaviour + DeserializeOwned>(mut self) -> Self {
         let factory: Factory = Arc::new(|config, id, exchange, stop| {
-            let behaviour: B = serde_json::from_str(config)
+            let behaviour: B = serde_json::from_value(config)
                 .map_err(|e| format!("config of {} does not fit: {e}", B::NAME))?;
             // The launcher restarts failed agents on the same mailbox: keep it.
             let config = AgentConfig { terminate_on_error: false, ..AgentConfig::default() };
@@ -173,12 +176,12 @@ impl Worker {
             Some(credentials) => credentials.clone(),
             None => Credentials::from_env()?,
         };
-        let mut launcher = LauncherClient::new(credentials.connect(url).await?);
+        let mut launcher = LauncherServiceClient::new(credentials.connect(url).await?);
         let (out, outbound) = mpsc::unbounded_channel();
         let send = |body| {
-            let _ = out.send(pb::WorkerMessage { body: Some(body) });
+            let _ = out.send(pb::JoinRequest { body: Some(body) });
         };
-        use pb::worker_message::Body as Up;
+        use pb::join_request::Body as Up;
         send(Up::Register(pb::RegisterWorker {
             name: self.name.clone(),
             capacity: self.capacity,
@@ -195,7 +198,7 @@ impl Worker {
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
         let mut inbound = launcher.join(stream).await?.into_inner();
         let welcome = match inbound.next().await {
-            Some(Ok(pb::LauncherMessage { body: Some(Body::Registered(welcome)) })) => welcome,
+            Some(Ok(pb::JoinResponse { body: Some(Body::Registered(welcome)) })) => welcome,
             Some(Err(status)) => return Err(status.into()),
             _ => {
                 return Ok(SessionEnd::Lost(
@@ -206,10 +209,12 @@ impl Worker {
         // Lazily: the exchange may not be up yet; the channel connects on use.
         let exchange: SharedExchange =
             Arc::new(GrpcExchange::lazy(&welcome.exchange_url, &credentials)?);
-        let lease = Duration::from_millis(welcome.lease_ms.into());
-        let mut heartbeat = tokio::time::interval(Duration::from_millis(
-            welcome.heartbeat_interval_ms.max(10).into(),
-        ));
+        let duration = |d: Option<academy_proto::prost_types::Duration>, field| {
+            academy_proto::duration::from_proto(d.unwrap_or_default(), field)
+        };
+        let lease = duration(welcome.lease, "lease")?;
+        let interval = duration(welcome.heartbeat_interval, "heartbeat_interval")?;
+        let mut heartbeat = tokio::time::interval(interval.max(Duration::from_millis(10)));
         let mut lease_ends = tokio::time::Instant::now() + lease;
         tracing::info!(worker = %welcome.worker_id, exchange = %welcome.exchange_url, "joined the launcher");
 
@@ -282,7 +287,7 @@ impl Worker {
 
     fn start(
         &self,
-        start: &pb::StartAgent,
+        start: &pb::StartAssignment,
         exchange: SharedExchange,
     ) -> Result<(StopSignal, Run), String> {
         let offered = self.behaviours.get(start.behaviour.as_str()).ok_or_else(|| {
@@ -290,7 +295,9 @@ impl Worker {
         })?;
         let id: EntityId = start.agent_id.parse().map_err(|e| format!("bad agent id: {e}"))?;
         let stop = StopSignal::default();
-        let run = (offered.factory)(&start.config_json, id, exchange, stop.clone())?;
+        let config =
+            start.config.clone().map_or(serde_json::json!({}), academy_proto::json::from_proto);
+        let run = (offered.factory)(config, id, exchange, stop.clone())?;
         tracing::info!(agent = %id, behaviour = %start.behaviour, epoch = start.epoch, "starting agent");
         Ok((stop, run))
     }

@@ -378,7 +378,8 @@ async fn timers_tick_until_shutdown() {
 async fn invoke_calls_an_sdk_agent_with_plain_json() {
     let (server, manager) = start().await;
     let echo = manager.launch(Echo::new()).await.unwrap();
-    let mut rpc = pb::exchange_client::ExchangeClient::connect(server.url()).await.unwrap();
+    let mut rpc =
+        pb::exchange_service_client::ExchangeServiceClient::connect(server.url()).await.unwrap();
     use academy_proto::prost_types::{ListValue, Value, value::Kind};
     let args = |text: &str| {
         let item = Value { kind: Some(Kind::StringValue(text.into())) };
@@ -388,7 +389,7 @@ async fn invoke_calls_an_sdk_agent_with_plain_json() {
         agent_id: echo.id().to_string(),
         action: "echo".into(),
         args: args("over grpc"),
-        timeout_ms: 5000,
+        timeout: Some(academy_proto::duration::to_proto(Duration::from_secs(5))),
     };
     let result = rpc.invoke(req).await.unwrap().into_inner().result.unwrap();
     assert_eq!(result.kind, Some(Kind::StringValue("over grpc".into())));
@@ -396,7 +397,7 @@ async fn invoke_calls_an_sdk_agent_with_plain_json() {
         agent_id: echo.id().to_string(),
         action: "refuse".into(),
         args: args("no"),
-        timeout_ms: 5000,
+        timeout: Some(academy_proto::duration::to_proto(Duration::from_secs(5))),
     };
     let err = rpc.invoke(req).await.unwrap_err();
     assert_eq!(err.code(), Code::Unknown);
@@ -526,7 +527,7 @@ async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
                 } else {
                     Body::ErrorResponse(pb::ErrorResponse {
                         code: Code::InvalidArgument as i32,
-                        r#type: "UnsupportedContentType".into(),
+                        kind: "UnsupportedContentType".into(),
                         message: "JSON only".into(),
                         details: Default::default(),
                     })

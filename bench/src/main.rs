@@ -314,8 +314,9 @@ fn rss(pid: u32) -> anyhow::Result<u64> {
 /// Registers `n` idle agent mailboxes (behaviours `bench.Idle0..999`, all
 /// implementing `bench.Idle`); returns memory growth and discovery latency.
 async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>> {
-    use academy_proto::pb::{self, exchange_client::ExchangeClient};
-    let rpc = ExchangeClient::connect(url.to_owned()).await?.max_decoding_message_size(usize::MAX);
+    use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient};
+    let rpc =
+        ExchangeServiceClient::connect(url.to_owned()).await?.max_decoding_message_size(usize::MAX);
     let before: Vec<u64> = pids.iter().map(|p| rss(*p)).collect::<Result<_, _>>()?;
     let start = Instant::now();
     use futures::StreamExt as _;
@@ -554,8 +555,8 @@ async fn watch_until(
     mut done: impl FnMut(&HashMap<String, academy_proto::pb::AgentRecord>) -> bool,
 ) -> anyhow::Result<()> {
     use academy_proto::pb;
-    let mut rpc = pb::launcher_client::LauncherClient::connect(launcher).await?;
-    let mut changes = rpc.watch(pb::WatchRequest {}).await?.into_inner();
+    let mut rpc = pb::launcher_service_client::LauncherServiceClient::connect(launcher).await?;
+    let mut changes = rpc.watch_agents(pb::WatchAgentsRequest {}).await?.into_inner();
     let mut agents = HashMap::new();
     while let Some(change) = tokio_stream::StreamExt::next(&mut changes).await {
         let agent = change?.agent.context("no record")?;
@@ -598,8 +599,10 @@ async fn measure_launcher(args: &Args) -> anyhow::Result<Vec<String>> {
         }
     };
     let mut workers = vec![worker("worker 1").await?, worker("worker 2").await?];
-    let mut rpc = pb::launcher_client::LauncherClient::connect(launcher_url.clone()).await?;
-    while rpc.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers.len() < 2 {
+    let mut rpc =
+        pb::launcher_service_client::LauncherServiceClient::connect(launcher_url.clone()).await?;
+    while rpc.list_workers(pb::ListWorkersRequest::default()).await?.into_inner().workers.len() < 2
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -613,12 +616,9 @@ async fn measure_launcher(args: &Args) -> anyhow::Result<Vec<String>> {
     let launches = futures::StreamExt::map(futures::stream::iter(0..n), |_| {
         let mut rpc = rpc.clone();
         async move {
-            let request = pb::LaunchRequest {
-                behaviour: "bench.Echo".into(),
-                config_json: "{}".into(),
-                ..Default::default()
-            };
-            rpc.launch(request).await.map(drop)
+            let request =
+                pb::LaunchAgentRequest { behaviour: "bench.Echo".into(), ..Default::default() };
+            rpc.launch_agent(request).await.map(drop)
         }
     });
     let results: Vec<_> =
@@ -635,12 +635,18 @@ async fn measure_launcher(args: &Args) -> anyhow::Result<Vec<String>> {
                 && agents.values().all(|a| a.state() == AgentState::Running && a.worker_id != gone)
         }
     };
-    let busy = |rpc: &mut pb::launcher_client::LauncherClient<tonic::transport::Channel>| {
+    let busy = |rpc: &mut pb::launcher_service_client::LauncherServiceClient<
+        tonic::transport::Channel,
+    >| {
         let mut rpc = rpc.clone();
         async move {
-            let workers = rpc.list_workers(pb::ListWorkersRequest {}).await?.into_inner().workers;
+            let workers =
+                rpc.list_workers(pb::ListWorkersRequest::default()).await?.into_inner().workers;
             anyhow::Ok(
-                workers.into_iter().map(|w| (w.worker_id, w.agent_ids.len())).collect::<Vec<_>>(),
+                workers
+                    .into_iter()
+                    .map(|w| (w.worker_id, w.agent_count as usize))
+                    .collect::<Vec<_>>(),
             )
         }
     };

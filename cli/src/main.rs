@@ -2,8 +2,13 @@
 
 use std::collections::HashMap;
 
-use academy_proto::json;
-use academy_proto::pb::{self, exchange_client::ExchangeClient, launcher_client::LauncherClient};
+use std::time::Duration;
+
+use academy_proto::pb::{
+    self, exchange_service_client::ExchangeServiceClient,
+    launcher_service_client::LauncherServiceClient,
+};
+use academy_proto::{duration, json};
 use academy_sdk::credentials::Authorized;
 use academy_sdk::exchange::{ExchangeApi as _, GrpcExchange};
 use academy_sdk::{Credentials, Matching};
@@ -124,14 +129,14 @@ fn agent_json(a: &pb::AgentRecord) -> Value {
         "agent_id": a.agent_id, "behaviour": a.behaviour, "name": a.name,
         "state": state_name(a.state), "worker_id": a.worker_id, "epoch": a.epoch,
         "restarts": a.restarts, "retry_limit": a.retry_limit, "reason": a.reason, "owner": a.owner,
-        "selector": a.selector, "config": serde_json::from_str::<Value>(&a.config_json).unwrap_or(Value::Null),
+        "selector": a.selector, "config": a.config.clone().map_or(Value::Null, json::from_proto),
     })
 }
 
 fn worker_json(w: &pb::WorkerRecord) -> Value {
     json!({
         "worker_id": w.worker_id, "name": w.name, "capacity": w.capacity, "labels": w.labels,
-        "behaviours": w.behaviours, "agents": w.agent_ids, "draining": w.draining,
+        "behaviours": w.behaviours, "agents": w.agent_count, "draining": w.draining,
     })
 }
 
@@ -187,13 +192,13 @@ impl Cli {
     }
 }
 
-async fn launcher(cli: &Cli) -> anyhow::Result<LauncherClient<Authorized>> {
-    Ok(LauncherClient::new(cli.channel(&cli.launcher, "launcher").await?))
+async fn launcher(cli: &Cli) -> anyhow::Result<LauncherServiceClient<Authorized>> {
+    Ok(LauncherServiceClient::new(cli.channel(&cli.launcher, "launcher").await?))
 }
 
-async fn exchange(cli: &Cli) -> anyhow::Result<ExchangeClient<Authorized>> {
+async fn exchange(cli: &Cli) -> anyhow::Result<ExchangeServiceClient<Authorized>> {
     let channel = cli.channel(&cli.exchange, "exchange").await?;
-    Ok(ExchangeClient::new(channel).max_decoding_message_size(usize::MAX))
+    Ok(ExchangeServiceClient::new(channel).max_decoding_message_size(usize::MAX))
 }
 
 /// A gRPC error as a one-line message for people.
@@ -206,26 +211,36 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.clone() {
         Command::Agents(Agents::List) => {
-            let agents = launcher(&cli).await?.list(pb::ListRequest {}).await.map_err(failed)?;
-            let rows: Vec<Value> = agents.into_inner().agents.iter().map(agent_json).collect();
+            let mut rpc = launcher(&cli).await?;
+            let (mut rows, mut page_token) = (Vec::new(), String::new());
+            loop {
+                let request = pb::ListAgentsRequest { page_token, ..Default::default() };
+                let page = rpc.list_agents(request).await.map_err(failed)?.into_inner();
+                rows.extend(page.agents.iter().map(agent_json));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             print(cli.json, AGENT_COLUMNS, &rows);
         }
         Command::Agents(Agents::Launch { behaviour, config, name, selector, retries }) => {
-            let request = pb::LaunchRequest {
+            let config: Value = serde_json::from_str(&config).context("--config must be JSON")?;
+            let request = pb::LaunchAgentRequest {
                 behaviour,
-                config_json: config,
+                config: Some(json::to_proto(config)),
                 name,
                 selector: selector.into_iter().collect::<HashMap<_, _>>(),
                 retry_limit: retries,
             };
-            let agent = launcher(&cli).await?.launch(request).await.map_err(failed)?;
+            let agent = launcher(&cli).await?.launch_agent(request).await.map_err(failed)?;
             let agent = agent.into_inner().agent.context("no record returned")?;
             print(cli.json, AGENT_COLUMNS, &[agent_json(&agent)]);
         }
         Command::Agents(Agents::Stop { agent_id, terminate }) => {
             let mut rpc = launcher(&cli).await?;
             let agent = rpc
-                .stop(pb::StopRequest { agent_id, terminate })
+                .stop_agent(pb::StopAgentRequest { agent_id, terminate })
                 .await
                 .map_err(failed)?
                 .into_inner()
@@ -236,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Agents(Agents::Watch) => {
             let mut changes = launcher(&cli)
                 .await?
-                .watch(pb::WatchRequest {})
+                .watch_agents(pb::WatchAgentsRequest {})
                 .await
                 .map_err(failed)?
                 .into_inner();
@@ -258,12 +273,17 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Workers(Workers::List) => {
-            let workers = launcher(&cli)
-                .await?
-                .list_workers(pb::ListWorkersRequest {})
-                .await
-                .map_err(failed)?;
-            let rows: Vec<Value> = workers.into_inner().workers.iter().map(worker_json).collect();
+            let mut rpc = launcher(&cli).await?;
+            let (mut rows, mut page_token) = (Vec::new(), String::new());
+            loop {
+                let request = pb::ListWorkersRequest { page_token, ..Default::default() };
+                let page = rpc.list_workers(request).await.map_err(failed)?.into_inner();
+                rows.extend(page.workers.iter().map(worker_json));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             print(
                 cli.json,
                 &["worker_id", "name", "capacity", "agents", "draining", "behaviours"],
@@ -295,7 +315,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Status { id } => {
             let status = exchange(&cli)
                 .await?
-                .status(pb::StatusRequest { id: id.clone() })
+                .status(pb::StatusRequest { mailbox_id: id.clone() })
                 .await
                 .map_err(failed)?
                 .into_inner();
@@ -318,7 +338,8 @@ async fn main() -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let request = pb::InvokeRequest { agent_id, action, args, timeout_ms };
+            let timeout = Some(duration::to_proto(Duration::from_millis(timeout_ms.into())));
+            let request = pb::InvokeRequest { agent_id, action, args, timeout };
             let result = exchange(&cli).await?.invoke(request).await.map_err(failed)?;
             let result = result.into_inner().result.map_or(Value::Null, json::from_proto);
             println!(

@@ -78,7 +78,7 @@ class Client:
         self.channel = channel_to(target)
         token = os.environ.get("ACADEMY_TOKEN")
         channel = grpc.intercept_channel(self.channel, Bearer(token)) if token else self.channel
-        self.stub = exchange_pb2_grpc.ExchangeStub(channel)
+        self.stub = exchange_pb2_grpc.ExchangeServiceStub(channel)
         self.id = self.stub.RegisterClient(ex.RegisterClientRequest(name="python")).client_id
         self.answers = queue.Queue()
         self.stream = self.stub.Subscribe(ex.SubscribeRequest(mailbox_id=self.id))
@@ -116,11 +116,11 @@ class Client:
                 return {"result": json.loads(answer.action_response.result.data)}
             if body == "error_response":
                 error = answer.error_response
-                return {"error": {"code": error.code, "type": error.type, "message": error.message}}
+                return {"error": {"code": error.code, "kind": error.kind, "message": error.message}}
             raise RuntimeError(f"unexpected answer {body}")
 
     def close(self):
-        self.stub.Terminate(ex.TerminateRequest(id=self.id))
+        self.stub.Terminate(ex.TerminateRequest(mailbox_id=self.id))
         self.stream.cancel()
         self.channel.close()
 

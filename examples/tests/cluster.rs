@@ -8,8 +8,9 @@ use academy_examples::behaviours::WordStats;
 use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb::MailboxState;
-use academy_proto::pb::{self, AgentState, launcher_client::LauncherClient};
+use academy_proto::pb::{self, AgentState, launcher_service_client::LauncherServiceClient};
 use academy_sdk::Manager;
+use serde_json::json;
 use tonic::transport::Channel;
 
 struct Cluster {
@@ -17,7 +18,7 @@ struct Cluster {
     /// `None` while a test restarts it (on the same address).
     launcher: Option<RunningLauncher>,
     launcher_url: String,
-    rpc: LauncherClient<Channel>,
+    rpc: LauncherServiceClient<Channel>,
     workers: Vec<(String, Child)>,
 }
 
@@ -40,7 +41,7 @@ async fn cluster(workers: &[&str]) -> Cluster {
     .await
     .unwrap();
     let launcher_url = launcher.url();
-    let rpc = LauncherClient::connect(launcher_url.clone()).await.unwrap();
+    let rpc = LauncherServiceClient::connect(launcher_url.clone()).await.unwrap();
     let mut cluster =
         Cluster { exchange, launcher: Some(launcher), launcher_url, rpc, workers: Vec::new() };
     for name in workers {
@@ -62,8 +63,12 @@ impl Cluster {
         let expected = self.workers.len();
         wait(|| async {
             let mut rpc = self.rpc.clone();
-            let workers =
-                rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+            let workers = rpc
+                .list_workers(pb::ListWorkersRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .workers;
             workers.len() == expected
         })
         .await;
@@ -72,21 +77,26 @@ impl Cluster {
     async fn launch(
         &mut self,
         behaviour: &str,
-        config: &str,
+        config: serde_json::Value,
         retry_limit: u32,
     ) -> Result<String, tonic::Status> {
-        let req = pb::LaunchRequest {
+        let req = pb::LaunchAgentRequest {
             behaviour: behaviour.into(),
-            config_json: config.into(),
+            config: Some(academy_proto::json::to_proto(config)),
             retry_limit,
             ..Default::default()
         };
-        Ok(self.rpc.launch(req).await?.into_inner().agent.unwrap().agent_id)
+        Ok(self.rpc.launch_agent(req).await?.into_inner().agent.unwrap().agent_id)
     }
 
     async fn get(&self, id: &str) -> pb::AgentRecord {
         let mut rpc = self.rpc.clone();
-        rpc.get(pb::GetRequest { agent_id: id.into() }).await.unwrap().into_inner().agent.unwrap()
+        rpc.get_agent(pb::GetAgentRequest { agent_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .agent
+            .unwrap()
     }
 
     async fn wait_state(&self, id: &str, state: AgentState) -> pb::AgentRecord {
@@ -99,7 +109,7 @@ impl Cluster {
         let worker_id = self.get(id).await.worker_id;
         let mut rpc = self.rpc.clone();
         let workers =
-            rpc.list_workers(pb::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+            rpc.list_workers(pb::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
         workers.into_iter().find(|w| w.worker_id == worker_id).map(|w| w.name).unwrap_or_default()
     }
 }
@@ -122,7 +132,7 @@ async fn agents_spread_over_workers_and_move_when_one_is_killed() {
     let mut cluster = cluster(&["w1", "w2"]).await;
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(cluster.launch("example.WordStats", "{}", 0).await.unwrap());
+        ids.push(cluster.launch("example.WordStats", json!({}), 0).await.unwrap());
     }
     let mut per_worker = std::collections::HashMap::<String, usize>::new();
     for id in &ids {
@@ -177,14 +187,14 @@ async fn stop_restart_pending_and_bad_launches() {
     use academy_sdk::exchange::ExchangeApi as _;
 
     // Stop keeping the mailbox, and stop terminating it.
-    let kept = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
-    let gone = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    let kept = cluster.launch("example.WordStats", json!({}), 0).await.unwrap();
+    let gone = cluster.launch("example.WordStats", json!({}), 0).await.unwrap();
     for id in [&kept, &gone] {
         cluster.wait_state(id, AgentState::Running).await;
     }
     for (id, terminate) in [(&kept, false), (&gone, true)] {
-        let stop = pb::StopRequest { agent_id: id.to_string(), terminate };
-        cluster.rpc.stop(stop).await.unwrap();
+        let stop = pb::StopAgentRequest { agent_id: id.to_string(), terminate };
+        cluster.rpc.stop_agent(stop).await.unwrap();
         cluster.wait_state(id, AgentState::Stopped).await;
     }
     let state = |id: &String| {
@@ -196,48 +206,51 @@ async fn stop_restart_pending_and_bad_launches() {
     assert_eq!(state(&gone).await, MailboxState::Terminated);
 
     // A failing agent restarts up to its limit, then is failed with the error.
-    let crashy = cluster.launch("example.Crashy", r#"{"fail_after_ms": 50}"#, 2).await.unwrap();
+    let crashy = cluster.launch("example.Crashy", json!({"fail_after_ms": 50}), 2).await.unwrap();
     let failed = cluster.wait_state(&crashy, AgentState::Failed).await;
     assert_eq!(failed.restarts, 2);
     assert!(failed.reason.contains("crashed after 50 ms"), "{}", failed.reason);
     assert_eq!(state(&crashy).await, MailboxState::Active, "restarts keep the mailbox");
 
     // A config that doesn't fit the behaviour fails with a reason.
-    let misfit = cluster.launch("example.Crashy", r#"{"wrong": 1}"#, 0).await.unwrap();
+    let misfit = cluster.launch("example.Crashy", json!({"wrong": 1}), 0).await.unwrap();
     let failed = cluster.wait_state(&misfit, AgentState::Failed).await;
     assert!(failed.reason.contains("fail_after_ms"), "{}", failed.reason);
 
     // No worker with the labels: pending, with the reason.
-    let req = pb::LaunchRequest {
+    let req = pb::LaunchAgentRequest {
         behaviour: "example.WordStats".into(),
         selector: [("gpu".to_owned(), "yes".to_owned())].into(),
         ..Default::default()
     };
-    let pending = cluster.rpc.launch(req).await.unwrap().into_inner().agent.unwrap();
+    let pending = cluster.rpc.launch_agent(req).await.unwrap().into_inner().agent.unwrap();
     assert_eq!(pending.state(), AgentState::Pending);
     assert!(pending.reason.contains("gpu"), "{}", pending.reason);
 
     // Bad launches are refused with a clear error.
-    let err = cluster.launch("example.Nope", "{}", 0).await.unwrap_err();
+    let err = cluster.launch("example.Nope", json!({}), 0).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(
         err.message().contains("example.WordStats"),
         "lists what is offered: {}",
         err.message()
     );
-    let err = cluster.launch("example.WordStats", "{not json", 0).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    let err = cluster.rpc.get(pb::GetRequest { agent_id: "agent:nope".into() }).await.unwrap_err();
+    let err = cluster
+        .rpc
+        .get_agent(pb::GetAgentRequest { agent_id: "agent:nope".into() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let unknown = format!("agent:{}", uuid::Uuid::new_v4());
-    let err = cluster.rpc.stop(pb::StopRequest { agent_id: unknown, terminate: false }).await;
+    let err =
+        cluster.rpc.stop_agent(pb::StopAgentRequest { agent_id: unknown, terminate: false }).await;
     assert_eq!(err.unwrap_err().code(), tonic::Code::NotFound);
 }
 
 #[tokio::test]
 async fn draining_a_worker_moves_its_agents_and_keeps_their_mailboxes() {
     let mut cluster = cluster(&["w1"]).await;
-    let id = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    let id = cluster.launch("example.WordStats", json!({}), 0).await.unwrap();
     cluster.wait_state(&id, AgentState::Running).await;
     cluster.add_worker("w2").await;
     let from = cluster.get(&id).await.worker_id;
@@ -263,7 +276,7 @@ fn signal(child: &Child, name: &str) {
 #[tokio::test]
 async fn a_worker_back_from_the_dead_does_not_serve_moved_agents() {
     let mut cluster = cluster(&["w1"]).await;
-    let id = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    let id = cluster.launch("example.WordStats", json!({}), 0).await.unwrap();
     cluster.wait_state(&id, AgentState::Running).await;
     cluster.add_worker("w2").await;
 
@@ -306,17 +319,17 @@ async fn a_launcher_restarted_on_redis_forgets_nothing() {
     };
     let launcher = RunningLauncher::start(options.clone()).await.unwrap();
     let launcher_url = launcher.url();
-    let rpc = LauncherClient::connect(launcher_url.clone()).await.unwrap();
+    let rpc = LauncherServiceClient::connect(launcher_url.clone()).await.unwrap();
     let mut cluster =
         Cluster { exchange, launcher: Some(launcher), launcher_url, rpc, workers: Vec::new() };
     cluster.add_worker("w1").await;
-    let running = cluster.launch("example.WordStats", "{}", 2).await.unwrap();
-    let stopped = cluster.launch("example.WordStats", "{}", 0).await.unwrap();
+    let running = cluster.launch("example.WordStats", json!({}), 2).await.unwrap();
+    let stopped = cluster.launch("example.WordStats", json!({}), 0).await.unwrap();
     cluster.wait_state(&running, AgentState::Running).await;
     cluster.wait_state(&stopped, AgentState::Running).await;
     cluster
         .rpc
-        .stop(pb::StopRequest { agent_id: stopped.clone(), terminate: false })
+        .stop_agent(pb::StopAgentRequest { agent_id: stopped.clone(), terminate: false })
         .await
         .unwrap();
     cluster.wait_state(&stopped, AgentState::Stopped).await;
@@ -327,9 +340,15 @@ async fn a_launcher_restarted_on_redis_forgets_nothing() {
     first.shutdown().await;
     let second = RunningLauncher::start(LauncherOptions { listen: addr, ..options }).await.unwrap();
     cluster.launcher = Some(second);
-    cluster.rpc = LauncherClient::connect(cluster.launcher_url.clone()).await.unwrap();
+    cluster.rpc = LauncherServiceClient::connect(cluster.launcher_url.clone()).await.unwrap();
 
-    let agents = cluster.rpc.list(pb::ListRequest {}).await.unwrap().into_inner().agents;
+    let agents = cluster
+        .rpc
+        .list_agents(pb::ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
     assert_eq!(agents.len(), 2, "both records survived: {agents:?}");
     assert_eq!(cluster.get(&stopped).await.state(), AgentState::Stopped);
     // The worker rejoins by itself and the running agent comes back.

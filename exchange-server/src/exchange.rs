@@ -289,7 +289,7 @@ fn terminated_reply(id: &EntityId, request: &pb::Message) -> Option<pb::Message>
         header: Some(header.reply_from(id.to_string())),
         body: Some(Body::ErrorResponse(pb::ErrorResponse {
             code: tonic::Code::FailedPrecondition as i32,
-            r#type: "MailboxTerminated".into(),
+            kind: "MailboxTerminated".into(),
             message: ExchangeError::Terminated(*id).to_string(),
             details: HashMap::new(),
         })),

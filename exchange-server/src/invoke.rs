@@ -89,7 +89,7 @@ pub(crate) async fn invoke(
 fn internal_error(message: String) -> pb::ErrorResponse {
     pb::ErrorResponse {
         code: tonic::Code::Internal as i32,
-        r#type: "InvalidResponse".into(),
+        kind: "InvalidResponse".into(),
         message,
         details: Default::default(),
     }

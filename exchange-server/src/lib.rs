@@ -1,5 +1,5 @@
 //! The Academy exchange: mailboxes for agents and clients, used in-process
-//! ([`Exchange`]) or served over gRPC (`academy.v1.Exchange`, feature
+//! ([`Exchange`]) or served over gRPC (`academy.v1.ExchangeService`, feature
 //! `server`).
 //!
 //! Features: `redis` (default) adds the Redis backend ([`RedisOptions`]);

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use academy_proto::pb::exchange_server::ExchangeServer;
+use academy_proto::pb::exchange_service_server::ExchangeServiceServer;
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 use academy_server::auth::{Authenticator, Tokens};
 use academy_server::grpc::{nodelay_incoming, reflection};
@@ -107,8 +107,8 @@ impl RunningExchange {
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<ExchangeServer<ExchangeGrpc>>().await;
-        let reflection = || reflection(&["academy.v1.Exchange"]);
+        health.set_serving::<ExchangeServiceServer<ExchangeGrpc>>().await;
+        let reflection = || reflection(&["academy.v1.ExchangeService"]);
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
         let mut registry = Registry::default();
@@ -117,7 +117,7 @@ impl RunningExchange {
             .with_metrics(ExchangeMetrics::register(&mut registry));
         let (metrics_addr, count_calls) =
             metrics::serve_if(options.metrics_listen, registry, &calls, shutdown.clone()).await?;
-        let service = ExchangeServer::new(service)
+        let service = ExchangeServiceServer::new(service)
             .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
             .max_encoding_message_size(usize::MAX);
         let auth = Authenticator::new(options.tokens.clone())
@@ -131,7 +131,7 @@ impl RunningExchange {
             async move {
                 shutdown.cancelled().await;
                 tracing::info!("shutting down: no new calls, ending subscriptions");
-                health.set_not_serving::<ExchangeServer<ExchangeGrpc>>().await;
+                health.set_not_serving::<ExchangeServiceServer<ExchangeGrpc>>().await;
                 exchange.shutdown();
             }
         };

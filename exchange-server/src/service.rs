@@ -1,22 +1,23 @@
-//! The `academy.v1.Exchange` gRPC service over an [`Exchange`].
+//! The `academy.v1.ExchangeService` gRPC service over an [`Exchange`].
 
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::time::Duration;
 
-use academy_proto::pb::{self, exchange_server};
-use academy_proto::{EntityId, ExchangeError, json};
+use academy_proto::pb::{self, exchange_service_server};
+use academy_proto::{EntityId, ExchangeError, duration, json};
 use academy_server::auth::Principal;
+use academy_server::page;
 use futures::{Stream, StreamExt as _};
 use tonic::{Code, Request, Response, Status};
 
 use crate::Exchange;
 use crate::metrics::ExchangeMetrics;
 
-/// Invoke's wait when neither `timeout_ms` nor a call deadline is given.
+/// Invoke's wait when neither `timeout` nor a call deadline is given.
 const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The gRPC face of an exchange (`academy.v1.Exchange`).
+/// The gRPC face of an exchange (`academy.v1.ExchangeService`).
 #[derive(Debug, Clone)]
 pub struct ExchangeGrpc {
     exchange: Exchange,
@@ -51,7 +52,7 @@ fn parse_optional_id(value: &str, field: &str) -> Result<Option<EntityId>, Excha
 type RpcResult<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
-impl exchange_server::Exchange for ExchangeGrpc {
+impl exchange_service_server::ExchangeService for ExchangeGrpc {
     #[tracing::instrument(skip_all, fields(behaviour = %request.get_ref().behaviour))]
     async fn register_agent(
         &self,
@@ -73,18 +74,18 @@ impl exchange_server::Exchange for ExchangeGrpc {
         Ok(Response::new(pb::RegisterClientResponse { client_id: id.to_string() }))
     }
 
-    #[tracing::instrument(skip_all, fields(id = %request.get_ref().id))]
+    #[tracing::instrument(skip_all, fields(mailbox = %request.get_ref().mailbox_id))]
     async fn terminate(
         &self,
         request: Request<pb::TerminateRequest>,
     ) -> RpcResult<pb::TerminateResponse> {
-        let id = EntityId::parse_field(&request.get_ref().id, "id")?;
+        let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
         let previous = self.exchange_for(&request).terminate(&id).await?;
         Ok(Response::new(pb::TerminateResponse { previous_state: previous.into() }))
     }
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> RpcResult<pb::StatusResponse> {
-        let id = EntityId::parse_field(&request.get_ref().id, "id")?;
+        let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
         let status = self.exchange.status(&id).await?;
         Ok(Response::new(status.into()))
     }
@@ -95,16 +96,16 @@ impl exchange_server::Exchange for ExchangeGrpc {
     ) -> RpcResult<pb::DiscoverResponse> {
         let req = request.into_inner();
         let after = parse_optional_id(&req.page_token, "page_token")?;
-        let limit = Some(page_limit(req.page_size));
+        let limit = Some(page::size(req.page_size, MAX_DISCOVER_PAGE));
         let (agents, next) =
             self.exchange.discover_page(&req.behaviour, req.exact, after, limit).await?;
         let mut agents: Vec<pb::AgentInfo> = agents.into_iter().map(Into::into).collect();
-        let next_page_token = match fit(&agents) {
-            Some(keep) => {
-                agents.truncate(keep);
-                agents[keep - 1].agent_id.clone()
-            }
-            None => next.map(|id| id.to_string()).unwrap_or_default(),
+        let keep = page::fit(&agents);
+        let next_page_token = if keep < agents.len() {
+            agents.truncate(keep);
+            agents[keep - 1].agent_id.clone()
+        } else {
+            next.map(|id| id.to_string()).unwrap_or_default()
         };
         Ok(Response::new(pb::DiscoverResponse { agents, next_page_token }))
     }
@@ -186,10 +187,11 @@ impl exchange_server::Exchange for ExchangeGrpc {
         if req.action.is_empty() {
             return Err(ExchangeError::InvalidArgument("action is empty".into()).into());
         }
-        let timeout = match (req.timeout_ms, deadline) {
-            (0, None) => DEFAULT_INVOKE_TIMEOUT,
-            (0, Some(d)) => d,
-            (ms, d) => Duration::from_millis(ms.into()).min(d.unwrap_or(Duration::MAX)),
+        let asked = req.timeout.map(|t| duration::from_proto(t, "timeout")).transpose()?;
+        let timeout = match (asked, deadline) {
+            (None, None) => DEFAULT_INVOKE_TIMEOUT,
+            (None, Some(d)) => d,
+            (Some(t), d) => t.min(d.unwrap_or(Duration::MAX)),
         };
         let args = req.args.map_or(serde_json::Value::Array(Vec::new()), json::from_proto);
         let reply = crate::invoke::invoke(&exchange, agent, &req.action, &args, timeout).await?;
@@ -197,10 +199,9 @@ impl exchange_server::Exchange for ExchangeGrpc {
             Ok(result) => {
                 Ok(Response::new(pb::InvokeResponse { result: Some(json::to_proto(result)) }))
             }
-            Err(err) => Err(Status::new(
-                Code::from_i32(err.code),
-                format!("{}: {}", err.r#type, err.message),
-            )),
+            Err(err) => {
+                Err(Status::new(Code::from_i32(err.code), format!("{}: {}", err.kind, err.message)))
+            }
         }
     }
 }
@@ -239,40 +240,12 @@ impl Drop for Open {
 }
 
 /// Most agents in one Discover answer, whatever `page_size` asks; 0 asks for
-/// this many. About 80 bytes each: well under the 4 MiB that gRPC clients
-/// accept by default.
+/// this many. About 80 bytes each (and at most `page::MAX_PAGE_BYTES`).
 const MAX_DISCOVER_PAGE: u32 = 10_000;
-
-/// A Discover answer holds fewer agents when their names and interfaces are
-/// long: it stops before this many bytes (with at least one agent).
-const MAX_DISCOVER_BYTES: usize = 1 << 20;
-
-fn page_limit(page_size: u32) -> usize {
-    let agents = if page_size == 0 { MAX_DISCOVER_PAGE } else { page_size.min(MAX_DISCOVER_PAGE) };
-    agents as usize
-}
-
-/// How many of `agents` fit in one answer, if not all.
-fn fit(agents: &[pb::AgentInfo]) -> Option<usize> {
-    use prost::Message as _;
-    let mut bytes = 0;
-    let over = agents.iter().position(|agent| {
-        bytes += agent.encoded_len() + 4; // with the field's tag and length
-        bytes > MAX_DISCOVER_BYTES
-    })?;
-    Some(over.max(1)).filter(|keep| *keep < agents.len())
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn discovery_pages_are_bounded_whatever_the_page_size() {
-        assert_eq!(page_limit(0), 10_000);
-        assert_eq!(page_limit(25), 25);
-        assert_eq!(page_limit(50_000), 10_000);
-    }
 
     #[test]
     fn parses_grpc_timeout() {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{agent_and_client, message};
 
-use academy_proto::pb::{self, exchange_client::ExchangeClient};
+use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient};
 
 /// Starts the binary on a free port and returns it with its address, read from
 /// its JSON "exchange listening" log line.
@@ -45,7 +45,7 @@ fn sigterm(child: &std::process::Child) {
 #[tokio::test]
 async fn sigterm_stops_the_server_promptly_despite_open_streams() {
     let (mut child, url) = spawn_exchange();
-    let mut rpc = ExchangeClient::connect(url).await.unwrap();
+    let mut rpc = ExchangeServiceClient::connect(url).await.unwrap();
     let (id, client) = agent_and_client(&mut rpc, "t.A").await;
 
     // The env var limit is in force: the third queued message is refused.

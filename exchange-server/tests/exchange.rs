@@ -8,7 +8,7 @@ mod common;
 use common::message;
 
 use academy_exchange::{ExchangeOptions, Limits, MailboxStore, RedisOptions, RunningExchange};
-use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
+use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient, message::Body};
 use academy_proto::{EntityId, ExchangeError};
 use academy_server::auth::Tokens;
 use academy_server::testing::{RedisServer, sample, scrape};
@@ -24,7 +24,7 @@ enum Store {
 
 struct Harness {
     server: RunningExchange,
-    rpc: ExchangeClient<Channel>,
+    rpc: ExchangeServiceClient<Channel>,
     _redis: Option<RedisServer>,
 }
 
@@ -45,7 +45,7 @@ async fn start_as(store: Store, options: ExchangeOptions) -> Harness {
     let server = RunningExchange::start(ExchangeOptions { store: backend, ..options })
         .await
         .expect("starts");
-    let rpc = ExchangeClient::connect(server.url()).await.expect("client connects");
+    let rpc = ExchangeServiceClient::connect(server.url()).await.expect("client connects");
     Harness { server, rpc, _redis: redis }
 }
 
@@ -73,12 +73,17 @@ impl Harness {
     }
 
     async fn state(&mut self, id: &str) -> pb::MailboxState {
-        let resp = self.rpc.status(pb::StatusRequest { id: id.into() }).await.unwrap().into_inner();
+        let resp = self
+            .rpc
+            .status(pb::StatusRequest { mailbox_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
         resp.state()
     }
 
     async fn subscribed(&mut self, id: &str) -> bool {
-        let resp = self.rpc.status(pb::StatusRequest { id: id.into() }).await.unwrap();
+        let resp = self.rpc.status(pb::StatusRequest { mailbox_id: id.into() }).await.unwrap();
         resp.into_inner().subscribed
     }
 
@@ -100,7 +105,8 @@ impl Harness {
     }
 
     async fn terminate(&mut self, id: &str) -> pb::MailboxState {
-        let resp = self.rpc.terminate(pb::TerminateRequest { id: id.into() }).await.unwrap();
+        let resp =
+            self.rpc.terminate(pb::TerminateRequest { mailbox_id: id.into() }).await.unwrap();
         resp.into_inner().previous_state()
     }
 }
@@ -128,7 +134,7 @@ async fn status_lifecycle_and_idempotent_terminate(store: Store) {
     assert_eq!(h.terminate(&id).await, pb::MailboxState::Active);
     assert_eq!(h.state(&id).await, pb::MailboxState::Terminated);
     assert_eq!(h.terminate(&id).await, pb::MailboxState::Terminated);
-    let err = h.rpc.terminate(pb::TerminateRequest { id: unknown }).await.unwrap_err();
+    let err = h.rpc.terminate(pb::TerminateRequest { mailbox_id: unknown }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
@@ -213,7 +219,7 @@ async fn terminate_answers_every_request_of_a_long_queue(store: Store) {
     assert!(results.into_inner().results.iter().all(|r| r.code == 0));
     assert_eq!(h.terminate(&agent).await, pb::MailboxState::Active);
     assert_eq!(tags(&mut replies, asked.len()).await, asked);
-    let status = h.rpc.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
+    let status = h.rpc.status(pb::StatusRequest { mailbox_id: agent }).await.unwrap().into_inner();
     assert_eq!((status.state(), status.queued), (pb::MailboxState::Terminated, 0));
 }
 
@@ -287,7 +293,7 @@ async fn discovery_pages_through_large_answers(store: Store) {
 
     // A page as long as what is left is the last; a token whose agent has
     // left discovery still says where to go on.
-    let page = async |rpc: &mut ExchangeClient<Channel>, exact: bool, page_token: &str| {
+    let page = async |rpc: &mut ExchangeServiceClient<Channel>, exact: bool, page_token: &str| {
         let behaviour = "lab.Paged".into();
         let page_token = page_token.into();
         let req = pb::DiscoverRequest { behaviour, exact, page_size: 2, page_token };
@@ -352,7 +358,7 @@ async fn unacknowledged_messages_are_redelivered_to_the_next_subscriber(store: S
     let again = next(&mut stream).await;
     assert_eq!(again.len(), 1, "only the unacknowledged message comes back");
     assert_eq!(tag(again[0].message.as_ref().unwrap()), tag(&second));
-    let status = h.rpc.status(pb::StatusRequest { id: agent.clone() }).await.unwrap();
+    let status = h.rpc.status(pb::StatusRequest { mailbox_id: agent.clone() }).await.unwrap();
     assert_eq!(status.into_inner().queued, 1);
 }
 
@@ -434,7 +440,7 @@ async fn oversized_message_and_full_mailbox_are_resource_exhausted(store: Store)
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("full"), "{}", err.message());
     // Nothing was dropped: the three queued messages are all there.
-    let status = h.rpc.status(pb::StatusRequest { id: agent }).await.unwrap();
+    let status = h.rpc.status(pb::StatusRequest { mailbox_id: agent }).await.unwrap();
     assert_eq!(status.into_inner().queued, 3);
 }
 
@@ -446,11 +452,11 @@ async fn malformed_input_is_invalid_argument_and_the_server_keeps_running(store:
     let checks: Vec<(&str, tonic::Status)> = vec![
         (
             "status with empty id",
-            h.rpc.status(pb::StatusRequest { id: String::new() }).await.unwrap_err(),
+            h.rpc.status(pb::StatusRequest { mailbox_id: String::new() }).await.unwrap_err(),
         ),
         (
             "terminate with malformed id",
-            h.rpc.terminate(pb::TerminateRequest { id: nobody.into() }).await.unwrap_err(),
+            h.rpc.terminate(pb::TerminateRequest { mailbox_id: nobody.into() }).await.unwrap_err(),
         ),
         (
             "register without behaviour",
@@ -580,7 +586,7 @@ async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones(store: Store) 
     let req = pb::InvokeRequest {
         agent_id: idle.clone(),
         action: "get".into(),
-        timeout_ms: 100,
+        timeout: Some(academy_proto::duration::to_proto(Duration::from_millis(100))),
         ..Default::default()
     };
     let err = h.rpc.invoke(req).await.unwrap_err();
@@ -610,7 +616,7 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     let tokens = Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
     let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
     let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
-    let as_ = |token| ExchangeClient::with_interceptor(channel.clone(), Bearer(token));
+    let as_ = |token| ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(token));
     let (mut alice, mut bob, mut nobody) = (as_(ALICE), as_(BOB), h.rpc.clone());
 
     // Without a token, or with an unknown one: UNAUTHENTICATED, health excepted.
@@ -618,10 +624,11 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("authorization: Bearer"), "{}", err.message());
     let mut stranger = as_("mallory-token-0123456789");
-    let err = stranger.status(pb::StatusRequest { id: "x".into() }).await.unwrap_err();
+    let err = stranger.status(pb::StatusRequest { mailbox_id: "x".into() }).await.unwrap_err();
     assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "unknown bearer token"));
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let check = tonic_health::pb::HealthCheckRequest { service: "academy.v1.Exchange".into() };
+    let check =
+        tonic_health::pb::HealthCheckRequest { service: "academy.v1.ExchangeService".into() };
     assert_eq!(health.check(check).await.unwrap().into_inner().status, 1); // SERVING
 
     let (agent, client) = common::agent_and_client(&mut alice, "test.A").await;
@@ -629,7 +636,8 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     let bobs = bob.register_client(register).await.unwrap().into_inner().client_id;
     // Anyone may send to it and ask about it...
     bob.send(pb::SendRequest { message: Some(common::ping(&bobs, &agent, 1)) }).await.unwrap();
-    let status = bob.status(pb::StatusRequest { id: agent.clone() }).await.unwrap().into_inner();
+    let status =
+        bob.status(pb::StatusRequest { mailbox_id: agent.clone() }).await.unwrap().into_inner();
     assert_eq!((status.state(), status.queued), (pb::MailboxState::Active, 1));
     // ...but only alice may receive from it or end it.
     let denied = |status: tonic::Status| {
@@ -642,8 +650,9 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     denied(bob.subscribe(subscribe).await.unwrap_err());
     let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![0] };
     denied(bob.acknowledge(ack).await.unwrap_err());
-    denied(bob.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap_err());
-    let status = bob.status(pb::StatusRequest { id: agent.clone() }).await.unwrap().into_inner();
+    denied(bob.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap_err());
+    let status =
+        bob.status(pb::StatusRequest { mailbox_id: agent.clone() }).await.unwrap().into_inner();
     assert_eq!((status.state(), status.queued), (pb::MailboxState::Active, 1));
 
     let mut stream = common::subscribe(&mut alice, &agent).await;
@@ -696,14 +705,14 @@ async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
     let invoke = pb::InvokeRequest {
         agent_id: agent.clone(),
         action: "get".into(),
-        timeout_ms: 100,
+        timeout: Some(academy_proto::duration::to_proto(Duration::from_millis(100))),
         ..Default::default()
     };
     assert_eq!(bob.invoke(invoke).await.unwrap_err().code(), Code::DeadlineExceeded);
-    let done = alice.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    let done = alice.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap();
     assert_eq!(done.into_inner().previous_state(), pb::MailboxState::Active);
     // Even terminated, it is still not bob's to terminate.
-    denied(bob.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap_err());
+    denied(bob.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap_err());
 }
 
 /// A tokens file that changes is followed: a new token works and a removed
@@ -720,9 +729,9 @@ async fn a_changed_tokens_file_takes_effect_without_a_restart() {
         .await;
     let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
     let code = |token| {
-        let mut rpc = ExchangeClient::with_interceptor(channel.clone(), Bearer(token));
+        let mut rpc = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(token));
         async move {
-            let status = rpc.status(pb::StatusRequest { id: "client:nope".into() }).await;
+            let status = rpc.status(pb::StatusRequest { mailbox_id: "client:nope".into() }).await;
             status.err().map_or(Code::Ok, |e| e.code())
         }
     };
@@ -772,7 +781,7 @@ async fn metrics_count_calls_messages_and_subscriptions(store: Store) {
         text
     };
     let value = |text: &str, series: &str| sample(text, series).unwrap_or(0.0);
-    let send = r#"academy_grpc_calls_total{service="academy.v1.Exchange",method="Send","#;
+    let send = r#"academy_grpc_calls_total{service="academy.v1.ExchangeService",method="Send","#;
     let subscriptions = "academy_exchange_subscriptions";
 
     let (agent, client) = common::agent_and_client(&mut h.rpc, "test.A").await;
@@ -793,7 +802,8 @@ async fn metrics_count_calls_messages_and_subscriptions(store: Store) {
     assert_eq!(value(&text, refused), 1.0, "{text}");
     assert_eq!(value(&text, "academy_exchange_messages_delivered_total"), 1.0, "{text}");
     assert_eq!(value(&text, subscriptions), 1.0, "{text}");
-    let count = r#"academy_grpc_call_seconds_count{service="academy.v1.Exchange",method="Send"}"#;
+    let count =
+        r#"academy_grpc_call_seconds_count{service="academy.v1.ExchangeService",method="Send"}"#;
     assert_eq!(value(&text, count), 2.0, "{text}");
 
     drop(stream);

@@ -11,14 +11,14 @@ use common::{agent_and_client, number, ping, subscribe};
 
 use academy_exchange::{ExchangeOptions, MailboxStore, RedisOptions, RunningExchange};
 use academy_proto::EntityId;
-use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
+use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient, message::Body};
 use academy_server::testing::RedisServer;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
-async fn connect(url: &str) -> ExchangeClient<Channel> {
+async fn connect(url: &str) -> ExchangeServiceClient<Channel> {
     for _ in 0..200 {
-        if let Ok(rpc) = ExchangeClient::connect(url.to_owned()).await {
+        if let Ok(rpc) = ExchangeServiceClient::connect(url.to_owned()).await {
             return rpc;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
@@ -143,7 +143,7 @@ async fn a_killed_exchange_loses_no_accepted_message_and_redelivers_no_acknowled
     assert!(again.is_empty(), "acknowledged before the kill, delivered again: {again:?}");
 }
 
-async fn replica(redis: &RedisServer) -> (RunningExchange, ExchangeClient<Channel>) {
+async fn replica(redis: &RedisServer) -> (RunningExchange, ExchangeServiceClient<Channel>) {
     let backend = MailboxStore::Redis(RedisOptions { url: redis.url(), ..Default::default() });
     let server = RunningExchange::start(ExchangeOptions { store: backend, ..Default::default() })
         .await
@@ -174,7 +174,7 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
 
     // Subscribed on B, sent through A: pushed across replicas.
     let mut stream = subscribe(&mut on_b, &agent).await;
-    let status = on_a.status(pb::StatusRequest { id: agent.clone() }).await.unwrap();
+    let status = on_a.status(pb::StatusRequest { mailbox_id: agent.clone() }).await.unwrap();
     assert!(status.into_inner().subscribed, "A sees B's subscriber");
     for n in 0..20 {
         on_a.send(pb::SendRequest { message: Some(ping(&client, &agent, n)) }).await.unwrap();
@@ -194,7 +194,7 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
 
     // Terminating through B answers a request queued through A.
     let mut replies = subscribe(&mut on_a, &client).await;
-    on_b.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    on_b.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap();
     let mut answers = Vec::new();
     while answers.len() < 20 {
         let frame = tokio::time::timeout(Duration::from_secs(5), replies.next()).await;
@@ -226,8 +226,8 @@ async fn idle_mailboxes_and_gravestones_expire_when_configured() {
     let register = pb::RegisterAgentRequest { behaviour: "t.Idle".into(), ..Default::default() };
     let idle = rpc.register_agent(register.clone()).await.unwrap().into_inner().agent_id;
     let dead = rpc.register_agent(register).await.unwrap().into_inner().agent_id;
-    rpc.terminate(pb::TerminateRequest { id: dead.clone() }).await.unwrap();
-    let state = |id: &str| pb::StatusRequest { id: id.into() };
+    rpc.terminate(pb::TerminateRequest { mailbox_id: dead.clone() }).await.unwrap();
+    let state = |id: &str| pb::StatusRequest { mailbox_id: id.into() };
     assert_eq!(
         rpc.status(state(&idle)).await.unwrap().into_inner().state(),
         pb::MailboxState::Active
@@ -266,7 +266,7 @@ async fn scripts_lost_by_redis_are_loaded_again() {
         pb::SendBatchRequest { messages: (0..3).map(|n| ping(&client, &agent, n)).collect() };
     let results = rpc.send_batch(batch).await.unwrap().into_inner().results;
     assert!(results.iter().all(|r| r.code == 0), "{results:?}");
-    let status = rpc.status(pb::StatusRequest { id: agent.clone() }).await.unwrap();
+    let status = rpc.status(pb::StatusRequest { mailbox_id: agent.clone() }).await.unwrap();
     assert_eq!(status.into_inner().queued, 3);
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
     let mut stream = subscribe(&mut rpc, &agent).await;
@@ -275,11 +275,11 @@ async fn scripts_lost_by_redis_are_loaded_again() {
     let seqs = got.iter().map(|d| d.seq).collect();
     rpc.acknowledge(pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs }).await.unwrap();
     assert_eq!(redis.command(&["SCRIPT", "FLUSH"]).unwrap(), "+OK");
-    rpc.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    rpc.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap();
     // The queue, and the drain it became to answer what was left, are gone.
     let (queue, drain) = (format!("academy:q:{agent}"), format!("academy:dq:{agent}"));
     assert_eq!(redis.command(&["EXISTS", &queue, &drain]).unwrap(), ":0");
-    let status = rpc.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
+    let status = rpc.status(pb::StatusRequest { mailbox_id: agent }).await.unwrap().into_inner();
     assert_eq!(status.state(), pb::MailboxState::Terminated);
 }
 
@@ -338,7 +338,7 @@ async fn subscribers_find_what_they_missed_when_notices_are_lost() {
     assert_eq!(received, (0..20).collect::<Vec<_>>(), "all, in order, once");
 
     astray();
-    rpc.terminate(pb::TerminateRequest { id: agent.clone() }).await.unwrap();
+    rpc.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap();
     reconnect();
     let end = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.unwrap();
     assert_eq!(end.unwrap().unwrap_err().code(), tonic::Code::FailedPrecondition);
@@ -425,7 +425,7 @@ async fn subscribers_ride_out_a_redis_restart() {
     }
     let after = numbers(&mut stream).await;
     assert_eq!(after, [1], "the new message, and not the one delivered before");
-    let status = rpc.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
+    let status = rpc.status(pb::StatusRequest { mailbox_id: agent }).await.unwrap().into_inner();
     assert_eq!(status.queued, 2, "both kept until acknowledged, across the restart");
 }
 
@@ -483,7 +483,7 @@ async fn an_earlier_versions_discovery_index_is_taken_over_at_start() {
     }
 
     // The agents moved are indexed as any other: terminating one unlists it.
-    rpc.terminate(pb::TerminateRequest { id: ids[0].clone() }).await.unwrap();
+    rpc.terminate(pb::TerminateRequest { mailbox_id: ids[0].clone() }).await.unwrap();
     assert_eq!(discover("old.Any", false, 0).await, &ids[1..5]);
     assert_eq!(discover("old.Even", true, 0).await, [ids[2].as_str(), &ids[4]]);
 }
@@ -506,6 +506,7 @@ async fn a_replica_that_stops_withdraws_its_presence_and_its_subscribers() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (_other, mut on_other) = replica(&redis).await;
-    let status = on_other.status(pb::StatusRequest { id: agent }).await.unwrap().into_inner();
+    let status =
+        on_other.status(pb::StatusRequest { mailbox_id: agent }).await.unwrap().into_inner();
     assert!(!status.subscribed);
 }

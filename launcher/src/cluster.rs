@@ -2,26 +2,34 @@
 //! between states (DESIGN.md, "The launcher"). No I/O here: the service feeds
 //! it events and sends what it asks to the workers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 
-use academy_proto::pb::{self, AgentState, launcher_message::Body};
+use academy_proto::pb::{self, AgentState, join_response::Body};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::store::Write;
 
 /// Messages to one worker's stream.
-pub(crate) type WorkerTx = mpsc::UnboundedSender<pb::LauncherMessage>;
+pub(crate) type WorkerTx = mpsc::UnboundedSender<pb::JoinResponse>;
 
 #[derive(Debug)]
 struct Worker {
     record: pb::WorkerRecord,
     implements: HashMap<String, Vec<String>>,
+    /// Agents placed on it.
+    agents: BTreeSet<String>,
     tx: WorkerTx,
 }
 
 impl Worker {
     fn free(&self) -> usize {
-        (self.record.capacity as usize).saturating_sub(self.record.agent_ids.len())
+        (self.record.capacity as usize).saturating_sub(self.agents.len())
+    }
+
+    fn record(&self) -> pb::WorkerRecord {
+        let agent_count = u32::try_from(self.agents.len()).unwrap_or(u32::MAX);
+        pb::WorkerRecord { agent_count, ..self.record.clone() }
     }
 
     fn can_run(&self, agent: &pb::AgentRecord) -> bool {
@@ -32,7 +40,7 @@ impl Worker {
 
     fn send(&self, body: Body) {
         // A closed stream means the worker is going away; its removal follows.
-        let _ = self.tx.send(pb::LauncherMessage { body: Some(body) });
+        let _ = self.tx.send(pb::JoinResponse { body: Some(body) });
     }
 }
 
@@ -91,16 +99,32 @@ impl Cluster {
         self.agents.values().cloned().collect()
     }
 
+    /// At most `limit` agents after id `after`, in id order, and whether
+    /// more follow.
+    pub(crate) fn agents_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<pb::AgentRecord>, bool) {
+        page(&self.agents, after, limit, Clone::clone)
+    }
+
+    /// At most `limit` workers after id `after`, in id order, and whether
+    /// more follow.
+    pub(crate) fn workers_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<pb::WorkerRecord>, bool) {
+        page(&self.workers, after, limit, Worker::record)
+    }
+
     pub(crate) fn agent_states(&self) -> impl Iterator<Item = AgentState> + '_ {
         self.agents.values().map(pb::AgentRecord::state)
     }
 
     pub(crate) fn worker_count(&self) -> usize {
         self.workers.len()
-    }
-
-    pub(crate) fn workers(&self) -> Vec<pb::WorkerRecord> {
-        self.workers.values().map(|w| w.record.clone()).collect()
     }
 
     /// Interfaces of `behaviour` as the workers offering it declare them, or
@@ -133,7 +157,7 @@ impl Cluster {
             agent.reason = reason;
             if !matches!(state, AgentState::Starting | AgentState::Running | AgentState::Stopping) {
                 if let Some(worker) = self.workers.get_mut(&agent.worker_id) {
-                    worker.record.agent_ids.retain(|a| a != id);
+                    worker.agents.remove(id);
                 }
                 agent.worker_id.clear();
             }
@@ -150,11 +174,11 @@ impl Cluster {
             capacity: register.capacity,
             labels: register.labels,
             behaviours: implements.keys().cloned().collect(),
-            agent_ids: Vec::new(),
+            agent_count: 0,
             draining: false,
         };
         tracing::info!(worker = %id, capacity = record.capacity, behaviours = ?record.behaviours, "worker joined");
-        self.workers.insert(id, Worker { record, implements, tx });
+        self.workers.insert(id, Worker { record, implements, agents: BTreeSet::new(), tx });
         self.schedule();
     }
 
@@ -162,8 +186,8 @@ impl Cluster {
     /// agents are placed again elsewhere.
     pub(crate) fn remove_worker(&mut self, id: &str) {
         let Some(worker) = self.workers.remove(id) else { return };
-        tracing::warn!(worker = %id, agents = worker.record.agent_ids.len(), "worker lost; moving its agents");
-        for agent_id in worker.record.agent_ids {
+        tracing::warn!(worker = %id, agents = worker.agents.len(), "worker lost; moving its agents");
+        for agent_id in worker.agents {
             let stopping =
                 self.agents.get(&agent_id).is_some_and(|a| a.state() == AgentState::Stopping);
             let moving = self.moving.remove(&agent_id);
@@ -230,14 +254,14 @@ impl Cluster {
             agent.worker_id.clone_from(&worker_id);
             agent.state = AgentState::Starting.into();
             agent.reason.clear();
-            let start = pb::StartAgent {
+            let start = pb::StartAssignment {
                 agent_id: id.clone(),
                 behaviour: agent.behaviour.clone(),
-                config_json: agent.config_json.clone(),
+                config: agent.config.clone(),
                 epoch: agent.epoch,
             };
             let worker = self.workers.get_mut(&worker_id).expect("chosen above");
-            worker.record.agent_ids.push(id.clone());
+            worker.agents.insert(id.clone());
             worker.send(Body::Start(start));
             tracing::info!(agent = %id, worker = %worker_id, "agent placed");
             self.changed(&id);
@@ -295,7 +319,8 @@ impl Cluster {
         let agent = self.agents.get(id)?;
         match agent.state() {
             AgentState::Starting | AgentState::Running | AgentState::Stopping => {
-                let stop = pb::StopAgent { agent_id: id.to_owned(), epoch: agent.epoch, terminate };
+                let stop =
+                    pb::StopAssignment { agent_id: id.to_owned(), epoch: agent.epoch, terminate };
                 if let Some(worker) = self.workers.get(&agent.worker_id) {
                     worker.send(Body::Stop(stop));
                 }
@@ -316,19 +341,34 @@ impl Cluster {
     pub(crate) fn drain(&mut self, worker_id: &str) -> Option<pb::WorkerRecord> {
         let worker = self.workers.get_mut(worker_id)?;
         worker.record.draining = true;
-        let record = worker.record.clone();
-        for id in &record.agent_ids {
+        let (record, agents) = (worker.record(), worker.agents.clone());
+        for id in &agents {
             let Some(agent) = self.agents.get(id) else { continue };
-            let stop = pb::StopAgent { agent_id: id.clone(), epoch: agent.epoch, terminate: false };
+            let stop =
+                pb::StopAssignment { agent_id: id.clone(), epoch: agent.epoch, terminate: false };
             worker.send(Body::Stop(stop));
             self.moving.insert(id.clone());
         }
-        for id in &record.agent_ids {
+        for id in &agents {
             self.set(id, AgentState::Stopping, format!("moving off draining worker {worker_id}"));
         }
-        tracing::info!(worker = %worker_id, agents = record.agent_ids.len(), "draining worker");
+        tracing::info!(worker = %worker_id, agents = agents.len(), "draining worker");
         Some(record)
     }
+}
+
+/// At most `limit` values of `map` after key `after`, in key order, and
+/// whether more follow.
+fn page<V, T>(
+    map: &BTreeMap<String, V>,
+    after: Option<&str>,
+    limit: usize,
+    item: impl Fn(&V) -> T,
+) -> (Vec<T>, bool) {
+    let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+    let mut values = map.range::<str, _>((from, Bound::Unbounded));
+    let items: Vec<T> = values.by_ref().take(limit).map(|(_, v)| item(v)).collect();
+    (items, values.next().is_some())
 }
 
 #[cfg(test)]
@@ -340,7 +380,7 @@ mod tests {
         id: &str,
         capacity: u32,
         labels: &[(&str, &str)],
-    ) -> mpsc::UnboundedReceiver<pb::LauncherMessage> {
+    ) -> mpsc::UnboundedReceiver<pb::JoinResponse> {
         let (tx, rx) = mpsc::unbounded_channel();
         let register = pb::RegisterWorker {
             name: id.into(),
@@ -378,7 +418,7 @@ mod tests {
         }
     }
 
-    fn starts(rx: &mut mpsc::UnboundedReceiver<pb::LauncherMessage>) -> Vec<pb::StartAgent> {
+    fn starts(rx: &mut mpsc::UnboundedReceiver<pb::JoinResponse>) -> Vec<pb::StartAssignment> {
         std::iter::from_fn(|| rx.try_recv().ok())
             .filter_map(|m| match m.body {
                 Some(Body::Start(s)) => Some(s),

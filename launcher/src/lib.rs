@@ -3,7 +3,7 @@
 //! the agents of lost workers, while the exchange keeps their mailboxes.
 //!
 //! Workers are programs built with [`academy_sdk::Worker`]; they join the
-//! launcher over the `Join` stream of `academy.v1.Launcher`.
+//! launcher over the `Join` stream of `academy.v1.LauncherService`.
 
 mod cluster;
 mod metrics;
@@ -12,4 +12,4 @@ mod service;
 mod store;
 
 pub use server::{LauncherOptions, RunningLauncher};
-pub use service::LauncherService;
+pub use service::LauncherGrpc;

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use academy_proto::pb::launcher_server::LauncherServer;
+use academy_proto::pb::launcher_service_server::LauncherServiceServer;
 use academy_sdk::Credentials;
 use academy_sdk::exchange::GrpcExchange;
 use academy_server::auth::{Authenticator, Tokens};
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::cluster::Cluster;
-use crate::{LauncherService, store};
+use crate::{LauncherGrpc, store};
 
 /// How to run a launcher.
 #[derive(Debug, Clone)]
@@ -91,7 +91,7 @@ impl RunningLauncher {
             cluster.restore(records, store);
         }
         let shutdown = CancellationToken::new();
-        let service = LauncherService::new(
+        let service = LauncherGrpc::new(
             cluster,
             shutdown.clone(),
             Arc::new(exchange),
@@ -107,15 +107,15 @@ impl RunningLauncher {
         let listener = TcpListener::bind(options.listen).await?;
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<LauncherServer<LauncherService>>().await;
+        health.set_serving::<LauncherServiceServer<LauncherGrpc>>().await;
         let incoming = nodelay_incoming(listener);
         let signal = shutdown.clone().cancelled_owned();
         let router = server_builder(options.tls.as_ref())?
             .layer(tower::util::option_layer(count_calls))
             .add_service(health_service)
-            .add_service(reflection(&["academy.v1.Launcher"]).build_v1()?)
-            .add_service(reflection(&["academy.v1.Launcher"]).build_v1alpha()?)
-            .add_service(InterceptedService::new(LauncherServer::new(service), auth));
+            .add_service(reflection(&["academy.v1.LauncherService"]).build_v1()?)
+            .add_service(reflection(&["academy.v1.LauncherService"]).build_v1alpha()?)
+            .add_service(InterceptedService::new(LauncherServiceServer::new(service), auth));
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {
             tokio::select! {

@@ -1,23 +1,24 @@
-//! The `academy.v1.Launcher` gRPC service.
+//! The `academy.v1.LauncherService` gRPC service.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use academy_proto::pb::{self, AgentState, launcher_server, worker_message::Body};
-use academy_proto::{EntityId, ExchangeError};
+use academy_proto::pb::{self, AgentState, join_request::Body, launcher_service_server};
+use academy_proto::{EntityId, ExchangeError, duration, json};
 use academy_sdk::ClientError;
 use academy_sdk::exchange::SharedExchange;
 use academy_server::auth::Principal;
+use academy_server::page;
 use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::cluster::Cluster;
 
-/// The launcher's gRPC face.
+/// The launcher's gRPC face (`academy.v1.LauncherService`).
 #[derive(Debug, Clone)]
-pub struct LauncherService {
+pub struct LauncherGrpc {
     cluster: Arc<Mutex<Cluster>>,
     /// Ends worker sessions and watches when the launcher shuts down.
     shutdown: tokio_util::sync::CancellationToken,
@@ -28,7 +29,7 @@ pub struct LauncherService {
     worker_principal: Option<Arc<str>>,
 }
 
-impl LauncherService {
+impl LauncherGrpc {
     pub(crate) fn new(
         cluster: Cluster,
         shutdown: tokio_util::sync::CancellationToken,
@@ -83,6 +84,34 @@ fn exchange_status(err: ClientError) -> Status {
     }
 }
 
+/// Most records in one ListAgents or ListWorkers answer; 0 asks for this many.
+const MAX_LIST_PAGE: u32 = 1_000;
+
+/// The agent id a page token names, if any.
+fn page_token(token: &str, field: &str) -> Result<Option<String>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    EntityId::parse_field(token, field)?;
+    Ok(Some(token.to_owned()))
+}
+
+/// Cuts `items` to what fits in one answer; the token of the next page, when
+/// more follow (`more`: beyond these items).
+fn next_token<T: prost::Message>(
+    items: &mut Vec<T>,
+    more: bool,
+    id: impl Fn(&T) -> &String,
+) -> String {
+    let keep = page::fit(items);
+    if keep < items.len() || more {
+        items.truncate(keep);
+        items.last().map(|item| id(item).clone()).unwrap_or_default()
+    } else {
+        String::new()
+    }
+}
+
 fn agent_id(value: &str) -> Result<String, Status> {
     EntityId::parse_field(value, "agent_id")?;
     Ok(value.to_owned())
@@ -92,19 +121,18 @@ type RpcResult<T> = Result<Response<T>, Status>;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl launcher_server::Launcher for LauncherService {
+impl launcher_service_server::LauncherService for LauncherGrpc {
     #[tracing::instrument(skip_all, fields(behaviour = %request.get_ref().behaviour))]
-    async fn launch(&self, request: Request<pb::LaunchRequest>) -> RpcResult<pb::LaunchResponse> {
+    async fn launch_agent(
+        &self,
+        request: Request<pb::LaunchAgentRequest>,
+    ) -> RpcResult<pb::LaunchAgentResponse> {
         let owner = Principal::of(&request).map(|p| p.to_string()).unwrap_or_default();
         let req = request.into_inner();
         if req.behaviour.is_empty() {
             return Err(Status::invalid_argument("behaviour is empty"));
         }
-        let config_json =
-            if req.config_json.trim().is_empty() { "{}".to_owned() } else { req.config_json };
-        if let Err(e) = serde_json::from_str::<serde_json::Value>(&config_json) {
-            return Err(Status::invalid_argument(format!("config_json is not JSON: {e}")));
-        }
+        let config = req.config.unwrap_or_else(|| json::to_proto(serde_json::json!({})));
         let Some(implements) = self.cluster().implements(&req.behaviour) else {
             let offered = self.cluster().offered();
             return Err(Status::failed_precondition(format!(
@@ -122,7 +150,7 @@ impl launcher_server::Launcher for LauncherService {
             agent_id: id.to_string(),
             behaviour: req.behaviour,
             name: req.name,
-            config_json,
+            config: Some(config),
             selector: req.selector,
             retry_limit: req.retry_limit,
             state: AgentState::Pending.into(),
@@ -131,36 +159,54 @@ impl launcher_server::Launcher for LauncherService {
         };
         let agent = self.cluster().launch(record);
         self.persisted().await;
-        Ok(Response::new(pb::LaunchResponse { agent: Some(agent) }))
+        Ok(Response::new(pb::LaunchAgentResponse { agent: Some(agent) }))
     }
 
-    async fn get(&self, request: Request<pb::GetRequest>) -> RpcResult<pb::GetResponse> {
+    async fn get_agent(
+        &self,
+        request: Request<pb::GetAgentRequest>,
+    ) -> RpcResult<pb::GetAgentResponse> {
         let id = agent_id(&request.get_ref().agent_id)?;
         let agent = self.cluster().agent(&id).cloned();
         let agent =
             agent.ok_or_else(|| Status::not_found(format!("no agent {id} was launched here")))?;
-        Ok(Response::new(pb::GetResponse { agent: Some(agent) }))
+        Ok(Response::new(pb::GetAgentResponse { agent: Some(agent) }))
     }
 
-    async fn list(&self, _request: Request<pb::ListRequest>) -> RpcResult<pb::ListResponse> {
-        Ok(Response::new(pb::ListResponse { agents: self.cluster().agents() }))
+    async fn list_agents(
+        &self,
+        request: Request<pb::ListAgentsRequest>,
+    ) -> RpcResult<pb::ListAgentsResponse> {
+        let req = request.into_inner();
+        let after = page_token(&req.page_token, "page_token")?;
+        let limit = page::size(req.page_size, MAX_LIST_PAGE);
+        let (mut agents, more) = self.cluster().agents_after(after.as_deref(), limit);
+        let next_page_token = next_token(&mut agents, more, |a| &a.agent_id);
+        Ok(Response::new(pb::ListAgentsResponse { agents, next_page_token }))
     }
 
-    type WatchStream = BoxStream<pb::WatchResponse>;
+    type WatchAgentsStream = BoxStream<pb::WatchAgentsResponse>;
 
-    async fn watch(&self, _request: Request<pb::WatchRequest>) -> RpcResult<Self::WatchStream> {
+    async fn watch_agents(
+        &self,
+        _request: Request<pb::WatchAgentsRequest>,
+    ) -> RpcResult<Self::WatchAgentsStream> {
         let (now, changes) = self.cluster().watch();
         let now = futures::stream::iter(now).map(Ok);
         let changes = tokio_stream::wrappers::BroadcastStream::new(changes).map(|change| {
             change.map_err(|_| Status::aborted("this watcher fell behind; watch again"))
         });
-        let stream =
-            now.chain(changes).map(|agent| agent.map(|a| pb::WatchResponse { agent: Some(a) }));
+        let stream = now
+            .chain(changes)
+            .map(|agent| agent.map(|a| pb::WatchAgentsResponse { agent: Some(a) }));
         Ok(Response::new(Box::pin(stream)))
     }
 
     #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent_id))]
-    async fn stop(&self, request: Request<pb::StopRequest>) -> RpcResult<pb::StopResponse> {
+    async fn stop_agent(
+        &self,
+        request: Request<pb::StopAgentRequest>,
+    ) -> RpcResult<pb::StopAgentResponse> {
         let id = agent_id(&request.get_ref().agent_id)?;
         let owner = self.cluster().agent(&id).map(|a| a.owner.clone()).unwrap_or_default();
         if let Some(caller) = Principal::of(&request)
@@ -184,14 +230,19 @@ impl launcher_server::Launcher for LauncherService {
         }
         self.persisted().await;
         let agent = self.cluster().agent(&id).cloned();
-        Ok(Response::new(pb::StopResponse { agent }))
+        Ok(Response::new(pb::StopAgentResponse { agent }))
     }
 
     async fn list_workers(
         &self,
-        _request: Request<pb::ListWorkersRequest>,
+        request: Request<pb::ListWorkersRequest>,
     ) -> RpcResult<pb::ListWorkersResponse> {
-        Ok(Response::new(pb::ListWorkersResponse { workers: self.cluster().workers() }))
+        let req = request.into_inner();
+        let after = (!req.page_token.is_empty()).then_some(req.page_token);
+        let limit = page::size(req.page_size, MAX_LIST_PAGE);
+        let (mut workers, more) = self.cluster().workers_after(after.as_deref(), limit);
+        let next_page_token = next_token(&mut workers, more, |w| &w.worker_id);
+        Ok(Response::new(pb::ListWorkersResponse { workers, next_page_token }))
     }
 
     async fn drain_worker(
@@ -206,17 +257,17 @@ impl launcher_server::Launcher for LauncherService {
         Ok(Response::new(pb::DrainWorkerResponse { worker: Some(worker) }))
     }
 
-    type JoinStream = BoxStream<pb::LauncherMessage>;
+    type JoinStream = BoxStream<pb::JoinResponse>;
 
     async fn join(
         &self,
-        request: Request<Streaming<pb::WorkerMessage>>,
+        request: Request<Streaming<pb::JoinRequest>>,
     ) -> RpcResult<Self::JoinStream> {
         self.workers_only(&request, "serve as a worker")?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.heartbeat_timeout, inbound.next()).await;
         let register = match first {
-            Ok(Some(Ok(pb::WorkerMessage { body: Some(Body::Register(register)) }))) => register,
+            Ok(Some(Ok(pb::JoinRequest { body: Some(Body::Register(register)) }))) => register,
             Ok(Some(Err(status))) => return Err(status),
             _ => return Err(Status::invalid_argument("a worker's first message must be register")),
         };
@@ -230,13 +281,12 @@ impl launcher_server::Launcher for LauncherService {
         let interval = self.heartbeat_timeout / 4;
         let welcome = pb::WorkerRegistered {
             worker_id: worker_id.clone(),
-            heartbeat_interval_ms: interval.as_millis() as u32,
-            lease_ms: (self.heartbeat_timeout / 2).as_millis() as u32,
+            heartbeat_interval: Some(duration::to_proto(interval)),
+            lease: Some(duration::to_proto(self.heartbeat_timeout / 2)),
             exchange_url: self.exchange_url.clone(),
         };
-        let _ = tx.send(pb::LauncherMessage {
-            body: Some(pb::launcher_message::Body::Registered(welcome)),
-        });
+        let _ =
+            tx.send(pb::JoinResponse { body: Some(pb::join_response::Body::Registered(welcome)) });
         self.cluster().add_worker(worker_id.clone(), register, tx.clone());
         tokio::spawn(self.clone().serve_worker(worker_id, inbound, tx));
         let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
@@ -246,14 +296,14 @@ impl launcher_server::Launcher for LauncherService {
     }
 }
 
-impl LauncherService {
+impl LauncherGrpc {
     /// Follows one worker's stream until it ends or falls silent for the
     /// heartbeat timeout; then the worker is lost and its agents move.
     async fn serve_worker(
         self,
         worker_id: String,
-        mut inbound: Streaming<pb::WorkerMessage>,
-        tx: mpsc::UnboundedSender<pb::LauncherMessage>,
+        mut inbound: Streaming<pb::JoinRequest>,
+        tx: mpsc::UnboundedSender<pb::JoinResponse>,
     ) {
         let why = loop {
             let next = tokio::select! {
@@ -271,8 +321,8 @@ impl LauncherService {
             }
             match body {
                 Some(Body::Heartbeat(_)) => {
-                    let pong = pb::launcher_message::Body::Heartbeat(pb::Heartbeat {});
-                    let _ = tx.send(pb::LauncherMessage { body: Some(pong) });
+                    let pong = pb::join_response::Body::Heartbeat(pb::Heartbeat {});
+                    let _ = tx.send(pb::JoinResponse { body: Some(pong) });
                 }
                 Some(Body::Report(report)) => self.cluster().report(&worker_id, report),
                 Some(Body::Register(_)) | None => {}

@@ -13,6 +13,22 @@ pub(crate) enum Write {
     Flush(oneshot::Sender<()>),
 }
 
+/// What records written before `config` became a JSON value (field 13) kept
+/// in field 4, as JSON text: read once, when such a record is loaded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Legacy {
+    #[prost(string, tag = "4")]
+    config_json: String,
+}
+
+impl Legacy {
+    fn config(bytes: &[u8]) -> Option<academy_proto::prost_types::Value> {
+        let legacy = Self::decode(bytes).ok()?;
+        let value = serde_json::from_str(&legacy.config_json).ok()?;
+        Some(academy_proto::json::to_proto(value))
+    }
+}
+
 /// Connects, loads the records kept there, and starts the writer.
 pub(crate) async fn open(
     url: &str,
@@ -31,6 +47,9 @@ pub(crate) async fn open(
     let mut records = Vec::with_capacity(stored.len());
     for bytes in stored {
         let mut record = pb::AgentRecord::decode(bytes.as_slice())?;
+        if record.config.is_none() {
+            record.config = Legacy::config(&bytes);
+        }
         // Workers stop their agents when the launcher goes away: whatever
         // was placed must be placed again.
         match record.state() {
@@ -68,4 +87,18 @@ pub(crate) async fn open(
     let url = academy_server::redis::redacted_url(url);
     tracing::info!(%url, records = records.len(), "launcher state in Redis");
     Ok((records, tx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_earlier_versions_keep_their_config() {
+        let old = Legacy { config_json: r#"{"greeting": "hi", "n": 3}"#.into() }.encode_to_vec();
+        let record = pb::AgentRecord::decode(old.as_slice()).unwrap();
+        assert_eq!(record.config, None);
+        let config = academy_proto::json::from_proto(Legacy::config(&old).unwrap());
+        assert_eq!(config, serde_json::json!({"greeting": "hi", "n": 3}));
+    }
 }

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_launcher::{LauncherOptions, RunningLauncher};
-use academy_proto::pb::{self, launcher_client::LauncherClient};
+use academy_proto::pb::{self, launcher_service_client::LauncherServiceClient};
 use academy_sdk::behaviour;
 use academy_sdk::worker::Worker;
 use academy_server::testing::{sample, scrape};
@@ -54,16 +54,15 @@ async fn metrics_show_calls_workers_and_agents_by_state() {
     let worker = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
     until(addr, "academy_launcher_workers", 1.0).await;
 
-    let mut rpc = LauncherClient::connect(launcher.url()).await.unwrap();
-    let launch = |behaviour: &str| pb::LaunchRequest {
+    let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
+    let launch = |behaviour: &str| pb::LaunchAgentRequest {
         behaviour: behaviour.into(),
-        config_json: "{}".into(),
         ..Default::default()
     };
-    rpc.launch(launch("test.Idle")).await.unwrap();
-    let refused = rpc.launch(launch("test.Nobody")).await.unwrap_err().code();
+    rpc.launch_agent(launch("test.Idle")).await.unwrap();
+    let refused = rpc.launch_agent(launch("test.Nobody")).await.unwrap_err().code();
     let text = until(addr, running, 1.0).await;
-    let calls = r#"academy_grpc_calls_total{service="academy.v1.Launcher",method="Launch",code="#;
+    let calls = r#"academy_grpc_calls_total{service="academy.v1.LauncherService",method="LaunchAgent",code="#;
     assert_eq!(sample(&text, &format!(r#"{calls}"OK"}}"#)), Some(1.0), "{text}");
     assert_eq!(refused, tonic::Code::FailedPrecondition, "no worker offers test.Nobody");
     let failed = format!(r#"{calls}"FAILED_PRECONDITION"}}"#);

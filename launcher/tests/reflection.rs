@@ -42,9 +42,10 @@ async fn each_server_lists_its_own_services() {
     let (exchange, launcher) = exchange_and_launcher().await;
     let common = ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"];
     let common = [&common[..], &["grpc.reflection.v1alpha.ServerReflection"]].concat();
-    for (url, own) in
-        [(exchange.url(), "academy.v1.Exchange"), (launcher.url(), "academy.v1.Launcher")]
-    {
+    for (url, own) in [
+        (exchange.url(), "academy.v1.ExchangeService"),
+        (launcher.url(), "academy.v1.LauncherService"),
+    ] {
         let mut expected: Vec<String> =
             common.iter().chain([&own]).map(|s| (*s).to_owned()).collect();
         expected.sort();

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod grpc;
 pub mod metrics;
+pub mod page;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod telemetry;

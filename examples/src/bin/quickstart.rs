@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         let addr = server.as_ref().map_or("HOST:PORT".into(), |s| s.addr().to_string());
         println!("\nserving until Ctrl-C; try:");
         println!(
-            "  grpcurl -plaintext -d '{{\"agent_id\":\"{}\",\"action\":\"increment\",\"args\":[5]}}' {addr} academy.v1.Exchange/Invoke",
+            "  grpcurl -plaintext -d '{{\"agent_id\":\"{}\",\"action\":\"increment\",\"args\":[5]}}' {addr} academy.v1.ExchangeService/Invoke",
             counter.id()
         );
         tokio::signal::ctrl_c().await?;

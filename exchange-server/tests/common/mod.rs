@@ -1,7 +1,7 @@
 //! Helpers shared by the exchange's integration tests.
 #![allow(dead_code, unreachable_pub)]
 
-use academy_proto::pb::{self, exchange_client::ExchangeClient, message::Body};
+use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient, message::Body};
 use tonic::Streaming;
 
 /// A message from `src` to `dest` with a fresh tag.
@@ -29,7 +29,10 @@ pub fn number(message: &pb::Message) -> usize {
 }
 
 /// Registers an agent of `behaviour` and a client; returns their ids.
-pub async fn agent_and_client<T>(rpc: &mut ExchangeClient<T>, behaviour: &str) -> (String, String)
+pub async fn agent_and_client<T>(
+    rpc: &mut ExchangeServiceClient<T>,
+    behaviour: &str,
+) -> (String, String)
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
     T::Error: Into<tonic::codegen::StdError>,
@@ -43,7 +46,10 @@ where
 }
 
 /// Subscribes to mailbox `id`.
-pub async fn subscribe<T>(rpc: &mut ExchangeClient<T>, id: &str) -> Streaming<pb::SubscribeResponse>
+pub async fn subscribe<T>(
+    rpc: &mut ExchangeServiceClient<T>,
+    id: &str,
+) -> Streaming<pb::SubscribeResponse>
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
     T::Error: Into<tonic::codegen::StdError>,
