@@ -510,3 +510,21 @@ async fn a_replica_that_stops_withdraws_its_presence_and_its_subscribers() {
         on_other.status(pb::StatusRequest { mailbox_id: agent }).await.unwrap().into_inner();
     assert!(!status.subscribed);
 }
+
+#[tokio::test]
+async fn a_store_written_by_a_newer_exchange_is_refused_and_an_older_one_is_upgraded() {
+    let redis = RedisServer::start().expect("redis-server must run for these tests");
+    let store = || MailboxStore::Redis(RedisOptions { url: redis.url(), ..Default::default() });
+    // A fresh store gets this version's schema.
+    let first = RunningExchange::start(ExchangeOptions { store: store(), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "2");
+    first.shutdown().await;
+    redis.command(&["SET", "academy:schema", "99"]).unwrap();
+    let err = RunningExchange::start(ExchangeOptions { store: store(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("schema 99, written by a newer exchange"), "{err}");
+    assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "99", "left as it was");
+}

@@ -79,7 +79,8 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    /// Sends one command and returns the first line of the answer (e.g. `+OK`).
+    /// Sends one command and returns its answer's first line (e.g. `+OK`,
+    /// `:1`), or for a bulk string its value (`$-1` for none).
     pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
         let mut request = format!("*{}\r\n", args.len());
         for arg in args {
@@ -88,12 +89,19 @@ impl RedisServer {
         let mut conn = TcpStream::connect(("127.0.0.1", self.port))?;
         conn.set_read_timeout(Some(Duration::from_secs(5)))?;
         conn.write_all(request.as_bytes())?;
-        let mut answer = Vec::new();
-        let mut byte = [0; 1];
-        while conn.read(&mut byte)? == 1 && byte[0] != b'\n' {
-            answer.push(byte[0]);
+        let line = |conn: &mut TcpStream| -> std::io::Result<String> {
+            let mut answer = Vec::new();
+            let mut byte = [0; 1];
+            while conn.read(&mut byte)? == 1 && byte[0] != b'\n' {
+                answer.push(byte[0]);
+            }
+            Ok(String::from_utf8_lossy(&answer).trim_end().to_owned())
+        };
+        let first = line(&mut conn)?;
+        match first.strip_prefix('$') {
+            Some(len) if len != "-1" => line(&mut conn),
+            _ => Ok(first),
         }
-        Ok(String::from_utf8_lossy(&answer).trim_end().to_owned())
     }
 
     /// The server's process id (to measure its memory).

@@ -1,0 +1,116 @@
+//! Every Redis key and channel of the backend, under the prefix `P`:
+//! - `P:schema`: the layout version of the keys below ([`SCHEMA`]);
+//! - `P:mb:<id>`: hash of the mailbox (`s` state a/t, `k` kind a/c, `b`
+//!   behaviour, `i` implements as JSON, `n` name, `o` owner, `g` subscriber
+//!   generation, `l` id of the last message added, `r` the replica its
+//!   subscriber is on);
+//! - `P:q:<id>`: stream of its unacknowledged messages (field `m`, protobuf);
+//!   an acknowledged message is deleted, so its length is the queue length;
+//! - `P:dq:<id>`: the queue of a mailbox just terminated, while the exchange
+//!   answers the requests left in it;
+//! - `P:replica:<replica>`: present while the replica runs;
+//! - `P:idx:<name>` / `P:own:<name>`: discovery index, agents listing a name /
+//!   whose own behaviour it is (`P:idx:` lists every active agent); sorted
+//!   sets whose members all score 0, so they are ordered by id;
+//! - `P:ix:<name>` / `P:ox:<name>`: the same index in schema 1, as sets;
+//! - channel `P:bell:<replica>`: notices for a replica's subscriptions.
+//!
+//! Scripts get every key they touch in `KEYS`, built here.
+
+use academy_proto::{EntityId, RegisteredAgent};
+
+/// The layout version this backend writes. 1 (no `P:schema` key) had the
+/// discovery index in sets; 2 has it in sorted sets.
+pub(super) const SCHEMA: u64 = 2;
+
+#[derive(Debug, Clone)]
+pub(super) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(super) fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_owned() }
+    }
+
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub(super) fn schema(&self) -> String {
+        format!("{}:schema", self.prefix)
+    }
+
+    pub(super) fn mailbox(&self, id: &EntityId) -> String {
+        format!("{}:mb:{id}", self.prefix)
+    }
+
+    pub(super) fn queue(&self, id: &EntityId) -> String {
+        format!("{}:q:{id}", self.prefix)
+    }
+
+    /// What was queued in a terminated mailbox, until its requests are answered.
+    pub(super) fn drain(&self, id: &EntityId) -> String {
+        format!("{}:dq:{id}", self.prefix)
+    }
+
+    /// Present while `replica` runs.
+    pub(super) fn replica(&self, replica: &str) -> String {
+        format!("{}:replica:{replica}", self.prefix)
+    }
+
+    /// The prefix of the replicas' notice channels (a channel, not a key).
+    pub(super) fn bell(&self) -> String {
+        format!("{}:bell:", self.prefix)
+    }
+
+    /// The sorted set of agents listing `name` (`exact`: as their own behaviour).
+    pub(super) fn index(&self, name: &str, exact: bool) -> String {
+        format!("{}:{}:{name}", self.prefix, if exact { "own" } else { "idx" })
+    }
+
+    /// The sorted sets that list `agent`.
+    pub(super) fn indexes(&self, agent: &RegisteredAgent) -> Vec<String> {
+        self.listing(&agent.behaviour, &agent.implements, "idx", "own")
+    }
+
+    /// The schema-1 set of every active agent.
+    pub(super) fn schema1_all(&self) -> String {
+        format!("{}:ix:", self.prefix)
+    }
+
+    /// The schema-1 sets that listed an agent of `behaviour` implementing `implements`.
+    pub(super) fn schema1_indexes(&self, behaviour: &str, implements: &[String]) -> Vec<String> {
+        self.listing(behaviour, implements, "ix", "ox")
+    }
+
+    fn listing(&self, behaviour: &str, implements: &[String], all: &str, own: &str) -> Vec<String> {
+        let p = &self.prefix;
+        let mut keys = vec![format!("{p}:{all}:"), format!("{p}:{all}:{behaviour}")];
+        keys.push(format!("{p}:{own}:{behaviour}"));
+        keys.extend(implements.iter().map(|name| format!("{p}:{all}:{name}")));
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_is_listed_under_every_name_it_answers_to() {
+        let keys = Keys::new("p");
+        let agent = RegisteredAgent {
+            id: EntityId::new_agent(),
+            behaviour: "b".into(),
+            implements: vec!["i".into()],
+            name: String::new(),
+        };
+        assert_eq!(keys.indexes(&agent), ["p:idx:", "p:idx:b", "p:own:b", "p:idx:i"]);
+        assert_eq!(keys.index("b", true), "p:own:b");
+        assert_eq!(
+            keys.schema1_indexes("b", &["i".into()]),
+            ["p:ix:", "p:ix:b", "p:ox:b", "p:ix:i"]
+        );
+    }
+}

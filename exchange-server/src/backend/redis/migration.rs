@@ -1,0 +1,122 @@
+//! The layout of the keys is versioned (`P:schema`, see [`SCHEMA`]): an
+//! exchange refuses a store written by a newer one, and brings an older one
+//! up to date before it serves.
+
+use academy_proto::{EntityId, ExchangeError, RegisteredAgent};
+use redis::Value;
+
+use super::RedisBackend;
+use super::keys::SCHEMA;
+use super::reply::{array, string, unavailable};
+use super::scripts::run;
+
+/// Agents moved per round of [`migrate_index`].
+const MIGRATE_BATCH: usize = 50;
+
+/// Checks the store's schema and brings it to [`SCHEMA`].
+pub(super) async fn upgrade(backend: &RedisBackend) -> Result<(), ExchangeError> {
+    let keys = &backend.keys;
+    let mut conn = backend.conn.clone();
+    let stored: Option<u64> =
+        redis::cmd("GET").arg(keys.schema()).query_async(&mut conn).await.map_err(unavailable)?;
+    if let Some(newer) = stored.filter(|s| *s > SCHEMA) {
+        return Err(ExchangeError::InvalidArgument(format!(
+            "Redis prefix {:?} holds schema {newer}, written by a newer exchange; this one knows schema {SCHEMA}: upgrade it or use another --redis-prefix",
+            keys.prefix()
+        )));
+    }
+    migrate_index(backend).await?;
+    if stored != Some(SCHEMA) {
+        let _: () = redis::cmd("SET")
+            .arg(keys.schema())
+            .arg(SCHEMA)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        tracing::info!(
+            prefix = keys.prefix(),
+            from = stored.unwrap_or(1),
+            to = SCHEMA,
+            "Redis schema upgraded"
+        );
+    }
+    Ok(())
+}
+
+/// Moves every agent listed in the schema-1 discovery index (sets) to the
+/// schema-2 one (sorted sets): at start, and again later, as replicas of an
+/// earlier version may still write it during a rolling upgrade. Each agent
+/// moves in one short script call (`migrate_agent.lua`) that takes it out of
+/// the old sets, so replicas of the earlier version keep listing the agents
+/// not yet moved. Answers how many moved.
+pub(super) async fn migrate_index(backend: &RedisBackend) -> Result<usize, ExchangeError> {
+    let keys = &backend.keys;
+    let mut conn = backend.conn.clone();
+    let started = std::time::Instant::now();
+    let mut moved = 0;
+    loop {
+        let ids: Vec<String> = redis::cmd("SRANDMEMBER")
+            .arg(keys.schema1_all())
+            .arg(MIGRATE_BATCH)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if ids.is_empty() {
+            break;
+        }
+        // An id that does not parse names no mailbox: it only leaves the set.
+        let (ids, junk): (Vec<_>, Vec<_>) =
+            ids.iter().partition(|id| id.parse::<EntityId>().is_ok());
+        if !junk.is_empty() {
+            let _: () = redis::cmd("SREM")
+                .arg(keys.schema1_all())
+                .arg(&junk)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        let ids: Vec<EntityId> = ids.iter().filter_map(|id| id.parse().ok()).collect();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET").arg(keys.mailbox(id)).arg(&["b", "i"]);
+        }
+        let rows: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let calls = ids.iter().zip(rows).map(|(id, row)| {
+            let row = array(row);
+            let implements: Vec<String> = row
+                .get(1)
+                .and_then(string)
+                .and_then(|i| serde_json::from_str(&i).ok())
+                .unwrap_or_default();
+            // A mailbox gone (expired) leaves only the set of all agents.
+            let (old, new) = match row.first().and_then(string) {
+                Some(behaviour) => {
+                    let old = keys.schema1_indexes(&behaviour, &implements);
+                    let agent =
+                        RegisteredAgent { id: *id, behaviour, implements, name: String::new() };
+                    (old, keys.indexes(&agent))
+                }
+                None => (vec![keys.schema1_all()], Vec::new()),
+            };
+            let mut call_keys = vec![keys.mailbox(id)];
+            let old_count = old.len();
+            call_keys.extend(old);
+            call_keys.extend(new);
+            let mut call = backend.scripts.migrate_agent.call(&call_keys);
+            call.arg(id.to_string()).arg(old_count);
+            call
+        });
+        let calls: Vec<_> = calls.collect();
+        for answer in run(&backend.conn, &backend.scripts.migrate_agent, calls).await? {
+            if let Value::ServerError(e) = answer {
+                return Err(ExchangeError::Unavailable(format!("moving the index failed: {e}")));
+            }
+        }
+        moved += ids.len() + junk.len();
+    }
+    if moved > 0 {
+        let elapsed = started.elapsed();
+        tracing::info!(agents = moved, ?elapsed, "moved a schema-1 discovery index");
+    }
+    Ok(moved)
+}

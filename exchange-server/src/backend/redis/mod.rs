@@ -1,0 +1,524 @@
+//! The Redis backend: durable mailboxes, shared by every exchange replica that
+//! uses the same Redis and prefix. Keys: [`keys`]; scripts: `scripts/*.lua`.
+//!
+//! State changes run as Lua scripts (atomic). Each replica listens on its own
+//! pub/sub channel; a script that adds a message to a mailbox with a
+//! subscriber publishes it there (small messages whole, large ones as a
+//! notice to read), as does one that terminates the mailbox or hands it to
+//! another subscriber. So delivery is pushed, and its cost does not grow with
+//! the number of subscriptions. Each notice names the message before it, so a
+//! replica that missed one (a dropped connection) sees the gap and reads the
+//! stream; after reconnecting it reads every subscribed stream again
+//! ([`reader`]).
+
+mod keys;
+mod migration;
+mod presence;
+mod reader;
+mod reply;
+mod scripts;
+mod stream;
+mod subscription;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent, pb};
+use academy_server::redis::{connect as connect_redis, redacted_url};
+use async_trait::async_trait;
+use prost::Message as _;
+use redis::Value;
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, BackendSubscription, Found, Page, awaiting_answer, source, unknown_source};
+use keys::Keys;
+use presence::{InUse, PRESENCE_EVERY};
+use reader::Reader;
+use reply::{array, integer, string, unavailable};
+use scripts::{Scripts, caller_arg, run, run_one, state_error};
+use stream::{range_after, range_entries, seq_of, stream_id_of};
+use subscription::RedisSubscription;
+
+/// How to reach Redis and how long keys live there.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://HOST:PORT/DB`.
+    pub url: String,
+    /// Prefix of every key, so several deployments can share one Redis.
+    pub prefix: String,
+    /// Mailboxes with no activity for this long expire (`None`: never).
+    pub mailbox_ttl: Option<Duration>,
+    /// How long a terminated mailbox's gravestone is kept (`None`: forever).
+    pub gravestone_ttl: Option<Duration>,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/0".into(),
+            prefix: "academy".into(),
+            mailbox_ttl: None,
+            gravestone_ttl: None,
+        }
+    }
+}
+
+/// How often an exchange looks for agents in a schema-1 index (written by
+/// replicas of an earlier version during a rolling upgrade).
+const MIGRATE_EVERY: Duration = Duration::from_secs(60);
+/// Entries read at a time from a terminated mailbox's queue (messages may be
+/// large; only the requests' headers are kept).
+const DRAIN_PAGE: usize = 64;
+/// How long a drain stream lives if the exchange that should read it dies.
+const DRAIN_TTL_SECS: u64 = 24 * 3600;
+/// Messages up to this size travel in the notice itself; larger ones are read
+/// from the stream, so no large payload is copied twice.
+const MAX_NOTICE_BYTES: usize = 64 * 1024;
+
+/// Messages for one enqueue script call: each names its mailbox by its place
+/// in `mailboxes` (and, when its sender is checked, its source by its place
+/// in `sources`), so a mailbox's keys and id are sent once.
+#[derive(Debug, Default)]
+struct Chunk {
+    mailboxes: Vec<EntityId>,
+    sources: Vec<EntityId>,
+    messages: Vec<(usize, Option<usize>, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Chunk {
+    fn add(&mut self, dest: &EntityId, src: Option<&EntityId>, message: Vec<u8>) {
+        let k = place(&mut self.mailboxes, dest);
+        let s = src.map(|src| place(&mut self.sources, src));
+        self.bytes += message.len();
+        self.messages.push((k, s, message));
+    }
+}
+
+/// The position of `id` in `ids`, added at the end if it is not there.
+fn place(ids: &mut Vec<EntityId>, id: &EntityId) -> usize {
+    ids.iter().position(|x| x == id).unwrap_or_else(|| {
+        ids.push(*id);
+        ids.len() - 1
+    })
+}
+
+/// Most messages, and bytes, in one enqueue script call.
+const ENQUEUE_CHUNK: usize = 128;
+const ENQUEUE_CHUNK_BYTES: usize = 1 << 20;
+
+fn secs(ttl: Option<Duration>) -> u64 {
+    ttl.map_or(0, |t| t.as_secs().max(1))
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct RedisBackend {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    keys: Keys,
+    options: RedisOptions,
+    reader: Arc<Reader>,
+    /// Held by every handle on the backend but its own background tasks'.
+    _in_use: Option<Arc<InUse>>,
+}
+
+impl RedisBackend {
+    pub(crate) async fn connect(options: RedisOptions) -> Result<Self, ExchangeError> {
+        let (client, conn) = connect_redis(&options.url).await?;
+        let keys = Keys::new(&options.prefix);
+        let stop = CancellationToken::new();
+        let reader = Reader::start(client, conn.clone(), keys.bell(), stop.clone()).await?;
+        let url = redacted_url(&options.url);
+        tracing::info!(%url, prefix = %options.prefix, "using Redis for mailboxes");
+        let presence = keys.replica(&reader.replica);
+        let in_use = InUse { stop: stop.clone(), conn: conn.clone(), presence };
+        let scripts = Arc::new(Scripts::new());
+        let backend =
+            Self { conn, scripts, keys, options, reader, _in_use: Some(Arc::new(in_use)) };
+        backend.renew_presence().await?;
+        migration::upgrade(&backend).await?;
+        let tasks = Self { _in_use: None, ..backend.clone() };
+        tokio::spawn(async move { stop.run_until_cancelled(tasks.keep()).await });
+        Ok(backend)
+    }
+
+    /// Renews this replica's presence; and, as during a rolling upgrade
+    /// replicas of earlier versions still write the schema-1 discovery index,
+    /// takes what they add.
+    async fn keep(self) {
+        let mut presence = tokio::time::interval(PRESENCE_EVERY);
+        let mut migrate = tokio::time::interval(MIGRATE_EVERY);
+        // Both were just done.
+        presence.tick().await;
+        migrate.tick().await;
+        loop {
+            tokio::select! {
+                _ = presence.tick() => if let Err(e) = self.renew_presence().await {
+                    tracing::warn!(error = %e, "cannot renew this replica's presence");
+                },
+                _ = migrate.tick() => if let Err(e) = migration::migrate_index(&self).await {
+                    tracing::warn!(error = %e, "cannot look for a schema-1 discovery index");
+                },
+            }
+        }
+    }
+
+    async fn renew_presence(&self) -> Result<(), ExchangeError> {
+        presence::renew(&self.conn, &self.keys.replica(&self.reader.replica)).await
+    }
+
+    /// Forgets this replica as mailbox `id`'s subscriber's, as its
+    /// subscription of `generation` ended (unless a newer one took over).
+    async fn unsubscribed(&self, id: &EntityId, generation: u64) {
+        let mut cmd = self.scripts.unsubscribe.call(&[self.keys.mailbox(id)]);
+        cmd.arg(generation).arg(&self.reader.replica);
+        if let Err(e) = run_one(&self.conn, &self.scripts.unsubscribe, cmd).await {
+            tracing::warn!(mailbox = %id, error = %e, "cannot record that a subscription ended");
+        }
+    }
+
+    /// The agent whose mailbox `id` is, if it is an agent's.
+    async fn agent(&self, id: &EntityId) -> Result<Option<RegisteredAgent>, ExchangeError> {
+        let fields: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys.mailbox(id))
+            .arg(&["k", "b", "i", "n"])
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(match fields.first().cloned().flatten().as_deref() {
+            Some("a") => agent_info(*id, &fields[1..]),
+            _ => None,
+        })
+    }
+
+    /// Reads the drain stream of terminated mailbox `id` a page at a time,
+    /// keeping the requests that wait for an answer (without their arguments),
+    /// then deletes it. A failure leaves the rest unanswered (their callers
+    /// time out) and the stream to expire.
+    async fn drain(&self, id: &EntityId) -> Vec<pb::Message> {
+        let key = self.keys.drain(id);
+        let mut conn = self.conn.clone();
+        let (mut waiting, mut cursor) = (Vec::new(), 0);
+        loop {
+            let page: Result<Value, _> =
+                range_after(&key, cursor, DRAIN_PAGE).query_async(&mut conn).await;
+            let entries = match page {
+                Ok(page) => range_entries(page),
+                Err(e) => {
+                    tracing::warn!(mailbox = %id, error = %e, "cannot read a terminated mailbox's queue; its requests stay unanswered");
+                    return waiting;
+                }
+            };
+            let Some((last, _)) = entries.last() else { break };
+            cursor = *last;
+            let full = entries.len() >= DRAIN_PAGE;
+            for (_, data) in entries {
+                if let Some(request) = pb::Message::decode(data).ok().and_then(awaiting_answer) {
+                    waiting.push(request);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        let deleted: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(&mut conn).await;
+        if let Err(e) = deleted {
+            tracing::warn!(mailbox = %id, error = %e, "cannot delete a drained queue; it expires");
+        }
+        waiting
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    async fn create(
+        &self,
+        id: EntityId,
+        agent: Option<RegisteredAgent>,
+        owner: Option<&str>,
+    ) -> Result<(), ExchangeError> {
+        let (kind, behaviour, implements, name) = match &agent {
+            Some(a) => ("a", a.behaviour.as_str(), a.implements.clone(), a.name.as_str()),
+            None => ("c", "", Vec::new(), ""),
+        };
+        let implements = serde_json::to_string(&implements).expect("strings serialise");
+        let mut keys = vec![self.keys.mailbox(&id)];
+        keys.extend(agent.as_ref().map(|a| self.keys.indexes(a)).unwrap_or_default());
+        let mut cmd = self.scripts.create.call(&keys);
+        cmd.arg(id.to_string()).arg(kind).arg(behaviour).arg(implements).arg(name);
+        cmd.arg(secs(self.options.mailbox_ttl)).arg(caller_arg(owner));
+        let answer = run_one(&self.conn, &self.scripts.create, cmd).await?;
+        let answer = string(&answer).unwrap_or_default();
+        match answer.as_str() {
+            "ok" => Ok(()),
+            "t" => Err(ExchangeError::Terminated(id)),
+            _ => Err(ExchangeError::AlreadyExists(id)),
+        }
+    }
+
+    async fn terminate(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+    ) -> Result<(pb::MailboxState, Vec<pb::Message>), ExchangeError> {
+        let mut keys = vec![self.keys.mailbox(id), self.keys.queue(id), self.keys.drain(id)];
+        // The index sets listing an agent (its behaviour and interfaces never change).
+        if let Some(agent) = self.agent(id).await? {
+            keys.extend(self.keys.indexes(&agent));
+        }
+        let mut cmd = self.scripts.terminate.call(&keys);
+        cmd.arg(id.to_string()).arg(secs(self.options.gravestone_ttl)).arg(self.keys.bell());
+        cmd.arg(caller_arg(caller)).arg(DRAIN_TTL_SECS);
+        let answer = run_one(&self.conn, &self.scripts.terminate, cmd).await?;
+        let mut answer = array(answer).into_iter();
+        let head = answer.next().and_then(|v| string(&v)).unwrap_or_default();
+        match head.as_str() {
+            "terminated" => Ok((pb::MailboxState::Terminated, Vec::new())),
+            "missing" | "denied" => {
+                Err(state_error(id, &head, || answer.next().and_then(|v| string(&v)))
+                    .unwrap_or_else(|| {
+                        ExchangeError::Unavailable(format!("terminate failed: {head}"))
+                    }))
+            }
+            "active" => {
+                let drain = answer.next().and_then(|v| string(&v)).is_some();
+                let waiting = if drain { self.drain(id).await } else { Vec::new() };
+                Ok((pb::MailboxState::Active, waiting))
+            }
+            _ => Err(ExchangeError::Unavailable(format!("terminate failed: {head}"))),
+        }
+    }
+
+    async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError> {
+        let (fields, queued): (Vec<Option<String>>, usize) = redis::pipe()
+            .cmd("HMGET")
+            .arg(self.keys.mailbox(id))
+            .arg(&["s", "k", "b", "i", "n", "r"])
+            .cmd("XLEN")
+            .arg(self.keys.queue(id))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let state = match fields.first().cloned().flatten().as_deref() {
+            None => return Ok(MailboxStatus::missing()),
+            Some("t") => pb::MailboxState::Terminated,
+            Some(_) => pb::MailboxState::Active,
+        };
+        let agent = (fields.get(1).cloned().flatten().as_deref() == Some("a"))
+            .then(|| agent_info(*id, &fields[2..]))
+            .flatten();
+        // Its subscriber's replica, if it still runs.
+        let subscribed = match fields.get(5).cloned().flatten() {
+            Some(replica) if state == pb::MailboxState::Active => redis::cmd("EXISTS")
+                .arg(self.keys.replica(&replica))
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?,
+            _ => false,
+        };
+        Ok(MailboxStatus { state, queued, agent, subscribed })
+    }
+
+    async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError> {
+        let mut conn = self.conn.clone();
+        let mut range = redis::cmd("ZRANGEBYLEX");
+        range.arg(self.keys.index(name, exact));
+        range.arg(page.after.map_or_else(|| "-".to_owned(), |id| format!("({id}"))).arg("+");
+        if let Some(limit) = page.limit {
+            // One more than the page, to know whether another follows.
+            range.arg("LIMIT").arg(0).arg(limit.saturating_add(1));
+        }
+        let members: Vec<String> = range.query_async(&mut conn).await.map_err(unavailable)?;
+        let (ids, next) = page.take(members.iter().filter_map(|m| m.parse().ok()));
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n"]);
+        }
+        let rows: Vec<Vec<Option<String>>> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await.map_err(unavailable)?
+        };
+        let mut found = Vec::with_capacity(ids.len());
+        let mut stale = Vec::new();
+        for (id, row) in ids.into_iter().zip(rows) {
+            match row.first().cloned().flatten().as_deref() {
+                Some("a") => found.extend(agent_info(id, &row[1..])),
+                // Expired (idle TTL) or a leftover of a crash: drop it from the index.
+                _ => stale.push(id.to_string()),
+            }
+        }
+        if !stale.is_empty() {
+            let _: Result<(), _> = redis::cmd("ZREM")
+                .arg(self.keys.index(name, exact))
+                .arg(&stale)
+                .query_async(&mut conn)
+                .await;
+        }
+        Ok((found, next))
+    }
+
+    async fn enqueue(
+        &self,
+        messages: Vec<(EntityId, pb::Message)>,
+        max_queued: Option<usize>,
+        sender: Option<&str>,
+    ) -> Vec<Result<(), ExchangeError>> {
+        if messages.is_empty() {
+            return Vec::new();
+        }
+        let ttl = secs(self.options.mailbox_ttl);
+        let max = max_queued.unwrap_or(0);
+        // One script call per chunk: few enough messages or bytes that Redis,
+        // single-threaded, is not held up long by any one call.
+        let bell = self.keys.bell();
+        let (mut calls, mut sizes) = (Vec::new(), Vec::new());
+        let mut chunk = Chunk::default();
+        for (i, (dest, message)) in messages.iter().enumerate() {
+            // With a sender, the message's source (validated by the exchange).
+            let src = sender.and_then(|_| source(message).ok());
+            chunk.add(dest, src.as_ref(), message.encode_to_vec());
+            let last = i + 1 == messages.len();
+            if last || chunk.messages.len() >= ENQUEUE_CHUNK || chunk.bytes >= ENQUEUE_CHUNK_BYTES {
+                let chunk = std::mem::take(&mut chunk);
+                let keys: Vec<String> = chunk
+                    .mailboxes
+                    .iter()
+                    .flat_map(|id| [self.keys.mailbox(id), self.keys.queue(id)])
+                    .chain(chunk.sources.iter().map(|id| self.keys.mailbox(id)))
+                    .collect();
+                let mut cmd = self.scripts.enqueue.call(&keys);
+                cmd.arg(max).arg(ttl).arg(MAX_NOTICE_BYTES).arg(&bell);
+                cmd.arg(chunk.mailboxes.len()).arg(caller_arg(sender));
+                for id in &chunk.mailboxes {
+                    cmd.arg(id.to_string());
+                }
+                for (k, s, message) in &chunk.messages {
+                    cmd.arg(k + 1);
+                    if sender.is_some() {
+                        // 0, a source that did not parse, is refused.
+                        cmd.arg(s.map_or(0, |s| s + 1));
+                    }
+                    cmd.arg(message);
+                }
+                calls.push(cmd);
+                sizes.push(chunk.messages.len());
+            }
+        }
+        let answers: Vec<Value> = match run(&self.conn, &self.scripts.enqueue, calls).await {
+            // A chunk answers one value per message, or one error for them all.
+            Ok(answers) => answers
+                .into_iter()
+                .zip(sizes)
+                .flat_map(|(answer, n)| match answer {
+                    Value::Array(items) if items.len() == n => items,
+                    other => vec![other; n],
+                })
+                .collect(),
+            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
+        };
+        messages
+            .iter()
+            .zip(answers)
+            .map(|((dest, message), answer)| match string(&answer).as_deref() {
+                Some("ok") => Ok(()),
+                Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
+                // About the message's source, which the exchange validated.
+                Some(a) if a == "nosrc" || a.starts_with("denied:") => {
+                    let src = source(message)?;
+                    let (head, owner) = a.split_once(':').unwrap_or((a, ""));
+                    let denied = state_error(&src, head, || Some(owner.to_owned()));
+                    Err(denied.unwrap_or_else(|| unknown_source(&src)))
+                }
+                other => {
+                    Err(other.and_then(|a| state_error(dest, a, || None)).unwrap_or_else(|| {
+                        ExchangeError::Unavailable(format!("enqueue failed: {answer:?}"))
+                    }))
+                }
+            })
+            .collect()
+    }
+
+    async fn subscribe(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+    ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
+        let keys = [self.keys.mailbox(id), self.keys.queue(id)];
+        let mut cmd = self.scripts.subscribe.call(&keys);
+        cmd.arg(secs(self.options.mailbox_ttl)).arg(self.keys.bell()).arg(&self.reader.replica);
+        cmd.arg(id.to_string()).arg(caller_arg(caller));
+        let answer = array(run_one(&self.conn, &self.scripts.subscribe, cmd).await?);
+        let head = answer.first().and_then(string).unwrap_or_default();
+        if let Some(err) = state_error(id, &head, || answer.get(1).and_then(string)) {
+            return Err(err);
+        }
+        let generation = answer.get(1).and_then(integer).unwrap_or(0);
+        let events = self.reader.add(*id, &self.keys, generation);
+        Ok(Box::new(RedisSubscription {
+            id: *id,
+            generation,
+            events,
+            ready: VecDeque::new(),
+            end: None,
+            backend: self.clone(),
+        }))
+    }
+
+    async fn acknowledge(
+        &self,
+        id: &EntityId,
+        seqs: &[u64],
+        caller: Option<&str>,
+    ) -> Result<(), ExchangeError> {
+        let ids: Vec<String> = seqs.iter().map(|s| stream_id_of(*s)).collect();
+        let mut cmd = self.scripts.acknowledge.call(&[self.keys.mailbox(id), self.keys.queue(id)]);
+        cmd.arg(caller_arg(caller)).arg(seqs.iter().max().map(|s| stream_id_of(*s))).arg(&ids);
+        let answer = run_one(&self.conn, &self.scripts.acknowledge, cmd).await?;
+        let answer = string(&answer).unwrap_or_default();
+        let (head, owner) = answer.split_once(':').unwrap_or((&answer, ""));
+        if let Some(err) = state_error(id, head, || Some(owner.to_owned())) {
+            return Err(err);
+        }
+        match answer.strip_prefix("never:") {
+            Some(bad) => Err(ExchangeError::InvalidArgument(format!(
+                "seq {} was never delivered from mailbox {id}",
+                seq_of(bad).unwrap_or_default()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn owner(&self, id: &EntityId) -> Result<Option<String>, ExchangeError> {
+        redis::cmd("HGET")
+            .arg(self.keys.mailbox(id))
+            .arg("o")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn forget(&self, id: &EntityId) {
+        let keys = [self.keys.mailbox(id), self.keys.queue(id)];
+        let done: Result<(), _> =
+            redis::cmd("DEL").arg(&keys).query_async(&mut self.conn.clone()).await;
+        if let Err(e) = done {
+            tracing::warn!(mailbox = %id, error = %e, "cannot delete transient mailbox");
+        }
+    }
+}
+
+/// Agent info from the hash fields `b`, `i`, `n`.
+fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<RegisteredAgent> {
+    let behaviour = fields.first()?.clone()?;
+    let implements = fields
+        .get(1)
+        .cloned()
+        .flatten()
+        .and_then(|i| serde_json::from_str(&i).ok())
+        .unwrap_or_default();
+    let name = fields.get(2).cloned().flatten().unwrap_or_default();
+    Some(RegisteredAgent { id, behaviour, implements, name })
+}
