@@ -1,0 +1,116 @@
+//! Discovery: by behaviour or interface, without terminated agents, in pages.
+//!
+//! docs/design.md, "Discovery".
+
+use super::harness::*;
+
+pub(crate) async fn discovery_by_name_interface_and_without_terminated_agents(store: Store) {
+    let mut h = start(store).await;
+    let a = h.agent("lab.Thermometer", &["lab.Sensor"]).await;
+    let b = h.agent("lab.Hygrometer", &["lab.Sensor"]).await;
+    let c = h.agent("lab.Sensor", &[]).await;
+    let mut discover = async |name: &str, exact: bool| {
+        let req = pb::DiscoverRequest { behaviour: name.into(), exact, ..Default::default() };
+        let agents = h.rpc.discover(req).await.unwrap().into_inner().agents;
+        agents.into_iter().map(|a| a.agent_id).collect::<Vec<_>>()
+    };
+    assert_eq!(discover("lab.Sensor", false).await, vec![a.clone(), b.clone(), c.clone()]);
+    assert_eq!(discover("lab.Sensor", true).await, vec![c.clone()]);
+    assert_eq!(discover("lab.Thermometer", true).await, vec![a.clone()]);
+    assert_eq!(discover("", false).await.len(), 3);
+    assert!(discover("lab.Nothing", false).await.is_empty());
+    h.terminate(&a).await;
+    assert_eq!(
+        h.rpc
+            .discover(pb::DiscoverRequest {
+                behaviour: "lab.Sensor".into(),
+                exact: false,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .agents
+            .len(),
+        2
+    );
+    let err = h
+        .rpc
+        .discover(pb::DiscoverRequest {
+            behaviour: String::new(),
+            exact: true,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(err.unwrap_err().code(), Code::InvalidArgument);
+}
+
+pub(crate) async fn discovery_pages_through_large_answers(store: Store) {
+    let mut h = start(store).await;
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        all.push(h.agent("lab.Paged", &[]).await);
+    }
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    let mut page_token = String::new();
+    loop {
+        let req = pb::DiscoverRequest {
+            behaviour: "lab.Paged".into(),
+            page_size: 2,
+            page_token,
+            ..Default::default()
+        };
+        let page = h.rpc.discover(req).await.unwrap().into_inner();
+        assert!(page.agents.len() <= 2);
+        seen.extend(page.agents.into_iter().map(|a| a.agent_id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!((seen, pages), (all.clone(), 3), "every agent once, in order, in three pages");
+
+    // A page as long as what is left is the last; a token whose agent has
+    // left discovery still says where to go on.
+    let page = async |rpc: &mut ExchangeServiceClient<Channel>, exact: bool, page_token: &str| {
+        let behaviour = "lab.Paged".into();
+        let page_token = page_token.into();
+        let req = pb::DiscoverRequest { behaviour, exact, page_size: 2, page_token };
+        let page = rpc.discover(req).await.unwrap().into_inner();
+        let ids: Vec<String> = page.agents.into_iter().map(|a| a.agent_id).collect();
+        (ids, page.next_page_token)
+    };
+    h.terminate(&all[1]).await;
+    assert_eq!(page(&mut h.rpc, false, &all[1]).await, (all[2..4].to_vec(), all[3].clone()));
+    assert_eq!(page(&mut h.rpc, true, &all[2]).await, (all[3..5].to_vec(), String::new()));
+
+    // Agents with long names come fewer to an answer (it stays under 1 MiB),
+    // whatever the page size; at least one at a time.
+    for letter in ["a", "b", "c"] {
+        let name = letter.repeat(400_000);
+        let long =
+            pb::RegisterAgentRequest { behaviour: "lab.Long".into(), name, ..Default::default() };
+        h.rpc.register_agent(long).await.unwrap();
+    }
+    let mut sizes = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let req =
+            pb::DiscoverRequest { behaviour: "lab.Long".into(), page_token, ..Default::default() };
+        let page = h.rpc.discover(req).await.unwrap().into_inner();
+        sizes.push(page.agents.len());
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(sizes, [2, 1]);
+    let bad = pb::DiscoverRequest {
+        behaviour: "lab.Paged".into(),
+        page_token: "page two".into(),
+        ..Default::default()
+    };
+    assert_eq!(h.rpc.discover(bad).await.unwrap_err().code(), Code::InvalidArgument);
+}

@@ -1,0 +1,166 @@
+//! Ownership: a mailbox belongs to the principal that registered it; tokens
+//! files are followed.
+//!
+//! docs/design.md, "Security".
+
+use super::harness::*;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub(crate) struct Bearer(&'static str);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = format!("Bearer {}", self.0).parse().expect("ascii token");
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
+pub(crate) const ALICE: &str = "alice-token-0123456789";
+
+pub(crate) const BOB: &str = "bob-token-0123456789";
+
+pub(crate) async fn mailboxes_belong_to_the_principal_that_registered_them(store: Store) {
+    let tokens = Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let as_ = |token| ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(token));
+    let (mut alice, mut bob, mut nobody) = (as_(ALICE), as_(BOB), h.rpc.clone());
+
+    // Without a token, or with an unknown one: UNAUTHENTICATED, health excepted.
+    let err = nobody.register_client(pb::RegisterClientRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("authorization: Bearer"), "{}", err.message());
+    let mut stranger = as_("mallory-token-0123456789");
+    let err = stranger.status(pb::StatusRequest { mailbox_id: "x".into() }).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "unknown bearer token"));
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let check =
+        tonic_health::pb::HealthCheckRequest { service: "academy.v1.ExchangeService".into() };
+    assert_eq!(health.check(check).await.unwrap().into_inner().status, 1); // SERVING
+
+    let (agent, client) = common::agent_and_client(&mut alice, "test.A").await;
+    let register = pb::RegisterClientRequest::default();
+    let bobs = bob.register_client(register).await.unwrap().into_inner().client_id;
+    // Anyone may send to it and ask about it...
+    bob.send(pb::SendRequest { message: Some(common::ping(&bobs, &agent, 1)) }).await.unwrap();
+    let status =
+        bob.status(pb::StatusRequest { mailbox_id: agent.clone() }).await.unwrap().into_inner();
+    assert_eq!((status.state(), status.queued), (pb::MailboxState::Active, 1));
+    // ...but only alice may receive from it or end it.
+    let denied = |status: tonic::Status| {
+        assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+        let id = agent.parse().unwrap();
+        let expected = ExchangeError::PermissionDenied { id, owner: "alice".into() };
+        assert_eq!(ExchangeError::from_status(&status), Some(expected));
+    };
+    let subscribe = pb::SubscribeRequest { mailbox_id: agent.clone() };
+    denied(bob.subscribe(subscribe).await.unwrap_err());
+    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![0] };
+    denied(bob.acknowledge(ack).await.unwrap_err());
+    denied(bob.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap_err());
+    let status =
+        bob.status(pb::StatusRequest { mailbox_id: agent.clone() }).await.unwrap().into_inner();
+    assert_eq!((status.state(), status.queued), (pb::MailboxState::Active, 1));
+
+    let mut stream = common::subscribe(&mut alice, &agent).await;
+    let delivered = next(&mut stream).await;
+    assert_eq!(common::number(delivered[0].message.as_ref().unwrap()), 1);
+    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![delivered[0].seq] };
+    alice.acknowledge(ack).await.unwrap();
+    // Asking an agent to shut down is like terminating it: the owner's call.
+    let shutdown = |from: &str| {
+        let body = Body::ShutdownRequest(pb::ShutdownRequest { terminate: Some(true) });
+        pb::SendRequest { message: Some(message(from, &agent, body)) }
+    };
+    denied(bob.send(shutdown(&bobs)).await.unwrap_err());
+    // Nor may bob send in alice's name (from her mailbox), or from a mailbox
+    // nobody registered: the agent must be able to trust `header.src`.
+    let unregistered = EntityId::new_client().to_string();
+    let batch = pb::SendBatchRequest {
+        messages: vec![
+            common::ping(&bobs, &agent, 2),
+            shutdown(&bobs).message.unwrap(),
+            common::ping(&client, &agent, 3),
+            common::ping(&unregistered, &agent, 4),
+            common::ping(&bobs, &agent, 5),
+        ],
+    };
+    let results = bob.send_batch(batch).await.unwrap().into_inner().results;
+    let codes: Vec<i32> = results.iter().map(|r| r.code).collect();
+    let (ok, no, bad) =
+        (Code::Ok as i32, Code::PermissionDenied as i32, Code::InvalidArgument as i32);
+    assert_eq!(codes, [ok, no, no, bad, ok]);
+    assert_eq!(results[1].metadata.get("owner").map(String::as_str), Some("alice"));
+    assert_eq!(results[2].metadata.get("id"), Some(&client), "{results:?}");
+    assert_eq!(results[2].metadata.get("owner").map(String::as_str), Some("alice"));
+    assert!(results[3].message.contains("is not a registered mailbox"), "{results:?}");
+    let spoofed = bob.send(pb::SendRequest { message: Some(common::ping(&client, &agent, 6)) });
+    let err = spoofed.await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("send from it"), "{}", err.message());
+    alice.send(shutdown(&client)).await.unwrap();
+    let mut kinds: Vec<pb::Message> =
+        next(&mut stream).await.into_iter().map(|d| d.message.unwrap()).collect();
+    while kinds.len() < 3 {
+        kinds.extend(next(&mut stream).await.into_iter().map(|d| d.message.unwrap()));
+    }
+    assert!(matches!(kinds[2].body, Some(Body::ShutdownRequest(_))), "{kinds:?}");
+    let labels: Vec<_> = kinds.iter().map(|m| m.header.as_ref().unwrap().label.as_str()).collect();
+    assert_eq!(labels, ["2", "5", ""], "only bob's own pings, then alice's shutdown request");
+    // Bob's Invoke gets a mailbox of his own to wait in: the agent is idle, so
+    // the call times out rather than being refused.
+    let invoke = pb::InvokeRequest {
+        agent_id: agent.clone(),
+        action: "get".into(),
+        timeout: Some(academy_proto::duration::to_proto(Duration::from_millis(100))),
+        ..Default::default()
+    };
+    assert_eq!(bob.invoke(invoke).await.unwrap_err().code(), Code::DeadlineExceeded);
+    let done = alice.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap();
+    assert_eq!(done.into_inner().previous_state(), pb::MailboxState::Active);
+    // Even terminated, it is still not bob's to terminate.
+    denied(bob.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap_err());
+}
+
+/// A tokens file that changes is followed: a new token works and a removed
+/// one stops working, without a restart; a broken file changes nothing.
+#[tokio::test]
+async fn a_changed_tokens_file_takes_effect_without_a_restart() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-reload-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, format!("alice {ALICE}\n")).unwrap();
+    let tokens = Tokens::load(&file).unwrap().reload_every(Duration::from_millis(20));
+    let h = start_as(Store::Memory, ExchangeOptions { tokens: Some(tokens), ..Default::default() })
+        .await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let code = |token| {
+        let mut rpc = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(token));
+        async move {
+            let status = rpc.status(pb::StatusRequest { mailbox_id: "client:nope".into() }).await;
+            status.err().map_or(Code::Ok, |e| e.code())
+        }
+    };
+    // An unknown id is INVALID_ARGUMENT: the call got past authentication.
+    let (passed, refused) = (Code::InvalidArgument, Code::Unauthenticated);
+    assert_eq!((code(ALICE).await, code(BOB).await), (passed, refused));
+
+    std::fs::write(&file, format!("bob {BOB}\n")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while code(BOB).await != passed {
+        assert!(tokio::time::Instant::now() < deadline, "the new token never took effect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(code(ALICE).await, refused);
+
+    std::fs::write(&file, "bob short\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!((code(ALICE).await, code(BOB).await), (refused, passed));
+    std::fs::remove_dir_all(dir).unwrap();
+}
