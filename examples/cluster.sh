@@ -4,7 +4,7 @@
 # Ctrl-C stops everything. Ports: exchange 50051, launcher 50052.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p academy-exchange -p academy-launcher -p academy-examples
+cargo build --release -q -p academy-exchange -p academy-launcher -p academy-cli -p academy-examples
 bin=target/release
 export ACADEMY_EXCHANGE_URL=http://127.0.0.1:50051 ACADEMY_LAUNCHER_URL=http://127.0.0.1:50052
 export RUST_LOG=${RUST_LOG:-warn}

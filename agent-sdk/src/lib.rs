@@ -33,3 +33,8 @@ pub mod __private {
     pub use academy_proto::pb::Payload;
     pub use futures::future::BoxFuture;
 }
+
+/// The repository README's agent, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

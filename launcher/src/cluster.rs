@@ -1,5 +1,5 @@
 //! The launcher's state: agents, workers, and the rules that move agents
-//! between states (DESIGN.md, "The launcher"). No I/O here: the service feeds
+//! between states (docs/design.md, "The launcher"). No I/O here: the service feeds
 //! it events and sends what it asks to the workers.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
