@@ -101,7 +101,7 @@ impl ExchangeApi for LocalExchange {
         name: &str,
         matching: Matching,
     ) -> Result<Vec<RegisteredAgent>, ClientError> {
-        Ok(self.exchange.discover(name, matching == Matching::Exact).await?)
+        Ok(self.exchange.discover(name, matching).await?)
     }
     async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
         Ok(self.exchange.send(message).await?)

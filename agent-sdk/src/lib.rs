@@ -16,13 +16,13 @@ pub mod worker;
 
 pub use academy_macros::behaviour;
 pub use academy_proto as proto;
-pub use academy_proto::{EntityId, EntityKind, RegisteredAgent};
+pub use academy_proto::{EntityId, EntityKind, Matching, RegisteredAgent};
 pub use behaviour::{ActionError, Behaviour, ControlLoop, Shutdown};
 pub use context::{AgentContext, current_agent, current_caller};
 pub use credentials::Credentials;
 pub use error::{AgentError, ClientError, HandleError, ManagerError};
 pub use handle::{Handle, MailboxPolicy, RawHandle};
-pub use manager::{LaunchOptions, Manager, Matching};
+pub use manager::{LaunchOptions, Manager};
 pub use runtime::AgentConfig;
 
 /// Used by the code `#[behaviour]` generates; not part of the API.

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use academy_proto::pb::MailboxState;
-use academy_proto::{EntityId, ExchangeError, RegisteredAgent};
+use academy_proto::{EntityId, ExchangeError, Matching, RegisteredAgent};
 use tokio::sync::watch;
 
 use crate::exchange::{GrpcExchange, SharedExchange};
@@ -15,17 +15,6 @@ use crate::runtime::{self, StopSignal};
 use crate::{
     AgentConfig, AgentError, Behaviour, ClientError, Handle, MailboxPolicy, ManagerError, RawHandle,
 };
-
-/// Which agents discovery finds for a behaviour name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Matching {
-    /// Agents whose behaviour is the name or that implement it (as an
-    /// interface).
-    #[default]
-    Implements,
-    /// Agents whose own behaviour is the name.
-    Exact,
-}
 
 /// Options of [`Manager::launch_with`].
 #[derive(Debug, Clone, Default)]

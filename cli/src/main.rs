@@ -304,8 +304,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Discover { behaviour, exact } => {
             // The SDK's client pages through large fleets.
             let client = GrpcExchange::connect_with(&cli.exchange, &cli.credentials()?).await?;
-            let matching = if exact { Matching::Exact } else { Matching::Implements };
-            let found = client.discover(&behaviour.unwrap_or_default(), matching).await?;
+            let found =
+                client.discover(&behaviour.unwrap_or_default(), Matching::exact(exact)).await?;
             let rows: Vec<Value> = found
                 .iter()
                 .map(|a| json!({"agent_id": a.id.to_string(), "behaviour": a.behaviour, "implements": a.implements, "name": a.name}))

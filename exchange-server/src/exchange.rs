@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent, pb};
+use academy_proto::{EntityId, ExchangeError, MailboxStatus, Matching, RegisteredAgent, pb};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
@@ -148,14 +148,15 @@ impl Exchange {
         self.backend.status(id).await
     }
 
-    /// Active agents whose behaviour is `name` (`exact`) or lists it; every
-    /// active agent when `name` is empty. Ordered by id (creation time).
+    /// Active agents whose behaviour is `name` ([`Matching::Exact`]) or lists
+    /// it; every active agent when `name` is empty. Ordered by id (creation
+    /// time).
     pub async fn discover(
         &self,
         name: &str,
-        exact: bool,
+        matching: Matching,
     ) -> Result<Vec<RegisteredAgent>, ExchangeError> {
-        Ok(self.discover_page(name, exact, None, None).await?.0)
+        Ok(self.discover_page(name, matching, None, None).await?.0)
     }
 
     /// One page of [`discover`](Self::discover): at most `limit` agents after
@@ -163,10 +164,11 @@ impl Exchange {
     pub async fn discover_page(
         &self,
         name: &str,
-        exact: bool,
+        matching: Matching,
         after: Option<EntityId>,
         limit: Option<usize>,
     ) -> Result<(Vec<RegisteredAgent>, Option<EntityId>), ExchangeError> {
+        let exact = matching == Matching::Exact;
         if exact && name.is_empty() {
             return Err(ExchangeError::InvalidArgument(
                 "exact discovery needs a behaviour name".into(),

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use academy_proto::pb::{self, exchange_service_server};
-use academy_proto::{EntityId, ExchangeError, duration, json};
+use academy_proto::{EntityId, ExchangeError, Matching, duration, json};
 use academy_server::auth::Principal;
 use academy_server::page;
 use futures::{Stream, StreamExt as _};
@@ -97,8 +97,10 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let req = request.into_inner();
         let after = parse_optional_id(&req.page_token, "page_token")?;
         let limit = Some(page::size(req.page_size, MAX_DISCOVER_PAGE));
-        let (agents, next) =
-            self.exchange.discover_page(&req.behaviour, req.exact, after, limit).await?;
+        let (agents, next) = self
+            .exchange
+            .discover_page(&req.behaviour, Matching::exact(req.exact), after, limit)
+            .await?;
         let mut agents: Vec<pb::AgentInfo> = agents.into_iter().map(Into::into).collect();
         let keep = page::fit(&agents);
         let next_page_token = if keep < agents.len() {

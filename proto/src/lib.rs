@@ -23,7 +23,7 @@ mod mailbox;
 
 pub use error::{ERROR_DOMAIN, ExchangeError};
 pub use id::{EntityId, EntityKind};
-pub use mailbox::{MailboxStatus, RegisteredAgent};
+pub use mailbox::{MailboxStatus, Matching, RegisteredAgent};
 
 /// Generated messages, clients and servers of `academy.v1` (checked in under
 /// `src/generated/`; `tests/generated.rs` keeps them in step with the

@@ -40,6 +40,24 @@ impl TryFrom<pb::AgentInfo> for RegisteredAgent {
     }
 }
 
+/// Which agents discovery finds for a behaviour name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Matching {
+    /// Agents whose behaviour is the name or that implement it (as an
+    /// interface).
+    #[default]
+    Implements,
+    /// Agents whose own behaviour is the name (`DiscoverRequest.exact`).
+    Exact,
+}
+
+impl Matching {
+    /// From `DiscoverRequest.exact`.
+    pub fn exact(exact: bool) -> Self {
+        if exact { Self::Exact } else { Self::Implements }
+    }
+}
+
 /// The state of a mailbox, as `Status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxStatus {
