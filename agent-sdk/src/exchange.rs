@@ -52,8 +52,11 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
     ) -> Result<Vec<RegisteredAgent>, ClientError>;
     /// Queues a message in its destination's mailbox.
     async fn send(&self, message: pb::Message) -> Result<(), ClientError>;
-    /// Becomes the subscriber of a mailbox.
-    async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError>;
+    /// Becomes the subscriber of a mailbox, as incarnation `epoch` of its
+    /// agent (its launcher placement; 0: none): once a later incarnation
+    /// subscribed, an earlier one is refused
+    /// ([`ExchangeError::StaleEpoch`]).
+    async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError>;
     /// Removes delivered messages.
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError>;
 }
@@ -106,8 +109,8 @@ impl ExchangeApi for LocalExchange {
     async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
         Ok(self.exchange.send(message).await?)
     }
-    async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError> {
-        let subscription = self.exchange.subscribe(id).await?;
+    async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError> {
+        let subscription = self.exchange.subscribe_as(id, epoch).await?;
         Ok(subscription.into_stream().map(|batch| Ok(batch?)).boxed())
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
@@ -334,10 +337,10 @@ impl ExchangeApi for GrpcExchange {
         }
         result.await.map_err(|_| closed())?
     }
-    async fn subscribe(&self, id: &EntityId) -> Result<DeliveryStream, ClientError> {
+    async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError> {
         let stream = self
             .rpc()
-            .subscribe(pb::SubscribeRequest { mailbox_id: id.to_string() })
+            .subscribe(pb::SubscribeRequest { mailbox_id: id.to_string(), epoch })
             .await?
             .into_inner();
         Ok(stream.map(|frame| Ok(frame?.deliveries)).boxed())

@@ -42,14 +42,16 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
-    /// Subscribes to mailbox `id`. Requests go to `requests`; without it (a
-    /// client's mailbox) they are answered with an error.
+    /// Subscribes to mailbox `id`, as incarnation `epoch` of its agent (0:
+    /// none). Requests go to `requests`; without it (a client's mailbox) they
+    /// are answered with an error.
     pub(crate) async fn open(
         exchange: SharedExchange,
         id: EntityId,
+        epoch: u64,
         requests: Option<Requests>,
     ) -> Result<Arc<Self>, ClientError> {
-        let stream = exchange.subscribe(&id).await?;
+        let stream = exchange.subscribe(&id, epoch).await?;
         let (acks, ack_jobs) = mpsc::unbounded_channel();
         let mailbox = Arc::new(Self {
             id,
@@ -60,7 +62,7 @@ impl Mailbox {
             closed: CancellationToken::new(),
         });
         tokio::spawn(ack_loop(exchange, id, ack_jobs));
-        tokio::spawn(read_loop(Arc::downgrade(&mailbox), stream, requests));
+        tokio::spawn(read_loop(Arc::downgrade(&mailbox), stream, epoch, requests));
         Ok(mailbox)
     }
 
@@ -207,7 +209,12 @@ impl Drop for PendingGuard<'_> {
 
 /// Receives deliveries until the mailbox is closed or terminated, subscribing
 /// again (with backoff) when the stream breaks.
-async fn read_loop(mailbox: Weak<Mailbox>, mut stream: DeliveryStream, requests: Option<Requests>) {
+async fn read_loop(
+    mailbox: Weak<Mailbox>,
+    mut stream: DeliveryStream,
+    epoch: u64,
+    requests: Option<Requests>,
+) {
     let Some((id, exchange, closed)) =
         mailbox.upgrade().map(|m| (m.id, m.exchange.clone(), m.closed.clone()))
     else {
@@ -254,13 +261,17 @@ async fn read_loop(mailbox: Weak<Mailbox>, mut stream: DeliveryStream, requests:
                 () = closed.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
-            match exchange.subscribe(&id).await {
+            match exchange.subscribe(&id, epoch).await {
                 Ok(stream) => break stream,
                 Err(ClientError::Exchange(
                     ExchangeError::Terminated(_) | ExchangeError::NotFound(_),
                 )) => return fail(HandleError::Terminated(id)),
-                // Ownership never changes: asking again will not help.
-                Err(ClientError::Exchange(err @ ExchangeError::PermissionDenied { .. })) => {
+                // Ownership never changes, and a later incarnation keeps
+                // the mailbox: asking again will not help.
+                Err(ClientError::Exchange(
+                    err @ (ExchangeError::PermissionDenied { .. }
+                    | ExchangeError::StaleEpoch { .. }),
+                )) => {
                     tracing::warn!(mailbox = %id, error = %err, "cannot resubscribe");
                     return fail(HandleError::Exchange(err));
                 }

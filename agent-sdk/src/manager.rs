@@ -48,7 +48,7 @@ impl Manager {
     /// A manager on the given exchange client, with a new client mailbox.
     pub async fn new(exchange: SharedExchange) -> Result<Self, ClientError> {
         let id = exchange.register_client().await?;
-        let mailbox = Mailbox::open(exchange.clone(), id, None).await?;
+        let mailbox = Mailbox::open(exchange.clone(), id, 0, None).await?;
         Ok(Self { exchange, mailbox, agents: Mutex::default() })
     }
 
@@ -107,6 +107,7 @@ impl Manager {
         let task = tokio::spawn(runtime::run(
             Arc::new(behaviour),
             id,
+            0,
             self.exchange.clone(),
             options.config,
             stop.clone(),

@@ -72,7 +72,7 @@ pub async fn run_agent<B: Behaviour>(
     exchange: SharedExchange,
     config: AgentConfig,
 ) -> Result<(), AgentError> {
-    run(Arc::new(behaviour), id, exchange, config, StopSignal::default()).await
+    run(Arc::new(behaviour), id, 0, exchange, config, StopSignal::default()).await
 }
 
 /// Catches a panic in `future` and reports it as an error message.
@@ -87,15 +87,17 @@ async fn guarded<T>(future: impl Future<Output = T>) -> Result<T, String> {
     })
 }
 
+/// Runs agent `id` as incarnation `epoch` (its launcher placement; 0: none).
 pub(crate) async fn run<B: Behaviour>(
     behaviour: Arc<B>,
     id: EntityId,
+    epoch: u64,
     exchange: SharedExchange,
     config: AgentConfig,
     stop: StopSignal,
 ) -> Result<(), AgentError> {
     let (requests_tx, mut requests) = mpsc::unbounded_channel();
-    let mailbox = Mailbox::open(exchange.clone(), id, Some(requests_tx))
+    let mailbox = Mailbox::open(exchange.clone(), id, epoch, Some(requests_tx))
         .await
         .map_err(|source| AgentError::Exchange { id, source })?;
     let shutdown = stop.token.clone();

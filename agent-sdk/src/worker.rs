@@ -33,7 +33,7 @@ use crate::{AgentConfig, AgentError, Behaviour, ClientError};
 type Run = BoxFuture<'static, Result<(), AgentError>>;
 /// Builds a behaviour from its JSON config and returns its runtime.
 type Factory = Arc<
-    dyn Fn(serde_json::Value, EntityId, SharedExchange, StopSignal) -> Result<Run, String>
+    dyn Fn(serde_json::Value, EntityId, u64, SharedExchange, StopSignal) -> Result<Run, String>
         + Send
         + Sync,
 >;
@@ -128,12 +128,12 @@ impl Worker {
 
     /// Offers behaviour `B`, built from the launch's JSON config.
     pub fn register<B: Behaviour + DeserializeOwned>(mut self) -> Self {
-        let factory: Factory = Arc::new(|config, id, exchange, stop| {
+        let factory: Factory = Arc::new(|config, id, epoch, exchange, stop| {
             let behaviour: B = serde_json::from_value(config)
                 .map_err(|e| format!("config of {} does not fit: {e}", B::NAME))?;
             // The launcher restarts failed agents on the same mailbox: keep it.
             let config = AgentConfig { terminate_on_error: false, ..AgentConfig::default() };
-            Ok(Box::pin(runtime::run(Arc::new(behaviour), id, exchange, config, stop)))
+            Ok(Box::pin(runtime::run(Arc::new(behaviour), id, epoch, exchange, config, stop)))
         });
         self.behaviours.insert(B::NAME, Offered { implements: B::IMPLEMENTS, factory });
         self
@@ -297,7 +297,7 @@ impl Worker {
         let stop = StopSignal::default();
         let config =
             start.config.clone().map_or(serde_json::json!({}), academy_proto::json::from_proto);
-        let run = (offered.factory)(config, id, exchange, stop.clone())?;
+        let run = (offered.factory)(config, id, start.epoch, exchange, stop.clone())?;
         tracing::info!(agent = %id, behaviour = %start.behaviour, epoch = start.epoch, "starting agent");
         Ok((stop, run))
     }

@@ -45,12 +45,28 @@ pub(crate) struct Config {
     /// Seconds a terminated mailbox's gravestone is kept in Redis (0: forever).
     #[arg(long, env = "ACADEMY_EXCHANGE_GRAVESTONE_TTL_SECS", default_value_t = 0)]
     pub(crate) gravestone_ttl_secs: u64,
-    /// Largest message accepted, in bytes.
+    /// Largest message accepted, in bytes (at most --max-delivery-bytes less
+    /// 1 KiB, so that one delivered fits in a delivery).
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
     pub(crate) max_message_bytes: usize,
+    /// Largest delivery to a subscriber (and Invoke answer), in bytes: what
+    /// its gRPC client accepts (4 MiB by default in every gRPC library).
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_DELIVERY_BYTES", default_value_t = Limits::default().max_delivery_bytes)]
+    pub(crate) max_delivery_bytes: usize,
     /// Most unacknowledged messages one mailbox may hold.
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_QUEUED", default_value_t = Limits::default().max_queued)]
     pub(crate) max_queued: usize,
+    /// Most bytes of unacknowledged messages one mailbox may hold.
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_QUEUED_BYTES", default_value_t = Limits::default().max_queued_bytes)]
+    pub(crate) max_queued_bytes: usize,
+    /// Most active mailboxes one principal may own (0: no quota; callers
+    /// without a principal have none).
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_MAILBOXES_PER_PRINCIPAL", default_value_t = Limits::default().max_mailboxes_per_principal)]
+    pub(crate) max_mailboxes_per_principal: usize,
+    /// Most bytes of unacknowledged messages one principal may have sent,
+    /// across all mailboxes (0: no quota).
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_QUEUED_BYTES_PER_PRINCIPAL", default_value_t = Limits::default().max_queued_bytes_per_principal)]
+    pub(crate) max_queued_bytes_per_principal: usize,
     /// Seconds open calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "ACADEMY_EXCHANGE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
     pub(crate) shutdown_grace_secs: f64,
@@ -88,8 +104,15 @@ pub(crate) struct Config {
 
 impl Config {
     pub(crate) fn options(&self) -> anyhow::Result<ExchangeOptions> {
-        anyhow::ensure!(self.max_message_bytes > 0, "--max-message-bytes must be positive");
-        anyhow::ensure!(self.max_queued > 0, "--max-queued must be positive");
+        let limits = Limits {
+            max_message_bytes: self.max_message_bytes,
+            max_delivery_bytes: self.max_delivery_bytes,
+            max_queued: self.max_queued,
+            max_queued_bytes: self.max_queued_bytes,
+            max_mailboxes_per_principal: self.max_mailboxes_per_principal,
+            max_queued_bytes_per_principal: self.max_queued_bytes_per_principal,
+        };
+        limits.check().map_err(|e| anyhow::anyhow!("limits: {e}"))?;
         let grace = Duration::try_from_secs_f64(self.shutdown_grace_secs)
             .map_err(|e| anyhow::anyhow!("--shutdown-grace-secs: {e}"))?;
         let ttl = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
@@ -108,10 +131,7 @@ impl Config {
         Ok(ExchangeOptions {
             listen: self.listen,
             store,
-            limits: Limits {
-                max_message_bytes: self.max_message_bytes,
-                max_queued: self.max_queued,
-            },
+            limits,
             shutdown_grace: grace,
             tokens: self.tokens_file.as_deref().map(Tokens::load).transpose()?,
             tls: Tls::from_flags(

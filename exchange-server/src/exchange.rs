@@ -12,22 +12,8 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::memory::MemoryBackend;
 #[cfg(feature = "redis")]
 use crate::backend::redis::{RedisBackend, RedisOptions};
-use crate::backend::{Backend, BackendSubscription, Page};
-
-/// Limits of an exchange, each with a clear error when passed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Largest encoded message accepted, in bytes.
-    pub max_message_bytes: usize,
-    /// Most unacknowledged messages one mailbox holds.
-    pub max_queued: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self { max_message_bytes: 4 * 1024 * 1024, max_queued: 10_000 }
-    }
-}
+use crate::backend::{Backend, BackendSubscription, Bounds, Page};
+use crate::limits::{self, Limits};
 
 /// An exchange over the in-memory or the Redis backend. Cheap to clone; clones
 /// share the mailboxes.
@@ -85,6 +71,11 @@ impl Exchange {
         self.shutdown.cancel();
     }
 
+    /// The quota of mailboxes of the principal this view acts for, if any.
+    fn mailbox_quota(&self) -> usize {
+        if self.principal.is_some() { self.limits.max_mailboxes_per_principal } else { 0 }
+    }
+
     /// Creates the mailbox of a new agent, with `id` or a fresh id.
     pub async fn register_agent(
         &self,
@@ -99,6 +90,12 @@ impl Exchange {
         if implements.iter().any(String::is_empty) {
             return Err(ExchangeError::InvalidArgument("implements contains an empty name".into()));
         }
+        limits::name("behaviour", behaviour)?;
+        limits::name("name", &name)?;
+        limits::at_most("names an agent implements", implements.len(), limits::MAX_IMPLEMENTS)?;
+        for interface in &implements {
+            limits::name("an implemented name", interface)?;
+        }
         let id = id.unwrap_or_else(EntityId::new_agent);
         if !id.is_agent() {
             return Err(ExchangeError::InvalidArgument(format!(
@@ -106,7 +103,7 @@ impl Exchange {
             )));
         }
         let info = RegisteredAgent { id, behaviour: behaviour.to_owned(), implements, name };
-        self.backend.create(id, Some(info), self.principal()).await?;
+        self.backend.create(id, Some(info), self.principal(), self.mailbox_quota()).await?;
         tracing::debug!(agent = %id, behaviour, "agent mailbox created");
         Ok(id)
     }
@@ -114,7 +111,7 @@ impl Exchange {
     /// Creates the mailbox of a new client.
     pub async fn register_client(&self) -> Result<EntityId, ExchangeError> {
         let id = EntityId::new_client();
-        self.backend.create(id, None, self.principal()).await?;
+        self.backend.create(id, None, self.principal(), self.mailbox_quota()).await?;
         tracing::debug!(client = %id, "client mailbox created");
         Ok(id)
     }
@@ -137,8 +134,11 @@ impl Exchange {
             .collect();
         let answered = replies.len();
         // Requesters may be gone too; nobody is left to tell then. The
-        // exchange answers for the terminated mailbox, whoever terminated it.
-        let _ = self.backend.enqueue(replies, None, None).await;
+        // exchange answers for the terminated mailbox, whoever terminated it,
+        // within each requester's bounds: a requester whose mailbox is full
+        // is not told (its call times out).
+        let bounds = Bounds { sender_quota: 0, ..self.bounds() };
+        let _ = self.backend.enqueue(replies, &bounds, None).await;
         tracing::debug!(mailbox = %id, answered, "mailbox terminated");
         Ok(previous)
     }
@@ -192,26 +192,53 @@ impl Exchange {
         let dest = EntityId::parse_field(&header.dest, "header.dest")?;
         if uuid::Uuid::try_parse(&header.tag).is_err() {
             return Err(ExchangeError::InvalidArgument(format!(
-                "header.tag {:?} is not a UUID",
-                header.tag
+                "header.tag {} is not a UUID",
+                academy_proto::excerpt(&header.tag)
             )));
         }
+        limits::name("header.label", &header.label)?;
+        let trace = header.traceparent.len();
+        limits::at_most(
+            "the length of header.traceparent",
+            trace,
+            limits::MAX_TRACE_CONTEXT_BYTES,
+        )?;
         match &message.body {
             None => Err(ExchangeError::InvalidArgument("message has no body".into())),
             Some(pb::message::Body::ActionRequest(req)) if req.action.is_empty() => {
                 Err(ExchangeError::InvalidArgument("action_request.action is empty".into()))
             }
+            Some(pb::message::Body::ActionRequest(req)) => {
+                limits::name("action_request.action", &req.action)?;
+                Ok(dest)
+            }
             Some(_) => Ok(dest),
+        }
+    }
+
+    /// What an enqueue of this view may add.
+    fn bounds(&self) -> Bounds {
+        let sender_quota =
+            if self.principal.is_some() { self.limits.max_queued_bytes_per_principal } else { 0 };
+        Bounds {
+            max_queued: self.limits.max_queued,
+            max_queued_bytes: self.limits.max_queued_bytes,
+            sender_quota,
         }
     }
 
     /// Queues a message in its destination's mailbox.
     pub async fn send(&self, message: pb::Message) -> Result<(), ExchangeError> {
-        self.send_batch(vec![message]).await.pop().expect("one result per message")
+        self.send_batch(vec![message]).await?.pop().expect("one result per message")
     }
 
-    /// Queues several messages in order; one result each.
-    pub async fn send_batch(&self, messages: Vec<pb::Message>) -> Vec<Result<(), ExchangeError>> {
+    /// Queues several messages in order (at most
+    /// [`MAX_BATCH_MESSAGES`](limits::MAX_BATCH_MESSAGES)); one result each.
+    pub async fn send_batch(
+        &self,
+        messages: Vec<pb::Message>,
+    ) -> Result<Vec<Result<(), ExchangeError>>, ExchangeError> {
+        limits::at_most("messages per SendBatch", messages.len(), limits::MAX_BATCH_MESSAGES)?;
         let mut results: Vec<Result<(), ExchangeError>> = Vec::with_capacity(messages.len());
         let mut valid = Vec::with_capacity(messages.len());
         for message in messages {
@@ -234,15 +261,14 @@ impl Exchange {
                 Err(e) => results.push(Err(e)),
             }
         }
-        let stored =
-            self.backend.enqueue(valid, Some(self.limits.max_queued), self.principal()).await;
+        let stored = self.backend.enqueue(valid, &self.bounds(), self.principal()).await;
         let mut stored = stored.into_iter();
         for result in results.iter_mut().filter(|r| r.is_ok()) {
             *result = stored
                 .next()
                 .unwrap_or(Err(ExchangeError::Unavailable("backend dropped a result".into())));
         }
-        results
+        Ok(results)
     }
 
     /// A shutdown request ends an agent (and may terminate its mailbox), so,
@@ -258,13 +284,28 @@ impl Exchange {
     /// Becomes the one subscriber of a mailbox. A previous subscription ends with
     /// [`ExchangeError::Superseded`]; every unacknowledged message is delivered again.
     pub async fn subscribe(&self, id: &EntityId) -> Result<Subscription, ExchangeError> {
-        let inner = self.backend.subscribe(id, self.principal()).await?;
-        let max_bytes = self.limits.max_message_bytes;
+        self.subscribe_as(id, 0).await
+    }
+
+    /// [`subscribe`](Self::subscribe) for incarnation `epoch` of an agent
+    /// (its launcher placement): refused with [`ExchangeError::StaleEpoch`]
+    /// once a later incarnation subscribed, so an agent's earlier copy
+    /// cannot take its mailbox back. Epoch 0 is not fenced.
+    pub async fn subscribe_as(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+    ) -> Result<Subscription, ExchangeError> {
+        let inner = self.backend.subscribe(id, self.principal(), epoch).await?;
+        let max_bytes = self.limits.max_delivery_bytes;
         Ok(Subscription { id: *id, inner, max_bytes, shutdown: self.shutdown.clone() })
     }
 
-    /// Removes delivered messages. Unknown or already acknowledged seqs are ignored.
+    /// Removes delivered messages (at most
+    /// [`MAX_ACK_SEQS`](limits::MAX_ACK_SEQS) per call). Unknown or already
+    /// acknowledged seqs are ignored.
     pub async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
+        limits::at_most("seqs per Acknowledge", seqs.len(), limits::MAX_ACK_SEQS)?;
         self.backend.acknowledge(id, seqs, self.principal()).await
     }
 }
@@ -303,7 +344,7 @@ fn terminated_reply(id: &EntityId, request: &pb::Message) -> Option<pb::Message>
 pub struct Subscription {
     id: EntityId,
     inner: Box<dyn BackendSubscription>,
-    /// Bytes gathered in one batch before it is handed over.
+    /// Most bytes of one batch, framing included (a delivery).
     max_bytes: usize,
     shutdown: CancellationToken,
 }
@@ -333,8 +374,9 @@ impl Subscription {
         })
     }
 
-    /// Waits for messages and returns up to `max` of them (at least one), in order,
-    /// stopping early once `max_bytes` of encoded messages are gathered.
+    /// Waits for messages and returns up to `max` of them (at least one), in
+    /// order, no more than fit in `max_bytes` once framed as a delivery (one
+    /// message however large).
     pub async fn next_batch(
         &mut self,
         max: usize,

@@ -20,6 +20,7 @@ mod backend;
 mod exchange;
 #[cfg(feature = "server")]
 mod invoke;
+pub mod limits;
 #[cfg(feature = "server")]
 mod metrics;
 #[cfg(feature = "server")]
@@ -29,7 +30,8 @@ mod service;
 
 #[cfg(feature = "redis")]
 pub use backend::redis::RedisOptions;
-pub use exchange::{Exchange, Limits, Subscription};
+pub use exchange::{Exchange, Subscription};
+pub use limits::Limits;
 #[cfg(feature = "server")]
 pub use server::{ExchangeOptions, MailboxStore, RunningExchange};
 #[cfg(feature = "server")]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use academy_proto::pb::exchange_service_server::ExchangeServiceServer;
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 use academy_server::auth::{Authenticator, Tokens};
-use academy_server::grpc::{nodelay_incoming, reflection};
+use academy_server::grpc::{StatusRules, nodelay_incoming, reflection};
 use academy_server::metrics::{self, RpcMetrics};
 use academy_server::tls::{Tls, server_builder};
 use prometheus_client::registry::Registry;
@@ -103,6 +103,7 @@ impl RunningExchange {
 
     /// Serves the given exchange (for example one also used in-process).
     pub async fn serve(exchange: Exchange, options: ExchangeOptions) -> std::io::Result<Self> {
+        options.limits.check().map_err(std::io::Error::other)?;
         let listener = TcpListener::bind(options.listen).await?;
         let addr = listener.local_addr()?;
         let shutdown = CancellationToken::new();
@@ -142,6 +143,7 @@ impl RunningExchange {
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .layer(tower::util::option_layer(count_calls))
+            .layer(StatusRules::new(options.limits.max_message_bytes))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -9,6 +9,7 @@ use academy_proto::{EntityId, ExchangeError, Matching, duration, json};
 use academy_server::auth::Principal;
 use academy_server::page;
 use futures::{Stream, StreamExt as _};
+use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 
 use crate::Exchange;
@@ -129,7 +130,7 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         request: Request<pb::SendBatchRequest>,
     ) -> RpcResult<pb::SendBatchResponse> {
         let exchange = self.exchange_for(&request);
-        let results = exchange.send_batch(request.into_inner().messages).await;
+        let results = exchange.send_batch(request.into_inner().messages).await?;
         let results = results
             .into_iter()
             .inspect(|r| self.metrics.sent(r))
@@ -137,7 +138,7 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
                 Ok(()) => pb::SendResult::default(),
                 Err(e) => pb::SendResult {
                     code: e.code() as i32,
-                    message: e.to_string(),
+                    message: academy_proto::bounded(&e.to_string()).into_owned(),
                     reason: e.reason().to_owned(),
                     metadata: e.metadata(),
                 },
@@ -155,7 +156,8 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         request: Request<pb::SubscribeRequest>,
     ) -> RpcResult<Self::SubscribeStream> {
         let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
-        let subscription = self.exchange_for(&request).subscribe(&id).await?;
+        let epoch = request.get_ref().epoch;
+        let subscription = self.exchange_for(&request).subscribe_as(&id, epoch).await?;
         tracing::debug!("subscriber attached");
         let open = Open::new(self.metrics.clone());
         let stream = subscription.into_stream().map(move |batch| {
@@ -199,10 +201,19 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let reply = crate::invoke::invoke(&exchange, agent, &req.action, &args, timeout).await?;
         match reply {
             Ok(result) => {
-                Ok(Response::new(pb::InvokeResponse { result: Some(json::to_proto(result)) }))
+                let response = pb::InvokeResponse { result: Some(json::to_proto(result)) };
+                // JSON as protobuf values may be larger than the agent's
+                // answer: the caller must be able to receive it.
+                let (size, limit) = (response.encoded_len(), exchange.limits().max_delivery_bytes);
+                if size > limit {
+                    return Err(ExchangeError::TooLarge { size, limit }.into());
+                }
+                Ok(Response::new(response))
             }
             Err(err) => {
-                Err(Status::new(Code::from_i32(err.code), format!("{}: {}", err.kind, err.message)))
+                let message = format!("{}: {}", err.kind, err.message);
+                let message = academy_proto::bounded(&message).into_owned();
+                Err(Status::new(Code::from_i32(err.code), message))
             }
         }
     }

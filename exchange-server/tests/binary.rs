@@ -55,7 +55,8 @@ async fn sigterm_stops_the_server_promptly_despite_open_streams() {
         assert_eq!(sent.is_ok(), i < 2, "message {i}: {sent:?}");
     }
 
-    let _stream = rpc.subscribe(pb::SubscribeRequest { mailbox_id: id }).await.unwrap();
+    let _stream =
+        rpc.subscribe(pb::SubscribeRequest { mailbox_id: id, ..Default::default() }).await.unwrap();
     sigterm(&child);
     let start = Instant::now();
     let status = loop {
@@ -73,6 +74,8 @@ fn bad_configuration_is_refused_with_a_clear_message() {
     for (args, expected) in [
         (&["--listen", "not-an-address"][..], "--listen"),
         (&["--client-cert-principals"][..], "--tls-client-ca"),
+        (&["--max-message-bytes", "4194304"][..], "must fit in a delivery"),
+        (&["--max-queued", "0"][..], "must be positive"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_academy-exchange")).args(args).output().unwrap();
         assert!(!out.status.success());

@@ -83,7 +83,10 @@ async fn a_killed_exchange_loses_no_accepted_message_and_redelivers_no_acknowled
         async move {
             loop {
                 let mut rpc = connect(&url).await;
-                let subscribed = rpc.subscribe(pb::SubscribeRequest { mailbox_id: agent.clone() });
+                let subscribed = rpc.subscribe(pb::SubscribeRequest {
+                    mailbox_id: agent.clone(),
+                    ..Default::default()
+                });
                 let Ok(stream) = subscribed.await else {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;

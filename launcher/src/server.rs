@@ -8,7 +8,7 @@ use academy_proto::pb::launcher_service_server::LauncherServiceServer;
 use academy_sdk::Credentials;
 use academy_sdk::exchange::GrpcExchange;
 use academy_server::auth::{Authenticator, Tokens};
-use academy_server::grpc::{nodelay_incoming, reflection};
+use academy_server::grpc::{StatusRules, nodelay_incoming, reflection};
 use academy_server::metrics::{self, RpcMetrics};
 use academy_server::tls::{Tls, server_builder};
 use prometheus_client::registry::Registry;
@@ -19,6 +19,9 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::cluster::Cluster;
 use crate::{LauncherGrpc, store};
+
+/// Largest request the launcher accepts (a launch's config, mostly).
+const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// How to run a launcher.
 #[derive(Debug, Clone)]
@@ -112,10 +115,14 @@ impl RunningLauncher {
         let signal = shutdown.clone().cancelled_owned();
         let router = server_builder(options.tls.as_ref())?
             .layer(tower::util::option_layer(count_calls))
+            .layer(StatusRules::new(MAX_REQUEST_BYTES))
             .add_service(health_service)
             .add_service(reflection(&["academy.v1.LauncherService"]).build_v1()?)
             .add_service(reflection(&["academy.v1.LauncherService"]).build_v1alpha()?)
-            .add_service(InterceptedService::new(LauncherServiceServer::new(service), auth));
+            .add_service(InterceptedService::new(
+                LauncherServiceServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES),
+                auth,
+            ));
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {
             tokio::select! {

@@ -10,6 +10,35 @@ use crate::EntityId;
 /// Domain of the `google.rpc.ErrorInfo` attached to every error status.
 pub const ERROR_DOMAIN: &str = "academy.v1";
 
+/// Longest status message sent, in bytes: a longer one is cut, so that an
+/// error never echoes a large input back (grpc-core clients refuse response
+/// metadata over 16 KiB, and the message travels twice: in `grpc-message` and
+/// in `grpc-status-details-bin`).
+pub const MAX_STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// `text`, cut to [`MAX_STATUS_MESSAGE_BYTES`] (on a character boundary) with
+/// a note of how much was left out.
+pub fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_STATUS_MESSAGE_BYTES {
+        return text.into();
+    }
+    let mut end = MAX_STATUS_MESSAGE_BYTES - 64;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &text[..end], text.len() - end).into()
+}
+
+/// `text` as it may appear inside an error message: at most 64 characters,
+/// quoted.
+pub fn excerpt(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        None => format!("{text:?}"),
+        Some((end, _)) => format!("{:?}… ({} bytes)", &text[..end], text.len()),
+    }
+}
+
 /// Why an exchange operation failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ExchangeError {
@@ -46,6 +75,46 @@ pub enum ExchangeError {
         /// Its bound.
         limit: usize,
     },
+    /// The mailbox holds as many bytes of unacknowledged messages as it may.
+    #[error("mailbox {id} is full ({limit} bytes queued)")]
+    MailboxBytesFull {
+        /// The mailbox.
+        id: EntityId,
+        /// Its bound, in bytes.
+        limit: usize,
+    },
+    /// A request beyond a fixed limit of the protocol (messages per batch,
+    /// seqs per acknowledgement, names per agent, a name's length).
+    #[error("{limit} is at most {max}; this request has {found}")]
+    LimitExceeded {
+        /// What is limited, e.g. "messages per SendBatch".
+        limit: String,
+        /// The limit.
+        max: usize,
+        /// What the request had.
+        found: usize,
+    },
+    /// A principal holds as much as its quota allows.
+    #[error("principal {principal:?} is at its quota of {max} {quota}")]
+    QuotaExceeded {
+        /// The principal.
+        principal: String,
+        /// What is limited, e.g. "mailboxes".
+        quota: String,
+        /// The quota.
+        max: usize,
+    },
+    /// A subscriber of an older incarnation of the agent (an earlier
+    /// placement epoch) than the mailbox's current one: it must stop.
+    #[error("mailbox {id} belongs to incarnation {current} now; {epoch} is stale")]
+    StaleEpoch {
+        /// The mailbox.
+        id: EntityId,
+        /// The subscriber's epoch.
+        epoch: u64,
+        /// The mailbox's current epoch.
+        current: u64,
+    },
     /// A message larger than the exchange accepts.
     #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -78,7 +147,12 @@ impl ExchangeError {
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::Unauthenticated(_) => Code::Unauthenticated,
-            Self::MailboxFull { .. } | Self::TooLarge { .. } => Code::ResourceExhausted,
+            Self::MailboxFull { .. }
+            | Self::MailboxBytesFull { .. }
+            | Self::TooLarge { .. }
+            | Self::QuotaExceeded { .. } => Code::ResourceExhausted,
+            Self::LimitExceeded { .. } => Code::InvalidArgument,
+            Self::StaleEpoch { .. } => Code::FailedPrecondition,
             Self::Superseded(_) => Code::Aborted,
             Self::ShuttingDown | Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -94,7 +168,10 @@ impl ExchangeError {
             Self::AlreadyExists(_) => "MAILBOX_EXISTS",
             Self::PermissionDenied { .. } => "NOT_OWNER",
             Self::Unauthenticated(_) => "UNAUTHENTICATED",
-            Self::MailboxFull { .. } => "MAILBOX_FULL",
+            Self::MailboxFull { .. } | Self::MailboxBytesFull { .. } => "MAILBOX_FULL",
+            Self::LimitExceeded { .. } => "LIMIT_EXCEEDED",
+            Self::QuotaExceeded { .. } => "QUOTA_EXCEEDED",
+            Self::StaleEpoch { .. } => "STALE_EPOCH",
             Self::TooLarge { .. } => "MESSAGE_TOO_LARGE",
             Self::Superseded(_) => "SUBSCRIPTION_SUPERSEDED",
             Self::ShuttingDown => "SHUTTING_DOWN",
@@ -130,7 +207,25 @@ impl ExchangeError {
                 Self::PermissionDenied { id: id()?, owner: metadata.get("owner")?.clone() }
             }
             "UNAUTHENTICATED" => Self::Unauthenticated(message),
-            "MAILBOX_FULL" => Self::MailboxFull { id: id()?, limit: number("limit")? },
+            "MAILBOX_FULL" => match number("limit_bytes") {
+                Some(limit) => Self::MailboxBytesFull { id: id()?, limit },
+                None => Self::MailboxFull { id: id()?, limit: number("limit")? },
+            },
+            "LIMIT_EXCEEDED" => Self::LimitExceeded {
+                limit: metadata.get("limit")?.clone(),
+                max: number("max")?,
+                found: number("found")?,
+            },
+            "QUOTA_EXCEEDED" => Self::QuotaExceeded {
+                principal: metadata.get("principal")?.clone(),
+                quota: metadata.get("quota")?.clone(),
+                max: number("max")?,
+            },
+            "STALE_EPOCH" => Self::StaleEpoch {
+                id: id()?,
+                epoch: metadata.get("epoch")?.parse().ok()?,
+                current: metadata.get("current")?.parse().ok()?,
+            },
             "MESSAGE_TOO_LARGE" => {
                 Self::TooLarge { size: number("size")?, limit: number("limit")? }
             }
@@ -162,6 +257,25 @@ impl ExchangeError {
                 metadata.insert("id".into(), id.to_string());
                 metadata.insert("limit".into(), limit.to_string());
             }
+            Self::MailboxBytesFull { id, limit } => {
+                metadata.insert("id".into(), id.to_string());
+                metadata.insert("limit_bytes".into(), limit.to_string());
+            }
+            Self::LimitExceeded { limit, max, found } => {
+                metadata.insert("limit".into(), limit.clone());
+                metadata.insert("max".into(), max.to_string());
+                metadata.insert("found".into(), found.to_string());
+            }
+            Self::QuotaExceeded { principal, quota, max } => {
+                metadata.insert("principal".into(), principal.clone());
+                metadata.insert("quota".into(), quota.clone());
+                metadata.insert("max".into(), max.to_string());
+            }
+            Self::StaleEpoch { id, epoch, current } => {
+                metadata.insert("id".into(), id.to_string());
+                metadata.insert("epoch".into(), epoch.to_string());
+                metadata.insert("current".into(), current.to_string());
+            }
             Self::TooLarge { size, limit } => {
                 metadata.insert("size".into(), size.to_string());
                 metadata.insert("limit".into(), limit.to_string());
@@ -179,7 +293,7 @@ impl ExchangeError {
 impl From<ExchangeError> for Status {
     fn from(err: ExchangeError) -> Self {
         let details = ErrorDetails::with_error_info(err.reason(), ERROR_DOMAIN, err.metadata());
-        Status::with_error_details(err.code(), err.to_string(), details)
+        Status::with_error_details(err.code(), bounded(&err.to_string()), details)
     }
 }
 
@@ -200,11 +314,35 @@ mod tests {
             ExchangeError::InvalidArgument("bad".into()),
             ExchangeError::ShuttingDown,
             ExchangeError::Unavailable("connection refused".into()),
+            ExchangeError::MailboxBytesFull { id, limit: 1 << 20 },
+            ExchangeError::LimitExceeded {
+                limit: "messages per SendBatch".into(),
+                max: 2,
+                found: 3,
+            },
+            ExchangeError::QuotaExceeded {
+                principal: "bob".into(),
+                quota: "mailboxes".into(),
+                max: 9,
+            },
+            ExchangeError::StaleEpoch { id, epoch: 3, current: 4 },
         ] {
             let status = Status::from(err.clone());
             assert_eq!(status.code(), err.code());
             assert_eq!(ExchangeError::from_status(&status), Some(err));
         }
         assert_eq!(ExchangeError::from_status(&Status::internal("x")), None);
+    }
+
+    #[test]
+    fn long_messages_are_cut_and_inputs_excerpted() {
+        let long = "é".repeat(5000);
+        let status = Status::from(ExchangeError::InvalidArgument(long));
+        assert!(status.message().len() <= MAX_STATUS_MESSAGE_BYTES, "{}", status.message().len());
+        assert!(status.message().ends_with("more bytes)"), "{}", status.message());
+        assert_eq!(bounded("short"), "short");
+        assert_eq!(excerpt("abc"), "\"abc\"");
+        let cut = excerpt(&"x".repeat(10_000));
+        assert!(cut.len() < 100 && cut.ends_with("(10000 bytes)"), "{cut}");
     }
 }

@@ -84,7 +84,8 @@ impl FromStr for EntityId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let malformed = || {
             ExchangeError::InvalidArgument(format!(
-                "malformed id {s:?}: expected agent:<uuid> or client:<uuid>"
+                "malformed id {}: expected agent:<uuid> or client:<uuid>",
+                crate::excerpt(s)
             ))
         };
         let (kind, rest) = s.split_once(':').ok_or_else(malformed)?;
@@ -95,7 +96,10 @@ impl FromStr for EntityId {
         };
         let uuid = Uuid::try_parse(rest).map_err(|_| malformed())?;
         if !matches!(uuid.get_version_num(), 4 | 7) {
-            return Err(ExchangeError::InvalidArgument(format!("id {s:?} is not a UUID v4 or v7")));
+            return Err(ExchangeError::InvalidArgument(format!(
+                "id {} is not a UUID v4 or v7",
+                crate::excerpt(s)
+            )));
         }
         Ok(Self { kind, uuid })
     }

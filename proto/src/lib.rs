@@ -21,7 +21,7 @@ mod id;
 pub mod json;
 mod mailbox;
 
-pub use error::{ERROR_DOMAIN, ExchangeError};
+pub use error::{ERROR_DOMAIN, ExchangeError, MAX_STATUS_MESSAGE_BYTES, bounded, excerpt};
 pub use id::{EntityId, EntityKind};
 pub use mailbox::{MailboxStatus, Matching, RegisteredAgent};
 

@@ -30,7 +30,8 @@ impl Principal {
 }
 
 /// Token → principal, read from a file of `principal token` lines (blank
-/// lines and lines starting with `#` are skipped). Several tokens may name one
+/// lines are skipped; `#` at the start of a line or after a space starts a
+/// comment). Several tokens may name one
 /// principal, so a token can be rotated without downtime.
 ///
 /// Tokens loaded from a file follow it: a server reads it again every
@@ -85,8 +86,8 @@ impl Tokens {
 
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut tokens = HashMap::new();
-        for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())) {
-            if line.is_empty() || line.starts_with('#') {
+        for (number, line) in text.lines().enumerate().map(|(i, l)| (i + 1, uncommented(l))) {
+            if line.is_empty() {
                 continue;
             }
             let words: Vec<&str> = line.split_whitespace().collect();
@@ -116,6 +117,21 @@ impl Tokens {
         }
         Ok(Self { map: tokens, source: None })
     }
+}
+
+/// `line` without its comment (from a `#` at its start or after whitespace:
+/// a token may hold `#`), trimmed.
+fn uncommented(line: &str) -> &str {
+    let mut previous = ' ';
+    let end = line
+        .char_indices()
+        .find(|(_, c)| {
+            let comment = *c == '#' && previous.is_whitespace();
+            previous = *c;
+            comment
+        })
+        .map_or(line.len(), |(i, _)| i);
+    line[..end].trim()
 }
 
 /// A tonic interceptor: with tokens, every call must carry a known bearer
@@ -260,7 +276,7 @@ mod tests {
     #[test]
     fn tokens_files_parse_and_bad_ones_say_which_line() {
         let tokens = Tokens::parse(&format!(
-            "# who\n\nalice {ALICE}\n bob  bob-0123456789abcdef \nalice alice-second-token-xyz\n"
+            "# who\n\nalice {ALICE}   # the first\n bob  bob-0123456789abcdef \nalice alice-second#token-xyz\n"
         ))
         .unwrap();
         assert_eq!(tokens.map.len(), 3);
@@ -274,6 +290,16 @@ mod tests {
         ] {
             assert_eq!(Tokens::parse(text).unwrap_err(), expected);
         }
+    }
+
+    #[test]
+    fn the_tokens_file_of_the_docs_parses() {
+        let docs = include_str!("../../docs/security.md");
+        let start = docs.find("cat > tokens <<'END'\n").expect("the docs show a tokens file");
+        let file = &docs[start..].split_once('\n').unwrap().1;
+        let file = &file[..file.find("END\n").unwrap()];
+        let tokens = Tokens::parse(file).unwrap();
+        assert_eq!(tokens.principals(), ["alice", "system"]);
     }
 
     #[test]

@@ -56,3 +56,100 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
+
+/// A tower layer that makes the statuses tonic itself answers follow
+/// Academy's rules (docs/design.md, "Errors"): a request that does not
+/// decode (invalid UTF-8, nesting too deep) is `INVALID_ARGUMENT`, not
+/// `INTERNAL`; a request over the size limit is `RESOURCE_EXHAUSTED` naming
+/// the configured limit (`max_request_bytes`), not `OUT_OF_RANGE` naming
+/// tonic's frame size; and no status message is longer than
+/// [`MAX_STATUS_MESSAGE_BYTES`](academy_proto::MAX_STATUS_MESSAGE_BYTES).
+#[derive(Debug, Clone, Copy)]
+pub struct StatusRules {
+    max_request_bytes: usize,
+}
+
+impl StatusRules {
+    /// Rules for a server whose largest accepted message is `max_request_bytes`.
+    pub fn new(max_request_bytes: usize) -> Self {
+        Self { max_request_bytes }
+    }
+
+    /// The status to answer instead of `status`, if it breaks a rule.
+    fn rewrite(&self, status: &tonic::Status) -> Option<tonic::Status> {
+        use academy_proto::{ExchangeError, MAX_STATUS_MESSAGE_BYTES, bounded};
+        let message = status.message();
+        match status.code() {
+            tonic::Code::Internal if message.starts_with("failed to decode Protobuf message") => {
+                let why = format!("the request does not decode: {}", bounded(message));
+                Some(ExchangeError::InvalidArgument(why).into())
+            }
+            tonic::Code::OutOfRange if message.contains("decoded message length too large") => {
+                let size = message
+                    .split("found ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(' ').next()?.parse().ok())
+                    .unwrap_or(0);
+                Some(ExchangeError::TooLarge { size, limit: self.max_request_bytes }.into())
+            }
+            _ if message.len() > MAX_STATUS_MESSAGE_BYTES => {
+                Some(tonic::Status::new(status.code(), bounded(message).into_owned()))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for StatusRules {
+    type Service = Ruled<S>;
+
+    fn layer(&self, inner: S) -> Ruled<S> {
+        Ruled { inner, rules: *self }
+    }
+}
+
+/// A service whose error statuses follow [`StatusRules`].
+#[derive(Debug, Clone)]
+pub struct Ruled<S> {
+    inner: S,
+    rules: StatusRules,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Ruled<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (answer, rules) = (self.inner.call(request), self.rules);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            // Errors answered at once carry their status in the headers
+            // ("trailers-only"); a successful answer has none there.
+            if let Some(status) = tonic::Status::from_header_map(response.headers())
+                && let Some(fixed) = rules.rewrite(&status)
+            {
+                let headers = response.headers_mut();
+                for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+                    headers.remove(name);
+                }
+                if fixed.add_header(headers).is_err() {
+                    tracing::warn!(code = ?fixed.code(), "cannot write a status header");
+                }
+            }
+            Ok(response)
+        })
+    }
+}

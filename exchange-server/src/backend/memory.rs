@@ -9,24 +9,37 @@ use async_trait::async_trait;
 use prost::Message as _;
 use tokio::sync::Notify;
 
-use super::{Backend, BackendSubscription, Found, Page, awaiting_answer, source, unknown_source};
+use super::{
+    Backend, BackendSubscription, Bounds, Found, Page, awaiting_answer, framed, joins, source,
+    unknown_source,
+};
 use crate::exchange::permitted;
 use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent};
 
 #[derive(Debug, Default)]
 pub(crate) struct MemoryBackend {
     mailboxes: RwLock<HashMap<EntityId, Arc<Mailbox>>>,
+    /// What each principal holds, for its quotas.
+    usage: Mutex<HashMap<Arc<str>, Usage>>,
     /// Discovery, in id order: `[listing, own]`, behaviour or interface name →
     /// agents listing it / whose own behaviour it is. The empty name lists
     /// every active agent.
     index: RwLock<[HashMap<String, BTreeSet<EntityId>>; 2]>,
 }
 
+/// What a principal holds: active mailboxes it owns, bytes of messages it
+/// sent that are not acknowledged yet.
+#[derive(Debug, Default)]
+struct Usage {
+    mailboxes: usize,
+    queued_bytes: usize,
+}
+
 #[derive(Debug)]
 struct Mailbox {
     id: EntityId,
     agent: Option<RegisteredAgent>,
-    owner: Option<Box<str>>,
+    owner: Option<Arc<str>>,
     state: Mutex<QueueState>,
     changed: Notify,
 }
@@ -38,6 +51,10 @@ struct QueueState {
     queue: VecDeque<Entry>,
     next_seq: u64,
     unacked: usize,
+    /// Encoded bytes of the unacknowledged messages.
+    bytes: usize,
+    /// The highest incarnation that subscribed (0: none fenced).
+    epoch: u64,
     /// Bumped by every subscribe; an older subscription sees it and ends.
     generation: u64,
     /// The subscription of the current generation is open.
@@ -49,6 +66,10 @@ struct Entry {
     seq: u64,
     message: pb::Message,
     acked: bool,
+    /// Its encoded size.
+    size: usize,
+    /// The principal that sent it, whose quota it counts against.
+    sender: Option<Arc<str>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,24 +129,72 @@ impl MemoryBackend {
         &self,
         dest: &EntityId,
         message: pb::Message,
-        max: Option<usize>,
+        bounds: &Bounds,
+        sender: Option<&Arc<str>>,
     ) -> Result<(), ExchangeError> {
         let mailbox = self.mailbox(dest)?;
+        let size = message.encoded_len();
         {
             let mut state = lock(&mailbox.state);
             if state.terminated {
                 return Err(ExchangeError::Terminated(*dest));
             }
-            if let Some(limit) = max.filter(|limit| state.unacked >= *limit) {
-                return Err(ExchangeError::MailboxFull { id: *dest, limit });
+            let (max, max_bytes) = (bounds.max_queued, bounds.max_queued_bytes);
+            if max > 0 && state.unacked >= max {
+                return Err(ExchangeError::MailboxFull { id: *dest, limit: max });
+            }
+            if max_bytes > 0 && state.bytes + size > max_bytes {
+                return Err(ExchangeError::MailboxBytesFull { id: *dest, limit: max_bytes });
+            }
+            if let Some(sender) = sender {
+                self.charge(sender, size, bounds.sender_quota)?;
             }
             let seq = state.next_seq;
             state.next_seq += 1;
             state.unacked += 1;
-            state.queue.push_back(Entry { seq, message, acked: false });
+            state.bytes += size;
+            let sender = sender.cloned();
+            state.queue.push_back(Entry { seq, message, acked: false, size, sender });
         }
         mailbox.changed.notify_waiters();
         Ok(())
+    }
+
+    /// Counts `size` bytes against `sender`'s quota, if they fit.
+    fn charge(&self, sender: &Arc<str>, size: usize, quota: usize) -> Result<(), ExchangeError> {
+        let mut usage = lock(&self.usage);
+        let held = usage.entry(sender.clone()).or_default();
+        if quota > 0 && held.queued_bytes + size > quota {
+            return Err(ExchangeError::QuotaExceeded {
+                principal: sender.to_string(),
+                quota: "bytes queued unacknowledged".into(),
+                max: quota,
+            });
+        }
+        held.queued_bytes += size;
+        Ok(())
+    }
+
+    /// Gives back what settled entries held against their senders' quotas.
+    fn refund<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+        let mut usage = None;
+        for entry in entries {
+            if let Some(sender) = &entry.sender {
+                let usage = usage.get_or_insert_with(|| lock(&self.usage));
+                if let Some(held) = usage.get_mut(sender) {
+                    held.queued_bytes = held.queued_bytes.saturating_sub(entry.size);
+                }
+            }
+        }
+    }
+
+    /// A mailbox of `owner` is gone.
+    fn release(&self, owner: Option<&Arc<str>>) {
+        if let Some(owner) = owner
+            && let Some(held) = lock(&self.usage).get_mut(owner)
+        {
+            held.mailboxes = held.mailboxes.saturating_sub(1);
+        }
     }
 }
 
@@ -136,6 +205,7 @@ impl Backend for MemoryBackend {
         id: EntityId,
         agent: Option<RegisteredAgent>,
         owner: Option<&str>,
+        quota: usize,
     ) -> Result<(), ExchangeError> {
         {
             let mut mailboxes = write(&self.mailboxes);
@@ -146,10 +216,23 @@ impl Backend for MemoryBackend {
                     ExchangeError::AlreadyExists(id)
                 });
             }
+            let owner: Option<Arc<str>> = owner.map(Into::into);
+            if let Some(owner) = &owner {
+                let mut usage = lock(&self.usage);
+                let held = usage.entry(owner.clone()).or_default();
+                if quota > 0 && held.mailboxes >= quota {
+                    return Err(ExchangeError::QuotaExceeded {
+                        principal: owner.to_string(),
+                        quota: "active mailboxes".into(),
+                        max: quota,
+                    });
+                }
+                held.mailboxes += 1;
+            }
             let mailbox = Mailbox {
                 id,
                 agent: agent.clone(),
-                owner: owner.map(Into::into),
+                owner,
                 state: Mutex::default(),
                 changed: Notify::new(),
             };
@@ -177,9 +260,12 @@ impl Backend for MemoryBackend {
             }
             state.terminated = true;
             state.unacked = 0;
+            state.bytes = 0;
             std::mem::take(&mut state.queue)
         };
         mailbox.changed.notify_waiters();
+        self.refund(queued.iter().filter(|e| !e.acked));
+        self.release(mailbox.owner.as_ref());
         if let Some(agent) = &mailbox.agent {
             let mut index = write(&self.index);
             for (name, exact) in index_names(agent) {
@@ -228,14 +314,15 @@ impl Backend for MemoryBackend {
     async fn enqueue(
         &self,
         messages: Vec<(EntityId, pb::Message)>,
-        max_queued: Option<usize>,
+        bounds: &Bounds,
         sender: Option<&str>,
     ) -> Vec<Result<(), ExchangeError>> {
+        let sender: Option<Arc<str>> = sender.map(Into::into);
         messages
             .into_iter()
             .map(|(dest, m)| {
-                self.check_source(&m, sender)?;
-                self.push(&dest, m, max_queued)
+                self.check_source(&m, sender.as_deref())?;
+                self.push(&dest, m, bounds, sender.as_ref())
             })
             .collect()
     }
@@ -244,12 +331,19 @@ impl Backend for MemoryBackend {
         &self,
         id: &EntityId,
         caller: Option<&str>,
+        epoch: u64,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
         let mailbox = self.owned(id, caller)?;
         let generation = {
             let mut state = lock(&mailbox.state);
             if state.terminated {
                 return Err(ExchangeError::Terminated(*id));
+            }
+            if epoch > 0 {
+                if epoch < state.epoch {
+                    return Err(ExchangeError::StaleEpoch { id: *id, epoch, current: state.epoch });
+                }
+                state.epoch = epoch;
             }
             state.generation += 1;
             state.subscribed = true;
@@ -276,15 +370,28 @@ impl Backend for MemoryBackend {
             )));
         }
         let state = &mut *state;
+        let mut settled = Vec::new();
         for seq in seqs {
             let pos = state.queue.partition_point(|e| e.seq < *seq);
             if let Some(entry) = state.queue.get_mut(pos).filter(|e| e.seq == *seq && !e.acked) {
                 entry.acked = true;
                 state.unacked -= 1;
+                state.bytes -= entry.size;
+                if let Some(sender) = &entry.sender {
+                    settled.push((sender.clone(), entry.size));
+                }
             }
         }
         while state.queue.front().is_some_and(|e| e.acked) {
             state.queue.pop_front();
+        }
+        if !settled.is_empty() {
+            let mut usage = lock(&self.usage);
+            for (sender, size) in settled {
+                if let Some(held) = usage.get_mut(&sender) {
+                    held.queued_bytes = held.queued_bytes.saturating_sub(size);
+                }
+            }
         }
         Ok(())
     }
@@ -294,10 +401,15 @@ impl Backend for MemoryBackend {
     }
 
     async fn forget(&self, id: &EntityId) {
-        if let Some(mailbox) = write(&self.mailboxes).remove(id) {
-            lock(&mailbox.state).terminated = true;
-            mailbox.changed.notify_waiters();
-        }
+        let Some(mailbox) = write(&self.mailboxes).remove(id) else { return };
+        let queued = {
+            let mut state = lock(&mailbox.state);
+            state.terminated = true;
+            std::mem::take(&mut state.queue)
+        };
+        mailbox.changed.notify_waiters();
+        self.refund(queued.iter().filter(|e| !e.acked));
+        self.release(mailbox.owner.as_ref());
     }
 }
 
@@ -341,10 +453,10 @@ impl BackendSubscription for MemorySubscription {
                 let mut batch = Vec::new();
                 let mut bytes = 0;
                 for entry in state.queue.range(start..).filter(|e| !e.acked) {
-                    if batch.len() >= max || (!batch.is_empty() && bytes >= max_bytes) {
+                    if batch.len() >= max || !joins(batch.len(), bytes, entry.size, max_bytes) {
                         break;
                     }
-                    bytes += entry.message.encoded_len();
+                    bytes += framed(entry.size);
                     batch.push(pb::Delivery {
                         seq: entry.seq,
                         message: Some(entry.message.clone()),

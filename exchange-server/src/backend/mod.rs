@@ -67,6 +67,30 @@ pub(crate) fn unknown_source(src: &EntityId) -> ExchangeError {
 /// A page of discovery.
 pub(crate) type Found = (Vec<RegisteredAgent>, Option<EntityId>);
 
+/// What an enqueue may add: per destination mailbox, messages and bytes;
+/// per sending principal, bytes queued anywhere. 0 bounds nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Bounds {
+    pub(crate) max_queued: usize,
+    pub(crate) max_queued_bytes: usize,
+    pub(crate) sender_quota: usize,
+}
+
+/// Bytes a delivery adds around each message (its field tag and length, the
+/// seq): a batch counts them so that it stays within its bound.
+const DELIVERY_OVERHEAD: usize = 24;
+
+/// Whether a message of `size` bytes joins a batch of `batched` messages that
+/// takes `bytes` so far, within `max_bytes`: the first always does.
+pub(crate) fn joins(batched: usize, bytes: usize, size: usize, max_bytes: usize) -> bool {
+    batched == 0 || bytes + size + DELIVERY_OVERHEAD <= max_bytes
+}
+
+/// The bytes a message takes in a batch.
+pub(crate) fn framed(size: usize) -> usize {
+    size + DELIVERY_OVERHEAD
+}
+
 pub(crate) mod memory;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
@@ -75,7 +99,8 @@ pub(crate) mod redis;
 /// can't reach its store answers [`ExchangeError::Unavailable`].
 #[async_trait]
 pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
-    /// Creates a mailbox (an agent's when `agent` is given), owned by `owner`.
+    /// Creates a mailbox (an agent's when `agent` is given), owned by `owner`,
+    /// who may own at most `quota` active mailboxes (0: no quota).
     ///
     /// `terminate`, `subscribe` and `acknowledge` answer
     /// [`ExchangeError::PermissionDenied`] unless `caller` may act for the
@@ -85,6 +110,7 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         id: EntityId,
         agent: Option<RegisteredAgent>,
         owner: Option<&str>,
+        quota: usize,
     ) -> Result<(), ExchangeError>;
 
     /// Marks a mailbox terminated and empties it; returns its state before and
@@ -103,22 +129,27 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// `page.after`, at most `page.limit`; with the token of the next page.
     async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError>;
 
-    /// Appends messages to their destinations, in order; one result each.
-    /// `max_queued` bounds each destination's unacknowledged messages. With a
-    /// `sender`, each message's `header.src` must be a mailbox it may act for
-    /// ([`source`], [`unknown_source`]), so no one sends in another's name.
+    /// Appends messages to their destinations, in order, within `bounds`;
+    /// one result each. With a `sender`, each message's `header.src` must be
+    /// a mailbox it may act for ([`source`], [`unknown_source`]), so no one
+    /// sends in another's name, and the bytes it queues count against its
+    /// quota until acknowledged.
     async fn enqueue(
         &self,
         messages: Vec<(EntityId, pb::Message)>,
-        max_queued: Option<usize>,
+        bounds: &Bounds,
         sender: Option<&str>,
     ) -> Vec<Result<(), ExchangeError>>;
 
-    /// Becomes the one subscriber of a mailbox, from its oldest unacknowledged message.
+    /// Becomes the one subscriber of a mailbox, from its oldest
+    /// unacknowledged message. With an `epoch` (not 0), refuses
+    /// ([`ExchangeError::StaleEpoch`]) one below the highest epoch that
+    /// subscribed, and records it.
     async fn subscribe(
         &self,
         id: &EntityId,
         caller: Option<&str>,
+        epoch: u64,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError>;
 
     async fn acknowledge(
@@ -140,8 +171,8 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
 /// One subscriber's view of a mailbox.
 #[async_trait]
 pub(crate) trait BackendSubscription: Send + std::fmt::Debug {
-    /// Waits for messages; at least one, at most `max`, stopping once
-    /// `max_bytes` are gathered. Ends with `Terminated` or `Superseded`.
+    /// Waits for messages; at least one, at most `max`, no more than
+    /// [`joins`] `max_bytes`. Ends with `Terminated` or `Superseded`.
     async fn next_batch(
         &mut self,
         max: usize,

@@ -56,6 +56,6 @@ where
     T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
     <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
 {
-    let request = pb::SubscribeRequest { mailbox_id: id.into() };
+    let request = pb::SubscribeRequest { mailbox_id: id.into(), ..Default::default() };
     rpc.subscribe(request).await.unwrap().into_inner()
 }

@@ -107,3 +107,77 @@ pub(crate) async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones(sto
     assert_eq!(err.code(), Code::DeadlineExceeded);
     assert!(err.message().contains(&idle), "{}", err.message());
 }
+
+/// An agent's later incarnation (a higher epoch) fences the earlier ones: an
+/// earlier one cannot subscribe again, and its stream ends when the later
+/// one subscribes. Epoch 0 is not fenced.
+pub(crate) async fn a_later_incarnation_fences_the_earlier_ones(store: Store) {
+    let mut h = start(store).await;
+    let agent = h.agent("test.A", &[]).await;
+    let subscribe = |epoch| pb::SubscribeRequest { mailbox_id: agent.clone(), epoch };
+    let mut second = h.rpc.subscribe(subscribe(2)).await.unwrap().into_inner();
+    let err = h.rpc.subscribe(subscribe(1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let (why, metadata) = reason(&err);
+    assert_eq!((why.as_str(), metadata["current"].as_str()), ("STALE_EPOCH", "2"));
+    let mut third = h.rpc.subscribe(subscribe(3)).await.unwrap().into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(5), second.next()).await.unwrap();
+    assert_eq!(ended.unwrap().unwrap_err().code(), Code::Aborted);
+    assert_eq!(h.rpc.subscribe(subscribe(2)).await.unwrap_err().code(), Code::FailedPrecondition);
+    // The same incarnation may subscribe again (after a broken stream).
+    drop(third);
+    third = h.rpc.subscribe(subscribe(3)).await.unwrap().into_inner();
+    let client = h.client().await;
+    h.send(request(&client, &agent, "x")).await.unwrap();
+    assert_eq!(next(&mut third).await.len(), 1);
+}
+
+/// Concurrent subscriptions to one mailbox leave exactly one of them open,
+/// which gets what is sent, and Status agrees.
+pub(crate) async fn concurrent_subscriptions_leave_exactly_one(store: Store) {
+    let mut h = start(store).await;
+    let agent = h.agent("test.A", &[]).await;
+    let client = h.client().await;
+    for round in 0..10 {
+        let subscribes = (0..16).map(|_| {
+            let (mut rpc, agent) = (h.rpc.clone(), agent.clone());
+            tokio::spawn(async move { common::subscribe(&mut rpc, &agent).await })
+        });
+        let mut streams = Vec::new();
+        for s in subscribes {
+            streams.push(s.await.unwrap());
+        }
+        let sent = request(&client, &agent, &format!("round {round}"));
+        let sent_tag = tag(&sent).to_owned();
+        h.send(sent).await.unwrap();
+        // Each stream either ends (taken over) or gets the message (after
+        // the earlier rounds' ones, which it may get again).
+        let mut open = Vec::new();
+        for mut stream in streams {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), stream.next()).await {
+                    Ok(Some(Ok(frame))) => {
+                        let got = frame
+                            .deliveries
+                            .iter()
+                            .find(|d| tag(d.message.as_ref().unwrap()) == sent_tag);
+                        if let Some(delivery) = got {
+                            let seqs = vec![delivery.seq];
+                            let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs };
+                            h.rpc.acknowledge(ack).await.unwrap();
+                            open.push(stream);
+                            break;
+                        }
+                    }
+                    Ok(Some(Err(status))) => {
+                        assert_eq!(status.code(), Code::Aborted);
+                        break;
+                    }
+                    other => panic!("round {round}: neither the message nor an end: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(open.len(), 1, "round {round}: exactly one subscription stays");
+        assert!(h.subscribed(&agent).await, "round {round}");
+    }
+}

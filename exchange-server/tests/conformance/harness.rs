@@ -135,3 +135,49 @@ pub(crate) async fn tags(stream: &mut Streaming<pb::SubscribeResponse>, n: usize
     }
     tags
 }
+
+/// The `google.rpc.ErrorInfo` reason and metadata of an exchange error.
+pub(crate) fn reason(
+    status: &tonic::Status,
+) -> (String, std::collections::HashMap<String, String>) {
+    use tonic_types::StatusExt as _;
+    let info = status.get_details_error_info().expect("an exchange error carries ErrorInfo");
+    (info.reason, info.metadata)
+}
+
+/// A message of `bytes` encoded bytes (the arguments make up the rest).
+pub(crate) fn sized(src: &str, dest: &str, bytes: usize) -> pb::Message {
+    use prost::Message as _;
+    let mut m = request(src, dest, "big");
+    let overhead = m.encoded_len() + 16;
+    if let Some(Body::ActionRequest(r)) = &mut m.body {
+        let data = vec![b'x'; bytes - overhead];
+        r.args = Some(pb::Payload {
+            content_type: "application/octet-stream".into(),
+            data: data.into(),
+        });
+    }
+    // The length prefixes grow with the data: trim to the exact size.
+    let over = m.encoded_len() - bytes;
+    if let Some(Body::ActionRequest(r)) = &mut m.body {
+        let args = r.args.as_mut().unwrap();
+        args.data = args.data.slice(..args.data.len() - over);
+    }
+    assert_eq!(m.encoded_len(), bytes);
+    m
+}
+
+/// Sends `request` (any message) to `path` on the harness's server, as raw
+/// protobuf: for requests the generated client cannot make.
+pub(crate) async fn raw_call<Req>(h: &Harness, path: &'static str, request: Req) -> tonic::Status
+where
+    Req: prost::Message + Send + Sync + 'static,
+{
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<Req, pb::StatusResponse>::default();
+    let path = http::uri::PathAndQuery::from_static(path);
+    let answer = grpc.unary(tonic::Request::new(request), path, codec).await;
+    answer.expect_err("the server refuses it")
+}

@@ -35,7 +35,10 @@ pub(crate) async fn terminated_mailbox_refuses_send_subscribe_and_reregistration
     let err = h.send(request(&client, &id, "x")).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("terminated"), "{}", err.message());
-    let sub = h.rpc.subscribe(pb::SubscribeRequest { mailbox_id: id.clone() }).await;
+    let sub = h
+        .rpc
+        .subscribe(pb::SubscribeRequest { mailbox_id: id.clone(), ..Default::default() })
+        .await;
     assert_eq!(sub.unwrap_err().code(), Code::FailedPrecondition);
     let again = pb::RegisterAgentRequest {
         behaviour: "test.A".into(),
@@ -139,4 +142,20 @@ pub(crate) async fn shutdown_ends_open_subscriptions_promptly(store: Store) {
         None => {}
         Some(Ok(frame)) => panic!("unexpected frame {frame:?}"),
     }
+}
+
+/// The answers terminate sends for the requests left queued respect each
+/// requester's bounds: a requester's full mailbox is not overfilled.
+pub(crate) async fn terminate_answers_within_the_requesters_bounds(store: Store) {
+    let limits = Limits { max_queued: 3, ..Limits::default() };
+    let mut h = start_with(store, limits).await;
+    let client = h.client().await;
+    let (a, b) = (h.agent("test.A", &[]).await, h.agent("test.A", &[]).await);
+    for agent in [&a, &a, &a, &b, &b, &b] {
+        h.send(request(&client, agent, "x")).await.unwrap();
+    }
+    h.terminate(&a).await;
+    h.terminate(&b).await;
+    let status = h.rpc.status(pb::StatusRequest { mailbox_id: client }).await.unwrap();
+    assert_eq!(status.into_inner().queued, 3, "six answers, room for three");
 }

@@ -18,10 +18,10 @@ mod ownership;
 macro_rules! conformance {
     ($($rule:ident :: $test:ident),* $(,)?) => {
         mod memory {
-            $(#[tokio::test] async fn $test() { crate::$rule::$test(crate::harness::Store::Memory).await })*
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { crate::$rule::$test(crate::harness::Store::Memory).await })*
         }
         mod redis {
-            $(#[tokio::test] async fn $test() { crate::$rule::$test(crate::harness::Store::Redis).await })*
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $test() { crate::$rule::$test(crate::harness::Store::Redis).await })*
         }
     };
 }
@@ -34,6 +34,7 @@ conformance!(
     lifecycle::terminate_answers_every_request_of_a_long_queue,
     lifecycle::status_says_whether_a_subscriber_listens,
     lifecycle::shutdown_ends_open_subscriptions_promptly,
+    lifecycle::terminate_answers_within_the_requesters_bounds,
     discovery::discovery_by_name_interface_and_without_terminated_agents,
     discovery::discovery_pages_through_large_answers,
     delivery::unacknowledged_messages_are_redelivered_to_the_next_subscriber,
@@ -41,8 +42,15 @@ conformance!(
     delivery::messages_from_one_sender_arrive_in_order,
     delivery::send_batch_reports_each_message,
     delivery::invoke_reports_unknown_agents_and_times_out_on_idle_ones,
+    delivery::a_later_incarnation_fences_the_earlier_ones,
+    delivery::concurrent_subscriptions_leave_exactly_one,
     limits::oversized_message_and_full_mailbox_are_resource_exhausted,
     limits::malformed_input_is_invalid_argument_and_the_server_keeps_running,
+    limits::requests_beyond_the_protocol_limits_are_refused_naming_them,
+    limits::a_mailbox_holds_a_bounded_number_of_bytes,
+    limits::deliveries_fit_what_a_default_client_accepts,
+    limits::undecodable_and_oversized_requests_get_the_documented_codes,
     ownership::mailboxes_belong_to_the_principal_that_registered_them,
+    ownership::principals_are_held_to_their_quotas,
     metrics::metrics_count_calls_messages_and_subscriptions,
 );

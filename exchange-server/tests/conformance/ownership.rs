@@ -58,7 +58,7 @@ pub(crate) async fn mailboxes_belong_to_the_principal_that_registered_them(store
         let expected = ExchangeError::PermissionDenied { id, owner: "alice".into() };
         assert_eq!(ExchangeError::from_status(&status), Some(expected));
     };
-    let subscribe = pb::SubscribeRequest { mailbox_id: agent.clone() };
+    let subscribe = pb::SubscribeRequest { mailbox_id: agent.clone(), ..Default::default() };
     denied(bob.subscribe(subscribe).await.unwrap_err());
     let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![0] };
     denied(bob.acknowledge(ack).await.unwrap_err());
@@ -163,4 +163,59 @@ async fn a_changed_tokens_file_takes_effect_without_a_restart() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!((code(ALICE).await, code(BOB).await), (refused, passed));
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A principal owns at most `max_mailboxes_per_principal` active mailboxes
+/// and has at most `max_queued_bytes_per_principal` queued unacknowledged;
+/// terminating and acknowledging give room back. Others are not held up.
+pub(crate) async fn principals_are_held_to_their_quotas(store: Store) {
+    let tokens = Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let limits = Limits {
+        max_mailboxes_per_principal: 3,
+        max_queued_bytes_per_principal: 8_000,
+        ..Limits::default()
+    };
+    let options = ExchangeOptions { tokens: Some(tokens), limits, ..Default::default() };
+    let h = start_as(store, options).await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let mut alice = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
+    let mut bob = ExchangeServiceClient::with_interceptor(channel, Bearer(BOB));
+    let register = || pb::RegisterAgentRequest { behaviour: "test.A".into(), ..Default::default() };
+    let mut agents = Vec::new();
+    for _ in 0..3 {
+        agents.push(alice.register_agent(register()).await.unwrap().into_inner().agent_id);
+    }
+    let err = alice.register_agent(register()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let (why, metadata) = reason(&err);
+    assert_eq!((why.as_str(), metadata["principal"].as_str()), ("QUOTA_EXCEEDED", "alice"));
+    assert!(err.message().contains("active mailboxes"), "{}", err.message());
+    let err = alice.register_client(pb::RegisterClientRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "clients count too");
+    let gone = agents.pop().unwrap();
+    alice.terminate(pb::TerminateRequest { mailbox_id: gone }).await.unwrap();
+    let agent = alice.register_agent(register()).await.unwrap().into_inner().agent_id;
+
+    // Bob sends from his own mailbox; his bytes queued are bounded.
+    let bobs = bob.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let bobs = bobs.into_inner().client_id;
+    let send = |m: pb::Message| pb::SendRequest { message: Some(m) };
+    bob.send(send(sized(&bobs, &agent, 3000))).await.unwrap();
+    bob.send(send(sized(&bobs, &agents[0], 3000))).await.unwrap();
+    let err = bob.send(send(sized(&bobs, &agent, 3000))).await.unwrap_err();
+    assert_eq!((err.code(), reason(&err).0.as_str()), (Code::ResourceExhausted, "QUOTA_EXCEEDED"));
+    // Alice is not held up by bob's quota.
+    let alices = alice.register_client(pb::RegisterClientRequest::default()).await.unwrap_err();
+    assert_eq!(alices.code(), Code::ResourceExhausted, "she is at her mailbox quota");
+    // Acknowledging gives bob room back; so does terminating a mailbox.
+    let request = pb::SubscribeRequest { mailbox_id: agent.clone(), ..Default::default() };
+    let mut stream = alice.subscribe(request).await.unwrap().into_inner();
+    let seq = next(&mut stream).await[0].seq;
+    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![seq] };
+    alice.acknowledge(ack).await.unwrap();
+    bob.send(send(sized(&bobs, &agent, 3000))).await.unwrap();
+    let err = bob.send(send(sized(&bobs, &agent, 3000))).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    alice.terminate(pb::TerminateRequest { mailbox_id: agents[0].clone() }).await.unwrap();
+    bob.send(send(sized(&bobs, &agent, 3000))).await.unwrap();
 }

@@ -241,6 +241,12 @@ pub struct SendBatchResponse {
 pub struct SubscribeRequest {
     #[prost(string, tag = "1")]
     pub mailbox_id: ::prost::alloc::string::String,
+    /// The subscriber's incarnation of the agent (its launcher placement epoch;
+    /// 0: none). Once an incarnation subscribed, an earlier one is refused
+    /// (FAILED_PRECONDITION, reason STALE_EPOCH), so an agent's old copy cannot
+    /// take its mailbox back from the new one.
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct Delivery {

@@ -2,12 +2,19 @@
 //! - `P:schema`: the layout version of the keys below ([`SCHEMA`]);
 //! - `P:mb:<id>`: hash of the mailbox (`s` state a/t, `k` kind a/c, `b`
 //!   behaviour, `i` implements as JSON, `n` name, `o` owner, `g` subscriber
-//!   generation, `l` id of the last message added, `r` the replica its
+//!   generation, `e` the highest incarnation (epoch) that subscribed, `l` id
+//!   of the last message added, `qb` bytes queued, `r` the replica its
 //!   subscriber is on);
 //! - `P:q:<id>`: stream of its unacknowledged messages (field `m`, protobuf);
 //!   an acknowledged message is deleted, so its length is the queue length;
+//! - `P:qz:<id>`: the size (and sender) of each queued message, by stream id,
+//!   given back to the mailbox's bound and the sender's quota once it is
+//!   acknowledged;
 //! - `P:dq:<id>`: the queue of a mailbox just terminated, while the exchange
 //!   answers the requests left in it;
+//! - `P:usage:mailboxes` / `P:usage:bytes`: per principal, the active
+//!   mailboxes it owns and the bytes it queued that are not acknowledged yet
+//!   (its quotas);
 //! - `P:replica:<replica>`: present while the replica runs;
 //! - `P:idx:<name>` / `P:own:<name>`: discovery index, agents listing a name /
 //!   whose own behaviour it is (`P:idx:` lists every active agent); sorted
@@ -47,6 +54,33 @@ impl Keys {
 
     pub(super) fn queue(&self, id: &EntityId) -> String {
         format!("{}:q:{id}", self.prefix)
+    }
+
+    /// The sizes (and senders) of a mailbox's queued messages.
+    pub(super) fn sizes(&self, id: &EntityId) -> String {
+        format!("{}:qz:{id}", self.prefix)
+    }
+
+    /// Active mailboxes per owner.
+    pub(super) fn mailboxes_owned(&self) -> String {
+        format!("{}:usage:mailboxes", self.prefix)
+    }
+
+    /// Bytes queued unacknowledged per sender.
+    pub(super) fn bytes_sent(&self) -> String {
+        format!("{}:usage:bytes", self.prefix)
+    }
+
+    /// A mailbox's keys as release.lua takes them (terminate.lua and
+    /// forget.lua open with them).
+    pub(super) fn releasing(&self, id: &EntityId) -> Vec<String> {
+        vec![
+            self.mailbox(id),
+            self.queue(id),
+            self.sizes(id),
+            self.mailboxes_owned(),
+            self.bytes_sent(),
+        ]
     }
 
     /// What was queued in a terminated mailbox, until its requests are answered.

@@ -32,7 +32,9 @@ use redis::Value;
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, BackendSubscription, Found, Page, awaiting_answer, source, unknown_source};
+use super::{
+    Backend, BackendSubscription, Bounds, Found, Page, awaiting_answer, source, unknown_source,
+};
 use keys::Keys;
 use presence::{InUse, PRESENCE_EVERY};
 use reader::Reader;
@@ -104,6 +106,9 @@ fn place(ids: &mut Vec<EntityId>, id: &EntityId) -> usize {
         ids.len() - 1
     })
 }
+
+/// Seqs acknowledged per script call.
+const ACK_SLICE: usize = 1_000;
 
 /// Most messages, and bytes, in one enqueue script call.
 const ENQUEUE_CHUNK: usize = 128;
@@ -238,22 +243,28 @@ impl Backend for RedisBackend {
         id: EntityId,
         agent: Option<RegisteredAgent>,
         owner: Option<&str>,
+        quota: usize,
     ) -> Result<(), ExchangeError> {
         let (kind, behaviour, implements, name) = match &agent {
             Some(a) => ("a", a.behaviour.as_str(), a.implements.clone(), a.name.as_str()),
             None => ("c", "", Vec::new(), ""),
         };
         let implements = serde_json::to_string(&implements).expect("strings serialise");
-        let mut keys = vec![self.keys.mailbox(&id)];
+        let mut keys = vec![self.keys.mailbox(&id), self.keys.mailboxes_owned()];
         keys.extend(agent.as_ref().map(|a| self.keys.indexes(a)).unwrap_or_default());
         let mut cmd = self.scripts.create.call(&keys);
         cmd.arg(id.to_string()).arg(kind).arg(behaviour).arg(implements).arg(name);
-        cmd.arg(secs(self.options.mailbox_ttl)).arg(caller_arg(owner));
+        cmd.arg(secs(self.options.mailbox_ttl)).arg(caller_arg(owner)).arg(quota);
         let answer = run_one(&self.conn, &self.scripts.create, cmd).await?;
         let answer = string(&answer).unwrap_or_default();
         match answer.as_str() {
             "ok" => Ok(()),
             "t" => Err(ExchangeError::Terminated(id)),
+            "quota" => Err(ExchangeError::QuotaExceeded {
+                principal: owner.unwrap_or_default().to_owned(),
+                quota: "active mailboxes".into(),
+                max: quota,
+            }),
             _ => Err(ExchangeError::AlreadyExists(id)),
         }
     }
@@ -263,7 +274,8 @@ impl Backend for RedisBackend {
         id: &EntityId,
         caller: Option<&str>,
     ) -> Result<(pb::MailboxState, Vec<pb::Message>), ExchangeError> {
-        let mut keys = vec![self.keys.mailbox(id), self.keys.queue(id), self.keys.drain(id)];
+        let mut keys = self.keys.releasing(id);
+        keys.push(self.keys.drain(id));
         // The index sets listing an agent (its behaviour and interfaces never change).
         if let Some(agent) = self.agent(id).await? {
             keys.extend(self.keys.indexes(&agent));
@@ -363,14 +375,14 @@ impl Backend for RedisBackend {
     async fn enqueue(
         &self,
         messages: Vec<(EntityId, pb::Message)>,
-        max_queued: Option<usize>,
+        bounds: &Bounds,
         sender: Option<&str>,
     ) -> Vec<Result<(), ExchangeError>> {
         if messages.is_empty() {
             return Vec::new();
         }
         let ttl = secs(self.options.mailbox_ttl);
-        let max = max_queued.unwrap_or(0);
+        let max = bounds.max_queued;
         // One script call per chunk: few enough messages or bytes that Redis,
         // single-threaded, is not held up long by any one call.
         let bell = self.keys.bell();
@@ -383,15 +395,15 @@ impl Backend for RedisBackend {
             let last = i + 1 == messages.len();
             if last || chunk.messages.len() >= ENQUEUE_CHUNK || chunk.bytes >= ENQUEUE_CHUNK_BYTES {
                 let chunk = std::mem::take(&mut chunk);
-                let keys: Vec<String> = chunk
-                    .mailboxes
-                    .iter()
-                    .flat_map(|id| [self.keys.mailbox(id), self.keys.queue(id)])
-                    .chain(chunk.sources.iter().map(|id| self.keys.mailbox(id)))
-                    .collect();
+                let boxes = chunk.mailboxes.iter().flat_map(|id| {
+                    [self.keys.mailbox(id), self.keys.queue(id), self.keys.sizes(id)]
+                });
+                let usage = sender.map(|_| self.keys.bytes_sent());
+                let sources = chunk.sources.iter().map(|id| self.keys.mailbox(id));
+                let keys: Vec<String> = boxes.chain(usage).chain(sources).collect();
                 let mut cmd = self.scripts.enqueue.call(&keys);
-                cmd.arg(max).arg(ttl).arg(MAX_NOTICE_BYTES).arg(&bell);
-                cmd.arg(chunk.mailboxes.len()).arg(caller_arg(sender));
+                cmd.arg(max).arg(bounds.max_queued_bytes).arg(ttl).arg(MAX_NOTICE_BYTES).arg(&bell);
+                cmd.arg(chunk.mailboxes.len()).arg(caller_arg(sender)).arg(bounds.sender_quota);
                 for id in &chunk.mailboxes {
                     cmd.arg(id.to_string());
                 }
@@ -425,6 +437,15 @@ impl Backend for RedisBackend {
             .map(|((dest, message), answer)| match string(&answer).as_deref() {
                 Some("ok") => Ok(()),
                 Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
+                Some("fullbytes") => Err(ExchangeError::MailboxBytesFull {
+                    id: *dest,
+                    limit: bounds.max_queued_bytes,
+                }),
+                Some("quota") => Err(ExchangeError::QuotaExceeded {
+                    principal: sender.unwrap_or_default().to_owned(),
+                    quota: "bytes queued unacknowledged".into(),
+                    max: bounds.sender_quota,
+                }),
                 // About the message's source, which the exchange validated.
                 Some(a) if a == "nosrc" || a.starts_with("denied:") => {
                     let src = source(message)?;
@@ -445,15 +466,20 @@ impl Backend for RedisBackend {
         &self,
         id: &EntityId,
         caller: Option<&str>,
+        epoch: u64,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
-        let keys = [self.keys.mailbox(id), self.keys.queue(id)];
+        let keys = [self.keys.mailbox(id), self.keys.queue(id), self.keys.sizes(id)];
         let mut cmd = self.scripts.subscribe.call(&keys);
         cmd.arg(secs(self.options.mailbox_ttl)).arg(self.keys.bell()).arg(&self.reader.replica);
-        cmd.arg(id.to_string()).arg(caller_arg(caller));
+        cmd.arg(id.to_string()).arg(caller_arg(caller)).arg(epoch);
         let answer = array(run_one(&self.conn, &self.scripts.subscribe, cmd).await?);
         let head = answer.first().and_then(string).unwrap_or_default();
         if let Some(err) = state_error(id, &head, || answer.get(1).and_then(string)) {
             return Err(err);
+        }
+        if head == "stale" {
+            let current = answer.get(1).and_then(integer).unwrap_or_default();
+            return Err(ExchangeError::StaleEpoch { id: *id, epoch, current });
         }
         let generation = answer.get(1).and_then(integer).unwrap_or(0);
         let events = self.reader.add(*id, &self.keys, generation);
@@ -473,22 +499,44 @@ impl Backend for RedisBackend {
         seqs: &[u64],
         caller: Option<&str>,
     ) -> Result<(), ExchangeError> {
-        let ids: Vec<String> = seqs.iter().map(|s| stream_id_of(*s)).collect();
-        let mut cmd = self.scripts.acknowledge.call(&[self.keys.mailbox(id), self.keys.queue(id)]);
-        cmd.arg(caller_arg(caller)).arg(seqs.iter().max().map(|s| stream_id_of(*s))).arg(&ids);
-        let answer = run_one(&self.conn, &self.scripts.acknowledge, cmd).await?;
-        let answer = string(&answer).unwrap_or_default();
-        let (head, owner) = answer.split_once(':').unwrap_or((&answer, ""));
-        if let Some(err) = state_error(id, head, || Some(owner.to_owned())) {
-            return Err(err);
+        let keys = [
+            self.keys.mailbox(id),
+            self.keys.queue(id),
+            self.keys.sizes(id),
+            self.keys.bytes_sent(),
+        ];
+        // A script call per slice, so that no one call holds Redis up long
+        // (a slice takes well under a millisecond); all in one round trip.
+        let calls: Vec<_> = seqs
+            .chunks(ACK_SLICE)
+            .map(|slice| {
+                let ids: Vec<String> = slice.iter().map(|s| stream_id_of(*s)).collect();
+                let mut cmd = self.scripts.acknowledge.call(&keys);
+                let highest = slice.iter().max().map(|s| stream_id_of(*s));
+                cmd.arg(caller_arg(caller)).arg(highest).arg(&ids);
+                cmd
+            })
+            .collect();
+        if calls.is_empty() {
+            return Ok(());
         }
-        match answer.strip_prefix("never:") {
-            Some(bad) => Err(ExchangeError::InvalidArgument(format!(
-                "seq {} was never delivered from mailbox {id}",
-                seq_of(bad).unwrap_or_default()
-            ))),
-            None => Ok(()),
+        for answer in run(&self.conn, &self.scripts.acknowledge, calls).await? {
+            if let Value::ServerError(e) = answer {
+                return Err(ExchangeError::Unavailable(e.to_string()));
+            }
+            let answer = string(&answer).unwrap_or_default();
+            let (head, owner) = answer.split_once(':').unwrap_or((&answer, ""));
+            if let Some(err) = state_error(id, head, || Some(owner.to_owned())) {
+                return Err(err);
+            }
+            if let Some(bad) = answer.strip_prefix("never:") {
+                return Err(ExchangeError::InvalidArgument(format!(
+                    "seq {} was never delivered from mailbox {id}",
+                    seq_of(bad).unwrap_or_default()
+                )));
+            }
         }
+        Ok(())
     }
 
     async fn owner(&self, id: &EntityId) -> Result<Option<String>, ExchangeError> {
@@ -501,10 +549,8 @@ impl Backend for RedisBackend {
     }
 
     async fn forget(&self, id: &EntityId) {
-        let keys = [self.keys.mailbox(id), self.keys.queue(id)];
-        let done: Result<(), _> =
-            redis::cmd("DEL").arg(&keys).query_async(&mut self.conn.clone()).await;
-        if let Err(e) = done {
+        let call = self.scripts.forget.call(&self.keys.releasing(id));
+        if let Err(e) = run_one(&self.conn, &self.scripts.forget, call).await {
             tracing::warn!(mailbox = %id, error = %e, "cannot delete transient mailbox");
         }
     }

@@ -421,3 +421,37 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod ordering {
+    use super::*;
+
+    /// Concurrent subscribes may reach the reader out of order, and the
+    /// notices of the later ones after that: the newest subscription must
+    /// stay watched whatever the order (before, an older one arriving late
+    /// replaced it, and the later notices then ended the older one too, so
+    /// no subscription was left while Redis named this replica).
+    #[tokio::test]
+    async fn the_newest_subscription_stays_whatever_the_order() {
+        let redis = academy_server::testing::RedisServer::start().expect("redis-server runs");
+        let (client, conn) = academy_server::redis::connect(&redis.url()).await.unwrap();
+        let keys = Keys::new("t");
+        let reader =
+            Reader::start(client, conn, keys.bell(), CancellationToken::new()).await.unwrap();
+        let id = EntityId::new_agent();
+        let (_, mut newest) = reader.add(id, &keys, 16);
+        let (_, mut late) = reader.add(id, &keys, 10);
+        let ended = tokio::time::timeout(Duration::from_secs(5), late.recv()).await;
+        assert!(matches!(ended, Ok(Some(Event::TakenOver))), "the late older one ends");
+        // The notices of subscriptions 11 to 16 arrive afterwards.
+        for generation in 11..=16 {
+            assert_eq!(reader.take(Notice::TakenOver { id, generation }), None);
+        }
+        assert!(newest.try_recv().is_err(), "the newest is still watched: {:?}", newest.try_recv());
+        assert_eq!(reader.lock().get(&id).map(|w| w.generation), Some(16));
+        // A later subscription (on another replica) still takes over.
+        reader.take(Notice::TakenOver { id, generation: 17 });
+        let ended = tokio::time::timeout(Duration::from_secs(5), newest.recv()).await;
+        assert!(matches!(ended, Ok(Some(Event::TakenOver))));
+    }
+}

@@ -37,6 +37,7 @@ pub(super) struct Scripts {
     pub(super) subscribe: Lua,
     pub(super) unsubscribe: Lua,
     pub(super) acknowledge: Lua,
+    pub(super) forget: Lua,
     pub(super) migrate_agent: Lua,
 }
 
@@ -45,10 +46,17 @@ impl Scripts {
         Self {
             create: Lua::new(include_str!("scripts/create.lua")),
             enqueue: Lua::new(include_str!("scripts/enqueue.lua")),
-            terminate: Lua::new(include_str!("scripts/terminate.lua")),
+            terminate: Lua::new(concat!(
+                include_str!("scripts/release.lua"),
+                include_str!("scripts/terminate.lua")
+            )),
             subscribe: Lua::new(include_str!("scripts/subscribe.lua")),
             unsubscribe: Lua::new(include_str!("scripts/unsubscribe.lua")),
             acknowledge: Lua::new(include_str!("scripts/acknowledge.lua")),
+            forget: Lua::new(concat!(
+                include_str!("scripts/release.lua"),
+                include_str!("scripts/forget.lua")
+            )),
             migrate_agent: Lua::new(include_str!("scripts/migrate_agent.lua")),
         }
     }

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::RedisBackend;
 use super::reader::Event;
-use crate::backend::BackendSubscription;
+use crate::backend::{BackendSubscription, framed, joins};
 
 #[derive(Debug)]
 pub(super) struct RedisSubscription {
@@ -47,12 +47,13 @@ impl BackendSubscription for RedisSubscription {
         loop {
             if !self.ready.is_empty() {
                 let mut batch = Vec::new();
-                let mut size = 0;
-                while batch.len() < max && (batch.is_empty() || size < max_bytes) {
-                    let Some((seq, data)) = self.ready.pop_front() else {
+                let mut bytes = 0;
+                while let Some((_, next)) = self.ready.front() {
+                    if batch.len() >= max || !joins(batch.len(), bytes, next.len(), max_bytes) {
                         break;
-                    };
-                    size += data.len();
+                    }
+                    let (seq, data) = self.ready.pop_front().expect("looked at above");
+                    bytes += framed(data.len());
                     match pb::Message::decode(data) {
                         Ok(message) => batch.push(pb::Delivery { seq, message: Some(message) }),
                         Err(e) => {

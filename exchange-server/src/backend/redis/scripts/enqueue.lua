@@ -1,34 +1,45 @@
 -- Appends messages to mailboxes, in order; one answer per message: 'ok',
--- 'missing', 'terminated', 'full', or about its source (with a sender):
--- 'nosrc' (no such mailbox) or 'denied:<owner>'.
--- KEYS        the (mailbox hash, queue stream) pairs written to, then (with a
---             sender) the hashes of the mailboxes the messages come from
--- ARGV        queue bound (0: none), TTL in seconds (0: none), largest message
---             sent inside a notice, notice channel prefix, number of pairs,
---             sender (empty: trusted), the pairs' mailbox ids, then per
---             message: its pair's number (from 1), with a sender its source's
---             number (from 1; 0: a source that did not parse), the message
--- Each mailbox with a subscriber gets notices on its replica's channel, one
--- publish per replica for the whole call: `m <id> <previous> <added> <size>\n`
--- followed by the message, or `n <id> <previous> <added> 0\n` for a large
--- one. A mailbox's hash is read and written once per call.
-local max, ttl, small, bell, n, sender = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6]
+-- 'missing', 'terminated', 'full' (messages), 'fullbytes' (bytes), 'quota'
+-- (the sender's bytes queued), or about its source (with a sender): 'nosrc'
+-- (no such mailbox) or 'denied:<owner>'.
+-- KEYS        the (mailbox hash, queue stream, sizes hash) triples written
+--             to; with a sender, the hash of bytes queued per sender, then
+--             the hashes of the mailboxes the messages come from
+-- ARGV        queue bound in messages, in bytes (0: none), TTL in seconds
+--             (0: none), largest message sent inside a notice, notice
+--             channel prefix, number of triples, sender (empty: trusted), the
+--             sender's quota of bytes queued (0: none), the triples' mailbox
+--             ids, then per message: its triple's number (from 1), with a
+--             sender its source's number (from 1; 0: a source that did not
+--             parse), the message
+-- A message's size (and sender) is kept in the sizes hash until it is
+-- acknowledged, so the bounds can be given back. Each mailbox with a
+-- subscriber gets notices on its replica's channel, one publish per replica
+-- for the whole call: `m <id> <previous> <added> <size>\n` followed by the
+-- message, or `n <id> <previous> <added> 0\n` for a large one. A mailbox's
+-- hash is read and written once per call.
+local max, maxbytes, ttl, small, bell, n, sender, quota = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
+local first = 8
 local boxes, notices, refused = {}, {}, {[0] = 'nosrc'}
 for k = 1, n do
-  local mb, q = KEYS[2 * k - 1], KEYS[2 * k]
-  local h = redis.call('HMGET', mb, 's', 'l', 'r')
-  local m = {id = ARGV[6 + k], state = h[1], last = h[2] or '0-0', replica = h[3]}
-  if h[1] == 'a' and max > 0 then m.len = redis.call('XLEN', q) end
+  local h = redis.call('HMGET', KEYS[3 * k - 2], 's', 'l', 'r', 'qb')
+  local m = {id = ARGV[first + k], state = h[1], last = h[2] or '0-0', replica = h[3], bytes = tonumber(h[4] or '0'), added = 0}
+  if h[1] == 'a' and max > 0 then m.len = redis.call('XLEN', KEYS[3 * k - 1]) end
   boxes[k] = m
 end
-for j = 1, #KEYS - 2 * n do
-  local h = redis.call('HMGET', KEYS[2 * n + j], 's', 'o')
-  if not h[1] then refused[j] = 'nosrc'
-  elseif h[2] and h[2] ~= sender then refused[j] = 'denied:' .. h[2] end
+local held, sent, usage = 0, 0, nil
+if sender ~= '' then
+  usage = KEYS[3 * n + 1]
+  held = tonumber(redis.call('HGET', usage, sender) or '0')
+  for j = 1, #KEYS - 3 * n - 1 do
+    local h = redis.call('HMGET', KEYS[3 * n + 1 + j], 's', 'o')
+    if not h[1] then refused[j] = 'nosrc'
+    elseif h[2] and h[2] ~= sender then refused[j] = 'denied:' .. h[2] end
+  end
 end
 local out = {}
 local step = sender == '' and 2 or 3
-for i = 7 + n, #ARGV, step do
+for i = first + 1 + n, #ARGV, step do
   local k, data = tonumber(ARGV[i]), ARGV[i + step - 1]
   local m = boxes[k]
   local no = step == 3 and refused[tonumber(ARGV[i + 1])]
@@ -36,9 +47,14 @@ for i = 7 + n, #ARGV, step do
   elseif not m.state then out[#out + 1] = 'missing'
   elseif m.state == 't' then out[#out + 1] = 'terminated'
   elseif m.len and m.len >= max then out[#out + 1] = 'full'
+  elseif maxbytes > 0 and m.bytes + #data > maxbytes then out[#out + 1] = 'fullbytes'
+  elseif quota > 0 and held + sent + #data > quota then out[#out + 1] = 'quota'
   else
-    local added = redis.call('XADD', KEYS[2 * k], '*', 'm', data)
+    local added = redis.call('XADD', KEYS[3 * k - 1], '*', 'm', data)
+    redis.call('HSET', KEYS[3 * k], added, sender == '' and tostring(#data) or (#data .. ' ' .. sender))
     if m.len then m.len = m.len + 1 end
+    m.bytes, m.added = m.bytes + #data, m.added + #data
+    if sender ~= '' then sent = sent + #data end
     if m.replica then
       local parts = notices[m.replica] or {}
       notices[m.replica] = parts
@@ -50,15 +66,19 @@ for i = 7 + n, #ARGV, step do
         parts[#parts + 1] = 'n ' .. head .. ' 0\n'
       end
     end
-    m.last, m.added = added, true
+    m.last, m.fresh = added, true
     out[#out + 1] = 'ok'
   end
 end
 for k, m in ipairs(boxes) do
-  if m.added then
-    redis.call('HSET', KEYS[2 * k - 1], 'l', m.last)
-    if ttl > 0 then redis.call('EXPIRE', KEYS[2 * k - 1], ttl); redis.call('EXPIRE', KEYS[2 * k], ttl) end
+  if m.fresh then
+    redis.call('HSET', KEYS[3 * k - 2], 'l', m.last)
+    redis.call('HINCRBY', KEYS[3 * k - 2], 'qb', m.added)
+    if ttl > 0 then
+      for j = 2, 0, -1 do redis.call('EXPIRE', KEYS[3 * k - j], ttl) end
+    end
   end
 end
+if sent > 0 then redis.call('HINCRBY', usage, sender, sent) end
 for replica, parts in pairs(notices) do redis.call('PUBLISH', bell .. replica, table.concat(parts)) end
 return out

@@ -1,19 +1,28 @@
 -- Makes a replica the mailbox's subscriber's, for a caller; the previous
--- subscriber (on any replica) is told it was taken over. Answers
--- {'missing'}, {'denied', owner}, {'terminated'} or {'ok', generation}.
+-- subscriber (on any replica) is told it was taken over. With an epoch (an
+-- agent's incarnation, not 0), refuses one below the highest that
+-- subscribed. Answers {'missing'}, {'denied', owner}, {'terminated'},
+-- {'stale', current epoch} or {'ok', generation}.
 -- KEYS[1]     the mailbox hash
 -- KEYS[2]     its queue stream
+-- KEYS[3]     its sizes hash
 -- ARGV        TTL in seconds (0: none), notice channel prefix, replica, id,
---             caller (empty: trusted)
-local s = redis.call('HGET', KEYS[1], 's')
+--             caller (empty: trusted), epoch (0: none)
+local h = redis.call('HMGET', KEYS[1], 's', 'o', 'e')
+local s, o = h[1], h[2]
 if not s then return {'missing'} end
-local o = redis.call('HGET', KEYS[1], 'o')
 if o and ARGV[5] ~= '' and o ~= ARGV[5] then return {'denied', o} end
 if s == 't' then return {'terminated'} end
+local epoch = tonumber(ARGV[6])
+if epoch > 0 then
+  local current = tonumber(h[3] or '0')
+  if epoch < current then return {'stale', current} end
+  redis.call('HSET', KEYS[1], 'e', epoch)
+end
 local g = redis.call('HINCRBY', KEYS[1], 'g', 1)
 local r = redis.call('HGET', KEYS[1], 'r')
 if r then redis.call('PUBLISH', ARGV[2] .. r, 's ' .. ARGV[4] .. ' ' .. g .. '\n') end
 redis.call('HSET', KEYS[1], 'r', ARGV[3])
 local ttl = tonumber(ARGV[1])
-if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl); redis.call('EXPIRE', KEYS[2], ttl) end
+if ttl > 0 then for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end end
 return {'ok', g}

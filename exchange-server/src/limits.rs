@@ -1,0 +1,110 @@
+//! The limits of an exchange (docs/design.md, "Limits"): configurable ones in
+//! [`Limits`], fixed ones of the protocol as constants. Each is refused with
+//! a status and a message naming it.
+
+use academy_proto::ExchangeError;
+
+/// Most messages in one `SendBatch` call.
+pub const MAX_BATCH_MESSAGES: usize = 1_000;
+/// Most seqs in one `Acknowledge` call.
+pub const MAX_ACK_SEQS: usize = 10_000;
+/// Most names an agent implements (besides its own behaviour).
+pub const MAX_IMPLEMENTS: usize = 64;
+/// Longest behaviour, interface, agent or action name, and message label, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest trace context in a message header, in bytes.
+pub const MAX_TRACE_CONTEXT_BYTES: usize = 512;
+/// What every gRPC client accepts by default in one message (4 MiB): the
+/// most a delivery (a `SubscribeResponse`) or an `InvokeResponse` holds.
+pub const DEFAULT_MAX_DELIVERY_BYTES: usize = 4 * 1024 * 1024;
+/// Room for the framing around a message in a delivery: one message of the
+/// largest size accepted, delivered alone, fits in a delivery.
+pub const DELIVERY_FRAMING_BYTES: usize = 1024;
+
+/// Limits of an exchange, each with a clear error when passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest encoded message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest delivery (one `SubscribeResponse`, one `InvokeResponse`), in
+    /// bytes: what subscribers accept. At least `max_message_bytes` plus
+    /// [`DELIVERY_FRAMING_BYTES`].
+    pub max_delivery_bytes: usize,
+    /// Most unacknowledged messages one mailbox holds.
+    pub max_queued: usize,
+    /// Most bytes of unacknowledged messages one mailbox holds.
+    pub max_queued_bytes: usize,
+    /// Most active mailboxes one principal owns (0: no quota). Callers without
+    /// a principal (no authentication, in-process) have no quota.
+    pub max_mailboxes_per_principal: usize,
+    /// Most bytes of unacknowledged messages one principal has sent, across
+    /// all mailboxes (0: no quota).
+    pub max_queued_bytes_per_principal: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: DEFAULT_MAX_DELIVERY_BYTES - DELIVERY_FRAMING_BYTES,
+            max_delivery_bytes: DEFAULT_MAX_DELIVERY_BYTES,
+            max_queued: 10_000,
+            max_queued_bytes: 64 * 1024 * 1024,
+            max_mailboxes_per_principal: 100_000,
+            max_queued_bytes_per_principal: 256 * 1024 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the limits fit together.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_message_bytes == 0 || self.max_queued == 0 || self.max_queued_bytes == 0 {
+            return Err(
+                "the message size, queue length and queue size limits must be positive".into()
+            );
+        }
+        if self.max_message_bytes + DELIVERY_FRAMING_BYTES > self.max_delivery_bytes {
+            return Err(format!(
+                "max message bytes ({}) must leave {DELIVERY_FRAMING_BYTES} bytes of framing within max delivery bytes ({}): a message of the largest size must fit in a delivery",
+                self.max_message_bytes, self.max_delivery_bytes
+            ));
+        }
+        if self.max_queued_bytes < self.max_message_bytes {
+            return Err(format!(
+                "max queued bytes ({}) must hold at least one message of the largest size ({})",
+                self.max_queued_bytes, self.max_message_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses `found` items where `max` are allowed, naming the limit.
+pub(crate) fn at_most(limit: &str, found: usize, max: usize) -> Result<(), ExchangeError> {
+    if found > max {
+        return Err(ExchangeError::LimitExceeded { limit: limit.to_owned(), max, found });
+    }
+    Ok(())
+}
+
+/// Refuses a name longer than [`MAX_NAME_BYTES`].
+pub(crate) fn name(field: &str, value: &str) -> Result<(), ExchangeError> {
+    at_most(&format!("the length of {field} in bytes"), value.len(), MAX_NAME_BYTES)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_fit_and_a_message_larger_than_a_delivery_is_refused() {
+        Limits::default().check().unwrap();
+        let too_big = Limits { max_message_bytes: DEFAULT_MAX_DELIVERY_BYTES, ..Limits::default() };
+        assert!(too_big.check().unwrap_err().contains("must fit in a delivery"));
+        let err = at_most("messages per SendBatch", 1001, 1000).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "messages per SendBatch is at most 1000; this request has 1001"
+        );
+    }
+}
