@@ -175,7 +175,7 @@ impl floor::floor_server::Floor for FloorService {
 async fn serve_floor() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", listener.local_addr()?);
-    let incoming = academy_server::grpc::nodelay_incoming(listener);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // The same transport settings as the exchange-server's.
     tonic::transport::Server::builder()
         .initial_stream_window_size(Some(academy_proto::transport::STREAM_WINDOW_BYTES))

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use academy_exchange::{ExchangeOptions, Limits, MailboxStore, RedisOptions};
 use academy_server::auth::Tokens;
+use academy_server::listen::{ConnectionLimits, raise_fd_limit};
 use academy_server::telemetry::LogFormat;
 use academy_server::tls::Tls;
 
@@ -45,6 +46,11 @@ pub(crate) struct Config {
     /// Seconds a terminated mailbox's gravestone is kept in Redis (0: forever).
     #[arg(long, env = "ACADEMY_EXCHANGE_GRAVESTONE_TTL_SECS", default_value_t = 0)]
     pub(crate) gravestone_ttl_secs: u64,
+    /// Milliseconds a call waits for Redis (to reconnect, or to answer)
+    /// before failing with UNAVAILABLE; health turns NOT_SERVING while Redis
+    /// does not answer.
+    #[arg(long, env = "ACADEMY_EXCHANGE_REDIS_TIMEOUT_MS", default_value_t = 2000)]
+    pub(crate) redis_timeout_ms: u64,
     /// Largest message accepted, in bytes (at most --max-delivery-bytes less
     /// 1 KiB, so that one delivered fits in a delivery).
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_MESSAGE_BYTES", default_value_t = Limits::default().max_message_bytes)]
@@ -94,6 +100,16 @@ pub(crate) struct Config {
     /// as a SPIFFE id, else its first DNS name).
     #[arg(long, env = "ACADEMY_EXCHANGE_CLIENT_CERT_PRINCIPALS", requires = "tls_client_ca")]
     pub(crate) client_cert_principals: bool,
+    /// Most connections open at once (lowered to fit the process's file
+    /// descriptor limit); more are closed as they come.
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
+    pub(crate) max_connections: usize,
+    /// Most connections open at once from one peer address.
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_CONNECTIONS_PER_PEER", default_value_t = ConnectionLimits::default().max_per_peer)]
+    pub(crate) max_connections_per_peer: usize,
+    /// Milliseconds a new connection has to start its handshake.
+    #[arg(long, env = "ACADEMY_EXCHANGE_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub(crate) handshake_timeout_ms: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token).
     #[arg(long, env = "ACADEMY_EXCHANGE_METRICS_LISTEN")]
     pub(crate) metrics_listen: Option<SocketAddr>,
@@ -125,6 +141,7 @@ impl Config {
                     prefix: self.redis_prefix.clone(),
                     mailbox_ttl: ttl(self.mailbox_ttl_secs),
                     gravestone_ttl: ttl(self.gravestone_ttl_secs),
+                    timeout: Duration::from_millis(self.redis_timeout_ms.max(10)),
                 })
             }
         };
@@ -141,6 +158,12 @@ impl Config {
                 self.client_cert_principals,
             )?,
             metrics_listen: self.metrics_listen,
+            connections: ConnectionLimits {
+                max_connections: self.max_connections,
+                max_per_peer: self.max_connections_per_peer,
+                handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            }
+            .within(raise_fd_limit()),
         })
     }
 }

@@ -61,6 +61,11 @@ impl Exchange {
         self.principal.as_deref()
     }
 
+    /// Whether its store answers now (always, in memory), and its changes.
+    pub fn health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.backend.health()
+    }
+
     /// Its limits.
     pub fn limits(&self) -> Limits {
         self.limits

@@ -6,7 +6,8 @@ use std::time::Duration;
 use academy_proto::pb::exchange_service_server::ExchangeServiceServer;
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 use academy_server::auth::{Authenticator, Tokens};
-use academy_server::grpc::{StatusRules, nodelay_incoming, reflection};
+use academy_server::grpc::{MAX_STREAMS_PER_CONNECTION, StatusRules, reflection};
+use academy_server::listen::{self, ConnectionLimits};
 use academy_server::metrics::{self, RpcMetrics};
 use academy_server::tls::{Tls, server_builder};
 use prometheus_client::registry::Registry;
@@ -53,6 +54,8 @@ pub struct ExchangeOptions {
     pub tls: Option<Tls>,
     /// Serve Prometheus metrics at `GET /metrics` on this address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Bounds on the connections accepted.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ExchangeOptions {
@@ -65,6 +68,27 @@ impl Default for ExchangeOptions {
             tokens: None,
             tls: None,
             metrics_listen: None,
+            connections: ConnectionLimits::default(),
+        }
+    }
+}
+
+/// Sets the exchange service's health from its store's, until `shutdown`.
+async fn follow_store(
+    mut store: tokio::sync::watch::Receiver<bool>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = store.changed() => if changed.is_err() { return },
+        }
+        let up = *store.borrow_and_update();
+        if up {
+            health.set_serving::<ExchangeServiceServer<ExchangeGrpc>>().await;
+        } else {
+            health.set_not_serving::<ExchangeServiceServer<ExchangeGrpc>>().await;
         }
     }
 }
@@ -109,6 +133,10 @@ impl RunningExchange {
         let shutdown = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExchangeServiceServer<ExchangeGrpc>>().await;
+        // Ready while the store answers: NOT_SERVING (the service's status,
+        // which readiness probes ask) while Redis is down, so traffic goes
+        // elsewhere; the server itself ("") stays SERVING for liveness.
+        tokio::spawn(follow_store(exchange.health(), health.clone(), shutdown.clone()));
         let reflection = || reflection(&["academy.v1.ExchangeService"]);
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
@@ -125,7 +153,7 @@ impl RunningExchange {
             .with_client_certificates(options.tls.as_ref().is_some_and(Tls::client_principals));
         let authenticated = auth.is_enabled();
         let service = InterceptedService::new(service, auth);
-        let incoming = nodelay_incoming(listener);
+        let incoming = listen::incoming(listener, options.connections);
         let signal = {
             let shutdown = shutdown.clone();
             let exchange = exchange.clone();
@@ -140,6 +168,8 @@ impl RunningExchange {
         let router = server_builder(options.tls.as_ref())
             .map_err(std::io::Error::other)?
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .layer(tower::util::option_layer(count_calls))

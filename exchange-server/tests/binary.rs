@@ -1,8 +1,7 @@
 //! The `academy-exchange` binary as users run it: configured by env vars,
 //! stopped by SIGTERM while a subscriber holds a stream open.
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -10,31 +9,9 @@ use common::{agent_and_client, message};
 
 use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient};
 
-/// Starts the binary on a free port and returns it with its address, read from
-/// its JSON "exchange listening" log line.
+/// The binary, as the tests below run it.
 fn spawn_exchange() -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_academy-exchange"))
-        .env("ACADEMY_EXCHANGE_LISTEN", "127.0.0.1:0")
-        .env("ACADEMY_LOG_FORMAT", "json")
-        .env("ACADEMY_EXCHANGE_MAX_QUEUED", "2")
-        .env("ACADEMY_EXCHANGE_WORKER_THREADS", "1")
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let log: serde_json::Value = serde_json::from_str(&line).expect("json logs");
-        if let Some(addr) = log["fields"]["addr"].as_str() {
-            // Keep reading its logs so it never writes to a closed pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return (child, format!("http://{addr}"));
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("the exchange never said where it listens");
+    common::spawn_exchange(&[("ACADEMY_EXCHANGE_MAX_QUEUED", "2")], &[])
 }
 
 fn sigterm(child: &std::process::Child) {

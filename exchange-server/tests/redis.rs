@@ -531,3 +531,70 @@ async fn a_store_written_by_a_newer_exchange_is_refused_and_an_older_one_is_upgr
     assert!(err.to_string().contains("schema 99, written by a newer exchange"), "{err}");
     assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "99", "left as it was");
 }
+
+/// A Redis that stops answering (frozen) or goes away (killed): calls fail
+/// with UNAVAILABLE within the configured wait, well inside a caller's 3 s
+/// deadline, and the exchange's health says NOT_SERVING until Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_calls_fast_and_turns_health_not_serving() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let mut redis = RedisServer::start().expect("redis-server must run for these tests");
+    let options = RedisOptions {
+        url: redis.url(),
+        timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let store = MailboxStore::Redis(options);
+    let server =
+        RunningExchange::start(ExchangeOptions { store, ..Default::default() }).await.unwrap();
+    let mut rpc = connect(&server.url()).await;
+    let channel = Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let serving = async |health: &mut HealthClient<Channel>| {
+        let check = HealthCheckRequest { service: "academy.v1.ExchangeService".into() };
+        health.check(check).await.unwrap().into_inner().status == 1
+    };
+    let until = async |health: &mut HealthClient<Channel>, up: bool| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while serving(health).await != up {
+            assert!(tokio::time::Instant::now() < deadline, "health never turned {up}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let client = client.into_inner().client_id;
+    let status = async |rpc: &mut ExchangeServiceClient<Channel>| {
+        let mut request = tonic::Request::new(pb::StatusRequest { mailbox_id: client.clone() });
+        request.set_timeout(Duration::from_secs(3));
+        let started = std::time::Instant::now();
+        (rpc.status(request).await, started.elapsed())
+    };
+    assert!(serving(&mut health).await);
+
+    let pid = redis.pid().to_string();
+    let signal = |name: &str| {
+        let ok = Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(ok.success());
+    };
+    for outage in ["frozen", "killed"] {
+        match outage {
+            "frozen" => signal("-STOP"),
+            _ => {
+                redis.stop().unwrap();
+            }
+        }
+        let (answer, took) = status(&mut rpc).await;
+        let err = answer.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{outage}: {err:?}");
+        assert!(err.message().contains("Redis"), "{outage}: {}", err.message());
+        assert!(took < Duration::from_millis(2500), "{outage}: failed after {took:?}");
+        until(&mut health, false).await;
+        match outage {
+            "frozen" => signal("-CONT"),
+            _ => redis.start_again().unwrap(),
+        }
+        until(&mut health, true).await;
+        let (answer, _) = status(&mut rpc).await;
+        answer.unwrap_or_else(|e| panic!("after the {outage} Redis came back: {e:?}"));
+    }
+}

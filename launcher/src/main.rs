@@ -6,6 +6,7 @@ use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_sdk::Credentials;
 use academy_server::auth::Tokens;
 use academy_server::grpc::shutdown_signal;
+use academy_server::listen::{ConnectionLimits, raise_fd_limit};
 use academy_server::telemetry::{LogFormat, init_tracing};
 use academy_server::tls::Tls;
 use clap::Parser;
@@ -61,6 +62,16 @@ struct Config {
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no token).
     #[arg(long, env = "ACADEMY_LAUNCHER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Most connections open at once (lowered to fit the process's file
+    /// descriptor limit); more are closed as they come.
+    #[arg(long, env = "ACADEMY_LAUNCHER_MAX_CONNECTIONS", default_value_t = ConnectionLimits::default().max_connections)]
+    max_connections: usize,
+    /// Most connections open at once from one peer address.
+    #[arg(long, env = "ACADEMY_LAUNCHER_MAX_CONNECTIONS_PER_PEER", default_value_t = ConnectionLimits::default().max_per_peer)]
+    max_connections_per_peer: usize,
+    /// Milliseconds a new connection has to start its handshake.
+    #[arg(long, env = "ACADEMY_LAUNCHER_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
     /// Log format (the level comes from RUST_LOG, default info).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -90,6 +101,12 @@ async fn main() -> anyhow::Result<()> {
             config.client_cert_principals,
         )?,
         metrics_listen: config.metrics_listen,
+        connections: ConnectionLimits {
+            max_connections: config.max_connections,
+            max_per_peer: config.max_connections_per_peer,
+            handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+        }
+        .within(raise_fd_limit()),
     })
     .await?;
     shutdown_signal().await;

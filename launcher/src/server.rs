@@ -8,7 +8,8 @@ use academy_proto::pb::launcher_service_server::LauncherServiceServer;
 use academy_sdk::Credentials;
 use academy_sdk::exchange::GrpcExchange;
 use academy_server::auth::{Authenticator, Tokens};
-use academy_server::grpc::{StatusRules, nodelay_incoming, reflection};
+use academy_server::grpc::{MAX_STREAMS_PER_CONNECTION, StatusRules, reflection};
+use academy_server::listen::{self, ConnectionLimits};
 use academy_server::metrics::{self, RpcMetrics};
 use academy_server::tls::{Tls, server_builder};
 use prometheus_client::registry::Registry;
@@ -49,6 +50,8 @@ pub struct LauncherOptions {
     pub tls: Option<Tls>,
     /// Serve Prometheus metrics at `GET /metrics` on this address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Bounds on the connections accepted.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for LauncherOptions {
@@ -64,6 +67,7 @@ impl Default for LauncherOptions {
             exchange_credentials: Credentials::none(),
             tls: None,
             metrics_listen: None,
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -111,9 +115,12 @@ impl RunningLauncher {
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LauncherServiceServer<LauncherGrpc>>().await;
-        let incoming = nodelay_incoming(listener);
+        let incoming = listen::incoming(listener, options.connections);
         let signal = shutdown.clone().cancelled_owned();
         let router = server_builder(options.tls.as_ref())?
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .layer(tower::util::option_layer(count_calls))
             .layer(StatusRules::new(MAX_REQUEST_BYTES))
             .add_service(health_service)

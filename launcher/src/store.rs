@@ -34,7 +34,8 @@ pub(crate) async fn open(
     url: &str,
     prefix: &str,
 ) -> anyhow::Result<(Vec<pb::AgentRecord>, mpsc::UnboundedSender<Write>)> {
-    let (_, mut conn) = academy_server::redis::connect(url).await.map_err(|e| {
+    let timeout = academy_server::redis::DEFAULT_TIMEOUT;
+    let (_, mut conn) = academy_server::redis::connect(url, timeout).await.map_err(|e| {
         // Its own words, not the exchange's ("mailbox store unavailable").
         let why = match e {
             academy_proto::ExchangeError::Unavailable(why) => why,

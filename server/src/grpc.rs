@@ -1,10 +1,6 @@
 //! What every Academy gRPC server does the same way: its runtime, its
 //! listener, reflection, and the signal that stops it.
 
-use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
-
 /// The runtime a server runs on: `worker_threads` threads, or one per core
 /// the process may use when 0.
 pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
@@ -15,17 +11,9 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
     runtime.enable_all().build()
 }
 
-/// Accepted connections of `listener`, with TCP_NODELAY set (small messages
-/// must not wait for Nagle).
-pub fn nodelay_incoming(
-    listener: TcpListener,
-) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
-}
+/// Most HTTP/2 streams (calls) open at once on one connection: a worker
+/// holds a subscription per agent on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
 
 /// Server reflection for a server of `services` (e.g.
 /// `academy.v1.ExchangeService`): it lists them, health and reflection, and

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod grpc;
+pub mod listen;
 pub mod metrics;
 pub mod page;
 #[cfg(feature = "redis")]

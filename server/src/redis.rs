@@ -6,8 +6,9 @@ use academy_proto::ExchangeError;
 use redis::RedisError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-/// How long one attempt to connect to Redis may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a Redis call may wait, by default: for the connection (two
+/// attempts of half of it each) or for the answer.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `url` fit for logs and error messages: a password in it shows as `***`.
 pub fn redacted_url(url: &str) -> String {
@@ -24,8 +25,14 @@ pub fn redacted_url(url: &str) -> String {
 
 /// Connects to the Redis at `url`: a bad URL, a wrong password or a forbidden
 /// command fails at once; an unreachable Redis is retried for a while, as it
-/// may be starting. Errors never show the password.
-pub async fn connect(url: &str) -> Result<(redis::Client, ConnectionManager), ExchangeError> {
+/// may be starting. Afterwards each call waits at most about `timeout` for
+/// Redis (to reconnect, or to answer) before failing with
+/// [`ExchangeError::Unavailable`], so a Redis outage fails calls fast rather
+/// than past their callers' deadlines. Errors never show the password.
+pub async fn connect(
+    url: &str,
+    timeout: Duration,
+) -> Result<(redis::Client, ConnectionManager), ExchangeError> {
     let shown = redacted_url(url);
     let client = redis::Client::open(url)
         .map_err(|e| ExchangeError::InvalidArgument(format!("bad Redis URL {shown:?}: {e}")))?;
@@ -34,7 +41,7 @@ pub async fn connect(url: &str) -> Result<(redis::Client, ConnectionManager), Ex
     // The connection manager's retries are for a Redis that is starting; a
     // wrong password or a forbidden command won't mend, so one plain
     // connection is tried first.
-    let first = tokio::time::timeout(CONNECT_TIMEOUT, client.get_multiplexed_async_connection());
+    let first = tokio::time::timeout(timeout, client.get_multiplexed_async_connection());
     if let Ok(Err(e)) = first.await
         && matches!(
             e.kind(),
@@ -45,9 +52,11 @@ pub async fn connect(url: &str) -> Result<(redis::Client, ConnectionManager), Ex
         return Err(unreachable(e));
     }
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_max_delay(Duration::from_secs(2));
+        .set_connection_timeout(Some(timeout / 2))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(timeout / 4);
     let conn =
         ConnectionManager::new_with_config(client.clone(), config).await.map_err(unreachable)?;
     Ok((client, conn))

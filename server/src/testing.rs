@@ -38,9 +38,21 @@ impl RedisServer {
     /// Stops the server, keeping its data (`SHUTDOWN SAVE`), and starts it
     /// again on the same port: what a Redis restart looks like to clients.
     pub fn restart(&mut self) -> std::io::Result<()> {
+        self.stop()?;
+        self.start_again()
+    }
+
+    /// Stops the server, keeping its data (`SHUTDOWN SAVE`): clients see
+    /// their connections refused until [`start_again`](Self::start_again).
+    pub fn stop(&mut self) -> std::io::Result<()> {
         // The connection closes as Redis exits: no answer to read.
         let _ = self.command(&["SHUTDOWN", "SAVE"]);
         self.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts a stopped server again on the same port, with its data.
+    pub fn start_again(&mut self) -> std::io::Result<()> {
         self.child = spawn(self.port, &self.dir)?;
         self.wait_until_ready()
     }

@@ -200,6 +200,11 @@ impl MemoryBackend {
 
 #[async_trait]
 impl Backend for MemoryBackend {
+    fn health(&self) -> tokio::sync::watch::Receiver<bool> {
+        // Always up: the sender goes, the value stays.
+        tokio::sync::watch::channel(true).1
+    }
+
     async fn create(
         &self,
         id: EntityId,

@@ -99,6 +99,9 @@ pub(crate) mod redis;
 /// can't reach its store answers [`ExchangeError::Unavailable`].
 #[async_trait]
 pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
+    /// Whether the store answers (always, in memory); changes are seen on it.
+    fn health(&self) -> tokio::sync::watch::Receiver<bool>;
+
     /// Creates a mailbox (an agent's when `agent` is given), owned by `owner`,
     /// who may own at most `quota` active mailboxes (0: no quota).
     ///

@@ -59,3 +59,48 @@ where
     let request = pb::SubscribeRequest { mailbox_id: id.into(), ..Default::default() };
     rpc.subscribe(request).await.unwrap().into_inner()
 }
+
+/// Starts the `academy-exchange` binary on a free port, with `envs` and
+/// `args`, and returns it with its URL, read from its JSON "listening" log
+/// line. Its logs are read (and dropped) for as long as it runs.
+pub fn spawn_exchange(envs: &[(&str, &str)], args: &[&str]) -> (std::process::Child, String) {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_academy-exchange"))
+        .env("ACADEMY_EXCHANGE_LISTEN", "127.0.0.1:0")
+        .env("ACADEMY_LOG_FORMAT", "json")
+        .env("ACADEMY_EXCHANGE_WORKER_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .envs(envs.iter().copied())
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let log: serde_json::Value = serde_json::from_str(&line).expect("json logs");
+        if let Some(addr) = log["fields"]["addr"].as_str() {
+            // Keep reading its logs so it never writes to a closed pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return (child, format!("http://{addr}"));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the exchange never said where it listens");
+}
+
+/// The resident memory of process `pid`, in bytes (from /proc).
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// How many file descriptors process `pid` holds.
+pub fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}

@@ -54,6 +54,9 @@ pub struct RedisOptions {
     pub mailbox_ttl: Option<Duration>,
     /// How long a terminated mailbox's gravestone is kept (`None`: forever).
     pub gravestone_ttl: Option<Duration>,
+    /// How long a call waits for Redis (to reconnect, or to answer) before
+    /// failing with UNAVAILABLE.
+    pub timeout: Duration,
 }
 
 impl Default for RedisOptions {
@@ -63,6 +66,7 @@ impl Default for RedisOptions {
             prefix: "academy".into(),
             mailbox_ttl: None,
             gravestone_ttl: None,
+            timeout: academy_server::redis::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -125,13 +129,18 @@ pub(crate) struct RedisBackend {
     keys: Keys,
     options: RedisOptions,
     reader: Arc<Reader>,
+    /// Whether Redis answered the last health check.
+    health: Arc<tokio::sync::watch::Sender<bool>>,
     /// Held by every handle on the backend but its own background tasks'.
     _in_use: Option<Arc<InUse>>,
 }
 
+/// How often a replica checks that Redis answers.
+const HEALTH_EVERY: Duration = Duration::from_secs(1);
+
 impl RedisBackend {
     pub(crate) async fn connect(options: RedisOptions) -> Result<Self, ExchangeError> {
-        let (client, conn) = connect_redis(&options.url).await?;
+        let (client, conn) = connect_redis(&options.url, options.timeout).await?;
         let keys = Keys::new(&options.prefix);
         let stop = CancellationToken::new();
         let reader = Reader::start(client, conn.clone(), keys.bell(), stop.clone()).await?;
@@ -140,13 +149,38 @@ impl RedisBackend {
         let presence = keys.replica(&reader.replica);
         let in_use = InUse { stop: stop.clone(), conn: conn.clone(), presence };
         let scripts = Arc::new(Scripts::new());
-        let backend =
-            Self { conn, scripts, keys, options, reader, _in_use: Some(Arc::new(in_use)) };
+        let health = Arc::new(tokio::sync::watch::Sender::new(true));
+        let in_use = Some(Arc::new(in_use));
+        let backend = Self { conn, scripts, keys, options, reader, health, _in_use: in_use };
         backend.renew_presence().await?;
         migration::upgrade(&backend).await?;
         let tasks = Self { _in_use: None, ..backend.clone() };
+        let checks = tasks.clone();
+        let stop_checks = stop.clone();
         tokio::spawn(async move { stop.run_until_cancelled(tasks.keep()).await });
+        tokio::spawn(async move { stop_checks.run_until_cancelled(checks.check_health()).await });
         Ok(backend)
+    }
+
+    /// Pings Redis every [`HEALTH_EVERY`], and says whether it answered
+    /// (within the call timeout), for the exchange's health service.
+    async fn check_health(self) {
+        let mut every = tokio::time::interval(HEALTH_EVERY);
+        loop {
+            every.tick().await;
+            let (mut conn, ping) = (self.conn.clone(), redis::cmd("PING"));
+            let answer =
+                tokio::time::timeout(self.options.timeout, ping.query_async::<String>(&mut conn));
+            let up = matches!(answer.await, Ok(Ok(_)));
+            if self.health.send_replace(up) != up {
+                let url = redacted_url(&self.options.url);
+                if up {
+                    tracing::info!(%url, "Redis answers again");
+                } else {
+                    tracing::error!(%url, "Redis does not answer: calls fail with UNAVAILABLE");
+                }
+            }
+        }
     }
 
     /// Renews this replica's presence; and, as during a rolling upgrade
@@ -238,6 +272,10 @@ impl RedisBackend {
 
 #[async_trait]
 impl Backend for RedisBackend {
+    fn health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+
     async fn create(
         &self,
         id: EntityId,

@@ -434,7 +434,8 @@ mod ordering {
     #[tokio::test]
     async fn the_newest_subscription_stays_whatever_the_order() {
         let redis = academy_server::testing::RedisServer::start().expect("redis-server runs");
-        let (client, conn) = academy_server::redis::connect(&redis.url()).await.unwrap();
+        let (client, conn) =
+            academy_server::redis::connect(&redis.url(), Duration::from_secs(2)).await.unwrap();
         let keys = Keys::new("t");
         let reader =
             Reader::start(client, conn, keys.bell(), CancellationToken::new()).await.unwrap();

@@ -6,7 +6,7 @@ use redis::{RedisError, Value};
 use academy_proto::ExchangeError;
 
 pub(super) fn unavailable(err: RedisError) -> ExchangeError {
-    ExchangeError::Unavailable(err.to_string())
+    ExchangeError::Unavailable(format!("Redis does not answer: {err}"))
 }
 
 pub(super) fn string(value: &Value) -> Option<String> {

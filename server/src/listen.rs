@@ -1,0 +1,268 @@
+//! Accepting connections with bounds (docs/design.md, "Limits"): at most so
+//! many at once, and per peer address; a connection must start its
+//! handshake within a time limit; running out of file descriptors backs off
+//! instead of spinning. Accepted connections have TCP_NODELAY set (small
+//! messages must not wait for Nagle).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// Bounds on the connections a server accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Most connections open at once; more are closed as they come.
+    pub max_connections: usize,
+    /// Most connections open at once from one peer address.
+    pub max_per_peer: usize,
+    /// How long a new connection may take to start its handshake (the
+    /// HTTP/2 preface, or a TLS ClientHello) before it is closed.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_per_peer: 1_000,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// These limits, with `max_connections` lowered to leave room within
+    /// the process's file descriptor limit (`fd_limit`) for everything else.
+    pub fn within(self, fd_limit: u64) -> Self {
+        let room = usize::try_from(fd_limit.saturating_sub(64)).unwrap_or(usize::MAX).max(16);
+        Self { max_connections: self.max_connections.min(room), ..self }
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit (servers hold a
+/// descriptor per connection); answers the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// A connection accepted within the limits; its slots are given back when it
+/// closes.
+#[derive(Debug)]
+pub struct Bounded {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    _peer: PeerSlot,
+}
+
+/// One of a peer's connections; the count goes down when it is dropped.
+#[derive(Debug)]
+struct PeerSlot {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = peers.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Connected for Bounded {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Bounded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// The connections of `listener` that come within `limits`, as a stream for
+/// tonic's `serve_with_incoming`. Accepting stops when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+) -> impl futures::Stream<Item = std::io::Result<Bounded>> {
+    let (ready, accepted) = mpsc::channel(128);
+    tokio::spawn(accept(listener, limits, ready));
+    tokio_stream::wrappers::ReceiverStream::new(accepted)
+}
+
+/// Bytes that show a handshake has started: the whole HTTP/2 preface of a
+/// plaintext client, or the header of a TLS record.
+fn handshake_bytes(first: u8) -> usize {
+    if first == b'P' { 24 } else { 5 }
+}
+
+async fn accept(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    ready: mpsc::Sender<std::io::Result<Bounded>>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let peers: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let mut refused = Refusals::default();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = ready.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => {
+                    backoff = Duration::from_millis(10);
+                    accepted
+                }
+                Err(e) if out_of_resources(&e) => {
+                    // Out of descriptors: accepting again at once would
+                    // spin; connections closing will free some.
+                    refused.note("the process is out of file descriptors");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(_) => continue,
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused.note("the server holds --max-connections connections");
+            continue;
+        };
+        let peer = {
+            let mut counts = peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let count = counts.entry(peer.ip()).or_default();
+            if *count >= limits.max_per_peer {
+                drop(counts);
+                refused.note("a peer holds --max-connections-per-peer connections");
+                continue;
+            }
+            *count += 1;
+            PeerSlot { peers: peers.clone(), ip: peer.ip() }
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let started = handshake(&stream, limits.handshake_timeout).await;
+            if started && stream.set_nodelay(true).is_ok() {
+                let _ = ready.send(Ok(Bounded { stream, _slot: slot, _peer: peer })).await;
+            }
+        });
+    }
+}
+
+/// Waits until `stream` shows the start of a handshake, at most `timeout`.
+async fn handshake(stream: &TcpStream, timeout: Duration) -> bool {
+    let started = async {
+        let mut bytes = [0u8; 24];
+        loop {
+            let n = stream.peek(&mut bytes).await.ok()?;
+            if n == 0 {
+                return None; // closed
+            }
+            if n >= handshake_bytes(bytes[0]) {
+                return Some(());
+            }
+            // A few bytes so far: wait for the rest of the packet(s).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    matches!(tokio::time::timeout(timeout, started).await, Ok(Some(())))
+}
+
+fn out_of_resources(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// Counts refused connections, logging at most every ten seconds.
+#[derive(Debug, Default)]
+struct Refusals {
+    since: Option<Instant>,
+    count: usize,
+}
+
+impl Refusals {
+    fn note(&mut self, why: &str) {
+        self.count += 1;
+        if self.since.is_none_or(|since| since.elapsed() >= Duration::from_secs(10)) {
+            tracing::warn!(refused = self.count, why, "closing new connections");
+            self.since = Some(Instant::now());
+            self.count = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_room_within_the_descriptor_limit() {
+        let limits = ConnectionLimits::default();
+        assert_eq!(limits.within(1024).max_connections, 960);
+        assert_eq!(limits.within(1 << 20).max_connections, 10_000);
+        assert_eq!(limits.within(10).max_connections, 16);
+        assert!(raise_fd_limit() >= 64);
+    }
+}
