@@ -41,4 +41,4 @@ bench:
 
 ## Regenerate proto/src/generated/ after changing a .proto file.
 proto:
-	ACADEMY_REGENERATE=1 cargo test -p academy-proto --test generated
+	cargo run -q -p academy-proto-codegen

@@ -305,6 +305,7 @@ impl ExchangeApi for GrpcExchange {
                 exact: matching == Matching::Exact,
                 page_size: DISCOVER_PAGE,
                 page_token,
+                ..Default::default()
             };
             let page = self.rpc().discover(request).await?.into_inner();
             for info in page.agents {

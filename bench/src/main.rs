@@ -360,6 +360,7 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
                     exact,
                     page_size: 10_000,
                     page_token,
+                    ..Default::default()
                 };
                 let page = rpc.discover(req).await?.into_inner();
                 found += page.agents.len();

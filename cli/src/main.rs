@@ -130,6 +130,7 @@ fn agent_json(a: &pb::AgentRecord) -> Value {
         "state": state_name(a.state), "worker_id": a.worker_id, "epoch": a.epoch,
         "restarts": a.restarts, "retry_limit": a.retry_limit, "reason": a.reason, "owner": a.owner,
         "selector": a.selector, "config": a.config.clone().map_or(Value::Null, json::from_proto),
+        "config_redacted": a.config_redacted,
     })
 }
 

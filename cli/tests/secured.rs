@@ -150,6 +150,7 @@ async fn users_launch_call_and_stop_only_their_own_agents() {
     assert_eq!(greeter.greet("alice".into()).await.unwrap(), "hello alice");
     let record = alice.get(greeter.id()).await.unwrap();
     assert_eq!(record.owner, "alice");
+    assert!(record.config.is_some() && !record.config_redacted, "alice sees her config");
 
     // Bob may call it, but not stop it, nor end its mailbox behind the launcher's back.
     let bob = Launcher::connect_with(&launcher.url(), &creds(BOB)).await.unwrap();
@@ -159,6 +160,11 @@ async fn users_launch_call_and_stop_only_their_own_agents() {
         panic!("bob stopped alice's agent");
     };
     assert!(message.contains("launched by principal \"alice\""), "{message}");
+    // Nor see its config, which may hold secrets.
+    let seen = bob.get(greeter.id()).await.unwrap();
+    assert!(seen.config.is_none() && seen.config_redacted, "{seen:?}");
+    let (ok, out, _) = cli(launcher.url(), Some(BOB), &["--json", "agents", "list"]).await;
+    assert!(ok && out.contains("\"config\":null") && !out.contains("hello"), "{out}");
     let bob_exchange = GrpcExchange::connect_with(exchange.url(), &creds(BOB)).await.unwrap();
     let terminate = ExchangeApi::terminate(&bob_exchange, &greeter.id()).await;
     assert!(

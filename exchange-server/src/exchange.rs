@@ -107,7 +107,8 @@ impl Exchange {
                 "agent_id {id} is not an agent id"
             )));
         }
-        let info = RegisteredAgent { id, behaviour: behaviour.to_owned(), implements, name };
+        let owner = self.principal().unwrap_or_default().to_owned();
+        let info = RegisteredAgent { id, behaviour: behaviour.to_owned(), implements, name, owner };
         self.backend.create(id, Some(info), self.principal(), self.mailbox_quota()).await?;
         tracing::debug!(agent = %id, behaviour, "agent mailbox created");
         Ok(id)
@@ -161,17 +162,20 @@ impl Exchange {
         name: &str,
         matching: Matching,
     ) -> Result<Vec<RegisteredAgent>, ExchangeError> {
-        Ok(self.discover_page(name, matching, None, None).await?.0)
+        Ok(self.discover_page(name, matching, None, None, None).await?.0)
     }
 
     /// One page of [`discover`](Self::discover): at most `limit` agents after
-    /// `after`, and the id to continue after when more match.
+    /// `after` (registered by `owner`, if given), and the id to continue
+    /// after when more may match. Filtered by owner, a page looks at a
+    /// bounded number of agents, so it may hold fewer than `limit`.
     pub async fn discover_page(
         &self,
         name: &str,
         matching: Matching,
         after: Option<EntityId>,
         limit: Option<usize>,
+        owner: Option<&str>,
     ) -> Result<(Vec<RegisteredAgent>, Option<EntityId>), ExchangeError> {
         let exact = matching == Matching::Exact;
         if exact && name.is_empty() {
@@ -179,7 +183,23 @@ impl Exchange {
                 "exact discovery needs a behaviour name".into(),
             ));
         }
-        self.backend.discover(name, exact, Page { after, limit }).await
+        let Some(owner) = owner else {
+            return self.backend.discover(name, exact, Page { after, limit }).await;
+        };
+        let limit = limit.unwrap_or(usize::MAX).max(1);
+        let scan = Page { after, limit: Some(limit.saturating_mul(8).clamp(1_000, 20_000)) };
+        let (scanned, more) = self.backend.discover(name, exact, scan).await?;
+        let mut found = Vec::new();
+        for agent in scanned {
+            if found.len() == limit {
+                let last: &RegisteredAgent = found.last().expect("a full page");
+                return Ok((found.clone(), Some(last.id)));
+            }
+            if agent.owner == owner {
+                found.push(agent);
+            }
+        }
+        Ok((found, more))
     }
 
     /// Checks a message and returns its destination.

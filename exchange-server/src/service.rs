@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use academy_proto::pb::{self, exchange_service_server};
 use academy_proto::{EntityId, ExchangeError, Matching, duration, json};
-use academy_server::auth::Principal;
+use academy_server::auth::{Grant, Principal, until_revoked};
 use academy_server::page;
 use futures::{Stream, StreamExt as _};
 use prost::Message as _;
@@ -98,10 +98,10 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let req = request.into_inner();
         let after = parse_optional_id(&req.page_token, "page_token")?;
         let limit = Some(page::size(req.page_size, MAX_DISCOVER_PAGE));
-        let (agents, next) = self
-            .exchange
-            .discover_page(&req.behaviour, Matching::exact(req.exact), after, limit)
-            .await?;
+        let owner = (!req.owner.is_empty()).then_some(req.owner.as_str());
+        let matching = Matching::exact(req.exact);
+        let (agents, next) =
+            self.exchange.discover_page(&req.behaviour, matching, after, limit, owner).await?;
         let mut agents: Vec<pb::AgentInfo> = agents.into_iter().map(Into::into).collect();
         let keep = page::fit(&agents);
         let next_page_token = if keep < agents.len() {
@@ -157,6 +157,7 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
     ) -> RpcResult<Self::SubscribeStream> {
         let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
         let epoch = request.get_ref().epoch;
+        let grant = Grant::of(&request);
         let subscription = self.exchange_for(&request).subscribe_as(&id, epoch).await?;
         tracing::debug!("subscriber attached");
         let open = Open::new(self.metrics.clone());
@@ -165,7 +166,7 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
             open.0.delivered.inc_by(deliveries.len() as u64);
             Ok(pb::SubscribeResponse { deliveries })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(until_revoked(stream, grant))))
     }
 
     async fn acknowledge(

@@ -466,7 +466,13 @@ async fn an_earlier_versions_discovery_index_is_taken_over_at_start() {
     let mut discover = async |name: &str, exact: bool, page_size: u32| {
         let (mut found, mut page_token) = (Vec::new(), String::new());
         loop {
-            let req = pb::DiscoverRequest { behaviour: name.into(), exact, page_size, page_token };
+            let req = pb::DiscoverRequest {
+                behaviour: name.into(),
+                exact,
+                page_size,
+                page_token,
+                ..Default::default()
+            };
             let page = lookup.discover(req).await.unwrap().into_inner();
             found.extend(page.agents.into_iter().map(|a| a.agent_id));
             if page.next_page_token.is_empty() {

@@ -8,7 +8,7 @@ use academy_proto::pb::{self, AgentState, join_request::Body, launcher_service_s
 use academy_proto::{EntityId, ExchangeError, duration, json};
 use academy_sdk::ClientError;
 use academy_sdk::exchange::SharedExchange;
-use academy_server::auth::Principal;
+use academy_server::auth::{Grant, Principal, until_revoked};
 use academy_server::page;
 use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
@@ -47,6 +47,11 @@ impl LauncherGrpc {
         crate::metrics::ClusterGauges(self.cluster.clone())
     }
 
+    /// Who makes `request`, to show them records.
+    fn viewer<T>(&self, request: &Request<T>) -> Viewer {
+        Viewer { caller: Principal::of(request), workers: self.worker_principal.clone() }
+    }
+
     /// Refuses a caller other than the workers' principal (when calls are
     /// authenticated) from doing `what`.
     fn workers_only<T>(&self, request: &Request<T>, what: &str) -> Result<(), Status> {
@@ -68,6 +73,27 @@ impl LauncherGrpc {
 
     fn cluster(&self) -> std::sync::MutexGuard<'_, Cluster> {
         self.cluster.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Who looks at records: only an agent's owner and the workers' principal
+/// see its config (it may hold secrets); without authentication, everyone.
+#[derive(Debug, Clone)]
+struct Viewer {
+    caller: Option<Arc<str>>,
+    workers: Option<Arc<str>>,
+}
+
+impl Viewer {
+    fn show(&self, mut record: pb::AgentRecord) -> pb::AgentRecord {
+        if let Some(caller) = &self.caller
+            && **caller != *record.owner
+            && self.workers.as_ref() != Some(caller)
+        {
+            record.config = None;
+            record.config_redacted = true;
+        }
+        record
     }
 }
 
@@ -170,17 +196,19 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
         let agent = self.cluster().agent(&id).cloned();
         let agent =
             agent.ok_or_else(|| Status::not_found(format!("no agent {id} was launched here")))?;
-        Ok(Response::new(pb::GetAgentResponse { agent: Some(agent) }))
+        Ok(Response::new(pb::GetAgentResponse { agent: Some(self.viewer(&request).show(agent)) }))
     }
 
     async fn list_agents(
         &self,
         request: Request<pb::ListAgentsRequest>,
     ) -> RpcResult<pb::ListAgentsResponse> {
+        let viewer = self.viewer(&request);
         let req = request.into_inner();
         let after = page_token(&req.page_token, "page_token")?;
         let limit = page::size(req.page_size, MAX_LIST_PAGE);
-        let (mut agents, more) = self.cluster().agents_after(after.as_deref(), limit);
+        let (agents, more) = self.cluster().agents_after(after.as_deref(), limit);
+        let mut agents: Vec<_> = agents.into_iter().map(|a| viewer.show(a)).collect();
         let next_page_token = next_token(&mut agents, more, |a| &a.agent_id);
         Ok(Response::new(pb::ListAgentsResponse { agents, next_page_token }))
     }
@@ -189,17 +217,18 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
 
     async fn watch_agents(
         &self,
-        _request: Request<pb::WatchAgentsRequest>,
+        request: Request<pb::WatchAgentsRequest>,
     ) -> RpcResult<Self::WatchAgentsStream> {
+        let (viewer, grant) = (self.viewer(&request), Grant::of(&request));
         let (now, changes) = self.cluster().watch();
         let now = futures::stream::iter(now).map(Ok);
         let changes = tokio_stream::wrappers::BroadcastStream::new(changes).map(|change| {
             change.map_err(|_| Status::aborted("this watcher fell behind; watch again"))
         });
-        let stream = now
-            .chain(changes)
-            .map(|agent| agent.map(|a| pb::WatchAgentsResponse { agent: Some(a) }));
-        Ok(Response::new(Box::pin(stream)))
+        let stream = now.chain(changes).map(move |agent| {
+            agent.map(|a| pb::WatchAgentsResponse { agent: Some(viewer.show(a)) })
+        });
+        Ok(Response::new(Box::pin(until_revoked(stream, grant))))
     }
 
     #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent_id))]
@@ -264,6 +293,7 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
         request: Request<Streaming<pb::JoinRequest>>,
     ) -> RpcResult<Self::JoinStream> {
         self.workers_only(&request, "serve as a worker")?;
+        let grant = Grant::of(&request);
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.heartbeat_timeout, inbound.next()).await;
         let register = match first {
@@ -292,7 +322,7 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
         let outbound = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
             .map(Ok)
             .take_until(self.shutdown.clone().cancelled_owned());
-        Ok(Response::new(Box::pin(outbound)))
+        Ok(Response::new(Box::pin(until_revoked(outbound, grant))))
     }
 }
 

@@ -26,8 +26,8 @@ pub use id::{EntityId, EntityKind};
 pub use mailbox::{MailboxStatus, Matching, RegisteredAgent};
 
 /// Generated messages, clients and servers of `academy.v1` (checked in under
-/// `src/generated/`; `tests/generated.rs` keeps them in step with the
-/// `.proto` files).
+/// `src/generated/`; `make proto` writes them, and `academy-proto-codegen`'s
+/// test keeps them in step with the `.proto` files).
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
 pub mod pb {
     include!("generated/academy.v1.rs");

@@ -14,6 +14,8 @@ pub struct RegisteredAgent {
     pub implements: Vec<String>,
     /// Its optional human-readable name.
     pub name: String,
+    /// The principal that registered it (empty without authentication).
+    pub owner: String,
 }
 
 impl From<RegisteredAgent> for pb::AgentInfo {
@@ -23,6 +25,7 @@ impl From<RegisteredAgent> for pb::AgentInfo {
             behaviour: agent.behaviour,
             implements: agent.implements,
             name: agent.name,
+            owner: agent.owner,
         }
     }
 }
@@ -36,6 +39,7 @@ impl TryFrom<pb::AgentInfo> for RegisteredAgent {
             behaviour: info.behaviour,
             implements: info.implements,
             name: info.name,
+            owner: info.owner,
         })
     }
 }

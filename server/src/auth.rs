@@ -134,6 +134,37 @@ fn uncommented(line: &str) -> &str {
     line[..end].trim()
 }
 
+/// `stream`, ended with `UNAUTHENTICATED` once `grant` (the call's, if it
+/// came with a token) is revoked: an open stream lasts no longer than the
+/// token that opened it.
+pub fn until_revoked<S, T>(
+    stream: S,
+    grant: Option<Grant>,
+) -> impl futures::Stream<Item = Result<T, Status>> + Send + 'static
+where
+    S: futures::Stream<Item = Result<T, Status>> + Send + 'static,
+    T: Send + 'static,
+{
+    use futures::StreamExt as _;
+    let revoked: futures::future::BoxFuture<'static, ()> = match grant {
+        Some(grant) => Box::pin(grant.revoked()),
+        None => Box::pin(std::future::pending()),
+    };
+    let state = (Box::pin(stream), revoked, false);
+    futures::stream::unfold(state, |(mut stream, mut revoked, ended)| async move {
+        if ended {
+            return None;
+        }
+        tokio::select! {
+            () = &mut revoked => {
+                let revoked_now = denied("the token that opened this stream was revoked");
+                Some((Err(revoked_now), (stream, revoked, true)))
+            }
+            item = stream.next() => item.map(|item| (item, (stream, revoked, false))),
+        }
+    })
+}
+
 /// A tonic interceptor: with tokens, every call must carry a known bearer
 /// token, whose principal it adds to the request; with client certificates
 /// ([`with_client_certificates`](Self::with_client_certificates)), a call
@@ -141,8 +172,47 @@ fn uncommented(line: &str) -> &str {
 /// as they are (no principal: the server trusts its network).
 #[derive(Debug, Clone, Default)]
 pub struct Authenticator {
-    tokens: Option<Arc<RwLock<Tokens>>>,
+    tokens: Option<Arc<Shared>>,
     client_certificates: bool,
+}
+
+/// The tokens in use, and a signal each time they change.
+#[derive(Debug)]
+struct Shared {
+    tokens: RwLock<Tokens>,
+    changed: tokio::sync::watch::Sender<()>,
+}
+
+/// What a bearer token granted a call: for a stream that lasts, a way to
+/// end it once the token is revoked (gone from the tokens file, or naming
+/// another principal). Put in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    shared: Arc<Shared>,
+    token: Arc<str>,
+    principal: Principal,
+}
+
+impl Grant {
+    /// The grant of a call that passed [`Authenticator`] with a token.
+    pub fn of<T>(request: &Request<T>) -> Option<Self> {
+        request.extensions().get::<Self>().cloned()
+    }
+
+    /// Completes once the token no longer grants this principal (it never
+    /// does while the token stays).
+    pub async fn revoked(self) {
+        let mut changes = self.shared.changed.subscribe();
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let tokens = self.shared.tokens.read().unwrap_or_else(PoisonError::into_inner);
+            if tokens.map.get(&*self.token) != Some(&self.principal) {
+                return;
+            }
+        }
+    }
 }
 
 impl Authenticator {
@@ -151,7 +221,12 @@ impl Authenticator {
     /// Must be called inside a tokio runtime when they came from a file.
     pub fn new(tokens: Option<Tokens>) -> Self {
         let source = tokens.as_ref().and_then(|t| t.source.clone());
-        let tokens = tokens.map(|t| Arc::new(RwLock::new(t)));
+        let tokens = tokens.map(|t| {
+            Arc::new(Shared {
+                tokens: RwLock::new(t),
+                changed: tokio::sync::watch::Sender::new(()),
+            })
+        });
         if let (Some(shared), Some((path, every))) = (&tokens, source) {
             tokio::spawn(follow(Arc::downgrade(shared), path, every));
         }
@@ -175,18 +250,20 @@ fn denied(why: &str) -> Status {
     Status::from(ExchangeError::Unauthenticated(why.to_owned()))
 }
 
-/// The principal of bearer token `header` (`Bearer <token>`).
-fn token_principal(
-    tokens: &RwLock<Tokens>,
+/// What bearer token `header` (`Bearer <token>`) grants.
+fn token_grant(
+    shared: &Arc<Shared>,
     header: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-) -> Result<Principal, Status> {
+) -> Result<Grant, Status> {
     let token = header
         .to_str()
         .ok()
         .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-        .ok_or_else(|| denied("the authorization header is not `Bearer <token>`"))?;
-    let tokens = tokens.read().unwrap_or_else(PoisonError::into_inner);
-    tokens.map.get(token.trim()).cloned().ok_or_else(|| denied("unknown bearer token"))
+        .ok_or_else(|| denied("the authorization header is not `Bearer <token>`"))?
+        .trim();
+    let tokens = shared.tokens.read().unwrap_or_else(PoisonError::into_inner);
+    let principal = tokens.map.get(token).cloned().ok_or_else(|| denied("unknown bearer token"))?;
+    Ok(Grant { shared: shared.clone(), token: token.into(), principal })
 }
 
 /// The principal a call's client certificate names (already verified by
@@ -209,7 +286,7 @@ fn certificate_principal(request: &Request<()>) -> Result<Principal, Status> {
 
 /// Reads the tokens file every `every`, until the authenticator is gone,
 /// taking its tokens when the file changed and still parses.
-async fn follow(tokens: Weak<RwLock<Tokens>>, path: PathBuf, every: Duration) {
+async fn follow(tokens: Weak<Shared>, path: PathBuf, every: Duration) {
     let mut last = std::fs::read(&path).ok();
     loop {
         tokio::time::sleep(every).await;
@@ -226,7 +303,8 @@ async fn follow(tokens: Weak<RwLock<Tokens>>, path: PathBuf, every: Duration) {
             Ok(fresh) => {
                 let principals = fresh.principals().len();
                 let fresh = Tokens { source: Some((path.clone(), every)), ..fresh };
-                *shared.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                *shared.tokens.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                shared.changed.send_replace(());
                 tracing::info!(path = %path.display(), principals, "tokens file changed; new tokens in use");
             }
             Err(e) => {
@@ -244,7 +322,12 @@ impl tonic::service::Interceptor for Authenticator {
         }
         let header = request.metadata().get("authorization");
         let principal = match (&self.tokens, header) {
-            (Some(tokens), Some(header)) => token_principal(tokens, header)?,
+            (Some(tokens), Some(header)) => {
+                let grant = token_grant(tokens, header)?;
+                let principal = grant.principal.clone();
+                request.extensions_mut().insert(grant);
+                principal
+            }
             _ if self.client_certificates => certificate_principal(&request)?,
             _ => {
                 return Err(denied(

@@ -77,7 +77,13 @@ pub(crate) async fn discovery_pages_through_large_answers(store: Store) {
     let page = async |rpc: &mut ExchangeServiceClient<Channel>, exact: bool, page_token: &str| {
         let behaviour = "lab.Paged".into();
         let page_token = page_token.into();
-        let req = pb::DiscoverRequest { behaviour, exact, page_size: 2, page_token };
+        let req = pb::DiscoverRequest {
+            behaviour,
+            exact,
+            page_size: 2,
+            page_token,
+            ..Default::default()
+        };
         let page = rpc.discover(req).await.unwrap().into_inner();
         let ids: Vec<String> = page.agents.into_iter().map(|a| a.agent_id).collect();
         (ids, page.next_page_token)

@@ -52,5 +52,7 @@ conformance!(
     limits::undecodable_and_oversized_requests_get_the_documented_codes,
     ownership::mailboxes_belong_to_the_principal_that_registered_them,
     ownership::principals_are_held_to_their_quotas,
+    ownership::a_revoked_token_ends_the_streams_it_opened,
+    ownership::discovery_tells_whose_agents_they_are,
     metrics::metrics_count_calls_messages_and_subscriptions,
 );

@@ -219,3 +219,71 @@ pub(crate) async fn principals_are_held_to_their_quotas(store: Store) {
     alice.terminate(pb::TerminateRequest { mailbox_id: agents[0].clone() }).await.unwrap();
     bob.send(send(sized(&bobs, &agent, 3000))).await.unwrap();
 }
+
+/// A stream lasts no longer than the token that opened it: once the tokens
+/// file no longer holds it, the stream ends UNAUTHENTICATED.
+pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-revoke-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let tokens = Tokens::load(&file).unwrap().reload_every(Duration::from_millis(20));
+    let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let mut alice = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
+    let mut bob = ExchangeServiceClient::with_interceptor(channel, Bearer(BOB));
+    let open = async |rpc: &mut ExchangeServiceClient<_>| {
+        let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+        let request = pb::SubscribeRequest { mailbox_id: client.into_inner().client_id, epoch: 0 };
+        rpc.subscribe(request).await.unwrap().into_inner()
+    };
+    let (mut alices, mut bobs) = (open(&mut alice).await, open(&mut bob).await);
+    std::fs::write(&file, format!("bob {BOB}\n")).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), alices.next()).await;
+    let status = ended.expect("the stream ends").expect("with a status").unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{}", status.message());
+    // Bob's token stays: his stream stays open.
+    let still = tokio::time::timeout(Duration::from_millis(300), bobs.next()).await;
+    assert!(still.is_err(), "bob's stream ended: {still:?}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Discovery says whose agents they are, and finds one principal's among
+/// many of another's, a bounded scan per page.
+pub(crate) async fn discovery_tells_whose_agents_they_are(store: Store) {
+    let tokens = Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let mut alice = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
+    let mut bob = ExchangeServiceClient::with_interceptor(channel, Bearer(BOB));
+    let sensor =
+        || pb::RegisterAgentRequest { behaviour: "lab.Sensor".into(), ..Default::default() };
+    for _ in 0..1_500 {
+        bob.register_agent(sensor()).await.unwrap();
+    }
+    let mine = alice.register_agent(sensor()).await.unwrap().into_inner().agent_id;
+    let (mut pages, mut found, mut page_token) = (0, Vec::new(), String::new());
+    loop {
+        let request = pb::DiscoverRequest {
+            behaviour: "lab.Sensor".into(),
+            owner: "alice".into(),
+            page_size: 10,
+            page_token,
+            ..Default::default()
+        };
+        let page = bob.discover(request).await.unwrap().into_inner();
+        pages += 1;
+        found.extend(page.agents);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert!(pages > 1, "a page scans a bounded number of agents");
+    let ids: Vec<&str> = found.iter().map(|a| a.agent_id.as_str()).collect();
+    assert_eq!((ids, found[0].owner.as_str()), (vec![mine.as_str()], "alice"));
+    let all = bob.discover(pb::DiscoverRequest { page_size: 2, ..Default::default() }).await;
+    assert_eq!(all.unwrap().into_inner().agents[0].owner, "bob");
+}

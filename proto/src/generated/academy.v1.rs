@@ -175,6 +175,10 @@ pub struct AgentInfo {
     pub implements: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(string, tag = "4")]
     pub name: ::prost::alloc::string::String,
+    /// The principal that registered it (empty on an exchange that does not
+    /// authenticate): tells a team's agents from others' of the same behaviour.
+    #[prost(string, tag = "5")]
+    pub owner: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DiscoverRequest {
@@ -192,6 +196,11 @@ pub struct DiscoverRequest {
     /// The next_page_token of the previous answer, to get the next page.
     #[prost(string, tag = "4")]
     pub page_token: ::prost::alloc::string::String,
+    /// Only agents registered by this principal (empty: anyone's). An answer
+    /// then looks at a bounded number of agents: it may hold fewer than
+    /// page_size, even none, while next_page_token says where to go on.
+    #[prost(string, tag = "5")]
+    pub owner: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DiscoverResponse {
@@ -1327,8 +1336,12 @@ pub struct AgentRecord {
     #[prost(string, tag = "3")]
     pub name: ::prost::alloc::string::String,
     /// The behaviour's configuration (JSON): what the worker builds it from.
+    /// Only the agent's owner and the workers' principal see it (it may hold
+    /// secrets); to others it is unset and config_redacted is true.
     #[prost(message, optional, tag = "13")]
     pub config: ::core::option::Option<::prost_types::Value>,
+    #[prost(bool, tag = "14")]
+    pub config_redacted: bool,
     /// Labels a worker must carry to run this agent.
     #[prost(map = "string, string", tag = "5")]
     pub selector: ::std::collections::HashMap<

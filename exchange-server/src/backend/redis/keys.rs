@@ -139,6 +139,7 @@ mod tests {
             behaviour: "b".into(),
             implements: vec!["i".into()],
             name: String::new(),
+            owner: String::new(),
         };
         assert_eq!(keys.indexes(&agent), ["p:idx:", "p:idx:b", "p:own:b", "p:idx:i"]);
         assert_eq!(keys.index("b", true), "p:own:b");

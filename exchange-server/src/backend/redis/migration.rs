@@ -92,8 +92,13 @@ pub(super) async fn migrate_index(backend: &RedisBackend) -> Result<usize, Excha
             let (old, new) = match row.first().and_then(string) {
                 Some(behaviour) => {
                     let old = keys.schema1_indexes(&behaviour, &implements);
-                    let agent =
-                        RegisteredAgent { id: *id, behaviour, implements, name: String::new() };
+                    let agent = RegisteredAgent {
+                        id: *id,
+                        behaviour,
+                        implements,
+                        name: String::new(),
+                        owner: String::new(),
+                    };
                     (old, keys.indexes(&agent))
                 }
                 None => (vec![keys.schema1_all()], Vec::new()),

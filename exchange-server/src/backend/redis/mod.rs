@@ -222,7 +222,7 @@ impl RedisBackend {
     async fn agent(&self, id: &EntityId) -> Result<Option<RegisteredAgent>, ExchangeError> {
         let fields: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(self.keys.mailbox(id))
-            .arg(&["k", "b", "i", "n"])
+            .arg(&["k", "b", "i", "n", "o"])
             .query_async(&mut self.conn.clone())
             .await
             .map_err(unavailable)?;
@@ -345,7 +345,7 @@ impl Backend for RedisBackend {
         let (fields, queued): (Vec<Option<String>>, usize) = redis::pipe()
             .cmd("HMGET")
             .arg(self.keys.mailbox(id))
-            .arg(&["s", "k", "b", "i", "n", "r"])
+            .arg(&["s", "k", "b", "i", "n", "o", "r"])
             .cmd("XLEN")
             .arg(self.keys.queue(id))
             .query_async(&mut self.conn.clone())
@@ -360,7 +360,7 @@ impl Backend for RedisBackend {
             .then(|| agent_info(*id, &fields[2..]))
             .flatten();
         // Its subscriber's replica, if it still runs.
-        let subscribed = match fields.get(5).cloned().flatten() {
+        let subscribed = match fields.get(6).cloned().flatten() {
             Some(replica) if state == pb::MailboxState::Active => redis::cmd("EXISTS")
                 .arg(self.keys.replica(&replica))
                 .query_async(&mut self.conn.clone())
@@ -384,7 +384,7 @@ impl Backend for RedisBackend {
         let (ids, next) = page.take(members.iter().filter_map(|m| m.parse().ok()));
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n"]);
+            pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n", "o"]);
         }
         let rows: Vec<Vec<Option<String>>> = if ids.is_empty() {
             Vec::new()
@@ -594,7 +594,7 @@ impl Backend for RedisBackend {
     }
 }
 
-/// Agent info from the hash fields `b`, `i`, `n`.
+/// Agent info from the hash fields `b`, `i`, `n`, `o`.
 fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<RegisteredAgent> {
     let behaviour = fields.first()?.clone()?;
     let implements = fields
@@ -604,5 +604,6 @@ fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<RegisteredAgent
         .and_then(|i| serde_json::from_str(&i).ok())
         .unwrap_or_default();
     let name = fields.get(2).cloned().flatten().unwrap_or_default();
-    Some(RegisteredAgent { id, behaviour, implements, name })
+    let owner = fields.get(3).cloned().flatten().unwrap_or_default();
+    Some(RegisteredAgent { id, behaviour, implements, name, owner })
 }
