@@ -51,6 +51,7 @@ pub struct Worker {
     labels: HashMap<String, String>,
     behaviours: HashMap<&'static str, Offered>,
     credentials: Option<Credentials>,
+    orphan_grace: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -69,7 +70,101 @@ impl std::fmt::Debug for Worker {
 /// Why a worker session ended.
 enum SessionEnd {
     Shutdown,
-    Lost(String),
+    /// The launcher closed the connection (or it broke): it went away.
+    Closed(String),
+    /// The launcher fell silent: this worker may be cut off from it.
+    Silent(String),
+}
+
+/// An agent's run, ending with its placement and outcome.
+type Runs = JoinSet<(String, u64, Result<(), AgentError>)>;
+
+/// The agents a worker runs, across its sessions with the launcher.
+#[derive(Default)]
+struct Fleet {
+    /// By id: placement epoch and stop signal.
+    agents: HashMap<String, (u64, StopSignal)>,
+    runs: Runs,
+    /// Agents that ended while the launcher was away, to report on rejoining.
+    finished: Vec<pb::AgentReport>,
+    /// Since the launcher went away: when the agents must stop if it has not
+    /// come back.
+    orphaned: Option<tokio::time::Instant>,
+    exchange: Option<SharedExchange>,
+}
+
+impl Fleet {
+    fn spawn(&mut self, id: String, epoch: u64, stop: StopSignal, run: Run) {
+        let agent = id.clone();
+        self.runs.spawn(async move { (agent, epoch, run.await) });
+        self.agents.insert(id, (epoch, stop));
+    }
+
+    /// What to report of a run that ended.
+    fn ended(
+        &mut self,
+        done: Result<(String, u64, Result<(), AgentError>), tokio::task::JoinError>,
+    ) -> Option<pb::AgentReport> {
+        let (agent_id, epoch, result) = done.ok()?;
+        if self.agents.get(&agent_id).is_some_and(|(e, _)| *e == epoch) {
+            self.agents.remove(&agent_id);
+        }
+        let (state, error) = match result {
+            Ok(()) => (AgentState::Stopped, String::new()),
+            Err(e) => (AgentState::Failed, e.to_string()),
+        };
+        Some(pb::AgentReport { agent_id, epoch, state: state.into(), error })
+    }
+
+    /// Stops the agent of a stop assignment, if it runs that placement.
+    fn stop(&self, stop: &pb::StopAssignment) {
+        if let Some((epoch, signal)) = self.agents.get(&stop.agent_id)
+            && *epoch == stop.epoch
+        {
+            signal.stop(Some(stop.terminate));
+        }
+    }
+
+    /// Reports of the agents running, to hand a launcher on rejoining.
+    fn running(&self) -> Vec<pb::AgentReport> {
+        self.agents
+            .iter()
+            .map(|(id, (epoch, _))| agent_report(id.clone(), *epoch, Ok(())))
+            .collect()
+    }
+
+    /// Records the agents that ended meanwhile (while no launcher listens).
+    async fn settle(&mut self) {
+        match self.runs.join_next().await {
+            Some(done) => {
+                if let Some(report) = self.ended(done) {
+                    self.finished.push(report);
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops every agent, keeping their mailboxes, and waits for them.
+    async fn stop_all(&mut self) {
+        for (_, signal) in self.agents.values() {
+            signal.stop(Some(false));
+        }
+        while self.runs.join_next().await.is_some() {}
+        self.agents.clear();
+        self.finished.clear();
+        self.orphaned = None;
+    }
+}
+
+/// A report of agent `agent_id` in placement `epoch`: running (`Ok`) or
+/// failed with an error.
+fn agent_report(agent_id: String, epoch: u64, state: Result<(), String>) -> pb::AgentReport {
+    let (state, error) = match state {
+        Ok(()) => (AgentState::Running, String::new()),
+        Err(error) => (AgentState::Failed, error),
+    };
+    pb::AgentReport { agent_id, epoch, state: state.into(), error }
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -96,6 +191,7 @@ impl Worker {
             labels: HashMap::new(),
             behaviours: HashMap::new(),
             credentials: None,
+            orphan_grace: Duration::from_secs(60),
         }
     }
 
@@ -145,23 +241,66 @@ impl Worker {
         self.run_until(signalled()).await
     }
 
+    /// How long agents keep running after the launcher closed the
+    /// connection (it restarted, or moved), while the worker reconnects: a
+    /// launcher that comes back in time finds them running and keeps them
+    /// where they are. After that they stop (keeping their mailboxes). A
+    /// launcher that falls silent without closing the connection (the worker
+    /// may be cut off from it, and it may move the agents) is different: the
+    /// agents stop after the lease, as before. 60 s by default.
+    pub fn orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
+        self
+    }
+
     /// Serves until `shutdown` completes.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), ClientError> {
         tokio::pin!(shutdown);
+        let mut fleet = Fleet::default();
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.session(&mut shutdown).await {
-                Ok(SessionEnd::Shutdown) => return Ok(()),
-                Ok(SessionEnd::Lost(why)) => {
-                    tracing::warn!(launcher = %self.launcher_url, %why, "launcher session lost");
+            let end = self.session(&mut fleet, &mut shutdown).await;
+            match end {
+                Ok(SessionEnd::Shutdown) => {
+                    fleet.stop_all().await;
+                    return Ok(());
+                }
+                Ok(SessionEnd::Closed(why)) => {
                     backoff = Duration::from_millis(100);
+                    if !fleet.agents.is_empty() {
+                        tracing::warn!(launcher = %self.launcher_url, %why, agents = fleet.agents.len(), grace = ?self.orphan_grace, "launcher gone; agents keep running while reconnecting");
+                    }
+                    fleet.orphaned.get_or_insert(tokio::time::Instant::now() + self.orphan_grace);
+                }
+                Ok(SessionEnd::Silent(why)) => {
+                    tracing::warn!(launcher = %self.launcher_url, %why, "launcher silent; stopping agents, as it may move them");
+                    backoff = Duration::from_millis(100);
+                    fleet.stop_all().await;
                 }
                 Err(e) => {
                     tracing::warn!(launcher = %self.launcher_url, error = %e, ?backoff, "cannot join the launcher")
                 }
             }
+            if fleet.agents.is_empty() {
+                fleet.orphaned = None;
+            }
+            let orphaned = fleet.orphaned;
+            let grace_over = async {
+                match orphaned {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => {
+                    fleet.stop_all().await;
+                    return Ok(());
+                }
+                () = grace_over => {
+                    tracing::warn!(agents = fleet.agents.len(), "the launcher did not come back in time; stopping agents");
+                    fleet.stop_all().await;
+                }
+                () = fleet.settle() => {}
                 () = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(Duration::from_secs(5)),
             }
         }
@@ -169,6 +308,7 @@ impl Worker {
 
     async fn session(
         &self,
+        fleet: &mut Fleet,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<SessionEnd, ClientError> {
         let url = &self.launcher_url;
@@ -194,6 +334,7 @@ impl Worker {
                     implements: offered.implements.iter().map(|s| (*s).to_owned()).collect(),
                 })
                 .collect(),
+            running: fleet.running(),
         }));
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(outbound);
         let mut inbound = launcher.join(stream).await?.into_inner();
@@ -201,14 +342,21 @@ impl Worker {
             Some(Ok(pb::JoinResponse { body: Some(Body::Registered(welcome)) })) => welcome,
             Some(Err(status)) => return Err(status.into()),
             _ => {
-                return Ok(SessionEnd::Lost(
+                return Ok(SessionEnd::Closed(
                     "the launcher did not acknowledge the registration".into(),
                 ));
             }
         };
-        // Lazily: the exchange may not be up yet; the channel connects on use.
-        let exchange: SharedExchange =
-            Arc::new(GrpcExchange::lazy(&welcome.exchange_url, &credentials)?);
+        // Lazily: the exchange may not be up yet; the channel connects on
+        // use. One client for the worker's life: agents outlive sessions.
+        let exchange = match &fleet.exchange {
+            Some(exchange) => exchange.clone(),
+            None => {
+                let exchange: SharedExchange =
+                    Arc::new(GrpcExchange::lazy(&welcome.exchange_url, &credentials)?);
+                fleet.exchange.insert(exchange).clone()
+            }
+        };
         let duration = |d: Option<academy_proto::prost_types::Duration>, field| {
             academy_proto::duration::from_proto(d.unwrap_or_default(), field)
         };
@@ -216,73 +364,52 @@ impl Worker {
         let interval = duration(welcome.heartbeat_interval, "heartbeat_interval")?;
         let mut heartbeat = tokio::time::interval(interval.max(Duration::from_millis(10)));
         let mut lease_ends = tokio::time::Instant::now() + lease;
-        tracing::info!(worker = %welcome.worker_id, exchange = %welcome.exchange_url, "joined the launcher");
-
-        let mut agents: HashMap<String, (u64, StopSignal)> = HashMap::new();
-        let mut runs: JoinSet<(String, u64, Result<(), AgentError>)> = JoinSet::new();
-        let report = |agent_id: String, epoch, state: AgentState, error: String| {
-            send(Up::Report(pb::AgentReport { agent_id, epoch, state: state.into(), error }));
-        };
-        let end = loop {
+        tracing::info!(worker = %welcome.worker_id, exchange = %welcome.exchange_url, agents = fleet.agents.len(), "joined the launcher");
+        // Its agents have a launcher again (a failed attempt to join keeps
+        // the deadline they had).
+        fleet.orphaned = None;
+        let report = |report: pb::AgentReport| send(Up::Report(report));
+        // What happened while the launcher was away.
+        for done in fleet.finished.drain(..) {
+            report(done);
+        }
+        loop {
             tokio::select! {
-                () = &mut *shutdown => break SessionEnd::Shutdown,
+                () = &mut *shutdown => return Ok(SessionEnd::Shutdown),
                 () = tokio::time::sleep_until(lease_ends) => {
-                    break SessionEnd::Lost(format!("no word from the launcher for {lease:?}"));
+                    return Ok(SessionEnd::Silent(format!("no word from the launcher for {lease:?}")));
                 }
                 _ = heartbeat.tick() => send(Up::Heartbeat(pb::Heartbeat {})),
-                Some(done) = runs.join_next(), if !runs.is_empty() => {
-                    let Ok((agent_id, epoch, result)) = done else { continue };
-                    if agents.get(&agent_id).is_some_and(|(e, _)| *e == epoch) {
-                        agents.remove(&agent_id);
-                    }
-                    match result {
-                        Ok(()) => report(agent_id, epoch, AgentState::Stopped, String::new()),
-                        Err(e) => report(agent_id, epoch, AgentState::Failed, e.to_string()),
+                Some(done) = fleet.runs.join_next(), if !fleet.runs.is_empty() => {
+                    if let Some(done) = fleet.ended(done) {
+                        report(done);
                     }
                 }
                 message = inbound.next() => {
                     let body = match message {
                         Some(Ok(message)) => message.body,
-                        Some(Err(status)) => break SessionEnd::Lost(status.message().to_owned()),
-                        None => break SessionEnd::Lost("the launcher closed the stream".into()),
+                        Some(Err(status)) => return Ok(SessionEnd::Closed(status.message().to_owned())),
+                        None => return Ok(SessionEnd::Closed("the launcher closed the stream".into())),
                     };
                     lease_ends = tokio::time::Instant::now() + lease;
                     match body {
                         Some(Body::Start(start)) => {
                             let id = start.agent_id.clone();
-                            match self.start(&start, exchange.clone()) {
+                            let state = match self.start(&start, exchange.clone()) {
                                 Ok((stop, run)) => {
-                                    let epoch = start.epoch;
-                                    runs.spawn(async move { (id, epoch, run.await) });
-                                    agents.insert(start.agent_id.clone(), (epoch, stop));
-                                    report(start.agent_id, epoch, AgentState::Running, String::new());
+                                    fleet.spawn(id.clone(), start.epoch, stop, run);
+                                    Ok(())
                                 }
-                                Err(error) => report(id, start.epoch, AgentState::Failed, error),
-                            }
+                                Err(error) => Err(error),
+                            };
+                            report(agent_report(id, start.epoch, state));
                         }
-                        Some(Body::Stop(stop)) => {
-                            if let Some((epoch, signal)) = agents.get(&stop.agent_id)
-                                && *epoch == stop.epoch
-                            {
-                                signal.stop(Some(stop.terminate));
-                            }
-                        }
+                        Some(Body::Stop(stop)) => fleet.stop(&stop),
                         _ => {}
                     }
                 }
             }
-        };
-        // Shut down or cut off: the launcher may place these agents elsewhere,
-        // so stop them all now, keeping their mailboxes.
-        for (_, signal) in agents.values() {
-            signal.stop(Some(false));
         }
-        while let Some(done) = runs.join_next().await {
-            if let (SessionEnd::Shutdown, Ok((agent_id, epoch, _))) = (&end, done) {
-                report(agent_id, epoch, AgentState::Stopped, "worker shut down".into());
-            }
-        }
-        Ok(end)
     }
 
     fn start(

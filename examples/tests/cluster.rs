@@ -306,8 +306,12 @@ async fn a_worker_back_from_the_dead_does_not_serve_moved_agents() {
     manager.close().await.unwrap();
 }
 
+/// A launcher that restarts (on Redis) forgets nothing, and its agents do
+/// not notice: workers keep them running meanwhile (callers are served
+/// through the exchange), rejoin with them, and the launcher keeps each
+/// where it was, same placement, so they stay spread over the workers.
 #[tokio::test]
-async fn a_launcher_restarted_on_redis_forgets_nothing() {
+async fn a_launcher_restarted_on_redis_forgets_nothing_and_its_agents_keep_running() {
     let redis =
         academy_server::testing::RedisServer::start().expect("redis-server must run for this test");
     let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
@@ -323,9 +327,18 @@ async fn a_launcher_restarted_on_redis_forgets_nothing() {
     let mut cluster =
         Cluster { exchange, launcher: Some(launcher), launcher_url, rpc, workers: Vec::new() };
     cluster.add_worker("w1").await;
-    let running = cluster.launch("example.WordStats", json!({}), 2).await.unwrap();
+    cluster.add_worker("w2").await;
+    let mut running = Vec::new();
+    for _ in 0..4 {
+        running.push(cluster.launch("example.WordStats", json!({}), 2).await.unwrap());
+    }
     let stopped = cluster.launch("example.WordStats", json!({}), 0).await.unwrap();
-    cluster.wait_state(&running, AgentState::Running).await;
+    let mut placed = Vec::new();
+    for id in &running {
+        cluster.wait_state(id, AgentState::Running).await;
+        placed.push(cluster.worker_of(id).await);
+    }
+    assert_eq!(placed.iter().filter(|w| *w == "w1").count(), 2, "spread: {placed:?}");
     cluster.wait_state(&stopped, AgentState::Running).await;
     cluster
         .rpc
@@ -334,10 +347,21 @@ async fn a_launcher_restarted_on_redis_forgets_nothing() {
         .unwrap();
     cluster.wait_state(&stopped, AgentState::Stopped).await;
 
-    // Restart the launcher on the same address and Redis.
+    // Restart the launcher on the same address and Redis; while it is
+    // away, the agents still answer.
     let first = cluster.launcher.take().unwrap();
     let addr = first.addr();
     first.shutdown().await;
+    let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
+    let analysers: Vec<_> = running
+        .iter()
+        .map(|id| {
+            manager.handle::<WordStats>(id.parse().unwrap()).with_timeout(Duration::from_secs(10))
+        })
+        .collect();
+    for analyser in &analysers {
+        assert_eq!(analyser.analyse("no launcher now".into()).await.unwrap().words, 3);
+    }
     let second = RunningLauncher::start(LauncherOptions { listen: addr, ..options }).await.unwrap();
     cluster.launcher = Some(second);
     cluster.rpc = LauncherServiceClient::connect(cluster.launcher_url.clone()).await.unwrap();
@@ -349,15 +373,17 @@ async fn a_launcher_restarted_on_redis_forgets_nothing() {
         .unwrap()
         .into_inner()
         .agents;
-    assert_eq!(agents.len(), 2, "both records survived: {agents:?}");
+    assert_eq!(agents.len(), 5, "every record survived: {agents:?}");
     assert_eq!(cluster.get(&stopped).await.state(), AgentState::Stopped);
-    // The worker rejoins by itself and the running agent comes back.
-    let back = cluster.wait_state(&running, AgentState::Running).await;
-    assert!(back.epoch >= 2, "placed again: {back:?}");
-    assert_eq!(back.retry_limit, 2);
-    let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
-    let analyser =
-        manager.handle::<WordStats>(running.parse().unwrap()).with_timeout(Duration::from_secs(10));
-    assert_eq!(analyser.analyse("after the restart".into()).await.unwrap().words, 3);
+    // The workers rejoin by themselves with their agents, kept where they
+    // were, at the same placement (not restarted).
+    for (id, worker) in running.iter().zip(&placed) {
+        let back = cluster.wait_state(id, AgentState::Running).await;
+        assert_eq!((back.epoch, back.retry_limit), (1, 2), "kept, not placed again: {back:?}");
+        assert_eq!(&cluster.worker_of(id).await, worker);
+    }
+    for analyser in &analysers {
+        assert_eq!(analyser.analyse("after the restart".into()).await.unwrap().words, 3);
+    }
     manager.close().await.unwrap();
 }

@@ -2,7 +2,7 @@
 //! between states (docs/design.md, "The launcher"). No I/O here: the service feeds
 //! it events and sends what it asks to the workers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 
 use academy_proto::pb::{self, AgentState, join_response::Body};
@@ -51,7 +51,14 @@ pub(crate) struct Cluster {
     agents: BTreeMap<String, pb::AgentRecord>,
     workers: BTreeMap<String, Worker>,
     /// Agents being stopped so they can run elsewhere (drain), not for good.
-    moving: std::collections::HashSet<String>,
+    moving: HashSet<String>,
+    /// Agents waiting to be placed (PENDING), so placing costs what is
+    /// pending, not what the launcher ever knew.
+    pending: BTreeSet<String>,
+    /// Restored agents that were running when the launcher went away: not
+    /// placed anew until the rejoin grace is over, so that their workers,
+    /// which keep them running meanwhile, can bring them back.
+    held: HashSet<String>,
     changes: broadcast::Sender<pb::AgentRecord>,
     /// Where records are persisted, if anywhere.
     store: Option<mpsc::UnboundedSender<Write>>,
@@ -62,7 +69,9 @@ impl Cluster {
         Self {
             agents: BTreeMap::new(),
             workers: BTreeMap::new(),
-            moving: Default::default(),
+            moving: HashSet::new(),
+            pending: BTreeSet::new(),
+            held: HashSet::new(),
             changes: broadcast::channel(4096).0,
             store: None,
         }
@@ -75,9 +84,26 @@ impl Cluster {
         store: mpsc::UnboundedSender<Write>,
     ) {
         for record in records {
+            if record.state() == AgentState::Pending {
+                self.pending.insert(record.agent_id.clone());
+                if record.epoch > 0 {
+                    // Placed before: its worker may still run it.
+                    self.held.insert(record.agent_id.clone());
+                }
+            }
             self.agents.insert(record.agent_id.clone(), record);
         }
         self.store = Some(store);
+    }
+
+    /// The rejoin grace is over: restored agents no worker brought back are
+    /// placed anew.
+    pub(crate) fn release_held(&mut self) {
+        if !self.held.is_empty() {
+            tracing::info!(agents = self.held.len(), "placing the agents no worker brought back");
+            self.held.clear();
+            self.schedule();
+        }
     }
 
     /// A promise that every change so far is persisted (at once without a store).
@@ -152,6 +178,12 @@ impl Cluster {
     }
 
     fn set(&mut self, id: &str, state: AgentState, reason: String) {
+        if state == AgentState::Pending {
+            self.pending.insert(id.to_owned());
+        } else {
+            self.pending.remove(id);
+            self.held.remove(id);
+        }
         if let Some(agent) = self.agents.get_mut(id) {
             agent.state = state.into();
             agent.reason = reason;
@@ -177,9 +209,40 @@ impl Cluster {
             agent_count: 0,
             draining: false,
         };
-        tracing::info!(worker = %id, capacity = record.capacity, behaviours = ?record.behaviours, "worker joined");
-        self.workers.insert(id, Worker { record, implements, agents: BTreeSet::new(), tx });
+        tracing::info!(worker = %id, capacity = record.capacity, behaviours = ?record.behaviours, running = register.running.len(), "worker joined");
+        self.workers.insert(id.clone(), Worker { record, implements, agents: BTreeSet::new(), tx });
+        for running in register.running {
+            self.adopt(&id, running);
+        }
         self.schedule();
+    }
+
+    /// A worker rejoins running an agent (it kept it through the launcher's
+    /// absence): the agent stays there if that placement is still its
+    /// current one and nobody else runs it; otherwise the worker stops it.
+    fn adopt(&mut self, worker_id: &str, running: pb::AgentReport) {
+        let id = running.agent_id;
+        let current = self.agents.get(&id).is_some_and(|agent| {
+            agent.epoch == running.epoch
+                && matches!(
+                    agent.state(),
+                    AgentState::Pending | AgentState::Starting | AgentState::Running
+                )
+                && (agent.worker_id.is_empty() || !self.workers.contains_key(&agent.worker_id))
+        });
+        let worker = self.workers.get_mut(worker_id).expect("just added");
+        if !current {
+            tracing::info!(agent = %id, epoch = running.epoch, worker = %worker_id, "a rejoining worker runs an outdated placement; stopping it");
+            let stop = pb::StopAssignment { agent_id: id, epoch: running.epoch, terminate: false };
+            worker.send(Body::Stop(stop));
+            return;
+        }
+        worker.agents.insert(id.clone());
+        if let Some(agent) = self.agents.get_mut(&id) {
+            agent.worker_id = worker_id.to_owned();
+        }
+        tracing::info!(agent = %id, worker = %worker_id, "agent kept running through the launcher's absence");
+        self.set(&id, AgentState::Running, String::new());
     }
 
     /// A worker is gone (its stream closed, or it missed its heartbeats): its
@@ -210,6 +273,9 @@ impl Cluster {
 
     pub(crate) fn launch(&mut self, record: pb::AgentRecord) -> pb::AgentRecord {
         let id = record.agent_id.clone();
+        if record.state() == AgentState::Pending {
+            self.pending.insert(id.clone());
+        }
         self.agents.insert(id.clone(), record);
         self.changed(&id);
         self.schedule();
@@ -219,12 +285,8 @@ impl Cluster {
     /// Places every pending agent that some worker can take, on the worker
     /// with the most free slots (so agents spread out).
     pub(crate) fn schedule(&mut self) {
-        let pending: Vec<String> = self
-            .agents
-            .values()
-            .filter(|a| a.state() == AgentState::Pending)
-            .map(|a| a.agent_id.clone())
-            .collect();
+        let pending: Vec<String> =
+            self.pending.iter().filter(|id| !self.held.contains(*id)).cloned().collect();
         for id in pending {
             let agent = &self.agents[&id];
             let chosen = self
@@ -254,6 +316,7 @@ impl Cluster {
             agent.worker_id.clone_from(&worker_id);
             agent.state = AgentState::Starting.into();
             agent.reason.clear();
+            self.pending.remove(&id);
             let start = pb::StartAssignment {
                 agent_id: id.clone(),
                 behaviour: agent.behaviour.clone(),
@@ -387,9 +450,83 @@ mod tests {
             capacity,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             behaviours: vec![pb::BehaviourSpec { name: "t.A".into(), implements: vec![] }],
+            running: Vec::new(),
         };
         cluster.add_worker(id.into(), register, tx);
         rx
+    }
+
+    /// A worker that rejoins running agents `running` (id number, epoch).
+    fn rejoin(
+        cluster: &mut Cluster,
+        id: &str,
+        running: &[(usize, u64)],
+    ) -> mpsc::UnboundedReceiver<pb::JoinResponse> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let register = pb::RegisterWorker {
+            name: id.into(),
+            capacity: 4,
+            behaviours: vec![pb::BehaviourSpec { name: "t.A".into(), implements: vec![] }],
+            running: running
+                .iter()
+                .map(|(n, epoch)| pb::AgentReport {
+                    agent_id: format!("agent-{n:03}"),
+                    epoch: *epoch,
+                    state: AgentState::Running.into(),
+                    error: String::new(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        cluster.add_worker(id.into(), register, tx);
+        rx
+    }
+
+    #[test]
+    fn after_a_restart_workers_bring_their_agents_back_and_the_rest_waits_for_the_grace() {
+        // What a launcher restored from its store: three agents that were
+        // running (so PENDING, placed before) and one never placed.
+        let mut cluster = Cluster::new();
+        let (store, _writes) = mpsc::unbounded_channel();
+        let record = |n: usize, epoch: u64| pb::AgentRecord {
+            agent_id: format!("agent-{n:03}"),
+            behaviour: "t.A".into(),
+            state: AgentState::Pending.into(),
+            epoch,
+            ..Default::default()
+        };
+        cluster.restore(vec![record(0, 3), record(1, 1), record(2, 2), record(3, 0)], store);
+        // The first worker back brings agent 0 (current) and agent 1 at an
+        // outdated placement; the never-placed agent 3 is placed at once,
+        // the others wait for their workers.
+        let mut a = rejoin(&mut cluster, "w-a", &[(0, 3), (1, 0)]);
+        let zero = cluster.agent("agent-000").unwrap();
+        assert_eq!(
+            (zero.state(), zero.worker_id.as_str(), zero.epoch),
+            (AgentState::Running, "w-a", 3)
+        );
+        let sent: Vec<_> = std::iter::from_fn(|| a.try_recv().ok()).collect();
+        let (stops, starts): (Vec<_>, Vec<_>) =
+            sent.iter().partition(|m| matches!(m.body, Some(Body::Stop(_))));
+        let stopped: Vec<_> = stops
+            .iter()
+            .filter_map(|m| match &m.body {
+                Some(Body::Stop(s)) => Some(s.agent_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stopped, ["agent-001"], "the outdated copy stops");
+        assert_eq!(starts.len(), 1, "only the never-placed agent starts");
+        assert_eq!(cluster.agent("agent-003").unwrap().state(), AgentState::Starting);
+        assert_eq!(cluster.agent("agent-002").unwrap().state(), AgentState::Pending);
+        // The second worker brings agent 2; agent 1 is placed once the
+        // grace is over, with a new epoch.
+        let _b = rejoin(&mut cluster, "w-b", &[(2, 2)]);
+        assert_eq!(cluster.agent("agent-002").unwrap().worker_id, "w-b");
+        assert_eq!(cluster.agent("agent-001").unwrap().state(), AgentState::Pending);
+        cluster.release_held();
+        let one = cluster.agent("agent-001").unwrap();
+        assert_eq!((one.state(), one.epoch), (AgentState::Starting, 2));
     }
 
     fn launch(

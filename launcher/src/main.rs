@@ -27,6 +27,11 @@ struct Config {
     /// Milliseconds without a heartbeat after which a worker is dead.
     #[arg(long, env = "ACADEMY_LAUNCHER_HEARTBEAT_TIMEOUT_MS", default_value_t = 3000)]
     heartbeat_timeout_ms: u64,
+    /// After a restart (with --redis-url), milliseconds agents that were
+    /// placed wait for their workers to rejoin with them (workers keep them
+    /// running meanwhile) before they are placed anew.
+    #[arg(long, env = "ACADEMY_LAUNCHER_REJOIN_GRACE_MS", default_value_t = 10_000)]
+    rejoin_grace_ms: u64,
     /// Keep agent records in Redis at this URL, so a restart forgets nothing.
     #[arg(long, env = "ACADEMY_LAUNCHER_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
@@ -89,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         listen: config.listen,
         exchange_url: config.exchange,
         heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
+        rejoin_grace: Duration::from_millis(config.rejoin_grace_ms),
         redis_url: config.redis_url,
         redis_prefix: config.redis_prefix,
         tokens: config.tokens_file.as_deref().map(Tokens::load).transpose()?,

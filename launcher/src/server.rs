@@ -52,6 +52,9 @@ pub struct LauncherOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Bounds on the connections accepted.
     pub connections: ConnectionLimits,
+    /// After a restart (with `redis_url`), how long agents that were placed
+    /// wait for their workers to rejoin with them before being placed anew.
+    pub rejoin_grace: Duration,
 }
 
 impl Default for LauncherOptions {
@@ -68,6 +71,7 @@ impl Default for LauncherOptions {
             tls: None,
             metrics_listen: None,
             connections: ConnectionLimits::default(),
+            rejoin_grace: Duration::from_secs(10),
         }
     }
 }
@@ -106,6 +110,7 @@ impl RunningLauncher {
             options.heartbeat_timeout,
             options.worker_principal.as_deref().map(Into::into),
         );
+        service.release_held_after(options.rejoin_grace);
         let mut registry = Registry::default();
         let calls = RpcMetrics::register(&mut registry);
         registry.register_collector(Box::new(service.gauges()));

@@ -47,6 +47,19 @@ impl LauncherGrpc {
         crate::metrics::ClusterGauges(self.cluster.clone())
     }
 
+    /// Places the restored agents no worker brought back once `grace` is over.
+    pub(crate) fn release_held_after(&self, grace: Duration) {
+        let (cluster, shutdown) = (self.cluster.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(grace) => {
+                    cluster.lock().unwrap_or_else(std::sync::PoisonError::into_inner).release_held();
+                }
+            }
+        });
+    }
+
     /// Who makes `request`, to show them records.
     fn viewer<T>(&self, request: &Request<T>) -> Viewer {
         Viewer { caller: Principal::of(request), workers: self.worker_principal.clone() }

@@ -51,12 +51,13 @@ pub(crate) async fn open(
         if record.config.is_none() {
             record.config = Legacy::config(&bytes);
         }
-        // Workers stop their agents when the launcher goes away: whatever
-        // was placed must be placed again.
+        // Workers keep their agents running while the launcher is away (for
+        // a grace): whatever was placed waits for its worker to bring it
+        // back, or to be placed again once the rejoin grace is over.
         match record.state() {
             AgentState::Starting | AgentState::Running => {
                 record.state = AgentState::Pending.into();
-                record.reason = "the launcher restarted".into();
+                record.reason = "the launcher restarted: waiting for its worker to rejoin".into();
             }
             AgentState::Stopping => record.state = AgentState::Stopped.into(),
             _ => {}

@@ -1523,6 +1523,12 @@ pub struct RegisterWorker {
     /// Behaviours compiled into it.
     #[prost(message, repeated, tag = "4")]
     pub behaviours: ::prost::alloc::vec::Vec<BehaviourSpec>,
+    /// Agents it runs already: it kept them running while the launcher was
+    /// away (restarting) and rejoins with them. The launcher keeps those whose
+    /// placement (epoch) is still current where they are, and tells the worker
+    /// to stop the others.
+    #[prost(message, repeated, tag = "5")]
+    pub running: ::prost::alloc::vec::Vec<AgentReport>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct BehaviourSpec {
