@@ -3,7 +3,7 @@
 export CARGO_BUILD_JOBS ?= 2
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps bench cluster proto
+.PHONY: demo test deps bench cluster proto fuzz
 
 ## Run the demo on the embedded exchange (no Redis, no cluster).
 demo:
@@ -38,6 +38,10 @@ cluster:
 ## Run the end-to-end benchmark (figures for BENCHMARKS.md).
 bench:
 	cargo run --release -p academy-bench
+
+## Fuzz every path that decodes network input, 10^6 cases per target.
+fuzz:
+	cargo run --release -p academy-fuzz
 
 ## Regenerate proto/src/generated/ after changing a .proto file.
 proto:

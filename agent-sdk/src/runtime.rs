@@ -278,12 +278,26 @@ async fn serve_action<B: Behaviour>(
 /// Answers a request, retrying with backoff (for about half a minute) while
 /// the exchange is unreachable or the caller's mailbox is full, rather than
 /// dropping the answer.
-async fn reply_patiently(mailbox: &Mailbox, request: &pb::Header, body: Body) {
-    use academy_proto::ExchangeError::{MailboxFull, ShuttingDown, Unavailable};
+async fn reply_patiently(mailbox: &Mailbox, request: &pb::Header, mut body: Body) {
+    use academy_proto::ExchangeError::{MailboxFull, ShuttingDown, TooLarge, Unavailable};
     let mut backoff = Duration::from_millis(10);
     loop {
         match mailbox.reply(request, body.clone()).await {
             Ok(()) => return,
+            // A result larger than the exchange takes: the caller gets an
+            // error saying so instead of waiting for its timeout.
+            Err(ClientError::Exchange(err @ TooLarge { .. }))
+                if matches!(body, Body::ActionResponse(_)) =>
+            {
+                let Body::ActionResponse(response) = &body else { unreachable!() };
+                let message = format!("the result of {} is too large: {err}", response.action);
+                let error = ActionError {
+                    code: tonic::Code::ResourceExhausted,
+                    kind: "ResultTooLarge".into(),
+                    message,
+                };
+                body = Body::ErrorResponse(error.into_response());
+            }
             Err(
                 e @ (ClientError::Transport(_)
                 | ClientError::Exchange(MailboxFull { .. } | Unavailable(_) | ShuttingDown)),

@@ -65,6 +65,11 @@ impl Echo {
         text
     }
 
+    #[action]
+    async fn repeat(&self, text: String, times: usize) -> String {
+        text.repeat(times)
+    }
+
     /// The id of whoever called this action.
     #[action]
     async fn caller(&self) -> Option<String> {
@@ -356,6 +361,15 @@ async fn oversized_arguments_are_refused_by_the_exchange() {
         other => panic!("expected a too-large error, got {other:?}"),
     }
     assert_eq!(echo.echo("small".into()).await.unwrap(), "small");
+    // A result too large for the exchange comes back as an error, not as a
+    // wait until the call's timeout.
+    match echo.with_timeout(Duration::from_secs(20)).repeat("y".into(), 100_000).await {
+        Err(HandleError::Remote { code: Code::ResourceExhausted, kind, message, .. }) => {
+            assert_eq!(kind, "ResultTooLarge");
+            assert!(message.contains("65536"), "{message}");
+        }
+        other => panic!("expected a too-large result error, got {other:?}"),
+    }
     manager.close().await.unwrap();
 }
 
