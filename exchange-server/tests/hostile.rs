@@ -24,7 +24,8 @@ struct Exchange {
 
 impl Exchange {
     fn start(envs: &[(&str, &str)]) -> Self {
-        let (child, url) = spawn_exchange(envs, &[]);
+        let envs = [envs, &[("ACADEMY_EXCHANGE_WORKER_THREADS", "0")]].concat();
+        let (child, url) = spawn_exchange(&envs, &[]);
         Self { child, url }
     }
 

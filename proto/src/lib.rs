@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod duration;
 mod error;
 mod id;

@@ -23,6 +23,7 @@ fn generate(root: &Path, out: &Path) {
     std::fs::write(out.join("academy_descriptor.bin"), fds.encode_to_vec()).unwrap();
     tonic_prost_build::configure()
         .bytes(".academy.v1.Payload.data")
+        .codec_path("crate::codec::BoundedCodec")
         .out_dir(out)
         .compile_fds(fds)
         .expect("the code generates");
