@@ -557,7 +557,7 @@ async fn watch_until(
 ) -> anyhow::Result<()> {
     use academy_proto::pb;
     let mut rpc = pb::launcher_service_client::LauncherServiceClient::connect(launcher).await?;
-    let mut changes = rpc.watch_agents(pb::WatchAgentsRequest {}).await?.into_inner();
+    let mut changes = rpc.watch_agents(pb::WatchAgentsRequest::default()).await?.into_inner();
     let mut agents = HashMap::new();
     while let Some(change) = tokio_stream::StreamExt::next(&mut changes).await {
         let agent = change?.agent.context("no record")?;

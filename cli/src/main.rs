@@ -14,6 +14,8 @@ use academy_sdk::exchange::{ExchangeApi as _, GrpcExchange};
 use academy_sdk::{Credentials, Matching};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+
+mod table;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
@@ -40,9 +42,12 @@ struct Cli {
     /// Bearer token, for services started with --tokens-file.
     #[arg(long, global = true, env = "ACADEMY_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Print JSON (one object per line) instead of tables.
+    /// Print JSON (one object per line, every field whole) instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Print table cells whole (long ones are cut at 60 characters).
+    #[arg(long, global = true)]
+    wide: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,7 +83,11 @@ enum Command {
 
 #[derive(Debug, Clone, Subcommand)]
 enum Agents {
-    List,
+    /// Agents, page by page, with the filters given.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+    },
     /// Launches an agent on a worker that offers its behaviour.
     Launch {
         behaviour: String,
@@ -101,7 +110,10 @@ enum Agents {
         terminate: bool,
     },
     /// Prints every agent, then each change as it happens.
-    Watch,
+    Watch {
+        #[command(flatten)]
+        filter: Filter,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -111,6 +123,42 @@ enum Workers {
     Drain {
         worker_id: String,
     },
+}
+
+/// Which agents to show.
+#[derive(Debug, Clone, clap::Args)]
+struct Filter {
+    /// Only agents in this state (pending, starting, running, stopping,
+    /// stopped, failed).
+    #[arg(long, value_parser = agent_state)]
+    state: Option<pb::AgentState>,
+    /// Only agents of this behaviour.
+    #[arg(long)]
+    behaviour: Option<String>,
+    /// Only agents on this worker (its id).
+    #[arg(long)]
+    worker: Option<String>,
+    /// Only agents launched by this principal.
+    #[arg(long)]
+    owner: Option<String>,
+}
+
+impl Filter {
+    fn to_pb(&self) -> pb::AgentFilter {
+        pb::AgentFilter {
+            state: self.state.unwrap_or_default().into(),
+            behaviour: self.behaviour.clone().unwrap_or_default(),
+            worker_id: self.worker.clone().unwrap_or_default(),
+            owner: self.owner.clone().unwrap_or_default(),
+        }
+    }
+}
+
+fn agent_state(text: &str) -> Result<pb::AgentState, String> {
+    let name = format!("AGENT_STATE_{}", text.to_uppercase());
+    pb::AgentState::from_str_name(&name).filter(|s| *s != pb::AgentState::Unspecified).ok_or_else(
+        || format!("no state {text:?}: pending, starting, running, stopping, stopped, failed"),
+    )
 }
 
 fn key_value(text: &str) -> Result<(String, String), String> {
@@ -141,39 +189,6 @@ fn worker_json(w: &pb::WorkerRecord) -> Value {
     })
 }
 
-/// Prints rows as JSON lines or as an aligned table of `columns`.
-fn print(json: bool, columns: &[&str], rows: &[Value]) {
-    if json {
-        for row in rows {
-            println!("{row}");
-        }
-        return;
-    }
-    let cell = |row: &Value, column: &str| match &row[column] {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        Value::Array(items) => items
-            .iter()
-            .map(|v| v.as_str().map_or(v.to_string(), str::to_owned))
-            .collect::<Vec<_>>()
-            .join(","),
-        other => other.to_string(),
-    };
-    let widths: Vec<usize> = columns
-        .iter()
-        .map(|c| rows.iter().map(|r| cell(r, c).len()).max().unwrap_or(0).max(c.len()))
-        .collect();
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> =
-            cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(columns.iter().map(|c| c.to_uppercase()).collect());
-    for row in rows {
-        line(columns.iter().map(|c| cell(row, c)).collect());
-    }
-}
-
 const AGENT_COLUMNS: &[&str] =
     &["agent_id", "behaviour", "state", "worker_id", "restarts", "reason"];
 
@@ -194,7 +209,9 @@ impl Cli {
 }
 
 async fn launcher(cli: &Cli) -> anyhow::Result<LauncherServiceClient<Authorized>> {
-    Ok(LauncherServiceClient::new(cli.channel(&cli.launcher, "launcher").await?))
+    let channel = cli.channel(&cli.launcher, "launcher").await?;
+    // Answers are paged; no page can outgrow a receive limit.
+    Ok(LauncherServiceClient::new(channel).max_decoding_message_size(usize::MAX))
 }
 
 async fn exchange(cli: &Cli) -> anyhow::Result<ExchangeServiceClient<Authorized>> {
@@ -210,12 +227,14 @@ fn failed(status: tonic::Status) -> anyhow::Error {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let format = table::Format { json: cli.json, wide: cli.wide };
     match cli.command.clone() {
-        Command::Agents(Agents::List) => {
+        Command::Agents(Agents::List { filter }) => {
             let mut rpc = launcher(&cli).await?;
             let (mut rows, mut page_token) = (Vec::new(), String::new());
             loop {
-                let request = pb::ListAgentsRequest { page_token, ..Default::default() };
+                let filter = Some(filter.to_pb());
+                let request = pb::ListAgentsRequest { page_token, filter, ..Default::default() };
                 let page = rpc.list_agents(request).await.map_err(failed)?.into_inner();
                 rows.extend(page.agents.iter().map(agent_json));
                 if page.next_page_token.is_empty() {
@@ -223,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 page_token = page.next_page_token;
             }
-            print(cli.json, AGENT_COLUMNS, &rows);
+            format.print(AGENT_COLUMNS, &rows);
         }
         Command::Agents(Agents::Launch { behaviour, config, name, selector, retries }) => {
             let config: Value = serde_json::from_str(&config).context("--config must be JSON")?;
@@ -236,7 +255,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let agent = launcher(&cli).await?.launch_agent(request).await.map_err(failed)?;
             let agent = agent.into_inner().agent.context("no record returned")?;
-            print(cli.json, AGENT_COLUMNS, &[agent_json(&agent)]);
+            format.print(AGENT_COLUMNS, &[agent_json(&agent)]);
         }
         Command::Agents(Agents::Stop { agent_id, terminate }) => {
             let mut rpc = launcher(&cli).await?;
@@ -247,12 +266,12 @@ async fn main() -> anyhow::Result<()> {
                 .into_inner()
                 .agent
                 .context("no record returned")?;
-            print(cli.json, AGENT_COLUMNS, &[agent_json(&agent)]);
+            format.print(AGENT_COLUMNS, &[agent_json(&agent)]);
         }
-        Command::Agents(Agents::Watch) => {
+        Command::Agents(Agents::Watch { filter }) => {
             let mut changes = launcher(&cli)
                 .await?
-                .watch_agents(pb::WatchAgentsRequest {})
+                .watch_agents(pb::WatchAgentsRequest { filter: Some(filter.to_pb()) })
                 .await
                 .map_err(failed)?
                 .into_inner();
@@ -285,11 +304,8 @@ async fn main() -> anyhow::Result<()> {
                 }
                 page_token = page.next_page_token;
             }
-            print(
-                cli.json,
-                &["worker_id", "name", "capacity", "agents", "draining", "behaviours"],
-                &rows,
-            );
+            let columns = ["worker_id", "name", "capacity", "agents", "draining", "behaviours"];
+            format.print(&columns, &rows);
         }
         Command::Workers(Workers::Drain { worker_id }) => {
             let mut rpc = launcher(&cli).await?;
@@ -300,7 +316,7 @@ async fn main() -> anyhow::Result<()> {
                 .into_inner()
                 .worker
                 .context("no record returned")?;
-            print(cli.json, &["worker_id", "name", "agents", "draining"], &[worker_json(&worker)]);
+            format.print(&["worker_id", "name", "agents", "draining"], &[worker_json(&worker)]);
         }
         Command::Discover { behaviour, exact } => {
             // The SDK's client pages through large fleets.
@@ -311,7 +327,7 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|a| json!({"agent_id": a.id.to_string(), "behaviour": a.behaviour, "implements": a.implements, "name": a.name}))
                 .collect();
-            print(cli.json, &["agent_id", "behaviour", "implements", "name"], &rows);
+            format.print(&["agent_id", "behaviour", "implements", "name"], &rows);
         }
         Command::Status { id } => {
             let status = exchange(&cli)
@@ -330,7 +346,7 @@ async fn main() -> anyhow::Result<()> {
                 "queued": status.queued,
                 "behaviour": behaviour,
             });
-            print(cli.json, &["id", "state", "subscribed", "queued", "behaviour"], &[row]);
+            format.print(&["id", "state", "subscribed", "queued", "behaviour"], &[row]);
         }
         Command::Invoke { agent_id, action, args, timeout_ms } => {
             let args = match args {

@@ -2,8 +2,9 @@
 //! between states (docs/design.md, "The launcher"). No I/O here: the service feeds
 //! it events and sends what it asks to the workers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
+use std::time::{Duration, Instant, SystemTime};
 
 use academy_proto::pb::{self, AgentState, join_response::Body};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -59,6 +60,9 @@ pub(crate) struct Cluster {
     /// placed anew until the rejoin grace is over, so that their workers,
     /// which keep them running meanwhile, can bring them back.
     held: HashSet<String>,
+    /// Agents that stopped or failed for good, oldest first: forgotten once
+    /// the retention period is over.
+    finished: VecDeque<(Instant, String)>,
     changes: broadcast::Sender<pb::AgentRecord>,
     /// Where records are persisted, if anywhere.
     store: Option<mpsc::UnboundedSender<Write>>,
@@ -72,6 +76,7 @@ impl Cluster {
             moving: HashSet::new(),
             pending: BTreeSet::new(),
             held: HashSet::new(),
+            finished: VecDeque::new(),
             changes: broadcast::channel(4096).0,
             store: None,
         }
@@ -83,7 +88,17 @@ impl Cluster {
         records: Vec<pb::AgentRecord>,
         store: mpsc::UnboundedSender<Write>,
     ) {
+        let now = (Instant::now(), SystemTime::now());
+        let mut finished: Vec<(Instant, String)> = Vec::new();
         for record in records {
+            if is_final(record.state()) {
+                // Its age, from when it finished (now, for records of
+                // versions that did not say).
+                let at = record.finished_at.and_then(|t| SystemTime::try_from(t).ok());
+                let age = at.and_then(|at| now.1.duration_since(at).ok()).unwrap_or_default();
+                let since = now.0.checked_sub(age).unwrap_or(now.0);
+                finished.push((since, record.agent_id.clone()));
+            }
             if record.state() == AgentState::Pending {
                 self.pending.insert(record.agent_id.clone());
                 if record.epoch > 0 {
@@ -93,7 +108,29 @@ impl Cluster {
             }
             self.agents.insert(record.agent_id.clone(), record);
         }
+        finished.sort();
+        self.finished = finished.into();
         self.store = Some(store);
+    }
+
+    /// Forgets the agents that finished (stopped or failed) more than
+    /// `retention` ago; answers how many.
+    pub(crate) fn forget_finished(&mut self, retention: Duration) -> usize {
+        let mut forgotten = 0;
+        while let Some((since, _)) = self.finished.front() {
+            if since.elapsed() < retention {
+                break;
+            }
+            let (_, id) = self.finished.pop_front().expect("looked at above");
+            if self.agents.get(&id).is_some_and(|a| is_final(a.state())) {
+                self.agents.remove(&id);
+                if let Some(store) = &self.store {
+                    let _ = store.send(Write::Forget(id));
+                }
+                forgotten += 1;
+            }
+        }
+        forgotten
     }
 
     /// The rejoin grace is over: restored agents no worker brought back are
@@ -125,14 +162,51 @@ impl Cluster {
         self.agents.values().cloned().collect()
     }
 
-    /// At most `limit` agents after id `after`, in id order, and whether
-    /// more follow.
-    pub(crate) fn agents_after(
+    /// At most `limit` agents matching `filter` after id `after`, in id
+    /// order, and the id to go on after when more may match. A filter on
+    /// the worker or on PENDING reads that index; other filters look at a
+    /// bounded number of records, so a page may be short.
+    pub(crate) fn list(
         &self,
+        filter: &pb::AgentFilter,
         after: Option<&str>,
         limit: usize,
-    ) -> (Vec<pb::AgentRecord>, bool) {
-        page(&self.agents, after, limit, Clone::clone)
+    ) -> (Vec<pb::AgentRecord>, Option<String>) {
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let range = (from, Bound::Unbounded);
+        let state = filter.state();
+        let mut ids: Box<dyn Iterator<Item = &String>> = if !filter.worker_id.is_empty() {
+            match self.workers.get(&filter.worker_id) {
+                Some(worker) => Box::new(worker.agents.range::<str, _>(range)),
+                None => Box::new(std::iter::empty()),
+            }
+        } else if state == AgentState::Pending {
+            Box::new(self.pending.range::<str, _>(range))
+        } else {
+            Box::new(self.agents.range::<str, _>(range).map(|(id, _)| id))
+        };
+        let scans = !filter.behaviour.is_empty()
+            || !filter.owner.is_empty()
+            || !matches!(state, AgentState::Unspecified | AgentState::Pending);
+        let budget = if scans { limit.saturating_mul(8).clamp(1_000, 20_000) } else { usize::MAX };
+        let mut found = Vec::new();
+        let mut scanned = 0;
+        for id in ids.by_ref() {
+            let Some(agent) = self.agents.get(id) else { continue };
+            if matches(filter, agent) {
+                found.push(agent.clone());
+                if found.len() == limit {
+                    break;
+                }
+            }
+            scanned += 1;
+            if scanned == budget {
+                return (found, Some(id.clone()));
+            }
+        }
+        let more = ids.next().is_some();
+        let next = more.then(|| found.last().map(|a| a.agent_id.clone())).flatten();
+        (found, next)
     }
 
     /// At most `limit` workers after id `after`, in id order, and whether
@@ -185,6 +259,10 @@ impl Cluster {
             self.held.remove(id);
         }
         if let Some(agent) = self.agents.get_mut(id) {
+            if is_final(state) && !is_final(agent.state()) {
+                agent.finished_at = Some(SystemTime::now().into());
+                self.finished.push_back((Instant::now(), id.to_owned()));
+            }
             agent.state = state.into();
             agent.reason = reason;
             if !matches!(state, AgentState::Starting | AgentState::Running | AgentState::Stopping) {
@@ -418,6 +496,20 @@ impl Cluster {
         tracing::info!(worker = %worker_id, agents = agents.len(), "draining worker");
         Some(record)
     }
+}
+
+/// Whether `agent` passes `filter` (its unset fields match everything).
+pub(crate) fn matches(filter: &pb::AgentFilter, agent: &pb::AgentRecord) -> bool {
+    let state = filter.state();
+    (state == AgentState::Unspecified || agent.state() == state)
+        && (filter.behaviour.is_empty() || agent.behaviour == filter.behaviour)
+        && (filter.worker_id.is_empty() || agent.worker_id == filter.worker_id)
+        && (filter.owner.is_empty() || agent.owner == filter.owner)
+}
+
+/// Whether an agent in `state` is done for good.
+fn is_final(state: AgentState) -> bool {
+    matches!(state, AgentState::Stopped | AgentState::Failed)
 }
 
 /// At most `limit` values of `map` after key `after`, in key order, and
@@ -657,5 +749,50 @@ mod tests {
         assert_eq!(starts(&mut b).len(), 1);
         launch(&mut cluster, 1, &[], 0);
         assert_eq!(cluster.agent("agent-001").unwrap().worker_id, "w-b");
+    }
+
+    #[test]
+    fn finished_agents_are_forgotten_after_their_retention_and_lists_filter() {
+        let mut cluster = Cluster::new();
+        let mut a = worker(&mut cluster, "w-a", 8, &[]);
+        for n in 0..6 {
+            launch(&mut cluster, n, &[], 0);
+        }
+        assert_eq!(starts(&mut a).len(), 6);
+        for n in 0..6 {
+            let mut running = report(1, AgentState::Running, "");
+            running.agent_id = format!("agent-{n:03}");
+            cluster.report("w-a", running);
+        }
+        for n in [1, 3] {
+            cluster.stop(&format!("agent-{n:03}"), false);
+            let mut stopped = report(1, AgentState::Stopped, "");
+            stopped.agent_id = format!("agent-{n:03}");
+            cluster.report("w-a", stopped);
+        }
+        assert!(cluster.agent("agent-001").unwrap().finished_at.is_some());
+        let filter =
+            |state: AgentState| pb::AgentFilter { state: state.into(), ..Default::default() };
+        let ids = |page: (Vec<pb::AgentRecord>, Option<String>)| {
+            (page.0.into_iter().map(|a| a.agent_id).collect::<Vec<_>>(), page.1)
+        };
+        assert_eq!(
+            ids(cluster.list(&filter(AgentState::Stopped), None, 10)),
+            (vec!["agent-001".to_owned(), "agent-003".to_owned()], None)
+        );
+        let running = filter(AgentState::Running);
+        let (first, next) = ids(cluster.list(&running, None, 3));
+        assert_eq!((first.len(), next.as_deref()), (3, Some("agent-004")));
+        assert_eq!(
+            ids(cluster.list(&running, next.as_deref(), 3)),
+            (vec!["agent-005".to_owned()], None)
+        );
+        let on_a = pb::AgentFilter { worker_id: "w-a".into(), ..Default::default() };
+        assert_eq!(cluster.list(&on_a, None, 100).0.len(), 4, "the stopped left the worker");
+        // Nothing is forgotten before its time; all of it after.
+        assert_eq!(cluster.forget_finished(Duration::from_secs(3600)), 0);
+        assert_eq!(cluster.forget_finished(Duration::ZERO), 2);
+        assert!(cluster.agent("agent-001").is_none());
+        assert_eq!(cluster.list(&pb::AgentFilter::default(), None, 100).0.len(), 4);
     }
 }

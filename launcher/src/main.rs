@@ -32,6 +32,10 @@ struct Config {
     /// running meanwhile) before they are placed anew.
     #[arg(long, env = "ACADEMY_LAUNCHER_REJOIN_GRACE_MS", default_value_t = 10_000)]
     rejoin_grace_ms: u64,
+    /// Seconds the record of an agent that stopped or failed is kept (for
+    /// `agents list` and get) before it is forgotten.
+    #[arg(long, env = "ACADEMY_LAUNCHER_RETENTION_SECS", default_value_t = 86_400)]
+    retention_secs: u64,
     /// Keep agent records in Redis at this URL, so a restart forgets nothing.
     #[arg(long, env = "ACADEMY_LAUNCHER_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
@@ -95,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
         exchange_url: config.exchange,
         heartbeat_timeout: Duration::from_millis(config.heartbeat_timeout_ms),
         rejoin_grace: Duration::from_millis(config.rejoin_grace_ms),
+        retention: Duration::from_secs(config.retention_secs),
         redis_url: config.redis_url,
         redis_prefix: config.redis_prefix,
         tokens: config.tokens_file.as_deref().map(Tokens::load).transpose()?,

@@ -55,6 +55,8 @@ pub struct LauncherOptions {
     /// After a restart (with `redis_url`), how long agents that were placed
     /// wait for their workers to rejoin with them before being placed anew.
     pub rejoin_grace: Duration,
+    /// How long the record of an agent that stopped or failed is kept.
+    pub retention: Duration,
 }
 
 impl Default for LauncherOptions {
@@ -72,6 +74,7 @@ impl Default for LauncherOptions {
             metrics_listen: None,
             connections: ConnectionLimits::default(),
             rejoin_grace: Duration::from_secs(10),
+            retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -111,6 +114,7 @@ impl RunningLauncher {
             options.worker_principal.as_deref().map(Into::into),
         );
         service.release_held_after(options.rejoin_grace);
+        service.forget_finished_after(options.retention);
         let mut registry = Registry::default();
         let calls = RpcMetrics::register(&mut registry);
         registry.register_collector(Box::new(service.gauges()));

@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt as _};
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, matches};
 
 /// The launcher's gRPC face (`academy.v1.LauncherService`).
 #[derive(Debug, Clone)]
@@ -55,6 +55,29 @@ impl LauncherGrpc {
                 () = shutdown.cancelled() => {}
                 () = tokio::time::sleep(grace) => {
                     cluster.lock().unwrap_or_else(std::sync::PoisonError::into_inner).release_held();
+                }
+            }
+        });
+    }
+
+    /// Forgets agents that finished more than `retention` ago, checking a
+    /// few times per retention period (at least every minute).
+    pub(crate) fn forget_finished_after(&self, retention: Duration) {
+        let (cluster, shutdown) = (self.cluster.clone(), self.shutdown.clone());
+        let every = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = ticks.tick() => {}
+                }
+                let forgotten = cluster
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .forget_finished(retention);
+                if forgotten > 0 {
+                    tracing::debug!(forgotten, "forgot agents past their retention");
                 }
             }
         });
@@ -220,9 +243,16 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
         let req = request.into_inner();
         let after = page_token(&req.page_token, "page_token")?;
         let limit = page::size(req.page_size, MAX_LIST_PAGE);
-        let (agents, more) = self.cluster().agents_after(after.as_deref(), limit);
+        let filter = req.filter.unwrap_or_default();
+        let (agents, next) = self.cluster().list(&filter, after.as_deref(), limit);
         let mut agents: Vec<_> = agents.into_iter().map(|a| viewer.show(a)).collect();
-        let next_page_token = next_token(&mut agents, more, |a| &a.agent_id);
+        let keep = page::fit(&agents);
+        let next_page_token = if keep < agents.len() {
+            agents.truncate(keep);
+            agents.last().map(|a| a.agent_id.clone()).unwrap_or_default()
+        } else {
+            next.unwrap_or_default()
+        };
         Ok(Response::new(pb::ListAgentsResponse { agents, next_page_token }))
     }
 
@@ -233,14 +263,21 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
         request: Request<pb::WatchAgentsRequest>,
     ) -> RpcResult<Self::WatchAgentsStream> {
         let (viewer, grant) = (self.viewer(&request), Grant::of(&request));
+        let filter = request.into_inner().filter.unwrap_or_default();
         let (now, changes) = self.cluster().watch();
         let now = futures::stream::iter(now).map(Ok);
         let changes = tokio_stream::wrappers::BroadcastStream::new(changes).map(|change| {
             change.map_err(|_| Status::aborted("this watcher fell behind; watch again"))
         });
-        let stream = now.chain(changes).map(move |agent| {
-            agent.map(|a| pb::WatchAgentsResponse { agent: Some(viewer.show(a)) })
-        });
+        let stream = now
+            .chain(changes)
+            .filter(move |agent| {
+                let shown = agent.as_ref().map_or(true, |a| matches(&filter, a));
+                std::future::ready(shown)
+            })
+            .map(move |agent| {
+                agent.map(|a| pb::WatchAgentsResponse { agent: Some(viewer.show(a)) })
+            });
         Ok(Response::new(Box::pin(until_revoked(stream, grant))))
     }
 

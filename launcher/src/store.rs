@@ -9,6 +9,8 @@ use tokio::sync::{mpsc, oneshot};
 #[derive(Debug)]
 pub(crate) enum Write {
     Record(Box<pb::AgentRecord>),
+    /// The record of an agent forgotten after its retention period.
+    Forget(String),
     /// Answered once every earlier write is in Redis.
     Flush(oneshot::Sender<()>),
 }
@@ -78,6 +80,13 @@ pub(crate) async fn open(
                         .await;
                     if let Err(e) = stored {
                         tracing::error!(agent = %record.agent_id, error = %e, "cannot persist agent record");
+                    }
+                }
+                Write::Forget(id) => {
+                    let deleted: Result<(), _> =
+                        redis::cmd("HDEL").arg(&key).arg(&id).query_async(&mut conn).await;
+                    if let Err(e) = deleted {
+                        tracing::error!(agent = %id, error = %e, "cannot forget an agent record");
                     }
                 }
                 Write::Flush(done) => {

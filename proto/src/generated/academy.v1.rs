@@ -1369,6 +1369,23 @@ pub struct AgentRecord {
     /// only it (or the workers' principal) may stop it.
     #[prost(string, tag = "12")]
     pub owner: ::prost::alloc::string::String,
+    /// When it stopped or failed for good: the launcher forgets it a retention
+    /// period later (--retention-secs).
+    #[prost(message, optional, tag = "15")]
+    pub finished_at: ::core::option::Option<::prost_types::Timestamp>,
+}
+/// Which agents a list or a watch shows; unset fields match every agent.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AgentFilter {
+    #[prost(enumeration = "AgentState", tag = "1")]
+    pub state: i32,
+    #[prost(string, tag = "2")]
+    pub behaviour: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub worker_id: ::prost::alloc::string::String,
+    /// The principal that launched them.
+    #[prost(string, tag = "4")]
+    pub owner: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct LaunchAgentRequest {
@@ -1406,12 +1423,17 @@ pub struct GetAgentResponse {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ListAgentsRequest {
     /// Most records in the answer: 0, or more than 1,000, means 1,000. An answer
-    /// also stops before 1 MiB. Whenever more match, next_page_token is set.
+    /// also stops before 1 MiB. Whenever more may match, next_page_token is
+    /// set. With a filter (other than worker_id), an answer looks at a bounded
+    /// number of records: it may hold fewer than page_size, even none, while
+    /// next_page_token says where to go on.
     #[prost(uint32, tag = "1")]
     pub page_size: u32,
     /// The next_page_token of the previous answer, to get the next page.
     #[prost(string, tag = "2")]
     pub page_token: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "3")]
+    pub filter: ::core::option::Option<AgentFilter>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct ListAgentsResponse {
@@ -1421,8 +1443,12 @@ pub struct ListAgentsResponse {
     #[prost(string, tag = "2")]
     pub next_page_token: ::prost::alloc::string::String,
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct WatchAgentsRequest {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WatchAgentsRequest {
+    /// Only records that match it, now and at each change.
+    #[prost(message, optional, tag = "1")]
+    pub filter: ::core::option::Option<AgentFilter>,
+}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct WatchAgentsResponse {
     #[prost(message, optional, tag = "1")]
