@@ -3,7 +3,7 @@
 export CARGO_BUILD_JOBS ?= 2
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps bench cluster proto fuzz
+.PHONY: demo test deps bench bench-long cluster proto fuzz
 
 ## Run the demo on the embedded exchange (no Redis, no cluster).
 demo:
@@ -38,6 +38,11 @@ cluster:
 ## Run the end-to-end benchmark (figures for BENCHMARKS.md).
 bench:
 	cargo run --release -p academy-bench
+
+## The long run (minutes; not in CI): a million agents through the launcher,
+## a million mailboxes terminated per backend; rates per round and memory.
+bench-long:
+	cargo run --release -p academy-bench -- --only h
 
 ## Fuzz every path that decodes network input, 10^6 cases per target.
 fuzz:

@@ -310,7 +310,10 @@ async fn ack_loop(exchange: SharedExchange, id: EntityId, mut jobs: mpsc::Unboun
         }
         if !seqs.is_empty() {
             match exchange.acknowledge(&id, seqs).await {
-                Ok(()) | Err(ClientError::Exchange(ExchangeError::Terminated(_))) => {}
+                Ok(())
+                | Err(ClientError::Exchange(
+                    ExchangeError::Terminated(_) | ExchangeError::NotFound(_),
+                )) => {}
                 // Unacknowledged messages are delivered again: at least once.
                 Err(err) => tracing::warn!(mailbox = %id, error = %err, "acknowledge failed"),
             }

@@ -15,6 +15,8 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
+mod long_run;
+
 #[allow(unreachable_pub, missing_docs, missing_debug_implementations, clippy::all)]
 mod floor {
     tonic::include_proto!("academy.bench");
@@ -49,9 +51,15 @@ struct Args {
     /// the scale run (memory and discovery with `--mailboxes` idle mailboxes),
     /// `l` the launcher run (`--agents` agents on two workers, then failover),
     /// `f` (a) and (b) again with a thousand more agents subscribed, `t` (a)
-    /// and (b) with bearer tokens and mutual TLS (in-memory exchange).
+    /// and (b) with bearer tokens and mutual TLS (in-memory exchange); `h`,
+    /// not run by default, the long run (`--history` agents through the
+    /// launcher, and mailboxes terminated on each backend).
     #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,f,e,s,l,t")]
     only: Vec<char>,
+    /// Agents launched and stopped, and mailboxes terminated per backend, in
+    /// the long run.
+    #[arg(long, default_value_t = 1_000_000)]
+    history: usize,
     /// Agents launched in the launcher run.
     #[arg(long, default_value_t = 1000)]
     agents: usize,
@@ -101,6 +109,9 @@ enum Role {
         exchange: String,
         #[arg(long)]
         heartbeat_timeout_ms: u64,
+        /// Seconds a stopped agent's record is kept.
+        #[arg(long, default_value_t = 86_400)]
+        retention_secs: u64,
     },
     /// Run a worker offering bench.Echo, in a child process.
     #[command(hide = true, name = "serve-worker")]
@@ -538,10 +549,15 @@ async fn measure_floor(args: &Args) -> anyhow::Result<Vec<String>> {
     ])
 }
 
-async fn serve_launcher(exchange: String, heartbeat_timeout_ms: u64) -> anyhow::Result<()> {
+async fn serve_launcher(
+    exchange: String,
+    heartbeat_timeout_ms: u64,
+    retention_secs: u64,
+) -> anyhow::Result<()> {
     let launcher = academy_launcher::RunningLauncher::start(academy_launcher::LauncherOptions {
         exchange_url: exchange,
         heartbeat_timeout: Duration::from_millis(heartbeat_timeout_ms),
+        retention: Duration::from_secs(retention_secs),
         ..Default::default()
     })
     .await?;
@@ -722,8 +738,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             return serve_exchange(redis, secure_dir).await;
         }
         Some(Role::Floor) => return serve_floor().await,
-        Some(Role::Launcher { exchange, heartbeat_timeout_ms }) => {
-            return serve_launcher(exchange, heartbeat_timeout_ms).await;
+        Some(Role::Launcher { exchange, heartbeat_timeout_ms, retention_secs }) => {
+            return serve_launcher(exchange, heartbeat_timeout_ms, retention_secs).await;
         }
         Some(Role::Worker { launcher, capacity }) => {
             academy_sdk::worker::Worker::new(launcher)
@@ -766,6 +782,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("| scenario | result |");
         println!("|---|---|");
         for row in measure_secure(&args).await? {
+            println!("{row}");
+        }
+    }
+    if args.only.contains(&'h') {
+        println!();
+        println!(
+            "Long run ({} agents through the launcher; {} mailboxes per backend):",
+            args.history, args.history
+        );
+        println!();
+        println!("| step | rate | memory |");
+        println!("|---|---|---|");
+        for row in long_run::measure(&args).await? {
             println!("{row}");
         }
     }

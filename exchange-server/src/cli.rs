@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use academy_exchange::{ExchangeOptions, Limits, MailboxStore, RedisOptions};
+use academy_exchange::{ExchangeOptions, Limits, MailboxStore, RedisOptions, Retention};
 use academy_server::auth::Tokens;
 use academy_server::listen::{ConnectionLimits, raise_fd_limit};
 use academy_server::telemetry::LogFormat;
@@ -40,12 +40,14 @@ pub(crate) struct Config {
     /// Prefix of every Redis key, so several deployments can share one Redis.
     #[arg(long, env = "ACADEMY_EXCHANGE_REDIS_PREFIX", default_value = "academy")]
     pub(crate) redis_prefix: String,
-    /// Seconds after which an idle mailbox expires in Redis (0: never).
-    #[arg(long, env = "ACADEMY_EXCHANGE_MAILBOX_TTL_SECS", default_value_t = 0)]
-    pub(crate) mailbox_ttl_secs: u64,
-    /// Seconds a terminated mailbox's gravestone is kept in Redis (0: forever).
-    #[arg(long, env = "ACADEMY_EXCHANGE_GRAVESTONE_TTL_SECS", default_value_t = 0)]
+    /// Seconds a terminated agent's id stays refused and answered as
+    /// terminated (0: forever); the same on every replica sharing a Redis.
+    #[arg(long, env = "ACADEMY_EXCHANGE_GRAVESTONE_TTL_SECS", default_value_t = secs(Retention::default().gravestones))]
     pub(crate) gravestone_ttl_secs: u64,
+    /// Seconds a client mailbox may have no subscriber before it is removed
+    /// (0: never).
+    #[arg(long, env = "ACADEMY_EXCHANGE_ABANDONED_CLIENT_TTL_SECS", default_value_t = secs(Retention::default().abandoned_clients))]
+    pub(crate) abandoned_client_ttl_secs: u64,
     /// Milliseconds a call waits for Redis (to reconnect, or to answer)
     /// before failing with UNAVAILABLE; health turns NOT_SERVING while Redis
     /// does not answer.
@@ -120,6 +122,7 @@ pub(crate) struct Config {
 
 impl Config {
     pub(crate) fn options(&self) -> anyhow::Result<ExchangeOptions> {
+        let ttl = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
         let limits = Limits {
             max_message_bytes: self.max_message_bytes,
             max_delivery_bytes: self.max_delivery_bytes,
@@ -127,11 +130,14 @@ impl Config {
             max_queued_bytes: self.max_queued_bytes,
             max_mailboxes_per_principal: self.max_mailboxes_per_principal,
             max_queued_bytes_per_principal: self.max_queued_bytes_per_principal,
+            retention: Retention {
+                gravestones: ttl(self.gravestone_ttl_secs),
+                abandoned_clients: ttl(self.abandoned_client_ttl_secs),
+            },
         };
         limits.check().map_err(|e| anyhow::anyhow!("limits: {e}"))?;
         let grace = Duration::try_from_secs_f64(self.shutdown_grace_secs)
             .map_err(|e| anyhow::anyhow!("--shutdown-grace-secs: {e}"))?;
-        let ttl = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
         let store = match self.backend {
             BackendKind::Memory => MailboxStore::Memory,
             BackendKind::Redis => {
@@ -139,8 +145,6 @@ impl Config {
                 MailboxStore::Redis(RedisOptions {
                     url: self.redis_url.clone(),
                     prefix: self.redis_prefix.clone(),
-                    mailbox_ttl: ttl(self.mailbox_ttl_secs),
-                    gravestone_ttl: ttl(self.gravestone_ttl_secs),
                     timeout: Duration::from_millis(self.redis_timeout_ms.max(10)),
                 })
             }
@@ -166,4 +170,9 @@ impl Config {
             .within(raise_fd_limit()),
         })
     }
+}
+
+/// A retention as a flag's seconds (0: none).
+fn secs(retention: Option<Duration>) -> u64 {
+    retention.map_or(0, |t| t.as_secs())
 }

@@ -3,7 +3,7 @@
 //! behave the same whatever keeps the mailboxes.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use academy_proto::{EntityId, ExchangeError, MailboxStatus, Matching, RegisteredAgent, pb};
 use prost::Message as _;
@@ -14,6 +14,7 @@ use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{RedisBackend, RedisOptions};
 use crate::backend::{Backend, BackendSubscription, Bounds, Page};
 use crate::limits::{self, Limits};
+use crate::retention;
 
 /// An exchange over the in-memory or the Redis backend. Cheap to clone; clones
 /// share the mailboxes.
@@ -27,6 +28,7 @@ pub struct Exchange {
     /// or terminate them, or to send from them. `None` is trusted (in-process
     /// use, no authentication).
     principal: Option<Arc<str>>,
+    sweeper: Arc<Once>,
 }
 
 impl Default for Exchange {
@@ -38,18 +40,28 @@ impl Default for Exchange {
 impl Exchange {
     /// An exchange whose mailboxes live in this process.
     pub fn new(limits: Limits) -> Self {
-        Self::over(Arc::new(MemoryBackend::default()), limits)
+        Self::over(Arc::new(MemoryBackend::new(&limits.retention)), limits)
     }
 
     /// An exchange whose mailboxes live in Redis: durable, and shared by every
     /// exchange connected to the same Redis and prefix.
     #[cfg(feature = "redis")]
     pub async fn redis(options: RedisOptions, limits: Limits) -> Result<Self, ExchangeError> {
-        Ok(Self::over(Arc::new(RedisBackend::connect(options).await?), limits))
+        let backend = RedisBackend::connect(options, &limits.retention).await?;
+        Ok(Self::over(Arc::new(backend), limits))
     }
 
     fn over(backend: Arc<dyn Backend>, limits: Limits) -> Self {
-        Self { backend, limits, shutdown: CancellationToken::new(), principal: None }
+        let sweeper = Arc::new(Once::new());
+        Self { backend, limits, shutdown: CancellationToken::new(), principal: None, sweeper }
+    }
+
+    /// Starts removing what expires (docs/design.md, "Retention"), once per
+    /// exchange, when it first creates a mailbox (so within a runtime).
+    fn sweep_expired(&self) {
+        self.sweeper.call_once(|| {
+            retention::spawn_sweeper(Arc::downgrade(&self.backend), self.limits.retention);
+        });
     }
 
     /// This exchange, acting for `principal` (docs/design.md, "Security").
@@ -109,6 +121,7 @@ impl Exchange {
         }
         let owner = self.principal().unwrap_or_default().to_owned();
         let info = RegisteredAgent { id, behaviour: behaviour.to_owned(), implements, name, owner };
+        self.sweep_expired();
         self.backend.create(id, Some(info), self.principal(), self.mailbox_quota()).await?;
         tracing::debug!(agent = %id, behaviour, "agent mailbox created");
         Ok(id)
@@ -117,6 +130,7 @@ impl Exchange {
     /// Creates the mailbox of a new client.
     pub async fn register_client(&self) -> Result<EntityId, ExchangeError> {
         let id = EntityId::new_client();
+        self.sweep_expired();
         self.backend.create(id, None, self.principal(), self.mailbox_quota()).await?;
         tracing::debug!(client = %id, "client mailbox created");
         Ok(id)

@@ -23,6 +23,7 @@ mod invoke;
 pub mod limits;
 #[cfg(feature = "server")]
 mod metrics;
+mod retention;
 #[cfg(feature = "server")]
 mod server;
 #[cfg(feature = "server")]
@@ -32,6 +33,7 @@ mod service;
 pub use backend::redis::RedisOptions;
 pub use exchange::{Exchange, Subscription};
 pub use limits::Limits;
+pub use retention::Retention;
 #[cfg(feature = "server")]
 pub use server::{ExchangeOptions, MailboxStore, RunningExchange};
 #[cfg(feature = "server")]

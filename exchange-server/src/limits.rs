@@ -4,6 +4,8 @@
 
 use academy_proto::ExchangeError;
 
+use crate::Retention;
+
 /// Most messages in one `SendBatch` call.
 pub const MAX_BATCH_MESSAGES: usize = 1_000;
 /// Most seqs in one `Acknowledge` call.
@@ -40,6 +42,9 @@ pub struct Limits {
     /// Most bytes of unacknowledged messages one principal has sent, across
     /// all mailboxes (0: no quota).
     pub max_queued_bytes_per_principal: usize,
+    /// How long gravestones and abandoned client mailboxes are kept: what
+    /// the exchange's history may cost.
+    pub retention: Retention,
 }
 
 impl Default for Limits {
@@ -51,6 +56,7 @@ impl Default for Limits {
             max_queued_bytes: 64 * 1024 * 1024,
             max_mailboxes_per_principal: 100_000,
             max_queued_bytes_per_principal: 256 * 1024 * 1024,
+            retention: Retention::default(),
         }
     }
 }

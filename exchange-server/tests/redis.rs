@@ -211,50 +211,39 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
     );
 }
 
+/// Schema 2 kept terminated mailboxes as hashes and had no `P:idle`: an
+/// exchange of schema 3 turns each terminated agent's into a gravestone,
+/// drops terminated clients', and marks idle clients, before it serves.
 #[tokio::test]
-async fn idle_mailboxes_and_gravestones_expire_when_configured() {
+async fn a_schema_2_store_is_upgraded_to_gravestones_and_idle_clients() {
     let redis = RedisServer::start().expect("redis-server must run for this test");
-    let ttl = Some(Duration::from_secs(1));
-    let options = RedisOptions {
-        url: redis.url(),
-        mailbox_ttl: ttl,
-        gravestone_ttl: ttl,
+    let (agent, client, idle) =
+        (EntityId::new_agent(), EntityId::new_client(), EntityId::new_client());
+    let hash = |id: &EntityId| format!("academy:mb:{id}");
+    let set = |args: &[&str]| redis.command(args).unwrap();
+    set(&["SET", "academy:schema", "2"]);
+    set(&["HSET", &hash(&agent), "s", "t", "k", "a", "b", "t.Gone", "o", "alice"]);
+    set(&["HSET", &hash(&client), "s", "t", "k", "c"]);
+    set(&["HSET", &hash(&idle), "s", "a", "k", "c", "g", "0", "qb", "0"]);
+    let (_server, mut rpc) = replica(&redis).await;
+    assert_eq!(set(&["GET", "academy:schema"]), "3");
+    assert_eq!(set(&["EXISTS", &hash(&agent), &hash(&client)]), ":0");
+    let state = |id: &EntityId| pb::StatusRequest { mailbox_id: id.to_string() };
+    let status = rpc.status(state(&agent)).await.unwrap().into_inner();
+    assert_eq!(status.state(), pb::MailboxState::Terminated, "the gravestone was laid anew");
+    let again = pb::RegisterAgentRequest {
+        behaviour: "t.Gone".into(),
+        agent_id: agent.to_string(),
         ..Default::default()
     };
-    let backend = MailboxStore::Redis(options);
-    let server = RunningExchange::start(ExchangeOptions { store: backend, ..Default::default() })
-        .await
-        .unwrap();
-    let mut rpc = connect(&server.url()).await;
-    let register = pb::RegisterAgentRequest { behaviour: "t.Idle".into(), ..Default::default() };
-    let idle = rpc.register_agent(register.clone()).await.unwrap().into_inner().agent_id;
-    let dead = rpc.register_agent(register).await.unwrap().into_inner().agent_id;
-    rpc.terminate(pb::TerminateRequest { mailbox_id: dead.clone() }).await.unwrap();
-    let state = |id: &str| pb::StatusRequest { mailbox_id: id.into() };
-    assert_eq!(
-        rpc.status(state(&idle)).await.unwrap().into_inner().state(),
-        pb::MailboxState::Active
-    );
-    assert_eq!(
-        rpc.status(state(&dead)).await.unwrap().into_inner().state(),
-        pb::MailboxState::Terminated
-    );
-
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(
-        rpc.status(state(&idle)).await.unwrap().into_inner().state(),
-        pb::MailboxState::Missing
-    );
-    assert_eq!(
-        rpc.status(state(&dead)).await.unwrap().into_inner().state(),
-        pb::MailboxState::Missing
-    );
-    let found = rpc.discover(pb::DiscoverRequest {
-        behaviour: "t.Idle".into(),
-        exact: false,
-        ..Default::default()
-    });
-    assert!(found.await.unwrap().into_inner().agents.is_empty(), "expired agents leave discovery");
+    let err = rpc.register_agent(again).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let status = rpc.status(state(&client)).await.unwrap().into_inner();
+    assert_eq!(status.state(), pb::MailboxState::Missing, "a client leaves no gravestone");
+    let score = set(&["ZSCORE", "academy:idle", &idle.to_string()]);
+    assert!(score.parse::<u64>().is_ok(), "idle client marked: {score}");
+    let status = rpc.status(state(&idle)).await.unwrap().into_inner();
+    assert_eq!(status.state(), pb::MailboxState::Active);
 }
 
 #[tokio::test]
@@ -528,7 +517,7 @@ async fn a_store_written_by_a_newer_exchange_is_refused_and_an_older_one_is_upgr
     let first = RunningExchange::start(ExchangeOptions { store: store(), ..Default::default() })
         .await
         .unwrap();
-    assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "2");
+    assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "3");
     first.shutdown().await;
     redis.command(&["SET", "academy:schema", "99"]).unwrap();
     let err = RunningExchange::start(ExchangeOptions { store: store(), ..Default::default() })

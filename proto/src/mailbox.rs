@@ -65,11 +65,13 @@ impl Matching {
 /// The state of a mailbox, as `Status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxStatus {
-    /// `Missing` (never registered), `Active` or `Terminated`.
+    /// `Missing` (never registered, a terminated client's, or one whose
+    /// gravestone expired), `Active` or `Terminated` (an agent's, while its
+    /// gravestone is kept).
     pub state: pb::MailboxState,
     /// Unacknowledged messages in it.
     pub queued: usize,
-    /// The agent, for an agent's mailbox.
+    /// The agent, for an active agent's mailbox.
     pub agent: Option<RegisteredAgent>,
     /// Someone is subscribed to the (active) mailbox now.
     pub subscribed: bool,
@@ -79,6 +81,11 @@ impl MailboxStatus {
     /// The status of an id no mailbox has.
     pub fn missing() -> Self {
         Self { state: pb::MailboxState::Missing, queued: 0, agent: None, subscribed: false }
+    }
+
+    /// The status of a terminated agent's id.
+    pub fn terminated() -> Self {
+        Self { state: pb::MailboxState::Terminated, ..Self::missing() }
     }
 }
 

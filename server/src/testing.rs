@@ -110,9 +110,15 @@ impl RedisServer {
             Ok(String::from_utf8_lossy(&answer).trim_end().to_owned())
         };
         let first = line(&mut conn)?;
-        match first.strip_prefix('$') {
-            Some(len) if len != "-1" => line(&mut conn),
-            _ => Ok(first),
+        match first.strip_prefix('$').and_then(|len| len.parse::<usize>().ok()) {
+            Some(len) => {
+                // The whole bulk string, which may hold lines (INFO).
+                let mut bulk = vec![0; len + 2];
+                conn.read_exact(&mut bulk)?;
+                bulk.truncate(len);
+                Ok(String::from_utf8_lossy(&bulk).into_owned())
+            }
+            None => Ok(first),
         }
     }
 

@@ -7,6 +7,8 @@ use async_trait::async_trait;
 
 use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent};
 
+use crate::retention::{Retention, Swept};
+
 /// Which part of a discovery to return.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Page {
@@ -116,9 +118,11 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         quota: usize,
     ) -> Result<(), ExchangeError>;
 
-    /// Marks a mailbox terminated and empties it; returns its state before and
-    /// the unacknowledged requests in it that await an answer
-    /// ([`awaiting_answer`]).
+    /// Terminates a mailbox: removes it, leaving a gravestone for an agent's
+    /// (docs/design.md, "Retention"); returns its state before (`Missing`
+    /// when there was none, `Terminated` when only its gravestone was left,
+    /// whoever asks) and the unacknowledged requests it held that await an
+    /// answer ([`awaiting_answer`]).
     async fn terminate(
         &self,
         id: &EntityId,
@@ -169,6 +173,10 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Deletes a transient client mailbox without a gravestone (Invoke's).
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     async fn forget(&self, id: &EntityId);
+
+    /// Removes what expired under `retention`: gravestones, and client
+    /// mailboxes abandoned for longer than it keeps them.
+    async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError>;
 }
 
 /// One subscriber's view of a mailbox.

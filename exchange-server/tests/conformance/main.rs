@@ -12,6 +12,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod ownership;
+mod retention;
 
 /// Runs each `rule::test` against both backends, as `memory::test` and
 /// `redis::test`.
@@ -55,4 +56,7 @@ conformance!(
     ownership::a_revoked_token_ends_the_streams_it_opened,
     ownership::discovery_tells_whose_agents_they_are,
     metrics::metrics_count_calls_messages_and_subscriptions,
+    retention::a_terminated_client_leaves_no_gravestone,
+    retention::gravestones_expire_after_their_retention,
+    retention::abandoned_clients_expire_and_give_their_quota_back,
 );

@@ -140,7 +140,8 @@ pub struct TerminateRequest {
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct TerminateResponse {
-    /// State before this call: ACTIVE, or TERMINATED when it was already.
+    /// State before this call: ACTIVE; TERMINATED when it was already (an
+    /// agent's gravestone); MISSING when there was no such mailbox.
     #[prost(enumeration = "MailboxState", tag = "1")]
     pub previous_state: i32,
 }
@@ -472,7 +473,8 @@ pub mod exchange_service_client {
                 .insert(GrpcMethod::new("academy.v1.ExchangeService", "RegisterClient"));
             self.inner.unary(req, path, codec).await
         }
-        /// Terminates a mailbox. Idempotent; queued requests are answered with errors.
+        /// Terminates a mailbox. Idempotent; queued requests are answered with
+        /// errors. An agent's id leaves a gravestone for a retention; a client's none.
         pub async fn terminate(
             &mut self,
             request: impl tonic::IntoRequest<super::TerminateRequest>,
@@ -497,7 +499,8 @@ pub mod exchange_service_client {
                 .insert(GrpcMethod::new("academy.v1.ExchangeService", "Terminate"));
             self.inner.unary(req, path, codec).await
         }
-        /// State of a mailbox; MISSING for an id that was never registered.
+        /// State of a mailbox; MISSING for an id no mailbox has (never registered,
+        /// a terminated client's, an agent's whose gravestone expired).
         pub async fn status(
             &mut self,
             request: impl tonic::IntoRequest<super::StatusRequest>,
@@ -696,7 +699,8 @@ pub mod exchange_service_server {
             tonic::Response<super::RegisterClientResponse>,
             tonic::Status,
         >;
-        /// Terminates a mailbox. Idempotent; queued requests are answered with errors.
+        /// Terminates a mailbox. Idempotent; queued requests are answered with
+        /// errors. An agent's id leaves a gravestone for a retention; a client's none.
         async fn terminate(
             &self,
             request: tonic::Request<super::TerminateRequest>,
@@ -704,7 +708,8 @@ pub mod exchange_service_server {
             tonic::Response<super::TerminateResponse>,
             tonic::Status,
         >;
-        /// State of a mailbox; MISSING for an id that was never registered.
+        /// State of a mailbox; MISSING for an id no mailbox has (never registered,
+        /// a terminated client's, an agent's whose gravestone expired).
         async fn status(
             &self,
             request: tonic::Request<super::StatusRequest>,

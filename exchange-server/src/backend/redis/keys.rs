@@ -1,6 +1,7 @@
 //! Every Redis key and channel of the backend, under the prefix `P`:
 //! - `P:schema`: the layout version of the keys below ([`SCHEMA`]);
-//! - `P:mb:<id>`: hash of the mailbox (`s` state a/t, `k` kind a/c, `b`
+//! - `P:mb:<id>`: hash of the active mailbox (`s` state: `a`; `t` in a
+//!   gravestone written by schema 2, still honoured), `k` kind a/c, `b`
 //!   behaviour, `i` implements as JSON, `n` name, `o` owner, `g` subscriber
 //!   generation, `e` the highest incarnation (epoch) that subscribed, `l` id
 //!   of the last message added, `qb` bytes queued, `r` the replica its
@@ -15,6 +16,12 @@
 //! - `P:usage:mailboxes` / `P:usage:bytes`: per principal, the active
 //!   mailboxes it owns and the bytes it queued that are not acknowledged yet
 //!   (its quotas);
+//! - `P:gs:<width>:<slice>:<shard>` (`P:gs:all:<shard>` when kept forever):
+//!   gravestones of the agents terminated in one slice of time (`width`
+//!   seconds, 1/16 of the retention) whose id falls in one of 1,024 shards,
+//!   as a string of 16-byte ids, expiring with the slice (see `expiry.rs`);
+//! - `P:idle`: sorted set of client mailboxes by when (ms) they last had no
+//!   subscriber, to remove the abandoned ones;
 //! - `P:replica:<replica>`: present while the replica runs;
 //! - `P:idx:<name>` / `P:own:<name>`: discovery index, agents listing a name /
 //!   whose own behaviour it is (`P:idx:` lists every active agent); sorted
@@ -27,8 +34,10 @@
 use academy_proto::{EntityId, RegisteredAgent};
 
 /// The layout version this backend writes. 1 (no `P:schema` key) had the
-/// discovery index in sets; 2 has it in sorted sets.
-pub(super) const SCHEMA: u64 = 2;
+/// discovery index in sets; 2 has it in sorted sets; 3 keeps gravestones in
+/// `P:gs:` strings and idle clients in `P:idle`, instead of terminated
+/// mailbox hashes.
+pub(super) const SCHEMA: u64 = 3;
 
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
@@ -86,6 +95,16 @@ impl Keys {
     /// What was queued in a terminated mailbox, until its requests are answered.
     pub(super) fn drain(&self, id: &EntityId) -> String {
         format!("{}:dq:{id}", self.prefix)
+    }
+
+    /// Gravestones of slice `slice` (`all` when kept forever), shard `shard`.
+    pub(super) fn gravestones(&self, slice: &str, shard: u16) -> String {
+        format!("{}:gs:{slice}:{shard:03x}", self.prefix)
+    }
+
+    /// Client mailboxes by when they last had no subscriber.
+    pub(super) fn idle_clients(&self) -> String {
+        format!("{}:idle", self.prefix)
     }
 
     /// Present while `replica` runs.

@@ -26,6 +26,9 @@ pub(super) async fn upgrade(backend: &RedisBackend) -> Result<(), ExchangeError>
         )));
     }
     migrate_index(backend).await?;
+    if stored.unwrap_or(1) < 3 {
+        lay_schema2_gravestones(backend).await?;
+    }
     if stored != Some(SCHEMA) {
         let _: () = redis::cmd("SET")
             .arg(keys.schema())
@@ -124,4 +127,79 @@ pub(super) async fn migrate_index(backend: &RedisBackend) -> Result<usize, Excha
         tracing::info!(agents = moved, ?elapsed, "moved a schema-1 discovery index");
     }
     Ok(moved)
+}
+
+/// Mailbox hashes read per round of [`lay_schema2_gravestones`].
+const SCAN_BATCH: usize = 1_000;
+
+/// Schema 2 kept a terminated mailbox as its hash in state `t`: each becomes
+/// a gravestone (an agent's) or goes (a client's); and the client mailboxes
+/// of schema 2, which were not in `P:idle`, become idle from now unless
+/// subscribed, so that abandoned ones expire. A gravestone is laid now, so
+/// it is kept a retention from the upgrade. Answers how many hashes went.
+async fn lay_schema2_gravestones(backend: &RedisBackend) -> Result<usize, ExchangeError> {
+    let keys = &backend.keys;
+    let mut conn = backend.conn.clone();
+    let pattern = format!("{}:mb:*", keys.prefix());
+    let (mut cursor, mut gone, mut idle) = (0u64, 0, 0);
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(SCAN_BATCH)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let ids: Vec<(String, EntityId)> = found
+            .into_iter()
+            .filter_map(|key| {
+                let id = key.rsplit_once(":mb:")?.1.parse().ok()?;
+                Some((key, id))
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for (key, _) in &ids {
+            pipe.cmd("HMGET").arg(key).arg(&["s", "k", "r"]);
+        }
+        let rows: Vec<Vec<Option<String>>> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await.map_err(unavailable)?
+        };
+        let mut pipe = redis::pipe();
+        for ((key, id), row) in ids.iter().zip(rows) {
+            let field = |i: usize| row.get(i).cloned().flatten();
+            match (field(0).as_deref(), field(1).as_deref()) {
+                (Some("t"), kind) => {
+                    if kind == Some("a") {
+                        let (grave, ttl) = backend.stones.grave(keys, id);
+                        pipe.cmd("APPEND").arg(&grave).arg(id.uuid().as_bytes().as_slice());
+                        if ttl > 0 {
+                            pipe.cmd("EXPIRE").arg(&grave).arg(ttl).arg("NX");
+                        }
+                    }
+                    pipe.cmd("DEL").arg(key);
+                    gone += 1;
+                }
+                (Some("a"), Some("c")) if field(2).is_none() => {
+                    let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                    let ms = time.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+                    pipe.cmd("ZADD").arg(keys.idle_clients()).arg("NX").arg(ms).arg(id.to_string());
+                    idle += 1;
+                }
+                _ => {}
+            }
+        }
+        if pipe.cmd_iter().next().is_some() {
+            let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    tracing::info!(gone, idle, "schema-2 gravestones laid anew, client mailboxes marked idle");
+    Ok(gone)
 }

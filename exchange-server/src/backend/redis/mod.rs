@@ -11,6 +11,7 @@
 //! stream; after reconnecting it reads every subscribed stream again
 //! ([`reader`]).
 
+mod expiry;
 mod keys;
 mod migration;
 mod presence;
@@ -35,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Backend, BackendSubscription, Bounds, Found, Page, awaiting_answer, source, unknown_source,
 };
+use crate::retention::{Retention, Swept};
+use expiry::Stones;
 use keys::Keys;
 use presence::{InUse, PRESENCE_EVERY};
 use reader::Reader;
@@ -43,17 +46,13 @@ use scripts::{Scripts, caller_arg, run, run_one, state_error};
 use stream::{range_after, range_entries, seq_of, stream_id_of};
 use subscription::RedisSubscription;
 
-/// How to reach Redis and how long keys live there.
+/// How to reach Redis.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
     /// `redis://HOST:PORT/DB`.
     pub url: String,
     /// Prefix of every key, so several deployments can share one Redis.
     pub prefix: String,
-    /// Mailboxes with no activity for this long expire (`None`: never).
-    pub mailbox_ttl: Option<Duration>,
-    /// How long a terminated mailbox's gravestone is kept (`None`: forever).
-    pub gravestone_ttl: Option<Duration>,
     /// How long a call waits for Redis (to reconnect, or to answer) before
     /// failing with UNAVAILABLE.
     pub timeout: Duration,
@@ -64,8 +63,6 @@ impl Default for RedisOptions {
         Self {
             url: "redis://127.0.0.1:6379/0".into(),
             prefix: "academy".into(),
-            mailbox_ttl: None,
-            gravestone_ttl: None,
             timeout: academy_server::redis::DEFAULT_TIMEOUT,
         }
     }
@@ -118,16 +115,13 @@ const ACK_SLICE: usize = 1_000;
 const ENQUEUE_CHUNK: usize = 128;
 const ENQUEUE_CHUNK_BYTES: usize = 1 << 20;
 
-fn secs(ttl: Option<Duration>) -> u64 {
-    ttl.map_or(0, |t| t.as_secs().max(1))
-}
-
 #[derive(Debug, Clone)]
 pub(crate) struct RedisBackend {
     conn: ConnectionManager,
     scripts: Arc<Scripts>,
     keys: Keys,
     options: RedisOptions,
+    stones: Stones,
     reader: Arc<Reader>,
     /// Whether Redis answered the last health check.
     health: Arc<tokio::sync::watch::Sender<bool>>,
@@ -139,7 +133,10 @@ pub(crate) struct RedisBackend {
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
 impl RedisBackend {
-    pub(crate) async fn connect(options: RedisOptions) -> Result<Self, ExchangeError> {
+    pub(crate) async fn connect(
+        options: RedisOptions,
+        retention: &Retention,
+    ) -> Result<Self, ExchangeError> {
         let (client, conn) = connect_redis(&options.url, options.timeout).await?;
         let keys = Keys::new(&options.prefix);
         let stop = CancellationToken::new();
@@ -151,7 +148,9 @@ impl RedisBackend {
         let scripts = Arc::new(Scripts::new());
         let health = Arc::new(tokio::sync::watch::Sender::new(true));
         let in_use = Some(Arc::new(in_use));
-        let backend = Self { conn, scripts, keys, options, reader, health, _in_use: in_use };
+        let stones = Stones::new(retention);
+        let backend =
+            Self { conn, scripts, keys, options, stones, reader, health, _in_use: in_use };
         backend.renew_presence().await?;
         migration::upgrade(&backend).await?;
         let tasks = Self { _in_use: None, ..backend.clone() };
@@ -211,8 +210,9 @@ impl RedisBackend {
     /// Forgets this replica as mailbox `id`'s subscriber's, as its
     /// subscription of `generation` ended (unless a newer one took over).
     async fn unsubscribed(&self, id: &EntityId, generation: u64) {
-        let mut cmd = self.scripts.unsubscribe.call(&[self.keys.mailbox(id)]);
-        cmd.arg(generation).arg(&self.reader.replica);
+        let keys = [self.keys.mailbox(id), self.keys.idle_clients()];
+        let mut cmd = self.scripts.unsubscribe.call(&keys);
+        cmd.arg(generation).arg(&self.reader.replica).arg(id.to_string());
         if let Err(e) = run_one(&self.conn, &self.scripts.unsubscribe, cmd).await {
             tracing::warn!(mailbox = %id, error = %e, "cannot record that a subscription ended");
         }
@@ -288,11 +288,15 @@ impl Backend for RedisBackend {
             None => ("c", "", Vec::new(), ""),
         };
         let implements = serde_json::to_string(&implements).expect("strings serialise");
-        let mut keys = vec![self.keys.mailbox(&id), self.keys.mailboxes_owned()];
+        let mut keys =
+            vec![self.keys.mailbox(&id), self.keys.mailboxes_owned(), self.keys.idle_clients()];
+        let stones = if agent.is_some() { self.stones.lookup(&self.keys, &id) } else { vec![] };
+        let graves = stones.len();
+        keys.extend(stones);
         keys.extend(agent.as_ref().map(|a| self.keys.indexes(a)).unwrap_or_default());
         let mut cmd = self.scripts.create.call(&keys);
         cmd.arg(id.to_string()).arg(kind).arg(behaviour).arg(implements).arg(name);
-        cmd.arg(secs(self.options.mailbox_ttl)).arg(caller_arg(owner)).arg(quota);
+        cmd.arg(caller_arg(owner)).arg(quota).arg(graves).arg(id.uuid().as_bytes().as_slice());
         let answer = run_one(&self.conn, &self.scripts.create, cmd).await?;
         let answer = string(&answer).unwrap_or_default();
         match answer.as_str() {
@@ -314,24 +318,28 @@ impl Backend for RedisBackend {
     ) -> Result<(pb::MailboxState, Vec<pb::Message>), ExchangeError> {
         let mut keys = self.keys.releasing(id);
         keys.push(self.keys.drain(id));
+        keys.push(self.keys.idle_clients());
+        let (grave, grave_ttl) = self.stones.grave(&self.keys, id);
+        keys.push(grave);
         // The index sets listing an agent (its behaviour and interfaces never change).
         if let Some(agent) = self.agent(id).await? {
             keys.extend(self.keys.indexes(&agent));
         }
         let mut cmd = self.scripts.terminate.call(&keys);
-        cmd.arg(id.to_string()).arg(secs(self.options.gravestone_ttl)).arg(self.keys.bell());
-        cmd.arg(caller_arg(caller)).arg(DRAIN_TTL_SECS);
+        cmd.arg(id.to_string()).arg(grave_ttl).arg(self.keys.bell());
+        cmd.arg(caller_arg(caller)).arg(DRAIN_TTL_SECS).arg(id.uuid().as_bytes().as_slice());
         let answer = run_one(&self.conn, &self.scripts.terminate, cmd).await?;
         let mut answer = array(answer).into_iter();
         let head = answer.next().and_then(|v| string(&v)).unwrap_or_default();
         match head.as_str() {
             "terminated" => Ok((pb::MailboxState::Terminated, Vec::new())),
-            "missing" | "denied" => {
-                Err(state_error(id, &head, || answer.next().and_then(|v| string(&v)))
-                    .unwrap_or_else(|| {
-                        ExchangeError::Unavailable(format!("terminate failed: {head}"))
-                    }))
-            }
+            // A gravestone answers whoever asks: it has no owner.
+            "missing" if self.buried(id).await? => Ok((pb::MailboxState::Terminated, Vec::new())),
+            "missing" => Ok((pb::MailboxState::Missing, Vec::new())),
+            "denied" => Err(state_error(id, &head, || answer.next().and_then(|v| string(&v)))
+                .unwrap_or_else(|| {
+                    ExchangeError::Unavailable(format!("terminate failed: {head}"))
+                })),
             "active" => {
                 let drain = answer.next().and_then(|v| string(&v)).is_some();
                 let waiting = if drain { self.drain(id).await } else { Vec::new() };
@@ -352,6 +360,7 @@ impl Backend for RedisBackend {
             .await
             .map_err(unavailable)?;
         let state = match fields.first().cloned().flatten().as_deref() {
+            None if self.buried(id).await? => return Ok(MailboxStatus::terminated()),
             None => return Ok(MailboxStatus::missing()),
             Some("t") => pb::MailboxState::Terminated,
             Some(_) => pb::MailboxState::Active,
@@ -419,7 +428,6 @@ impl Backend for RedisBackend {
         if messages.is_empty() {
             return Vec::new();
         }
-        let ttl = secs(self.options.mailbox_ttl);
         let max = bounds.max_queued;
         // One script call per chunk: few enough messages or bytes that Redis,
         // single-threaded, is not held up long by any one call.
@@ -440,7 +448,7 @@ impl Backend for RedisBackend {
                 let sources = chunk.sources.iter().map(|id| self.keys.mailbox(id));
                 let keys: Vec<String> = boxes.chain(usage).chain(sources).collect();
                 let mut cmd = self.scripts.enqueue.call(&keys);
-                cmd.arg(max).arg(bounds.max_queued_bytes).arg(ttl).arg(MAX_NOTICE_BYTES).arg(&bell);
+                cmd.arg(max).arg(bounds.max_queued_bytes).arg(MAX_NOTICE_BYTES).arg(&bell);
                 cmd.arg(chunk.mailboxes.len()).arg(caller_arg(sender)).arg(bounds.sender_quota);
                 for id in &chunk.mailboxes {
                     cmd.arg(id.to_string());
@@ -469,35 +477,35 @@ impl Backend for RedisBackend {
                 .collect(),
             Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
         };
-        messages
-            .iter()
-            .zip(answers)
-            .map(|((dest, message), answer)| match string(&answer).as_deref() {
-                Some("ok") => Ok(()),
-                Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
-                Some("fullbytes") => Err(ExchangeError::MailboxBytesFull {
-                    id: *dest,
-                    limit: bounds.max_queued_bytes,
-                }),
-                Some("quota") => Err(ExchangeError::QuotaExceeded {
-                    principal: sender.unwrap_or_default().to_owned(),
-                    quota: "bytes queued unacknowledged".into(),
-                    max: bounds.sender_quota,
-                }),
-                // About the message's source, which the exchange validated.
-                Some(a) if a == "nosrc" || a.starts_with("denied:") => {
-                    let src = source(message)?;
-                    let (head, owner) = a.split_once(':').unwrap_or((a, ""));
-                    let denied = state_error(&src, head, || Some(owner.to_owned()));
-                    Err(denied.unwrap_or_else(|| unknown_source(&src)))
-                }
-                other => {
-                    Err(other.and_then(|a| state_error(dest, a, || None)).unwrap_or_else(|| {
-                        ExchangeError::Unavailable(format!("enqueue failed: {answer:?}"))
-                    }))
-                }
-            })
-            .collect()
+        let results =
+            messages
+                .iter()
+                .zip(answers)
+                .map(|((dest, message), answer)| match string(&answer).as_deref() {
+                    Some("ok") => Ok(()),
+                    Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
+                    Some("fullbytes") => Err(ExchangeError::MailboxBytesFull {
+                        id: *dest,
+                        limit: bounds.max_queued_bytes,
+                    }),
+                    Some("quota") => Err(ExchangeError::QuotaExceeded {
+                        principal: sender.unwrap_or_default().to_owned(),
+                        quota: "bytes queued unacknowledged".into(),
+                        max: bounds.sender_quota,
+                    }),
+                    // About the message's source, which the exchange validated.
+                    Some(a) if a == "nosrc" || a.starts_with("denied:") => {
+                        let src = source(message)?;
+                        let (head, owner) = a.split_once(':').unwrap_or((a, ""));
+                        let denied = state_error(&src, head, || Some(owner.to_owned()));
+                        Err(denied.unwrap_or_else(|| unknown_source(&src)))
+                    }
+                    other => Err(other.and_then(|a| state_error(dest, a, || None)).unwrap_or_else(
+                        || ExchangeError::Unavailable(format!("enqueue failed: {answer:?}")),
+                    )),
+                })
+                .collect();
+        self.settle_all(results).await
     }
 
     async fn subscribe(
@@ -508,12 +516,12 @@ impl Backend for RedisBackend {
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
         let keys = [self.keys.mailbox(id), self.keys.queue(id), self.keys.sizes(id)];
         let mut cmd = self.scripts.subscribe.call(&keys);
-        cmd.arg(secs(self.options.mailbox_ttl)).arg(self.keys.bell()).arg(&self.reader.replica);
+        cmd.arg(self.keys.bell()).arg(&self.reader.replica);
         cmd.arg(id.to_string()).arg(caller_arg(caller)).arg(epoch);
         let answer = array(run_one(&self.conn, &self.scripts.subscribe, cmd).await?);
         let head = answer.first().and_then(string).unwrap_or_default();
         if let Some(err) = state_error(id, &head, || answer.get(1).and_then(string)) {
-            return Err(err);
+            return self.settle(Err(err)).await;
         }
         if head == "stale" {
             let current = answer.get(1).and_then(integer).unwrap_or_default();
@@ -565,7 +573,7 @@ impl Backend for RedisBackend {
             let answer = string(&answer).unwrap_or_default();
             let (head, owner) = answer.split_once(':').unwrap_or((&answer, ""));
             if let Some(err) = state_error(id, head, || Some(owner.to_owned())) {
-                return Err(err);
+                return self.settle(Err(err)).await;
             }
             if let Some(bad) = answer.strip_prefix("never:") {
                 return Err(ExchangeError::InvalidArgument(format!(
@@ -587,10 +595,17 @@ impl Backend for RedisBackend {
     }
 
     async fn forget(&self, id: &EntityId) {
-        let call = self.scripts.forget.call(&self.keys.releasing(id));
+        let mut keys = self.keys.releasing(id);
+        keys.push(self.keys.idle_clients());
+        let mut call = self.scripts.forget.call(&keys);
+        call.arg(id.to_string());
         if let Err(e) = run_one(&self.conn, &self.scripts.forget, call).await {
             tracing::warn!(mailbox = %id, error = %e, "cannot delete transient mailbox");
         }
+    }
+
+    async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError> {
+        self.sweep_idle(retention).await
     }
 }
 

@@ -39,12 +39,17 @@ pub(super) struct Scripts {
     pub(super) acknowledge: Lua,
     pub(super) forget: Lua,
     pub(super) migrate_agent: Lua,
+    pub(super) buried: Lua,
+    pub(super) abandon: Lua,
 }
 
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            create: Lua::new(include_str!("scripts/create.lua")),
+            create: Lua::new(concat!(
+                include_str!("scripts/gravestones.lua"),
+                include_str!("scripts/create.lua")
+            )),
             enqueue: Lua::new(include_str!("scripts/enqueue.lua")),
             terminate: Lua::new(concat!(
                 include_str!("scripts/release.lua"),
@@ -58,6 +63,14 @@ impl Scripts {
                 include_str!("scripts/forget.lua")
             )),
             migrate_agent: Lua::new(include_str!("scripts/migrate_agent.lua")),
+            buried: Lua::new(concat!(
+                include_str!("scripts/gravestones.lua"),
+                include_str!("scripts/buried.lua")
+            )),
+            abandon: Lua::new(concat!(
+                include_str!("scripts/release.lua"),
+                include_str!("scripts/abandon.lua")
+            )),
         }
     }
 }

@@ -5,9 +5,9 @@
 -- KEYS        the (mailbox hash, queue stream, sizes hash) triples written
 --             to; with a sender, the hash of bytes queued per sender, then
 --             the hashes of the mailboxes the messages come from
--- ARGV        queue bound in messages, in bytes (0: none), TTL in seconds
---             (0: none), largest message sent inside a notice, notice
---             channel prefix, number of triples, sender (empty: trusted), the
+-- ARGV        queue bound in messages, in bytes (0: none), largest
+--             message sent inside a notice, notice channel prefix, number
+--             of triples, sender (empty: trusted), the
 --             sender's quota of bytes queued (0: none), the triples' mailbox
 --             ids, then per message: its triple's number (from 1), with a
 --             sender its source's number (from 1; 0: a source that did not
@@ -18,8 +18,8 @@
 -- for the whole call: `m <id> <previous> <added> <size>\n` followed by the
 -- message, or `n <id> <previous> <added> 0\n` for a large one. A mailbox's
 -- hash is read and written once per call.
-local max, maxbytes, ttl, small, bell, n, sender, quota = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7], tonumber(ARGV[8])
-local first = 8
+local max, maxbytes, small, bell, n, sender, quota = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local first = 7
 local boxes, notices, refused = {}, {}, {[0] = 'nosrc'}
 for k = 1, n do
   local h = redis.call('HMGET', KEYS[3 * k - 2], 's', 'l', 'r', 'qb')
@@ -74,9 +74,6 @@ for k, m in ipairs(boxes) do
   if m.fresh then
     redis.call('HSET', KEYS[3 * k - 2], 'l', m.last)
     redis.call('HINCRBY', KEYS[3 * k - 2], 'qb', m.added)
-    if ttl > 0 then
-      for j = 2, 0, -1 do redis.call('EXPIRE', KEYS[3 * k - j], ttl) end
-    end
   end
 end
 if sent > 0 then redis.call('HINCRBY', usage, sender, sent) end

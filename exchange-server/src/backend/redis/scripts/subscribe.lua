@@ -6,14 +6,14 @@
 -- KEYS[1]     the mailbox hash
 -- KEYS[2]     its queue stream
 -- KEYS[3]     its sizes hash
--- ARGV        TTL in seconds (0: none), notice channel prefix, replica, id,
---             caller (empty: trusted), epoch (0: none)
+-- ARGV        notice channel prefix, replica, id, caller (empty: trusted),
+--             epoch (0: none)
 local h = redis.call('HMGET', KEYS[1], 's', 'o', 'e')
 local s, o = h[1], h[2]
 if not s then return {'missing'} end
-if o and ARGV[5] ~= '' and o ~= ARGV[5] then return {'denied', o} end
+if o and ARGV[4] ~= '' and o ~= ARGV[4] then return {'denied', o} end
 if s == 't' then return {'terminated'} end
-local epoch = tonumber(ARGV[6])
+local epoch = tonumber(ARGV[5])
 if epoch > 0 then
   local current = tonumber(h[3] or '0')
   if epoch < current then return {'stale', current} end
@@ -21,8 +21,6 @@ if epoch > 0 then
 end
 local g = redis.call('HINCRBY', KEYS[1], 'g', 1)
 local r = redis.call('HGET', KEYS[1], 'r')
-if r then redis.call('PUBLISH', ARGV[2] .. r, 's ' .. ARGV[4] .. ' ' .. g .. '\n') end
-redis.call('HSET', KEYS[1], 'r', ARGV[3])
-local ttl = tonumber(ARGV[1])
-if ttl > 0 then for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end end
+if r then redis.call('PUBLISH', ARGV[1] .. r, 's ' .. ARGV[3] .. ' ' .. g .. '\n') end
+redis.call('HSET', KEYS[1], 'r', ARGV[2])
 return {'ok', g}

@@ -1,8 +1,11 @@
 //! The in-memory backend: mailboxes live as long as the process.
 
+mod gravestones;
+
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use academy_proto::pb;
 use async_trait::async_trait;
@@ -14,17 +17,35 @@ use super::{
     unknown_source,
 };
 use crate::exchange::permitted;
+use crate::retention::{Retention, Swept};
 use academy_proto::{EntityId, ExchangeError, MailboxStatus, RegisteredAgent};
+use gravestones::Gravestones;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct MemoryBackend {
+    /// Active mailboxes (a terminated one lives on only while a subscriber
+    /// still holds it).
     mailboxes: RwLock<HashMap<EntityId, Arc<Mailbox>>>,
+    /// Terminated agents' ids, taken or left with `mailboxes` held for
+    /// writing.
+    gravestones: Mutex<Gravestones>,
     /// What each principal holds, for its quotas.
     usage: Mutex<HashMap<Arc<str>, Usage>>,
     /// Discovery, in id order: `[listing, own]`, behaviour or interface name →
     /// agents listing it / whose own behaviour it is. The empty name lists
     /// every active agent.
     index: RwLock<[HashMap<String, BTreeSet<EntityId>>; 2]>,
+}
+
+impl MemoryBackend {
+    pub(crate) fn new(retention: &Retention) -> Self {
+        Self {
+            mailboxes: RwLock::default(),
+            gravestones: Mutex::new(Gravestones::new(retention.gravestones)),
+            usage: Mutex::default(),
+            index: RwLock::default(),
+        }
+    }
 }
 
 /// What a principal holds: active mailboxes it owns, bytes of messages it
@@ -59,6 +80,8 @@ struct QueueState {
     generation: u64,
     /// The subscription of the current generation is open.
     subscribed: bool,
+    /// Since when a client mailbox has had no subscriber.
+    idle_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -95,7 +118,17 @@ fn index_names(agent: &RegisteredAgent) -> impl Iterator<Item = (&str, bool)> {
 
 impl MemoryBackend {
     fn mailbox(&self, id: &EntityId) -> Result<Arc<Mailbox>, ExchangeError> {
-        read(&self.mailboxes).get(id).cloned().ok_or(ExchangeError::NotFound(*id))
+        read(&self.mailboxes).get(id).cloned().ok_or_else(|| self.missing(id))
+    }
+
+    /// Why there is no mailbox `id`: it was terminated (its gravestone is
+    /// there), or there never was one (or its gravestone expired).
+    fn missing(&self, id: &EntityId) -> ExchangeError {
+        if self.buried(id) { ExchangeError::Terminated(*id) } else { ExchangeError::NotFound(*id) }
+    }
+
+    fn buried(&self, id: &EntityId) -> bool {
+        id.is_agent() && lock(&self.gravestones).holds(id.uuid().as_u128(), Instant::now())
     }
 
     /// The mailbox, if `caller` may act for its owner.
@@ -120,7 +153,10 @@ impl MemoryBackend {
         }
         let src = source(message)?;
         match self.owned(&src, sender) {
-            Err(ExchangeError::NotFound(_)) => Err(unknown_source(&src)),
+            // Whose a terminated mailbox was is not kept.
+            Err(ExchangeError::NotFound(_) | ExchangeError::Terminated(_)) => {
+                Err(unknown_source(&src))
+            }
             owned => owned.map(drop),
         }
     }
@@ -214,12 +250,11 @@ impl Backend for MemoryBackend {
     ) -> Result<(), ExchangeError> {
         {
             let mut mailboxes = write(&self.mailboxes);
-            if let Some(existing) = mailboxes.get(&id) {
-                return Err(if lock(&existing.state).terminated {
-                    ExchangeError::Terminated(id)
-                } else {
-                    ExchangeError::AlreadyExists(id)
-                });
+            if mailboxes.contains_key(&id) {
+                return Err(ExchangeError::AlreadyExists(id));
+            }
+            if self.buried(&id) {
+                return Err(ExchangeError::Terminated(id));
             }
             let owner: Option<Arc<str>> = owner.map(Into::into);
             if let Some(owner) = &owner {
@@ -234,11 +269,12 @@ impl Backend for MemoryBackend {
                 }
                 held.mailboxes += 1;
             }
+            let idle_since = agent.is_none().then(Instant::now);
             let mailbox = Mailbox {
                 id,
                 agent: agent.clone(),
                 owner,
-                state: Mutex::default(),
+                state: Mutex::new(QueueState { idle_since, ..QueueState::default() }),
                 changed: Notify::new(),
             };
             mailboxes.insert(id, Arc::new(mailbox));
@@ -257,8 +293,13 @@ impl Backend for MemoryBackend {
         id: &EntityId,
         caller: Option<&str>,
     ) -> Result<(pb::MailboxState, Vec<pb::Message>), ExchangeError> {
-        let mailbox = self.owned(id, caller)?;
+        let mailbox = match self.owned(id, caller) {
+            Err(ExchangeError::Terminated(_)) => return Ok((pb::MailboxState::Terminated, vec![])),
+            Err(ExchangeError::NotFound(_)) => return Ok((pb::MailboxState::Missing, vec![])),
+            owned => owned?,
+        };
         let queued = {
+            let mut mailboxes = write(&self.mailboxes);
             let mut state = lock(&mailbox.state);
             if state.terminated {
                 return Ok((pb::MailboxState::Terminated, Vec::new()));
@@ -266,6 +307,12 @@ impl Backend for MemoryBackend {
             state.terminated = true;
             state.unacked = 0;
             state.bytes = 0;
+            mailboxes.remove(id);
+            // A client's id was never chosen by anyone, so nothing can
+            // come back under it: it leaves no gravestone.
+            if id.is_agent() {
+                lock(&self.gravestones).bury(id.uuid().as_u128(), Instant::now());
+            }
             std::mem::take(&mut state.queue)
         };
         mailbox.changed.notify_waiters();
@@ -288,8 +335,10 @@ impl Backend for MemoryBackend {
     }
 
     async fn status(&self, id: &EntityId) -> Result<MailboxStatus, ExchangeError> {
-        let Ok(mailbox) = self.mailbox(id) else {
-            return Ok(MailboxStatus::missing());
+        let mailbox = match self.mailbox(id) {
+            Ok(mailbox) => mailbox,
+            Err(ExchangeError::Terminated(_)) => return Ok(MailboxStatus::terminated()),
+            Err(_) => return Ok(MailboxStatus::missing()),
         };
         let state = lock(&mailbox.state);
         Ok(MailboxStatus {
@@ -352,6 +401,7 @@ impl Backend for MemoryBackend {
             }
             state.generation += 1;
             state.subscribed = true;
+            state.idle_since = None;
             state.generation
         };
         mailbox.changed.notify_waiters();
@@ -406,15 +456,50 @@ impl Backend for MemoryBackend {
     }
 
     async fn forget(&self, id: &EntityId) {
-        let Some(mailbox) = write(&self.mailboxes).remove(id) else { return };
-        let queued = {
+        self.remove_if(id, |_| true);
+    }
+
+    async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError> {
+        let now = Instant::now();
+        let gravestones = lock(&self.gravestones).expire(now);
+        let Some(ttl) = retention.abandoned_clients else {
+            return Ok(Swept { gravestones, abandoned_clients: 0 });
+        };
+        let abandoned = |state: &QueueState| {
+            !state.subscribed && state.idle_since.is_some_and(|t| now.duration_since(t) >= ttl)
+        };
+        let candidates: Vec<EntityId> = read(&self.mailboxes)
+            .values()
+            .filter(|m| m.agent.is_none() && abandoned(&lock(&m.state)))
+            .map(|m| m.id)
+            .collect();
+        let abandoned_clients =
+            candidates.iter().filter(|id| self.remove_if(id, abandoned)).count();
+        Ok(Swept { gravestones, abandoned_clients })
+    }
+}
+
+impl MemoryBackend {
+    /// Removes mailbox `id` without a gravestone if its state passes `test`,
+    /// giving back what it held; answers whether it did.
+    fn remove_if(&self, id: &EntityId, test: impl Fn(&QueueState) -> bool) -> bool {
+        let (mailbox, queued) = {
+            let mut mailboxes = write(&self.mailboxes);
+            let Some(mailbox) = mailboxes.get(id).cloned() else { return false };
             let mut state = lock(&mailbox.state);
+            if state.terminated || !test(&state) {
+                return false;
+            }
+            mailboxes.remove(id);
             state.terminated = true;
-            std::mem::take(&mut state.queue)
+            let queued = std::mem::take(&mut state.queue);
+            drop(state);
+            (mailbox, queued)
         };
         mailbox.changed.notify_waiters();
         self.refund(queued.iter().filter(|e| !e.acked));
         self.release(mailbox.owner.as_ref());
+        true
     }
 }
 
@@ -431,6 +516,9 @@ impl Drop for MemorySubscription {
         let mut state = lock(&self.mailbox.state);
         if state.generation == self.generation {
             state.subscribed = false;
+            if self.mailbox.agent.is_none() {
+                state.idle_since = Some(Instant::now());
+            }
         }
     }
 }
