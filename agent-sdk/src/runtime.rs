@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,6 +54,10 @@ impl Default for AgentConfig {
 pub(crate) struct StopSignal {
     pub(crate) token: CancellationToken,
     pub(crate) terminate: Arc<Mutex<Option<bool>>>,
+    /// The agent stops to move elsewhere: its actions in flight finish.
+    moving: Arc<AtomicBool>,
+    /// A plain stop came (after a move began, perhaps): cancel what runs.
+    hurry: CancellationToken,
 }
 
 impl StopSignal {
@@ -60,6 +65,17 @@ impl StopSignal {
         if terminate.is_some() {
             *self.terminate.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = terminate;
         }
+        self.moving.store(false, Ordering::SeqCst);
+        self.hurry.cancel();
+        self.token.cancel();
+    }
+
+    /// Stops the agent, keeping its mailbox, so that it runs elsewhere: its
+    /// actions in flight finish and are answered rather than cancelled
+    /// (until a plain [`stop`](Self::stop) comes).
+    pub(crate) fn stop_moving(&self) {
+        *self.terminate.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(false);
+        self.moving.store(true, Ordering::SeqCst);
         self.token.cancel();
     }
 }
@@ -209,10 +225,18 @@ pub(crate) async fn run<B: Behaviour>(
 
     // Shutdown: signal loops, settle actions, run the hook, terminate or keep the mailbox.
     shutdown.cancel();
-    if config.cancel_actions_on_shutdown {
+    let cancel = config.cancel_actions_on_shutdown;
+    if cancel && !stop.moving.load(Ordering::SeqCst) {
         cancel_actions.cancel();
     }
-    while actions.join_next().await.is_some() {}
+    loop {
+        tokio::select! {
+            done = actions.join_next() => if done.is_none() { break },
+            () = stop.hurry.cancelled(), if cancel && !cancel_actions.is_cancelled() => {
+                cancel_actions.cancel();
+            }
+        }
+    }
     let settle = async {
         while let Some(done) = loops.join_next().await {
             if let Some(err) = loop_failure(id, done) {

@@ -52,6 +52,7 @@ pub struct Worker {
     behaviours: HashMap<&'static str, Offered>,
     credentials: Option<Credentials>,
     orphan_grace: Duration,
+    shutdown_grace: Duration,
 }
 
 impl std::fmt::Debug for Worker {
@@ -90,6 +91,9 @@ struct Fleet {
     /// Since the launcher went away: when the agents must stop if it has not
     /// come back.
     orphaned: Option<tokio::time::Instant>,
+    /// Since the worker was told to shut down (and asked the launcher to
+    /// move its agents): when it stops what is left and exits.
+    leaving: Option<tokio::time::Instant>,
     exchange: Option<SharedExchange>,
 }
 
@@ -121,7 +125,11 @@ impl Fleet {
         if let Some((epoch, signal)) = self.agents.get(&stop.agent_id)
             && *epoch == stop.epoch
         {
-            signal.stop(Some(stop.terminate));
+            if stop.moving {
+                signal.stop_moving();
+            } else {
+                signal.stop(Some(stop.terminate));
+            }
         }
     }
 
@@ -192,6 +200,7 @@ impl Worker {
             behaviours: HashMap::new(),
             credentials: None,
             orphan_grace: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(25),
         }
     }
 
@@ -236,7 +245,13 @@ impl Worker {
     }
 
     /// Serves until SIGINT or SIGTERM, reconnecting to the launcher when the
-    /// connection drops; then stops its agents, keeping their mailboxes.
+    /// connection drops. Then it hands its agents over: the launcher moves
+    /// them to other workers (their actions in flight finish here, their
+    /// mailboxes keep what comes meanwhile), and the worker exits once none
+    /// is left, or after its [shutdown grace](Self::shutdown_grace), when it
+    /// stops the rest (keeping their mailboxes; the launcher places them
+    /// elsewhere as for a lost worker). A worker that has no launcher to
+    /// hand them to stops them, keeping their mailboxes.
     pub async fn run(self) -> Result<(), ClientError> {
         self.run_until(signalled()).await
     }
@@ -253,13 +268,28 @@ impl Worker {
         self
     }
 
-    /// Serves until `shutdown` completes.
+    /// How long a worker told to shut down waits for the launcher to move
+    /// its agents before it stops what is left and exits: 25 s by default,
+    /// within Kubernetes' default grace period of 30 s.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Serves until `shutdown` completes, then hands its agents over as
+    /// [`run`](Self::run) does.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), ClientError> {
+        let shutdown = futures::FutureExt::fuse(shutdown);
         tokio::pin!(shutdown);
         let mut fleet = Fleet::default();
         let mut backoff = Duration::from_millis(100);
         loop {
             let end = self.session(&mut fleet, &mut shutdown).await;
+            if fleet.leaving.is_some() {
+                // Told to shut down: no waiting for a launcher to come back.
+                fleet.stop_all().await;
+                return Ok(());
+            }
             match end {
                 Ok(SessionEnd::Shutdown) => {
                     fleet.stop_all().await;
@@ -374,8 +404,26 @@ impl Worker {
             report(done);
         }
         loop {
+            let leaving = fleet.leaving;
+            let handed_over = async {
+                match leaving {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                () = &mut *shutdown => return Ok(SessionEnd::Shutdown),
+                () = &mut *shutdown => {
+                    if fleet.agents.is_empty() {
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                    tracing::info!(agents = fleet.agents.len(), grace = ?self.shutdown_grace, "shutting down: the launcher moves the agents to other workers");
+                    send(Up::Leaving(pb::WorkerLeaving {}));
+                    fleet.leaving = Some(tokio::time::Instant::now() + self.shutdown_grace);
+                }
+                () = handed_over => {
+                    tracing::warn!(agents = fleet.agents.len(), "shutdown grace over; stopping the agents not moved yet");
+                    return Ok(SessionEnd::Shutdown);
+                }
                 () = tokio::time::sleep_until(lease_ends) => {
                     return Ok(SessionEnd::Silent(format!("no word from the launcher for {lease:?}")));
                 }
@@ -383,6 +431,15 @@ impl Worker {
                 Some(done) = fleet.runs.join_next(), if !fleet.runs.is_empty() => {
                     if let Some(done) = fleet.ended(done) {
                         report(done);
+                    }
+                    if fleet.leaving.is_some() && fleet.agents.is_empty() {
+                        // Every agent handed over: let the reports reach
+                        // the launcher (it closes the stream once ours ends).
+                        drop(out);
+                        let closed = async { while inbound.next().await.is_some() {} };
+                        let _ = tokio::time::timeout(Duration::from_secs(2), closed).await;
+                        tracing::info!("every agent handed over; exiting");
+                        return Ok(SessionEnd::Shutdown);
                     }
                 }
                 message = inbound.next() => {

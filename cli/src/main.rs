@@ -121,7 +121,8 @@ enum Workers {
     List,
     /// Moves a worker's agents elsewhere and places nothing new on it.
     Drain {
-        worker_id: String,
+        /// Its id (`worker:<uuid>`), or its name (e.g. a pod's name).
+        worker: String,
     },
 }
 
@@ -307,10 +308,15 @@ async fn main() -> anyhow::Result<()> {
             let columns = ["worker_id", "name", "capacity", "agents", "draining", "behaviours"];
             format.print(&columns, &rows);
         }
-        Command::Workers(Workers::Drain { worker_id }) => {
+        Command::Workers(Workers::Drain { worker }) => {
             let mut rpc = launcher(&cli).await?;
+            let request = if worker.starts_with("worker:") {
+                pb::DrainWorkerRequest { worker_id: worker, name: String::new() }
+            } else {
+                pb::DrainWorkerRequest { worker_id: String::new(), name: worker }
+            };
             let worker = rpc
-                .drain_worker(pb::DrainWorkerRequest { worker_id })
+                .drain_worker(request)
                 .await
                 .map_err(failed)?
                 .into_inner()

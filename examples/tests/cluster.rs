@@ -53,6 +53,9 @@ async fn cluster(workers: &[&str]) -> Cluster {
 impl Cluster {
     /// Starts a worker process and waits until it has joined.
     async fn add_worker(&mut self, name: &str) {
+        let mut rpc = self.rpc.clone();
+        let joined = rpc.list_workers(pb::ListWorkersRequest::default()).await.unwrap();
+        let expected = joined.into_inner().workers.len() + 1;
         let child = Command::new(env!("CARGO_BIN_EXE_worker"))
             .args(["--launcher", &self.launcher_url, "--name", name, "--capacity", "4"])
             .env("RUST_LOG", "warn")
@@ -60,7 +63,6 @@ impl Cluster {
             .spawn()
             .expect("worker starts");
         self.workers.push((name.to_owned(), child));
-        let expected = self.workers.len();
         wait(|| async {
             let mut rpc = self.rpc.clone();
             let workers = rpc
@@ -254,7 +256,9 @@ async fn draining_a_worker_moves_its_agents_and_keeps_their_mailboxes() {
     cluster.wait_state(&id, AgentState::Running).await;
     cluster.add_worker("w2").await;
     let from = cluster.get(&id).await.worker_id;
-    cluster.rpc.drain_worker(pb::DrainWorkerRequest { worker_id: from.clone() }).await.unwrap();
+    // By name, as a pod's preStop hook or an operator would.
+    let by_name = pb::DrainWorkerRequest { name: "w1".into(), ..Default::default() };
+    cluster.rpc.drain_worker(by_name).await.unwrap();
     wait(|| async {
         let agent = cluster.get(&id).await;
         agent.state() == AgentState::Running && agent.worker_id != from
@@ -265,6 +269,87 @@ async fn draining_a_worker_moves_its_agents_and_keeps_their_mailboxes() {
     let analyser =
         manager.handle::<WordStats>(id.parse().unwrap()).with_timeout(Duration::from_secs(10));
     assert_eq!(analyser.analyse("moved".into()).await.unwrap().words, 1);
+    manager.close().await.unwrap();
+}
+
+/// A rolling update under load: each worker in turn gets a replacement,
+/// then SIGTERM (as Kubernetes sends). Each hands its agents over before it
+/// exits: no agent ends up stopped, and no call fails (a call may wait
+/// while its agent moves).
+#[tokio::test]
+async fn sigterm_moves_a_workers_agents_and_a_rolling_update_loses_no_call() {
+    let mut cluster = cluster(&["w1", "w2", "w3"]).await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(cluster.launch("example.WordStats", json!({}), 0).await.unwrap());
+    }
+    for id in &ids {
+        cluster.wait_state(id, AgentState::Running).await;
+    }
+    let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let handle = manager
+                .handle::<WordStats>(id.parse().unwrap())
+                .with_timeout(Duration::from_secs(20));
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match handle.analyse("one two three".into()).await {
+                        Ok(report) if report.words == 3 => ok += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let mut moved = 0;
+    for round in 0..3 {
+        let name = cluster.workers[round].0.clone();
+        cluster.add_worker(&format!("{name}-next")).await;
+        let held = {
+            let mut held = 0;
+            for id in &ids {
+                held += usize::from(cluster.worker_of(id).await == name);
+            }
+            held
+        };
+        moved += held;
+        signal(&cluster.workers[round].1, "-TERM");
+        // It exits by itself once its agents are handed over.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cluster.workers[round].1.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "{name} did not exit after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for id in &ids {
+            let agent = cluster.wait_state(id, AgentState::Running).await;
+            assert_ne!(cluster.worker_of(id).await, name, "{agent:?}");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for caller in callers {
+        let (n, errors) = caller.await.unwrap();
+        assert!(n > 0, "every agent answered");
+        ok += n;
+        failed.extend(errors);
+    }
+    let mut stopped = 0;
+    for id in &ids {
+        stopped += usize::from(cluster.get(id).await.state() != AgentState::Running);
+    }
+    println!(
+        "rolling update of 3 workers ({moved} agent moves): {ok} calls answered, {} failed; {stopped} agents not running",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(stopped, 0);
     manager.close().await.unwrap();
 }
 

@@ -130,6 +130,10 @@ impl Cluster {
                 forgotten += 1;
             }
         }
+        // A burst of history leaves no table at its peak size behind.
+        if self.finished.capacity() > 4 * self.finished.len().max(1024) {
+            self.finished.shrink_to_fit();
+        }
         forgotten
     }
 
@@ -311,7 +315,12 @@ impl Cluster {
         let worker = self.workers.get_mut(worker_id).expect("just added");
         if !current {
             tracing::info!(agent = %id, epoch = running.epoch, worker = %worker_id, "a rejoining worker runs an outdated placement; stopping it");
-            let stop = pb::StopAssignment { agent_id: id, epoch: running.epoch, terminate: false };
+            let stop = pb::StopAssignment {
+                agent_id: id,
+                epoch: running.epoch,
+                terminate: false,
+                moving: false,
+            };
             worker.send(Body::Stop(stop));
             return;
         }
@@ -343,6 +352,12 @@ impl Cluster {
             }
         }
         self.schedule();
+    }
+
+    /// The ids of the connected workers named `name`.
+    pub(crate) fn workers_named(&self, name: &str) -> Vec<String> {
+        let named = self.workers.values().filter(|w| w.record.name == name);
+        named.map(|w| w.record.worker_id.clone()).collect()
     }
 
     pub(crate) fn has_worker(&self, id: &str) -> bool {
@@ -460,8 +475,12 @@ impl Cluster {
         let agent = self.agents.get(id)?;
         match agent.state() {
             AgentState::Starting | AgentState::Running | AgentState::Stopping => {
-                let stop =
-                    pb::StopAssignment { agent_id: id.to_owned(), epoch: agent.epoch, terminate };
+                let stop = pb::StopAssignment {
+                    agent_id: id.to_owned(),
+                    epoch: agent.epoch,
+                    terminate,
+                    moving: false,
+                };
                 if let Some(worker) = self.workers.get(&agent.worker_id) {
                     worker.send(Body::Stop(stop));
                 }
@@ -485,8 +504,12 @@ impl Cluster {
         let (record, agents) = (worker.record(), worker.agents.clone());
         for id in &agents {
             let Some(agent) = self.agents.get(id) else { continue };
-            let stop =
-                pb::StopAssignment { agent_id: id.clone(), epoch: agent.epoch, terminate: false };
+            let stop = pb::StopAssignment {
+                agent_id: id.clone(),
+                epoch: agent.epoch,
+                terminate: false,
+                moving: true,
+            };
             worker.send(Body::Stop(stop));
             self.moving.insert(id.clone());
         }

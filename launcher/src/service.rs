@@ -329,10 +329,26 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
         request: Request<pb::DrainWorkerRequest>,
     ) -> RpcResult<pb::DrainWorkerResponse> {
         self.workers_only(&request, "drain workers")?;
-        let id = &request.get_ref().worker_id;
-        let worker = self.cluster().drain(id);
-        let worker =
-            worker.ok_or_else(|| Status::not_found(format!("no worker {id:?} is registered")))?;
+        let pb::DrainWorkerRequest { worker_id, name } = request.get_ref();
+        let mut cluster = self.cluster();
+        let ids = if worker_id.is_empty() {
+            cluster.workers_named(name)
+        } else {
+            vec![worker_id.clone()]
+        };
+        if worker_id.is_empty() && name.is_empty() {
+            return Err(Status::invalid_argument("name a worker: worker_id or name"));
+        }
+        let drained: Vec<pb::WorkerRecord> =
+            ids.iter().filter_map(|id| cluster.drain(id)).collect();
+        let Some(worker) = drained.into_iter().next() else {
+            let which = if worker_id.is_empty() {
+                format!("named {name:?}")
+            } else {
+                format!("{worker_id:?}")
+            };
+            return Err(Status::not_found(format!("no worker {which} is registered")));
+        };
         Ok(Response::new(pb::DrainWorkerResponse { worker: Some(worker) }))
     }
 
@@ -405,6 +421,10 @@ impl LauncherGrpc {
                     let _ = tx.send(pb::JoinResponse { body: Some(pong) });
                 }
                 Some(Body::Report(report)) => self.cluster().report(&worker_id, report),
+                Some(Body::Leaving(_)) => {
+                    tracing::info!(worker = %worker_id, "worker shutting down; moving its agents");
+                    self.cluster().drain(&worker_id);
+                }
                 Some(Body::Register(_)) | None => {}
             }
         };

@@ -12,8 +12,9 @@ struct Args {
     /// URL of the launcher.
     #[arg(long, env = "ACADEMY_LAUNCHER_URL", default_value = "http://127.0.0.1:50052")]
     launcher: String,
-    /// Name shown by `workers list`.
-    #[arg(long, default_value = "worker")]
+    /// Name shown by `workers list`, by which `workers drain` finds it (in
+    /// Kubernetes, the pod's name from the downward API).
+    #[arg(long, env = "ACADEMY_WORKER_NAME", default_value = "worker")]
     name: String,
     /// How many agents it runs at once.
     #[arg(long, default_value_t = 16)]

@@ -1512,8 +1512,13 @@ pub struct ListWorkersResponse {
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DrainWorkerRequest {
+    /// The worker's id; or, when empty, `name`.
     #[prost(string, tag = "1")]
     pub worker_id: ::prost::alloc::string::String,
+    /// Every connected worker of this name (e.g. a pod's name, which the
+    /// worker took from the downward API).
+    #[prost(string, tag = "2")]
+    pub name: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DrainWorkerResponse {
@@ -1523,7 +1528,7 @@ pub struct DrainWorkerResponse {
 /// What a worker sends on its Join stream.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct JoinRequest {
-    #[prost(oneof = "join_request::Body", tags = "1, 2, 3")]
+    #[prost(oneof = "join_request::Body", tags = "1, 2, 3, 4")]
     pub body: ::core::option::Option<join_request::Body>,
 }
 /// Nested message and enum types in `JoinRequest`.
@@ -1537,8 +1542,14 @@ pub mod join_request {
         Heartbeat(super::Heartbeat),
         #[prost(message, tag = "3")]
         Report(super::AgentReport),
+        /// The worker is shutting down (SIGTERM): its agents move to other
+        /// workers, as for a drain, and it exits once they are handed over.
+        #[prost(message, tag = "4")]
+        Leaving(super::WorkerLeaving),
     }
 }
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct WorkerLeaving {}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RegisterWorker {
     #[prost(string, tag = "1")]
@@ -1640,6 +1651,10 @@ pub struct StopAssignment {
     pub epoch: u64,
     #[prost(bool, tag = "3")]
     pub terminate: bool,
+    /// The agent moves to another worker (a drain): its actions in flight
+    /// finish and are answered; none is cancelled.
+    #[prost(bool, tag = "4")]
+    pub moving: bool,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
