@@ -44,11 +44,23 @@ fn worker(launcher: &str, capacity: usize) -> anyhow::Result<Child> {
         .context("cannot start a worker")
 }
 
-/// Launches and stops `n` agents (terminating their mailboxes) with
-/// [`IN_FLIGHT`] calls at a time; launches per second.
-async fn launch_and_stop(rpc: &LauncherServiceClient<Channel>, n: usize) -> anyhow::Result<f64> {
+/// Runs `step` `n` times, [`IN_FLIGHT`] at a time; steps per second.
+async fn rate<F, Fut>(n: usize, step: F) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
     let start = Instant::now();
-    let calls = futures::stream::iter(0..n).map(|_| {
+    let steps = futures::stream::iter(0..n).map(|_| step());
+    let results: Vec<_> = steps.buffer_unordered(IN_FLIGHT).collect().await;
+    results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Launches and stops `n` agents (terminating their mailboxes); launches
+/// per second.
+async fn launch_and_stop(rpc: &LauncherServiceClient<Channel>, n: usize) -> anyhow::Result<f64> {
+    rate(n, || {
         let mut rpc = rpc.clone();
         async move {
             let launch =
@@ -56,12 +68,10 @@ async fn launch_and_stop(rpc: &LauncherServiceClient<Channel>, n: usize) -> anyh
             let agent = rpc.launch_agent(launch).await?.into_inner().agent.context("no record")?;
             let stop = pb::StopAgentRequest { agent_id: agent.agent_id, terminate: true };
             rpc.stop_agent(stop).await?;
-            anyhow::Ok(())
+            Ok(())
         }
-    });
-    let results: Vec<_> = calls.buffer_unordered(IN_FLIGHT).collect().await;
-    results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    })
+    .await
 }
 
 /// Part 1: `total` agents through a launcher (in-memory exchange, two
@@ -195,26 +205,22 @@ async fn mailbox_history(
     Ok(rows)
 }
 
-/// Registers and terminates `n` agent mailboxes, [`IN_FLIGHT`] at a time;
-/// mailboxes per second.
+/// Registers and terminates `n` agent mailboxes; mailboxes per second.
 async fn register_and_terminate(
     rpc: &ExchangeServiceClient<Channel>,
     n: usize,
 ) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let calls = futures::stream::iter(0..n).map(|_| {
+    rate(n, || {
         let mut rpc = rpc.clone();
         async move {
             let register =
                 pb::RegisterAgentRequest { behaviour: "bench.Gone".into(), ..Default::default() };
             let id = rpc.register_agent(register).await?.into_inner().agent_id;
             rpc.terminate(pb::TerminateRequest { mailbox_id: id }).await?;
-            anyhow::Ok(())
+            Ok(())
         }
-    });
-    let results: Vec<_> = calls.buffer_unordered(IN_FLIGHT).collect().await;
-    results.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    })
+    .await
 }
 
 /// Every part of the long run, as table rows.

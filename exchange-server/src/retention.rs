@@ -2,7 +2,7 @@
 //! the gravestones of terminated agents, and client mailboxes nobody
 //! subscribes to any more. The same policy on both backends.
 
-use std::sync::{Arc, Weak};
+use std::sync::Weak;
 use std::time::Duration;
 
 use crate::backend::Backend;
@@ -65,7 +65,6 @@ pub(crate) fn spawn_sweeper(backend: Weak<dyn Backend>, retention: Retention) {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot look for what expired"),
             }
-            drop::<Arc<dyn Backend>>(backend);
         }
     });
 }

@@ -330,22 +330,22 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
     ) -> RpcResult<pb::DrainWorkerResponse> {
         self.workers_only(&request, "drain workers")?;
         let pb::DrainWorkerRequest { worker_id, name } = request.get_ref();
+        if worker_id.is_empty() && name.is_empty() {
+            return Err(Status::invalid_argument("name a worker: worker_id or name"));
+        }
         let mut cluster = self.cluster();
         let ids = if worker_id.is_empty() {
             cluster.workers_named(name)
         } else {
             vec![worker_id.clone()]
         };
-        if worker_id.is_empty() && name.is_empty() {
-            return Err(Status::invalid_argument("name a worker: worker_id or name"));
-        }
         let drained: Vec<pb::WorkerRecord> =
             ids.iter().filter_map(|id| cluster.drain(id)).collect();
         let Some(worker) = drained.into_iter().next() else {
             let which = if worker_id.is_empty() {
-                format!("named {name:?}")
+                format!("named {}", academy_proto::excerpt(name))
             } else {
-                format!("{worker_id:?}")
+                academy_proto::excerpt(worker_id)
             };
             return Err(Status::not_found(format!("no worker {which} is registered")));
         };

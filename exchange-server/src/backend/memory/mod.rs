@@ -293,43 +293,15 @@ impl Backend for MemoryBackend {
         id: &EntityId,
         caller: Option<&str>,
     ) -> Result<(pb::MailboxState, Vec<pb::Message>), ExchangeError> {
-        let mailbox = match self.owned(id, caller) {
+        match self.owned(id, caller) {
             Err(ExchangeError::Terminated(_)) => return Ok((pb::MailboxState::Terminated, vec![])),
             Err(ExchangeError::NotFound(_)) => return Ok((pb::MailboxState::Missing, vec![])),
-            owned => owned?,
-        };
-        let queued = {
-            let mut mailboxes = write(&self.mailboxes);
-            let mut state = lock(&mailbox.state);
-            if state.terminated {
-                return Ok((pb::MailboxState::Terminated, Vec::new()));
-            }
-            state.terminated = true;
-            state.unacked = 0;
-            state.bytes = 0;
-            mailboxes.remove(id);
-            // A client's id was never chosen by anyone, so nothing can
-            // come back under it: it leaves no gravestone.
-            if id.is_agent() {
-                lock(&self.gravestones).bury(id.uuid().as_u128(), Instant::now());
-            }
-            std::mem::take(&mut state.queue)
-        };
-        mailbox.changed.notify_waiters();
-        self.refund(queued.iter().filter(|e| !e.acked));
-        self.release(mailbox.owner.as_ref());
-        if let Some(agent) = &mailbox.agent {
-            let mut index = write(&self.index);
-            for (name, exact) in index_names(agent) {
-                let names = &mut index[usize::from(exact)];
-                if let Some(ids) = names.get_mut(name) {
-                    ids.remove(id);
-                    if ids.is_empty() {
-                        names.remove(name);
-                    }
-                }
-            }
+            owned => drop(owned?),
         }
+        // Gone meanwhile: terminated by a concurrent call.
+        let Some(queued) = self.remove_if(id, |_| true) else {
+            return Ok((pb::MailboxState::Terminated, Vec::new()));
+        };
         let waiting = queued.into_iter().filter(|e| !e.acked);
         Ok((pb::MailboxState::Active, waiting.filter_map(|e| awaiting_answer(e.message)).collect()))
     }
@@ -474,24 +446,36 @@ impl Backend for MemoryBackend {
             .map(|m| m.id)
             .collect();
         let abandoned_clients =
-            candidates.iter().filter(|id| self.remove_if(id, abandoned)).count();
+            candidates.iter().filter(|id| self.remove_if(id, abandoned).is_some()).count();
         Ok(Swept { gravestones, abandoned_clients })
     }
 }
 
 impl MemoryBackend {
-    /// Removes mailbox `id` without a gravestone if its state passes `test`,
-    /// giving back what it held; answers whether it did.
-    fn remove_if(&self, id: &EntityId, test: impl Fn(&QueueState) -> bool) -> bool {
+    /// Removes mailbox `id` if its state passes `test`: its subscriber sees
+    /// it terminated, an agent's leaves a gravestone and the index, and what
+    /// it held is given back. A client's id was never chosen by anyone, so
+    /// nothing can come back under it: it leaves no gravestone. Answers
+    /// what was queued in it; `None` when it was not there or failed `test`.
+    fn remove_if(
+        &self,
+        id: &EntityId,
+        test: impl Fn(&QueueState) -> bool,
+    ) -> Option<VecDeque<Entry>> {
         let (mailbox, queued) = {
             let mut mailboxes = write(&self.mailboxes);
-            let Some(mailbox) = mailboxes.get(id).cloned() else { return false };
+            let mailbox = mailboxes.get(id).cloned()?;
             let mut state = lock(&mailbox.state);
             if state.terminated || !test(&state) {
-                return false;
+                return None;
             }
             mailboxes.remove(id);
+            if id.is_agent() {
+                lock(&self.gravestones).bury(id.uuid().as_u128(), Instant::now());
+            }
             state.terminated = true;
+            state.unacked = 0;
+            state.bytes = 0;
             let queued = std::mem::take(&mut state.queue);
             drop(state);
             (mailbox, queued)
@@ -499,7 +483,19 @@ impl MemoryBackend {
         mailbox.changed.notify_waiters();
         self.refund(queued.iter().filter(|e| !e.acked));
         self.release(mailbox.owner.as_ref());
-        true
+        if let Some(agent) = &mailbox.agent {
+            let mut index = write(&self.index);
+            for (name, exact) in index_names(agent) {
+                let names = &mut index[usize::from(exact)];
+                if let Some(ids) = names.get_mut(name) {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        names.remove(name);
+                    }
+                }
+            }
+        }
+        Some(queued)
     }
 }
 

@@ -141,6 +141,10 @@ async fn lay_schema2_gravestones(backend: &RedisBackend) -> Result<usize, Exchan
     let keys = &backend.keys;
     let mut conn = backend.conn.clone();
     let pattern = format!("{}:mb:*", keys.prefix());
+    // Idle from now, on Redis's clock, as the scripts count it.
+    let (secs, micros): (u64, u64) =
+        redis::cmd("TIME").query_async(&mut conn).await.map_err(unavailable)?;
+    let now_ms = secs * 1000 + micros / 1000;
     let (mut cursor, mut gone, mut idle) = (0u64, 0, 0);
     loop {
         let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -184,9 +188,8 @@ async fn lay_schema2_gravestones(backend: &RedisBackend) -> Result<usize, Exchan
                     gone += 1;
                 }
                 (Some("a"), Some("c")) if field(2).is_none() => {
-                    let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-                    let ms = time.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
-                    pipe.cmd("ZADD").arg(keys.idle_clients()).arg("NX").arg(ms).arg(id.to_string());
+                    let idle_clients = keys.idle_clients();
+                    pipe.cmd("ZADD").arg(idle_clients).arg("NX").arg(now_ms).arg(id.to_string());
                     idle += 1;
                 }
                 _ => {}
