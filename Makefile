@@ -3,7 +3,7 @@
 export CARGO_BUILD_JOBS ?= 2
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: demo test deps bench bench-long cluster proto fuzz
+.PHONY: demo test deps bench bench-long cluster proto fuzz image
 
 ## Run the demo on the embedded exchange (no Redis, no cluster).
 demo:
@@ -11,15 +11,19 @@ demo:
 	cargo run --release -p academy-examples --bin pipeline
 
 ## Install what the tests need, when missing (returns at once when all is
-## there): redis-server (apt-get, as root or with sudo), grpcio-tools (pip, for
-## the Python client test), cargo-nextest, and buf (npm, into .tools/).
+## there): redis-server, podman, buildah and runc (apt-get, as root or with
+## sudo), grpcio-tools and kubernetes-validate (pip), cargo-nextest, and buf
+## (npm, into .tools/). kubectl (for `kubectl kustomize`) must be there.
 BUF := .tools/node_modules/.bin/buf
 deps:
-	@command -v redis-server >/dev/null || { \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+	@command -v kubectl >/dev/null || { echo "kubectl is needed (kubectl kustomize renders deploy/kubernetes)"; exit 1; }
+	@for tool in redis-server podman buildah runc; do command -v $$tool >/dev/null || MISSING=1; done; \
+		[ -z "$$MISSING" ] || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server podman buildah runc; }
 	@python3 -c 'import grpc_tools' 2>/dev/null || \
 		python3 -m pip install -q --disable-pip-version-check grpcio-tools
+	@command -v kubernetes-validate >/dev/null || \
+		python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0
 	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 	@test -x $(BUF) || npm install -s --prefix .tools --no-audit --no-fund @bufbuild/buf@1.75.0
 
@@ -51,3 +55,12 @@ fuzz:
 ## Regenerate proto/src/generated/ after changing a .proto file.
 proto:
 	cargo run -q -p academy-proto-codegen
+
+## The image every process runs from, tagged with the workspace's version
+## (the tag deploy/kubernetes refers to), packaged by buildah without Docker
+## or a registry. With Docker: docker build -f deploy/Dockerfile -t academy:$(VERSION) .
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+image:
+	CARGO_PROFILE_RELEASE_DEBUG=false cargo build --release --locked \
+		-p academy-exchange -p academy-launcher -p academy-cli -p academy-examples --bins
+	deploy/image.sh target/release academy:$(VERSION)

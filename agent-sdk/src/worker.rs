@@ -22,7 +22,7 @@ use academy_proto::pb::{
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::credentials::Credentials;
@@ -53,6 +53,16 @@ pub struct Worker {
     credentials: Option<Credentials>,
     orphan_grace: Duration,
     shutdown_grace: Duration,
+    status: Arc<watch::Sender<WorkerStatus>>,
+}
+
+/// What a worker is doing now, for probes and metrics: see [`Worker::status`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStatus {
+    /// Joined to the launcher, and not shutting down: it can take agents.
+    pub joined: bool,
+    /// Agents running on it.
+    pub agents: usize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -201,6 +211,7 @@ impl Worker {
             credentials: None,
             orphan_grace: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(25),
+            status: Arc::new(watch::Sender::new(WorkerStatus::default())),
         }
     }
 
@@ -244,6 +255,12 @@ impl Worker {
         self
     }
 
+    /// Follows what it is doing once it runs (a readiness probe may answer
+    /// from `joined`: a worker not joined cannot take agents).
+    pub fn status(&self) -> watch::Receiver<WorkerStatus> {
+        self.status.subscribe()
+    }
+
     /// Serves until SIGINT or SIGTERM, reconnecting to the launcher when the
     /// connection drops. Then it hands its agents over: the launcher moves
     /// them to other workers (their actions in flight finish here, their
@@ -285,6 +302,7 @@ impl Worker {
         let mut backoff = Duration::from_millis(100);
         loop {
             let end = self.session(&mut fleet, &mut shutdown).await;
+            self.show(&fleet, false);
             if fleet.leaving.is_some() {
                 // Told to shut down: no waiting for a launcher to come back.
                 fleet.stop_all().await;
@@ -404,6 +422,7 @@ impl Worker {
             report(done);
         }
         loop {
+            self.show(fleet, fleet.leaving.is_none());
             let leaving = fleet.leaving;
             let handed_over = async {
                 match leaving {
@@ -467,6 +486,11 @@ impl Worker {
                 }
             }
         }
+    }
+
+    fn show(&self, fleet: &Fleet, joined: bool) {
+        let now = WorkerStatus { joined, agents: fleet.agents.len() };
+        self.status.send_if_modified(|status| std::mem::replace(status, now) != now);
     }
 
     fn start(

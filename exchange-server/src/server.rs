@@ -1,6 +1,7 @@
 //! Serving an exchange over gRPC, with health, reflection and graceful shutdown.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use academy_proto::pb::exchange_service_server::ExchangeServiceServer;
@@ -73,10 +74,12 @@ impl Default for ExchangeOptions {
     }
 }
 
-/// Sets the exchange service's health from its store's, until `shutdown`.
+/// Sets the exchange service's health, and readiness, from its store's,
+/// until `shutdown`.
 async fn follow_store(
     mut store: tokio::sync::watch::Receiver<bool>,
     health: tonic_health::server::HealthReporter,
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -85,6 +88,7 @@ async fn follow_store(
             changed = store.changed() => if changed.is_err() { return },
         }
         let up = *store.borrow_and_update();
+        ready.send_replace(up && !shutdown.is_cancelled());
         if up {
             health.set_serving::<ExchangeServiceServer<ExchangeGrpc>>().await;
         } else {
@@ -136,7 +140,13 @@ impl RunningExchange {
         // Ready while the store answers: NOT_SERVING (the service's status,
         // which readiness probes ask) while Redis is down, so traffic goes
         // elsewhere; the server itself ("") stays SERVING for liveness.
-        tokio::spawn(follow_store(exchange.health(), health.clone(), shutdown.clone()));
+        let ready = Arc::new(tokio::sync::watch::Sender::new(true));
+        tokio::spawn(follow_store(
+            exchange.health(),
+            health.clone(),
+            ready.clone(),
+            shutdown.clone(),
+        ));
         let reflection = || reflection(&["academy.v1.ExchangeService"]);
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
@@ -144,8 +154,14 @@ impl RunningExchange {
         let calls = RpcMetrics::register(&mut registry);
         let service = ExchangeGrpc::new(exchange.clone())
             .with_metrics(ExchangeMetrics::register(&mut registry));
-        let (metrics_addr, count_calls) =
-            metrics::serve_if(options.metrics_listen, registry, &calls, shutdown.clone()).await?;
+        let (metrics_addr, count_calls) = metrics::serve_if(
+            options.metrics_listen,
+            registry,
+            &calls,
+            ready.subscribe(),
+            shutdown.clone(),
+        )
+        .await?;
         let service = ExchangeServiceServer::new(service)
             .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
             .max_encoding_message_size(usize::MAX);
@@ -161,6 +177,7 @@ impl RunningExchange {
                 shutdown.cancelled().await;
                 tracing::info!("shutting down: no new calls, ending subscriptions");
                 health.set_not_serving::<ExchangeServiceServer<ExchangeGrpc>>().await;
+                ready.send_replace(false);
                 exchange.shutdown();
             }
         };

@@ -12,7 +12,7 @@ use common::{agent_and_client, number, ping, subscribe};
 use academy_exchange::{ExchangeOptions, MailboxStore, RedisOptions, RunningExchange};
 use academy_proto::EntityId;
 use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient, message::Body};
-use academy_server::testing::RedisServer;
+use academy_server::testing::{RedisServer, get};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
@@ -540,18 +540,31 @@ async fn a_redis_outage_fails_calls_fast_and_turns_health_not_serving() {
         ..Default::default()
     };
     let store = MailboxStore::Redis(options);
+    let metrics_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let server =
-        RunningExchange::start(ExchangeOptions { store, ..Default::default() }).await.unwrap();
+        RunningExchange::start(ExchangeOptions { store, metrics_listen, ..Default::default() })
+            .await
+            .unwrap();
+    let probes = server.metrics_addr().unwrap();
     let mut rpc = connect(&server.url()).await;
     let channel = Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel);
+    // gRPC health and the HTTP readiness probe agree; liveness stays up.
     let serving = async |health: &mut HealthClient<Channel>| {
         let check = HealthCheckRequest { service: "academy.v1.ExchangeService".into() };
-        health.check(check).await.unwrap().into_inner().status == 1
+        let grpc = health.check(check).await.unwrap().into_inner().status == 1;
+        let probe = |path| async move {
+            let (status, _) =
+                tokio::task::spawn_blocking(move || get(probes, path)).await.unwrap().unwrap();
+            status
+        };
+        let (ready, live) = (probe("/readyz").await, probe("/livez").await);
+        assert!(live.ends_with("200 OK"), "{live}");
+        if ready.ends_with("200 OK") == grpc { Some(grpc) } else { None }
     };
     let until = async |health: &mut HealthClient<Channel>, up: bool| {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while serving(health).await != up {
+        while serving(health).await != Some(up) {
             assert!(tokio::time::Instant::now() < deadline, "health never turned {up}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -564,7 +577,7 @@ async fn a_redis_outage_fails_calls_fast_and_turns_health_not_serving() {
         let started = std::time::Instant::now();
         (rpc.status(request).await, started.elapsed())
     };
-    assert!(serving(&mut health).await);
+    assert_eq!(serving(&mut health).await, Some(true));
 
     let pid = redis.pid().to_string();
     let signal = |name: &str| {

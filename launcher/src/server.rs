@@ -118,14 +118,28 @@ impl RunningLauncher {
         let mut registry = Registry::default();
         let calls = RpcMetrics::register(&mut registry);
         registry.register_collector(Box::new(service.gauges()));
-        let (metrics_addr, count_calls) =
-            metrics::serve_if(options.metrics_listen, registry, &calls, shutdown.clone()).await?;
+        // Ready until it shuts down.
+        let (ready, readiness) = tokio::sync::watch::channel(true);
+        let (metrics_addr, count_calls) = metrics::serve_if(
+            options.metrics_listen,
+            registry,
+            &calls,
+            readiness,
+            shutdown.clone(),
+        )
+        .await?;
         let listener = TcpListener::bind(options.listen).await?;
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LauncherServiceServer<LauncherGrpc>>().await;
         let incoming = listen::incoming(listener, options.connections);
-        let signal = shutdown.clone().cancelled_owned();
+        let signal = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                ready.send_replace(false);
+            }
+        };
         let router = server_builder(options.tls.as_ref())?
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))

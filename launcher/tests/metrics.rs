@@ -7,7 +7,7 @@ use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb::{self, launcher_service_client::LauncherServiceClient};
 use academy_sdk::behaviour;
 use academy_sdk::worker::Worker;
-use academy_server::testing::{sample, scrape};
+use academy_server::testing::{get, sample, scrape};
 
 #[derive(Default, serde::Deserialize)]
 struct Idle {}
@@ -49,10 +49,21 @@ async fn metrics_show_calls_workers_and_agents_by_state() {
     let text = until(addr, "academy_launcher_workers", 0.0).await;
     assert_eq!(sample(&text, running), Some(0.0), "every state shows, at 0 too:\n{text}");
 
+    // The probes on the metrics port: live, and ready while serving.
+    for path in ["/livez", "/readyz"] {
+        let (status, _) =
+            tokio::task::spawn_blocking(move || get(addr, path)).await.unwrap().unwrap();
+        assert!(status.ends_with("200 OK"), "{path}: {status}");
+    }
+
     let stop = tokio_util::sync::CancellationToken::new();
     let worker = Worker::new(launcher.url()).name("w1").capacity(2).register::<Idle>();
+    // A worker's status (what its readiness probe answers from): joined.
+    let mut status = worker.status();
+    assert!(!status.borrow().joined);
     let worker = tokio::spawn(worker.run_until(stop.clone().cancelled_owned()));
     until(addr, "academy_launcher_workers", 1.0).await;
+    status.wait_for(|s| s.joined).await.unwrap();
 
     let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
     let launch = |behaviour: &str| pb::LaunchAgentRequest {
@@ -68,8 +79,10 @@ async fn metrics_show_calls_workers_and_agents_by_state() {
     let failed = format!(r#"{calls}"FAILED_PRECONDITION"}}"#);
     assert_eq!(sample(&text, &failed), Some(1.0), "{text}");
 
+    status.wait_for(|s| s.joined && s.agents == 1).await.unwrap();
     stop.cancel();
     worker.await.unwrap().unwrap();
+    assert!(!status.borrow().joined, "a worker that left is not ready");
     until(addr, "academy_launcher_workers", 0.0).await;
     launcher.shutdown().await;
 }

@@ -1,6 +1,8 @@
 //! Prometheus metrics of Academy's servers, served as text at `GET /metrics`
 //! on an address of their own (`--metrics-listen`), apart from gRPC, so it
-//! stays plain HTTP and open to the scraper when gRPC needs TLS and tokens.
+//! stays plain HTTP and open to the scraper when gRPC needs TLS and tokens;
+//! with the probes `/livez` and `/readyz` for the same reason (Kubernetes'
+//! gRPC probes cannot speak TLS).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -158,56 +161,73 @@ where
     }
 }
 
-/// Serves `registry` (with `calls` in it) at `GET /metrics` on `listen`, if
-/// given, until `shutdown`: the address bound, and the layer that counts the
-/// calls. Without `listen`, neither: calls then cost nothing more.
+/// Serves `registry` (with `calls` in it) on `listen`, if given, until
+/// `shutdown`, as [`serve`] does: the address bound, and the layer that
+/// counts the calls. Without `listen`, neither: calls then cost nothing more.
 pub async fn serve_if(
     listen: Option<SocketAddr>,
     registry: Registry,
     calls: &RpcMetrics,
+    ready: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(Option<SocketAddr>, Option<CountCalls>)> {
     match listen {
         Some(addr) => {
-            Ok((Some(serve(addr, Arc::new(registry), shutdown).await?), Some(calls.layer())))
+            Ok((Some(serve(addr, registry, ready, shutdown).await?), Some(calls.layer())))
         }
         None => Ok((None, None)),
     }
 }
 
-/// Serves `registry` at `GET /metrics` on `addr` until `shutdown`; the
-/// address bound.
-async fn serve(
+/// Serves, on `addr` until `shutdown`, plain HTTP for probes and scrapers:
+/// `GET /metrics`, `registry` as OpenMetrics text; `GET /livez`, 200 while
+/// the process answers; `GET /readyz`, 200 while `ready` says true and 503
+/// otherwise. The address bound.
+pub async fn serve(
     addr: SocketAddr,
-    registry: Arc<Registry>,
+    registry: Registry,
+    ready: watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot serve metrics on {addr}: {e}"))
     })?;
     let bound = listener.local_addr()?;
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || async move {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, &registry) {
-                Ok(()) => Ok((
-                    [(
-                        http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                )),
-                Err(_) => Err(http::StatusCode::INTERNAL_SERVER_ERROR),
-            }
-        }),
-    );
+    let registry = Arc::new(registry);
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                let mut text = String::new();
+                match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                    Ok(()) => Ok((
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )),
+                    Err(_) => Err(http::StatusCode::INTERNAL_SERVER_ERROR),
+                }
+            }),
+        )
+        .route("/livez", axum::routing::get(|| async { "live\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || async move {
+                if *ready.borrow() {
+                    (http::StatusCode::OK, "ready\n")
+                } else {
+                    (http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }),
+        );
     tokio::spawn(async move {
         let stop = shutdown.cancelled_owned();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             tracing::error!(error = %e, "metrics server failed");
         }
     });
-    tracing::info!(addr = %bound, "metrics at /metrics");
+    tracing::info!(addr = %bound, "metrics at /metrics, probes at /livez and /readyz");
     Ok(bound)
 }

@@ -220,9 +220,15 @@ impl TestPki {
 /// `GET /metrics` from `addr` (blocking; plain HTTP/1.1): the status line
 /// and the body.
 pub fn scrape(addr: SocketAddr) -> std::io::Result<(String, String)> {
+    get(addr, "/metrics")
+}
+
+/// `GET path` from `addr` (blocking; plain HTTP/1.1): the status line and
+/// the body.
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
     let mut conn = TcpStream::connect(addr)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(conn, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut answer = String::new();
     conn.read_to_string(&mut answer)?;
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));

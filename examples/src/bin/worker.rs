@@ -4,8 +4,13 @@
 //! `cargo run -p academy-examples --bin worker -- --launcher http://127.0.0.1:50052`
 
 use academy_examples::behaviours::{Cleaner, Coordinator, Crashy, WordStats};
-use academy_sdk::worker::Worker;
+use academy_sdk::worker::{Worker, WorkerStatus};
+use academy_server::telemetry::{LogFormat, init_tracing};
 use clap::Parser;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 struct Args {
@@ -22,6 +27,13 @@ struct Args {
     /// Labels launch selectors can match, as key=value.
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
+    /// Where to serve plain HTTP for probes and scrapers: `/livez`,
+    /// `/readyz` (ready while joined to the launcher) and `/metrics`.
+    #[arg(long, env = "ACADEMY_WORKER_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as text or JSON (for log collectors).
+    #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -31,12 +43,17 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let args = Args::parse();
+    init_tracing(args.log_format);
     let mut worker = Worker::new(args.launcher).name(args.name).capacity(args.capacity);
     for (key, value) in args.labels {
         worker = worker.label(key, value);
+    }
+    let stop_serving = CancellationToken::new();
+    let _stop_serving = stop_serving.clone().drop_guard();
+    if let Some(addr) = args.metrics_listen {
+        let (registry, ready) = follow(worker.status());
+        academy_server::metrics::serve(addr, registry, ready, stop_serving).await?;
     }
     worker
         .register::<Cleaner>()
@@ -46,4 +63,25 @@ async fn main() -> anyhow::Result<()> {
         .run()
         .await?;
     Ok(())
+}
+
+/// Gauges of the worker's status, and its readiness: joined to the launcher.
+fn follow(mut status: watch::Receiver<WorkerStatus>) -> (Registry, watch::Receiver<bool>) {
+    let mut registry = Registry::default();
+    let (agents, joined) = (Gauge::<i64>::default(), Gauge::<i64>::default());
+    registry.register("academy_worker_agents", "Agents running on this worker", agents.clone());
+    registry.register("academy_worker_joined", "1 while joined to the launcher", joined.clone());
+    let (ready_tx, ready) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let now = *status.borrow_and_update();
+            agents.set(i64::try_from(now.agents).unwrap_or(i64::MAX));
+            joined.set(i64::from(now.joined));
+            ready_tx.send_replace(now.joined);
+            if status.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    (registry, ready)
 }
