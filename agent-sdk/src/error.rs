@@ -122,10 +122,24 @@ pub enum HandleError {
 }
 
 impl HandleError {
-    /// Whether retrying the same call may succeed.
+    /// Whether retrying the same call may succeed: no answer in time, the
+    /// exchange unreachable, shutting down (another replica, or its
+    /// replacement, will serve) or without its store for now, a full mailbox.
     pub fn is_retryable(&self) -> bool {
+        use ExchangeError::{
+            DeadlineExceeded, MailboxBytesFull, MailboxFull, ShuttingDown, Unavailable,
+        };
         matches!(self, Self::Timeout(_) | Self::Transport(_))
-            || matches!(self, Self::Exchange(ExchangeError::MailboxFull { .. }))
+            || matches!(
+                self,
+                Self::Exchange(
+                    MailboxFull { .. }
+                        | MailboxBytesFull { .. }
+                        | ShuttingDown
+                        | Unavailable(_)
+                        | DeadlineExceeded(_)
+                )
+            )
     }
 }
 
