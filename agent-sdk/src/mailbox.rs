@@ -6,8 +6,11 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use academy_proto::pb::{self, message::Body};
+use academy_proto::trace::{self, Traced};
 use academy_proto::{EntityId, ExchangeError};
 use futures::StreamExt as _;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -84,12 +87,24 @@ impl Mailbox {
         }
         lock(&self.pending).insert(tag.clone(), tx);
         let _pending = PendingGuard { mailbox: self, tag: &tag };
-        let header = pb::Header {
+        let mut header = pb::Header {
             src: self.id.to_string(),
             dest: dest.to_string(),
             tag: tag.clone(),
             ..Default::default()
         };
+        // A client span under the caller's (inside an action: the action's),
+        // which the agent's span will be a child of.
+        let traced = Traced::start(
+            || match &body {
+                Body::ActionRequest(request) => format!("call {}", request.action),
+                _ => "request".to_owned(),
+            },
+            SpanKind::Client,
+            opentelemetry::Context::current(),
+            || vec![KeyValue::new("academy.destination", dest.to_string())],
+        );
+        trace::stamp(&mut header, traced.context());
         let call = async {
             let message = pb::Message { header: Some(header), body: Some(body) };
             self.exchange.send(message).await?;
@@ -100,20 +115,29 @@ impl Mailbox {
             })
         };
         // The timeout bounds the whole call, sending included.
-        match timeout {
+        let answer = match timeout {
             Some(t) => tokio::time::timeout(t, call).await.map_err(|_| HandleError::Timeout(t))?,
             None => call.await,
+        };
+        match &answer {
+            Ok(pb::Message { body: Some(Body::ErrorResponse(error)), .. }) => {
+                traced.fail(&error.message)
+            }
+            Err(error) => traced.fail(&error.to_string()),
+            Ok(_) => {}
         }
+        answer
     }
 
     /// Sends a message without waiting for any answer.
     pub(crate) async fn send(&self, dest: EntityId, body: Body) -> Result<(), ClientError> {
-        let header = pb::Header {
+        let mut header = pb::Header {
             src: self.id.to_string(),
             dest: dest.to_string(),
             tag: uuid::Uuid::new_v4().to_string(),
             ..Default::default()
         };
+        trace::stamp(&mut header, &opentelemetry::Context::current());
         self.exchange.send(pb::Message { header: Some(header), body: Some(body) }).await
     }
 

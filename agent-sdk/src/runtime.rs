@@ -11,10 +11,15 @@ use std::time::Duration;
 
 use academy_proto::EntityId;
 use academy_proto::pb::{self, message::Body};
+use academy_proto::trace::{self, Traced};
 use futures::FutureExt as _;
+use opentelemetry::KeyValue;
+use opentelemetry::context::FutureExt as _;
+use opentelemetry::trace::SpanKind;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::context::{self, AgentContext, Context};
 use crate::exchange::SharedExchange;
@@ -282,7 +287,26 @@ async fn serve_action<B: Behaviour>(
     request: pb::ActionRequest,
 ) -> u64 {
     let action = request.action;
-    let run = guarded(behaviour.dispatch(action.clone(), request.args));
+    // The action runs in a span under the caller's, and its own calls
+    // under it; log lines inside carry the trace id.
+    let traced = Traced::start(
+        || format!("{} {action}", B::NAME),
+        SpanKind::Server,
+        trace::of_header(&header),
+        || {
+            vec![
+                KeyValue::new("academy.agent", header.dest.clone()),
+                KeyValue::new("academy.action", action.clone()),
+                KeyValue::new("academy.caller", header.src.clone()),
+            ]
+        },
+    );
+    let logged = match trace::trace_id(traced.context()) {
+        Some(trace_id) => tracing::info_span!("action", %action, %trace_id),
+        None => tracing::Span::none(),
+    };
+    let dispatch = behaviour.dispatch(action.clone(), request.args);
+    let run = guarded(dispatch.with_context(traced.context().clone())).instrument(logged);
     let outcome = tokio::select! {
         outcome = run => outcome.unwrap_or_else(|panic| {
             tracing::error!(action, %panic, "action panicked");
@@ -292,7 +316,11 @@ async fn serve_action<B: Behaviour>(
     };
     let body = match outcome {
         Ok(result) => Body::ActionResponse(pb::ActionResponse { action, result: Some(result) }),
-        Err(err) => Body::ErrorResponse(err.into_response()),
+        Err(err) => {
+            let response = err.into_response();
+            traced.fail(&format!("{}: {}", response.kind, response.message));
+            Body::ErrorResponse(response)
+        }
     };
     reply_patiently(&mailbox, &header, body).await;
     mailbox.ack(seq);

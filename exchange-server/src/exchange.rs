@@ -236,12 +236,12 @@ impl Exchange {
             )));
         }
         limits::name("header.label", &header.label)?;
-        let trace = header.traceparent.len();
-        limits::at_most(
-            "the length of header.traceparent",
-            trace,
-            limits::MAX_TRACE_CONTEXT_BYTES,
-        )?;
+        for (field, text) in [
+            ("the length of header.traceparent in bytes", &header.traceparent),
+            ("the length of header.tracestate in bytes", &header.tracestate),
+        ] {
+            limits::at_most(field, text.len(), limits::MAX_TRACE_CONTEXT_BYTES)?;
+        }
         match &message.body {
             None => Err(ExchangeError::InvalidArgument("message has no body".into())),
             Some(pb::message::Body::ActionRequest(req)) if req.action.is_empty() => {

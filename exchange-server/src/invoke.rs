@@ -31,19 +31,22 @@ pub(crate) async fn invoke(
     action: &str,
     args: &Value,
     timeout: Duration,
+    trace: &opentelemetry::Context,
 ) -> Result<Result<Value, pb::ErrorResponse>, ExchangeError> {
     let client = Transient { exchange: exchange.clone(), id: exchange.register_client().await? };
     let mut subscription = exchange.subscribe(&client.id).await?;
     let tag = uuid::Uuid::new_v4().to_string();
     let data = serde_json::to_vec(args).expect("a JSON value always serialises");
+    let mut header = pb::Header {
+        src: client.id.to_string(),
+        dest: agent.to_string(),
+        tag: tag.clone(),
+        ..Default::default()
+    };
+    academy_proto::trace::stamp(&mut header, trace);
     exchange
         .send(pb::Message {
-            header: Some(pb::Header {
-                src: client.id.to_string(),
-                dest: agent.to_string(),
-                tag: tag.clone(),
-                ..Default::default()
-            }),
+            header: Some(header),
             body: Some(Body::ActionRequest(pb::ActionRequest {
                 action: action.to_owned(),
                 args: Some(pb::Payload {

@@ -12,7 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let config = cli::Config::parse();
-    telemetry::init_tracing(config.log_format);
+    let _telemetry = telemetry::init(config.log_format, "academy-exchange");
     let options = config.options()?;
     let runtime = runtime(config.worker_threads).context("cannot start the runtime")?;
     runtime.block_on(serve(options))

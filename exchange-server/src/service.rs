@@ -5,10 +5,13 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use academy_proto::pb::{self, exchange_service_server};
+use academy_proto::trace::{self, Traced};
 use academy_proto::{EntityId, ExchangeError, Matching, duration, json};
 use academy_server::auth::{Grant, Principal, until_revoked};
 use academy_server::page;
 use futures::{Stream, StreamExt as _};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 
@@ -119,7 +122,11 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
             .into_inner()
             .message
             .ok_or_else(|| ExchangeError::InvalidArgument("message is missing".into()))?;
+        let traced = accepting(&message, "Send");
         let result = exchange.send(message).await;
+        if let (Some(traced), Err(e)) = (&traced, &result) {
+            traced.fail(&e.to_string());
+        }
         self.metrics.sent(&result);
         result?;
         Ok(Response::new(pb::SendResponse {}))
@@ -130,9 +137,18 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         request: Request<pb::SendBatchRequest>,
     ) -> RpcResult<pb::SendBatchResponse> {
         let exchange = self.exchange_for(&request);
-        let results = exchange.send_batch(request.into_inner().messages).await?;
+        let messages = request.into_inner().messages;
+        let traced: Vec<_> = messages.iter().map(|m| accepting(m, "SendBatch")).collect();
+        let results = exchange.send_batch(messages).await?;
         let results = results
             .into_iter()
+            .zip(traced)
+            .map(|(r, traced)| {
+                if let (Some(traced), Err(e)) = (traced, &r) {
+                    traced.fail(&e.to_string());
+                }
+                r
+            })
             .inspect(|r| self.metrics.sent(r))
             .map(|r| match r {
                 Ok(()) => pb::SendResult::default(),
@@ -164,6 +180,9 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let stream = subscription.into_stream().map(move |batch| {
             let deliveries = batch?;
             open.0.delivered.inc_by(deliveries.len() as u64);
+            if trace::recording() {
+                deliveries.iter().for_each(delivering);
+            }
             Ok(pb::SubscribeResponse { deliveries })
         });
         Ok(Response::new(Box::pin(until_revoked(stream, grant))))
@@ -182,6 +201,9 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
     #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent_id, action = %request.get_ref().action))]
     async fn invoke(&self, request: Request<pb::InvokeRequest>) -> RpcResult<pb::InvokeResponse> {
         let deadline = grpc_timeout(request.metadata());
+        // A caller's trace context in the metadata, as OpenTelemetry's gRPC
+        // instrumentation sends it: the agent's span is a child of this call.
+        let parent = trace::of_metadata(request.metadata());
         let exchange = self.exchange_for(&request);
         let req = request.into_inner();
         let agent = EntityId::parse_field(&req.agent_id, "agent_id")?;
@@ -199,7 +221,19 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
             (Some(t), d) => t.min(d.unwrap_or(Duration::MAX)),
         };
         let args = req.args.map_or(serde_json::Value::Array(Vec::new()), json::from_proto);
-        let reply = crate::invoke::invoke(&exchange, agent, &req.action, &args, timeout).await?;
+        let traced = Traced::start(
+            || format!("Invoke {}", req.action),
+            SpanKind::Server,
+            parent,
+            || vec![KeyValue::new("academy.destination", agent.to_string())],
+        );
+        let reply =
+            crate::invoke::invoke(&exchange, agent, &req.action, &args, timeout, traced.context())
+                .await
+                .inspect_err(|e| traced.fail(&e.to_string()))?;
+        if let Err(error) = &reply {
+            traced.fail(&format!("{}: {}", error.kind, error.message));
+        }
         match reply {
             Ok(result) => {
                 let response = pb::InvokeResponse { result: Some(json::to_proto(result)) };
@@ -256,6 +290,44 @@ impl Drop for Open {
 /// Most agents in one Discover answer, whatever `page_size` asks; 0 asks for
 /// this many. About 80 bytes each (and at most `page::MAX_PAGE_BYTES`).
 const MAX_DISCOVER_PAGE: u32 = 10_000;
+
+/// The span of accepting `message` into its mailbox (by `Send` or
+/// `SendBatch`), under its sender's, while spans are recorded and the
+/// message carries a context.
+fn accepting(message: &pb::Message, call: &'static str) -> Option<Traced> {
+    let header =
+        message.header.as_ref().filter(|h| trace::recording() && !h.traceparent.is_empty())?;
+    Some(Traced::start(
+        || "accept".to_owned(),
+        SpanKind::Server,
+        trace::of_header(header),
+        || {
+            vec![
+                KeyValue::new("academy.destination", header.dest.clone()),
+                KeyValue::new("rpc.method", call),
+            ]
+        },
+    ))
+}
+
+/// Marks a message's delivery to its subscriber, under its sender's span.
+fn delivering(delivery: &pb::Delivery) {
+    let Some(header) = delivery.message.as_ref().and_then(|m| m.header.as_ref()) else { return };
+    if header.traceparent.is_empty() {
+        return;
+    }
+    Traced::mark(
+        || "deliver".to_owned(),
+        SpanKind::Producer,
+        || trace::of_header(header),
+        || {
+            vec![
+                KeyValue::new("academy.destination", header.dest.clone()),
+                KeyValue::new("academy.seq", delivery.seq as i64),
+            ]
+        },
+    );
+}
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use academy_sdk::Credentials;
 use academy_server::auth::Tokens;
 use academy_server::grpc::shutdown_signal;
 use academy_server::listen::{ConnectionLimits, raise_fd_limit};
-use academy_server::telemetry::{LogFormat, init_tracing};
+use academy_server::telemetry::{self, LogFormat};
 use academy_server::tls::Tls;
 use clap::Parser;
 
@@ -89,7 +89,7 @@ struct Config {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    init_tracing(config.log_format);
+    let _telemetry = telemetry::init(config.log_format, "academy-launcher");
     anyhow::ensure!(
         config.heartbeat_timeout_ms >= 100,
         "--heartbeat-timeout-ms must be at least 100"

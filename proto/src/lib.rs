@@ -21,6 +21,7 @@ mod error;
 mod id;
 pub mod json;
 mod mailbox;
+pub mod trace;
 
 pub use error::{ERROR_DOMAIN, ExchangeError, MAX_STATUS_MESSAGE_BYTES, bounded, excerpt};
 pub use id::{EntityId, EntityKind};
@@ -61,6 +62,7 @@ impl pb::Header {
             tag: self.tag.clone(),
             label: self.label.clone(),
             traceparent: self.traceparent.clone(),
+            tracestate: self.tracestate.clone(),
         }
     }
 }

@@ -1,5 +1,23 @@
-//! Tracing set-up shared by the binaries.
+//! Logs and traces, set up alike by every binary.
+//!
+//! Logs go to stderr, filtered by `RUST_LOG` (default `info`), as text or
+//! JSON; colours only when stderr is a terminal, never into files or log
+//! collectors. Traces go by OTLP over gRPC when an endpoint is set
+//! (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`),
+//! unless `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`; then
+//! the exporter reads the other standard variables (headers, timeout), the
+//! sampler `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` (by default:
+//! follow the caller's decision, sample what starts here), and the resource
+//! `OTEL_SERVICE_NAME` (by default, the binary's name) and
+//! `OTEL_RESOURCE_ATTRIBUTES`. Without an endpoint, tracing costs nothing:
+//! no span is made (a caller's trace context is still passed on).
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -8,9 +26,73 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); colours only
-/// when stderr is a terminal, never into files or log collectors.
-pub fn init_tracing(format: LogFormat) {
+/// What [`init`] set up; dropping it sends the spans not yet exported
+/// (for up to 5 s) and stops the exporter.
+#[must_use = "dropping it stops exporting traces"]
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Telemetry {
+    /// Whether traces are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            academy_proto::trace::set_recording(false);
+            if let Err(e) = provider.shutdown() {
+                eprintln!("traces not all exported at exit: {e}");
+            }
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Logs to stderr in `format`; exports traces if the environment says where,
+/// as `service` unless `OTEL_SERVICE_NAME` names it otherwise. An exporter
+/// that cannot be built is reported and left out: the process runs on.
+pub fn init(format: LogFormat, service: &'static str) -> Telemetry {
+    init_logs(format);
+    let env = |key| std::env::var(key).ok().filter(|v| !v.trim().is_empty());
+    let endpoint =
+        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+    let Some(endpoint) = endpoint.filter(|_| !disabled) else {
+        return Telemetry { provider: None, runtime: None };
+    };
+    match exporter() {
+        Ok((exporter, runtime)) => {
+            let resource = if env("OTEL_SERVICE_NAME").is_some() {
+                Resource::builder().build()
+            } else {
+                Resource::builder().with_service_name(service).build()
+            };
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource)
+                .build();
+            opentelemetry::global::set_tracer_provider(provider.clone());
+            academy_proto::trace::set_recording(true);
+            tracing::info!(%endpoint, "exporting traces by OTLP");
+            Telemetry { provider: Some(provider), runtime: Some(runtime) }
+        }
+        Err(e) => {
+            tracing::error!(%endpoint, error = %e, "cannot export traces; running without");
+            Telemetry { provider: None, runtime: None }
+        }
+    }
+}
+
+fn init_logs(format: LogFormat) {
     use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -21,4 +103,53 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// The OTLP exporter on a Tokio runtime of its own: the batch processor
+/// exports from a thread of its own, where tonic would find no reactor.
+fn exporter() -> anyhow::Result<(OnRuntime, tokio::runtime::Runtime)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("otlp-export")
+        .enable_all()
+        .build()?;
+    let exporter = {
+        let _inside = runtime.enter();
+        opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?
+    };
+    let handle = runtime.handle().clone();
+    Ok((OnRuntime { inner: Arc::new(exporter), handle }, runtime))
+}
+
+/// A span exporter whose exports run on `handle`'s runtime.
+#[derive(Debug)]
+struct OnRuntime {
+    inner: Arc<opentelemetry_otlp::SpanExporter>,
+    handle: tokio::runtime::Handle,
+}
+
+impl SpanExporter for OnRuntime {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        let inner = self.inner.clone();
+        let export = self.handle.spawn(async move { inner.export(batch).await });
+        async move {
+            export.await.unwrap_or_else(|e| {
+                Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(e.to_string()))
+            })
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
 }

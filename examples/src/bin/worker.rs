@@ -5,7 +5,7 @@
 
 use academy_examples::behaviours::{Cleaner, Coordinator, Crashy, WordStats};
 use academy_sdk::worker::{Worker, WorkerStatus};
-use academy_server::telemetry::{LogFormat, init_tracing};
+use academy_server::telemetry::{self, LogFormat};
 use clap::Parser;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -44,7 +44,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_tracing(args.log_format);
+    let _telemetry = telemetry::init(args.log_format, "academy-worker");
     let mut worker = Worker::new(args.launcher).name(args.name).capacity(args.capacity);
     for (key, value) in args.labels {
         worker = worker.label(key, value);

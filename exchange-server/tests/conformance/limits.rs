@@ -160,6 +160,14 @@ pub(crate) async fn requests_beyond_the_protocol_limits_are_refused_naming_them(
     let mut labelled = request(&client, &agent, "x");
     labelled.header.as_mut().unwrap().label = "l".repeat(300);
     expect(h.send(labelled).await.unwrap_err(), "the length of header.label in bytes");
+    for field in ["traceparent", "tracestate"] {
+        let mut traced = request(&client, &agent, "x");
+        let header = traced.header.as_mut().unwrap();
+        *(if field == "traceparent" { &mut header.traceparent } else { &mut header.tracestate }) =
+            "t".repeat(513);
+        let limit = format!("the length of header.{field} in bytes");
+        expect(h.send(traced).await.unwrap_err(), &limit);
+    }
     // At the limits, all is well.
     let batch = pb::SendBatchRequest { messages: vec![request(&client, &agent, "x"); 1000] };
     let results = h.rpc.send_batch(batch).await.unwrap().into_inner().results;

@@ -25,9 +25,14 @@ pub struct Header {
     /// Optional: routes a response to one of several handles sharing a mailbox.
     #[prost(string, tag = "4")]
     pub label: ::prost::alloc::string::String,
-    /// Optional W3C trace context ("traceparent").
+    /// Optional W3C trace context: the sender's span ("traceparent", e.g.
+    /// "00-\<32 hex trace id>-\<16 hex span id>-01") and vendor data
+    /// ("tracestate"). An agent runs the action as a child of this span, so a
+    /// client that sets it (in any language) joins the trace.
     #[prost(string, tag = "5")]
     pub traceparent: ::prost::alloc::string::String,
+    #[prost(string, tag = "6")]
+    pub tracestate: ::prost::alloc::string::String,
 }
 /// Calls action `action` with `args`. With JSON, args is an array of positional
 /// arguments, an object of named arguments, or null when the action takes none.
