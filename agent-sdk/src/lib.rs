@@ -11,6 +11,7 @@ mod handle;
 pub mod launcher;
 mod mailbox;
 mod manager;
+pub mod metrics;
 pub mod runtime;
 pub mod worker;
 

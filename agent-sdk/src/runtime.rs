@@ -13,6 +13,7 @@ use academy_proto::EntityId;
 use academy_proto::pb::{self, message::Body};
 use academy_proto::trace::{self, Traced};
 use futures::FutureExt as _;
+use futures::future::Either;
 use opentelemetry::KeyValue;
 use opentelemetry::context::FutureExt as _;
 use opentelemetry::trace::SpanKind;
@@ -301,12 +302,18 @@ async fn serve_action<B: Behaviour>(
             ]
         },
     );
-    let logged = match trace::trace_id(traced.context()) {
-        Some(trace_id) => tracing::info_span!("action", %action, %trace_id),
-        None => tracing::Span::none(),
-    };
+    let started = crate::metrics::enabled().then(std::time::Instant::now);
     let dispatch = behaviour.dispatch(action.clone(), request.args);
-    let run = guarded(dispatch.with_context(traced.context().clone())).instrument(logged);
+    // Only a traced request pays for carrying its context.
+    let run = match trace::trace_id(traced.context()) {
+        Some(trace_id) => {
+            let logged = tracing::info_span!("action", %action, %trace_id);
+            Either::Left(
+                guarded(dispatch.with_context(traced.context().clone())).instrument(logged),
+            )
+        }
+        None => Either::Right(guarded(dispatch)),
+    };
     let outcome = tokio::select! {
         outcome = run => outcome.unwrap_or_else(|panic| {
             tracing::error!(action, %panic, "action panicked");
@@ -315,9 +322,14 @@ async fn serve_action<B: Behaviour>(
         () = cancel.cancelled() => Err(ActionError::cancelled(&action)),
     };
     let body = match outcome {
-        Ok(result) => Body::ActionResponse(pb::ActionResponse { action, result: Some(result) }),
+        Ok(result) => {
+            crate::metrics::observe(B::NAME, &action, None, started);
+            Body::ActionResponse(pb::ActionResponse { action, result: Some(result) })
+        }
         Err(err) => {
             let response = err.into_response();
+            let code = tonic::Code::from_i32(response.code);
+            crate::metrics::observe(B::NAME, &action, Some(code), started);
             traced.fail(&format!("{}: {}", response.kind, response.message));
             Body::ErrorResponse(response)
         }

@@ -151,6 +151,7 @@ impl RunningExchange {
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
         let mut registry = Registry::default();
+        metrics::register_process(&mut registry, "academy-exchange");
         let calls = RpcMetrics::register(&mut registry);
         let service = ExchangeGrpc::new(exchange.clone())
             .with_metrics(ExchangeMetrics::register(&mut registry));

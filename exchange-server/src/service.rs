@@ -138,13 +138,17 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
     ) -> RpcResult<pb::SendBatchResponse> {
         let exchange = self.exchange_for(&request);
         let messages = request.into_inner().messages;
-        let traced: Vec<_> = messages.iter().map(|m| accepting(m, "SendBatch")).collect();
+        let traced: Vec<_> = if trace::recording() {
+            messages.iter().map(|m| accepting(m, "SendBatch")).collect()
+        } else {
+            Vec::new()
+        };
         let results = exchange.send_batch(messages).await?;
         let results = results
             .into_iter()
-            .zip(traced)
-            .map(|(r, traced)| {
-                if let (Some(traced), Err(e)) = (traced, &r) {
+            .enumerate()
+            .map(|(i, r)| {
+                if let (Some(Some(traced)), Err(e)) = (traced.get(i), &r) {
                     traced.fail(&e.to_string());
                 }
                 r

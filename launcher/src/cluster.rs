@@ -66,6 +66,21 @@ pub(crate) struct Cluster {
     changes: broadcast::Sender<pb::AgentRecord>,
     /// Where records are persisted, if anywhere.
     store: Option<mpsc::UnboundedSender<Write>>,
+    /// Since start: agents placed on a worker, and placed again, by why.
+    pub(crate) counts: Counts,
+}
+
+/// What the launcher did since it started, for the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Counts {
+    /// Agents placed on a worker (each start of an agent).
+    pub(crate) placements: u64,
+    /// Agents to place again because their worker was lost.
+    pub(crate) worker_lost: u64,
+    /// Agents moved off a draining (or leaving) worker.
+    pub(crate) drained: u64,
+    /// Agents restarted after they failed.
+    pub(crate) restarted: u64,
 }
 
 impl Cluster {
@@ -79,6 +94,7 @@ impl Cluster {
             finished: VecDeque::new(),
             changes: broadcast::channel(4096).0,
             store: None,
+            counts: Counts::default(),
         }
     }
 
@@ -348,6 +364,7 @@ impl Cluster {
                     format!("worker {id} was lost while stopping it"),
                 );
             } else {
+                self.counts.worker_lost += 1;
                 self.set(&agent_id, AgentState::Pending, format!("worker {id} was lost"));
             }
         }
@@ -419,6 +436,7 @@ impl Cluster {
             let worker = self.workers.get_mut(&worker_id).expect("chosen above");
             worker.agents.insert(id.clone());
             worker.send(Body::Start(start));
+            self.counts.placements += 1;
             tracing::info!(agent = %id, worker = %worker_id, "agent placed");
             self.changed(&id);
         }
@@ -441,6 +459,7 @@ impl Cluster {
             }
             AgentState::Stopped => {
                 if self.moving.remove(&id) {
+                    self.counts.drained += 1;
                     self.set(&id, AgentState::Pending, "moved off a draining worker".into());
                 } else {
                     self.set(&id, AgentState::Stopped, report.error);
@@ -455,6 +474,7 @@ impl Cluster {
                     self.set(&id, AgentState::Stopped, reason);
                 } else if agent.restarts < agent.retry_limit {
                     agent.restarts += 1;
+                    self.counts.restarted += 1;
                     let reason = format!("restart {} after: {}", agent.restarts, report.error);
                     tracing::warn!(agent = %id, %reason, "agent failed; restarting");
                     self.set(&id, AgentState::Pending, reason);
@@ -728,6 +748,8 @@ mod tests {
         cluster.report("w", fail(2));
         let failed = cluster.agent("agent-000").unwrap();
         assert_eq!((failed.state(), failed.reason.as_str()), (AgentState::Failed, "boom"));
+        let counts = cluster.counts;
+        assert_eq!((counts.placements, counts.restarted, counts.worker_lost), (2, 1, 0));
     }
 
     #[test]
@@ -756,6 +778,8 @@ mod tests {
         // The old worker's late report changes nothing.
         cluster.report("w-a", report(1, AgentState::Failed, "x"));
         assert_eq!(cluster.agent("agent-000").unwrap().state(), AgentState::Starting);
+        let counts = cluster.counts;
+        assert_eq!((counts.placements, counts.worker_lost, counts.restarted), (2, 1, 0));
     }
 
     #[test]
@@ -772,6 +796,8 @@ mod tests {
         assert_eq!(starts(&mut b).len(), 1);
         launch(&mut cluster, 1, &[], 0);
         assert_eq!(cluster.agent("agent-001").unwrap().worker_id, "w-b");
+        let counts = cluster.counts;
+        assert_eq!((counts.placements, counts.drained, counts.worker_lost), (3, 1, 0));
     }
 
     #[test]

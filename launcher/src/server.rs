@@ -116,6 +116,7 @@ impl RunningLauncher {
         service.release_held_after(options.rejoin_grace);
         service.forget_finished_after(options.retention);
         let mut registry = Registry::default();
+        metrics::register_process(&mut registry, "academy-launcher");
         let calls = RpcMetrics::register(&mut registry);
         registry.register_collector(Box::new(service.gauges()));
         // Ready until it shuts down.

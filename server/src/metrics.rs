@@ -11,10 +11,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -39,10 +42,11 @@ pub struct RpcMetrics {
     seconds: Family<MethodLabels, Histogram>,
 }
 
-/// Upper bounds of the call-duration buckets, in seconds: 50 µs to 10 s.
-const SECONDS_BUCKETS: [f64; 16] = [
+/// Upper bounds of the call-duration buckets, in seconds: 50 µs to 60 s
+/// (an `Invoke` may wait 30 s for its agent).
+pub const SECONDS_BUCKETS: [f64; 19] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 10.0,
+    2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
 impl RpcMetrics {
@@ -158,6 +162,99 @@ where
             metrics.observe(&path, code, started);
             answer
         })
+    }
+}
+
+/// Registers what every process shows: `academy_build_info{service,
+/// version}` (always 1), and the process's own series as Prometheus names
+/// them (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
+/// `process_start_time_seconds`), read from `/proc` at each scrape.
+pub fn register_process(registry: &mut Registry, service: &'static str) {
+    let build = Info::new(vec![("service", service), ("version", env!("CARGO_PKG_VERSION"))]);
+    registry.register("academy_build", "The running build", build);
+    registry.register_collector(Box::new(Process));
+}
+
+/// The process's own metrics, from `/proc/self` (nothing elsewhere).
+#[derive(Debug)]
+struct Process;
+
+impl Process {
+    /// CPU seconds, virtual and resident bytes, start time (seconds since
+    /// the epoch), from `/proc/self/stat` and `/proc/stat`.
+    fn stat() -> Option<(f64, f64, f64, f64)> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // After the command's name, which may hold spaces: field 3 onwards.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3)?.parse::<f64>().ok();
+        // SAFETY: sysconf only reads configuration values.
+        let (ticks, page) =
+            unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+        let (ticks, page) = (ticks as f64, page as f64);
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<f64>().ok())?;
+        Some((
+            (field(14)? + field(15)?) / ticks,
+            field(23)?,
+            field(24)? * page,
+            boot + field(22)? / ticks,
+        ))
+    }
+
+    fn fds() -> Option<(i64, i64)> {
+        let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as i64;
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes only into `limit`.
+        let max = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+            0 => i64::try_from(limit.rlim_cur).unwrap_or(i64::MAX),
+            _ => -1,
+        };
+        Some((open, max))
+    }
+}
+
+impl Collector for Process {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        if let Some((cpu, virtual_bytes, resident, started)) = Self::stat() {
+            let cpu = ConstCounter::new(cpu);
+            cpu.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "CPU time used, user and system, in seconds",
+                None,
+                cpu.metric_type(),
+            )?)?;
+            for (name, help, value) in [
+                ("process_virtual_memory_bytes", "Virtual memory size in bytes", virtual_bytes),
+                ("process_resident_memory_bytes", "Resident memory size in bytes", resident),
+                ("process_start_time_seconds", "Start time since the epoch, in seconds", started),
+            ] {
+                let gauge = ConstGauge::new(value);
+                gauge.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    gauge.metric_type(),
+                )?)?;
+            }
+        }
+        if let Some((open, max)) = Self::fds() {
+            for (name, help, value) in [
+                ("process_open_fds", "Open file descriptors", open),
+                ("process_max_fds", "Most file descriptors it may open", max),
+            ] {
+                let gauge = ConstGauge::new(value);
+                gauge.encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    gauge.metric_type(),
+                )?)?;
+            }
+        }
+        Ok(())
     }
 }
 

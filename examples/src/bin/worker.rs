@@ -68,6 +68,8 @@ async fn main() -> anyhow::Result<()> {
 /// Gauges of the worker's status, and its readiness: joined to the launcher.
 fn follow(mut status: watch::Receiver<WorkerStatus>) -> (Registry, watch::Receiver<bool>) {
     let mut registry = Registry::default();
+    academy_server::metrics::register_process(&mut registry, "academy-worker");
+    academy_sdk::metrics::register(&mut registry);
     let (agents, joined) = (Gauge::<i64>::default(), Gauge::<i64>::default());
     registry.register("academy_worker_agents", "Agents running on this worker", agents.clone());
     registry.register("academy_worker_joined", "1 while joined to the launcher", joined.clone());
