@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
 mod long_run;
+mod traced;
 
 #[allow(unreachable_pub, missing_docs, missing_debug_implementations, clippy::all)]
 mod floor {
@@ -53,8 +54,9 @@ struct Args {
     /// `f` (a) and (b) again with a thousand more agents subscribed, `t` (a)
     /// and (b) with bearer tokens and mutual TLS (in-memory exchange); `h`,
     /// not run by default, the long run (`--history` agents through the
-    /// launcher, and mailboxes terminated on each backend).
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,f,e,s,l,t")]
+    /// launcher, and mailboxes terminated on each backend); `o` (a) and (b)
+    /// with every span exported by OTLP (in-memory exchange; runs last).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,f,e,s,l,t,o")]
     only: Vec<char>,
     /// Agents launched and stopped, and mailboxes terminated per backend, in
     /// the long run.
@@ -735,6 +737,13 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.role {
         Some(Role::Exchange { redis, secure_dir, .. }) => {
+            // Scenario (o) asks for traces through the environment.
+            let _telemetry = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").map(|_| {
+                academy_server::telemetry::init(
+                    academy_server::telemetry::LogFormat::Pretty,
+                    "academy-exchange",
+                )
+            });
             return serve_exchange(redis, secure_dir).await;
         }
         Some(Role::Floor) => return serve_floor().await,
@@ -803,6 +812,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("| floor | result |");
         println!("|---|---|");
         for row in measure_floor(&args).await? {
+            println!("{row}");
+        }
+    }
+    // Last: it installs the global tracer provider for the rest of the run.
+    if args.only.contains(&'o') {
+        println!();
+        println!("Traced (in-memory exchange, every span exported by OTLP to a local receiver):");
+        println!();
+        println!("| scenario | result |");
+        println!("|---|---|");
+        for row in traced::measure(&args).await? {
             println!("{row}");
         }
     }
