@@ -204,13 +204,14 @@ impl Process {
         ))
     }
 
-    fn fds() -> Option<(i64, i64)> {
-        let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as i64;
+    /// Open file descriptors, and how many it may open (-1: unknown).
+    fn fds() -> Option<(f64, f64)> {
+        let open = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         // SAFETY: getrlimit writes only into `limit`.
         let max = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
-            0 => i64::try_from(limit.rlim_cur).unwrap_or(i64::MAX),
-            _ => -1,
+            0 => limit.rlim_cur as f64,
+            _ => -1.0,
         };
         Some((open, max))
     }
@@ -218,6 +219,7 @@ impl Process {
 
 impl Collector for Process {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut gauges: Vec<(&str, &str, f64)> = Vec::new();
         if let Some((cpu, virtual_bytes, resident, started)) = Self::stat() {
             let cpu = ConstCounter::new(cpu);
             cpu.encode(encoder.encode_descriptor(
@@ -226,33 +228,21 @@ impl Collector for Process {
                 None,
                 cpu.metric_type(),
             )?)?;
-            for (name, help, value) in [
+            gauges.extend([
                 ("process_virtual_memory_bytes", "Virtual memory size in bytes", virtual_bytes),
                 ("process_resident_memory_bytes", "Resident memory size in bytes", resident),
                 ("process_start_time_seconds", "Start time since the epoch, in seconds", started),
-            ] {
-                let gauge = ConstGauge::new(value);
-                gauge.encode(encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    gauge.metric_type(),
-                )?)?;
-            }
+            ]);
         }
         if let Some((open, max)) = Self::fds() {
-            for (name, help, value) in [
+            gauges.extend([
                 ("process_open_fds", "Open file descriptors", open),
                 ("process_max_fds", "Most file descriptors it may open", max),
-            ] {
-                let gauge = ConstGauge::new(value);
-                gauge.encode(encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    gauge.metric_type(),
-                )?)?;
-            }
+            ]);
+        }
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
         Ok(())
     }
