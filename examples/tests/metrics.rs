@@ -86,18 +86,31 @@ async fn every_metric_served_is_documented_and_counts_what_happened() {
     assert!(rpc.invoke(unknown).await.is_err());
     // A message to no mailbox is refused.
     let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
-    let header = pb::Header {
-        src: client.into_inner().client_id,
-        dest: academy_proto::EntityId::new_agent().to_string(),
-        tag: uuid::Uuid::new_v4().to_string(),
-        ..Default::default()
+    let client = client.into_inner().client_id;
+    let ping = |dest: String| {
+        let header = pb::Header {
+            src: client.clone(),
+            dest,
+            tag: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        };
+        let ping = pb::message::Body::PingRequest(pb::PingRequest {});
+        pb::SendRequest { message: Some(pb::Message { header: Some(header), body: Some(ping) }) }
     };
-    let ping = pb::message::Body::PingRequest(pb::PingRequest {});
-    let message = pb::Message { header: Some(header), body: Some(ping) };
-    assert!(rpc.send(pb::SendRequest { message: Some(message) }).await.is_err());
+    let nowhere = academy_proto::EntityId::new_agent().to_string();
+    assert!(rpc.send(ping(nowhere)).await.is_err());
+    // A message waiting in a mailbox nobody reads, for the queue depth
+    // (read every 5 s).
+    rpc.send(ping(client.clone())).await.unwrap();
+    let exchange_metrics = exchange.metrics_addr().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let queued = r#"academy_exchange_queued_messages{behaviour="(client)"}"#;
+    while sample(&text(exchange_metrics).await, queued) != Some(1.0) {
+        assert!(Instant::now() < deadline, "no queue depth after 10 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
-    let addrs =
-        [exchange.metrics_addr().unwrap(), launcher.metrics_addr().unwrap(), worker_metrics];
+    let addrs = [exchange_metrics, launcher.metrics_addr().unwrap(), worker_metrics];
     let mut all = String::new();
     for addr in addrs {
         all += &text(addr).await;

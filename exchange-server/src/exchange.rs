@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::memory::MemoryBackend;
 #[cfg(feature = "redis")]
 use crate::backend::redis::{RedisBackend, RedisOptions};
-use crate::backend::{Backend, BackendSubscription, Bounds, Page};
+use crate::backend::{Backend, BackendSubscription, Bounds, Depth, Page};
 use crate::limits::{self, Limits};
 use crate::retention;
 
@@ -81,6 +81,13 @@ impl Exchange {
     /// Its limits.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// What is queued unacknowledged in all mailboxes, per behaviour
+    /// (clients: the empty behaviour); only behaviours with something
+    /// queued. In memory it walks every mailbox; on Redis it reads one hash.
+    pub async fn queued(&self) -> Result<Vec<Depth>, ExchangeError> {
+        self.backend.depth().await
     }
 
     /// Ends every subscription with [`ExchangeError::ShuttingDown`].

@@ -30,6 +30,7 @@ mod server;
 mod service;
 
 #[cfg(feature = "redis")]
+pub use backend::Depth;
 pub use backend::redis::RedisOptions;
 pub use exchange::{Exchange, Subscription};
 pub use limits::Limits;

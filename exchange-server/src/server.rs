@@ -19,7 +19,7 @@ use tonic::service::interceptor::InterceptedService;
 
 #[cfg(feature = "redis")]
 use crate::RedisOptions;
-use crate::metrics::ExchangeMetrics;
+use crate::metrics::{ExchangeMetrics, QueueDepth};
 use crate::{Exchange, ExchangeGrpc, Limits};
 
 /// Room above the message-size limit for the request around a message, so an
@@ -155,6 +155,10 @@ impl RunningExchange {
         let calls = RpcMetrics::register(&mut registry);
         let service = ExchangeGrpc::new(exchange.clone())
             .with_metrics(ExchangeMetrics::register(&mut registry));
+        if options.metrics_listen.is_some() {
+            let depth = QueueDepth::follow(exchange.clone(), shutdown.clone());
+            registry.register_collector(Box::new(depth));
+        }
         let (metrics_addr, count_calls) = metrics::serve_if(
             options.metrics_listen,
             registry,

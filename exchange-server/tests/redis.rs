@@ -226,7 +226,7 @@ async fn a_schema_2_store_is_upgraded_to_gravestones_and_idle_clients() {
     set(&["HSET", &hash(&client), "s", "t", "k", "c"]);
     set(&["HSET", &hash(&idle), "s", "a", "k", "c", "g", "0", "qb", "0"]);
     let (_server, mut rpc) = replica(&redis).await;
-    assert_eq!(set(&["GET", "academy:schema"]), "3");
+    assert_eq!(set(&["GET", "academy:schema"]), "4");
     assert_eq!(set(&["EXISTS", &hash(&agent), &hash(&client)]), ":0");
     let state = |id: &EntityId| pb::StatusRequest { mailbox_id: id.to_string() };
     let status = rpc.status(state(&agent)).await.unwrap().into_inner();
@@ -517,7 +517,7 @@ async fn a_store_written_by_a_newer_exchange_is_refused_and_an_older_one_is_upgr
     let first = RunningExchange::start(ExchangeOptions { store: store(), ..Default::default() })
         .await
         .unwrap();
-    assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "3");
+    assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "4");
     first.shutdown().await;
     redis.command(&["SET", "academy:schema", "99"]).unwrap();
     let err = RunningExchange::start(ExchangeOptions { store: store(), ..Default::default() })
@@ -525,6 +525,39 @@ async fn a_store_written_by_a_newer_exchange_is_refused_and_an_older_one_is_upgr
         .unwrap_err();
     assert!(err.to_string().contains("schema 99, written by a newer exchange"), "{err}");
     assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "99", "left as it was");
+}
+
+/// A schema-3 store has no queue depth: the upgrade counts it from the
+/// mailboxes, and from then the scripts keep it.
+#[tokio::test]
+async fn a_schema_3_store_gets_its_queue_depth_counted() {
+    let redis = RedisServer::start().expect("redis-server must run for these tests");
+    let (first, mut rpc) = replica(&redis).await;
+    let (agent, client) = agent_and_client(&mut rpc, "test.Deep").await;
+    for i in 0..4 {
+        rpc.send(pb::SendRequest { message: Some(ping(&client, &agent, i)) }).await.unwrap();
+    }
+    let depth = |exchange: &RunningExchange| {
+        let exchange = exchange.exchange().clone();
+        async move {
+            let all = exchange.queued().await.unwrap();
+            all.into_iter().find(|d| d.behaviour == "test.Deep").map(|d| (d.messages, d.bytes))
+        }
+    };
+    let kept = depth(&first).await.unwrap();
+    assert_eq!(kept.0, 4);
+    first.shutdown().await;
+    // As a schema-3 exchange left it.
+    redis.command(&["DEL", "academy:depth"]).unwrap();
+    redis.command(&["SET", "academy:schema", "3"]).unwrap();
+    let (second, mut rpc) = replica(&redis).await;
+    assert_eq!(redis.command(&["GET", "academy:schema"]).unwrap(), "4");
+    assert_eq!(depth(&second).await, Some(kept), "counted again from the mailboxes");
+    let mut stream = subscribe(&mut rpc, &agent).await;
+    let first_seq = stream.next().await.unwrap().unwrap().deliveries[0].seq;
+    let ack = pb::AcknowledgeRequest { mailbox_id: agent.clone(), seqs: vec![first_seq] };
+    rpc.acknowledge(ack).await.unwrap();
+    assert_eq!(depth(&second).await.map(|d| d.0), Some(3), "and kept from then");
 }
 
 /// A Redis that stops answering (frozen) or goes away (killed): calls fail

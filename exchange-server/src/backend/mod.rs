@@ -177,6 +177,22 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Removes what expired under `retention`: gravestones, and client
     /// mailboxes abandoned for longer than it keeps them.
     async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError>;
+
+    /// What is queued unacknowledged in all mailboxes, per behaviour (client
+    /// mailboxes: the empty behaviour); behaviours with nothing queued may be
+    /// left out.
+    async fn depth(&self) -> Result<Vec<Depth>, ExchangeError>;
+}
+
+/// Messages and bytes queued unacknowledged in the mailboxes of a behaviour.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Depth {
+    /// The behaviour (empty: client mailboxes).
+    pub behaviour: String,
+    /// Messages not yet acknowledged.
+    pub messages: u64,
+    /// Their encoded bytes.
+    pub bytes: u64,
 }
 
 /// One subscriber's view of a mailbox.

@@ -56,6 +56,7 @@ conformance!(
     ownership::a_revoked_token_ends_the_streams_it_opened,
     ownership::discovery_tells_whose_agents_they_are,
     metrics::metrics_count_calls_messages_and_subscriptions,
+    metrics::queue_depth_counts_what_is_queued_per_behaviour,
     retention::a_terminated_client_leaves_no_gravestone,
     retention::gravestones_expire_after_their_retention,
     retention::abandoned_clients_expire_and_give_their_quota_back,

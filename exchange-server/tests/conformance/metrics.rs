@@ -50,3 +50,52 @@ pub(crate) async fn metrics_count_calls_messages_and_subscriptions(store: Store)
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// What is queued shows per behaviour (clients under the empty one): each
+/// message queued counts, an acknowledged one leaves, and a terminated
+/// mailbox takes its queue with it. In memory it is counted when asked; on
+/// Redis the scripts keep the count.
+pub(crate) async fn queue_depth_counts_what_is_queued_per_behaviour(store: Store) {
+    let mut h = start(store).await;
+    let client = h.client().await;
+    let a = h.agent("test.A", &[]).await;
+    let b = h.agent("test.B", &[]).await;
+    let mut bytes = 0;
+    for (dest, n) in [(&a, 3), (&b, 2), (&client, 1)] {
+        for i in 0..n {
+            let message = request(&client, dest, &format!("action{i}"));
+            if *dest == a {
+                bytes += prost::Message::encoded_len(&message) as u64;
+            }
+            h.send(message).await.unwrap();
+        }
+    }
+    let depth = |h: &Harness| {
+        let exchange = h.server.exchange().clone();
+        async move {
+            let mut all = exchange.queued().await.unwrap();
+            all.sort_by(|x, y| x.behaviour.cmp(&y.behaviour));
+            all.into_iter().map(|d| (d.behaviour, d.messages, d.bytes)).collect::<Vec<_>>()
+        }
+    };
+    let now = depth(&h).await;
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert_eq!((now[0].0.as_str(), now[0].1), ("", 1), "{now:?}");
+    assert_eq!(now[1], ("test.A".to_owned(), 3, bytes), "{now:?}");
+    assert_eq!((now[2].0.as_str(), now[2].1), ("test.B", 2), "{now:?}");
+
+    let mut stream = h.subscribe(&a).await;
+    let delivered = next(&mut stream).await;
+    let seqs: Vec<u64> = delivered.iter().take(2).map(|d| d.seq).collect();
+    let ack = pb::AcknowledgeRequest { mailbox_id: a.clone(), seqs };
+    h.rpc.acknowledge(ack).await.unwrap();
+    h.terminate(&b).await;
+    let now = depth(&h).await;
+    let a_now = now.iter().find(|d| d.0 == "test.A").unwrap();
+    assert_eq!(a_now.1, 1, "{now:?}");
+    assert!(a_now.2 > 0 && a_now.2 < bytes, "{now:?}");
+    assert!(
+        now.iter().all(|d| d.0 != "test.B"),
+        "a terminated mailbox's queue went with it: {now:?}"
+    );
+}

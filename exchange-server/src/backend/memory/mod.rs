@@ -13,8 +13,8 @@ use prost::Message as _;
 use tokio::sync::Notify;
 
 use super::{
-    Backend, BackendSubscription, Bounds, Found, Page, awaiting_answer, framed, joins, source,
-    unknown_source,
+    Backend, BackendSubscription, Bounds, Depth, Found, Page, awaiting_answer, framed, joins,
+    source, unknown_source,
 };
 use crate::exchange::permitted;
 use crate::retention::{Retention, Swept};
@@ -429,6 +429,27 @@ impl Backend for MemoryBackend {
 
     async fn forget(&self, id: &EntityId) {
         self.remove_if(id, |_| true);
+    }
+
+    async fn depth(&self) -> Result<Vec<Depth>, ExchangeError> {
+        let mailboxes: Vec<Arc<Mailbox>> = read(&self.mailboxes).values().cloned().collect();
+        let mut by: HashMap<&str, Depth> = HashMap::new();
+        for mailbox in &mailboxes {
+            let (messages, bytes) = {
+                let state = lock(&mailbox.state);
+                (state.unacked as u64, state.bytes as u64)
+            };
+            if messages == 0 {
+                continue;
+            }
+            let behaviour = mailbox.agent.as_ref().map_or("", |a| a.behaviour.as_str());
+            let depth = by
+                .entry(behaviour)
+                .or_insert_with(|| Depth { behaviour: behaviour.to_owned(), ..Depth::default() });
+            depth.messages += messages;
+            depth.bytes += bytes;
+        }
+        Ok(by.into_values().collect())
     }
 
     async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError> {

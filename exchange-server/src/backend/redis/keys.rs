@@ -22,6 +22,10 @@
 //!   as a string of 16-byte ids, expiring with the slice (see `expiry.rs`);
 //! - `P:idle`: sorted set of client mailboxes by when (ms) they last had no
 //!   subscriber, to remove the abandoned ones;
+//! - `P:depth`: hash of what is queued unacknowledged in all mailboxes, per
+//!   behaviour of the mailbox: `m:<behaviour>` messages, `b:<behaviour>`
+//!   bytes (clients: the empty behaviour), kept by the scripts that queue,
+//!   acknowledge and release;
 //! - `P:replica:<replica>`: present while the replica runs;
 //! - `P:idx:<name>` / `P:own:<name>`: discovery index, agents listing a name /
 //!   whose own behaviour it is (`P:idx:` lists every active agent); sorted
@@ -36,8 +40,8 @@ use academy_proto::{EntityId, RegisteredAgent};
 /// The layout version this backend writes. 1 (no `P:schema` key) had the
 /// discovery index in sets; 2 has it in sorted sets; 3 keeps gravestones in
 /// `P:gs:` strings and idle clients in `P:idle`, instead of terminated
-/// mailbox hashes.
-pub(super) const SCHEMA: u64 = 3;
+/// mailbox hashes; 4 adds `P:depth`.
+pub(super) const SCHEMA: u64 = 4;
 
 #[derive(Debug, Clone)]
 pub(super) struct Keys {
@@ -80,8 +84,13 @@ impl Keys {
         format!("{}:usage:bytes", self.prefix)
     }
 
-    /// A mailbox's keys as release.lua takes them (terminate.lua and
-    /// forget.lua open with them).
+    /// What is queued per behaviour: messages and bytes.
+    pub(super) fn depth(&self) -> String {
+        format!("{}:depth", self.prefix)
+    }
+
+    /// A mailbox's keys as release.lua takes them (terminate.lua,
+    /// forget.lua and abandon.lua open with them).
     pub(super) fn releasing(&self, id: &EntityId) -> Vec<String> {
         vec![
             self.mailbox(id),
@@ -89,6 +98,7 @@ impl Keys {
             self.sizes(id),
             self.mailboxes_owned(),
             self.bytes_sent(),
+            self.depth(),
         ]
     }
 

@@ -29,6 +29,9 @@ pub(super) async fn upgrade(backend: &RedisBackend) -> Result<(), ExchangeError>
     if stored.unwrap_or(1) < 3 {
         lay_schema2_gravestones(backend).await?;
     }
+    if stored.unwrap_or(1) < 4 {
+        count_depth(backend).await?;
+    }
     if stored != Some(SCHEMA) {
         let _: () = redis::cmd("SET")
             .arg(keys.schema())
@@ -205,4 +208,67 @@ async fn lay_schema2_gravestones(backend: &RedisBackend) -> Result<usize, Exchan
     }
     tracing::info!(gone, idle, "schema-2 gravestones laid anew, client mailboxes marked idle");
     Ok(gone)
+}
+
+/// Schema 4 keeps what is queued per behaviour (`P:depth`): counted once
+/// from the mailboxes, then kept by the scripts. Replicas of an earlier
+/// version that still run during the roll do not keep it, so it may be off
+/// by what they queue and acknowledge meanwhile. Answers the messages
+/// counted.
+async fn count_depth(backend: &RedisBackend) -> Result<u64, ExchangeError> {
+    let keys = &backend.keys;
+    let mut conn = backend.conn.clone();
+    let pattern = format!("{}:mb:*", keys.prefix());
+    let _: () =
+        redis::cmd("DEL").arg(keys.depth()).query_async(&mut conn).await.map_err(unavailable)?;
+    let (mut cursor, mut messages) = (0u64, 0);
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(SCAN_BATCH)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let ids: Vec<EntityId> =
+            found.iter().filter_map(|key| key.rsplit_once(":mb:")?.1.parse().ok()).collect();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET").arg(keys.mailbox(id)).arg(&["s", "b", "qb"]);
+            pipe.cmd("HLEN").arg(keys.sizes(id));
+        }
+        let rows: Vec<Value> = if ids.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await.map_err(unavailable)?
+        };
+        let mut pipe = redis::pipe();
+        for pair in rows.chunks(2) {
+            let row = array(pair[0].clone());
+            let field = |i: usize| row.get(i).and_then(string);
+            let count = match &pair[1] {
+                Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            };
+            if field(0).as_deref() != Some("a") || count == 0 {
+                continue;
+            }
+            let behaviour = field(1).unwrap_or_default();
+            let bytes: u64 = field(2).and_then(|b| b.parse().ok()).unwrap_or(0);
+            pipe.cmd("HINCRBY").arg(keys.depth()).arg(format!("m:{behaviour}")).arg(count);
+            pipe.cmd("HINCRBY").arg(keys.depth()).arg(format!("b:{behaviour}")).arg(bytes);
+            messages += count;
+        }
+        if pipe.cmd_iter().next().is_some() {
+            let _: () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    tracing::info!(messages, "queued messages counted per behaviour");
+    Ok(messages)
 }

@@ -21,7 +21,7 @@ mod scripts;
 mod stream;
 mod subscription;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +34,8 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backend, BackendSubscription, Bounds, Found, Page, awaiting_answer, source, unknown_source,
+    Backend, BackendSubscription, Bounds, Depth, Found, Page, awaiting_answer, source,
+    unknown_source,
 };
 use crate::retention::{Retention, Swept};
 use expiry::Stones;
@@ -444,9 +445,10 @@ impl Backend for RedisBackend {
                 let boxes = chunk.mailboxes.iter().flat_map(|id| {
                     [self.keys.mailbox(id), self.keys.queue(id), self.keys.sizes(id)]
                 });
+                let depth = std::iter::once(self.keys.depth());
                 let usage = sender.map(|_| self.keys.bytes_sent());
                 let sources = chunk.sources.iter().map(|id| self.keys.mailbox(id));
-                let keys: Vec<String> = boxes.chain(usage).chain(sources).collect();
+                let keys: Vec<String> = boxes.chain(depth).chain(usage).chain(sources).collect();
                 let mut cmd = self.scripts.enqueue.call(&keys);
                 cmd.arg(max).arg(bounds.max_queued_bytes).arg(MAX_NOTICE_BYTES).arg(&bell);
                 cmd.arg(chunk.mailboxes.len()).arg(caller_arg(sender)).arg(bounds.sender_quota);
@@ -550,6 +552,7 @@ impl Backend for RedisBackend {
             self.keys.queue(id),
             self.keys.sizes(id),
             self.keys.bytes_sent(),
+            self.keys.depth(),
         ];
         // A script call per slice, so that no one call holds Redis up long
         // (a slice takes well under a millisecond); all in one round trip.
@@ -602,6 +605,30 @@ impl Backend for RedisBackend {
         if let Err(e) = run_one(&self.conn, &self.scripts.forget, call).await {
             tracing::warn!(mailbox = %id, error = %e, "cannot delete transient mailbox");
         }
+    }
+
+    async fn depth(&self) -> Result<Vec<Depth>, ExchangeError> {
+        let fields: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(self.keys.depth())
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let mut by: HashMap<&str, Depth> = HashMap::new();
+        for (field, n) in &fields {
+            let Some((kind, behaviour)) = field.split_once(':') else { continue };
+            let depth = by
+                .entry(behaviour)
+                .or_insert_with(|| Depth { behaviour: behaviour.to_owned(), ..Depth::default() });
+            // Never below zero, should replicas of an older schema have left
+            // it off (see migration.rs).
+            let n = u64::try_from(*n).unwrap_or(0);
+            match kind {
+                "m" => depth.messages = n,
+                "b" => depth.bytes = n,
+                _ => {}
+            }
+        }
+        Ok(by.into_values().filter(|d| d.messages > 0).collect())
     }
 
     async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError> {

@@ -3,8 +3,9 @@
 -- (the sender's bytes queued), or about its source (with a sender): 'nosrc'
 -- (no such mailbox) or 'denied:<owner>'.
 -- KEYS        the (mailbox hash, queue stream, sizes hash) triples written
---             to; with a sender, the hash of bytes queued per sender, then
---             the hashes of the mailboxes the messages come from
+--             to; the depth per behaviour; with a sender, the hash of
+--             bytes queued per sender, then the hashes of the mailboxes the
+--             messages come from
 -- ARGV        queue bound in messages, in bytes (0: none), largest
 --             message sent inside a notice, notice channel prefix, number
 --             of triples, sender (empty: trusted), the
@@ -22,17 +23,17 @@ local max, maxbytes, small, bell, n, sender, quota = tonumber(ARGV[1]), tonumber
 local first = 7
 local boxes, notices, refused = {}, {}, {[0] = 'nosrc'}
 for k = 1, n do
-  local h = redis.call('HMGET', KEYS[3 * k - 2], 's', 'l', 'r', 'qb')
-  local m = {id = ARGV[first + k], state = h[1], last = h[2] or '0-0', replica = h[3], bytes = tonumber(h[4] or '0'), added = 0}
+  local h = redis.call('HMGET', KEYS[3 * k - 2], 's', 'l', 'r', 'qb', 'b')
+  local m = {id = ARGV[first + k], state = h[1], last = h[2] or '0-0', replica = h[3], bytes = tonumber(h[4] or '0'), added = 0, count = 0, behaviour = h[5] or ''}
   if h[1] == 'a' and max > 0 then m.len = redis.call('XLEN', KEYS[3 * k - 1]) end
   boxes[k] = m
 end
 local held, sent, usage = 0, 0, nil
 if sender ~= '' then
-  usage = KEYS[3 * n + 1]
+  usage = KEYS[3 * n + 2]
   held = tonumber(redis.call('HGET', usage, sender) or '0')
-  for j = 1, #KEYS - 3 * n - 1 do
-    local h = redis.call('HMGET', KEYS[3 * n + 1 + j], 's', 'o')
+  for j = 1, #KEYS - 3 * n - 2 do
+    local h = redis.call('HMGET', KEYS[3 * n + 2 + j], 's', 'o')
     if not h[1] then refused[j] = 'nosrc'
     elseif h[2] and h[2] ~= sender then refused[j] = 'denied:' .. h[2] end
   end
@@ -53,7 +54,7 @@ for i = first + 1 + n, #ARGV, step do
     local added = redis.call('XADD', KEYS[3 * k - 1], '*', 'm', data)
     redis.call('HSET', KEYS[3 * k], added, sender == '' and tostring(#data) or (#data .. ' ' .. sender))
     if m.len then m.len = m.len + 1 end
-    m.bytes, m.added = m.bytes + #data, m.added + #data
+    m.bytes, m.added, m.count = m.bytes + #data, m.added + #data, m.count + 1
     if sender ~= '' then sent = sent + #data end
     if m.replica then
       local parts = notices[m.replica] or {}
@@ -74,6 +75,8 @@ for k, m in ipairs(boxes) do
   if m.fresh then
     redis.call('HSET', KEYS[3 * k - 2], 'l', m.last)
     redis.call('HINCRBY', KEYS[3 * k - 2], 'qb', m.added)
+    redis.call('HINCRBY', KEYS[3 * n + 1], 'm:' .. m.behaviour, m.count)
+    redis.call('HINCRBY', KEYS[3 * n + 1], 'b:' .. m.behaviour, m.added)
   end
 end
 if sent > 0 then redis.call('HINCRBY', usage, sender, sent) end

@@ -1,21 +1,29 @@
 -- Gives back what a mailbox that is going away held: its owner's count of
--- active mailboxes, and its queued messages' bytes against their senders'
--- quotas (its sizes hash, then deleted). Shared by terminate.lua and
--- forget.lua, which it opens (KEYS[1..5] as below).
+-- active mailboxes, its queued messages' bytes against their senders'
+-- quotas (its sizes hash, then deleted), and its messages and bytes in the
+-- depth per behaviour. Shared by terminate.lua, forget.lua and abandon.lua,
+-- which it opens (KEYS[1..6] as below).
 -- KEYS[1]     the mailbox hash
 -- KEYS[2]     its queue stream
 -- KEYS[3]     its sizes hash
 -- KEYS[4]     the hash of active mailboxes per owner
 -- KEYS[5]     the hash of bytes queued per sender
+-- KEYS[6]     the depth per behaviour
 local function release()
-  local o = redis.call('HGET', KEYS[1], 'o')
+  local h = redis.call('HMGET', KEYS[1], 'o', 'b')
+  local o, b = h[1], h[2] or ''
   if o then redis.call('HINCRBY', KEYS[4], o, -1) end
-  local senders = {}
+  local senders, count, total = {}, 0, 0
   for _, size in ipairs(redis.call('HVALS', KEYS[3])) do
     local bytes, sender = string.match(size, '^(%d+) ?(.*)$')
+    count, total = count + 1, total + tonumber(bytes)
     if sender ~= '' then senders[sender] = (senders[sender] or 0) + tonumber(bytes) end
   end
   for sender, bytes in pairs(senders) do redis.call('HINCRBY', KEYS[5], sender, -bytes) end
+  if count > 0 then
+    redis.call('HINCRBY', KEYS[6], 'm:' .. b, -count)
+    redis.call('HINCRBY', KEYS[6], 'b:' .. b, -total)
+  end
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[1], 'qb', 0)
 end
