@@ -28,3 +28,33 @@ fn pipeline_reports_every_document_and_the_expected_error() {
     assert!(out.contains("top: Some((\"the\", 2))"), "{out}");
     assert!(out.contains("expected error: String: nothing to analyse"), "{out}");
 }
+
+/// The worker logs as the other binaries do: text without colour codes when
+/// stderr is not a terminal, and one JSON object per line with
+/// `ACADEMY_LOG_FORMAT=json`.
+#[test]
+fn the_worker_logs_plain_text_or_json_into_a_file() {
+    // A launcher that is not there: the worker logs that it cannot join.
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    for format in ["pretty", "json"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["--launcher", &format!("http://{nowhere}")])
+            .env("ACADEMY_LOG_FORMAT", format)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        child.kill().unwrap();
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(log.contains("cannot join the launcher"), "{format}: {log}");
+        assert!(!log.contains('\u{1b}'), "{format}: colour codes in a file: {log}");
+        if format == "json" {
+            for line in log.lines() {
+                let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert!(parsed["level"].is_string(), "{line}");
+            }
+        }
+    }
+}
