@@ -120,6 +120,7 @@ impl Exchange {
         for interface in &implements {
             limits::name("an implemented name", interface)?;
         }
+        let fresh = id.is_none();
         let id = id.unwrap_or_else(EntityId::new_agent);
         if !id.is_agent() {
             return Err(ExchangeError::InvalidArgument(format!(
@@ -129,7 +130,8 @@ impl Exchange {
         let owner = self.principal().unwrap_or_default().to_owned();
         let info = RegisteredAgent { id, behaviour: behaviour.to_owned(), implements, name, owner };
         self.sweep_expired();
-        self.backend.create(id, Some(info), self.principal(), self.mailbox_quota()).await?;
+        let quota = self.mailbox_quota();
+        self.backend.create(id, Some(info), self.principal(), quota, fresh).await?;
         tracing::debug!(agent = %id, behaviour, "agent mailbox created");
         Ok(id)
     }
@@ -138,7 +140,7 @@ impl Exchange {
     pub async fn register_client(&self) -> Result<EntityId, ExchangeError> {
         let id = EntityId::new_client();
         self.sweep_expired();
-        self.backend.create(id, None, self.principal(), self.mailbox_quota()).await?;
+        self.backend.create(id, None, self.principal(), self.mailbox_quota(), true).await?;
         tracing::debug!(client = %id, "client mailbox created");
         Ok(id)
     }

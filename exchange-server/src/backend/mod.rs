@@ -105,7 +105,9 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn health(&self) -> tokio::sync::watch::Receiver<bool>;
 
     /// Creates a mailbox (an agent's when `agent` is given), owned by `owner`,
-    /// who may own at most `quota` active mailboxes (0: no quota).
+    /// who may own at most `quota` active mailboxes (0: no quota). A `fresh`
+    /// id, which the exchange made up just now, cannot be a terminated
+    /// agent's: no gravestone is looked for.
     ///
     /// `terminate`, `subscribe` and `acknowledge` answer
     /// [`ExchangeError::PermissionDenied`] unless `caller` may act for the
@@ -116,6 +118,7 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         agent: Option<RegisteredAgent>,
         owner: Option<&str>,
         quota: usize,
+        fresh: bool,
     ) -> Result<(), ExchangeError>;
 
     /// Terminates a mailbox: removes it, leaving a gravestone for an agent's

@@ -247,13 +247,14 @@ impl Backend for MemoryBackend {
         agent: Option<RegisteredAgent>,
         owner: Option<&str>,
         quota: usize,
+        fresh: bool,
     ) -> Result<(), ExchangeError> {
         {
             let mut mailboxes = write(&self.mailboxes);
             if mailboxes.contains_key(&id) {
                 return Err(ExchangeError::AlreadyExists(id));
             }
-            if self.buried(&id) {
+            if !fresh && self.buried(&id) {
                 return Err(ExchangeError::Terminated(id));
             }
             let owner: Option<Arc<str>> = owner.map(Into::into);

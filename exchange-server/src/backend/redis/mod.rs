@@ -283,6 +283,7 @@ impl Backend for RedisBackend {
         agent: Option<RegisteredAgent>,
         owner: Option<&str>,
         quota: usize,
+        fresh: bool,
     ) -> Result<(), ExchangeError> {
         let (kind, behaviour, implements, name) = match &agent {
             Some(a) => ("a", a.behaviour.as_str(), a.implements.clone(), a.name.as_str()),
@@ -291,7 +292,11 @@ impl Backend for RedisBackend {
         let implements = serde_json::to_string(&implements).expect("strings serialise");
         let mut keys =
             vec![self.keys.mailbox(&id), self.keys.mailboxes_owned(), self.keys.idle_clients()];
-        let stones = if agent.is_some() { self.stones.lookup(&self.keys, &id) } else { vec![] };
+        // Only an id the caller chose may be a terminated agent's.
+        let stones = match agent {
+            Some(_) if !fresh => self.stones.lookup(&self.keys, &id),
+            _ => Vec::new(),
+        };
         let graves = stones.len();
         keys.extend(stones);
         keys.extend(agent.as_ref().map(|a| self.keys.indexes(a)).unwrap_or_default());
