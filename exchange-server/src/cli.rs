@@ -75,6 +75,10 @@ pub(crate) struct Config {
     /// across all mailboxes (0: no quota).
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_QUEUED_BYTES_PER_PRINCIPAL", default_value_t = Limits::default().max_queued_bytes_per_principal)]
     pub(crate) max_queued_bytes_per_principal: usize,
+    /// Largest state an agent may save, in bytes (the largest message's size
+    /// applies if smaller).
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_STATE_BYTES", default_value_t = Limits::default().max_state_bytes)]
+    pub(crate) max_state_bytes: usize,
     /// Seconds open calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "ACADEMY_EXCHANGE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
     pub(crate) shutdown_grace_secs: f64,
@@ -130,6 +134,7 @@ impl Config {
             max_queued_bytes: self.max_queued_bytes,
             max_mailboxes_per_principal: self.max_mailboxes_per_principal,
             max_queued_bytes_per_principal: self.max_queued_bytes_per_principal,
+            max_state_bytes: self.max_state_bytes,
             retention: Retention {
                 gravestones: ttl(self.gravestone_ttl_secs),
                 abandoned_clients: ttl(self.abandoned_client_ttl_secs),

@@ -83,6 +83,39 @@ impl Exchange {
         self.limits
     }
 
+    /// Saves the state of agent `id`, as its incarnation `epoch`
+    /// (docs/design.md, "State"): refused when a later incarnation
+    /// subscribed or saved (stale), when `expected` (not 0) is not the
+    /// saved revision (a conflict), or when larger than
+    /// [`Limits::max_state_bytes`]. Answers the revision saved.
+    pub async fn save_state(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        expected: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ExchangeError> {
+        Self::keeps_state(id)?;
+        let max = self.limits.max_state_bytes.min(self.limits.max_message_bytes);
+        limits::at_most("the bytes of a saved state", data.data.len(), max)?;
+        limits::name("data.content_type", &data.content_type)?;
+        self.backend.save_state(id, self.principal(), epoch, expected, data, version).await
+    }
+
+    /// The saved state of agent `id`, if it saved any.
+    pub async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ExchangeError> {
+        Self::keeps_state(id)?;
+        self.backend.load_state(id, self.principal()).await
+    }
+
+    fn keeps_state(id: &EntityId) -> Result<(), ExchangeError> {
+        if id.is_agent() {
+            return Ok(());
+        }
+        Err(ExchangeError::InvalidArgument(format!("{id} is a client: only agents keep state")))
+    }
+
     /// What is queued unacknowledged in all mailboxes, per behaviour
     /// (clients: the empty behaviour); only behaviours with something
     /// queued. In memory it walks every mailbox; on Redis it reads one hash.

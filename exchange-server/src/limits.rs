@@ -42,6 +42,10 @@ pub struct Limits {
     /// Most bytes of unacknowledged messages one principal has sent, across
     /// all mailboxes (0: no quota).
     pub max_queued_bytes_per_principal: usize,
+    /// Largest state an agent may save, in bytes (its data). The smaller of
+    /// this and `max_message_bytes` applies, so that loading it fits what
+    /// clients accept.
+    pub max_state_bytes: usize,
     /// How long gravestones and abandoned client mailboxes are kept: what
     /// the exchange's history may cost.
     pub retention: Retention,
@@ -56,6 +60,7 @@ impl Default for Limits {
             max_queued_bytes: 64 * 1024 * 1024,
             max_mailboxes_per_principal: 100_000,
             max_queued_bytes_per_principal: 256 * 1024 * 1024,
+            max_state_bytes: 1024 * 1024,
             retention: Retention::default(),
         }
     }

@@ -202,6 +202,29 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         Ok(Response::new(pb::AcknowledgeResponse {}))
     }
 
+    async fn save_state(
+        &self,
+        request: Request<pb::SaveStateRequest>,
+    ) -> RpcResult<pb::SaveStateResponse> {
+        let exchange = self.exchange_for(&request);
+        let req = request.into_inner();
+        let id = EntityId::parse_field(&req.agent_id, "agent_id")?;
+        let data = req.data.unwrap_or_default();
+        let revision =
+            exchange.save_state(&id, req.epoch, req.expected_revision, data, req.version).await?;
+        Ok(Response::new(pb::SaveStateResponse { revision }))
+    }
+
+    async fn load_state(
+        &self,
+        request: Request<pb::LoadStateRequest>,
+    ) -> RpcResult<pb::LoadStateResponse> {
+        let exchange = self.exchange_for(&request);
+        let id = EntityId::parse_field(&request.get_ref().agent_id, "agent_id")?;
+        let state = exchange.load_state(&id).await?;
+        Ok(Response::new(pb::LoadStateResponse { state }))
+    }
+
     #[tracing::instrument(skip_all, fields(agent = %request.get_ref().agent_id, action = %request.get_ref().action))]
     async fn invoke(&self, request: Request<pb::InvokeRequest>) -> RpcResult<pb::InvokeResponse> {
         let deadline = grpc_timeout(request.metadata());

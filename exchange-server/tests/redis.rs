@@ -560,6 +560,23 @@ async fn a_schema_3_store_gets_its_queue_depth_counted() {
     assert_eq!(depth(&second).await.map(|d| d.0), Some(3), "and kept from then");
 }
 
+/// An agent's saved state lives in one hash, which goes with the mailbox.
+#[tokio::test]
+async fn a_saved_state_is_deleted_with_its_mailbox() {
+    let redis = RedisServer::start().expect("redis-server must run for these tests");
+    let (_server, mut rpc) = replica(&redis).await;
+    let (agent, _) = agent_and_client(&mut rpc, "test.Saver").await;
+    let data =
+        pb::Payload { content_type: "application/json".into(), data: b"[1]".to_vec().into() };
+    let save =
+        pb::SaveStateRequest { agent_id: agent.clone(), data: Some(data), ..Default::default() };
+    rpc.save_state(save).await.unwrap();
+    let key = format!("academy:st:{agent}");
+    assert_eq!(redis.command(&["HGET", &key, "d"]).unwrap(), "[1]");
+    rpc.terminate(pb::TerminateRequest { mailbox_id: agent.clone() }).await.unwrap();
+    assert_eq!(redis.command(&["EXISTS", &key]).unwrap(), ":0");
+}
+
 /// A Redis that stops answering (frozen) or goes away (killed): calls fail
 /// with UNAVAILABLE within the configured wait, well inside a caller's 3 s
 /// deadline, and the exchange's health says NOT_SERVING until Redis is back.

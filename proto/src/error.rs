@@ -123,6 +123,16 @@ pub enum ExchangeError {
         /// The limit.
         limit: usize,
     },
+    /// The saved state is at another revision than the one the saver saw.
+    #[error("the state of {id} is at revision {current}, not {expected}")]
+    StateConflict {
+        /// The agent.
+        id: EntityId,
+        /// The revision the saver expected.
+        expected: u64,
+        /// The revision saved.
+        current: u64,
+    },
     /// Another subscriber took the mailbox over.
     #[error("subscription to mailbox {0} was replaced by a newer subscriber")]
     Superseded(EntityId),
@@ -153,7 +163,7 @@ impl ExchangeError {
             | Self::QuotaExceeded { .. } => Code::ResourceExhausted,
             Self::LimitExceeded { .. } => Code::InvalidArgument,
             Self::StaleEpoch { .. } => Code::FailedPrecondition,
-            Self::Superseded(_) => Code::Aborted,
+            Self::Superseded(_) | Self::StateConflict { .. } => Code::Aborted,
             Self::ShuttingDown | Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
         }
@@ -174,6 +184,7 @@ impl ExchangeError {
             Self::StaleEpoch { .. } => "STALE_EPOCH",
             Self::TooLarge { .. } => "MESSAGE_TOO_LARGE",
             Self::Superseded(_) => "SUBSCRIPTION_SUPERSEDED",
+            Self::StateConflict { .. } => "STATE_CONFLICT",
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
             Self::Unavailable(_) => "STORE_UNAVAILABLE",
@@ -230,6 +241,11 @@ impl ExchangeError {
                 Self::TooLarge { size: number("size")?, limit: number("limit")? }
             }
             "SUBSCRIPTION_SUPERSEDED" => Self::Superseded(id()?),
+            "STATE_CONFLICT" => Self::StateConflict {
+                id: id()?,
+                expected: metadata.get("expected")?.parse().ok()?,
+                current: metadata.get("current")?.parse().ok()?,
+            },
             "SHUTTING_DOWN" => Self::ShuttingDown,
             "DEADLINE_EXCEEDED" => Self::DeadlineExceeded(message),
             "STORE_UNAVAILABLE" => Self::Unavailable(
@@ -274,6 +290,11 @@ impl ExchangeError {
             Self::StaleEpoch { id, epoch, current } => {
                 metadata.insert("id".into(), id.to_string());
                 metadata.insert("epoch".into(), epoch.to_string());
+                metadata.insert("current".into(), current.to_string());
+            }
+            Self::StateConflict { id, expected, current } => {
+                metadata.insert("id".into(), id.to_string());
+                metadata.insert("expected".into(), expected.to_string());
                 metadata.insert("current".into(), current.to_string());
             }
             Self::TooLarge { size, limit } => {
@@ -326,6 +347,7 @@ mod tests {
                 max: 9,
             },
             ExchangeError::StaleEpoch { id, epoch: 3, current: 4 },
+            ExchangeError::StateConflict { id, expected: 2, current: 5 },
         ] {
             let status = Status::from(err.clone());
             assert_eq!(status.code(), err.code());

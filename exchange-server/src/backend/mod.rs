@@ -181,6 +181,29 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// mailboxes abandoned for longer than it keeps them.
     async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError>;
 
+    /// Saves the state of agent `id` as its incarnation `epoch`, if `caller`
+    /// may act for the mailbox's owner: refused as stale when an later
+    /// incarnation subscribed or saved, as a conflict when `expected` (not
+    /// 0) is not the saved revision. Raises the mailbox's epoch to `epoch`.
+    /// Answers the revision saved.
+    async fn save_state(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+        epoch: u64,
+        expected: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ExchangeError>;
+
+    /// The saved state of agent `id`, if any, for a caller who may act for
+    /// the mailbox's owner.
+    async fn load_state(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+    ) -> Result<Option<pb::SavedState>, ExchangeError>;
+
     /// What is queued unacknowledged in all mailboxes, per behaviour (client
     /// mailboxes: the empty behaviour); behaviours with nothing queued may be
     /// left out.

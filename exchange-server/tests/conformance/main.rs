@@ -13,6 +13,7 @@ mod limits;
 mod metrics;
 mod ownership;
 mod retention;
+mod state;
 
 /// Runs each `rule::test` against both backends, as `memory::test` and
 /// `redis::test`.
@@ -57,6 +58,8 @@ conformance!(
     ownership::discovery_tells_whose_agents_they_are,
     metrics::metrics_count_calls_messages_and_subscriptions,
     metrics::queue_depth_counts_what_is_queued_per_behaviour,
+    state::an_agent_saves_its_state_fenced_by_epoch_and_revision,
+    state::only_the_owner_reads_or_writes_an_agents_state,
     retention::a_terminated_client_leaves_no_gravestone,
     retention::gravestones_expire_after_their_retention,
     retention::abandoned_clients_expire_and_give_their_quota_back,

@@ -108,6 +108,55 @@ pub mod message {
         SuccessResponse(super::SuccessResponse),
     }
 }
+/// What an agent saved: its data, the version of the layout of that data
+/// (the behaviour's to declare and migrate), and which save it was.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SavedState {
+    #[prost(message, optional, tag = "1")]
+    pub data: ::core::option::Option<Payload>,
+    #[prost(uint32, tag = "2")]
+    pub version: u32,
+    /// 1 for the first save, one more for each after.
+    #[prost(uint64, tag = "3")]
+    pub revision: u64,
+    /// The incarnation of the agent that saved it.
+    #[prost(uint64, tag = "4")]
+    pub epoch: u64,
+    #[prost(message, optional, tag = "5")]
+    pub saved_at: ::core::option::Option<::prost_types::Timestamp>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SaveStateRequest {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+    /// The saving incarnation (0 for an agent no launcher placed).
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
+    /// The revision the caller last saw; 0 saves whatever is saved now.
+    #[prost(uint64, tag = "3")]
+    pub expected_revision: u64,
+    #[prost(message, optional, tag = "4")]
+    pub data: ::core::option::Option<Payload>,
+    #[prost(uint32, tag = "5")]
+    pub version: u32,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SaveStateResponse {
+    /// The revision now saved.
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LoadStateRequest {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct LoadStateResponse {
+    /// Unset when the agent never saved any.
+    #[prost(message, optional, tag = "1")]
+    pub state: ::core::option::Option<SavedState>,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterAgentRequest {
     /// Behaviour name, e.g. "example.Counter".
@@ -673,6 +722,59 @@ pub mod exchange_service_client {
                 .insert(GrpcMethod::new("academy.v1.ExchangeService", "Invoke"));
             self.inner.unary(req, path, codec).await
         }
+        /// Saves an agent's state, for the incarnation `epoch` of the agent: one
+        /// of an earlier incarnation than the mailbox's (or the saved state's) is
+        /// refused (STALE_EPOCH), as is one that expected another revision than
+        /// the saved one (ABORTED, STATE_CONFLICT). Only the mailbox's owner may.
+        pub async fn save_state(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SaveStateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SaveStateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ExchangeService/SaveState",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ExchangeService", "SaveState"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// An agent's saved state, if any. Only the mailbox's owner may read it.
+        pub async fn load_state(
+            &mut self,
+            request: impl tonic::IntoRequest<super::LoadStateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::LoadStateResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ExchangeService/LoadState",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ExchangeService", "LoadState"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -766,6 +868,25 @@ pub mod exchange_service_server {
             &self,
             request: tonic::Request<super::InvokeRequest>,
         ) -> std::result::Result<tonic::Response<super::InvokeResponse>, tonic::Status>;
+        /// Saves an agent's state, for the incarnation `epoch` of the agent: one
+        /// of an earlier incarnation than the mailbox's (or the saved state's) is
+        /// refused (STALE_EPOCH), as is one that expected another revision than
+        /// the saved one (ABORTED, STATE_CONFLICT). Only the mailbox's owner may.
+        async fn save_state(
+            &self,
+            request: tonic::Request<super::SaveStateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::SaveStateResponse>,
+            tonic::Status,
+        >;
+        /// An agent's saved state, if any. Only the mailbox's owner may read it.
+        async fn load_state(
+            &self,
+            request: tonic::Request<super::LoadStateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::LoadStateResponse>,
+            tonic::Status,
+        >;
     }
     /// Ids are "agent:<uuid>" or "client:<uuid>". A field named `mailbox_id`
     /// takes either; `agent_id` an agent's; `client_id` a client's.
@@ -1282,6 +1403,96 @@ pub mod exchange_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = InvokeSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ExchangeService/SaveState" => {
+                    #[allow(non_camel_case_types)]
+                    struct SaveStateSvc<T: ExchangeService>(pub Arc<T>);
+                    impl<
+                        T: ExchangeService,
+                    > tonic::server::UnaryService<super::SaveStateRequest>
+                    for SaveStateSvc<T> {
+                        type Response = super::SaveStateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SaveStateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExchangeService>::save_state(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SaveStateSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ExchangeService/LoadState" => {
+                    #[allow(non_camel_case_types)]
+                    struct LoadStateSvc<T: ExchangeService>(pub Arc<T>);
+                    impl<
+                        T: ExchangeService,
+                    > tonic::server::UnaryService<super::LoadStateRequest>
+                    for LoadStateSvc<T> {
+                        type Response = super::LoadStateResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::LoadStateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExchangeService>::load_state(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = LoadStateSvc(inner);
                         let codec = crate::codec::BoundedCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

@@ -82,6 +82,8 @@ struct QueueState {
     subscribed: bool,
     /// Since when a client mailbox has had no subscriber.
     idle_since: Option<Instant>,
+    /// An agent's saved state.
+    saved: Option<pb::SavedState>,
 }
 
 #[derive(Debug)]
@@ -430,6 +432,52 @@ impl Backend for MemoryBackend {
 
     async fn forget(&self, id: &EntityId) {
         self.remove_if(id, |_| true);
+    }
+
+    async fn save_state(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+        epoch: u64,
+        expected: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ExchangeError> {
+        let mailbox = self.owned(id, caller)?;
+        let mut state = lock(&mailbox.state);
+        if state.terminated {
+            return Err(ExchangeError::Terminated(*id));
+        }
+        let (revision, saved_by) = state.saved.as_ref().map_or((0, 0), |s| (s.revision, s.epoch));
+        let current = state.epoch.max(saved_by);
+        if epoch < current {
+            return Err(ExchangeError::StaleEpoch { id: *id, epoch, current });
+        }
+        if expected != 0 && expected != revision {
+            return Err(ExchangeError::StateConflict { id: *id, expected, current: revision });
+        }
+        state.epoch = state.epoch.max(epoch);
+        state.saved = Some(pb::SavedState {
+            data: Some(data),
+            version,
+            revision: revision + 1,
+            epoch,
+            saved_at: Some(std::time::SystemTime::now().into()),
+        });
+        Ok(revision + 1)
+    }
+
+    async fn load_state(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+    ) -> Result<Option<pb::SavedState>, ExchangeError> {
+        let mailbox = self.owned(id, caller)?;
+        let state = lock(&mailbox.state);
+        if state.terminated {
+            return Err(ExchangeError::Terminated(*id));
+        }
+        Ok(state.saved.clone())
     }
 
     async fn depth(&self) -> Result<Vec<Depth>, ExchangeError> {

@@ -11,6 +11,9 @@
 //! - `P:qz:<id>`: the size (and sender) of each queued message, by stream id,
 //!   given back to the mailbox's bound and the sender's quota once it is
 //!   acknowledged;
+//! - `P:st:<id>`: hash of an agent's saved state (`d` data, `ct` content
+//!   type, `v` version, `rev` revision, `e` the saving incarnation, `at` ms
+//!   since the epoch), deleted with its mailbox;
 //! - `P:dq:<id>`: the queue of a mailbox just terminated, while the exchange
 //!   answers the requests left in it;
 //! - `P:usage:mailboxes` / `P:usage:bytes`: per principal, the active
@@ -84,6 +87,11 @@ impl Keys {
         format!("{}:usage:bytes", self.prefix)
     }
 
+    /// An agent's saved state.
+    pub(super) fn state(&self, id: &EntityId) -> String {
+        format!("{}:st:{id}", self.prefix)
+    }
+
     /// What is queued per behaviour: messages and bytes.
     pub(super) fn depth(&self) -> String {
         format!("{}:depth", self.prefix)
@@ -99,6 +107,7 @@ impl Keys {
             self.mailboxes_owned(),
             self.bytes_sent(),
             self.depth(),
+            self.state(id),
         ]
     }
 

@@ -612,6 +612,72 @@ impl Backend for RedisBackend {
         }
     }
 
+    async fn save_state(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+        epoch: u64,
+        expected: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ExchangeError> {
+        let keys = [self.keys.mailbox(id), self.keys.state(id)];
+        let mut cmd = self.scripts.save_state.call(&keys);
+        cmd.arg(caller_arg(caller)).arg(epoch).arg(expected);
+        cmd.arg(data.data.as_ref()).arg(&data.content_type).arg(version);
+        let answer = array(run_one(&self.conn, &self.scripts.save_state, cmd).await?);
+        let head = answer.first().and_then(string).unwrap_or_default();
+        let number =
+            || answer.get(1).and_then(string).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        if let Some(err) = state_error(id, &head, || answer.get(1).and_then(string)) {
+            return self.settle(Err(err)).await;
+        }
+        match head.as_str() {
+            "ok" => Ok(number()),
+            "stale" => Err(ExchangeError::StaleEpoch { id: *id, epoch, current: number() }),
+            "conflict" => {
+                Err(ExchangeError::StateConflict { id: *id, expected, current: number() })
+            }
+            other => Err(ExchangeError::Unavailable(format!(
+                "unexpected answer {other:?} from save_state.lua"
+            ))),
+        }
+    }
+
+    async fn load_state(
+        &self,
+        id: &EntityId,
+        caller: Option<&str>,
+    ) -> Result<Option<pb::SavedState>, ExchangeError> {
+        let keys = [self.keys.mailbox(id), self.keys.state(id)];
+        let mut cmd = self.scripts.load_state.call(&keys);
+        cmd.arg(caller_arg(caller));
+        let answer = array(run_one(&self.conn, &self.scripts.load_state, cmd).await?);
+        let head = answer.first().and_then(string).unwrap_or_default();
+        if let Some(err) = state_error(id, &head, || answer.get(1).and_then(string)) {
+            return self.settle(Err(err)).await;
+        }
+        if head != "ok" {
+            return Ok(None);
+        }
+        let data = match answer.get(1) {
+            Some(Value::BulkString(bytes)) => bytes.clone(),
+            _ => Vec::new(),
+        };
+        let text = |i: usize| answer.get(i).and_then(string).unwrap_or_default();
+        let number = |i: usize| text(i).parse::<u64>().unwrap_or(0);
+        let at_ms = number(6);
+        Ok(Some(pb::SavedState {
+            data: Some(pb::Payload { content_type: text(2), data: data.into() }),
+            version: u32::try_from(number(3)).unwrap_or(u32::MAX),
+            revision: number(4),
+            epoch: number(5),
+            saved_at: Some(
+                (std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms)).into(),
+            ),
+        }))
+    }
+
     async fn depth(&self) -> Result<Vec<Depth>, ExchangeError> {
         let fields: HashMap<String, i64> = redis::cmd("HGETALL")
             .arg(self.keys.depth())

@@ -41,6 +41,8 @@ pub(super) struct Scripts {
     pub(super) migrate_agent: Lua,
     pub(super) buried: Lua,
     pub(super) abandon: Lua,
+    pub(super) save_state: Lua,
+    pub(super) load_state: Lua,
 }
 
 impl Scripts {
@@ -71,6 +73,8 @@ impl Scripts {
                 include_str!("scripts/release.lua"),
                 include_str!("scripts/abandon.lua")
             )),
+            save_state: Lua::new(include_str!("scripts/save_state.lua")),
+            load_state: Lua::new(include_str!("scripts/load_state.lua")),
         }
     }
 }
