@@ -32,6 +32,10 @@ test: deps
 	cargo fmt --all --check
 	$(BUF) lint proto
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	# The SDK on its own, as a user's crate gets it: the workspace's other
+	# crates turn features on that would hide what it lacks.
+	cargo check --locked -p academy-sdk
+	cargo check --locked -p academy-sdk --no-default-features
 	cargo test --workspace --doc --locked
 	cargo nextest run --workspace --locked --profile ci
 

@@ -129,6 +129,53 @@ pub trait Behaviour: Send + Sync + Sized + 'static {
     fn on_shutdown(self: Arc<Self>) -> BoxFuture<'static, Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// The version of the layout of its saved state (`#[behaviour(state_version = N)]`).
+    const STATE_VERSION: u32 = 1;
+
+    /// The state the runtime keeps for the agent (a `#[state]` method):
+    /// loaded before the startup hook, saved as it runs (docs/design.md,
+    /// "State"). None keeps nothing.
+    fn state(&self) -> Option<&dyn Durable> {
+        None
+    }
+
+    /// Brings a state saved at version `from` to [`STATE_VERSION`](Self::STATE_VERSION)
+    /// (a `#[migrate_state]` function); by default, refuses.
+    fn migrate_state(from: u32, value: serde_json::Value) -> Result<serde_json::Value, String> {
+        let _ = value;
+        Err(format!(
+            "the saved state is at version {from} and {} is at version {}, with no #[migrate_state] to bring it there",
+            Self::NAME,
+            Self::STATE_VERSION
+        ))
+    }
+}
+
+/// State the runtime keeps for an agent: what a `#[state]` method returns,
+/// a `std::sync::Mutex` of a serde type (saved as JSON).
+pub trait Durable: Send + Sync {
+    /// The state now, as JSON.
+    fn export(&self) -> Result<Vec<u8>, String>;
+    /// Replaces the state with `value`.
+    fn import(&self, value: serde_json::Value) -> Result<(), String>;
+}
+
+impl<S> Durable for std::sync::Mutex<S>
+where
+    S: serde::Serialize + serde::de::DeserializeOwned + Send,
+{
+    fn export(&self) -> Result<Vec<u8>, String> {
+        let state = self.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        serde_json::to_vec(&*state).map_err(|e| format!("cannot save the state: {e}"))
+    }
+
+    fn import(&self, value: serde_json::Value) -> Result<(), String> {
+        let loaded = serde_json::from_value(value)
+            .map_err(|e| format!("cannot load the saved state: {e}"))?;
+        *self.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = loaded;
+        Ok(())
+    }
 }
 
 /// Runs `tick` every `period` until `shutdown` (the first run after one period).

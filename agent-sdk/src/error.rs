@@ -184,6 +184,14 @@ pub enum AgentError {
         /// What the hook said.
         message: String,
     },
+    /// Its saved state could not be loaded (or saved at shutdown).
+    #[error("agent {id}: state: {message}")]
+    State {
+        /// The agent.
+        id: EntityId,
+        /// What went wrong.
+        message: String,
+    },
     /// The exchange refused or could not be reached.
     #[error("agent {id}: {source}")]
     Exchange {

@@ -59,6 +59,17 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
     async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError>;
     /// Removes delivered messages.
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError>;
+    /// Saves agent `id`'s state as its incarnation `epoch`; the revision
+    /// saved (docs/design.md, "State").
+    async fn save_state(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ClientError>;
+    /// Agent `id`'s saved state, if any.
+    async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError>;
 }
 
 /// Uses an exchange in this process: no server, no sockets.
@@ -115,6 +126,18 @@ impl ExchangeApi for LocalExchange {
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
         Ok(self.exchange.acknowledge(id, &seqs).await?)
+    }
+    async fn save_state(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ClientError> {
+        Ok(self.exchange.save_state(id, epoch, 0, data, version).await?)
+    }
+    async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
+        Ok(self.exchange.load_state(id).await?)
     }
 }
 
@@ -349,6 +372,26 @@ impl ExchangeApi for GrpcExchange {
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
         self.rpc().acknowledge(pb::AcknowledgeRequest { mailbox_id: id.to_string(), seqs }).await?;
         Ok(())
+    }
+    async fn save_state(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ClientError> {
+        let request = pb::SaveStateRequest {
+            agent_id: id.to_string(),
+            epoch,
+            expected_revision: 0,
+            data: Some(data),
+            version,
+        };
+        Ok(self.rpc().save_state(request).await?.into_inner().revision)
+    }
+    async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
+        let request = pb::LoadStateRequest { agent_id: id.to_string() };
+        Ok(self.rpc().load_state(request).await?.into_inner().state)
     }
 }
 

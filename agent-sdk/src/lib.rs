@@ -13,12 +13,13 @@ mod mailbox;
 mod manager;
 pub mod metrics;
 pub mod runtime;
+mod state;
 pub mod worker;
 
 pub use academy_macros::behaviour;
 pub use academy_proto as proto;
 pub use academy_proto::{EntityId, EntityKind, Matching, RegisteredAgent};
-pub use behaviour::{ActionError, Behaviour, ControlLoop, Shutdown};
+pub use behaviour::{ActionError, Behaviour, ControlLoop, Durable, Shutdown};
 pub use context::{AgentContext, current_agent, current_caller};
 pub use credentials::Credentials;
 pub use error::{AgentError, ClientError, HandleError, ManagerError};
@@ -33,6 +34,7 @@ pub mod __private {
     pub use crate::codec::{Args, decode_args, encode_result, reply_codec};
     pub use academy_proto::pb::Payload;
     pub use futures::future::BoxFuture;
+    pub use serde_json::Value as JsonValue;
 }
 
 /// The repository README's agent, compiled and run as a doctest.

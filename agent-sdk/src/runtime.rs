@@ -25,6 +25,7 @@ use tracing::Instrument as _;
 use crate::context::{self, AgentContext, Context};
 use crate::exchange::SharedExchange;
 use crate::mailbox::Mailbox;
+use crate::state::Keeper;
 use crate::{ActionError, AgentError, Behaviour, ClientError, HandleError};
 
 /// How an agent behaves at shutdown.
@@ -41,6 +42,9 @@ pub struct AgentConfig {
     pub shutdown_on_loop_error: bool,
     /// How long loops get to return after shutdown is signalled before they are aborted.
     pub loop_shutdown_grace: Duration,
+    /// How often the agent's state (a `#[state]`) is saved while it runs,
+    /// when it changed; it is also saved after each action and at shutdown.
+    pub state_save_every: Duration,
 }
 
 impl Default for AgentConfig {
@@ -51,6 +55,7 @@ impl Default for AgentConfig {
             terminate_on_error: true,
             shutdown_on_loop_error: true,
             loop_shutdown_grace: Duration::from_secs(5),
+            state_save_every: Duration::from_secs(1),
         }
     }
 }
@@ -130,11 +135,26 @@ pub(crate) async fn run<B: Behaviour>(
     };
     let mut failure = None;
 
-    // Requests wait in the channel until startup is done.
-    let startup = guarded(context::scope(context.clone(), behaviour.clone().on_startup()));
-    let started = match startup.await.and_then(|r| r) {
+    // The saved state first, then the startup hook; requests wait in the
+    // channel until both are done.
+    let keeper = Keeper::of(&*behaviour, &exchange, id, epoch).map(Arc::new);
+    let restored = match &keeper {
+        Some(keeper) => keeper.restore(&*behaviour).await,
+        None => Ok(()),
+    };
+    let startup = async {
+        restored.map_err(|message| (true, message))?;
+        let hook = guarded(context::scope(context.clone(), behaviour.clone().on_startup()));
+        hook.await.and_then(|r| r).map_err(|message| (false, message))
+    };
+    let started = match startup.await {
+        Err((true, message)) => {
+            tracing::error!(agent = %id, %message, "cannot restore the agent's state");
+            failure = Some(AgentError::State { id, message });
+            false
+        }
         Ok(()) => true,
-        Err(message) => {
+        Err((false, message)) => {
             tracing::error!(agent = %id, %message, "startup hook failed");
             failure = Some(AgentError::Startup { id, message });
             false
@@ -151,6 +171,10 @@ pub(crate) async fn run<B: Behaviour>(
             loops.spawn(context::scope(context.clone(), async move {
                 (name, guarded(control.run).await.and_then(|r| r))
             }));
+        }
+        if let Some(keeper) = &keeper {
+            let every = config.state_save_every.max(Duration::from_millis(10));
+            loops.spawn(keep_saving(keeper.clone(), behaviour.clone(), shutdown.clone(), every));
         }
         tracing::info!(agent = %id, behaviour = B::NAME, "agent running");
         let mut in_flight = HashSet::new();
@@ -201,7 +225,7 @@ pub(crate) async fn run<B: Behaviour>(
                             let caller = header.src.parse().ok();
                             let job = serve_action(
                                 behaviour.clone(), mailbox.clone(), cancel_actions.clone(),
-                                seq, header, request,
+                                keeper.clone(), shutdown.clone(), seq, header, request,
                             );
                             let context = Context { caller, ..context.clone() };
                             actions.spawn(context::scope(context, job));
@@ -260,6 +284,18 @@ pub(crate) async fn run<B: Behaviour>(
             tracing::error!(agent = %id, %message, "shutdown hook failed");
             failure.get_or_insert(AgentError::ShutdownHook { id, message });
         }
+        if let Some(keeper) = &keeper
+            && let Err(message) = keeper.save(&*behaviour).await
+        {
+            tracing::error!(agent = %id, %message, "cannot save the agent's state at shutdown");
+            failure.get_or_insert(AgentError::State { id, message });
+        }
+    }
+    if keeper.as_ref().is_some_and(|k| k.fenced()) {
+        // A later incarnation has the mailbox: leave it to it.
+        mailbox_gone = true;
+        let reason = "a later incarnation saved the agent's state".to_owned();
+        failure.get_or_insert(AgentError::MailboxLost { id, reason });
     }
     mailbox.close().await;
     let requested = *stop.terminate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -278,11 +314,42 @@ pub(crate) async fn run<B: Behaviour>(
     failure.map_or(Ok(()), Err)
 }
 
-/// Runs one action and answers its caller; returns the request's seq.
+/// Saves the agent's state every `every` while it changes, until
+/// `shutdown`; a fenced-off incarnation shuts down.
+async fn keep_saving<B: Behaviour>(
+    keeper: Arc<Keeper>,
+    behaviour: Arc<B>,
+    shutdown: CancellationToken,
+    every: Duration,
+) -> (&'static str, Result<(), String>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return ("state", Ok(())),
+            _ = tick.tick() => {}
+        }
+        match keeper.save(&*behaviour).await {
+            Ok(true) => {}
+            Ok(false) => {
+                shutdown.cancel();
+                return ("state", Ok(()));
+            }
+            Err(message) => return ("state", Err(message)),
+        }
+    }
+}
+
+/// Runs one action, saves the agent's state, and answers the caller;
+/// returns the request's seq. An incarnation fenced off by a later one
+/// neither answers nor acknowledges: the request waits for the later one.
+#[allow(clippy::too_many_arguments)]
 async fn serve_action<B: Behaviour>(
     behaviour: Arc<B>,
     mailbox: Arc<Mailbox>,
     cancel: CancellationToken,
+    keeper: Option<Arc<Keeper>>,
+    shutdown: CancellationToken,
     seq: u64,
     header: pb::Header,
     request: pb::ActionRequest,
@@ -303,7 +370,7 @@ async fn serve_action<B: Behaviour>(
         },
     );
     let started = crate::metrics::enabled().then(std::time::Instant::now);
-    let dispatch = behaviour.dispatch(action.clone(), request.args);
+    let dispatch = behaviour.clone().dispatch(action.clone(), request.args);
     // Only a traced request pays for carrying its context.
     let run = match trace::trace_id(traced.context()) {
         Some(trace_id) => {
@@ -320,6 +387,25 @@ async fn serve_action<B: Behaviour>(
             Err(ActionError::internal(format!("{action} {panic}")))
         }),
         () = cancel.cancelled() => Err(ActionError::cancelled(&action)),
+    };
+    // The state before the answer: a caller never sees an answer whose
+    // change of state could be lost.
+    let saved = match &keeper {
+        Some(keeper) => keeper.save(&*behaviour).await,
+        None => Ok(true),
+    };
+    let outcome = match saved {
+        Ok(true) => outcome,
+        Ok(false) => {
+            shutdown.cancel();
+            return seq;
+        }
+        Err(message) => {
+            tracing::error!(agent = %header.dest, action, %message, "state not saved");
+            Err(ActionError::internal(format!(
+                "{action} ran, but the agent's state was not saved: {message}"
+            )))
+        }
     };
     let body = match outcome {
         Ok(result) => {

@@ -29,8 +29,8 @@ mod server;
 #[cfg(feature = "server")]
 mod service;
 
-#[cfg(feature = "redis")]
 pub use backend::Depth;
+#[cfg(feature = "redis")]
 pub use backend::redis::RedisOptions;
 pub use exchange::{Exchange, Subscription};
 pub use limits::Limits;

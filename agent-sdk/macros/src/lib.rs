@@ -1,7 +1,11 @@
 //! `#[behaviour]`: turns an `impl` block into an Academy behaviour.
 //!
 //! Inside the block, mark methods with `#[action]`, `#[control_loop]`,
-//! `#[timer(every = <Duration expr>)]`, `#[on_startup]` and `#[on_shutdown]`.
+//! `#[timer(every = <Duration expr>)]`, `#[on_startup]`, `#[on_shutdown]`,
+//! `#[state]` (a `fn(&self) -> &Mutex<S>`: the state the runtime keeps) and
+//! `#[migrate_state]` (a `fn(from: u32, serde_json::Value) ->
+//! Result<serde_json::Value, String>`); `#[behaviour(state_version = N)]`
+//! versions the state.
 //! The macro implements `academy_sdk::Behaviour` and generates `<Type>Actions`,
 //! the typed methods of `Handle<Type>`. See the `academy-sdk` docs.
 
@@ -31,6 +35,8 @@ enum Role {
     Timer(Expr),
     Startup,
     Shutdown,
+    State,
+    Migrate,
 }
 
 fn take_role(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Role>> {
@@ -45,6 +51,10 @@ fn take_role(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Role>> {
             Some(Ok(Role::Startup))
         } else if attr.path().is_ident("on_shutdown") {
             Some(Ok(Role::Shutdown))
+        } else if attr.path().is_ident("state") {
+            Some(Ok(Role::State))
+        } else if attr.path().is_ident("migrate_state") {
+            Some(Ok(Role::Migrate))
         } else if attr.path().is_ident("timer") {
             Some(timer_period(attr).map(Role::Timer))
         } else {
@@ -144,8 +154,22 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
 
     let mut name = LitStr::new(&type_ident.to_string(), type_ident.span());
     let mut implements: Vec<LitStr> = Vec::new();
+    let mut state_version = None;
     for arg in args {
         match arg {
+            Meta::NameValue(nv) if nv.path.is_ident("state_version") => {
+                state_version = match &nv.value {
+                    Expr::Lit(syn::ExprLit { lit: syn::Lit::Int(n), .. }) => {
+                        Some(n.base10_parse::<u32>()?)
+                    }
+                    other => {
+                        return Err(syn::Error::new(
+                            other.span(),
+                            "state_version must be a number",
+                        ));
+                    }
+                };
+            }
             Meta::NameValue(nv) if nv.path.is_ident("name") => {
                 name = match &nv.value {
                     Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }) => s.clone(),
@@ -161,7 +185,7 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
             other => {
                 return Err(syn::Error::new(
                     other.span(),
-                    "expected name = \"...\" or implements(\"...\", ...)",
+                    "expected name = \"...\", implements(\"...\", ...) or state_version = N",
                 ));
             }
         }
@@ -173,6 +197,8 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
     let mut loops = Vec::new();
     let mut startup = None;
     let mut shutdown = None;
+    let mut state = None;
+    let mut migrate = None;
 
     for impl_item in &mut item.items {
         let ImplItem::Fn(method) = impl_item else {
@@ -270,6 +296,32 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
                     }
                 });
             }
+            Role::State => {
+                let by_ref = matches!(method.sig.inputs.first(), Some(FnArg::Receiver(r)) if r.reference.is_some() && r.mutability.is_none());
+                if method.sig.asyncness.is_some() || !by_ref || method.sig.inputs.len() != 1 {
+                    return Err(syn::Error::new(
+                        method.sig.span(),
+                        "#[state] goes on a plain fn(&self) -> &std::sync::Mutex<S>, S a serde type",
+                    ));
+                }
+                if state.replace(ident.clone()).is_some() {
+                    return Err(syn::Error::new(ident.span(), "only one #[state]"));
+                }
+            }
+            Role::Migrate => {
+                if method.sig.asyncness.is_some()
+                    || method.sig.inputs.len() != 2
+                    || matches!(method.sig.inputs.first(), Some(FnArg::Receiver(_)))
+                {
+                    return Err(syn::Error::new(
+                        method.sig.span(),
+                        "#[migrate_state] goes on a plain fn(from: u32, value: serde_json::Value) -> Result<serde_json::Value, String>",
+                    ));
+                }
+                if migrate.replace(ident.clone()).is_some() {
+                    return Err(syn::Error::new(ident.span(), "only one #[migrate_state]"));
+                }
+            }
             Role::Startup | Role::Shutdown => {
                 check_method(method, "a hook")?;
                 let slot = if matches!(role, Role::Startup) { &mut startup } else { &mut shutdown };
@@ -292,6 +344,24 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
             fn on_shutdown(self: ::std::sync::Arc<Self>) -> ::academy_sdk::__private::BoxFuture<'static, ::std::result::Result<(), ::std::string::String>> { #body }
         }
     });
+    let state_fn = state.map(|ident| {
+        quote! {
+            fn state(&self) -> ::std::option::Option<&dyn ::academy_sdk::Durable> {
+                ::std::option::Option::Some(self.#ident())
+            }
+        }
+    });
+    let migrate_fn = migrate.map(|ident| {
+        quote! {
+            fn migrate_state(
+                from: u32,
+                value: ::academy_sdk::__private::JsonValue,
+            ) -> ::std::result::Result<::academy_sdk::__private::JsonValue, ::std::string::String> {
+                Self::#ident(from, value)
+            }
+        }
+    });
+    let version = state_version.map(|n| quote! { const STATE_VERSION: u32 = #n; });
     let loops_fn = (!loops.is_empty()).then(|| {
         quote! {
             fn loops(self: &::std::sync::Arc<Self>, shutdown: &::academy_sdk::Shutdown) -> ::std::vec::Vec<::academy_sdk::ControlLoop> {
@@ -344,6 +414,9 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
             #loops_fn
             #startup
             #shutdown_fn
+            #version
+            #state_fn
+            #migrate_fn
         }
     })
 }
