@@ -7,7 +7,12 @@
 //!   `outcome` is `ok` or the error's gRPC code (`Unknown` for an action that
 //!   failed, `InvalidArgument`, `Cancelled`, ...);
 //! - `academy_action_seconds{behaviour, action}`: histogram of their
-//!   durations, 50 µs to 105 s.
+//!   durations, 50 µs to 105 s;
+//! - `academy_state_saves_total{behaviour, outcome}`: saves of kept state
+//!   (`saved`, `fenced`: a later incarnation has the agent, `failed`);
+//! - `academy_state_save_seconds{behaviour}` and
+//!   `academy_state_bytes{behaviour}`: histograms of how long a save took
+//!   and how large the state saved was.
 //!
 //! Actions a behaviour does not have count as `action="unknown"`, so a
 //! caller cannot make new series at will. Until registered, nothing is
@@ -35,10 +40,24 @@ struct Action {
     action: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Saved {
+    behaviour: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Kind {
+    behaviour: &'static str,
+}
+
 #[derive(Debug)]
 struct ActionMetrics {
     answered: Family<Outcome, Counter>,
     seconds: Family<Action, Histogram>,
+    saves: Family<Saved, Counter>,
+    save_seconds: Family<Kind, Histogram>,
+    state_bytes: Family<Kind, Histogram>,
 }
 
 static METRICS: OnceLock<ActionMetrics> = OnceLock::new();
@@ -50,6 +69,13 @@ pub fn register(registry: &mut Registry) {
         answered: Family::default(),
         seconds: Family::new_with_constructor(|| {
             Histogram::new(exponential_buckets(50e-6, 2.0, 22))
+        }),
+        saves: Family::default(),
+        save_seconds: Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(50e-6, 2.0, 22))
+        }),
+        state_bytes: Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(64.0, 4.0, 10))
         }),
     };
     if METRICS.set(metrics).is_err() {
@@ -66,6 +92,36 @@ pub fn register(registry: &mut Registry) {
         "Time from a request's delivery to its answer, by behaviour and action",
         metrics.seconds.clone(),
     );
+    registry.register(
+        "academy_state_saves",
+        "Saves of agents' kept state, by behaviour and outcome (saved, fenced, failed)",
+        metrics.saves.clone(),
+    );
+    registry.register(
+        "academy_state_save_seconds",
+        "Time to save an agent's state in the exchange, by behaviour",
+        metrics.save_seconds.clone(),
+    );
+    registry.register(
+        "academy_state_bytes",
+        "Size of the states saved, by behaviour",
+        metrics.state_bytes.clone(),
+    );
+}
+
+/// Counts one save of an agent's state (`outcome`: saved, fenced, failed)
+/// of `bytes`, started at `started` (`None` when not counting).
+pub(crate) fn observe_save(
+    behaviour: &'static str,
+    outcome: &'static str,
+    bytes: usize,
+    started: Option<Instant>,
+) {
+    let (Some(metrics), Some(started)) = (METRICS.get(), started) else { return };
+    let kind = Kind { behaviour };
+    metrics.save_seconds.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+    metrics.state_bytes.get_or_create(&kind).observe(bytes as f64);
+    metrics.saves.get_or_create(&Saved { behaviour, outcome }).inc();
 }
 
 /// Whether actions are counted (the metrics are registered).

@@ -92,10 +92,13 @@ impl Keeper {
             return Ok(true);
         }
         let mut backoff = Duration::from_millis(10);
+        let started = crate::metrics::enabled().then(std::time::Instant::now);
+        let observe = |outcome| crate::metrics::observe_save(B::NAME, outcome, now.len(), started);
         loop {
             let data = pb::Payload { content_type: JSON.into(), data: now.clone().into() };
             match self.exchange.save_state(&self.id, self.epoch, data, B::STATE_VERSION).await {
                 Ok(_) => {
+                    observe("saved");
                     *last = Some(now);
                     return Ok(true);
                 }
@@ -106,6 +109,7 @@ impl Keeper {
                 )) => {
                     tracing::warn!(agent = %self.id, epoch = self.epoch, "state not saved: a later incarnation has the agent, or its mailbox is gone");
                     self.fenced.store(true, Ordering::SeqCst);
+                    observe("fenced");
                     return Ok(false);
                 }
                 Err(
@@ -118,7 +122,10 @@ impl Keeper {
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
-                Err(e) => return Err(format!("cannot save the state: {e}")),
+                Err(e) => {
+                    observe("failed");
+                    return Err(format!("cannot save the state: {e}"));
+                }
             }
         }
     }

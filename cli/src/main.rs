@@ -114,6 +114,10 @@ enum Agents {
         #[command(flatten)]
         filter: Filter,
     },
+    /// An agent's kept state: its revision, version, the incarnation that
+    /// saved it, when, its size, and the state itself as JSON (`--json`
+    /// prints it whole; the table shows the first 200 characters).
+    State { agent_id: String },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -334,6 +338,44 @@ async fn main() -> anyhow::Result<()> {
                 .map(|a| json!({"agent_id": a.id.to_string(), "behaviour": a.behaviour, "implements": a.implements, "name": a.name}))
                 .collect();
             format.print(&["agent_id", "behaviour", "implements", "name"], &rows);
+        }
+        Command::Agents(Agents::State { agent_id }) => {
+            let request = pb::LoadStateRequest { agent_id: agent_id.clone() };
+            let answer = exchange(&cli).await?.load_state(request).await.map_err(failed)?;
+            let Some(saved) = answer.into_inner().state else {
+                anyhow::bail!("agent {agent_id} has no saved state");
+            };
+            let data = saved.data.unwrap_or_default();
+            let state = match serde_json::from_slice::<Value>(&data.data) {
+                Ok(value) => value,
+                Err(_) => {
+                    Value::String(format!("({} bytes of {})", data.data.len(), data.content_type))
+                }
+            };
+            // Seconds since the epoch (UTC).
+            let saved_at = saved.saved_at.map(|t| t.seconds);
+            let shown = if format.json {
+                state
+            } else {
+                let text = state.to_string();
+                match text.char_indices().nth(200) {
+                    Some((end, _)) => Value::String(format!("{}…", &text[..end])),
+                    None => Value::String(text),
+                }
+            };
+            let row = json!({
+                "agent_id": agent_id,
+                "revision": saved.revision,
+                "version": saved.version,
+                "epoch": saved.epoch,
+                "saved_at": saved_at,
+                "bytes": data.data.len(),
+                "state": shown,
+            });
+            format.print(
+                &["agent_id", "revision", "version", "epoch", "saved_at", "bytes", "state"],
+                &[row],
+            );
         }
         Command::Status { id } => {
             let status = exchange(&cli)

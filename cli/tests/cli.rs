@@ -105,6 +105,39 @@ async fn the_cli_drives_a_live_system() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // Kept state: none yet for this counter; once saved, shown with its
+    // revision, version and size, and whole with --json.
+    let cli2 = cli.clone();
+    let id2 = id.clone();
+    let (ok, _, err) =
+        tokio::task::spawn_blocking(move || cli2.run(&["agents", "state", &id2])).await.unwrap();
+    assert!(!ok && err.contains("no saved state"), "{err}");
+    let mut rpc =
+        academy_proto::pb::exchange_service_client::ExchangeServiceClient::connect(exchange.url())
+            .await
+            .unwrap();
+    let data = academy_proto::pb::Payload {
+        content_type: "application/json".into(),
+        data: br#"{"n":7}"#.to_vec().into(),
+    };
+    let save = academy_proto::pb::SaveStateRequest {
+        agent_id: id.clone(),
+        epoch: 1,
+        data: Some(data),
+        version: 3,
+        ..Default::default()
+    };
+    rpc.save_state(save).await.unwrap();
+    let cli2 = cli.clone();
+    let id2 = id.clone();
+    let shown =
+        tokio::task::spawn_blocking(move || cli2.json(&["agents", "state", &id2])).await.unwrap();
+    assert_eq!(
+        (&shown[0]["revision"], &shown[0]["version"], &shown[0]["bytes"], &shown[0]["state"]["n"]),
+        (&Value::from(1), &Value::from(3), &Value::from(7), &Value::from(7)),
+        "{shown:?}"
+    );
+
     let cli2 = cli.clone();
     let id2 = id.clone();
     let checks = tokio::task::spawn_blocking(move || {

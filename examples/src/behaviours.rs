@@ -29,12 +29,27 @@ pub struct Report {
     pub top: Option<(String, usize)>,
 }
 
-/// Counts words; discoverable as any `example.Analyser`.
+/// What a `WordStats` agent has done, kept across restarts and moves.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Analysed {
+    pub texts: u64,
+}
+
+/// Counts words; discoverable as any `example.Analyser`. How many texts it
+/// analysed is its state, which the runtime keeps.
 #[derive(Debug, Default, Deserialize)]
-pub struct WordStats {}
+pub struct WordStats {
+    #[serde(skip)]
+    analysed: std::sync::Mutex<Analysed>,
+}
 
 #[behaviour(name = "example.WordStats", implements("example.Analyser"))]
 impl WordStats {
+    #[state]
+    fn analysed_state(&self) -> &std::sync::Mutex<Analysed> {
+        &self.analysed
+    }
+
     #[action]
     async fn analyse(&self, text: String) -> Result<Report, String> {
         let mut counts: HashMap<&str, usize> = HashMap::new();
@@ -44,12 +59,19 @@ impl WordStats {
         if counts.is_empty() {
             return Err("nothing to analyse".into());
         }
+        self.analysed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).texts += 1;
         let top = counts.iter().max_by_key(|(w, n)| (**n, std::cmp::Reverse(**w)));
         Ok(Report {
             words: counts.values().sum(),
             distinct: counts.len(),
             top: top.map(|(w, n)| ((*w).to_owned(), *n)),
         })
+    }
+
+    /// How many texts it analysed, ever (its kept state).
+    #[action]
+    async fn analysed(&self) -> u64 {
+        self.analysed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).texts
     }
 }
 

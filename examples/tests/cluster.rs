@@ -333,21 +333,31 @@ async fn sigterm_moves_a_workers_agents_and_a_rolling_update_loses_no_call() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (mut ok, mut failed) = (0, Vec::new());
-    for caller in callers {
+    let (mut ok, mut failed, mut lost_state) = (0, Vec::new(), Vec::new());
+    for (caller, id) in callers.into_iter().zip(&ids) {
         let (n, errors) = caller.await.unwrap();
         assert!(n > 0, "every agent answered");
         ok += n;
         failed.extend(errors);
+        // Its count of texts analysed (its kept state) moved with it: no
+        // fewer than the calls answered (more if a call ran twice).
+        let handle =
+            manager.handle::<WordStats>(id.parse().unwrap()).with_timeout(Duration::from_secs(20));
+        let analysed = handle.analysed().await.unwrap();
+        if analysed < u64::from(n) {
+            lost_state.push(format!("{id}: {analysed} analysed, {n} answered"));
+        }
     }
     let mut stopped = 0;
     for id in &ids {
         stopped += usize::from(cluster.get(id).await.state() != AgentState::Running);
     }
     println!(
-        "rolling update of 3 workers ({moved} agent moves): {ok} calls answered, {} failed; {stopped} agents not running",
-        failed.len()
+        "rolling update of 3 workers ({moved} agent moves): {ok} calls answered, {} failed; {stopped} agents not running; state kept by all but {}",
+        failed.len(),
+        lost_state.len()
     );
+    assert!(lost_state.is_empty(), "state lost in a move: {lost_state:?}");
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(stopped, 0);
     manager.close().await.unwrap();

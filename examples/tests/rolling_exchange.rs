@@ -60,7 +60,7 @@ async fn a_rolling_update_of_the_exchange_loses_no_call() {
     let callers = Manager::connect(&url(0)).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..4 {
-        ids.push(agents.launch(WordStats {}).await.unwrap().id());
+        ids.push(agents.launch(WordStats::default()).await.unwrap().id());
     }
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = ids
