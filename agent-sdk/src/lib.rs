@@ -13,7 +13,7 @@ mod mailbox;
 mod manager;
 pub mod metrics;
 pub mod runtime;
-mod state;
+pub mod state;
 pub mod worker;
 
 pub use academy_macros::behaviour;

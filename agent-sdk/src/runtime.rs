@@ -45,6 +45,9 @@ pub struct AgentConfig {
     /// How often the agent's state (a `#[state]`) is saved while it runs,
     /// when it changed; it is also saved after each action and at shutdown.
     pub state_save_every: Duration,
+    /// Where its state is kept: in the exchange when `None` (the default),
+    /// or, say, in a [`FileStore`](crate::state::FileStore).
+    pub state_store: Option<Arc<dyn crate::state::StateStore>>,
 }
 
 impl Default for AgentConfig {
@@ -56,6 +59,7 @@ impl Default for AgentConfig {
             shutdown_on_loop_error: true,
             loop_shutdown_grace: Duration::from_secs(5),
             state_save_every: Duration::from_secs(1),
+            state_store: None,
         }
     }
 }
@@ -137,7 +141,8 @@ pub(crate) async fn run<B: Behaviour>(
 
     // The saved state first, then the startup hook; requests wait in the
     // channel until both are done.
-    let keeper = Keeper::of(&*behaviour, &exchange, id, epoch).map(Arc::new);
+    let keeper =
+        Keeper::of(&*behaviour, config.state_store.as_ref(), &exchange, id, epoch).map(Arc::new);
     let restored = match &keeper {
         Some(keeper) => keeper.restore(&*behaviour).await,
         None => Ok(()),

@@ -2,8 +2,12 @@
 //! loaded before its startup hook, saved after each action, every
 //! [`AgentConfig::state_save_every`](crate::AgentConfig) while it runs, and
 //! at shutdown, each time only if it changed; saved as the agent's
-//! incarnation, so a stale copy elsewhere cannot overwrite it.
+//! incarnation, so a stale copy elsewhere cannot overwrite it. Kept in the
+//! exchange by default; in files with [`FileStore`], for agents on one node.
 
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -13,10 +17,149 @@ use academy_proto::{EntityId, ExchangeError, pb};
 use crate::exchange::SharedExchange;
 use crate::{Behaviour, ClientError};
 
+/// Where agents' state is kept: [`AgentConfig::state_store`](crate::AgentConfig)
+/// (the exchange when not set).
+#[async_trait::async_trait]
+pub trait StateStore: Send + Sync + fmt::Debug + 'static {
+    /// Saves agent `id`'s state as its incarnation `epoch`: refused with
+    /// [`ExchangeError::StaleEpoch`] when a later incarnation saved.
+    /// Answers the revision saved.
+    async fn save(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ClientError>;
+    /// Agent `id`'s saved state, if any.
+    async fn load(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError>;
+}
+
+/// The exchange as a state store (the default): shared by every process on
+/// it, owned like the agent's mailbox, deleted with it.
+#[derive(Debug)]
+struct InExchange(SharedExchange);
+
+#[async_trait::async_trait]
+impl StateStore for InExchange {
+    async fn save(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ClientError> {
+        self.0.save_state(id, epoch, data, version).await
+    }
+
+    async fn load(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
+        self.0.load_state(id).await
+    }
+}
+
+/// Keeps each agent's state in a file of a folder (`<id>.json`), for
+/// agents on one node whose exchange keeps none for them (an in-process
+/// one, say). Each save writes a new file and renames it over the old, so a
+/// crash leaves the old state or the new, never half of one; saves are
+/// fenced by the incarnation as in the exchange. One process per folder:
+/// processes do not lock each other out. Files are not deleted when a
+/// mailbox is terminated.
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    /// One save or load at a time in this process.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl FileStore {
+    /// A store in folder `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> std::io::Result<Self> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir, lock: tokio::sync::Mutex::new(()) })
+    }
+
+    fn path(&self, id: &EntityId) -> PathBuf {
+        // An id is `agent:<uuid>`: no separator, no dots.
+        self.dir.join(format!("{}.json", id.to_string().replace(':', "-")))
+    }
+
+    fn read(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
+        let path = self.path(id);
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(file_error(&path, &e)),
+        };
+        let file: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| file_error(&path, &e))?;
+        let number = |key: &str| file[key].as_u64().unwrap_or(0);
+        let millis = number("saved_at_ms");
+        Ok(Some(pb::SavedState {
+            data: Some(pb::Payload {
+                content_type: JSON.into(),
+                data: serde_json::to_vec(&file["state"]).unwrap_or_default().into(),
+            }),
+            version: u32::try_from(number("version")).unwrap_or(u32::MAX),
+            revision: number("revision"),
+            epoch: number("epoch"),
+            saved_at: Some((std::time::UNIX_EPOCH + Duration::from_millis(millis)).into()),
+        }))
+    }
+}
+
+fn file_error(path: &std::path::Path, e: &dyn fmt::Display) -> ClientError {
+    ClientError::Transport(format!("state file {}: {e}", path.display()))
+}
+
+#[async_trait::async_trait]
+impl StateStore for FileStore {
+    async fn save(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        data: pb::Payload,
+        version: u32,
+    ) -> Result<u64, ClientError> {
+        let _one = self.lock.lock().await;
+        let (revision, current) = match self.read(id)? {
+            Some(saved) => (saved.revision, saved.epoch),
+            None => (0, 0),
+        };
+        if epoch < current {
+            return Err(ExchangeError::StaleEpoch { id: *id, epoch, current }.into());
+        }
+        let state: serde_json::Value = serde_json::from_slice(&data.data)
+            .map_err(|e| ClientError::Transport(format!("the state is not JSON: {e}")))?;
+        let saved_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let file = serde_json::json!({
+            "revision": revision + 1,
+            "version": version,
+            "epoch": epoch,
+            "saved_at_ms": saved_at_ms,
+            "state": state,
+        });
+        let path = self.path(id);
+        let fresh = path.with_extension("json.new");
+        let text = serde_json::to_vec_pretty(&file).map_err(|e| file_error(&path, &e))?;
+        std::fs::write(&fresh, text)
+            .and_then(|()| std::fs::rename(&fresh, &path))
+            .map_err(|e| file_error(&path, &e))?;
+        Ok(revision + 1)
+    }
+
+    async fn load(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
+        let _one = self.lock.lock().await;
+        self.read(id)
+    }
+}
+
 /// Saves and restores one agent's state.
 #[derive(Debug)]
 pub(crate) struct Keeper {
-    exchange: SharedExchange,
+    store: Arc<dyn StateStore>,
     id: EntityId,
     epoch: u64,
     /// What was saved (or loaded) last, to save only changes; held while
@@ -28,16 +171,19 @@ pub(crate) struct Keeper {
 }
 
 impl Keeper {
-    /// A keeper for `behaviour`, if it declares a state.
+    /// A keeper for `behaviour`, if it declares a state, saving in `store`
+    /// (in the exchange when `None`).
     pub(crate) fn of<B: Behaviour>(
         behaviour: &B,
+        store: Option<&Arc<dyn StateStore>>,
         exchange: &SharedExchange,
         id: EntityId,
         epoch: u64,
     ) -> Option<Self> {
         behaviour.state()?;
+        let store = store.cloned().unwrap_or_else(|| Arc::new(InExchange(exchange.clone())));
         Some(Self {
-            exchange: exchange.clone(),
+            store,
             id,
             epoch,
             last: tokio::sync::Mutex::new(None),
@@ -55,8 +201,8 @@ impl Keeper {
     pub(crate) async fn restore<B: Behaviour>(&self, behaviour: &B) -> Result<(), String> {
         let Some(durable) = behaviour.state() else { return Ok(()) };
         let saved = self
-            .exchange
-            .load_state(&self.id)
+            .store
+            .load(&self.id)
             .await
             .map_err(|e| format!("cannot load the saved state: {e}"))?;
         let mut last = self.last.lock().await;
@@ -96,7 +242,7 @@ impl Keeper {
         let observe = |outcome| crate::metrics::observe_save(B::NAME, outcome, now.len(), started);
         loop {
             let data = pb::Payload { content_type: JSON.into(), data: now.clone().into() };
-            match self.exchange.save_state(&self.id, self.epoch, data, B::STATE_VERSION).await {
+            match self.store.save(&self.id, self.epoch, data, B::STATE_VERSION).await {
                 Ok(_) => {
                     observe("saved");
                     *last = Some(now);

@@ -214,3 +214,51 @@ async fn what_loops_change_is_saved_as_the_agent_runs() {
     }
     manager.close().await.unwrap();
 }
+
+/// A file store keeps the state on one node, across exchanges (a process
+/// with an in-process exchange, restarted), fenced by incarnation too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_store_keeps_state_across_processes_on_one_node() {
+    use academy_sdk::state::{FileStore, StateStore};
+    use std::sync::Arc;
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("states-{}", std::process::id()));
+    let store: Arc<dyn StateStore> = Arc::new(FileStore::new(&dir).unwrap());
+    let config = AgentConfig { state_store: Some(store.clone()), ..keep_mailbox() };
+
+    let manager = Manager::in_process().await.unwrap();
+    let options = LaunchOptions { config: config.clone(), ..LaunchOptions::default() };
+    let counter = manager.launch_with(Counter::default(), options).await.unwrap();
+    let id = counter.id();
+    counter.add(5).await.unwrap();
+    assert_eq!(counter.add(6).await.unwrap(), 11);
+    manager.shutdown(id, MailboxPolicy::Keep, WAIT).await.unwrap();
+    drop(manager);
+
+    // Another exchange (the process restarted): the same folder.
+    let manager = Manager::in_process().await.unwrap();
+    manager.exchange().register_agent("test.Counter", &[], "", Some(id)).await.unwrap();
+    let options = LaunchOptions { config, agent_id: Some(id), ..LaunchOptions::default() };
+    let counter = manager.launch_with(Counter::default(), options).await.unwrap();
+    assert_eq!(counter.add(1).await.unwrap(), 12, "5 + 6 restored from the file, then 1");
+    manager.shutdown(id, MailboxPolicy::Keep, WAIT).await.unwrap();
+    let saved = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(saved.data.unwrap().data.as_ref(), br#"{"count":12}"#);
+
+    // Fenced as in the exchange: after incarnation 9, incarnation 3 may not save.
+    let data =
+        || pb::Payload { content_type: "application/json".into(), data: b"{}".to_vec().into() };
+    store.save(&id, 9, data(), 1).await.unwrap();
+    let stale = store.save(&id, 3, data(), 1).await.unwrap_err();
+    assert!(
+        matches!(
+            stale,
+            academy_sdk::ClientError::Exchange(academy_proto::ExchangeError::StaleEpoch {
+                current: 9,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
