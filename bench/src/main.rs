@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use academy_sdk::{Handle, Manager, behaviour};
+use academy_sdk::{Handle, Manager, RawHandle, behaviour};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
@@ -37,6 +37,27 @@ impl Echo {
     }
 }
 
+/// The echo with a kept state (a count of its calls), saved before each
+/// answer: scenario (k).
+#[derive(Default)]
+struct KeptEcho {
+    calls: std::sync::Mutex<u64>,
+}
+
+#[behaviour(name = "bench.KeptEcho")]
+impl KeptEcho {
+    #[state]
+    fn calls(&self) -> &std::sync::Mutex<u64> {
+        &self.calls
+    }
+
+    #[action]
+    async fn echo(&self, data: String) -> String {
+        *self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        data
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "End-to-end benchmark of Academy over loopback gRPC")]
 struct Args {
@@ -55,8 +76,10 @@ struct Args {
     /// and (b) with bearer tokens and mutual TLS (in-memory exchange); `h`,
     /// not run by default, the long run (`--history` agents through the
     /// launcher, and mailboxes terminated on each backend); `o` (a) and (b)
-    /// with every span exported by OTLP (in-memory exchange; runs last).
-    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,f,e,s,l,t,o")]
+    /// with every span exported by OTLP (in-memory exchange; runs last);
+    /// `k` (a) and (b) with an agent that keeps a state, saved before each
+    /// answer.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,k,c,d,f,e,s,l,t,o")]
     only: Vec<char>,
     /// Agents launched and stopped, and mailboxes terminated per backend, in
     /// the long run.
@@ -217,11 +240,11 @@ async fn floor_latency(
     .await
 }
 
-/// Sequential echo actions of `bytes` bytes.
-async fn echo_latency(echo: &Handle<Echo>, bytes: usize, n: u64) -> anyhow::Result<Latency> {
+/// Sequential echo actions of `bytes` bytes (of any agent with an `echo`).
+async fn echo_latency(echo: &RawHandle, bytes: usize, n: u64) -> anyhow::Result<Latency> {
     let data = payload(bytes);
     sequential(n, || async {
-        echo.echo(data.clone()).await?;
+        echo.call::<_, String>("echo", (data.clone(),)).await?;
         Ok(())
     })
     .await
@@ -262,7 +285,7 @@ where
 }
 
 /// Keeps `in_flight` calls going for `seconds`; calls per second.
-async fn throughput(handle: &Handle<Echo>, in_flight: usize, seconds: f64) -> anyhow::Result<f64> {
+async fn throughput(handle: &RawHandle, in_flight: usize, seconds: f64) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let data = payload(100);
     let start = Instant::now();
@@ -272,7 +295,7 @@ async fn throughput(handle: &Handle<Echo>, in_flight: usize, seconds: f64) -> an
         tokio::spawn(async move {
             let mut calls = 0u64;
             while Instant::now() < deadline {
-                handle.echo(data.clone()).await?;
+                handle.call::<_, String>("echo", (data.clone(),)).await?;
                 calls += 1;
             }
             Ok::<_, anyhow::Error>(calls)
@@ -437,15 +460,25 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
     let mut rows = Vec::new();
 
     if run('a') {
-        let a = echo_latency(&echo, 100, args.calls).await?;
+        let a = echo_latency(echo.raw(), 100, args.calls).await?;
         rows.push(format!(
             "| (a) sequential echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) |",
             a.p50_us, a.p99_us, a.per_sec
         ));
     }
     if run('b') {
-        let b = throughput(&echo, 64, args.seconds).await?;
+        let b = throughput(echo.raw(), 64, args.seconds).await?;
         rows.push(format!("| (b) 64 in flight, one client → one agent | {b:.0} actions/s |"));
+    }
+    if run('k') {
+        let kept = manager.launch(KeptEcho::default()).await?;
+        let a = echo_latency(kept.raw(), 100, args.calls).await?;
+        rows.push(format!(
+            "| (k-a) sequential echo keeping a state, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) |",
+            a.p50_us, a.p99_us, a.per_sec
+        ));
+        let b = throughput(kept.raw(), 64, args.seconds).await?;
+        rows.push(format!("| (k-b) 64 in flight, keeping a state | {b:.0} actions/s |"));
     }
     if run('c') {
         let mut fleet = Vec::new();
@@ -458,7 +491,7 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
         ));
     }
     if run('d') {
-        let d = echo_latency(&echo, 1 << 20, 200).await?;
+        let d = echo_latency(echo.raw(), 1 << 20, 200).await?;
         rows.push(format!(
             "| (d) 1 MiB echo, sequential | {:.0} MB/s (p50 {:.2} ms) |",
             d.per_sec * (1 << 20) as f64 / 1e6,
@@ -471,8 +504,8 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
         for _ in 0..FLEET {
             fleet.push(manager.launch(Echo {}).await?);
         }
-        let a = echo_latency(&echo, 100, args.calls).await?;
-        let b = throughput(&echo, 64, args.seconds).await?;
+        let a = echo_latency(echo.raw(), 100, args.calls).await?;
+        let b = throughput(echo.raw(), 64, args.seconds).await?;
         rows.push(format!(
             "| (f) (a) and (b) with {FLEET} more agents subscribed | p50 {:.0} µs; {b:.0} actions/s |",
             a.p50_us
@@ -516,8 +549,8 @@ async fn measure_secure(args: &Args) -> anyhow::Result<Vec<String>> {
     let client = academy_sdk::exchange::GrpcExchange::connect_with(url, &credentials).await?;
     let manager = Manager::new(std::sync::Arc::new(client)).await?;
     let echo = manager.launch(Echo {}).await?;
-    let a = echo_latency(&echo, 100, args.calls).await?;
-    let b = throughput(&echo, 64, args.seconds).await?;
+    let a = echo_latency(echo.raw(), 100, args.calls).await?;
+    let b = throughput(echo.raw(), 64, args.seconds).await?;
     manager.close().await?;
     std::fs::remove_dir_all(&dir)?;
     Ok(vec![format!(

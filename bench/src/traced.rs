@@ -61,8 +61,8 @@ pub(crate) async fn measure(args: &Args) -> anyhow::Result<Vec<String>> {
     let (exchange, _redis) = start_exchange(BackendKind::Memory, args).await?;
     let manager = Manager::connect(&format!("http://{}", exchange.addr)).await?;
     let echo = manager.launch(Echo {}).await?;
-    let a = echo_latency(&echo, 100, args.calls).await?;
-    let b = throughput(&echo, 64, args.seconds).await?;
+    let a = echo_latency(echo.raw(), 100, args.calls).await?;
+    let b = throughput(echo.raw(), 64, args.seconds).await?;
     drop(echo);
     manager.close().await?;
     drop(exchange);
