@@ -9,6 +9,9 @@ named on the command line, calls its `analyse` action with JSON arguments,
 reads the answer from its own mailbox, then shows the errors a caller meets:
 an unknown action (an ErrorResponse from the agent) and an unknown mailbox (a
 gRPC NOT_FOUND from the exchange). Each result is printed as one JSON line.
+Each call carries a W3C trace context (`header.traceparent`), so a traced
+exchange and agent put their spans in the caller's trace; the answer comes
+back with it.
 With ACADEMY_TOKEN set, every call carries it as a bearer token (for an
 exchange started with --tokens-file). With ACADEMY_TLS_CA set (a PEM file), it
 connects over TLS trusting that CA, showing the client certificate in
@@ -98,8 +101,11 @@ class Client:
 
     def call(self, agent, action, *args, timeout=10):
         tag = str(uuid.uuid4())
+        # A new trace per call: version 00, a 16-byte trace id, an 8-byte
+        # span id (this call's), sampled.
+        traceparent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
         request = msg.Message(
-            header=msg.Header(src=self.id, dest=agent, tag=tag),
+            header=msg.Header(src=self.id, dest=agent, tag=tag, traceparent=traceparent),
             action_request=msg.ActionRequest(
                 action=action, args=msg.Payload(content_type=JSON, data=json.dumps(list(args)).encode())
             ),
@@ -112,11 +118,12 @@ class Client:
             if answer.header.tag != tag:
                 continue  # an answer to an earlier call that timed out
             body = answer.WhichOneof("body")
+            in_trace = answer.header.traceparent == traceparent
             if body == "action_response":
-                return {"result": json.loads(answer.action_response.result.data)}
+                return {"result": json.loads(answer.action_response.result.data), "in_trace": in_trace}
             if body == "error_response":
                 error = answer.error_response
-                return {"error": {"code": error.code, "kind": error.kind, "message": error.message}}
+                return {"error": {"code": error.code, "kind": error.kind, "message": error.message}, "in_trace": in_trace}
             raise RuntimeError(f"unexpected answer {body}")
 
     def close(self):

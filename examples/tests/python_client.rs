@@ -100,6 +100,7 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     assert_eq!(lines[0]["discovered"], agent.id().to_string());
     assert_eq!(lines[0]["behaviour"], "example.WordStats");
     assert_eq!(lines[1]["analyse"]["result"], json!({"words": 6, "distinct": 4, "top": ["be", 2]}));
+    assert_eq!(lines[1]["analyse"]["in_trace"], true, "the answer came back in the caller's trace");
     let unknown = &lines[2]["unknown_action"]["error"];
     assert_eq!(unknown["code"], 12, "UNIMPLEMENTED: {unknown}");
     assert!(unknown["message"].as_str().unwrap().contains("analyse"), "{unknown}");

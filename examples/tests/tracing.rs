@@ -94,6 +94,8 @@ fn free_port() -> u16 {
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+/// The span of a client that sets the header itself.
+const RAW_SPAN: &str = "2222222222222222";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_follows_a_call_through_the_exchange_and_three_agents() {
@@ -195,6 +197,24 @@ async fn one_trace_follows_a_call_through_the_exchange_and_three_agents() {
     let failing_span = "1111111111111111";
     let failed =
         rpc.invoke(invoke(&ids["example.WordStats"], "analyse", json!([""]), failing_span)).await;
+    // A client in any language joins the trace by the message header alone
+    // (as examples/python/client.py does): a raw Send, no SDK.
+    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let header = pb::Header {
+        src: client.into_inner().client_id,
+        dest: ids["example.WordStats"].clone(),
+        tag: uuid::Uuid::new_v4().to_string(),
+        traceparent: format!("00-{TRACE}-{RAW_SPAN}-01"),
+        ..Default::default()
+    };
+    let args = pb::Payload {
+        content_type: "application/json".into(),
+        data: br#"["from a raw client"]"#.to_vec().into(),
+    };
+    let request = pb::ActionRequest { action: "analyse".into(), args: Some(args) };
+    let message =
+        pb::Message { header: Some(header), body: Some(pb::message::Body::ActionRequest(request)) };
+    rpc.send(pb::SendRequest { message: Some(message) }).await.unwrap();
     assert!(failed.is_err());
 
     // Every process exports within about 100 ms: wait until the whole
@@ -256,6 +276,8 @@ fn the_tree(spans: &[Received], failing_span: &str) -> Result<(), String> {
     // The failed action's span says so, and so does Invoke's.
     let invoked = find("Invoke analyse", failing_span)?;
     expect(invoked.failed, format!("not failed: {invoked:?}"))?;
+    let raw = find("example.WordStats analyse", RAW_SPAN)?;
+    expect(!raw.failed && raw.service == "academy-worker", format!("{raw:?}"))?;
     let failed = find("example.WordStats analyse", &invoked.id)?;
     expect(failed.failed, format!("not failed: {failed:?}"))
 }
