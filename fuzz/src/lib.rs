@@ -66,7 +66,7 @@ fn exchange_requests(data: &[u8]) {
     let Some((kind, body)) = data.split_first() else { return };
     let exchange = exchange();
     runtime().block_on(async {
-        match kind % 6 {
+        match kind % 8 {
             0 => {
                 if let Ok(req) = pb::SendBatchRequest::decode(body) {
                     let _ = exchange.send_batch(req.messages).await;
@@ -101,6 +101,23 @@ fn exchange_requests(data: &[u8]) {
                     let args = req.args.map(academy_proto::json::from_proto);
                     let _ = args.map(|a| serde_json::to_vec(&a));
                     let _ = req.timeout.map(|t| academy_proto::duration::from_proto(t, "timeout"));
+                }
+            }
+            5 => {
+                if let Ok(req) = pb::SaveStateRequest::decode(body)
+                    && let Ok(id) = EntityId::parse_field(&req.agent_id, "agent_id")
+                {
+                    let data = req.data.unwrap_or_default();
+                    let _ = exchange
+                        .save_state(&id, req.epoch, req.expected_revision, data, req.version)
+                        .await;
+                }
+            }
+            6 => {
+                if let Ok(req) = pb::LoadStateRequest::decode(body)
+                    && let Ok(id) = EntityId::parse_field(&req.agent_id, "agent_id")
+                {
+                    let _ = exchange.load_state(&id).await;
                 }
             }
             _ => {
@@ -169,7 +186,22 @@ fn request_seeds() -> Vec<Vec<u8>> {
             }
             .encode_to_vec(),
         ),
-        with(5, message.encode_to_vec()),
+        with(
+            5,
+            pb::SaveStateRequest {
+                agent_id: agent.to_string(),
+                epoch: 2,
+                expected_revision: 0,
+                data: Some(pb::Payload {
+                    content_type: "application/json".into(),
+                    data: br#"{"n":1}"#.to_vec().into(),
+                }),
+                version: 1,
+            }
+            .encode_to_vec(),
+        ),
+        with(6, pb::LoadStateRequest { agent_id: agent.to_string() }.encode_to_vec()),
+        with(7, message.encode_to_vec()),
     ]
 }
 
