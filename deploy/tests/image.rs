@@ -12,7 +12,6 @@
 //! NetworkPolicies and probes: the schema checks (tests/manifests.rs) cover
 //! those.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use academy_examples::behaviours::WordStats;
 use academy_sdk::exchange::GrpcExchange;
 use academy_sdk::launcher::Launcher;
 use academy_sdk::{Credentials, Manager};
-use academy_server::testing::get;
+use academy_server::testing::{binary, free_port, get};
 use serde_json::{Value, json};
 
 /// Podman and buildah with their own storage under the test's scratch
@@ -87,10 +86,6 @@ impl Drop for Played<'_> {
         let file = self.file.to_str().unwrap();
         let _ = self.podman.command("podman").args(["kube", "down", file]).output();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Sets (or adds) `name` to `value` in a container's environment.
@@ -185,7 +180,7 @@ fn ok(port: u16, path: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_runs_the_dev_overlay_and_serves_a_call() {
     let podman = Podman::new();
-    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned();
+    let bin_dir = binary("worker").parent().expect("a folder").to_owned();
     let tag = format!("academy:{VERSION}");
     let started = Instant::now();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("image.sh");

@@ -143,7 +143,6 @@ fn the_monitoring_component_adds_a_pod_monitor_for_every_metrics_port() {
 /// misspelt one would be ignored without a word.
 #[test]
 fn every_variable_the_manifests_set_is_read_by_its_binary() {
-    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned();
     let client = [
         academy_sdk::credentials::TOKEN_ENV,
         academy_sdk::credentials::TLS_CA_ENV,
@@ -156,7 +155,7 @@ fn every_variable_the_manifests_set_is_read_by_its_binary() {
         for pods in objects.iter().filter_map(|o| o["spec"]["template"]["spec"].as_object()) {
             for container in pods["containers"].as_array().unwrap() {
                 let Some(binary) = container["command"][0].as_str() else { continue };
-                let path = bin_dir.join(binary);
+                let path = academy_server::testing::binary(binary);
                 let help = Command::new(&path).arg("--help").output();
                 let help = help.unwrap_or_else(|e| {
                     panic!("cannot run {} ({e}): build the workspace's binaries", path.display())

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,23 +19,8 @@ use academy_examples::behaviours::WordStats;
 use academy_sdk::exchange::GrpcExchange;
 use academy_sdk::launcher::Launcher;
 use academy_sdk::{Credentials, Manager};
-use academy_server::testing::{RedisServer, TestPki, get};
+use academy_server::testing::{Children, RedisServer, TestPki, binary, free_port, get};
 use serde_json::Value;
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// `text` with each `$(NAME)` replaced by its value in `env`, as Kubernetes
 /// expands references to variables defined before.
@@ -111,8 +96,7 @@ async fn the_prod_overlay_runs_with_tls_tokens_and_a_redis_password() {
         ("/etc/academy".to_owned(), mounts.display().to_string()),
     ];
 
-    let bin_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_owned();
-    let mut processes = Processes(Vec::new());
+    let mut processes = Children(Vec::new());
     for name in ["academy-exchange", "academy-launcher", "academy-worker"] {
         let pods = pod_template(&objects, name).unwrap();
         let container = &pods["spec"]["containers"][0];
@@ -133,16 +117,16 @@ async fn the_prod_overlay_runs_with_tls_tokens_and_a_redis_password() {
             .flat_map(|k| container[*k].as_array().into_iter().flatten())
             .map(|w| expand(w.as_str().unwrap(), &env))
             .collect();
-        let binary: PathBuf = bin_dir.join(&words[0]);
+        let program: PathBuf = binary(&words[0]);
         let log = std::fs::File::create(scratch.join(format!("{name}.log"))).unwrap();
-        let child = Command::new(&binary)
+        let child = Command::new(&program)
             .args(&words[1..])
             .env_clear()
             .envs(env)
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot run {} ({e}): build the workspace's binaries", binary.display())
+                panic!("cannot run {} ({e}): build the workspace's binaries", program.display())
             });
         processes.0.push(child);
     }

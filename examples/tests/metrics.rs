@@ -16,7 +16,7 @@ use academy_proto::pb::exchange_service_client::ExchangeServiceClient;
 use academy_proto::pb::{self};
 use academy_sdk::Manager;
 use academy_sdk::launcher::Launcher;
-use academy_server::testing::{sample, scrape};
+use academy_server::testing::{binary, sample, scrape};
 
 fn loopback() -> Option<SocketAddr> {
     Some(SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -52,7 +52,7 @@ async fn every_metric_served_is_documented_and_counts_what_happened() {
     .await
     .unwrap();
     let worker_metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("worker");
+    let bin = binary("worker");
     let mut worker = Command::new(bin)
         .args(["--launcher", &launcher.url(), "--metrics-listen", &worker_metrics.to_string()])
         .stderr(std::process::Stdio::null())

@@ -12,17 +12,11 @@ use std::time::{Duration, Instant};
 
 use academy_examples::behaviours::WordStats;
 use academy_sdk::Manager;
-use academy_server::testing::RedisServer;
+use academy_server::testing::{RedisServer, binary, free_port};
 
 /// An `academy-exchange` process on `port`, on `redis`.
 fn replica(port: u16, redis: &str) -> Child {
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("academy-exchange");
+    let bin = binary("academy-exchange");
     Command::new(&bin)
         .env("ACADEMY_EXCHANGE_LISTEN", format!("127.0.0.1:{port}"))
         .env("ACADEMY_EXCHANGE_BACKEND", "redis")
@@ -33,10 +27,6 @@ fn replica(port: u16, redis: &str) -> Child {
         .unwrap_or_else(|e| {
             panic!("cannot run {} ({e}): build the workspace's binaries", bin.display())
         })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn until_listening(port: u16) {

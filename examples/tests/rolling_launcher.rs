@@ -14,23 +14,8 @@ use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_proto::pb::launcher_service_client::LauncherServiceClient;
 use academy_proto::pb::{self, AgentState};
 use academy_sdk::Manager;
-use academy_server::testing::RedisServer;
+use academy_server::testing::{Children, RedisServer, binary, free_port};
 use tonic::transport::Channel;
-
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn binary(name: &str) -> std::path::PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join(name)
-}
 
 fn launcher(port: u16, exchange: &str, redis: &str) -> Child {
     Command::new(binary("academy-launcher"))
@@ -91,8 +76,8 @@ async fn placements(rpc: &mut LauncherServiceClient<Channel>) -> Vec<(String, St
 async fn a_launchers_sigterm_under_load_keeps_every_agent_where_it_was() {
     let redis = RedisServer::start().expect("redis-server must run for these tests");
     let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut processes = Killed(vec![launcher(port, &exchange.url(), &redis.url())]);
+    let port = free_port();
+    let mut processes = Children(vec![launcher(port, &exchange.url(), &redis.url())]);
     let mut rpc = connect(port).await;
     for name in ["w1", "w2"] {
         let worker = Command::new(binary("worker"))

@@ -7,7 +7,7 @@
 //! action must say so in its span.
 
 use std::collections::HashMap;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb::exchange_service_client::ExchangeServiceClient;
 use academy_proto::pb::launcher_service_client::LauncherServiceClient;
 use academy_proto::pb::{self, AgentState};
+use academy_server::testing::{Children, binary, free_port};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -73,25 +74,6 @@ impl TraceService for Receiver {
     }
 }
 
-fn binary(name: &str) -> std::path::PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join(name)
-}
-
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 /// The span of a client that sets the header itself.
@@ -119,7 +101,7 @@ async fn one_trace_follows_a_call_through_the_exchange_and_three_agents() {
     let mut exchange = Command::new(binary("academy-exchange"));
     exchange.env("ACADEMY_EXCHANGE_LISTEN", format!("127.0.0.1:{port}"));
     traced(&mut exchange);
-    let mut children = Killed(vec![exchange.spawn().expect("build the workspace's binaries")]);
+    let mut children = Children(vec![exchange.spawn().expect("build the workspace's binaries")]);
     let exchange_url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut rpc = loop {

@@ -1,6 +1,7 @@
 //! Test support: a real `redis-server` on a free loopback port, stopped on
 //! drop; certificates for TLS tests ([`TestPki`]); reading a server's
-//! metrics ([`scrape`]).
+//! metrics ([`scrape`]); the workspace's binaries as processes ([`binary`],
+//! [`Children`], [`free_port`]).
 //!
 //! ```no_run
 //! let redis = academy_server::testing::RedisServer::start().expect("redis-server runs");
@@ -239,4 +240,30 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
 /// metrics `text`, if present.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A loopback port that is free now, for a process told to listen on it.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// The workspace's binary `name`, beside the running test's (a test binary
+/// runs from `target/<profile>/deps/`; `cargo nextest run --workspace`
+/// builds every binary of the workspace first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    exe.parent().and_then(std::path::Path::parent).expect("target/<profile>/deps").join(name)
+}
+
+/// Processes killed and reaped when dropped, however the test ends.
+#[derive(Debug, Default)]
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
