@@ -132,8 +132,28 @@ pub(super) async fn migrate_index(backend: &RedisBackend) -> Result<usize, Excha
     Ok(moved)
 }
 
-/// Mailbox hashes read per round of [`lay_schema2_gravestones`].
+/// Mailbox hashes read per round of a scan ([`mailboxes_page`]).
 const SCAN_BATCH: usize = 1_000;
+
+/// One round of a scan of every mailbox hash: the cursor to go on from (0
+/// when done) and the ids found, about [`SCAN_BATCH`] of them.
+async fn mailboxes_page(
+    backend: &RedisBackend,
+    cursor: u64,
+) -> Result<(u64, Vec<EntityId>), ExchangeError> {
+    let pattern = format!("{}:mb:*", backend.keys.prefix());
+    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(&pattern)
+        .arg("COUNT")
+        .arg(SCAN_BATCH)
+        .query_async(&mut backend.conn.clone())
+        .await
+        .map_err(unavailable)?;
+    let ids = found.iter().filter_map(|key| key.rsplit_once(":mb:")?.1.parse().ok()).collect();
+    Ok((next, ids))
+}
 
 /// Schema 2 kept a terminated mailbox as its hash in state `t`: each becomes
 /// a gravestone (an agent's) or goes (a client's); and the client mailboxes
@@ -143,32 +163,16 @@ const SCAN_BATCH: usize = 1_000;
 async fn lay_schema2_gravestones(backend: &RedisBackend) -> Result<usize, ExchangeError> {
     let keys = &backend.keys;
     let mut conn = backend.conn.clone();
-    let pattern = format!("{}:mb:*", keys.prefix());
     // Idle from now, on Redis's clock, as the scripts count it.
     let (secs, micros): (u64, u64) =
         redis::cmd("TIME").query_async(&mut conn).await.map_err(unavailable)?;
     let now_ms = secs * 1000 + micros / 1000;
     let (mut cursor, mut gone, mut idle) = (0u64, 0, 0);
     loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(SCAN_BATCH)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let ids: Vec<(String, EntityId)> = found
-            .into_iter()
-            .filter_map(|key| {
-                let id = key.rsplit_once(":mb:")?.1.parse().ok()?;
-                Some((key, id))
-            })
-            .collect();
+        let (next, ids) = mailboxes_page(backend, cursor).await?;
         let mut pipe = redis::pipe();
-        for (key, _) in &ids {
-            pipe.cmd("HMGET").arg(key).arg(&["s", "k", "r"]);
+        for id in &ids {
+            pipe.cmd("HMGET").arg(keys.mailbox(id)).arg(&["s", "k", "r"]);
         }
         let rows: Vec<Vec<Option<String>>> = if ids.is_empty() {
             Vec::new()
@@ -176,7 +180,7 @@ async fn lay_schema2_gravestones(backend: &RedisBackend) -> Result<usize, Exchan
             pipe.query_async(&mut conn).await.map_err(unavailable)?
         };
         let mut pipe = redis::pipe();
-        for ((key, id), row) in ids.iter().zip(rows) {
+        for (id, row) in ids.iter().zip(rows) {
             let field = |i: usize| row.get(i).cloned().flatten();
             match (field(0).as_deref(), field(1).as_deref()) {
                 (Some("t"), kind) => {
@@ -187,7 +191,7 @@ async fn lay_schema2_gravestones(backend: &RedisBackend) -> Result<usize, Exchan
                             pipe.cmd("EXPIRE").arg(&grave).arg(ttl).arg("NX");
                         }
                     }
-                    pipe.cmd("DEL").arg(key);
+                    pipe.cmd("DEL").arg(keys.mailbox(id));
                     gone += 1;
                 }
                 (Some("a"), Some("c")) if field(2).is_none() => {
@@ -218,22 +222,11 @@ async fn lay_schema2_gravestones(backend: &RedisBackend) -> Result<usize, Exchan
 async fn count_depth(backend: &RedisBackend) -> Result<u64, ExchangeError> {
     let keys = &backend.keys;
     let mut conn = backend.conn.clone();
-    let pattern = format!("{}:mb:*", keys.prefix());
     let _: () =
         redis::cmd("DEL").arg(keys.depth()).query_async(&mut conn).await.map_err(unavailable)?;
     let (mut cursor, mut messages) = (0u64, 0);
     loop {
-        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(SCAN_BATCH)
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        let ids: Vec<EntityId> =
-            found.iter().filter_map(|key| key.rsplit_once(":mb:")?.1.parse().ok()).collect();
+        let (next, ids) = mailboxes_page(backend, cursor).await?;
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HMGET").arg(keys.mailbox(id)).arg(&["s", "b", "qb"]);
