@@ -430,12 +430,39 @@ async fn serve_action<B: Behaviour>(
     seq
 }
 
+/// How long to keep trying what the exchange cannot take yet (an answer, a
+/// save): 10 ms, doubling, about half a minute in all.
+#[derive(Debug)]
+pub(crate) struct Patience(Duration);
+
+impl Patience {
+    pub(crate) fn new() -> Self {
+        Self(Duration::from_millis(10))
+    }
+
+    /// Whether there is patience left for another try.
+    pub(crate) fn left(&self) -> bool {
+        self.0 < Duration::from_secs(16)
+    }
+
+    /// The wait before the next try.
+    pub(crate) fn delay(&self) -> Duration {
+        self.0
+    }
+
+    /// Waits before the next try, and longer the time after.
+    pub(crate) async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 *= 2;
+    }
+}
+
 /// Answers a request, retrying with backoff (for about half a minute) while
 /// the exchange is unreachable or the caller's mailbox is full, rather than
 /// dropping the answer.
 async fn reply_patiently(mailbox: &Mailbox, request: &pb::Header, mut body: Body) {
     use academy_proto::ExchangeError::{MailboxFull, ShuttingDown, TooLarge, Unavailable};
-    let mut backoff = Duration::from_millis(10);
+    let mut patience = Patience::new();
     loop {
         match mailbox.reply(request, body.clone()).await {
             Ok(()) => return,
@@ -456,10 +483,10 @@ async fn reply_patiently(mailbox: &Mailbox, request: &pb::Header, mut body: Body
             Err(
                 e @ (ClientError::Transport(_)
                 | ClientError::Exchange(MailboxFull { .. } | Unavailable(_) | ShuttingDown)),
-            ) if backoff < Duration::from_secs(16) => {
+            ) if patience.left() => {
+                let backoff = patience.delay();
                 tracing::debug!(to = %request.src, error = %e, ?backoff, "answer not sent yet; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
+                patience.wait().await;
             }
             Err(e) => {
                 return tracing::warn!(to = %request.src, error = %e, "cannot answer request");

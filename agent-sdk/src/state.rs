@@ -237,7 +237,7 @@ impl Keeper {
         if last.as_ref() == Some(&now) {
             return Ok(true);
         }
-        let mut backoff = Duration::from_millis(10);
+        let mut patience = crate::runtime::Patience::new();
         let started = crate::metrics::enabled().then(std::time::Instant::now);
         let observe = |outcome| crate::metrics::observe_save(B::NAME, outcome, now.len(), started);
         loop {
@@ -263,10 +263,10 @@ impl Keeper {
                     | ClientError::Exchange(
                         ExchangeError::Unavailable(_) | ExchangeError::ShuttingDown,
                     )),
-                ) if backoff < Duration::from_secs(16) => {
+                ) if patience.left() => {
+                    let backoff = patience.delay();
                     tracing::debug!(agent = %self.id, error = %e, ?backoff, "state not saved yet; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
+                    patience.wait().await;
                 }
                 Err(e) => {
                     observe("failed");
