@@ -1,6 +1,8 @@
 //! A cluster end to end: an exchange and a launcher, and workers as real
 //! processes (the `worker` example), one of which is killed with SIGKILL.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -288,25 +290,7 @@ async fn sigterm_moves_a_workers_agents_and_a_rolling_update_loses_no_call() {
     }
     let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let callers: Vec<_> = ids
-        .iter()
-        .map(|id| {
-            let handle = manager
-                .handle::<WordStats>(id.parse().unwrap())
-                .with_timeout(Duration::from_secs(20));
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let (mut ok, mut failed) = (0u32, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    match handle.analyse("one two three".into()).await {
-                        Ok(report) if report.words == 3 => ok += 1,
-                        other => failed.push(format!("{other:?}")),
-                    }
-                }
-                (ok, failed)
-            })
-        })
-        .collect();
+    let callers = common::call_until(&manager, &ids, &stop);
     let mut moved = 0;
     for round in 0..3 {
         let name = cluster.workers[round].0.clone();

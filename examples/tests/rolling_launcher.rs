@@ -4,12 +4,13 @@
 //! address and Redis finds every worker back with its agents, each where it
 //! was and not restarted, and no call failed meanwhile.
 
+mod common;
+
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use academy_examples::behaviours::WordStats;
 use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_proto::pb::launcher_service_client::LauncherServiceClient;
 use academy_proto::pb::{self, AgentState};
@@ -112,25 +113,7 @@ async fn a_launchers_sigterm_under_load_keeps_every_agent_where_it_was() {
 
     let manager = Manager::connect(&exchange.url()).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = ids
-        .iter()
-        .map(|id| {
-            let handle = manager
-                .handle::<WordStats>(id.parse().unwrap())
-                .with_timeout(Duration::from_secs(20));
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let (mut answered, mut failed) = (0u32, Vec::new());
-                while !stop.load(Ordering::SeqCst) {
-                    match handle.analyse("one two three".into()).await {
-                        Ok(report) if report.words == 3 => answered += 1,
-                        other => failed.push(format!("{other:?}")),
-                    }
-                }
-                (answered, failed)
-            })
-        })
-        .collect();
+    let load = common::call_until(&manager, &ids, &stop);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let sent =
