@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::memory::MemoryBackend;
 #[cfg(feature = "redis")]
 use crate::backend::redis::{RedisBackend, RedisOptions};
-use crate::backend::{Backend, BackendSubscription, Bounds, Depth, Page};
+use crate::backend::{Backend, BackendSubscription, Bounds, Commit, Depth, Page, source};
 use crate::limits::{self, Limits};
 use crate::retention;
 
@@ -84,10 +84,8 @@ impl Exchange {
     }
 
     /// Saves the state of agent `id`, as its incarnation `epoch`
-    /// (docs/design.md, "State"): refused when a later incarnation
-    /// subscribed or saved (stale), when `expected` (not 0) is not the
-    /// saved revision (a conflict), or when larger than
-    /// [`Limits::max_state_bytes`]. Answers the revision saved.
+    /// (docs/design.md, "State"): a [`commit`](Self::commit) of the state
+    /// alone. Answers the revision saved.
     pub async fn save_state(
         &self,
         id: &EntityId,
@@ -96,11 +94,95 @@ impl Exchange {
         data: pb::Payload,
         version: u32,
     ) -> Result<u64, ExchangeError> {
+        let request = pb::SaveStateRequest {
+            agent_id: id.to_string(),
+            epoch,
+            expected_revision: expected,
+            data: Some(data),
+            version,
+        };
+        let (revision, _) = self.commit(id, request, Vec::new(), Vec::new()).await?;
+        Ok(revision)
+    }
+
+    /// Commits what agent `id` did with some requests, in one atomic step
+    /// (docs/design.md, "State"): saves its state (`save.data` unset keeps
+    /// it), acknowledges `seqs` and queues `answers`. Refused whole when
+    /// the save is stale (a later incarnation subscribed or saved), a
+    /// conflict (`save.expected_revision`, not 0, is not the saved
+    /// revision), larger than [`Limits::max_state_bytes`], or a seq was
+    /// never delivered; each answer then gets its own result (one not an
+    /// answer from `id` is refused). Answers the revision saved (or kept).
+    pub async fn commit(
+        &self,
+        id: &EntityId,
+        save: pb::SaveStateRequest,
+        seqs: Vec<u64>,
+        answers: Vec<pb::Message>,
+    ) -> Result<(u64, Vec<Result<(), ExchangeError>>), ExchangeError> {
         Self::keeps_state(id)?;
-        let max = self.limits.max_state_bytes.min(self.limits.max_message_bytes);
-        limits::at_most("the bytes of a saved state", data.data.len(), max)?;
-        limits::name("data.content_type", &data.content_type)?;
-        self.backend.save_state(id, self.principal(), epoch, expected, data, version).await
+        limits::at_most("seqs per Commit", seqs.len(), limits::MAX_BATCH_MESSAGES)?;
+        limits::at_most("answers per Commit", answers.len(), limits::MAX_BATCH_MESSAGES)?;
+        let state = match save.data {
+            Some(data) => {
+                let max = self.limits.max_state_bytes.min(self.limits.max_message_bytes);
+                limits::at_most("the bytes of a saved state", data.data.len(), max)?;
+                limits::name("data.content_type", &data.content_type)?;
+                Some((data, save.version))
+            }
+            None => None,
+        };
+        let mut results: Vec<Result<(), ExchangeError>> = Vec::with_capacity(answers.len());
+        let mut valid = Vec::with_capacity(answers.len());
+        for answer in answers {
+            match self.validate_answer(id, &answer) {
+                Ok(dest) => {
+                    valid.push((dest, answer));
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        let commit = Commit {
+            epoch: save.epoch,
+            expected: save.expected_revision,
+            state,
+            seqs,
+            answers: valid,
+        };
+        let (revision, queued) =
+            self.backend.commit(id, self.principal(), commit, &self.bounds()).await?;
+        let mut queued = queued.into_iter();
+        for result in results.iter_mut().filter(|r| r.is_ok()) {
+            *result = queued
+                .next()
+                .unwrap_or(Err(ExchangeError::Unavailable("backend dropped a result".into())));
+        }
+        Ok((revision, results))
+    }
+
+    /// The destination of `message`, an answer from agent `id`.
+    fn validate_answer(
+        &self,
+        id: &EntityId,
+        message: &pb::Message,
+    ) -> Result<EntityId, ExchangeError> {
+        use pb::message::Body;
+        let dest = self.validate(message)?;
+        if !matches!(
+            message.body,
+            Some(Body::ActionResponse(_) | Body::ErrorResponse(_) | Body::SuccessResponse(_))
+        ) {
+            return Err(ExchangeError::InvalidArgument(
+                "a commit carries answers only: action, error and success responses".into(),
+            ));
+        }
+        if source(message)? != *id {
+            return Err(ExchangeError::InvalidArgument(format!(
+                "an answer in a commit of {id} must come from it (header.src)"
+            )));
+        }
+        Ok(dest)
     }
 
     /// The saved state of agent `id`, if it saved any.

@@ -47,6 +47,34 @@ impl ExchangeGrpc {
             principal => Cow::Owned(self.exchange.acting_as(principal)),
         }
     }
+
+    /// Counts the results of messages accepted together (spans from
+    /// [`accepting_all`]), each as SendBatch answers it.
+    fn sent_all(
+        &self,
+        results: Vec<Result<(), ExchangeError>>,
+        traced: &[Option<Traced>],
+    ) -> Vec<pb::SendResult> {
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                if let (Some(Some(traced)), Err(e)) = (traced.get(i), &r) {
+                    traced.fail(&e.to_string());
+                }
+                self.metrics.sent(&r);
+                match r {
+                    Ok(()) => pb::SendResult::default(),
+                    Err(e) => pb::SendResult {
+                        code: e.code() as i32,
+                        message: academy_proto::bounded(&e.to_string()).into_owned(),
+                        reason: e.reason().to_owned(),
+                        metadata: e.metadata(),
+                    },
+                }
+            })
+            .collect()
+    }
 }
 
 fn parse_optional_id(value: &str, field: &str) -> Result<Option<EntityId>, ExchangeError> {
@@ -138,33 +166,21 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
     ) -> RpcResult<pb::SendBatchResponse> {
         let exchange = self.exchange_for(&request);
         let messages = request.into_inner().messages;
-        let traced: Vec<_> = if trace::recording() {
-            messages.iter().map(|m| accepting(m, "SendBatch")).collect()
-        } else {
-            Vec::new()
-        };
+        let traced = accepting_all(&messages, "SendBatch");
         let results = exchange.send_batch(messages).await?;
-        let results = results
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                if let (Some(Some(traced)), Err(e)) = (traced.get(i), &r) {
-                    traced.fail(&e.to_string());
-                }
-                r
-            })
-            .inspect(|r| self.metrics.sent(r))
-            .map(|r| match r {
-                Ok(()) => pb::SendResult::default(),
-                Err(e) => pb::SendResult {
-                    code: e.code() as i32,
-                    message: academy_proto::bounded(&e.to_string()).into_owned(),
-                    reason: e.reason().to_owned(),
-                    metadata: e.metadata(),
-                },
-            })
-            .collect();
+        let results = self.sent_all(results, &traced);
         Ok(Response::new(pb::SendBatchResponse { results }))
+    }
+
+    async fn commit(&self, request: Request<pb::CommitRequest>) -> RpcResult<pb::CommitResponse> {
+        let exchange = self.exchange_for(&request);
+        let req = request.into_inner();
+        let save = req.state.unwrap_or_default();
+        let id = EntityId::parse_field(&save.agent_id, "state.agent_id")?;
+        let traced = accepting_all(&req.answers, "Commit");
+        let (revision, results) = exchange.commit(&id, save, req.seqs, req.answers).await?;
+        let results = self.sent_all(results, &traced);
+        Ok(Response::new(pb::CommitResponse { revision, results }))
     }
 
     type SubscribeStream =
@@ -335,6 +351,14 @@ fn accepting(message: &pb::Message, call: &'static str) -> Option<Traced> {
             ]
         },
     ))
+}
+
+/// [`accepting`] for each of `messages`; nothing while spans are not recorded.
+fn accepting_all(messages: &[pb::Message], call: &'static str) -> Vec<Option<Traced>> {
+    if !trace::recording() {
+        return Vec::new();
+    }
+    messages.iter().map(|m| accepting(m, call)).collect()
 }
 
 /// Marks a message's delivery to its subscriber, under its sender's span.

@@ -181,20 +181,21 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// mailboxes abandoned for longer than it keeps them.
     async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError>;
 
-    /// Saves the state of agent `id` as its incarnation `epoch`, if `caller`
-    /// may act for the mailbox's owner: refused as stale when an later
-    /// incarnation subscribed or saved, as a conflict when `expected` (not
-    /// 0) is not the saved revision. Raises the mailbox's epoch to `epoch`.
-    /// Answers the revision saved.
-    async fn save_state(
+    /// Commits what agent `id` did (docs/design.md, "State"), if `caller`
+    /// may act for the mailbox's owner, all or nothing: the save is refused
+    /// as stale when a later incarnation subscribed or saved, as a conflict
+    /// when `expected` (not 0) is not the saved revision; the seqs as in
+    /// [`acknowledge`](Self::acknowledge). Then raises the mailbox's epoch,
+    /// saves the state (if given), acknowledges the seqs and queues the
+    /// answers within `bounds`, counted against the caller's quota. Answers
+    /// the revision saved (or kept) and one result per answer.
+    async fn commit(
         &self,
         id: &EntityId,
         caller: Option<&str>,
-        epoch: u64,
-        expected: u64,
-        data: pb::Payload,
-        version: u32,
-    ) -> Result<u64, ExchangeError>;
+        commit: Commit,
+        bounds: &Bounds,
+    ) -> Result<Committed, ExchangeError>;
 
     /// The saved state of agent `id`, if any, for a caller who may act for
     /// the mailbox's owner.
@@ -209,6 +210,24 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// left out.
     async fn depth(&self) -> Result<Vec<Depth>, ExchangeError>;
 }
+
+/// What an agent commits in one step.
+#[derive(Debug, Default)]
+pub(crate) struct Commit {
+    /// The committing incarnation.
+    pub(crate) epoch: u64,
+    /// The revision the agent last saw (0: any).
+    pub(crate) expected: u64,
+    /// The state and its version; `None` keeps the saved one.
+    pub(crate) state: Option<(pb::Payload, u32)>,
+    /// Delivered requests to acknowledge.
+    pub(crate) seqs: Vec<u64>,
+    /// Answers, each with its destination.
+    pub(crate) answers: Vec<(EntityId, pb::Message)>,
+}
+
+/// The revision saved (or kept), and one result per answer.
+pub(crate) type Committed = (u64, Vec<Result<(), ExchangeError>>);
 
 /// Messages and bytes queued unacknowledged in the mailboxes of a behaviour.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -60,6 +60,7 @@ conformance!(
     metrics::queue_depth_counts_what_is_queued_per_behaviour,
     state::an_agent_saves_its_state_fenced_by_epoch_and_revision,
     state::only_the_owner_reads_or_writes_an_agents_state,
+    state::a_commit_saves_acknowledges_and_answers_in_one_step,
     retention::a_terminated_client_leaves_no_gravestone,
     retention::gravestones_expire_after_their_retention,
     retention::abandoned_clients_expire_and_give_their_quota_back,

@@ -101,9 +101,127 @@ pub(crate) async fn only_the_owner_reads_or_writes_an_agents_state(store: Store)
     alice.save_state(save(&agent, 0, 0, r#""alice's""#)).await.unwrap();
     let denied = bob.save_state(save(&agent, 0, 0, r#""bob's""#)).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    let denied = bob.commit(commit(&agent, 0, Some(r#""bob's""#), vec![], vec![])).await;
+    assert_eq!(denied.unwrap_err().code(), Code::PermissionDenied);
     let request = pb::LoadStateRequest { agent_id: agent.clone() };
     let denied = bob.load_state(request.clone()).await.unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
     let state = alice.load_state(request).await.unwrap().into_inner().state.unwrap();
     assert_eq!(state.data.unwrap().data.as_ref(), br#""alice's""#);
+}
+
+fn answer(agent: &str, request: &pb::Message, n: u64) -> pb::Message {
+    let header = request.header.as_ref().unwrap().reply_from(agent.to_owned());
+    let result = json(&n.to_string());
+    let response = pb::ActionResponse { action: "add".into(), result: Some(result) };
+    pb::Message { header: Some(header), body: Some(Body::ActionResponse(response)) }
+}
+
+fn commit(
+    agent: &str,
+    epoch: u64,
+    state: Option<&str>,
+    seqs: Vec<u64>,
+    answers: Vec<pb::Message>,
+) -> pb::CommitRequest {
+    let mut save = save(agent, epoch, 0, state.unwrap_or_default());
+    if state.is_none() {
+        save.data = None;
+    }
+    pb::CommitRequest { state: Some(save), seqs, answers }
+}
+
+async fn subscribe_as(
+    h: &mut Harness,
+    id: &str,
+    epoch: u64,
+) -> tonic::Streaming<pb::SubscribeResponse> {
+    let request = pb::SubscribeRequest { mailbox_id: id.to_owned(), epoch };
+    h.rpc.subscribe(request).await.unwrap().into_inner()
+}
+
+/// A commit saves the state, acknowledges the requests and queues their
+/// answers in one step, or does none of it: a stale incarnation's or one
+/// acknowledging what was never delivered changes nothing; an answer it
+/// cannot queue gets its own error while the rest commits.
+pub(crate) async fn a_commit_saves_acknowledges_and_answers_in_one_step(store: Store) {
+    let mut h = start(store).await;
+    let agent = h.agent("test.Counter", &[]).await;
+    let client = h.client().await;
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        let request = request(&client, &agent, "add");
+        sent.push(tag(&request).to_owned());
+        h.send(request).await.unwrap();
+    }
+    let mut inbox = subscribe_as(&mut h, &agent, 2).await;
+    let delivered = next(&mut inbox).await;
+    assert_eq!(delivered.len(), 3);
+    let seq = |i: usize| delivered[i].seq;
+    let req = |i: usize| delivered[i].message.clone().unwrap();
+
+    let first =
+        commit(&agent, 2, Some(r#"{"n":1}"#), vec![seq(0)], vec![answer(&agent, &req(0), 1)]);
+    let done = h.rpc.commit(first).await.unwrap().into_inner();
+    assert_eq!(done.revision, 1);
+    assert_eq!(done.results, vec![pb::SendResult::default()]);
+    let mut answers = h.subscribe(&client).await;
+    assert_eq!(tags(&mut answers, 1).await, sent[..1]);
+
+    // Refused whole: an earlier incarnation, or a seq never delivered.
+    let stale =
+        commit(&agent, 1, Some(r#"{"n":9}"#), vec![seq(1)], vec![answer(&agent, &req(1), 9)]);
+    let refused = h.rpc.commit(stale).await.unwrap_err();
+    assert_eq!(reason(&refused).0, "STALE_EPOCH", "{refused:?}");
+    let never = commit(
+        &agent,
+        2,
+        Some(r#"{"n":9}"#),
+        vec![seq(2) + 1000],
+        vec![answer(&agent, &req(1), 9)],
+    );
+    let refused = h.rpc.commit(never).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("never delivered"), "{}", refused.message());
+    let state = h.rpc.load_state(pb::LoadStateRequest { agent_id: agent.clone() }).await;
+    let state = state.unwrap().into_inner().state.unwrap();
+    assert_eq!((state.revision, state.data.unwrap().data.as_ref()), (1, &br#"{"n":1}"#[..]));
+
+    // What was not committed is delivered again; what was, is not.
+    let mut inbox = subscribe_as(&mut h, &agent, 2).await;
+    let again: Vec<u64> = next(&mut inbox).await.iter().map(|d| d.seq).collect();
+    assert_eq!(again, [seq(1), seq(2)]);
+
+    // Without data the state stays; each answer gets its own result: one
+    // not from the agent, or not an answer, is refused; the rest commits.
+    let mut forged = answer(&agent, &req(1), 2);
+    forged.header.as_mut().unwrap().src = client.clone();
+    let not_an_answer = request(&agent, &client, "add");
+    let answers_ = vec![answer(&agent, &req(1), 2), forged, not_an_answer];
+    let done = h.rpc.commit(commit(&agent, 2, None, vec![seq(1)], answers_)).await;
+    let done = done.unwrap().into_inner();
+    assert_eq!(done.revision, 1, "no data keeps the saved state");
+    let codes: Vec<i32> = done.results.iter().map(|r| r.code).collect();
+    let invalid = Code::InvalidArgument as i32;
+    assert_eq!(codes, [0, invalid, invalid], "{:?}", done.results);
+    assert_eq!(tags(&mut answers, 1).await, sent[1..2]);
+
+    // An answer to a mailbox gone is that answer's error; the state and
+    // the acknowledgement commit.
+    h.terminate(&client).await;
+    let last =
+        commit(&agent, 2, Some(r#"{"n":3}"#), vec![seq(2)], vec![answer(&agent, &req(2), 3)]);
+    let done = h.rpc.commit(last).await.unwrap().into_inner();
+    assert_eq!(done.revision, 2);
+    assert_ne!(done.results[0].code, 0, "{:?}", done.results);
+    let mut inbox = subscribe_as(&mut h, &agent, 2).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(300), inbox.next()).await;
+    assert!(quiet.is_err(), "every request was committed: {quiet:?}");
+
+    // Bounded, and for agents only.
+    let many = commit(&agent, 2, None, vec![0; 1001], Vec::new());
+    let refused = h.rpc.commit(many).await.unwrap_err();
+    assert!(refused.message().contains("seqs per Commit"), "{}", refused.message());
+    let refused = h.rpc.commit(commit(&client, 0, Some("{}"), Vec::new(), Vec::new())).await;
+    assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
 }

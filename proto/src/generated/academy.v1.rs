@@ -146,6 +146,28 @@ pub struct SaveStateResponse {
     #[prost(uint64, tag = "1")]
     pub revision: u64,
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CommitRequest {
+    /// The save; its `data` unset keeps the saved state as it is.
+    #[prost(message, optional, tag = "1")]
+    pub state: ::core::option::Option<SaveStateRequest>,
+    /// Seqs of the agent's mailbox to acknowledge.
+    #[prost(uint64, repeated, tag = "2")]
+    pub seqs: ::prost::alloc::vec::Vec<u64>,
+    /// Answers from the agent (`header.src` its id): action, error and success
+    /// responses only.
+    #[prost(message, repeated, tag = "3")]
+    pub answers: ::prost::alloc::vec::Vec<Message>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct CommitResponse {
+    /// The revision saved now (the one kept when no data was given).
+    #[prost(uint64, tag = "1")]
+    pub revision: u64,
+    /// One result per answer, in order.
+    #[prost(message, repeated, tag = "2")]
+    pub results: ::prost::alloc::vec::Vec<SendResult>,
+}
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LoadStateRequest {
     #[prost(string, tag = "1")]
@@ -775,6 +797,32 @@ pub mod exchange_service_client {
                 .insert(GrpcMethod::new("academy.v1.ExchangeService", "LoadState"));
             self.inner.unary(req, path, codec).await
         }
+        /// Commits what an agent did with some requests, in one atomic step: saves
+        /// its state (as SaveState; or, without data, only checks and raises the
+        /// epoch), acknowledges the requests (as Acknowledge) and queues their
+        /// answers (as SendBatch). A refused save or acknowledgement commits
+        /// nothing; each answer then gets its own result, as in SendBatch.
+        pub async fn commit(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CommitRequest>,
+        ) -> std::result::Result<tonic::Response<super::CommitResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ExchangeService/Commit",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ExchangeService", "Commit"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -887,6 +935,15 @@ pub mod exchange_service_server {
             tonic::Response<super::LoadStateResponse>,
             tonic::Status,
         >;
+        /// Commits what an agent did with some requests, in one atomic step: saves
+        /// its state (as SaveState; or, without data, only checks and raises the
+        /// epoch), acknowledges the requests (as Acknowledge) and queues their
+        /// answers (as SendBatch). A refused save or acknowledgement commits
+        /// nothing; each answer then gets its own result, as in SendBatch.
+        async fn commit(
+            &self,
+            request: tonic::Request<super::CommitRequest>,
+        ) -> std::result::Result<tonic::Response<super::CommitResponse>, tonic::Status>;
     }
     /// Ids are "agent:<uuid>" or "client:<uuid>". A field named `mailbox_id`
     /// takes either; `agent_id` an agent's; `client_id` a client's.
@@ -1493,6 +1550,51 @@ pub mod exchange_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = LoadStateSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ExchangeService/Commit" => {
+                    #[allow(non_camel_case_types)]
+                    struct CommitSvc<T: ExchangeService>(pub Arc<T>);
+                    impl<
+                        T: ExchangeService,
+                    > tonic::server::UnaryService<super::CommitRequest>
+                    for CommitSvc<T> {
+                        type Response = super::CommitResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CommitRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExchangeService>::commit(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CommitSvc(inner);
                         let codec = crate::codec::BoundedCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(

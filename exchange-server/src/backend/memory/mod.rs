@@ -13,8 +13,8 @@ use prost::Message as _;
 use tokio::sync::Notify;
 
 use super::{
-    Backend, BackendSubscription, Bounds, Depth, Found, Page, awaiting_answer, framed, joins,
-    source, unknown_source,
+    Backend, BackendSubscription, Bounds, Commit, Committed, Depth, Found, Page, awaiting_answer,
+    framed, joins, source, unknown_source,
 };
 use crate::exchange::permitted;
 use crate::retention::{Retention, Swept};
@@ -84,6 +84,43 @@ struct QueueState {
     idle_since: Option<Instant>,
     /// An agent's saved state.
     saved: Option<pb::SavedState>,
+}
+
+impl QueueState {
+    /// Refuses to acknowledge from a terminated mailbox, or a seq never
+    /// delivered.
+    fn check_acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
+        if self.terminated {
+            return Err(ExchangeError::Terminated(*id));
+        }
+        match seqs.iter().find(|s| **s >= self.next_seq) {
+            Some(bad) => Err(ExchangeError::InvalidArgument(format!(
+                "seq {bad} was never delivered from mailbox {id}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Acknowledges `seqs` (unknown or settled ones are ignored); answers
+    /// the bytes each sender gets back.
+    fn settle(&mut self, seqs: &[u64]) -> Vec<(Arc<str>, usize)> {
+        let mut settled = Vec::new();
+        for seq in seqs {
+            let pos = self.queue.partition_point(|e| e.seq < *seq);
+            if let Some(entry) = self.queue.get_mut(pos).filter(|e| e.seq == *seq && !e.acked) {
+                entry.acked = true;
+                self.unacked -= 1;
+                self.bytes -= entry.size;
+                if let Some(sender) = &entry.sender {
+                    settled.push((sender.clone(), entry.size));
+                }
+            }
+        }
+        while self.queue.front().is_some_and(|e| e.acked) {
+            self.queue.pop_front();
+        }
+        settled
+    }
 }
 
 #[derive(Debug)]
@@ -213,15 +250,14 @@ impl MemoryBackend {
         Ok(())
     }
 
-    /// Gives back what settled entries held against their senders' quotas.
-    fn refund<'a>(&self, entries: impl IntoIterator<Item = &'a Entry>) {
+    /// Gives back bytes that settled messages held against their senders'
+    /// quotas.
+    fn refund<'a>(&self, held: impl IntoIterator<Item = (&'a Arc<str>, usize)>) {
         let mut usage = None;
-        for entry in entries {
-            if let Some(sender) = &entry.sender {
-                let usage = usage.get_or_insert_with(|| lock(&self.usage));
-                if let Some(held) = usage.get_mut(sender) {
-                    held.queued_bytes = held.queued_bytes.saturating_sub(entry.size);
-                }
+        for (sender, size) in held {
+            let usage = usage.get_or_insert_with(|| lock(&self.usage));
+            if let Some(held) = usage.get_mut(sender) {
+                held.queued_bytes = held.queued_bytes.saturating_sub(size);
             }
         }
     }
@@ -390,39 +426,12 @@ impl Backend for MemoryBackend {
         caller: Option<&str>,
     ) -> Result<(), ExchangeError> {
         let mailbox = self.owned(id, caller)?;
-        let mut state = lock(&mailbox.state);
-        if state.terminated {
-            return Err(ExchangeError::Terminated(*id));
-        }
-        if let Some(bad) = seqs.iter().find(|s| **s >= state.next_seq) {
-            return Err(ExchangeError::InvalidArgument(format!(
-                "seq {bad} was never delivered from mailbox {id}"
-            )));
-        }
-        let state = &mut *state;
-        let mut settled = Vec::new();
-        for seq in seqs {
-            let pos = state.queue.partition_point(|e| e.seq < *seq);
-            if let Some(entry) = state.queue.get_mut(pos).filter(|e| e.seq == *seq && !e.acked) {
-                entry.acked = true;
-                state.unacked -= 1;
-                state.bytes -= entry.size;
-                if let Some(sender) = &entry.sender {
-                    settled.push((sender.clone(), entry.size));
-                }
-            }
-        }
-        while state.queue.front().is_some_and(|e| e.acked) {
-            state.queue.pop_front();
-        }
-        if !settled.is_empty() {
-            let mut usage = lock(&self.usage);
-            for (sender, size) in settled {
-                if let Some(held) = usage.get_mut(&sender) {
-                    held.queued_bytes = held.queued_bytes.saturating_sub(size);
-                }
-            }
-        }
+        let settled = {
+            let mut state = lock(&mailbox.state);
+            state.check_acknowledge(id, seqs)?;
+            state.settle(seqs)
+        };
+        self.refund(settled.iter().map(|(sender, size)| (sender, *size)));
         Ok(())
     }
 
@@ -434,37 +443,56 @@ impl Backend for MemoryBackend {
         self.remove_if(id, |_| true);
     }
 
-    async fn save_state(
+    async fn commit(
         &self,
         id: &EntityId,
         caller: Option<&str>,
-        epoch: u64,
-        expected: u64,
-        data: pb::Payload,
-        version: u32,
-    ) -> Result<u64, ExchangeError> {
+        commit: Commit,
+        bounds: &Bounds,
+    ) -> Result<Committed, ExchangeError> {
         let mailbox = self.owned(id, caller)?;
-        let mut state = lock(&mailbox.state);
-        if state.terminated {
-            return Err(ExchangeError::Terminated(*id));
-        }
-        let (revision, saved_by) = state.saved.as_ref().map_or((0, 0), |s| (s.revision, s.epoch));
-        let current = state.epoch.max(saved_by);
-        if epoch < current {
-            return Err(ExchangeError::StaleEpoch { id: *id, epoch, current });
-        }
-        if expected != 0 && expected != revision {
-            return Err(ExchangeError::StateConflict { id: *id, expected, current: revision });
-        }
-        state.epoch = state.epoch.max(epoch);
-        state.saved = Some(pb::SavedState {
-            data: Some(data),
-            version,
-            revision: revision + 1,
-            epoch,
-            saved_at: Some(std::time::SystemTime::now().into()),
-        });
-        Ok(revision + 1)
+        // Checked and written under the mailbox's lock; the answers are queued
+        // right after, before the call returns (holding one mailbox's lock
+        // while taking another's could deadlock two agents answering each
+        // other). The process is the one failure domain: nothing sees the
+        // state saved without its answers queued.
+        let (revision, settled) = {
+            let mut state = lock(&mailbox.state);
+            state.check_acknowledge(id, &commit.seqs)?;
+            let (revision, saved_by) =
+                state.saved.as_ref().map_or((0, 0), |s| (s.revision, s.epoch));
+            let current = state.epoch.max(saved_by);
+            let (epoch, expected) = (commit.epoch, commit.expected);
+            if epoch < current {
+                return Err(ExchangeError::StaleEpoch { id: *id, epoch, current });
+            }
+            if expected != 0 && expected != revision {
+                return Err(ExchangeError::StateConflict { id: *id, expected, current: revision });
+            }
+            state.epoch = state.epoch.max(epoch);
+            let revision = match commit.state {
+                None => revision,
+                Some((data, version)) => {
+                    state.saved = Some(pb::SavedState {
+                        data: Some(data),
+                        version,
+                        revision: revision + 1,
+                        epoch,
+                        saved_at: Some(std::time::SystemTime::now().into()),
+                    });
+                    revision + 1
+                }
+            };
+            (revision, state.settle(&commit.seqs))
+        };
+        self.refund(settled.iter().map(|(sender, size)| (sender, *size)));
+        let sender: Option<Arc<str>> = caller.map(Into::into);
+        let results = commit
+            .answers
+            .into_iter()
+            .map(|(dest, m)| self.push(&dest, m, bounds, sender.as_ref()))
+            .collect();
+        Ok((revision, results))
     }
 
     async fn load_state(
@@ -551,7 +579,9 @@ impl MemoryBackend {
             (mailbox, queued)
         };
         mailbox.changed.notify_waiters();
-        self.refund(queued.iter().filter(|e| !e.acked));
+        self.refund(
+            queued.iter().filter(|e| !e.acked).filter_map(|e| Some((e.sender.as_ref()?, e.size))),
+        );
         self.release(mailbox.owner.as_ref());
         if let Some(agent) = &mailbox.agent {
             let mut index = write(&self.index);

@@ -34,8 +34,8 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backend, BackendSubscription, Bounds, Depth, Found, Page, awaiting_answer, source,
-    unknown_source,
+    Backend, BackendSubscription, Bounds, Commit, Committed, Depth, Found, Page, awaiting_answer,
+    source, unknown_source,
 };
 use crate::retention::{Retention, Swept};
 use expiry::Stones;
@@ -93,9 +93,13 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn add(&mut self, dest: &EntityId, src: Option<&EntityId>, message: Vec<u8>) {
+    /// Adds `message` for `dest`; with a `sender`, its source (which the
+    /// exchange validated) is checked by the script.
+    fn add(&mut self, dest: &EntityId, message: &pb::Message, sender: Option<&str>) {
+        let src = sender.and_then(|_| source(message).ok());
+        let message = message.encode_to_vec();
         let k = place(&mut self.mailboxes, dest);
-        let s = src.map(|src| place(&mut self.sources, src));
+        let s = src.map(|src| place(&mut self.sources, &src));
         self.bytes += message.len();
         self.messages.push((k, s, message));
     }
@@ -271,6 +275,95 @@ impl RedisBackend {
     }
 }
 
+impl RedisBackend {
+    /// The keys acknowledge.lua takes for mailbox `id`.
+    fn acknowledge_keys(&self, id: &EntityId) -> [String; 5] {
+        [
+            self.keys.mailbox(id),
+            self.keys.queue(id),
+            self.keys.sizes(id),
+            self.keys.bytes_sent(),
+            self.keys.depth(),
+        ]
+    }
+
+    /// The keys enqueue.lua takes for `chunk`.
+    fn enqueue_keys(&self, chunk: &Chunk, sender: Option<&str>) -> Vec<String> {
+        let boxes = chunk
+            .mailboxes
+            .iter()
+            .flat_map(|id| [self.keys.mailbox(id), self.keys.queue(id), self.keys.sizes(id)]);
+        let depth = std::iter::once(self.keys.depth());
+        let usage = sender.map(|_| self.keys.bytes_sent());
+        let sources = chunk.sources.iter().map(|id| self.keys.mailbox(id));
+        boxes.chain(depth).chain(usage).chain(sources).collect()
+    }
+
+    /// Adds enqueue.lua's arguments for `chunk` to `cmd`.
+    fn enqueue_args(
+        &self,
+        cmd: &mut redis::Cmd,
+        chunk: &Chunk,
+        bounds: &Bounds,
+        sender: Option<&str>,
+    ) {
+        cmd.arg(bounds.max_queued).arg(bounds.max_queued_bytes).arg(MAX_NOTICE_BYTES);
+        cmd.arg(self.keys.bell()).arg(chunk.mailboxes.len());
+        cmd.arg(caller_arg(sender)).arg(bounds.sender_quota);
+        for id in &chunk.mailboxes {
+            cmd.arg(id.to_string());
+        }
+        for (k, s, message) in &chunk.messages {
+            cmd.arg(k + 1);
+            if sender.is_some() {
+                // 0, a source that did not parse, is refused.
+                cmd.arg(s.map_or(0, |s| s + 1));
+            }
+            cmd.arg(message);
+        }
+    }
+}
+
+/// What enqueue.lua's `answer` about `message` (for `dest`) means.
+fn enqueued(
+    dest: &EntityId,
+    message: &pb::Message,
+    answer: &Value,
+    bounds: &Bounds,
+    sender: Option<&str>,
+) -> Result<(), ExchangeError> {
+    match string(answer).as_deref() {
+        Some("ok") => Ok(()),
+        Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: bounds.max_queued }),
+        Some("fullbytes") => {
+            Err(ExchangeError::MailboxBytesFull { id: *dest, limit: bounds.max_queued_bytes })
+        }
+        Some("quota") => Err(ExchangeError::QuotaExceeded {
+            principal: sender.unwrap_or_default().to_owned(),
+            quota: "bytes queued unacknowledged".into(),
+            max: bounds.sender_quota,
+        }),
+        // About the message's source, which the exchange validated.
+        Some(a) if a == "nosrc" || a.starts_with("denied:") => {
+            let src = source(message)?;
+            let (head, owner) = a.split_once(':').unwrap_or((a, ""));
+            let denied = state_error(&src, head, || Some(owner.to_owned()));
+            Err(denied.unwrap_or_else(|| unknown_source(&src)))
+        }
+        other => Err(other
+            .and_then(|a| state_error(dest, a, || None))
+            .unwrap_or_else(|| ExchangeError::Unavailable(format!("enqueue failed: {answer:?}")))),
+    }
+}
+
+/// A seq (stream id `bad`) past the last message of mailbox `id`.
+fn never_delivered(id: &EntityId, bad: &str) -> ExchangeError {
+    ExchangeError::InvalidArgument(format!(
+        "seq {} was never delivered from mailbox {id}",
+        seq_of(bad).unwrap_or_default()
+    ))
+}
+
 #[async_trait]
 impl Backend for RedisBackend {
     fn health(&self) -> tokio::sync::watch::Receiver<bool> {
@@ -434,40 +527,17 @@ impl Backend for RedisBackend {
         if messages.is_empty() {
             return Vec::new();
         }
-        let max = bounds.max_queued;
         // One script call per chunk: few enough messages or bytes that Redis,
         // single-threaded, is not held up long by any one call.
-        let bell = self.keys.bell();
         let (mut calls, mut sizes) = (Vec::new(), Vec::new());
         let mut chunk = Chunk::default();
         for (i, (dest, message)) in messages.iter().enumerate() {
-            // With a sender, the message's source (validated by the exchange).
-            let src = sender.and_then(|_| source(message).ok());
-            chunk.add(dest, src.as_ref(), message.encode_to_vec());
+            chunk.add(dest, message, sender);
             let last = i + 1 == messages.len();
             if last || chunk.messages.len() >= ENQUEUE_CHUNK || chunk.bytes >= ENQUEUE_CHUNK_BYTES {
                 let chunk = std::mem::take(&mut chunk);
-                let boxes = chunk.mailboxes.iter().flat_map(|id| {
-                    [self.keys.mailbox(id), self.keys.queue(id), self.keys.sizes(id)]
-                });
-                let depth = std::iter::once(self.keys.depth());
-                let usage = sender.map(|_| self.keys.bytes_sent());
-                let sources = chunk.sources.iter().map(|id| self.keys.mailbox(id));
-                let keys: Vec<String> = boxes.chain(depth).chain(usage).chain(sources).collect();
-                let mut cmd = self.scripts.enqueue.call(&keys);
-                cmd.arg(max).arg(bounds.max_queued_bytes).arg(MAX_NOTICE_BYTES).arg(&bell);
-                cmd.arg(chunk.mailboxes.len()).arg(caller_arg(sender)).arg(bounds.sender_quota);
-                for id in &chunk.mailboxes {
-                    cmd.arg(id.to_string());
-                }
-                for (k, s, message) in &chunk.messages {
-                    cmd.arg(k + 1);
-                    if sender.is_some() {
-                        // 0, a source that did not parse, is refused.
-                        cmd.arg(s.map_or(0, |s| s + 1));
-                    }
-                    cmd.arg(message);
-                }
+                let mut cmd = self.scripts.enqueue.call(&self.enqueue_keys(&chunk, sender));
+                self.enqueue_args(&mut cmd, &chunk, bounds, sender);
                 calls.push(cmd);
                 sizes.push(chunk.messages.len());
             }
@@ -484,34 +554,11 @@ impl Backend for RedisBackend {
                 .collect(),
             Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
         };
-        let results =
-            messages
-                .iter()
-                .zip(answers)
-                .map(|((dest, message), answer)| match string(&answer).as_deref() {
-                    Some("ok") => Ok(()),
-                    Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: max }),
-                    Some("fullbytes") => Err(ExchangeError::MailboxBytesFull {
-                        id: *dest,
-                        limit: bounds.max_queued_bytes,
-                    }),
-                    Some("quota") => Err(ExchangeError::QuotaExceeded {
-                        principal: sender.unwrap_or_default().to_owned(),
-                        quota: "bytes queued unacknowledged".into(),
-                        max: bounds.sender_quota,
-                    }),
-                    // About the message's source, which the exchange validated.
-                    Some(a) if a == "nosrc" || a.starts_with("denied:") => {
-                        let src = source(message)?;
-                        let (head, owner) = a.split_once(':').unwrap_or((a, ""));
-                        let denied = state_error(&src, head, || Some(owner.to_owned()));
-                        Err(denied.unwrap_or_else(|| unknown_source(&src)))
-                    }
-                    other => Err(other.and_then(|a| state_error(dest, a, || None)).unwrap_or_else(
-                        || ExchangeError::Unavailable(format!("enqueue failed: {answer:?}")),
-                    )),
-                })
-                .collect();
+        let results = messages
+            .iter()
+            .zip(answers)
+            .map(|((dest, message), answer)| enqueued(dest, message, &answer, bounds, sender))
+            .collect();
         self.settle_all(results).await
     }
 
@@ -552,13 +599,7 @@ impl Backend for RedisBackend {
         seqs: &[u64],
         caller: Option<&str>,
     ) -> Result<(), ExchangeError> {
-        let keys = [
-            self.keys.mailbox(id),
-            self.keys.queue(id),
-            self.keys.sizes(id),
-            self.keys.bytes_sent(),
-            self.keys.depth(),
-        ];
+        let keys = self.acknowledge_keys(id);
         // A script call per slice, so that no one call holds Redis up long
         // (a slice takes well under a millisecond); all in one round trip.
         let calls: Vec<_> = seqs
@@ -584,10 +625,7 @@ impl Backend for RedisBackend {
                 return self.settle(Err(err)).await;
             }
             if let Some(bad) = answer.strip_prefix("never:") {
-                return Err(ExchangeError::InvalidArgument(format!(
-                    "seq {} was never delivered from mailbox {id}",
-                    seq_of(bad).unwrap_or_default()
-                )));
+                return Err(never_delivered(id, bad));
             }
         }
         Ok(())
@@ -612,34 +650,69 @@ impl Backend for RedisBackend {
         }
     }
 
-    async fn save_state(
+    async fn commit(
         &self,
         id: &EntityId,
         caller: Option<&str>,
-        epoch: u64,
-        expected: u64,
-        data: pb::Payload,
-        version: u32,
-    ) -> Result<u64, ExchangeError> {
-        let keys = [self.keys.mailbox(id), self.keys.state(id)];
-        let mut cmd = self.scripts.save_state.call(&keys);
-        cmd.arg(caller_arg(caller)).arg(epoch).arg(expected);
-        cmd.arg(data.data.as_ref()).arg(&data.content_type).arg(version);
-        let answer = array(run_one(&self.conn, &self.scripts.save_state, cmd).await?);
+        commit: Commit,
+        bounds: &Bounds,
+    ) -> Result<Committed, ExchangeError> {
+        let mut keys = vec![self.keys.mailbox(id), self.keys.state(id)];
+        keys.extend(self.acknowledge_keys(id));
+        let mut chunk = Chunk::default();
+        for (dest, message) in &commit.answers {
+            chunk.add(dest, message, caller);
+        }
+        if !chunk.messages.is_empty() {
+            keys.extend(self.enqueue_keys(&chunk, caller));
+        }
+        let mut cmd = self.scripts.commit.call(&keys);
+        let ids: Vec<String> = commit.seqs.iter().map(|s| stream_id_of(*s)).collect();
+        let highest = commit.seqs.iter().max().map(|s| stream_id_of(*s));
+        let (save_args, ack_args) = (
+            if commit.state.is_some() { 6 } else { 3 },
+            1 + ids.len() + usize::from(highest.is_some()),
+        );
+        cmd.arg(save_args).arg(ack_args);
+        cmd.arg(caller_arg(caller)).arg(commit.epoch).arg(commit.expected);
+        if let Some((data, version)) = &commit.state {
+            cmd.arg(data.data.as_ref()).arg(&data.content_type).arg(version);
+        }
+        cmd.arg(caller_arg(caller)).arg(highest).arg(&ids);
+        if !chunk.messages.is_empty() {
+            self.enqueue_args(&mut cmd, &chunk, bounds, caller);
+        }
+        let answer = array(run_one(&self.conn, &self.scripts.commit, cmd).await?);
         let head = answer.first().and_then(string).unwrap_or_default();
         let number =
             || answer.get(1).and_then(string).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
         if let Some(err) = state_error(id, &head, || answer.get(1).and_then(string)) {
             return self.settle(Err(err)).await;
         }
+        let (epoch, expected) = (commit.epoch, commit.expected);
         match head.as_str() {
-            "ok" => Ok(number()),
+            "ok" => {
+                let answers = match answer.get(2) {
+                    Some(Value::Array(items)) => items.clone(),
+                    _ => Vec::new(),
+                };
+                let results = commit
+                    .answers
+                    .iter()
+                    .zip(answers.into_iter().chain(std::iter::repeat(Value::Nil)))
+                    .map(|((dest, message), a)| enqueued(dest, message, &a, bounds, caller))
+                    .collect();
+                Ok((number(), self.settle_all(results).await))
+            }
             "stale" => Err(ExchangeError::StaleEpoch { id: *id, epoch, current: number() }),
             "conflict" => {
                 Err(ExchangeError::StateConflict { id: *id, expected, current: number() })
             }
+            "never" => {
+                Err(never_delivered(id, &answer.get(1).and_then(string).unwrap_or_default()))
+            }
             other => Err(ExchangeError::Unavailable(format!(
-                "unexpected answer {other:?} from save_state.lua"
+                "unexpected answer {other:?} from commit.lua"
             ))),
         }
     }

@@ -41,7 +41,7 @@ pub(super) struct Scripts {
     pub(super) migrate_agent: Lua,
     pub(super) buried: Lua,
     pub(super) abandon: Lua,
-    pub(super) save_state: Lua,
+    pub(super) commit: Lua,
     pub(super) load_state: Lua,
 }
 
@@ -52,14 +52,20 @@ impl Scripts {
                 include_str!("scripts/gravestones.lua"),
                 include_str!("scripts/create.lua")
             )),
-            enqueue: Lua::new(include_str!("scripts/enqueue.lua")),
+            enqueue: Lua::new(concat!(
+                include_str!("scripts/enqueue.lua"),
+                "return enqueue(KEYS, ARGV)\n"
+            )),
             terminate: Lua::new(concat!(
                 include_str!("scripts/release.lua"),
                 include_str!("scripts/terminate.lua")
             )),
             subscribe: Lua::new(include_str!("scripts/subscribe.lua")),
             unsubscribe: Lua::new(include_str!("scripts/unsubscribe.lua")),
-            acknowledge: Lua::new(include_str!("scripts/acknowledge.lua")),
+            acknowledge: Lua::new(concat!(
+                include_str!("scripts/acknowledge.lua"),
+                "return acknowledge(KEYS, ARGV)\n"
+            )),
             forget: Lua::new(concat!(
                 include_str!("scripts/release.lua"),
                 include_str!("scripts/forget.lua")
@@ -73,7 +79,12 @@ impl Scripts {
                 include_str!("scripts/release.lua"),
                 include_str!("scripts/abandon.lua")
             )),
-            save_state: Lua::new(include_str!("scripts/save_state.lua")),
+            commit: Lua::new(concat!(
+                include_str!("scripts/save_state.lua"),
+                include_str!("scripts/acknowledge.lua"),
+                include_str!("scripts/enqueue.lua"),
+                include_str!("scripts/commit.lua")
+            )),
             load_state: Lua::new(include_str!("scripts/load_state.lua")),
         }
     }

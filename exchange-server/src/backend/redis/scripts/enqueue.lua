@@ -19,66 +19,68 @@
 -- for the whole call: `m <id> <previous> <added> <size>\n` followed by the
 -- message, or `n <id> <previous> <added> 0\n` for a large one. A mailbox's
 -- hash is read and written once per call.
-local max, maxbytes, small, bell, n, sender, quota = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-local first = 7
-local boxes, notices, refused = {}, {}, {[0] = 'nosrc'}
-for k = 1, n do
-  local h = redis.call('HMGET', KEYS[3 * k - 2], 's', 'l', 'r', 'qb', 'b')
-  local m = {id = ARGV[first + k], state = h[1], last = h[2] or '0-0', replica = h[3], bytes = tonumber(h[4] or '0'), added = 0, count = 0, behaviour = h[5] or ''}
-  if h[1] == 'a' and max > 0 then m.len = redis.call('XLEN', KEYS[3 * k - 1]) end
-  boxes[k] = m
-end
-local held, sent, usage = 0, 0, nil
-if sender ~= '' then
-  usage = KEYS[3 * n + 2]
-  held = tonumber(redis.call('HGET', usage, sender) or '0')
-  for j = 1, #KEYS - 3 * n - 2 do
-    local h = redis.call('HMGET', KEYS[3 * n + 2 + j], 's', 'o')
-    if not h[1] then refused[j] = 'nosrc'
-    elseif h[2] and h[2] ~= sender then refused[j] = 'denied:' .. h[2] end
+local function enqueue(KEYS, ARGV)
+  local max, maxbytes, small, bell, n, sender, quota = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+  local first = 7
+  local boxes, notices, refused = {}, {}, {[0] = 'nosrc'}
+  for k = 1, n do
+    local h = redis.call('HMGET', KEYS[3 * k - 2], 's', 'l', 'r', 'qb', 'b')
+    local m = {id = ARGV[first + k], state = h[1], last = h[2] or '0-0', replica = h[3], bytes = tonumber(h[4] or '0'), added = 0, count = 0, behaviour = h[5] or ''}
+    if h[1] == 'a' and max > 0 then m.len = redis.call('XLEN', KEYS[3 * k - 1]) end
+    boxes[k] = m
   end
-end
-local out = {}
-local step = sender == '' and 2 or 3
-for i = first + 1 + n, #ARGV, step do
-  local k, data = tonumber(ARGV[i]), ARGV[i + step - 1]
-  local m = boxes[k]
-  local no = step == 3 and refused[tonumber(ARGV[i + 1])]
-  if no then out[#out + 1] = no
-  elseif not m.state then out[#out + 1] = 'missing'
-  elseif m.state == 't' then out[#out + 1] = 'terminated'
-  elseif m.len and m.len >= max then out[#out + 1] = 'full'
-  elseif maxbytes > 0 and m.bytes + #data > maxbytes then out[#out + 1] = 'fullbytes'
-  elseif quota > 0 and held + sent + #data > quota then out[#out + 1] = 'quota'
-  else
-    local added = redis.call('XADD', KEYS[3 * k - 1], '*', 'm', data)
-    redis.call('HSET', KEYS[3 * k], added, sender == '' and tostring(#data) or (#data .. ' ' .. sender))
-    if m.len then m.len = m.len + 1 end
-    m.bytes, m.added, m.count = m.bytes + #data, m.added + #data, m.count + 1
-    if sender ~= '' then sent = sent + #data end
-    if m.replica then
-      local parts = notices[m.replica] or {}
-      notices[m.replica] = parts
-      local head = m.id .. ' ' .. m.last .. ' ' .. added
-      if #data <= small then
-        parts[#parts + 1] = 'm ' .. head .. ' ' .. #data .. '\n'
-        parts[#parts + 1] = data
-      else
-        parts[#parts + 1] = 'n ' .. head .. ' 0\n'
-      end
+  local held, sent, usage = 0, 0, nil
+  if sender ~= '' then
+    usage = KEYS[3 * n + 2]
+    held = tonumber(redis.call('HGET', usage, sender) or '0')
+    for j = 1, #KEYS - 3 * n - 2 do
+      local h = redis.call('HMGET', KEYS[3 * n + 2 + j], 's', 'o')
+      if not h[1] then refused[j] = 'nosrc'
+      elseif h[2] and h[2] ~= sender then refused[j] = 'denied:' .. h[2] end
     end
-    m.last, m.fresh = added, true
-    out[#out + 1] = 'ok'
   end
-end
-for k, m in ipairs(boxes) do
-  if m.fresh then
-    redis.call('HSET', KEYS[3 * k - 2], 'l', m.last)
-    redis.call('HINCRBY', KEYS[3 * k - 2], 'qb', m.added)
-    redis.call('HINCRBY', KEYS[3 * n + 1], 'm:' .. m.behaviour, m.count)
-    redis.call('HINCRBY', KEYS[3 * n + 1], 'b:' .. m.behaviour, m.added)
+  local out = {}
+  local step = sender == '' and 2 or 3
+  for i = first + 1 + n, #ARGV, step do
+    local k, data = tonumber(ARGV[i]), ARGV[i + step - 1]
+    local m = boxes[k]
+    local no = step == 3 and refused[tonumber(ARGV[i + 1])]
+    if no then out[#out + 1] = no
+    elseif not m.state then out[#out + 1] = 'missing'
+    elseif m.state == 't' then out[#out + 1] = 'terminated'
+    elseif m.len and m.len >= max then out[#out + 1] = 'full'
+    elseif maxbytes > 0 and m.bytes + #data > maxbytes then out[#out + 1] = 'fullbytes'
+    elseif quota > 0 and held + sent + #data > quota then out[#out + 1] = 'quota'
+    else
+      local added = redis.call('XADD', KEYS[3 * k - 1], '*', 'm', data)
+      redis.call('HSET', KEYS[3 * k], added, sender == '' and tostring(#data) or (#data .. ' ' .. sender))
+      if m.len then m.len = m.len + 1 end
+      m.bytes, m.added, m.count = m.bytes + #data, m.added + #data, m.count + 1
+      if sender ~= '' then sent = sent + #data end
+      if m.replica then
+        local parts = notices[m.replica] or {}
+        notices[m.replica] = parts
+        local head = m.id .. ' ' .. m.last .. ' ' .. added
+        if #data <= small then
+          parts[#parts + 1] = 'm ' .. head .. ' ' .. #data .. '\n'
+          parts[#parts + 1] = data
+        else
+          parts[#parts + 1] = 'n ' .. head .. ' 0\n'
+        end
+      end
+      m.last, m.fresh = added, true
+      out[#out + 1] = 'ok'
+    end
   end
+  for k, m in ipairs(boxes) do
+    if m.fresh then
+      redis.call('HSET', KEYS[3 * k - 2], 'l', m.last)
+      redis.call('HINCRBY', KEYS[3 * k - 2], 'qb', m.added)
+      redis.call('HINCRBY', KEYS[3 * n + 1], 'm:' .. m.behaviour, m.count)
+      redis.call('HINCRBY', KEYS[3 * n + 1], 'b:' .. m.behaviour, m.added)
+    end
+  end
+  if sent > 0 then redis.call('HINCRBY', usage, sender, sent) end
+  for replica, parts in pairs(notices) do redis.call('PUBLISH', bell .. replica, table.concat(parts)) end
+  return out
 end
-if sent > 0 then redis.call('HINCRBY', usage, sender, sent) end
-for replica, parts in pairs(notices) do redis.call('PUBLISH', bell .. replica, table.concat(parts)) end
-return out
