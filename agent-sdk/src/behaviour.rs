@@ -105,6 +105,10 @@ pub trait Behaviour: Send + Sync + Sized + 'static {
     const IMPLEMENTS: &'static [&'static str];
     /// Names of its actions.
     const ACTIONS: &'static [&'static str];
+    /// Names of its actions that leave the state alone (`#[action(read_only)]`):
+    /// they run side by side, outside the commits of the state
+    /// (docs/design.md, "State").
+    const READ_ONLY_ACTIONS: &'static [&'static str] = &[];
     /// The typed action methods of a `Handle<Self>`.
     type Actions: From<RawHandle> + AsRef<RawHandle> + Clone + Send + Sync + fmt::Debug + 'static;
 

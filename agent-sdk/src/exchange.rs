@@ -59,15 +59,34 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
     async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError>;
     /// Removes delivered messages.
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError>;
-    /// Saves agent `id`'s state as its incarnation `epoch`; the revision
-    /// saved (docs/design.md, "State").
+    /// Commits what agent `id` did, in one atomic step (docs/design.md,
+    /// "State"): saves its state (`save.data` unset keeps it), acknowledges
+    /// `seqs` and queues `answers`; the revision saved (or kept) and one
+    /// result per answer. Refused whole when the save or a seq is.
+    async fn commit(
+        &self,
+        save: pb::SaveStateRequest,
+        seqs: Vec<u64>,
+        answers: Vec<pb::Message>,
+    ) -> Result<Committed, ClientError>;
+    /// Saves agent `id`'s state as its incarnation `epoch` (a commit of the
+    /// state alone); the revision saved.
     async fn save_state(
         &self,
         id: &EntityId,
         epoch: u64,
         data: pb::Payload,
         version: u32,
-    ) -> Result<u64, ClientError>;
+    ) -> Result<u64, ClientError> {
+        let save = pb::SaveStateRequest {
+            agent_id: id.to_string(),
+            epoch,
+            expected_revision: 0,
+            data: Some(data),
+            version,
+        };
+        Ok(self.commit(save, Vec::new(), Vec::new()).await?.0)
+    }
     /// Agent `id`'s saved state, if any.
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError>;
 }
@@ -127,14 +146,15 @@ impl ExchangeApi for LocalExchange {
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
         Ok(self.exchange.acknowledge(id, &seqs).await?)
     }
-    async fn save_state(
+    async fn commit(
         &self,
-        id: &EntityId,
-        epoch: u64,
-        data: pb::Payload,
-        version: u32,
-    ) -> Result<u64, ClientError> {
-        Ok(self.exchange.save_state(id, epoch, 0, data, version).await?)
+        save: pb::SaveStateRequest,
+        seqs: Vec<u64>,
+        answers: Vec<pb::Message>,
+    ) -> Result<Committed, ClientError> {
+        let id = EntityId::parse_field(&save.agent_id, "state.agent_id")?;
+        let (revision, results) = self.exchange.commit(&id, save, seqs, answers).await?;
+        Ok((revision, results.into_iter().map(|r| r.map_err(ClientError::Exchange)).collect()))
     }
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
         Ok(self.exchange.load_state(id).await?)
@@ -258,21 +278,24 @@ async fn send_batch(
 ) -> Vec<Result<(), ClientError>> {
     let n = messages.len();
     match rpc.send_batch(pb::SendBatchRequest { messages }).await {
-        Ok(response) => {
-            let mut results = response.into_inner().results.into_iter();
-            (0..n)
-                .map(|_| match results.next() {
-                    Some(r) if r.code == tonic::Code::Ok as i32 => Ok(()),
-                    Some(r) => Err(batch_error(&r)),
-                    None => Err(ClientError::Transport("exchange dropped a result".into())),
-                })
-                .collect()
-        }
+        Ok(response) => results_of(&response.into_inner().results, n),
         Err(status) => {
             let err = ClientError::from(status);
             vec![Err(err); n]
         }
     }
+}
+
+/// The outcome of each of `n` messages sent together, from their results.
+fn results_of(results: &[pb::SendResult], n: usize) -> Vec<Result<(), ClientError>> {
+    let mut results = results.iter();
+    (0..n)
+        .map(|_| match results.next() {
+            Some(r) if r.code == tonic::Code::Ok as i32 => Ok(()),
+            Some(r) => Err(batch_error(r)),
+            None => Err(ClientError::Transport("exchange dropped a result".into())),
+        })
+        .collect()
 }
 
 fn batch_error(result: &pb::SendResult) -> ClientError {
@@ -373,27 +396,25 @@ impl ExchangeApi for GrpcExchange {
         self.rpc().acknowledge(pb::AcknowledgeRequest { mailbox_id: id.to_string(), seqs }).await?;
         Ok(())
     }
-    async fn save_state(
+    async fn commit(
         &self,
-        id: &EntityId,
-        epoch: u64,
-        data: pb::Payload,
-        version: u32,
-    ) -> Result<u64, ClientError> {
-        let request = pb::SaveStateRequest {
-            agent_id: id.to_string(),
-            epoch,
-            expected_revision: 0,
-            data: Some(data),
-            version,
-        };
-        Ok(self.rpc().save_state(request).await?.into_inner().revision)
+        save: pb::SaveStateRequest,
+        seqs: Vec<u64>,
+        answers: Vec<pb::Message>,
+    ) -> Result<Committed, ClientError> {
+        let n = answers.len();
+        let request = pb::CommitRequest { state: Some(save), seqs, answers };
+        let done = self.rpc().commit(request).await?.into_inner();
+        Ok((done.revision, results_of(&done.results, n)))
     }
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
         let request = pb::LoadStateRequest { agent_id: id.to_string() };
         Ok(self.rpc().load_state(request).await?.into_inner().state)
     }
 }
+
+/// What a commit did: the revision saved (or kept), one result per answer.
+pub type Committed = (u64, Vec<Result<(), ClientError>>);
 
 /// An exchange client shared by agents and handles.
 pub type SharedExchange = Arc<dyn ExchangeApi>;

@@ -25,7 +25,7 @@ use tracing::Instrument as _;
 use crate::context::{self, AgentContext, Context};
 use crate::exchange::SharedExchange;
 use crate::mailbox::Mailbox;
-use crate::state::Keeper;
+use crate::state::{Keeper, Outcome};
 use crate::{ActionError, AgentError, Behaviour, ClientError, HandleError};
 
 /// How an agent behaves at shutdown.
@@ -166,6 +166,22 @@ pub(crate) async fn run<B: Behaviour>(
         }
     };
 
+    // Commits state-changing actions' answers, and the state now and then,
+    // until every action is settled and the shutdown hook ran.
+    let stop_committing = CancellationToken::new();
+    let committer = match (&keeper, started) {
+        (Some(keeper), true) => {
+            let every = config.state_save_every.max(Duration::from_millis(10));
+            let run = keeper.clone().run(
+                behaviour.clone(),
+                every,
+                shutdown.clone(),
+                stop_committing.clone(),
+            );
+            Some(tokio::spawn(run))
+        }
+        _ => None,
+    };
     let cancel_actions = CancellationToken::new();
     let mut mailbox_gone = false;
     let mut actions = JoinSet::new();
@@ -176,10 +192,6 @@ pub(crate) async fn run<B: Behaviour>(
             loops.spawn(context::scope(context.clone(), async move {
                 (name, guarded(control.run).await.and_then(|r| r))
             }));
-        }
-        if let Some(keeper) = &keeper {
-            let every = config.state_save_every.max(Duration::from_millis(10));
-            loops.spawn(keep_saving(keeper.clone(), behaviour.clone(), shutdown.clone(), every));
         }
         tracing::info!(agent = %id, behaviour = B::NAME, "agent running");
         let mut in_flight = HashSet::new();
@@ -289,9 +301,11 @@ pub(crate) async fn run<B: Behaviour>(
             tracing::error!(agent = %id, %message, "shutdown hook failed");
             failure.get_or_insert(AgentError::ShutdownHook { id, message });
         }
-        if let Some(keeper) = &keeper
-            && let Err(message) = keeper.save(&*behaviour).await
-        {
+    }
+    stop_committing.cancel();
+    if let Some(committer) = committer {
+        let saved = committer.await.unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(message) = saved {
             tracing::error!(agent = %id, %message, "cannot save the agent's state at shutdown");
             failure.get_or_insert(AgentError::State { id, message });
         }
@@ -319,34 +333,10 @@ pub(crate) async fn run<B: Behaviour>(
     failure.map_or(Ok(()), Err)
 }
 
-/// Saves the agent's state every `every` while it changes, until
-/// `shutdown`; a fenced-off incarnation shuts down.
-async fn keep_saving<B: Behaviour>(
-    keeper: Arc<Keeper>,
-    behaviour: Arc<B>,
-    shutdown: CancellationToken,
-    every: Duration,
-) -> (&'static str, Result<(), String>) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return ("state", Ok(())),
-            _ = tick.tick() => {}
-        }
-        match keeper.save(&*behaviour).await {
-            Ok(true) => {}
-            Ok(false) => {
-                shutdown.cancel();
-                return ("state", Ok(()));
-            }
-            Err(message) => return ("state", Err(message)),
-        }
-    }
-}
-
-/// Runs one action, saves the agent's state, and answers the caller;
-/// returns the request's seq. An incarnation fenced off by a later one
+/// Runs one action and answers the caller; returns the request's seq.
+/// With a keeper, an action that may change the state waits for its turn,
+/// and its answer and acknowledgement are committed with the state it left
+/// (docs/design.md, "State"). An incarnation fenced off by a later one
 /// neither answers nor acknowledges: the request waits for the later one.
 #[allow(clippy::too_many_arguments)]
 async fn serve_action<B: Behaviour>(
@@ -375,6 +365,12 @@ async fn serve_action<B: Behaviour>(
         },
     );
     let started = crate::metrics::enabled().then(std::time::Instant::now);
+    // Read-only actions run side by side, outside the commits.
+    let keeper = keeper.filter(|_| !B::READ_ONLY_ACTIONS.contains(&action.as_str()));
+    let turn = match &keeper {
+        Some(keeper) => Some(keeper.turn().await),
+        None => None,
+    };
     let dispatch = behaviour.clone().dispatch(action.clone(), request.args);
     // Only a traced request pays for carrying its context.
     let run = match trace::trace_id(traced.context()) {
@@ -393,25 +389,8 @@ async fn serve_action<B: Behaviour>(
         }),
         () = cancel.cancelled() => Err(ActionError::cancelled(&action)),
     };
-    // The state before the answer: a caller never sees an answer whose
-    // change of state could be lost.
-    let saved = match &keeper {
-        Some(keeper) => keeper.save(&*behaviour).await,
-        None => Ok(true),
-    };
-    let outcome = match saved {
-        Ok(true) => outcome,
-        Ok(false) => {
-            shutdown.cancel();
-            return seq;
-        }
-        Err(message) => {
-            tracing::error!(agent = %header.dest, action, %message, "state not saved");
-            Err(ActionError::internal(format!(
-                "{action} ran, but the agent's state was not saved: {message}"
-            )))
-        }
-    };
+    // Named again should the state not be saved.
+    let name = keeper.as_ref().map(|_| action.clone()).unwrap_or_default();
     let body = match outcome {
         Ok(result) => {
             crate::metrics::observe(B::NAME, &action, None, started);
@@ -425,8 +404,40 @@ async fn serve_action<B: Behaviour>(
             Body::ErrorResponse(response)
         }
     };
-    reply_patiently(&mailbox, &header, body).await;
-    mailbox.ack(seq);
+    let (Some(keeper), Some(turn)) = (keeper, turn) else {
+        reply_patiently(&mailbox, &header, body).await;
+        mailbox.ack(seq);
+        return seq;
+    };
+    let answer =
+        pb::Message { header: Some(header.reply_from(header.dest.clone())), body: Some(body) };
+    match keeper.commit(&*behaviour, turn, seq, answer).await {
+        Outcome::Committed(None) => {}
+        // Committed, acknowledged, but not queued with the commit: sent now.
+        Outcome::Committed(Some((answer, why))) => {
+            if let Some(why) = &why {
+                tracing::debug!(to = %header.src, error = %why, "answer not queued with its commit; sending it");
+            }
+            if let Some(body) = answer.body {
+                reply_patiently(&mailbox, &header, body).await;
+            }
+        }
+        Outcome::Saved(answer) => {
+            if let Some(body) = answer.body {
+                reply_patiently(&mailbox, &header, body).await;
+            }
+            mailbox.ack(seq);
+        }
+        Outcome::Fenced => shutdown.cancel(),
+        Outcome::Failed(message) => {
+            tracing::error!(agent = %header.dest, action = name, %message, "state not saved");
+            let error = ActionError::internal(format!(
+                "{name} ran, but the agent's state was not saved: {message}"
+            ));
+            reply_patiently(&mailbox, &header, Body::ErrorResponse(error.into_response())).await;
+            mailbox.ack(seq);
+        }
+    }
     seq
 }
 

@@ -5,15 +5,21 @@
 //! incarnation, so a stale copy elsewhere cannot overwrite it. Kept in the
 //! exchange by default; in files with [`FileStore`], for agents on one node.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use prost::Message as _;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use academy_proto::content_type::JSON;
 use academy_proto::{EntityId, ExchangeError, pb};
 
+use crate::behaviour::Durable;
 use crate::exchange::SharedExchange;
 use crate::{Behaviour, ClientError};
 
@@ -33,28 +39,6 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<u64, ClientError>;
     /// Agent `id`'s saved state, if any.
     async fn load(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError>;
-}
-
-/// The exchange as a state store (the default): shared by every process on
-/// it, owned like the agent's mailbox, deleted with it.
-#[derive(Debug)]
-struct InExchange(SharedExchange);
-
-#[async_trait::async_trait]
-impl StateStore for InExchange {
-    async fn save(
-        &self,
-        id: &EntityId,
-        epoch: u64,
-        data: pb::Payload,
-        version: u32,
-    ) -> Result<u64, ClientError> {
-        self.0.save_state(id, epoch, data, version).await
-    }
-
-    async fn load(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
-        self.0.load_state(id).await
-    }
 }
 
 /// Keeps each agent's state in a file of a folder (`<id>.json`), for
@@ -156,15 +140,77 @@ impl StateStore for FileStore {
     }
 }
 
-/// Saves and restores one agent's state.
+/// Where a keeper commits: the exchange (state, acknowledgements and
+/// answers in one step) or another store (the state alone, before the
+/// answers).
+#[derive(Debug)]
+enum Store {
+    Exchange(SharedExchange),
+    Other(Arc<dyn StateStore>),
+}
+
+/// Most answers in one commit (the exchange takes at most a thousand).
+const MAX_COMMIT_ANSWERS: usize = 1_000;
+/// Most bytes of answers and state in one commit, within what an exchange
+/// with the default limits takes in one request (4 MiB).
+const MAX_COMMIT_BYTES: usize = 3 * 1024 * 1024;
+
+/// An answer waiting for its commit, with the state as its action left it.
+#[derive(Debug)]
+struct Pending {
+    seq: u64,
+    answer: pb::Message,
+    snapshot: Result<Vec<u8>, String>,
+    done: oneshot::Sender<Outcome>,
+}
+
+/// What became of an answer given to [`Keeper::commit`].
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    /// Committed with the state: the request is acknowledged. The answer
+    /// is queued, or handed back with why not, to be sent another way.
+    Committed(Option<(pb::Message, Option<ClientError>)>),
+    /// The state is saved in a store apart from the exchange: answer and
+    /// acknowledge the request now.
+    Saved(pb::Message),
+    /// A later incarnation has the agent: neither answer nor acknowledge.
+    Fenced,
+    /// The state could not be saved (why); answer with an error.
+    Failed(String),
+}
+
+impl Outcome {
+    /// How a commit ended, in metrics.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Fenced => "fenced",
+            _ => "failed",
+        }
+    }
+}
+
+/// Keeps one agent's state (docs/design.md, "State"): restores it, and
+/// commits it with the answers of the actions that changed it.
+///
+/// State-changing actions take turns ([`turn`](Self::turn)), and the state
+/// is exported at the end of each, so each export holds whole actions. A
+/// commit carries the export of its last action, the seqs of all its
+/// actions and their answers; while one commit is on its way the next
+/// actions run, and their answers go together in the next (group commit).
 #[derive(Debug)]
 pub(crate) struct Keeper {
-    store: Arc<dyn StateStore>,
+    store: Store,
     id: EntityId,
     epoch: u64,
-    /// What was saved (or loaded) last, to save only changes; held while
-    /// saving, so saves go one at a time, each of the latest state.
-    last: tokio::sync::Mutex<Option<Vec<u8>>>,
+    /// Held by a state-changing action while it runs, and to export the
+    /// state between actions.
+    turn: Arc<tokio::sync::Mutex<()>>,
+    /// Answers waiting for a commit, in the order their actions ended.
+    queue: Mutex<VecDeque<Pending>>,
+    queued: Notify,
+    /// What was committed (or loaded) last, to send the state only when it
+    /// changed.
+    last: Mutex<Option<Vec<u8>>>,
     /// A later incarnation saved or subscribed: this one must stop, and
     /// leave the mailbox to it.
     fenced: AtomicBool,
@@ -181,12 +227,18 @@ impl Keeper {
         epoch: u64,
     ) -> Option<Self> {
         behaviour.state()?;
-        let store = store.cloned().unwrap_or_else(|| Arc::new(InExchange(exchange.clone())));
+        let store = match store {
+            Some(store) => Store::Other(store.clone()),
+            None => Store::Exchange(exchange.clone()),
+        };
         Some(Self {
             store,
             id,
             epoch,
-            last: tokio::sync::Mutex::new(None),
+            turn: Arc::default(),
+            queue: Mutex::default(),
+            queued: Notify::new(),
+            last: Mutex::default(),
             fenced: AtomicBool::new(false),
         })
     }
@@ -196,16 +248,20 @@ impl Keeper {
         self.fenced.load(Ordering::SeqCst)
     }
 
+    /// Waits for this action's turn to change the state.
+    pub(crate) async fn turn(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.turn.clone().lock_owned().await
+    }
+
     /// Loads the saved state into `behaviour`, migrating it from an earlier
     /// version; nothing saved leaves the state as the behaviour built it.
     pub(crate) async fn restore<B: Behaviour>(&self, behaviour: &B) -> Result<(), String> {
         let Some(durable) = behaviour.state() else { return Ok(()) };
-        let saved = self
-            .store
-            .load(&self.id)
-            .await
-            .map_err(|e| format!("cannot load the saved state: {e}"))?;
-        let mut last = self.last.lock().await;
+        let saved = match &self.store {
+            Store::Exchange(exchange) => exchange.load_state(&self.id).await,
+            Store::Other(store) => store.load(&self.id).await,
+        };
+        let saved = saved.map_err(|e| format!("cannot load the saved state: {e}"))?;
         let Some(saved) = saved else {
             return Ok(());
         };
@@ -219,60 +275,280 @@ impl Keeper {
         let value = if current { value } else { B::migrate_state(saved.version, value)? };
         durable.import(value)?;
         // A migrated state is saved at the new version at the first chance.
-        *last = if current { Some(durable.export()?) } else { None };
+        *lock(&self.last) = if current { Some(durable.export()?) } else { None };
         tracing::info!(agent = %self.id, revision = saved.revision, version = saved.version, "state restored");
         Ok(())
     }
 
-    /// Saves `behaviour`'s state if it changed since the last save,
-    /// retrying (about half a minute) while the exchange is unreachable.
-    /// False when this incarnation is fenced off (it must stop).
-    pub(crate) async fn save<B: Behaviour>(&self, behaviour: &B) -> Result<bool, String> {
-        let Some(durable) = behaviour.state() else { return Ok(true) };
+    /// Commits `answer` to the request `seq` with the state as its action
+    /// left it (exported while `turn` is held, which is then given up), and
+    /// waits for the commit.
+    pub(crate) async fn commit<B: Behaviour>(
+        &self,
+        behaviour: &B,
+        turn: tokio::sync::OwnedMutexGuard<()>,
+        seq: u64,
+        answer: pb::Message,
+    ) -> Outcome {
+        let snapshot = behaviour.state().map_or_else(|| Ok(Vec::new()), Durable::export);
+        drop(turn);
         if self.fenced() {
-            return Ok(false);
+            return Outcome::Fenced;
         }
-        let mut last = self.last.lock().await;
-        let now = durable.export()?;
-        if last.as_ref() == Some(&now) {
-            return Ok(true);
-        }
-        let mut patience = crate::runtime::Patience::new();
-        let started = crate::metrics::enabled().then(std::time::Instant::now);
-        let observe = |outcome| crate::metrics::observe_save(B::NAME, outcome, now.len(), started);
+        let (done, outcome) = oneshot::channel();
+        lock(&self.queue).push_back(Pending { seq, answer, snapshot, done });
+        self.queued.notify_one();
+        // A committer gone (the agent stopping) commits nothing: the
+        // request is delivered again to the next incarnation.
+        outcome.await.unwrap_or(Outcome::Fenced)
+    }
+
+    /// Commits answers as they come, and the state every `every` when it
+    /// changed, until `stop`; then commits what is left and the state a
+    /// last time. A fenced-off incarnation cancels `shutdown` and stops.
+    /// Errs when the state could not be saved at the end.
+    pub(crate) async fn run<B: Behaviour>(
+        self: Arc<Self>,
+        behaviour: Arc<B>,
+        every: Duration,
+        shutdown: CancellationToken,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
         loop {
-            let data = pb::Payload { content_type: JSON.into(), data: now.clone().into() };
-            match self.store.save(&self.id, self.epoch, data, B::STATE_VERSION).await {
-                Ok(_) => {
-                    observe("saved");
-                    *last = Some(now);
-                    return Ok(true);
+            let last_round = tokio::select! {
+                () = self.queued.notified() => false,
+                _ = tick.tick() => {
+                    self.save(&*behaviour).await.ok();
+                    false
                 }
-                Err(ClientError::Exchange(
-                    ExchangeError::StaleEpoch { .. }
-                    | ExchangeError::Terminated(_)
-                    | ExchangeError::NotFound(_),
-                )) => {
-                    tracing::warn!(agent = %self.id, epoch = self.epoch, "state not saved: a later incarnation has the agent, or its mailbox is gone");
-                    self.fenced.store(true, Ordering::SeqCst);
-                    observe("fenced");
-                    return Ok(false);
+                () = stop.cancelled() => true,
+            };
+            while let Some(batch) = self.take() {
+                self.commit_batch::<B>(batch).await;
+            }
+            if self.fenced() {
+                self.refuse_all();
+                shutdown.cancel();
+                return Ok(());
+            }
+            if last_round {
+                let saved = self.save(&*behaviour).await;
+                if self.fenced() {
+                    shutdown.cancel();
                 }
-                Err(
-                    e @ (ClientError::Transport(_)
-                    | ClientError::Exchange(
-                        ExchangeError::Unavailable(_) | ExchangeError::ShuttingDown,
-                    )),
-                ) if patience.left() => {
-                    let backoff = patience.delay();
-                    tracing::debug!(agent = %self.id, error = %e, ?backoff, "state not saved yet; retrying");
-                    patience.wait().await;
+                return saved;
+            }
+        }
+    }
+
+    /// The next answers to commit together: in order, at most
+    /// [`MAX_COMMIT_ANSWERS`], and [`MAX_COMMIT_BYTES`] with the state of
+    /// the last (one, whatever its size).
+    fn take(&self) -> Option<Vec<Pending>> {
+        let mut queue = lock(&self.queue);
+        let mut bytes = 0;
+        let mut n = 0;
+        for pending in queue.iter() {
+            bytes += pending.answer.encoded_len();
+            let state = pending.snapshot.as_ref().map_or(0, Vec::len);
+            if n > 0 && (n == MAX_COMMIT_ANSWERS || bytes + state > MAX_COMMIT_BYTES) {
+                break;
+            }
+            n += 1;
+        }
+        (n > 0).then(|| queue.drain(..n).collect())
+    }
+
+    /// Answers every answer waiting that this incarnation is fenced off.
+    fn refuse_all(&self) {
+        for pending in lock(&self.queue).drain(..) {
+            let _ = pending.done.send(Outcome::Fenced);
+        }
+    }
+
+    /// Commits `batch` and tells each of its actions what became of it.
+    async fn commit_batch<B: Behaviour>(&self, batch: Vec<Pending>) {
+        let snapshot = match batch.last().map(|p| p.snapshot.clone()) {
+            Some(Ok(snapshot)) => snapshot,
+            Some(Err(message)) => return finish(batch, |_| Outcome::Failed(message.clone())),
+            None => return,
+        };
+        let state = (lock(&self.last).as_ref() != Some(&snapshot)).then_some(snapshot);
+        let exchange = match &self.store {
+            Store::Exchange(exchange) => exchange,
+            Store::Other(_) => {
+                return match self.put::<B>(state).await {
+                    Ok(()) => finish(batch, |p| Outcome::Saved(p.answer)),
+                    Err(outcome) => finish(batch, |_| outcome.clone()),
+                };
+            }
+        };
+        // Alone, an answer too large to go with the state goes after it.
+        let alone = batch.len() == 1
+            && batch[0].answer.encoded_len() + state.as_ref().map_or(0, Vec::len)
+                > MAX_COMMIT_BYTES;
+        let answers: Vec<pb::Message> =
+            if alone { Vec::new() } else { batch.iter().map(|p| p.answer.clone()).collect() };
+        let seqs: Vec<u64> = batch.iter().map(|p| p.seq).collect();
+        match self.send::<B>(exchange, state, seqs, answers).await {
+            Err(outcome) => finish(batch, |_| outcome.clone()),
+            Ok(_) if alone => finish(batch, |p| Outcome::Committed(Some((p.answer, None)))),
+            Ok(results) => {
+                let mut results = results.into_iter();
+                finish(batch, |p| {
+                    Outcome::Committed(match results.next() {
+                        Some(Ok(())) => None,
+                        Some(Err(e)) => Some((p.answer, Some(e))),
+                        None => Some((p.answer, None)),
+                    })
+                });
+            }
+        }
+    }
+
+    /// One commit to the exchange, retried (for about half a minute) while
+    /// it is unreachable; one result per answer, or what became of them all.
+    async fn send<B: Behaviour>(
+        &self,
+        exchange: &SharedExchange,
+        state: Option<Vec<u8>>,
+        seqs: Vec<u64>,
+        answers: Vec<pb::Message>,
+    ) -> Result<Vec<Result<(), ClientError>>, Outcome> {
+        let size = state.as_ref().map_or(0, Vec::len);
+        let started = crate::metrics::enabled().then(std::time::Instant::now);
+        let mut patience = crate::runtime::Patience::new();
+        loop {
+            let save = self.request(state.clone(), B::STATE_VERSION);
+            match exchange.commit(save, seqs.clone(), answers.clone()).await {
+                Ok((_, results)) => {
+                    crate::metrics::observe_save(B::NAME, "saved", size, started);
+                    if let Some(state) = state {
+                        *lock(&self.last) = Some(state);
+                    }
+                    return Ok(results);
                 }
                 Err(e) => {
-                    observe("failed");
-                    return Err(format!("cannot save the state: {e}"));
+                    if let Some(outcome) = self.retry(e, &mut patience).await {
+                        crate::metrics::observe_save(B::NAME, outcome.label(), size, started);
+                        return Err(outcome);
+                    }
                 }
             }
         }
     }
+
+    /// Saves the state in a store apart from the exchange, retried as
+    /// [`send`](Self::send) is.
+    async fn put<B: Behaviour>(&self, state: Option<Vec<u8>>) -> Result<(), Outcome> {
+        let (Store::Other(store), Some(state)) = (&self.store, state) else { return Ok(()) };
+        let size = state.len();
+        let started = crate::metrics::enabled().then(std::time::Instant::now);
+        let mut patience = crate::runtime::Patience::new();
+        loop {
+            let data = pb::Payload { content_type: JSON.into(), data: state.clone().into() };
+            match store.save(&self.id, self.epoch, data, B::STATE_VERSION).await {
+                Ok(_) => {
+                    crate::metrics::observe_save(B::NAME, "saved", size, started);
+                    *lock(&self.last) = Some(state);
+                    return Ok(());
+                }
+                Err(e) => {
+                    if let Some(outcome) = self.retry(e, &mut patience).await {
+                        crate::metrics::observe_save(B::NAME, outcome.label(), size, started);
+                        return Err(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Saves the state as it is between actions, if it changed (loops
+    /// change it too). Errs when it could not.
+    async fn save<B: Behaviour>(&self, behaviour: &B) -> Result<(), String> {
+        let Some(durable) = behaviour.state() else { return Ok(()) };
+        if self.fenced() {
+            return Ok(());
+        }
+        let snapshot = {
+            let _turn = self.turn.lock().await;
+            durable.export()?
+        };
+        if lock(&self.last).as_ref() == Some(&snapshot) {
+            return Ok(());
+        }
+        let saved = match &self.store {
+            Store::Other(_) => self.put::<B>(Some(snapshot)).await,
+            Store::Exchange(exchange) => {
+                self.send::<B>(exchange, Some(snapshot), Vec::new(), Vec::new()).await.map(drop)
+            }
+        };
+        match saved {
+            Err(Outcome::Failed(message)) => Err(message),
+            _ => Ok(()),
+        }
+    }
+
+    /// The save part of a commit: `state` at `version` (none keeps the
+    /// saved one), as this incarnation.
+    fn request(&self, state: Option<Vec<u8>>, version: u32) -> pb::SaveStateRequest {
+        pb::SaveStateRequest {
+            agent_id: self.id.to_string(),
+            epoch: self.epoch,
+            expected_revision: 0,
+            data: state.map(|s| pb::Payload { content_type: JSON.into(), data: s.into() }),
+            version,
+        }
+    }
+
+    /// What to do after `error`: `None` to try again (after a wait), when
+    /// the store is unreachable and there is patience left; otherwise the
+    /// outcome (fenced off when a later incarnation has the agent or its
+    /// mailbox is gone).
+    async fn retry(
+        &self,
+        error: ClientError,
+        patience: &mut crate::runtime::Patience,
+    ) -> Option<Outcome> {
+        match error {
+            ClientError::Exchange(
+                ExchangeError::StaleEpoch { .. }
+                | ExchangeError::Terminated(_)
+                | ExchangeError::NotFound(_),
+            ) => {
+                tracing::warn!(agent = %self.id, epoch = self.epoch, "state not saved: a later incarnation has the agent, or its mailbox is gone");
+                self.fenced.store(true, Ordering::SeqCst);
+                Some(Outcome::Fenced)
+            }
+            e @ (ClientError::Transport(_)
+            | ClientError::Exchange(
+                ExchangeError::Unavailable(_) | ExchangeError::ShuttingDown,
+            )) if patience.left() => {
+                let backoff = patience.delay();
+                tracing::debug!(agent = %self.id, error = %e, ?backoff, "state not saved yet; retrying");
+                patience.wait().await;
+                None
+            }
+            e => Some(Outcome::Failed(format!("cannot save the state: {e}"))),
+        }
+    }
+}
+
+/// Tells each action of `batch` its outcome.
+fn finish(batch: Vec<Pending>, mut outcome: impl FnMut(Answered) -> Outcome) {
+    for Pending { answer, done, .. } in batch {
+        let _ = done.send(outcome(Answered { answer }));
+    }
+}
+
+/// The answer of an action whose outcome is being told.
+struct Answered {
+    answer: pb::Message,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -68,8 +68,9 @@ impl WordStats {
         })
     }
 
-    /// How many texts it analysed, ever (its kept state).
-    #[action]
+    /// How many texts it analysed, ever (its kept state). Read-only: it
+    /// runs beside the analyses, outside their commits.
+    #[action(read_only)]
     async fn analysed(&self) -> u64 {
         self.analysed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).texts
     }

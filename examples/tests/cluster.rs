@@ -7,11 +7,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use academy_examples::behaviours::WordStats;
-use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_exchange::{ExchangeOptions, MailboxStore, RedisOptions, RunningExchange};
 use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb::MailboxState;
 use academy_proto::pb::{self, AgentState, launcher_service_client::LauncherServiceClient};
 use academy_sdk::Manager;
+use academy_server::testing::RedisServer;
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -34,7 +35,11 @@ impl Drop for Cluster {
 }
 
 async fn cluster(workers: &[&str]) -> Cluster {
-    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    cluster_on(ExchangeOptions::default(), workers).await
+}
+
+async fn cluster_on(options: ExchangeOptions, workers: &[&str]) -> Cluster {
+    let exchange = RunningExchange::start(options).await.unwrap();
     let launcher = RunningLauncher::start(LauncherOptions {
         exchange_url: exchange.url(),
         heartbeat_timeout: Duration::from_secs(1),
@@ -345,6 +350,98 @@ async fn sigterm_moves_a_workers_agents_and_a_rolling_update_loses_no_call() {
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(stopped, 0);
     manager.close().await.unwrap();
+}
+
+/// Effectively once (docs/design.md, "State"): 10,000 analyses of one
+/// agent, while the worker running it is killed with SIGKILL four times
+/// and the launcher moves it each time, count exactly 10,000 texts: no
+/// change of state lost, none applied twice, every call answered.
+async fn an_agent_killed_and_moved_counts_each_request_once(options: ExchangeOptions) {
+    const CALLS: u32 = 10_000;
+    const KILL_EVERY: u32 = 2_000;
+    let mut cluster = cluster_on(options, &["w1", "w2"]).await;
+    let id = cluster.launch("example.WordStats", json!({}), 0).await.unwrap();
+    cluster.wait_state(&id, AgentState::Running).await;
+    let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
+    let analyser =
+        manager.handle::<WordStats>(id.parse().unwrap()).with_timeout(Duration::from_secs(60));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let calls = tokio::spawn({
+        let (analyser, answered) = (analyser.clone(), answered.clone());
+        async move {
+            use futures::StreamExt as _;
+            let failed: Vec<String> = futures::stream::iter(0..CALLS)
+                .map(|_| {
+                    let (analyser, answered) = (analyser.clone(), answered.clone());
+                    async move {
+                        let report = analyser.analyse("one more".into()).await;
+                        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        report.map_err(|e| e.to_string()).err()
+                    }
+                })
+                .buffer_unordered(16)
+                .filter_map(|failed| async { failed })
+                .collect()
+                .await;
+            failed
+        }
+    });
+    let mut kills = 0;
+    for round in 1..CALLS / KILL_EVERY {
+        wait_long(|| async {
+            answered.load(std::sync::atomic::Ordering::SeqCst) >= round * KILL_EVERY
+        })
+        .await;
+        // A fresh worker first, then the one running the agent goes.
+        cluster.add_worker(&format!("w{}", round + 2)).await;
+        let doomed = cluster.worker_of(&id).await;
+        let (_, child) = cluster.workers.iter_mut().find(|(n, _)| *n == doomed).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        wait(|| async { cluster.get(&id).await.epoch == u64::from(round) + 1 }).await;
+    }
+    let failed = calls.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let analysed = analyser.analysed().await.unwrap();
+    println!("{CALLS} calls, {kills} workers killed under the agent: {analysed} texts analysed");
+    assert_eq!(kills, 4);
+    assert_eq!(analysed, u64::from(CALLS), "each request changes the state exactly once");
+    manager.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_moved_in_memory_each_request_counts_once() {
+    an_agent_killed_and_moved_counts_each_request_once(ExchangeOptions::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_moved_on_redis_each_request_counts_once() {
+    let redis = RedisServer::start().expect("redis-server must run for these tests");
+    let store = MailboxStore::Redis(RedisOptions { url: redis.url(), ..Default::default() });
+    an_agent_killed_and_moved_counts_each_request_once(ExchangeOptions {
+        store,
+        ..Default::default()
+    })
+    .await;
+}
+
+/// Polls `ready` every 20 ms for up to 2 minutes.
+async fn wait_long<F, Fut>(mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ready().await {
+        assert!(Instant::now() < deadline, "condition not reached within 2 minutes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn signal(child: &Child, name: &str) {

@@ -30,7 +30,8 @@ pub fn behaviour(args: TokenStream, input: TokenStream) -> TokenStream {
 }
 
 enum Role {
-    Action,
+    /// An action; `true` when read-only.
+    Action(bool),
     Loop,
     Timer(Expr),
     Startup,
@@ -44,7 +45,7 @@ fn take_role(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Role>> {
     let mut error = None;
     attrs.retain(|attr| {
         let found = if attr.path().is_ident("action") {
-            Some(Ok(Role::Action))
+            Some(action_options(attr).map(Role::Action))
         } else if attr.path().is_ident("control_loop") {
             Some(Ok(Role::Loop))
         } else if attr.path().is_ident("on_startup") {
@@ -75,6 +76,18 @@ fn take_role(attrs: &mut Vec<Attribute>) -> syn::Result<Option<Role>> {
         }
     });
     error.map_or(Ok(role), Err)
+}
+
+/// Whether `#[action]` says `read_only`: the only option it takes.
+fn action_options(attr: &Attribute) -> syn::Result<bool> {
+    if matches!(attr.meta, syn::Meta::Path(_)) {
+        return Ok(false);
+    }
+    let option: syn::Ident = attr.parse_args()?;
+    if option != "read_only" {
+        return Err(syn::Error::new(option.span(), "#[action] takes only `read_only`"));
+    }
+    Ok(true)
 }
 
 fn timer_period(attr: &Attribute) -> syn::Result<Expr> {
@@ -192,6 +205,7 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
     }
 
     let mut action_names = Vec::new();
+    let mut read_only = Vec::new();
     let mut dispatch_arms = Vec::new();
     let mut handle_methods = Vec::new();
     let mut loops = Vec::new();
@@ -210,7 +224,7 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
         let ident = method.sig.ident.clone();
         let label = ident.to_string();
         match role {
-            Role::Action => {
+            Role::Action(only_reads) => {
                 check_method(method, "an action")?;
                 if RESERVED.contains(&label.as_str()) {
                     return Err(syn::Error::new(
@@ -248,6 +262,9 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
                         self.0.call(#label, (#(#call_args,)*)).await
                     }
                 });
+                if only_reads {
+                    read_only.push(label.clone());
+                }
                 action_names.push(label);
             }
             Role::Loop => {
@@ -392,6 +409,7 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
             const NAME: &'static str = #name;
             const IMPLEMENTS: &'static [&'static str] = &[#(#implements),*];
             const ACTIONS: &'static [&'static str] = &[#(#action_names),*];
+            const READ_ONLY_ACTIONS: &'static [&'static str] = &[#(#read_only),*];
             type Actions = #actions_ident;
 
             #[allow(unused_variables, unreachable_code)]
