@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,9 +151,12 @@ enum Store {
 
 /// Most answers in one commit (the exchange takes at most a thousand).
 const MAX_COMMIT_ANSWERS: usize = 1_000;
-/// Most bytes of answers and state in one commit, within what an exchange
-/// with the default limits takes in one request (4 MiB).
+/// Most bytes of answers and state in one commit at first, within what an
+/// exchange with the default limits takes in one request (4 MiB); lowered
+/// to fit an exchange that refuses a commit as too large.
 const MAX_COMMIT_BYTES: usize = 3 * 1024 * 1024;
+/// Room left for the rest of a commit request under the exchange's limit.
+const COMMIT_FRAMING_BYTES: usize = 64 * 1024;
 
 /// An answer waiting for its commit, with the state as its action left it.
 #[derive(Debug)]
@@ -214,6 +217,16 @@ pub(crate) struct Keeper {
     /// A later incarnation saved or subscribed: this one must stop, and
     /// leave the mailbox to it.
     fenced: AtomicBool,
+    /// Most bytes of answers and state per commit.
+    budget: AtomicUsize,
+}
+
+/// Why a commit was not made.
+enum Refused {
+    /// What its actions are told.
+    Outcome(Outcome),
+    /// Too large for the exchange: to be sent again in smaller commits.
+    Smaller,
 }
 
 impl Keeper {
@@ -240,6 +253,7 @@ impl Keeper {
             queued: Notify::new(),
             last: Mutex::default(),
             fenced: AtomicBool::new(false),
+            budget: AtomicUsize::new(MAX_COMMIT_BYTES),
         })
     }
 
@@ -348,13 +362,14 @@ impl Keeper {
     /// [`MAX_COMMIT_ANSWERS`], and [`MAX_COMMIT_BYTES`] with the state of
     /// the last (one, whatever its size).
     fn take(&self) -> Option<Vec<Pending>> {
+        let budget = self.budget.load(Ordering::Relaxed);
         let mut queue = lock(&self.queue);
         let mut bytes = 0;
         let mut n = 0;
         for pending in queue.iter() {
             bytes += pending.answer.encoded_len();
             let state = pending.snapshot.as_ref().map_or(0, Vec::len);
-            if n > 0 && (n == MAX_COMMIT_ANSWERS || bytes + state > MAX_COMMIT_BYTES) {
+            if n > 0 && (n == MAX_COMMIT_ANSWERS || bytes + state > budget) {
                 break;
             }
             n += 1;
@@ -389,12 +404,18 @@ impl Keeper {
         // Alone, an answer too large to go with the state goes after it.
         let alone = batch.len() == 1
             && batch[0].answer.encoded_len() + state.as_ref().map_or(0, Vec::len)
-                > MAX_COMMIT_BYTES;
+                > self.budget.load(Ordering::Relaxed);
         let answers: Vec<pb::Message> =
             if alone { Vec::new() } else { batch.iter().map(|p| p.answer.clone()).collect() };
         let seqs: Vec<u64> = batch.iter().map(|p| p.seq).collect();
         match self.send::<B>(exchange, state, seqs, answers).await {
-            Err(outcome) => finish(batch, |_| outcome.clone()),
+            Err(Refused::Smaller) => {
+                let mut queue = lock(&self.queue);
+                for pending in batch.into_iter().rev() {
+                    queue.push_front(pending);
+                }
+            }
+            Err(Refused::Outcome(outcome)) => finish(batch, |_| outcome.clone()),
             Ok(_) if alone => finish(batch, |p| Outcome::Committed(Some((p.answer, None)))),
             Ok(results) => {
                 let mut results = results.into_iter();
@@ -410,14 +431,14 @@ impl Keeper {
     }
 
     /// One commit to the exchange, retried (for about half a minute) while
-    /// it is unreachable; one result per answer, or what became of them all.
+    /// it is unreachable; one result per answer, or why not.
     async fn send<B: Behaviour>(
         &self,
         exchange: &SharedExchange,
         state: Option<Vec<u8>>,
         seqs: Vec<u64>,
         answers: Vec<pb::Message>,
-    ) -> Result<Vec<Result<(), ClientError>>, Outcome> {
+    ) -> Result<Vec<Result<(), ClientError>>, Refused> {
         let size = state.as_ref().map_or(0, Vec::len);
         let started = crate::metrics::enabled().then(std::time::Instant::now);
         let mut patience = crate::runtime::Patience::new();
@@ -431,14 +452,26 @@ impl Keeper {
                     }
                     return Ok(results);
                 }
+                Err(ClientError::Exchange(ExchangeError::TooLarge { limit, .. }))
+                    if !answers.is_empty() && self.fit(limit) =>
+                {
+                    return Err(Refused::Smaller);
+                }
                 Err(e) => {
                     if let Some(outcome) = self.retry(e, &mut patience).await {
                         crate::metrics::observe_save(B::NAME, outcome.label(), size, started);
-                        return Err(outcome);
+                        return Err(Refused::Outcome(outcome));
                     }
                 }
             }
         }
+    }
+
+    /// Lowers the bytes per commit to fit an exchange that takes requests
+    /// of at most `limit` bytes; false when they fit already.
+    fn fit(&self, limit: usize) -> bool {
+        let fits = limit.saturating_sub(COMMIT_FRAMING_BYTES).max(COMMIT_FRAMING_BYTES);
+        self.budget.fetch_min(fits, Ordering::Relaxed) > fits
     }
 
     /// Saves the state in a store apart from the exchange, retried as
@@ -483,7 +516,11 @@ impl Keeper {
         let saved = match &self.store {
             Store::Other(_) => self.put::<B>(Some(snapshot)).await,
             Store::Exchange(exchange) => {
-                self.send::<B>(exchange, Some(snapshot), Vec::new(), Vec::new()).await.map(drop)
+                let sent = self.send::<B>(exchange, Some(snapshot), Vec::new(), Vec::new()).await;
+                sent.map(drop).map_err(|refused| match refused {
+                    Refused::Outcome(outcome) => outcome,
+                    Refused::Smaller => Outcome::Failed("the state is too large".into()),
+                })
             }
         };
         match saved {

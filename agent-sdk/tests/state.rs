@@ -262,3 +262,123 @@ async fn a_file_store_keeps_state_across_processes_on_one_node() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[derive(Debug, Default)]
+struct Turns {
+    tally: Mutex<Tally>,
+    /// State-changing actions running now, and the most ever at once.
+    inside: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+#[behaviour(name = "test.Turns")]
+impl Turns {
+    #[state]
+    fn tally(&self) -> &Mutex<Tally> {
+        &self.tally
+    }
+
+    #[action]
+    async fn slow_add(&self) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.inside.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let count = {
+            let mut tally = self.tally.lock().unwrap();
+            tally.count += 1;
+            tally.count
+        };
+        self.inside.fetch_sub(1, SeqCst);
+        count
+    }
+
+    #[action(read_only)]
+    async fn running(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.inside.load(SeqCst), self.most.load(SeqCst))
+    }
+}
+
+/// State-changing actions take turns, each seeing the last one's state;
+/// read-only ones run beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changing_actions_take_turns_and_read_only_ones_do_not_wait() {
+    let server = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let manager = Manager::connect(&server.url()).await.unwrap();
+    let turns =
+        manager.launch(Turns::default()).await.unwrap().with_timeout(Duration::from_secs(10));
+    let adds: Vec<_> = (0..4)
+        .map(|_| {
+            let turns = turns.clone();
+            tokio::spawn(async move { turns.slow_add().await.unwrap() })
+        })
+        .collect();
+    // A read-only action sees one running: it did not wait for its turn.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while turns.running().await.unwrap().0 != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "read-only actions waited for turns");
+    }
+    let mut counts = Vec::new();
+    for add in adds {
+        counts.push(add.await.unwrap());
+    }
+    counts.sort_unstable();
+    assert_eq!(counts, [1, 2, 3, 4], "each saw the state the one before left");
+    assert_eq!(turns.running().await.unwrap(), (0, 1), "never two at once");
+    let saved = manager.exchange().load_state(&turns.id()).await.unwrap().unwrap();
+    assert_eq!(saved.data.unwrap().data.as_ref(), br#"{"count":4}"#);
+    manager.close().await.unwrap();
+}
+
+#[derive(Debug, Default)]
+struct Filler {
+    tally: Mutex<Tally>,
+}
+
+#[behaviour(name = "test.Filler")]
+impl Filler {
+    #[state]
+    fn tally(&self) -> &Mutex<Tally> {
+        &self.tally
+    }
+
+    /// Counts, and answers `bytes` bytes.
+    #[action]
+    async fn fill(&self, bytes: usize) -> String {
+        self.tally.lock().unwrap().count += 1;
+        "x".repeat(bytes)
+    }
+}
+
+/// Answers that together are larger than the exchange takes in one
+/// request go in smaller commits; a single answer larger than fits with the
+/// state goes right after its commit. None is lost, none counts twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_fit_an_exchange_with_a_small_message_limit() {
+    const KIB: usize = 1024;
+    let limits = academy_exchange::Limits {
+        max_message_bytes: 256 * KIB,
+        max_delivery_bytes: 257 * KIB,
+        ..academy_exchange::Limits::default()
+    };
+    let server =
+        RunningExchange::start(ExchangeOptions { limits, ..Default::default() }).await.unwrap();
+    let manager = Manager::connect(&server.url()).await.unwrap();
+    let filler =
+        manager.launch(Filler::default()).await.unwrap().with_timeout(Duration::from_secs(20));
+    let calls: Vec<_> = (0..32)
+        .map(|i| {
+            let filler = filler.clone();
+            // One of them alone fills most of a message.
+            let bytes = if i == 7 { 250 * KIB } else { 60 * KIB };
+            tokio::spawn(async move { filler.fill(bytes).await.map(|s| s.len() == bytes) })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), true);
+    }
+    let saved = manager.exchange().load_state(&filler.id()).await.unwrap().unwrap();
+    assert_eq!(saved.data.unwrap().data.as_ref(), br#"{"count":32}"#);
+    manager.close().await.unwrap();
+}

@@ -66,7 +66,7 @@ fn exchange_requests(data: &[u8]) {
     let Some((kind, body)) = data.split_first() else { return };
     let exchange = exchange();
     runtime().block_on(async {
-        match kind % 8 {
+        match kind % 9 {
             0 => {
                 if let Ok(req) = pb::SendBatchRequest::decode(body) {
                     let _ = exchange.send_batch(req.messages).await;
@@ -118,6 +118,14 @@ fn exchange_requests(data: &[u8]) {
                     && let Ok(id) = EntityId::parse_field(&req.agent_id, "agent_id")
                 {
                     let _ = exchange.load_state(&id).await;
+                }
+            }
+            8 => {
+                if let Ok(req) = pb::CommitRequest::decode(body) {
+                    let save = req.state.unwrap_or_default();
+                    if let Ok(id) = EntityId::parse_field(&save.agent_id, "state.agent_id") {
+                        let _ = exchange.commit(&id, save, req.seqs, req.answers).await;
+                    }
                 }
             }
             _ => {
@@ -202,6 +210,19 @@ fn request_seeds() -> Vec<Vec<u8>> {
         ),
         with(6, pb::LoadStateRequest { agent_id: agent.to_string() }.encode_to_vec()),
         with(7, message.encode_to_vec()),
+        with(
+            8,
+            pb::CommitRequest {
+                state: Some(pb::SaveStateRequest {
+                    agent_id: agent.to_string(),
+                    epoch: 2,
+                    ..Default::default()
+                }),
+                seqs: vec![0, 1],
+                answers: vec![message.clone()],
+            }
+            .encode_to_vec(),
+        ),
     ]
 }
 
