@@ -37,7 +37,7 @@ impl Echo {
     }
 }
 
-/// The echo with a kept state (a count of its calls), saved before each
+/// The echo with a kept state (a count of its calls), committed with each
 /// answer: scenario (k).
 #[derive(Default)]
 struct KeptEcho {
@@ -52,6 +52,27 @@ impl KeptEcho {
     }
 
     #[action]
+    async fn echo(&self, data: String) -> String {
+        *self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        data
+    }
+}
+
+/// The same echo and state, without checkpoints (read-only to the runtime:
+/// the count is saved every second): scenario (k), next to [`KeptEcho`].
+#[derive(Default)]
+struct LooseEcho {
+    calls: std::sync::Mutex<u64>,
+}
+
+#[behaviour(name = "bench.LooseEcho")]
+impl LooseEcho {
+    #[state]
+    fn calls(&self) -> &std::sync::Mutex<u64> {
+        &self.calls
+    }
+
+    #[action(read_only)]
     async fn echo(&self, data: String) -> String {
         *self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
         data
@@ -471,14 +492,32 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
         rows.push(format!("| (b) 64 in flight, one client → one agent | {b:.0} actions/s |"));
     }
     if run('k') {
+        // The same action with its checkpoint and without, one after the other.
+        let loose = manager.launch(LooseEcho::default()).await?;
         let kept = manager.launch(KeptEcho::default()).await?;
-        let a = echo_latency(kept.raw(), 100, args.calls).await?;
+        let (la, ka) = (
+            echo_latency(loose.raw(), 100, args.calls).await?,
+            echo_latency(kept.raw(), 100, args.calls).await?,
+        );
+        let (lb, kb) = (
+            throughput(loose.raw(), 64, args.seconds).await?,
+            throughput(kept.raw(), 64, args.seconds).await?,
+        );
         rows.push(format!(
-            "| (k-a) sequential echo keeping a state, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) |",
-            a.p50_us, a.p99_us, a.per_sec
+            "| (k-a) sequential echo changing a kept state, without checkpoint: p50 / p99 | {:.0} µs / {:.0} µs |",
+            la.p50_us, la.p99_us
         ));
-        let b = throughput(kept.raw(), 64, args.seconds).await?;
-        rows.push(format!("| (k-b) 64 in flight, keeping a state | {b:.0} actions/s |"));
+        rows.push(format!(
+            "| (k-a) the same, each committed with its answer: p50 / p99 | {:.0} µs / {:.0} µs ({:.2}× without) |",
+            ka.p50_us,
+            ka.p99_us,
+            ka.p50_us / la.p50_us
+        ));
+        rows.push(format!("| (k-b) 64 in flight, without checkpoint | {lb:.0} actions/s |"));
+        rows.push(format!(
+            "| (k-b) 64 in flight, committed | {kb:.0} actions/s ({:.2}× without) |",
+            kb / lb
+        ));
     }
     if run('c') {
         let mut fleet = Vec::new();
