@@ -224,7 +224,7 @@ pub(crate) struct Keeper {
 /// Why a commit was not made.
 enum Refused {
     /// What its actions are told.
-    Outcome(Outcome),
+    Outcome(Box<Outcome>),
     /// Too large for the exchange: to be sent again in smaller commits.
     Smaller,
 }
@@ -415,7 +415,7 @@ impl Keeper {
                     queue.push_front(pending);
                 }
             }
-            Err(Refused::Outcome(outcome)) => finish(batch, |_| outcome.clone()),
+            Err(Refused::Outcome(outcome)) => finish(batch, |_| (*outcome).clone()),
             Ok(_) if alone => finish(batch, |p| Outcome::Committed(Some((p.answer, None)))),
             Ok(results) => {
                 let mut results = results.into_iter();
@@ -460,7 +460,7 @@ impl Keeper {
                 Err(e) => {
                     if let Some(outcome) = self.retry(e, &mut patience).await {
                         crate::metrics::observe_save(B::NAME, outcome.label(), size, started);
-                        return Err(Refused::Outcome(outcome));
+                        return Err(Refused::Outcome(Box::new(outcome)));
                     }
                 }
             }
@@ -518,7 +518,7 @@ impl Keeper {
             Store::Exchange(exchange) => {
                 let sent = self.send::<B>(exchange, Some(snapshot), Vec::new(), Vec::new()).await;
                 sent.map(drop).map_err(|refused| match refused {
-                    Refused::Outcome(outcome) => outcome,
+                    Refused::Outcome(outcome) => *outcome,
                     Refused::Smaller => Outcome::Failed("the state is too large".into()),
                 })
             }

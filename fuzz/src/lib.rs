@@ -219,7 +219,7 @@ fn request_seeds() -> Vec<Vec<u8>> {
                     ..Default::default()
                 }),
                 seqs: vec![0, 1],
-                answers: vec![message.clone()],
+                answers: vec![message],
             }
             .encode_to_vec(),
         ),
