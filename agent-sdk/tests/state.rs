@@ -376,7 +376,7 @@ async fn commits_fit_an_exchange_with_a_small_message_limit() {
         })
         .collect();
     for call in calls {
-        assert_eq!(call.await.unwrap().unwrap(), true);
+        assert!(call.await.unwrap().unwrap(), "an answer of the size asked");
     }
     let saved = manager.exchange().load_state(&filler.id()).await.unwrap().unwrap();
     assert_eq!(saved.data.unwrap().data.as_ref(), br#"{"count":32}"#);
