@@ -119,6 +119,17 @@ pub trait Behaviour: Send + Sync + Sized + 'static {
         args: Option<pb::Payload>,
     ) -> BoxFuture<'static, Result<pb::Payload, ActionError>>;
 
+    /// What its agents can do (docs, parameters, JSON Schemas), published
+    /// with each agent's mailbox; the `#[behaviour]` macro writes it.
+    fn describe() -> pb::AgentDescription {
+        let actions = Self::ACTIONS.iter().map(|name| pb::ActionDescription {
+            name: (*name).to_owned(),
+            read_only: Self::READ_ONLY_ACTIONS.contains(name),
+            ..Default::default()
+        });
+        pb::AgentDescription { doc: String::new(), actions: actions.collect() }
+    }
+
     /// Control loops and timers, started after the startup hook.
     fn loops(self: &Arc<Self>, _shutdown: &Shutdown) -> Vec<ControlLoop> {
         Vec::new()

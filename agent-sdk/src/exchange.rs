@@ -29,13 +29,15 @@ pub type DeliveryStream = BoxStream<'static, Result<Vec<pb::Delivery>, ClientErr
 /// [`SharedExchange`].
 #[async_trait::async_trait]
 pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
-    /// Creates the mailbox of a new agent (with `id`, or a fresh one).
+    /// Creates the mailbox of a new agent (with `id`, or a fresh one) and
+    /// publishes what it can do.
     async fn register_agent(
         &self,
         behaviour: &str,
         implements: &[&str],
         name: &str,
         id: Option<EntityId>,
+        description: Option<pb::AgentDescription>,
     ) -> Result<EntityId, ClientError>;
     /// Creates the mailbox of a new client.
     async fn register_client(&self) -> Result<EntityId, ClientError>;
@@ -115,9 +117,11 @@ impl ExchangeApi for LocalExchange {
         implements: &[&str],
         name: &str,
         id: Option<EntityId>,
+        description: Option<pb::AgentDescription>,
     ) -> Result<EntityId, ClientError> {
         let implements = implements.iter().map(|s| (*s).to_owned()).collect();
-        Ok(self.exchange.register_agent(behaviour, implements, name.to_owned(), id).await?)
+        let name = name.to_owned();
+        Ok(self.exchange.register_agent(behaviour, implements, name, id, description).await?)
     }
     async fn register_client(&self) -> Result<EntityId, ClientError> {
         Ok(self.exchange.register_client().await?)
@@ -313,6 +317,7 @@ impl ExchangeApi for GrpcExchange {
         implements: &[&str],
         name: &str,
         id: Option<EntityId>,
+        description: Option<pb::AgentDescription>,
     ) -> Result<EntityId, ClientError> {
         let response = self
             .rpc()
@@ -321,6 +326,7 @@ impl ExchangeApi for GrpcExchange {
                 implements: implements.iter().map(|s| (*s).to_owned()).collect(),
                 name: name.to_owned(),
                 agent_id: id.map(|id| id.to_string()).unwrap_or_default(),
+                description,
             })
             .await?;
         Ok(EntityId::parse_field(&response.into_inner().agent_id, "agent_id")?)

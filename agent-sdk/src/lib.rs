@@ -5,6 +5,7 @@ mod behaviour;
 pub mod codec;
 mod context;
 pub mod credentials;
+pub mod describe;
 pub mod error;
 pub mod exchange;
 mod handle;
@@ -26,14 +27,20 @@ pub use error::{AgentError, ClientError, HandleError, ManagerError};
 pub use handle::{Handle, MailboxPolicy, RawHandle};
 pub use manager::{LaunchOptions, Manager};
 pub use runtime::AgentConfig;
+/// JSON Schemas of action parameters and results: derive `schemars::JsonSchema`
+/// on your types to describe them precisely ([`describe`]).
+pub use schemars;
 
 /// Used by the code `#[behaviour]` generates; not part of the API.
 #[doc(hidden)]
 pub mod __private {
     pub use crate::behaviour::{HookOutcome, every, fallible};
     pub use crate::codec::{Args, decode_args, encode_result, reply_codec};
+    pub use crate::describe::{ActionDoc, Probe, Typed, Untyped, describe};
+    pub use academy_proto::pb::AgentDescription;
     pub use academy_proto::pb::Payload;
     pub use futures::future::BoxFuture;
+    pub use schemars::SchemaGenerator;
     pub use serde_json::Value as JsonValue;
 }
 

@@ -99,7 +99,10 @@ impl Manager {
                 }
             }
             None => {
-                self.exchange.register_agent(B::NAME, B::IMPLEMENTS, &options.name, None).await?
+                let description = Some(B::describe());
+                self.exchange
+                    .register_agent(B::NAME, B::IMPLEMENTS, &options.name, None, description)
+                    .await?
             }
         };
         let stop = StopSignal::default();

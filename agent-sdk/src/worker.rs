@@ -40,6 +40,7 @@ type Factory = Arc<
 
 struct Offered {
     implements: &'static [&'static str],
+    description: pb::AgentDescription,
     factory: Factory,
 }
 
@@ -251,7 +252,9 @@ impl Worker {
             let config = AgentConfig { terminate_on_error: false, ..AgentConfig::default() };
             Ok(Box::pin(runtime::run(Arc::new(behaviour), id, epoch, exchange, config, stop)))
         });
-        self.behaviours.insert(B::NAME, Offered { implements: B::IMPLEMENTS, factory });
+        let description = B::describe();
+        self.behaviours
+            .insert(B::NAME, Offered { implements: B::IMPLEMENTS, description, factory });
         self
     }
 
@@ -380,6 +383,7 @@ impl Worker {
                 .map(|(name, offered)| pb::BehaviourSpec {
                     name: (*name).to_owned(),
                     implements: offered.implements.iter().map(|s| (*s).to_owned()).collect(),
+                    description: Some(offered.description.clone()),
                 })
                 .collect(),
             running: fleet.running(),

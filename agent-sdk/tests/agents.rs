@@ -29,7 +29,7 @@ async fn start() -> (RunningExchange, Manager) {
 /// The mailbox of an agent that is not running (yet).
 async fn idle_agent(manager: &Manager) -> academy_sdk::EntityId {
     let exchange = manager.exchange();
-    exchange.register_agent("test.Echo", &[], "", None).await.unwrap()
+    exchange.register_agent("test.Echo", &[], "", None, None).await.unwrap()
 }
 
 #[derive(Debug)]

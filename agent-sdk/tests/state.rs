@@ -237,7 +237,7 @@ async fn a_file_store_keeps_state_across_processes_on_one_node() {
 
     // Another exchange (the process restarted): the same folder.
     let manager = Manager::in_process().await.unwrap();
-    manager.exchange().register_agent("test.Counter", &[], "", Some(id)).await.unwrap();
+    manager.exchange().register_agent("test.Counter", &[], "", Some(id), None).await.unwrap();
     let options = LaunchOptions { config, agent_id: Some(id), ..LaunchOptions::default() };
     let counter = manager.launch_with(Counter::default(), options).await.unwrap();
     assert_eq!(counter.add(1).await.unwrap(), 12, "5 + 6 restored from the file, then 1");

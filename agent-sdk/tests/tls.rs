@@ -102,14 +102,14 @@ async fn client_certificates_name_principals_and_a_token_wins() {
 
     // A mailbox belongs to the principal the certificate names: the URI if
     // it has one, else its DNS name.
-    let id = analyst.register_agent("test.Owned", &[], "", None).await.unwrap();
+    let id = analyst.register_agent("test.Owned", &[], "", None, None).await.unwrap();
     let err = bob.terminate(&id).await.unwrap_err();
     assert!(
         matches!(&err, ClientError::Exchange(ExchangeError::PermissionDenied { owner, .. })
             if owner == spiffe),
         "{err}"
     );
-    let bobs = bob.register_agent("test.Owned", &[], "", None).await.unwrap();
+    let bobs = bob.register_agent("test.Owned", &[], "", None, None).await.unwrap();
     let err = analyst.terminate(&bobs).await.unwrap_err();
     assert!(err.to_string().contains("\"bob.lab.example\""), "{err}");
     analyst.terminate(&id).await.unwrap();
@@ -119,13 +119,13 @@ async fn client_certificates_name_principals_and_a_token_wins() {
         &as_holder(&pki.issue(&["bob.lab.example"])).with_token("carol-0123456789abcdef").unwrap(),
     )
     .await;
-    let carols = carol.register_agent("test.Owned", &[], "", None).await.unwrap();
+    let carols = carol.register_agent("test.Owned", &[], "", None, None).await.unwrap();
     let err = bob.terminate(&carols).await.unwrap_err();
     assert!(err.to_string().contains("principal \"carol\""), "{err}");
 
     // A certificate that names no one is refused, with what to do.
     let nameless = connect(&as_holder(&pki.issue(&[]))).await;
-    let err = nameless.register_agent("test.Owned", &[], "", None).await.unwrap_err();
+    let err = nameless.register_agent("test.Owned", &[], "", None, None).await.unwrap_err();
     assert!(
         matches!(&err, ClientError::Exchange(ExchangeError::Unauthenticated(why))
             if why.contains("subject alternative name")),

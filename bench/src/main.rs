@@ -385,6 +385,7 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
                 implements: vec!["bench.Idle".into()],
                 name: format!("idle-{i}"),
                 agent_id: String::new(),
+                description: None,
             };
             rpc.register_agent(req).await.map(drop)
         }

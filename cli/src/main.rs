@@ -69,6 +69,9 @@ enum Command {
     },
     /// State of a mailbox.
     Status { id: String },
+    /// What an agent can do: its actions, their parameters and documentation
+    /// (`--json`: with the JSON Schemas of their arguments and results).
+    Describe { agent_id: String },
     /// Calls an action with JSON arguments and prints the result.
     Invoke {
         agent_id: String,
@@ -191,6 +194,42 @@ fn worker_json(w: &pb::WorkerRecord) -> Value {
     json!({
         "worker_id": w.worker_id, "name": w.name, "capacity": w.capacity, "labels": w.labels,
         "behaviours": w.behaviours, "agents": w.agent_count, "draining": w.draining,
+    })
+}
+
+/// An agent's description: one row per action (`--json`: one object, whole).
+fn description_rows(agent: &pb::AgentInfo) -> Vec<Value> {
+    let described = agent.description.clone().unwrap_or_default();
+    described
+        .actions
+        .iter()
+        .map(|a| {
+            json!({
+                "action": a.name, "params": a.params.join(", "), "read_only": a.read_only,
+                "doc": a.doc.lines().next().unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+fn description_json(agent: &pb::AgentInfo) -> Value {
+    let described = agent.description.clone().unwrap_or_default();
+    let schema = |s: &Option<academy_proto::prost_types::Value>| {
+        s.clone().map_or(json!({}), json::from_proto)
+    };
+    let actions: Vec<Value> = described
+        .actions
+        .iter()
+        .map(|a| {
+            json!({
+                "name": a.name, "doc": a.doc, "params": a.params, "read_only": a.read_only,
+                "input_schema": schema(&a.input_schema), "output_schema": schema(&a.output_schema),
+            })
+        })
+        .collect();
+    json!({
+        "agent_id": agent.agent_id, "behaviour": agent.behaviour, "name": agent.name,
+        "described": agent.description.is_some(), "doc": described.doc, "actions": actions,
     })
 }
 
@@ -376,6 +415,29 @@ async fn main() -> anyhow::Result<()> {
                 &["agent_id", "revision", "version", "epoch", "saved_at", "bytes", "state"],
                 &[row],
             );
+        }
+        Command::Describe { agent_id } => {
+            let agent = exchange(&cli)
+                .await?
+                .describe(pb::DescribeRequest { agent_id })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .agent
+                .context("no agent returned")?;
+            if cli.json {
+                println!("{}", description_json(&agent));
+            } else {
+                let described = agent.description.as_ref();
+                let doc = described.map(|d| d.doc.as_str()).filter(|d| !d.is_empty());
+                println!("{} ({})", agent.agent_id, agent.behaviour);
+                match (described, doc) {
+                    (None, _) => println!("It published no description."),
+                    (Some(_), Some(doc)) => println!("{doc}\n"),
+                    (Some(_), None) => println!(),
+                }
+                format.print(&["action", "params", "read_only", "doc"], &description_rows(&agent));
+            }
         }
         Command::Status { id } => {
             let status = exchange(&cli)

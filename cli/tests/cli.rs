@@ -18,8 +18,10 @@ struct Counter {
     count: AtomicU64,
 }
 
+/// Counts.
 #[behaviour(name = "test.Counter", implements("test.Metric"))]
 impl Counter {
+    /// Adds `by` and answers the count.
     #[action]
     async fn increment(&self, by: u64) -> u64 {
         self.start + self.count.fetch_add(by, Ordering::SeqCst) + by
@@ -104,6 +106,31 @@ async fn the_cli_drives_a_live_system() {
         assert!(Instant::now() < deadline, "never running: {agents:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // What it can do, as its worker described it.
+    let cli2 = cli.clone();
+    let id2 = id.clone();
+    let (ok, table, err) =
+        tokio::task::spawn_blocking(move || cli2.run(&["describe", &id2])).await.unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        table.contains("Counts.") && table.contains("Adds `by` and answers the count."),
+        "{table}"
+    );
+    let cli2 = cli.clone();
+    let id2 = id.clone();
+    let described =
+        tokio::task::spawn_blocking(move || cli2.json(&["describe", &id2])).await.unwrap();
+    let increment = &described[0]["actions"][0];
+    assert_eq!(increment["params"], serde_json::json!(["by"]));
+    assert_eq!(increment["input_schema"]["properties"]["by"]["type"], "integer");
+    let cli2 = cli.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        cli2.run(&["describe", "agent:00000000-0000-4000-8000-000000000000"])
+    })
+    .await
+    .unwrap();
+    assert!(!ok && err.contains("NotFound"), "{err}");
 
     // Kept state: none yet for this counter; once saved, shown with its
     // revision, version and size, and whole with --json.

@@ -76,7 +76,7 @@ async fn the_cli_lists_a_hundred_thousand_agents_and_a_worker_with_ten_thousand(
     let register = pb::RegisterWorker {
         name: "big".into(),
         capacity: AGENTS as u32,
-        behaviours: vec![pb::BehaviourSpec { name: "test.Fake".into(), implements: vec![] }],
+        behaviours: vec![pb::BehaviourSpec { name: "test.Fake".into(), ..Default::default() }],
         running,
         ..Default::default()
     };

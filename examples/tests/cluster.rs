@@ -149,6 +149,22 @@ async fn agents_spread_over_workers_and_move_when_one_is_killed() {
         *per_worker.entry(cluster.worker_of(id).await).or_default() += 1;
     }
     assert_eq!(per_worker.values().copied().collect::<Vec<_>>(), vec![2, 2], "{per_worker:?}");
+    // Placed by the launcher, described as the worker offered it.
+    let mut exchange =
+        pb::exchange_service_client::ExchangeServiceClient::connect(cluster.exchange.url())
+            .await
+            .unwrap();
+    let described = exchange
+        .describe(pb::DescribeRequest { agent_id: ids[0].clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .agent
+        .unwrap()
+        .description
+        .unwrap();
+    assert_eq!(described, <WordStats as academy_sdk::Behaviour>::describe());
+    assert!(described.actions.iter().any(|a| a.name == "analysed" && a.read_only));
 
     // The manager launches through the launcher too, with the same handles.
     let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();

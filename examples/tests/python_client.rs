@@ -108,3 +108,56 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     manager.close().await.unwrap();
     exchange.shutdown().await;
 }
+
+/// An agent written in Python (`examples/python/agent.py`) publishes a
+/// description that the exchange gives back, and answers a Rust handle
+/// (which falls back from MessagePack to JSON) until shut down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_python_agent_describes_itself_and_answers_rust() {
+    use academy_proto::pb;
+    use std::io::BufRead as _;
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-python-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&out).unwrap();
+    generate(&root, &out);
+    let pythonpath = std::env::join_paths([out.clone(), root.join("examples/python")]).unwrap();
+    let mut agent = python()
+        .arg(root.join("examples/python/agent.py"))
+        .arg(exchange.addr().to_string())
+        .env("PYTHONPATH", pythonpath)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut first = String::new();
+    std::io::BufReader::new(agent.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let id: String = serde_json::from_str::<Value>(&first).unwrap()["agent_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no agent id: {first:?}"))
+        .to_owned();
+
+    let mut rpc =
+        pb::exchange_service_client::ExchangeServiceClient::connect(exchange.url()).await.unwrap();
+    let described = rpc.describe(pb::DescribeRequest { agent_id: id.clone() }).await.unwrap();
+    let described = described.into_inner().agent.unwrap();
+    assert_eq!(described.behaviour, "example.PyGreeter");
+    let description = described.description.unwrap();
+    assert_eq!(description.doc, "Greets people, from Python.");
+    let greet = &description.actions[0];
+    assert_eq!((greet.name.as_str(), greet.params.as_slice()), ("greet", &["name".to_owned()][..]));
+    let input = academy_proto::json::from_proto(greet.input_schema.clone().unwrap());
+    assert_eq!(input["properties"]["name"], json!({"type": "string"}));
+
+    let manager = Manager::connect(&exchange.url()).await.unwrap();
+    let handle = manager.raw_handle(id.parse().unwrap());
+    let hello: String = handle.call("greet", ("Ada",)).await.unwrap();
+    assert_eq!(hello, "Hello, Ada!");
+    let refused = handle.call::<_, String>("greet", ("",)).await.unwrap_err();
+    assert!(refused.to_string().contains("non-empty"), "{refused}");
+    handle.shutdown(academy_sdk::MailboxPolicy::Terminate).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || agent.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "the Python agent exits once asked to shut down");
+    std::fs::remove_dir_all(&out).unwrap();
+    manager.close().await.unwrap();
+}

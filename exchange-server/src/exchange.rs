@@ -215,13 +215,15 @@ impl Exchange {
         if self.principal.is_some() { self.limits.max_mailboxes_per_principal } else { 0 }
     }
 
-    /// Creates the mailbox of a new agent, with `id` or a fresh id.
+    /// Creates the mailbox of a new agent, with `id` or a fresh id, and
+    /// what it can do (at most [`MAX_DESCRIPTION_BYTES`](limits::MAX_DESCRIPTION_BYTES)).
     pub async fn register_agent(
         &self,
         behaviour: &str,
         implements: Vec<String>,
         name: String,
         id: Option<EntityId>,
+        description: Option<pb::AgentDescription>,
     ) -> Result<EntityId, ExchangeError> {
         if behaviour.is_empty() {
             return Err(ExchangeError::InvalidArgument("behaviour is empty".into()));
@@ -235,6 +237,10 @@ impl Exchange {
         for interface in &implements {
             limits::name("an implemented name", interface)?;
         }
+        if let Some(description) = &description {
+            let size = description.encoded_len();
+            limits::at_most("the bytes of a description", size, limits::MAX_DESCRIPTION_BYTES)?;
+        }
         let fresh = id.is_none();
         let id = id.unwrap_or_else(EntityId::new_agent);
         if !id.is_agent() {
@@ -243,7 +249,15 @@ impl Exchange {
             )));
         }
         let owner = self.principal().unwrap_or_default().to_owned();
-        let info = RegisteredAgent { id, behaviour: behaviour.to_owned(), implements, name, owner };
+        let description = description.map(Arc::new);
+        let info = RegisteredAgent {
+            id,
+            behaviour: behaviour.to_owned(),
+            implements,
+            name,
+            owner,
+            description,
+        };
         self.sweep_expired();
         let quota = self.mailbox_quota();
         self.backend.create(id, Some(info), self.principal(), quota, fresh).await?;
@@ -285,6 +299,33 @@ impl Exchange {
         let _ = self.backend.enqueue(replies, &bounds, None).await;
         tracing::debug!(mailbox = %id, answered, "mailbox terminated");
         Ok(previous)
+    }
+
+    /// What active agent `id` can do: its registration, with the
+    /// description it published (none if it published none).
+    pub async fn describe(&self, id: &EntityId) -> Result<RegisteredAgent, ExchangeError> {
+        let status = self.backend.status(id).await?;
+        let mut agent = match (status.state, status.agent) {
+            (pb::MailboxState::Active, Some(agent)) => agent,
+            (pb::MailboxState::Terminated, _) => return Err(ExchangeError::Terminated(*id)),
+            (pb::MailboxState::Active, None) => {
+                return Err(ExchangeError::InvalidArgument(format!(
+                    "{id} is a client: only agents describe themselves"
+                )));
+            }
+            _ => return Err(ExchangeError::NotFound(*id)),
+        };
+        agent.description = self.backend.descriptions(&[*id]).await?.pop().flatten();
+        Ok(agent)
+    }
+
+    /// The descriptions of agents `ids` (none for one that published none
+    /// or is gone), in order.
+    pub async fn descriptions(
+        &self,
+        ids: &[EntityId],
+    ) -> Result<Vec<Option<Arc<pb::AgentDescription>>>, ExchangeError> {
+        self.backend.descriptions(ids).await
     }
 
     /// The state of mailbox `id` (`Missing` when none has it).

@@ -14,6 +14,10 @@ pub const MAX_ACK_SEQS: usize = 10_000;
 pub const MAX_IMPLEMENTS: usize = 64;
 /// Longest behaviour, interface, agent or action name, and message label, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
+/// Largest description an agent publishes, encoded, in bytes.
+pub const MAX_DESCRIPTION_BYTES: usize = 64 * 1024;
+/// Most agents in a Discover answer that carries their descriptions.
+pub const MAX_DESCRIBED_PAGE: u32 = 100;
 /// Longest trace context in a message header, in bytes.
 pub const MAX_TRACE_CONTEXT_BYTES: usize = 512;
 /// What every gRPC client accepts by default in one message (4 MiB): the

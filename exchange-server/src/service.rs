@@ -15,8 +15,8 @@ use opentelemetry::trace::SpanKind;
 use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 
-use crate::Exchange;
 use crate::metrics::ExchangeMetrics;
+use crate::{Exchange, limits};
 
 /// Invoke's wait when neither `timeout` nor a call deadline is given.
 const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -93,7 +93,9 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let exchange = self.exchange_for(&request);
         let req = request.into_inner();
         let id = parse_optional_id(&req.agent_id, "agent_id")?;
-        let id = exchange.register_agent(&req.behaviour, req.implements, req.name, id).await?;
+        let id = exchange
+            .register_agent(&req.behaviour, req.implements, req.name, id, req.description)
+            .await?;
         Ok(Response::new(pb::RegisterAgentResponse { agent_id: id.to_string() }))
     }
 
@@ -128,12 +130,23 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
     ) -> RpcResult<pb::DiscoverResponse> {
         let req = request.into_inner();
         let after = parse_optional_id(&req.page_token, "page_token")?;
-        let limit = Some(page::size(req.page_size, MAX_DISCOVER_PAGE));
+        // Descriptions are up to 64 KiB each: fewer agents at a time then.
+        let most = if req.describe { limits::MAX_DESCRIBED_PAGE } else { MAX_DISCOVER_PAGE };
+        let limit = Some(page::size(req.page_size, most));
         let owner = (!req.owner.is_empty()).then_some(req.owner.as_str());
         let matching = Matching::exact(req.exact);
         let (agents, next) =
             self.exchange.discover_page(&req.behaviour, matching, after, limit, owner).await?;
+        let descriptions = if req.describe {
+            let ids: Vec<EntityId> = agents.iter().map(|a| a.id).collect();
+            self.exchange.descriptions(&ids).await?
+        } else {
+            Vec::new()
+        };
         let mut agents: Vec<pb::AgentInfo> = agents.into_iter().map(Into::into).collect();
+        for (agent, description) in agents.iter_mut().zip(descriptions) {
+            agent.description = description.map(|d| (*d).clone());
+        }
         let keep = page::fit(&agents);
         let next_page_token = if keep < agents.len() {
             agents.truncate(keep);
@@ -142,6 +155,17 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
             next.map(|id| id.to_string()).unwrap_or_default()
         };
         Ok(Response::new(pb::DiscoverResponse { agents, next_page_token }))
+    }
+
+    async fn describe(
+        &self,
+        request: Request<pb::DescribeRequest>,
+    ) -> RpcResult<pb::DescribeResponse> {
+        let id = EntityId::parse_field(&request.get_ref().agent_id, "agent_id")?;
+        let agent = self.exchange.describe(&id).await?;
+        let description = agent.description.as_deref().cloned();
+        let info = pb::AgentInfo { description, ..agent.into() };
+        Ok(Response::new(pb::DescribeResponse { agent: Some(info) }))
     }
 
     async fn send(&self, request: Request<pb::SendRequest>) -> RpcResult<pb::SendResponse> {

@@ -75,8 +75,10 @@ fn exchange_requests(data: &[u8]) {
             1 => {
                 if let Ok(req) = pb::RegisterAgentRequest::decode(body) {
                     let id = req.agent_id.parse().ok();
-                    let _ =
-                        exchange.register_agent(&req.behaviour, req.implements, req.name, id).await;
+                    let (behaviour, description) = (&req.behaviour, req.description);
+                    let _ = exchange
+                        .register_agent(behaviour, req.implements, req.name, id, description)
+                        .await;
                 }
             }
             2 => {
@@ -140,7 +142,8 @@ fn exchange_requests(data: &[u8]) {
 fn request_seeds() -> Vec<Vec<u8>> {
     let exchange = exchange();
     let (agent, client) = runtime().block_on(async {
-        let agent = exchange.register_agent("fuzz.A", vec![], String::new(), None).await.unwrap();
+        let agent =
+            exchange.register_agent("fuzz.A", vec![], String::new(), None, None).await.unwrap();
         (agent, exchange.register_client().await.unwrap())
     });
     let message = pb::Message {

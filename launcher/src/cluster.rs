@@ -17,7 +17,8 @@ pub(crate) type WorkerTx = mpsc::UnboundedSender<pb::JoinResponse>;
 #[derive(Debug)]
 struct Worker {
     record: pb::WorkerRecord,
-    implements: HashMap<String, Vec<String>>,
+    /// The behaviours it offers, by name.
+    offers: HashMap<String, pb::BehaviourSpec>,
     /// Agents placed on it.
     agents: BTreeSet<String>,
     tx: WorkerTx,
@@ -35,7 +36,7 @@ impl Worker {
 
     fn can_run(&self, agent: &pb::AgentRecord) -> bool {
         !self.record.draining
-            && self.implements.contains_key(&agent.behaviour)
+            && self.offers.contains_key(&agent.behaviour)
             && agent.selector.iter().all(|(k, v)| self.record.labels.get(k) == Some(v))
     }
 
@@ -247,16 +248,16 @@ impl Cluster {
         self.workers.len()
     }
 
-    /// Interfaces of `behaviour` as the workers offering it declare them, or
-    /// `None` when no registered worker offers it.
-    pub(crate) fn implements(&self, behaviour: &str) -> Option<Vec<String>> {
-        self.workers.values().find_map(|w| w.implements.get(behaviour).cloned())
+    /// `behaviour` as a worker offering it declares it (its interfaces and
+    /// description), or `None` when no registered worker offers it.
+    pub(crate) fn offered_as(&self, behaviour: &str) -> Option<pb::BehaviourSpec> {
+        self.workers.values().find_map(|w| w.offers.get(behaviour).cloned())
     }
 
     /// Behaviours some registered worker offers.
     pub(crate) fn offered(&self) -> Vec<String> {
         let mut names: Vec<_> =
-            self.workers.values().flat_map(|w| w.implements.keys().cloned()).collect();
+            self.workers.values().flat_map(|w| w.offers.keys().cloned()).collect();
         names.sort();
         names.dedup();
         names
@@ -296,19 +297,19 @@ impl Cluster {
     }
 
     pub(crate) fn add_worker(&mut self, id: String, register: pb::RegisterWorker, tx: WorkerTx) {
-        let implements: HashMap<_, _> =
-            register.behaviours.iter().map(|b| (b.name.clone(), b.implements.clone())).collect();
+        let offers: HashMap<_, _> =
+            register.behaviours.into_iter().map(|b| (b.name.clone(), b)).collect();
         let record = pb::WorkerRecord {
             worker_id: id.clone(),
             name: register.name,
             capacity: register.capacity,
             labels: register.labels,
-            behaviours: implements.keys().cloned().collect(),
+            behaviours: offers.keys().cloned().collect(),
             agent_count: 0,
             draining: false,
         };
         tracing::info!(worker = %id, capacity = record.capacity, behaviours = ?record.behaviours, running = register.running.len(), "worker joined");
-        self.workers.insert(id.clone(), Worker { record, implements, agents: BTreeSet::new(), tx });
+        self.workers.insert(id.clone(), Worker { record, offers, agents: BTreeSet::new(), tx });
         for running in register.running {
             self.adopt(&id, running);
         }
@@ -584,7 +585,7 @@ mod tests {
             name: id.into(),
             capacity,
             labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            behaviours: vec![pb::BehaviourSpec { name: "t.A".into(), implements: vec![] }],
+            behaviours: vec![pb::BehaviourSpec { name: "t.A".into(), ..Default::default() }],
             running: Vec::new(),
         };
         cluster.add_worker(id.into(), register, tx);
@@ -601,7 +602,7 @@ mod tests {
         let register = pb::RegisterWorker {
             name: id.into(),
             capacity: 4,
-            behaviours: vec![pb::BehaviourSpec { name: "t.A".into(), implements: vec![] }],
+            behaviours: vec![pb::BehaviourSpec { name: "t.A".into(), ..Default::default() }],
             running: running
                 .iter()
                 .map(|(n, epoch)| pb::AgentReport {

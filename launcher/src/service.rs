@@ -195,17 +195,17 @@ impl launcher_service_server::LauncherService for LauncherGrpc {
             return Err(Status::invalid_argument("behaviour is empty"));
         }
         let config = req.config.unwrap_or_else(|| json::to_proto(serde_json::json!({})));
-        let Some(implements) = self.cluster().implements(&req.behaviour) else {
+        let Some(offered) = self.cluster().offered_as(&req.behaviour) else {
             let offered = self.cluster().offered();
             return Err(Status::failed_precondition(format!(
                 "no registered worker offers behaviour {:?} (offered: {offered:?})",
                 req.behaviour
             )));
         };
-        let implements: Vec<&str> = implements.iter().map(String::as_str).collect();
+        let implements: Vec<&str> = offered.implements.iter().map(String::as_str).collect();
         let id = self
             .exchange
-            .register_agent(&req.behaviour, &implements, &req.name, None)
+            .register_agent(&req.behaviour, &implements, &req.name, None, offered.description)
             .await
             .map_err(exchange_status)?;
         let record = pb::AgentRecord {

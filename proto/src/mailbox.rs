@@ -4,7 +4,7 @@ use crate::{EntityId, ExchangeError, pb};
 
 /// An agent as the exchange registered it: what discovery lists and
 /// `Status` shows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RegisteredAgent {
     /// The agent's id, also its mailbox's address.
     pub id: EntityId,
@@ -16,6 +16,9 @@ pub struct RegisteredAgent {
     pub name: String,
     /// The principal that registered it (empty without authentication).
     pub owner: String,
+    /// What it can do, as it described itself when registered; kept by the
+    /// exchange, and given only when asked for (`Describe`).
+    pub description: Option<std::sync::Arc<pb::AgentDescription>>,
 }
 
 impl From<RegisteredAgent> for pb::AgentInfo {
@@ -26,6 +29,7 @@ impl From<RegisteredAgent> for pb::AgentInfo {
             implements: agent.implements,
             name: agent.name,
             owner: agent.owner,
+            description: None,
         }
     }
 }
@@ -40,6 +44,7 @@ impl TryFrom<pb::AgentInfo> for RegisteredAgent {
             implements: info.implements,
             name: info.name,
             owner: info.owner,
+            description: info.description.map(std::sync::Arc::new),
         })
     }
 }
@@ -63,7 +68,7 @@ impl Matching {
 }
 
 /// The state of a mailbox, as `Status` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MailboxStatus {
     /// `Missing` (never registered, a terminated client's, or one whose
     /// gravestone expired), `Active` or `Terminated` (an agent's, while its

@@ -114,6 +114,23 @@ fn output(ret: &ReturnType) -> (Type, bool) {
     ((**ty).clone(), false)
 }
 
+/// The text of the doc comments among `attrs`.
+fn doc_text(attrs: &[Attribute]) -> String {
+    let lines: Vec<String> = attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .filter_map(|a| match &a.meta {
+            Meta::NameValue(syn::MetaNameValue {
+                value: Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(s), .. }),
+                ..
+            }) => Some(s.value()),
+            _ => None,
+        })
+        .map(|line| line.strip_prefix(' ').map(str::to_owned).unwrap_or(line))
+        .collect();
+    lines.join("\n").trim().to_owned()
+}
+
 fn check_method(method: &ImplItemFn, what: &str) -> syn::Result<()> {
     if method.sig.asyncness.is_none() {
         return Err(syn::Error::new(method.sig.fn_token.span, format!("{what} must be async")));
@@ -206,6 +223,8 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
 
     let mut action_names = Vec::new();
     let mut read_only = Vec::new();
+    let mut described = Vec::new();
+    let behaviour_doc = doc_text(&item.attrs);
     let mut dispatch_arms = Vec::new();
     let mut handle_methods = Vec::new();
     let mut loops = Vec::new();
@@ -265,6 +284,23 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
                 if only_reads {
                     read_only.push(label.clone());
                 }
+                let doc = doc_text(&method.attrs);
+                described.push(quote! {
+                    ::academy_sdk::__private::ActionDoc {
+                        name: #label,
+                        doc: #doc,
+                        params: &[#(#names),*],
+                        read_only: #only_reads,
+                        schemas: |__generator| {
+                            #[allow(unused_imports)]
+                            use ::academy_sdk::__private::{Typed as _, Untyped as _};
+                            (
+                                ::std::vec![#((&::academy_sdk::__private::Probe::<#types>::new()).schema(__generator)),*],
+                                (&::academy_sdk::__private::Probe::<#ok>::new()).schema(__generator),
+                            )
+                        },
+                    }
+                });
                 action_names.push(label);
             }
             Role::Loop => {
@@ -411,6 +447,10 @@ fn expand(args: Punctuated<Meta, Token![,]>, mut item: ItemImpl) -> syn::Result<
             const ACTIONS: &'static [&'static str] = &[#(#action_names),*];
             const READ_ONLY_ACTIONS: &'static [&'static str] = &[#(#read_only),*];
             type Actions = #actions_ident;
+
+            fn describe() -> ::academy_sdk::__private::AgentDescription {
+                ::academy_sdk::__private::describe(#behaviour_doc, &[#(#described),*])
+            }
 
             #[allow(unused_variables, unreachable_code)]
             fn dispatch(

@@ -205,6 +205,13 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         caller: Option<&str>,
     ) -> Result<Option<pb::SavedState>, ExchangeError>;
 
+    /// The descriptions active agents `ids` published, in order (none for
+    /// one that published none, or is not an active agent).
+    async fn descriptions(
+        &self,
+        ids: &[EntityId],
+    ) -> Result<Vec<Option<std::sync::Arc<pb::AgentDescription>>>, ExchangeError>;
+
     /// What is queued unacknowledged in all mailboxes, per behaviour (client
     /// mailboxes: the empty behaviour); behaviours with nothing queued may be
     /// left out.

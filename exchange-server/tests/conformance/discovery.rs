@@ -125,3 +125,75 @@ pub(crate) async fn discovery_pages_through_large_answers(store: Store) {
     };
     assert_eq!(h.rpc.discover(bad).await.unwrap_err().code(), Code::InvalidArgument);
 }
+
+fn description(doc: &str) -> pb::AgentDescription {
+    let schema = academy_proto::json::to_proto(serde_json::json!({
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+    }));
+    pb::AgentDescription {
+        doc: doc.into(),
+        actions: vec![pb::ActionDescription {
+            name: "add".into(),
+            doc: "Adds n.".into(),
+            params: vec!["n".into()],
+            input_schema: Some(schema),
+            output_schema: Some(academy_proto::json::to_proto(
+                serde_json::json!({"type": "integer"}),
+            )),
+            read_only: false,
+        }],
+    }
+}
+
+/// An agent publishes what it can do when registered: Describe returns it
+/// to anyone, Discover when asked; it is bounded, and goes with the mailbox.
+pub(crate) async fn agents_describe_themselves(store: Store) {
+    let mut h = start(store).await;
+    let register = |doc: &str| pb::RegisterAgentRequest {
+        behaviour: "lab.Counter".into(),
+        description: Some(description(doc)),
+        ..Default::default()
+    };
+    let described = h.rpc.register_agent(register("Counts.")).await.unwrap().into_inner().agent_id;
+    let plain = h.agent("lab.Counter", &[]).await;
+    let describe = |id: &str| pb::DescribeRequest { agent_id: id.into() };
+
+    let agent = h.rpc.describe(describe(&described)).await.unwrap().into_inner().agent.unwrap();
+    assert_eq!(
+        (agent.agent_id.as_str(), agent.behaviour.as_str()),
+        (described.as_str(), "lab.Counter")
+    );
+    assert_eq!(agent.description, Some(description("Counts.")));
+    let agent = h.rpc.describe(describe(&plain)).await.unwrap().into_inner().agent.unwrap();
+    assert_eq!(agent.description, None, "it published none");
+
+    // Discover: descriptions only when asked.
+    let mut discover = async |describe: bool| {
+        let req =
+            pb::DiscoverRequest { behaviour: "lab.Counter".into(), describe, ..Default::default() };
+        let agents = h.rpc.discover(req).await.unwrap().into_inner().agents;
+        agents.into_iter().map(|a| (a.agent_id, a.description.map(|d| d.doc))).collect::<Vec<_>>()
+    };
+    assert_eq!(discover(false).await, [(described.clone(), None), (plain.clone(), None)]);
+    assert_eq!(
+        discover(true).await,
+        [(described.clone(), Some("Counts.".to_owned())), (plain.clone(), None)]
+    );
+
+    // Bounded, naming the limit, without echoing the input.
+    let refused = h.rpc.register_agent(register(&"x".repeat(70_000))).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("the bytes of a description"), "{}", refused.message());
+    assert!(refused.message().len() < 200);
+
+    // Unknown, a client's, terminated.
+    let nobody = EntityId::new_agent().to_string();
+    assert_eq!(h.rpc.describe(describe(&nobody)).await.unwrap_err().code(), Code::NotFound);
+    let client = h.client().await;
+    assert_eq!(h.rpc.describe(describe(&client)).await.unwrap_err().code(), Code::InvalidArgument);
+    h.terminate(&described).await;
+    let gone = h.rpc.describe(describe(&described)).await.unwrap_err();
+    assert_eq!(reason(&gone).0, "MAILBOX_TERMINATED", "{gone:?}");
+}

@@ -39,6 +39,7 @@ conformance!(
     lifecycle::terminate_answers_within_the_requesters_bounds,
     discovery::discovery_by_name_interface_and_without_terminated_agents,
     discovery::discovery_pages_through_large_answers,
+    discovery::agents_describe_themselves,
     delivery::unacknowledged_messages_are_redelivered_to_the_next_subscriber,
     delivery::a_new_subscriber_supersedes_the_old_one,
     delivery::messages_from_one_sender_arrive_in_order,

@@ -108,6 +108,35 @@ pub mod message {
         SuccessResponse(super::SuccessResponse),
     }
 }
+/// What an agent can do, for the people and programs (language models among
+/// them) that call it: published when its mailbox is registered.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AgentDescription {
+    /// The behaviour's documentation.
+    #[prost(string, tag = "1")]
+    pub doc: ::prost::alloc::string::String,
+    #[prost(message, repeated, tag = "2")]
+    pub actions: ::prost::alloc::vec::Vec<ActionDescription>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct ActionDescription {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub doc: ::prost::alloc::string::String,
+    /// Parameter names, in order (positional arguments come in this order).
+    #[prost(string, repeated, tag = "3")]
+    pub params: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// JSON Schema of the arguments as an object: one property per parameter.
+    #[prost(message, optional, tag = "4")]
+    pub input_schema: ::core::option::Option<::prost_types::Value>,
+    /// JSON Schema of the result.
+    #[prost(message, optional, tag = "5")]
+    pub output_schema: ::core::option::Option<::prost_types::Value>,
+    /// Leaves the agent's state alone.
+    #[prost(bool, tag = "6")]
+    pub read_only: bool,
+}
 /// What an agent saved: its data, the version of the layout of that data
 /// (the behaviour's to declare and migrate), and which save it was.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -179,7 +208,7 @@ pub struct LoadStateResponse {
     #[prost(message, optional, tag = "1")]
     pub state: ::core::option::Option<SavedState>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RegisterAgentRequest {
     /// Behaviour name, e.g. "example.Counter".
     #[prost(string, tag = "1")]
@@ -193,6 +222,9 @@ pub struct RegisterAgentRequest {
     /// Optional id chosen by the caller ("agent:<uuid>"); a new one when empty.
     #[prost(string, tag = "4")]
     pub agent_id: ::prost::alloc::string::String,
+    /// What the agent can do (at most 64 KiB encoded).
+    #[prost(message, optional, tag = "5")]
+    pub description: ::core::option::Option<AgentDescription>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RegisterAgentResponse {
@@ -226,7 +258,7 @@ pub struct StatusRequest {
     #[prost(string, tag = "1")]
     pub mailbox_id: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StatusResponse {
     #[prost(enumeration = "MailboxState", tag = "1")]
     pub state: i32,
@@ -242,7 +274,7 @@ pub struct StatusResponse {
     #[prost(bool, tag = "4")]
     pub subscribed: bool,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct AgentInfo {
     #[prost(string, tag = "1")]
     pub agent_id: ::prost::alloc::string::String,
@@ -256,6 +288,20 @@ pub struct AgentInfo {
     /// authenticate): tells a team's agents from others' of the same behaviour.
     #[prost(string, tag = "5")]
     pub owner: ::prost::alloc::string::String,
+    /// What it can do: in Describe's answer, and in Discover's when asked.
+    #[prost(message, optional, tag = "6")]
+    pub description: ::core::option::Option<AgentDescription>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DescribeRequest {
+    #[prost(string, tag = "1")]
+    pub agent_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct DescribeResponse {
+    /// With its description, unset when it published none.
+    #[prost(message, optional, tag = "1")]
+    pub agent: ::core::option::Option<AgentInfo>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DiscoverRequest {
@@ -278,6 +324,9 @@ pub struct DiscoverRequest {
     /// page_size, even none, while next_page_token says where to go on.
     #[prost(string, tag = "5")]
     pub owner: ::prost::alloc::string::String,
+    /// Also each agent's description (answers then stop sooner, at 1 MiB).
+    #[prost(bool, tag = "6")]
+    pub describe: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DiscoverResponse {
@@ -623,6 +672,32 @@ pub mod exchange_service_client {
                 .insert(GrpcMethod::new("academy.v1.ExchangeService", "Discover"));
             self.inner.unary(req, path, codec).await
         }
+        /// What an active agent can do (its actions, their parameters and results
+        /// as JSON Schemas), as it described itself when registered. Anyone may ask.
+        pub async fn describe(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DescribeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DescribeResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ExchangeService/Describe",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ExchangeService", "Describe"));
+            self.inner.unary(req, path, codec).await
+        }
         /// Queues one message in its destination's mailbox.
         pub async fn send(
             &mut self,
@@ -875,6 +950,15 @@ pub mod exchange_service_server {
             request: tonic::Request<super::DiscoverRequest>,
         ) -> std::result::Result<
             tonic::Response<super::DiscoverResponse>,
+            tonic::Status,
+        >;
+        /// What an active agent can do (its actions, their parameters and results
+        /// as JSON Schemas), as it described itself when registered. Anyone may ask.
+        async fn describe(
+            &self,
+            request: tonic::Request<super::DescribeRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DescribeResponse>,
             tonic::Status,
         >;
         /// Queues one message in its destination's mailbox.
@@ -1235,6 +1319,51 @@ pub mod exchange_service_server {
                     let inner = self.inner.clone();
                     let fut = async move {
                         let method = DiscoverSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ExchangeService/Describe" => {
+                    #[allow(non_camel_case_types)]
+                    struct DescribeSvc<T: ExchangeService>(pub Arc<T>);
+                    impl<
+                        T: ExchangeService,
+                    > tonic::server::UnaryService<super::DescribeRequest>
+                    for DescribeSvc<T> {
+                        type Response = super::DescribeResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DescribeRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExchangeService>::describe(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DescribeSvc(inner);
                         let codec = crate::codec::BoundedCodec::default();
                         let mut grpc = tonic::server::Grpc::new(codec)
                             .apply_compression_config(
@@ -1890,13 +2019,16 @@ pub struct RegisterWorker {
     #[prost(message, repeated, tag = "5")]
     pub running: ::prost::alloc::vec::Vec<AgentReport>,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct BehaviourSpec {
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
     /// Interfaces it implements, for discovery.
     #[prost(string, repeated, tag = "2")]
     pub implements: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// What its agents can do, published with each agent's mailbox.
+    #[prost(message, optional, tag = "3")]
+    pub description: ::core::option::Option<AgentDescription>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Heartbeat {}

@@ -508,6 +508,14 @@ impl Backend for MemoryBackend {
         Ok(state.saved.clone())
     }
 
+    async fn descriptions(
+        &self,
+        ids: &[EntityId],
+    ) -> Result<Vec<Option<Arc<pb::AgentDescription>>>, ExchangeError> {
+        let mailboxes = read(&self.mailboxes);
+        Ok(ids.iter().map(|id| mailboxes.get(id)?.agent.as_ref()?.description.clone()).collect())
+    }
+
     async fn depth(&self) -> Result<Vec<Depth>, ExchangeError> {
         let mailboxes: Vec<Arc<Mailbox>> = read(&self.mailboxes).values().cloned().collect();
         let mut by: HashMap<&str, Depth> = HashMap::new();

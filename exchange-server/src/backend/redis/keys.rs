@@ -5,7 +5,8 @@
 //!   behaviour, `i` implements as JSON, `n` name, `o` owner, `g` subscriber
 //!   generation, `e` the highest incarnation (epoch) that subscribed, `l` id
 //!   of the last message added, `qb` bytes queued, `r` the replica its
-//!   subscriber is on);
+//!   subscriber is on, `x` the agent's description, protobuf, if it gave
+//!   one: a field replicas of earlier versions leave alone);
 //! - `P:q:<id>`: stream of its unacknowledged messages (field `m`, protobuf);
 //!   an acknowledged message is deleted, so its length is the queue length;
 //! - `P:qz:<id>`: the size (and sender) of each queued message, by stream id,
@@ -178,6 +179,7 @@ mod tests {
             implements: vec!["i".into()],
             name: String::new(),
             owner: String::new(),
+            description: None,
         };
         assert_eq!(keys.indexes(&agent), ["p:idx:", "p:idx:b", "p:own:b", "p:idx:i"]);
         assert_eq!(keys.index("b", true), "p:own:b");

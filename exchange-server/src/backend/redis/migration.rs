@@ -104,6 +104,7 @@ pub(super) async fn migrate_index(backend: &RedisBackend) -> Result<usize, Excha
                         implements,
                         name: String::new(),
                         owner: String::new(),
+                        description: None,
                     };
                     (old, keys.indexes(&agent))
                 }

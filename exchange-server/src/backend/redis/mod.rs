@@ -382,6 +382,11 @@ impl Backend for RedisBackend {
             Some(a) => ("a", a.behaviour.as_str(), a.implements.clone(), a.name.as_str()),
             None => ("c", "", Vec::new(), ""),
         };
+        let description = agent
+            .as_ref()
+            .and_then(|a| a.description.as_ref())
+            .map(|d| d.encode_to_vec())
+            .unwrap_or_default();
         let implements = serde_json::to_string(&implements).expect("strings serialise");
         let mut keys =
             vec![self.keys.mailbox(&id), self.keys.mailboxes_owned(), self.keys.idle_clients()];
@@ -396,6 +401,7 @@ impl Backend for RedisBackend {
         let mut cmd = self.scripts.create.call(&keys);
         cmd.arg(id.to_string()).arg(kind).arg(behaviour).arg(implements).arg(name);
         cmd.arg(caller_arg(owner)).arg(quota).arg(graves).arg(id.uuid().as_bytes().as_slice());
+        cmd.arg(description);
         let answer = run_one(&self.conn, &self.scripts.create, cmd).await?;
         let answer = string(&answer).unwrap_or_default();
         match answer.as_str() {
@@ -751,6 +757,28 @@ impl Backend for RedisBackend {
         }))
     }
 
+    async fn descriptions(
+        &self,
+        ids: &[EntityId],
+    ) -> Result<Vec<Option<Arc<pb::AgentDescription>>>, ExchangeError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg("s").arg("x");
+        }
+        let rows: Vec<(Option<String>, Option<Vec<u8>>)> =
+            pipe.query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+        Ok(rows
+            .into_iter()
+            .map(|(state, bytes)| {
+                let bytes = bytes.filter(|_| state.as_deref() == Some("a"))?;
+                pb::AgentDescription::decode(bytes.as_slice()).ok().map(Arc::new)
+            })
+            .collect())
+    }
+
     async fn depth(&self) -> Result<Vec<Depth>, ExchangeError> {
         let fields: HashMap<String, i64> = redis::cmd("HGETALL")
             .arg(self.keys.depth())
@@ -791,5 +819,5 @@ fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<RegisteredAgent
         .unwrap_or_default();
     let name = fields.get(2).cloned().flatten().unwrap_or_default();
     let owner = fields.get(3).cloned().flatten().unwrap_or_default();
-    Some(RegisteredAgent { id, behaviour, implements, name, owner })
+    Some(RegisteredAgent { id, behaviour, implements, name, owner, description: None })
 }

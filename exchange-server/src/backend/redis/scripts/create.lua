@@ -9,7 +9,7 @@
 -- ARGV        id, kind ('a' agent, 'c' client), behaviour, implements (JSON),
 --             name, owner (empty: none), the owner's quota of active
 --             mailboxes (0: none), number of gravestone keys, the id's 16
---             bytes
+--             bytes, the agent's description (protobuf; empty: none)
 local s = redis.call('HGET', KEYS[1], 's')
 if s then return s end
 local stones = 3 + tonumber(ARGV[8])
@@ -22,6 +22,7 @@ if owner ~= '' then
 end
 redis.call('HSET', KEYS[1], 's', 'a', 'k', ARGV[2], 'b', ARGV[3], 'i', ARGV[4], 'n', ARGV[5], 'g', 0, 'qb', 0)
 if owner ~= '' then redis.call('HSET', KEYS[1], 'o', owner) end
+if ARGV[10] and ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'x', ARGV[10]) end
 if ARGV[2] == 'c' then
   local t = redis.call('TIME')
   redis.call('ZADD', KEYS[3], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
