@@ -12,7 +12,7 @@ demo:
 
 ## Install what the tests need, when missing (returns at once when all is
 ## there): redis-server, podman, buildah and runc (apt-get, as root or with
-## sudo), grpcio-tools and kubernetes-validate (pip), cargo-nextest, and buf
+## sudo), grpcio-tools, mcp and kubernetes-validate (pip), cargo-nextest, and buf
 ## (npm, into .tools/). kubectl (for `kubectl kustomize`) must be there.
 BUF := .tools/node_modules/.bin/buf
 deps:
@@ -22,6 +22,8 @@ deps:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server podman buildah runc; }
 	@python3 -c 'import grpc_tools' 2>/dev/null || \
 		python3 -m pip install -q --disable-pip-version-check grpcio-tools
+	@python3 -c 'import mcp' 2>/dev/null || \
+		python3 -m pip install -q --disable-pip-version-check mcp==2.3.0
 	@command -v kubernetes-validate >/dev/null || \
 		python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0
 	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest

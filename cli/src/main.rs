@@ -72,6 +72,33 @@ enum Command {
     /// What an agent can do: its actions, their parameters and documentation
     /// (`--json`: with the JSON Schemas of their arguments and results).
     Describe { agent_id: String },
+    /// Serves the actions of the exchange's agents as the tools of a Model
+    /// Context Protocol server: on stdin/stdout, for a desktop MCP client that
+    /// starts it as a command, or over streamable HTTP at http://ADDR/mcp.
+    /// Tools come and go with the agents; calls go through the exchange with
+    /// this command's credentials.
+    Mcp {
+        /// Serve streamable HTTP on this address (loopback unless you mean
+        /// otherwise) instead of stdio.
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
+        /// Host names HTTP requests may name (DNS rebinding protection);
+        /// loopback names by default.
+        #[arg(long = "allowed-host")]
+        allowed_hosts: Vec<String>,
+        /// Only agents implementing this behaviour.
+        #[arg(long)]
+        behaviour: Option<String>,
+        /// Only agents registered by this principal.
+        #[arg(long)]
+        owner: Option<String>,
+        /// How often to look for agents that came or went, in milliseconds.
+        #[arg(long, default_value_t = 1_000)]
+        refresh_ms: u64,
+        /// How long a call may take, in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
     /// Calls an action with JSON arguments and prints the result.
     Invoke {
         agent_id: String,
@@ -415,6 +442,38 @@ async fn main() -> anyhow::Result<()> {
                 &["agent_id", "revision", "version", "epoch", "saved_at", "bytes", "state"],
                 &[row],
             );
+        }
+        Command::Mcp { http, allowed_hosts, behaviour, owner, refresh_ms, timeout_ms } => {
+            let options = academy_mcp::GatewayOptions {
+                refresh_every: Duration::from_millis(refresh_ms.max(50)),
+                call_timeout: Duration::from_millis(timeout_ms),
+                behaviour,
+                owner,
+            };
+            let credentials = cli.credentials()?;
+            let gateway = academy_mcp::Gateway::connect(&cli.exchange, &credentials, options)
+                .await
+                .with_context(|| format!("cannot reach the exchange at {}", cli.exchange))?;
+            match http {
+                None => gateway.serve_stdio().await?,
+                Some(addr) => {
+                    let listener = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr}"))?;
+                    eprintln!("MCP on http://{}/mcp", listener.local_addr()?);
+                    let stop = async {
+                        use tokio::signal::unix::{SignalKind, signal};
+                        match signal(SignalKind::terminate()) {
+                            Ok(mut term) => tokio::select! {
+                                _ = tokio::signal::ctrl_c() => {}
+                                _ = term.recv() => {}
+                            },
+                            Err(_) => drop(tokio::signal::ctrl_c().await),
+                        }
+                    };
+                    gateway.serve_http(listener, allowed_hosts, stop).await?;
+                }
+            }
         }
         Command::Describe { agent_id } => {
             let agent = exchange(&cli)

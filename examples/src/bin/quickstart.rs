@@ -22,7 +22,8 @@ impl Counter {
         self.count.fetch_add(by, Ordering::SeqCst) + by
     }
 
-    #[action]
+    /// The count.
+    #[action(read_only)]
     async fn get(&self) -> u64 {
         self.count.load(Ordering::SeqCst)
     }

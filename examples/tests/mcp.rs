@@ -1,0 +1,157 @@
+//! The MCP gateway (`academy mcp`) used by a real MCP client, the Model
+//! Context Protocol's Python SDK (`examples/python/mcp_client.py`; `make
+//! test` installs it when missing), on stdio and over streamable HTTP: it
+//! lists and calls the quickstart counter's actions, gets a structured error
+//! from a failing one, and hears of a new agent's tools. The exchange
+//! authenticates; the gateway calls with its own token.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use academy_examples::behaviours::WordStats;
+use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_sdk::exchange::GrpcExchange;
+use academy_sdk::{Credentials, Manager};
+use academy_server::auth::Tokens;
+use academy_server::testing::{Children, binary, free_port};
+use serde_json::{Value, json};
+
+const GATEWAY_TOKEN: &str = "gateway-token-0123456789";
+const OWNER_TOKEN: &str = "owner-token-0123456789";
+
+fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn academy() -> std::path::PathBuf {
+    let academy = binary("academy");
+    assert!(academy.exists(), "{} is built by `cargo nextest run --workspace`", academy.display());
+    academy
+}
+
+/// The next line of `lines` as JSON.
+fn next(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Value {
+    let line = lines.next().expect("another line").unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// What the script prints about the counter, the same on either transport.
+fn check_counter_calls(lines: &mut impl Iterator<Item = std::io::Result<String>>, start: u64) {
+    let tools = next(lines);
+    let names: Vec<&str> =
+        tools["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(names.iter().any(|n| n.starts_with("Counter_increment_")), "{tools}");
+    let get = tools["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"].as_str().unwrap().starts_with("Counter_get_"));
+    assert_eq!(get.unwrap()["read_only"], true, "{tools}");
+    assert_eq!(next(lines), json!({"get": {"result": start}, "error": false}));
+    assert_eq!(next(lines), json!({"increment": {"result": start + 5}, "error": false}));
+    let bad = next(lines);
+    assert_eq!(bad["error"], true, "{bad}");
+    assert_eq!(bad["bad_increment"]["error"]["kind"], "InvalidArguments", "{bad}");
+    assert!(bad["bad_increment"]["error"]["message"].as_str().unwrap().contains("\"by\""), "{bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_client_lists_and_calls_agents_through_the_gateway() {
+    let tokens = Tokens::parse(&format!("gateway {GATEWAY_TOKEN}\nowner {OWNER_TOKEN}")).unwrap();
+    let options = ExchangeOptions { tokens: Some(tokens), ..Default::default() };
+    let exchange = RunningExchange::start(options).await.unwrap();
+    let url = exchange.url();
+    let mut children = Children::default();
+
+    // The quickstart's counter, left running (it counts to 42 first).
+    let mut quickstart = Command::new(env!("CARGO_BIN_EXE_quickstart"))
+        .args(["--exchange", &url, "--serve"])
+        .env("ACADEMY_TOKEN", OWNER_TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut printed = BufReader::new(quickstart.stdout.take().unwrap()).lines();
+    children.0.push(quickstart);
+    loop {
+        let line = printed.next().expect("the quickstart runs").unwrap();
+        if line.starts_with("serving") {
+            break;
+        }
+    }
+
+    // Without a token the gateway does not start.
+    let refused = Command::new(academy())
+        .args(["--exchange", &url, "mcp"])
+        .env_remove("ACADEMY_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("bearer token"), "{stderr}");
+
+    // On stdio, started by the client as a desktop client would.
+    let mut client = Command::new("python3")
+        .arg(root().join("examples/python/mcp_client.py"))
+        .args(["stdio", &url])
+        .arg(academy())
+        .env("ACADEMY_TOKEN", GATEWAY_TOKEN)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs (python3 -m pip install mcp)");
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    children.0.push(client);
+    let mut lines = tokio::task::block_in_place(|| {
+        check_counter_calls(&mut lines, 42);
+        assert_eq!(next(&mut lines), json!({"waiting": true}));
+        lines
+    });
+    // Another agent comes: its tools appear, and the client is told.
+    let credentials = Credentials::bearer(OWNER_TOKEN).unwrap();
+    let owner = GrpcExchange::connect_with(url.clone(), &credentials).await.unwrap();
+    let manager = Manager::new(std::sync::Arc::new(owner)).await.unwrap();
+    let stats = manager.launch(WordStats::default()).await.unwrap();
+    let changed = tokio::task::block_in_place(|| next(&mut lines));
+    let tail = &stats.id().to_string()[stats.id().to_string().len() - 8..];
+    let names: Vec<&str> =
+        changed["changed"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(names.contains(&format!("WordStats_analyse_{tail}").as_str()), "{changed}");
+    assert!(names.iter().any(|n| n.starts_with("Counter_get_")), "{changed}");
+    let status = tokio::task::block_in_place(|| children.0[1].wait().unwrap());
+    assert!(status.success());
+
+    // Over streamable HTTP.
+    let port = free_port();
+    let mut gateway = Command::new(academy())
+        .args(["--exchange", &url, "mcp", "--http", &format!("127.0.0.1:{port}")])
+        .env("ACADEMY_TOKEN", GATEWAY_TOKEN)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(gateway.stderr.take().unwrap()).lines();
+    let serving = tokio::task::block_in_place(|| said.next().unwrap().unwrap());
+    assert!(serving.contains(&format!("127.0.0.1:{port}/mcp")), "{serving}");
+    children.0.push(gateway);
+    let done = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg(root().join("examples/python/mcp_client.py"))
+            .args(["http", &format!("http://127.0.0.1:{port}/mcp")])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&done.stdout).into_owned();
+    assert!(done.status.success(), "{stdout}{}", String::from_utf8_lossy(&done.stderr));
+    check_counter_calls(&mut stdout.lines().map(|l| Ok(l.to_owned())), 47);
+    let gateway = children.0.last_mut().unwrap();
+    signal(gateway, "-TERM");
+    let status = tokio::task::block_in_place(|| gateway.wait().unwrap());
+    assert!(status.success(), "the gateway exits on SIGTERM");
+    manager.close().await.unwrap();
+}
+
+fn signal(child: &Child, name: &str) {
+    let sent = Command::new("kill").args([name, &child.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+}

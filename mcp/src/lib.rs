@@ -1,0 +1,372 @@
+//! A Model Context Protocol gateway (docs/design.md, "MCP"): the actions of
+//! the agents an exchange knows, as MCP tools that a language model (or any
+//! MCP client) lists and calls.
+//!
+//! Each action of each active agent that described itself is a tool, named
+//! `<behaviour>_<action>_<8 hex digits of the agent id>` with the action's
+//! documentation and JSON Schemas. A call goes through the exchange like any
+//! other, from a client mailbox of the gateway, with the gateway's
+//! credentials: it reaches what its principal may reach. The gateway looks
+//! at the exchange every [`GatewayOptions::refresh_every`] and tells its
+//! clients when tools come or go (`notifications/tools/list_changed`). It
+//! serves MCP on stdio ([`Gateway::serve_stdio`], for a desktop client that
+//! starts it as a command) or over streamable HTTP ([`Gateway::serve_http`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient};
+use academy_sdk::codec::Codec;
+use academy_sdk::credentials::Authorized;
+use academy_sdk::exchange::GrpcExchange;
+use academy_sdk::{Credentials, EntityId, HandleError, Manager};
+use rmcp::handler::server::ServerHandler;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ErrorData, Implementation, JsonObject,
+    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    ToolAnnotations,
+};
+use rmcp::service::{NotificationContext, Peer, RequestContext, RoleServer};
+use serde_json::{Value, json};
+
+/// Most tools a gateway offers: agents beyond are left out (and logged).
+pub const MAX_TOOLS: usize = 10_000;
+
+/// How a gateway looks at the exchange and calls agents.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// How often it looks for agents that came or went.
+    pub refresh_every: Duration,
+    /// How long a call may take.
+    pub call_timeout: Duration,
+    /// Only agents implementing this behaviour (all when `None`).
+    pub behaviour: Option<String>,
+    /// Only agents registered by this principal (anyone's when `None`).
+    pub owner: Option<String>,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        Self {
+            refresh_every: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(30),
+            behaviour: None,
+            owner: None,
+        }
+    }
+}
+
+/// The gateway: cheap to clone (each MCP session holds a clone).
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("tools", &read(&self.inner.tools).len()).finish()
+    }
+}
+
+struct Inner {
+    manager: Manager,
+    rpc: ExchangeServiceClient<Authorized>,
+    options: GatewayOptions,
+    /// Tools by name.
+    tools: RwLock<BTreeMap<String, Target>>,
+    /// Clients to tell when tools change.
+    peers: Mutex<Vec<Peer<RoleServer>>>,
+    /// Looks at the exchange every `refresh_every`; stopped with the gateway.
+    refresher: Mutex<Option<AbortOnDrop>>,
+}
+
+/// What a tool calls.
+#[derive(Debug, Clone)]
+struct Target {
+    agent: EntityId,
+    action: String,
+    tool: Tool,
+}
+
+impl Gateway {
+    /// A gateway to the exchange at `url`, calling with `credentials`; it
+    /// has looked at the exchange once when this returns.
+    pub async fn connect(
+        url: &str,
+        credentials: &Credentials,
+        options: GatewayOptions,
+    ) -> Result<Self, academy_sdk::ClientError> {
+        let exchange = GrpcExchange::connect_with(url.to_owned(), credentials).await?;
+        let manager = Manager::new(Arc::new(exchange)).await?;
+        let channel = credentials.connect(url).await?;
+        let rpc = ExchangeServiceClient::new(channel).max_decoding_message_size(usize::MAX);
+        let inner = Arc::new(Inner {
+            manager,
+            rpc,
+            options,
+            tools: RwLock::default(),
+            peers: Mutex::default(),
+            refresher: Mutex::default(),
+        });
+        let gateway = Self { inner };
+        gateway.refresh().await?;
+        let weak = Arc::downgrade(&gateway.inner);
+        let every = gateway.inner.options.refresh_every;
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let gateway = Gateway { inner };
+                match gateway.refresh().await {
+                    Ok(true) => gateway.tell_peers().await,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot look at the exchange"),
+                }
+            }
+        });
+        *lock(&gateway.inner.refresher) = Some(AbortOnDrop(refresher));
+        Ok(gateway)
+    }
+
+    /// The names of the tools it offers now.
+    pub fn tool_names(&self) -> Vec<String> {
+        read(&self.inner.tools).keys().cloned().collect()
+    }
+
+    /// Serves MCP on this process's stdin and stdout until the client leaves.
+    pub async fn serve_stdio(self) -> Result<(), std::io::Error> {
+        use rmcp::ServiceExt as _;
+        let running = self.serve(rmcp::transport::stdio()).await.map_err(std::io::Error::other)?;
+        running.waiting().await.map_err(std::io::Error::other)?;
+        Ok(())
+    }
+
+    /// Serves MCP over streamable HTTP at `/mcp` on `listener` until
+    /// `shutdown` resolves. Requests must name a loopback host (DNS
+    /// rebinding protection) unless `allowed_hosts` says more.
+    pub async fn serve_http(
+        self,
+        listener: tokio::net::TcpListener,
+        allowed_hosts: Vec<String>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), std::io::Error> {
+        use rmcp::transport::streamable_http_server::{
+            StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+        };
+        let mut config = StreamableHttpServerConfig::default();
+        if !allowed_hosts.is_empty() {
+            config = config.with_allowed_hosts(allowed_hosts);
+        }
+        let gateway = self.clone();
+        let service = StreamableHttpService::new(
+            move || Ok(gateway.clone()),
+            Arc::new(LocalSessionManager::default()),
+            config,
+        );
+        let router = axum::Router::new().nest_service("/mcp", service);
+        axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    }
+
+    /// Looks at the exchange: every active agent (of the behaviour and
+    /// owner asked for) that described itself, one tool per action. True
+    /// when the names changed.
+    async fn refresh(&self) -> Result<bool, academy_sdk::ClientError> {
+        let options = &self.inner.options;
+        let mut found = BTreeMap::new();
+        let mut page_token = String::new();
+        'pages: loop {
+            let request = pb::DiscoverRequest {
+                behaviour: options.behaviour.clone().unwrap_or_default(),
+                page_token,
+                owner: options.owner.clone().unwrap_or_default(),
+                describe: true,
+                ..Default::default()
+            };
+            let page = self.inner.rpc.clone().discover(request).await?.into_inner();
+            for agent in &page.agents {
+                let Ok(id) = agent.agent_id.parse::<EntityId>() else { continue };
+                let Some(described) = &agent.description else { continue };
+                for action in &described.actions {
+                    if found.len() == MAX_TOOLS {
+                        tracing::warn!(
+                            max = MAX_TOOLS,
+                            "more agents than tools offered; some left out"
+                        );
+                        break 'pages;
+                    }
+                    let tool = tool(agent, id, described, action);
+                    let target = Target { agent: id, action: action.name.clone(), tool };
+                    found.insert(target.tool.name.to_string(), target);
+                }
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let mut tools = write(&self.inner.tools);
+        let changed = !tools.keys().eq(found.keys());
+        *tools = found;
+        Ok(changed)
+    }
+
+    /// Tells every client that the tools changed, forgetting those gone.
+    async fn tell_peers(&self) {
+        let peers = std::mem::take(&mut *lock(&self.inner.peers));
+        let mut alive = Vec::with_capacity(peers.len());
+        for peer in peers {
+            if peer.notify_tool_list_changed().await.is_ok() {
+                alive.push(peer);
+            }
+        }
+        // Clients that came meanwhile stay.
+        lock(&self.inner.peers).extend(alive);
+    }
+
+    /// Calls the action behind tool `name` with `arguments` (by parameter
+    /// name). An action's failure is a tool result marked as an error, with
+    /// the error as structured content; an unknown tool is a protocol error.
+    async fn call(&self, name: &str, arguments: JsonObject) -> Result<CallToolResult, ErrorData> {
+        let Some(target) = read(&self.inner.tools).get(name).cloned() else {
+            return Err(ErrorData::invalid_params(
+                format!("no tool {:?}: list the tools again", academy_proto::bounded(name)),
+                None,
+            ));
+        };
+        let handle = self
+            .inner
+            .manager
+            .raw_handle(target.agent)
+            .with_codec(Codec::Json)
+            .with_timeout(self.inner.options.call_timeout);
+        let called = handle.call::<Value, Value>(&target.action, Value::Object(arguments)).await;
+        Ok(match called {
+            Ok(result) => CallToolResult::structured(json!({ "result": result })),
+            Err(HandleError::Remote { code, kind, message, .. }) => {
+                CallToolResult::structured_error(json!({
+                    "error": { "code": format!("{code:?}"), "kind": kind, "message": message },
+                }))
+            }
+            Err(other) => CallToolResult::structured_error(json!({
+                "error": { "code": "Unavailable", "kind": "CallFailed", "message": other.to_string() },
+            })),
+        })
+    }
+}
+
+impl ServerHandler for Gateway {
+    fn get_info(&self) -> ServerConfig {
+        let capabilities = ServerCapabilities::builder().enable_tools().enable_tool_list_changed();
+        ServerConfig::new(capabilities.build())
+            .with_server_info(Implementation::new("academy", env!("CARGO_PKG_VERSION")))
+            .with_instructions(
+                "Each tool calls one action of one agent of an Academy exchange. Tools come \
+                 and go with the agents. Results are {\"result\": ...}; a failed action \
+                 answers {\"error\": {code, kind, message}}.",
+            )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let tools = read(&self.inner.tools).values().map(|t| t.tool.clone()).collect();
+        Ok(ListToolsResult::with_all_items(tools))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let arguments = request.arguments.unwrap_or_default();
+        self.call(&request.name, arguments).await.map(Into::into)
+    }
+
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        lock(&self.inner.peers).push(context.peer);
+    }
+}
+
+/// The tool for `action` of `agent`.
+fn tool(
+    agent: &pb::AgentInfo,
+    id: EntityId,
+    described: &pb::AgentDescription,
+    action: &pb::ActionDescription,
+) -> Tool {
+    let schema = |s: &Option<academy_proto::prost_types::Value>| {
+        s.clone().map(academy_proto::json::from_proto).unwrap_or_else(|| json!({}))
+    };
+    let mut input = match schema(&action.input_schema) {
+        Value::Object(object) => object,
+        _ => JsonObject::new(),
+    };
+    input.entry("type").or_insert_with(|| json!("object"));
+    // Results come as {"result": ...}: MCP wants an object.
+    let mut output = schema(&action.output_schema);
+    let definitions = output.as_object_mut().and_then(|o| o.remove("$defs"));
+    let mut output = json!({
+        "type": "object",
+        "properties": { "result": output },
+        "required": ["result"],
+    });
+    if let (Some(definitions), Some(object)) = (definitions, output.as_object_mut()) {
+        object.insert("$defs".into(), definitions);
+    }
+    let behaviour = agent.behaviour.rsplit('.').next().unwrap_or_default();
+    let uuid = id.uuid().simple().to_string();
+    let name = format!("{}_{}_{}", clean(behaviour), clean(&action.name), &uuid[uuid.len() - 8..]);
+    let mut text = action.doc.clone();
+    if !text.is_empty() {
+        text.push_str("\n\n");
+    }
+    text.push_str(&format!(
+        "Action {} of agent {} ({})",
+        action.name, agent.agent_id, agent.behaviour
+    ));
+    if !agent.name.is_empty() {
+        text.push_str(&format!(", named {}", agent.name));
+    }
+    if !described.doc.is_empty() {
+        text.push_str(&format!(": {}", described.doc));
+    }
+    let Value::Object(output) = output else { unreachable!("built as an object") };
+    Tool::new(name, text, input)
+        .with_title(format!("{} {} ({})", agent.behaviour, action.name, agent.agent_id))
+        .with_raw_output_schema(Arc::new(output))
+        .with_annotations(ToolAnnotations::new().read_only(action.read_only))
+}
+
+/// `text` with only the characters every MCP client takes in a tool name.
+fn clean(text: &str) -> String {
+    let cleaned: String = text
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .take(48)
+        .collect();
+    if cleaned.is_empty() { "agent".into() } else { cleaned }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
