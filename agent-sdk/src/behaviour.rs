@@ -193,14 +193,35 @@ where
     }
 }
 
-/// Runs `tick` every `period` until `shutdown` (the first run after one period).
-/// A failing tick ends the timer with its error. Used by `#[timer]`.
+/// Runs `tick` every `period` until `shutdown` (the first run after one period),
+/// on the agent's clock (docs/design.md, "Clocks"). A failing tick ends the
+/// timer with its error. Used by `#[timer]`.
 #[doc(hidden)]
 pub async fn every<F, Fut>(period: Duration, shutdown: Shutdown, mut tick: F) -> Result<(), String>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
+    let clock = crate::clock::current();
+    if clock.is_simulated() {
+        // Simulated time: each tick one period after the last was due.
+        let mut due = clock.now().await;
+        let key = clock.key(None);
+        loop {
+            due += period.max(Duration::from_nanos(1));
+            let sleep = clock.sleep_as(&key, due);
+            tokio::pin!(sleep);
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    // Cut short, not dropped: the loop runs again, to end.
+                    clock.wake(&key).await;
+                    sleep.await;
+                    return Ok(());
+                }
+                _ = &mut sleep => tick().await?,
+            }
+        }
+    }
     let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

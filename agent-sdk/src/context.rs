@@ -14,6 +14,8 @@ pub(crate) struct Context {
     pub(crate) agent: Option<AgentContext>,
     /// Sender of the request being served, inside an action.
     pub(crate) caller: Option<EntityId>,
+    /// The clock the task follows.
+    pub(crate) clock: crate::clock::Clock,
 }
 
 tokio::task_local! {
@@ -49,6 +51,10 @@ pub fn current_agent() -> Option<AgentContext> {
 /// message from a mailbox of its sender's principal, so there it can be trusted.
 pub fn current_caller() -> Option<EntityId> {
     CONTEXT.try_with(|c| c.caller).ok().flatten()
+}
+
+pub(crate) fn current_clock() -> Option<crate::clock::Clock> {
+    CONTEXT.try_with(|c| c.clock.clone()).ok()
 }
 
 pub(crate) fn current_mailbox() -> Option<Arc<Mailbox>> {

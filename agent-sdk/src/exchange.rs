@@ -9,9 +9,12 @@ use std::time::Duration;
 
 pub use academy_proto::MailboxStatus;
 pub use academy_proto::pb::MailboxState;
-use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient as RpcClient};
+use academy_proto::pb::{
+    self, clock_service_client::ClockServiceClient as ClockClient,
+    exchange_service_client::ExchangeServiceClient as RpcClient,
+};
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
-use academy_proto::{EntityId, ExchangeError, RegisteredAgent};
+use academy_proto::{ClockStatus, EntityId, ExchangeError, RegisteredAgent};
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use tokio::sync::{mpsc, oneshot};
@@ -91,6 +94,21 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
     }
     /// Agent `id`'s saved state, if any.
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError>;
+    /// Counts on the exchange's simulated clock what a task on it does
+    /// (docs/design.md, "Clocks").
+    async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError>;
+    /// Puts a running task to sleep on the exchange's clock until `until`
+    /// (`key` orders sleepers due at once); the time it woke at.
+    async fn clock_sleep(&self, key: &str, until: Duration) -> Result<Duration, ClientError>;
+    /// The exchange's clock now.
+    async fn clock_now(&self) -> Result<ClockStatus, ClientError>;
+    /// Moves the exchange's clock to `until`, at most `factor` times as
+    /// fast as wall time when given; answers once nothing is pending there.
+    async fn clock_advance(
+        &self,
+        until: Duration,
+        factor: Option<f64>,
+    ) -> Result<ClockStatus, ClientError>;
 }
 
 /// Uses an exchange in this process: no server, no sockets.
@@ -163,6 +181,23 @@ impl ExchangeApi for LocalExchange {
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
         Ok(self.exchange.load_state(id).await?)
     }
+    async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError> {
+        let mark = academy_exchange::clock::Mark::of(kind, key.to_owned())?;
+        Ok(self.exchange.clock().mark(mark)?)
+    }
+    async fn clock_sleep(&self, key: &str, until: Duration) -> Result<Duration, ClientError> {
+        Ok(self.exchange.clock().sleep(key, until)?.await)
+    }
+    async fn clock_now(&self) -> Result<ClockStatus, ClientError> {
+        Ok(self.exchange.clock().status())
+    }
+    async fn clock_advance(
+        &self,
+        until: Duration,
+        factor: Option<f64>,
+    ) -> Result<ClockStatus, ClientError> {
+        Ok(self.exchange.clock().advance(until, factor).await)
+    }
 }
 
 /// Agents per page when discovering: the most the exchange answers at once
@@ -181,6 +216,7 @@ type SendJob = (pb::Message, oneshot::Sender<Result<(), ClientError>>);
 #[derive(Clone)]
 pub struct GrpcExchange {
     rpc: RpcClient<Authorized>,
+    clock: ClockClient<Authorized>,
     sends: Arc<Sends>,
 }
 
@@ -227,6 +263,7 @@ impl GrpcExchange {
 
     /// Uses an existing channel (must be called inside a tokio runtime).
     pub fn from_channel(channel: Channel, credentials: &Credentials) -> Self {
+        let clock = ClockClient::new(credentials.on(channel.clone()));
         let rpc = RpcClient::new(credentials.on(channel))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
@@ -237,7 +274,7 @@ impl GrpcExchange {
             jobs,
         });
         tokio::spawn(send_loop(rpc.clone(), sends.clone(), receiver));
-        Self { rpc, sends }
+        Self { rpc, clock, sends }
     }
 
     fn rpc(&self) -> RpcClient<Authorized> {
@@ -416,6 +453,33 @@ impl ExchangeApi for GrpcExchange {
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
         let request = pb::LoadStateRequest { agent_id: id.to_string() };
         Ok(self.rpc().load_state(request).await?.into_inner().state)
+    }
+    async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError> {
+        let request = pb::MarkRequest { kind: kind.into(), key: key.to_owned() };
+        self.clock.clone().mark(request).await?;
+        Ok(())
+    }
+    async fn clock_sleep(&self, key: &str, until: Duration) -> Result<Duration, ClientError> {
+        let until = Some(academy_proto::duration::to_proto(until));
+        let request = pb::SleepRequest { key: key.to_owned(), until };
+        let woke = self.clock.clone().sleep(request).await?.into_inner().now;
+        Ok(woke
+            .and_then(|d| academy_proto::duration::from_proto(d, "now").ok())
+            .unwrap_or_default())
+    }
+    async fn clock_now(&self) -> Result<ClockStatus, ClientError> {
+        Ok(self.clock.clone().now(pb::NowRequest {}).await?.into_inner().into())
+    }
+    async fn clock_advance(
+        &self,
+        until: Duration,
+        factor: Option<f64>,
+    ) -> Result<ClockStatus, ClientError> {
+        let target =
+            Some(pb::advance_request::Target::Until(academy_proto::duration::to_proto(until)));
+        let request = pb::AdvanceRequest { target, factor: factor.unwrap_or_default() };
+        let done = self.clock.clone().advance(request).await?.into_inner();
+        Ok(done.clock.unwrap_or_default().into())
     }
 }
 

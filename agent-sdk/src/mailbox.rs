@@ -73,6 +73,10 @@ impl Mailbox {
         self.id
     }
 
+    pub(crate) fn exchange(&self) -> &SharedExchange {
+        &self.exchange
+    }
+
     /// Sends a request to `dest` and waits for its response.
     pub(crate) async fn request(
         &self,
@@ -105,19 +109,22 @@ impl Mailbox {
             || vec![KeyValue::new("academy.destination", dest.to_string())],
         );
         trace::stamp(&mut header, traced.context());
-        let call = async {
-            let message = pb::Message { header: Some(header), body: Some(body) };
-            self.exchange.send(message).await?;
-            rx.await.map_err(|_| {
-                lock(&self.closed_because)
-                    .clone()
-                    .unwrap_or_else(|| HandleError::Transport("mailbox closed".into()))
-            })
-        };
-        // The timeout bounds the whole call, sending included.
-        let answer = match timeout {
-            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| HandleError::Timeout(t))?,
-            None => call.await,
+        let clock = crate::clock::current();
+        let answer = if clock.is_simulated() {
+            self.request_on_clock(&clock, header, body, rx, timeout).await
+        } else {
+            let call = async {
+                let message = pb::Message { header: Some(header), body: Some(body) };
+                self.exchange.send(message).await?;
+                rx.await.map_err(|_| self.closed())
+            };
+            // The timeout bounds the whole call, sending included.
+            match timeout {
+                Some(t) => {
+                    tokio::time::timeout(t, call).await.map_err(|_| HandleError::Timeout(t))?
+                }
+                None => call.await,
+            }
         };
         match &answer {
             Ok(pb::Message { body: Some(Body::ErrorResponse(error)), .. }) => {
@@ -127,6 +134,61 @@ impl Mailbox {
             Ok(_) => {}
         }
         answer
+    }
+
+    /// Why a call got no answer: the mailbox closed.
+    fn closed(&self) -> HandleError {
+        lock(&self.closed_because)
+            .clone()
+            .unwrap_or_else(|| HandleError::Transport("mailbox closed".into()))
+    }
+
+    /// A call from a task on a simulated clock (docs/design.md, "Clocks"):
+    /// the request goes on the clock, the task is idle while it waits, and
+    /// the timeout is simulated time.
+    async fn request_on_clock(
+        &self,
+        clock: &crate::clock::Clock,
+        mut header: pb::Header,
+        body: Body,
+        answer: oneshot::Receiver<pb::Message>,
+        timeout: Option<Duration>,
+    ) -> Result<pb::Message, HandleError> {
+        use academy_proto::pb::MarkKind;
+        header.on_clock = true;
+        let (tag, answer_key) = (header.tag.clone(), header.answer_key());
+        clock.mark(MarkKind::Send, &tag).await;
+        let message = pb::Message { header: Some(header), body: Some(body) };
+        if let Err(e) = self.exchange.send(message).await {
+            clock.mark(MarkKind::Abandon, &tag).await;
+            return Err(e.into());
+        }
+        let deadline = match timeout {
+            Some(t) => Some((clock.now().await + t, t)),
+            None => None,
+        };
+        let Some((deadline, t)) = deadline else {
+            clock.mark(MarkKind::Idle, "").await;
+            let answered = answer.await.map_err(|_| self.closed());
+            clock.mark(MarkKind::Take, &answer_key).await;
+            return answered;
+        };
+        let key = clock.key(Some(&tag));
+        let sleep = clock.sleep_as(&key, deadline);
+        tokio::pin!(sleep);
+        tokio::select! {
+            answered = answer => {
+                // The timeout cut short: running again, the answer received.
+                clock.wake(&key).await;
+                sleep.await;
+                clock.mark(MarkKind::Abandon, &answer_key).await;
+                answered.map_err(|_| self.closed())
+            }
+            _ = &mut sleep => {
+                clock.mark(MarkKind::Abandon, &answer_key).await;
+                Err(HandleError::Timeout(t))
+            }
+        }
     }
 
     /// Sends a message without waiting for any answer.

@@ -69,6 +69,11 @@ impl Manager {
         &self.exchange
     }
 
+    /// Drives the simulated clock of its exchange (docs/design.md, "Clocks").
+    pub fn simulator(&self) -> crate::clock::Simulator {
+        crate::clock::Simulator::new(self.exchange.clone())
+    }
+
     /// This manager's client mailbox id.
     pub fn client_id(&self) -> EntityId {
         self.mailbox.id()

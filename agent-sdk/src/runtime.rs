@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use academy_proto::EntityId;
-use academy_proto::pb::{self, message::Body};
+use academy_proto::pb::{self, MarkKind, message::Body};
 use academy_proto::trace::{self, Traced};
 use futures::FutureExt as _;
 use futures::future::Either;
@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::clock::{Clock, ClockKind};
 use crate::context::{self, AgentContext, Context};
 use crate::exchange::SharedExchange;
 use crate::mailbox::Mailbox;
@@ -48,6 +49,9 @@ pub struct AgentConfig {
     /// Where its state is kept: in the exchange when `None` (the default),
     /// or, say, in a [`FileStore`](crate::state::FileStore).
     pub state_store: Option<Arc<dyn crate::state::StateStore>>,
+    /// The clock its timers, sleeps and call timeouts follow: the wall
+    /// clock, or its exchange's simulated clock (docs/design.md, "Clocks").
+    pub clock: crate::clock::ClockKind,
 }
 
 impl Default for AgentConfig {
@@ -60,6 +64,7 @@ impl Default for AgentConfig {
             loop_shutdown_grace: Duration::from_secs(5),
             state_save_every: Duration::from_secs(1),
             state_store: None,
+            clock: crate::clock::ClockKind::Wall,
         }
     }
 }
@@ -106,6 +111,17 @@ pub async fn run_agent<B: Behaviour>(
     run(Arc::new(behaviour), id, 0, exchange, config, StopSignal::default()).await
 }
 
+/// What orders agent `id`'s tasks among those due at once on a simulated
+/// clock: its name (the same in every run of a simulation), else its
+/// behaviour and id.
+async fn clock_key(exchange: &SharedExchange, id: EntityId, behaviour: &str) -> String {
+    let name = exchange.status(&id).await.ok().and_then(|s| s.agent).map(|a| a.name);
+    match name.filter(|n| !n.is_empty()) {
+        Some(name) => name,
+        None => format!("{behaviour}/{id}"),
+    }
+}
+
 /// Catches a panic in `future` and reports it as an error message.
 async fn guarded<T>(future: impl Future<Output = T>) -> Result<T, String> {
     AssertUnwindSafe(future).catch_unwind().await.map_err(|panic| {
@@ -132,10 +148,18 @@ pub(crate) async fn run<B: Behaviour>(
         .await
         .map_err(|source| AgentError::Exchange { id, source })?;
     let shutdown = stop.token.clone();
+    let clock = match config.clock {
+        ClockKind::Wall => Clock::Wall,
+        ClockKind::Simulated => Clock::Simulated {
+            key: clock_key(&exchange, id, B::NAME).await.into(),
+            exchange: exchange.clone(),
+        },
+    };
     let context = Context {
         mailbox: mailbox.clone(),
         agent: Some(AgentContext { id, stop: shutdown.clone() }),
         caller: None,
+        clock,
     };
     let mut failure = None;
 
@@ -189,8 +213,14 @@ pub(crate) async fn run<B: Behaviour>(
     if started {
         for control in behaviour.loops(&shutdown) {
             let name = control.name;
-            loops.spawn(context::scope(context.clone(), async move {
-                (name, guarded(control.run).await.and_then(|r| r))
+            // On a simulated clock, a loop counts as running but while it sleeps.
+            let clock = context.clock.for_task(name);
+            clock.mark(MarkKind::Begin, "").await;
+            let context = Context { clock: clock.clone(), ..context.clone() };
+            loops.spawn(context::scope(context, async move {
+                let done = guarded(control.run).await.and_then(|r| r);
+                clock.mark(MarkKind::End, "").await;
+                (name, done)
             }));
         }
         tracing::info!(agent = %id, behaviour = B::NAME, "agent running");
@@ -240,11 +270,12 @@ pub(crate) async fn run<B: Behaviour>(
                                 continue;
                             }
                             let caller = header.src.parse().ok();
+                            let clock = context.clock.for_task(&request.action);
                             let job = serve_action(
                                 behaviour.clone(), mailbox.clone(), cancel_actions.clone(),
                                 keeper.clone(), shutdown.clone(), seq, header, request,
                             );
-                            let context = Context { caller, ..context.clone() };
+                            let context = Context { caller, clock, ..context.clone() };
                             actions.spawn(context::scope(context, job));
                         }
                         Some(Body::PingRequest(_)) => {
@@ -365,6 +396,8 @@ async fn serve_action<B: Behaviour>(
         },
     );
     let started = crate::metrics::enabled().then(std::time::Instant::now);
+    // On a simulated clock: running from here until the answer leaves.
+    let counted = Counted::start(&mailbox, &header).await;
     // Read-only actions run side by side, outside the commits.
     let keeper = keeper.filter(|_| !B::READ_ONLY_ACTIONS.contains(&action.as_str()));
     let turn = match &keeper {
@@ -404,6 +437,7 @@ async fn serve_action<B: Behaviour>(
             Body::ErrorResponse(response)
         }
     };
+    counted.answering().await;
     let (Some(keeper), Some(turn)) = (keeper, turn) else {
         reply_patiently(&mailbox, &header, body).await;
         mailbox.ack(seq);
@@ -439,6 +473,41 @@ async fn serve_action<B: Behaviour>(
         }
     }
     seq
+}
+
+/// An action as a simulated clock counts it: a request sent on the clock
+/// is taken when the action starts and its answer sent on the clock; any
+/// action of an agent on a simulated clock runs on it.
+struct Counted<'a> {
+    exchange: &'a SharedExchange,
+    header: &'a pb::Header,
+    counted: bool,
+}
+
+impl<'a> Counted<'a> {
+    async fn start(mailbox: &'a Mailbox, header: &'a pb::Header) -> Self {
+        let exchange = mailbox.exchange();
+        let counted = if header.on_clock {
+            crate::clock::mark(exchange, MarkKind::Take, &header.tag).await;
+            true
+        } else if crate::clock::current().is_simulated() {
+            crate::clock::mark(exchange, MarkKind::Begin, "").await;
+            true
+        } else {
+            false
+        };
+        Self { exchange, header, counted }
+    }
+
+    /// The action is done: its answer goes on the clock (before it leaves).
+    async fn answering(self) {
+        if self.header.on_clock {
+            crate::clock::mark(self.exchange, MarkKind::Send, &self.header.answer_key()).await;
+        }
+        if self.counted {
+            crate::clock::mark(self.exchange, MarkKind::End, "").await;
+        }
+    }
 }
 
 /// How long to keep trying what the exchange cannot take yet (an answer, a

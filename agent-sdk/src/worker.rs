@@ -33,7 +33,14 @@ use crate::{AgentConfig, AgentError, Behaviour, ClientError};
 type Run = BoxFuture<'static, Result<(), AgentError>>;
 /// Builds a behaviour from its JSON config and returns its runtime.
 type Factory = Arc<
-    dyn Fn(serde_json::Value, EntityId, u64, SharedExchange, StopSignal) -> Result<Run, String>
+    dyn Fn(
+            serde_json::Value,
+            EntityId,
+            u64,
+            SharedExchange,
+            AgentConfig,
+            StopSignal,
+        ) -> Result<Run, String>
         + Send
         + Sync,
 >;
@@ -55,6 +62,7 @@ pub struct Worker {
     orphan_grace: Duration,
     shutdown_grace: Duration,
     status: Arc<watch::Sender<WorkerStatus>>,
+    clock: crate::clock::ClockKind,
 }
 
 /// What a worker is doing now, for probes and metrics: see [`Worker::status`].
@@ -213,7 +221,15 @@ impl Worker {
             orphan_grace: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(25),
             status: Arc::new(watch::Sender::new(WorkerStatus::default())),
+            clock: crate::clock::ClockKind::Wall,
         }
+    }
+
+    /// The clock its agents follow: the wall clock (the default), or their
+    /// exchange's simulated clock (docs/design.md, "Clocks").
+    pub fn clock(mut self, clock: crate::clock::ClockKind) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// What it presents to the launcher and the exchange (by default, the
@@ -245,12 +261,10 @@ impl Worker {
 
     /// Offers behaviour `B`, built from the launch's JSON config.
     pub fn register<B: Behaviour + DeserializeOwned>(mut self) -> Self {
-        let factory: Factory = Arc::new(|config, id, epoch, exchange, stop| {
+        let factory: Factory = Arc::new(|config, id, epoch, exchange, agent, stop| {
             let behaviour: B = serde_json::from_value(config)
                 .map_err(|e| format!("config of {} does not fit: {e}", B::NAME))?;
-            // The launcher restarts failed agents on the same mailbox: keep it.
-            let config = AgentConfig { terminate_on_error: false, ..AgentConfig::default() };
-            Ok(Box::pin(runtime::run(Arc::new(behaviour), id, epoch, exchange, config, stop)))
+            Ok(Box::pin(runtime::run(Arc::new(behaviour), id, epoch, exchange, agent, stop)))
         });
         let description = B::describe();
         self.behaviours
@@ -509,7 +523,10 @@ impl Worker {
         let stop = StopSignal::default();
         let config =
             start.config.clone().map_or(serde_json::json!({}), academy_proto::json::from_proto);
-        let run = (offered.factory)(config, id, start.epoch, exchange, stop.clone())?;
+        // The launcher restarts failed agents on the same mailbox: keep it.
+        let agent =
+            AgentConfig { terminate_on_error: false, clock: self.clock, ..AgentConfig::default() };
+        let run = (offered.factory)(config, id, start.epoch, exchange, agent, stop.clone())?;
         tracing::info!(agent = %id, behaviour = %start.behaviour, epoch = start.epoch, "starting agent");
         Ok((stop, run))
     }

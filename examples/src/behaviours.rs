@@ -131,3 +131,90 @@ impl Crashy {
         }
     }
 }
+
+/// A simulation (docs/design.md, "Clocks"): a sensor reads a temperature
+/// every hour and reports it to a controller, which switches a heater and
+/// checks itself every 90 minutes; a recorder keeps what happened, with the
+/// simulated time. Run on a simulated clock, two runs record the same.
+#[derive(Debug, Deserialize)]
+pub struct Sensor {
+    /// Where readings go.
+    pub controller: Handle<Controller>,
+    /// Seeds the readings.
+    pub seed: u64,
+    #[serde(skip)]
+    state: std::sync::Mutex<u64>,
+}
+
+#[behaviour(name = "example.Sensor")]
+impl Sensor {
+    /// Reads the temperature every simulated hour and reports it.
+    #[timer(every = Duration::from_secs(3600))]
+    async fn read(&self) -> Result<(), HandleError> {
+        let reading = {
+            let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // A linear congruential generator: the same readings every run.
+            *state = state
+                .wrapping_add(self.seed)
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            15 + (*state >> 33) % 15
+        };
+        self.controller.observe(reading).await
+    }
+}
+
+/// Switches a heater on below 20 degrees and off above 24; see [`Sensor`].
+#[derive(Debug, Deserialize)]
+pub struct Controller {
+    /// Where events go.
+    pub recorder: Handle<Recorder>,
+    #[serde(skip)]
+    heating: std::sync::atomic::AtomicBool,
+}
+
+#[behaviour(name = "example.Controller")]
+impl Controller {
+    /// Takes a reading; switches the heater when it must, and records it.
+    #[action]
+    async fn observe(&self, degrees: u64) -> Result<(), HandleError> {
+        let heating = self.heating.load(Ordering::SeqCst);
+        let switch = (degrees < 20 && !heating) || (degrees > 24 && heating);
+        if switch {
+            self.heating.store(!heating, Ordering::SeqCst);
+        }
+        let what = if switch { if heating { "heater off" } else { "heater on" } } else { "steady" };
+        self.recorder.record(format!("{degrees} degrees: {what}")).await
+    }
+
+    /// Checks itself every 90 simulated minutes.
+    #[timer(every = Duration::from_secs(90 * 60))]
+    async fn check(&self) -> Result<(), HandleError> {
+        let heating = self.heating.load(Ordering::SeqCst);
+        self.recorder.record(format!("check: heating {heating}")).await
+    }
+}
+
+/// Records events with the simulated time they happened at; see [`Sensor`].
+#[derive(Debug, Default, Deserialize)]
+pub struct Recorder {
+    #[serde(skip)]
+    events: std::sync::Mutex<Vec<String>>,
+}
+
+#[behaviour(name = "example.Recorder")]
+impl Recorder {
+    /// Records `event` at the time now.
+    #[action]
+    async fn record(&self, event: String) {
+        let at = academy_sdk::clock::now().await;
+        let line = format!("{:02}:{:02} {event}", at.as_secs() / 3600, at.as_secs() / 60 % 60);
+        self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+    }
+
+    /// What it recorded, in order.
+    #[action(read_only)]
+    async fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}

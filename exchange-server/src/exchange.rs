@@ -13,6 +13,7 @@ use crate::backend::memory::MemoryBackend;
 #[cfg(feature = "redis")]
 use crate::backend::redis::{RedisBackend, RedisOptions};
 use crate::backend::{Backend, BackendSubscription, Bounds, Commit, Depth, Page, source};
+use crate::clock::{Mark, SimClock};
 use crate::limits::{self, Limits};
 use crate::retention;
 
@@ -29,6 +30,8 @@ pub struct Exchange {
     /// use, no authentication).
     principal: Option<Arc<str>>,
     sweeper: Arc<Once>,
+    /// The simulated clock of this exchange's process.
+    clock: Arc<SimClock>,
 }
 
 impl Default for Exchange {
@@ -53,7 +56,9 @@ impl Exchange {
 
     fn over(backend: Arc<dyn Backend>, limits: Limits) -> Self {
         let sweeper = Arc::new(Once::new());
-        Self { backend, limits, shutdown: CancellationToken::new(), principal: None, sweeper }
+        let clock = Arc::default();
+        let shutdown = CancellationToken::new();
+        Self { backend, limits, shutdown, principal: None, sweeper, clock }
     }
 
     /// Starts removing what expires (docs/design.md, "Retention"), once per
@@ -76,6 +81,12 @@ impl Exchange {
     /// Whether its store answers now (always, in memory), and its changes.
     pub fn health(&self) -> tokio::sync::watch::Receiver<bool> {
         self.backend.health()
+    }
+
+    /// Its simulated clock (docs/design.md, "Clocks"): one per process,
+    /// shared by every view of it.
+    pub fn clock(&self) -> &Arc<SimClock> {
+        &self.clock
     }
 
     /// Its limits.
@@ -285,6 +296,12 @@ impl Exchange {
     /// error. Idempotent: returns the state before the call.
     pub async fn terminate(&self, id: &EntityId) -> Result<pb::MailboxState, ExchangeError> {
         let (previous, queued) = self.backend.terminate(id, self.principal()).await?;
+        // Requests sent on the clock are taken here, and answered on it.
+        for header in queued.iter().filter_map(|m| m.header.as_ref()).filter(|h| h.on_clock) {
+            let _ = self.clock.mark(Mark::Take(header.tag.clone()));
+            let _ = self.clock.mark(Mark::Send(header.answer_key()));
+            let _ = self.clock.mark(Mark::End);
+        }
         let replies: Vec<_> = queued
             .iter()
             .filter_map(|m| terminated_reply(id, m))

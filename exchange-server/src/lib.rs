@@ -17,6 +17,9 @@
 //! ```
 
 mod backend;
+pub mod clock;
+#[cfg(feature = "server")]
+mod clock_service;
 mod exchange;
 #[cfg(feature = "server")]
 mod invoke;
@@ -32,6 +35,8 @@ mod service;
 pub use backend::Depth;
 #[cfg(feature = "redis")]
 pub use backend::redis::RedisOptions;
+#[cfg(feature = "server")]
+pub use clock_service::ClockGrpc;
 pub use exchange::{Exchange, Subscription};
 pub use limits::Limits;
 pub use retention::Retention;

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use academy_proto::pb::clock_service_server::ClockServiceServer;
 use academy_proto::pb::exchange_service_server::ExchangeServiceServer;
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 use academy_server::auth::{Authenticator, Tokens};
@@ -20,7 +21,7 @@ use tonic::service::interceptor::InterceptedService;
 #[cfg(feature = "redis")]
 use crate::RedisOptions;
 use crate::metrics::{ExchangeMetrics, QueueDepth};
-use crate::{Exchange, ExchangeGrpc, Limits};
+use crate::{ClockGrpc, Exchange, ExchangeGrpc, Limits};
 
 /// Room above the message-size limit for the request around a message, so an
 /// oversized message gets the exchange's own error naming both sizes.
@@ -147,7 +148,7 @@ impl RunningExchange {
             ready.clone(),
             shutdown.clone(),
         ));
-        let reflection = || reflection(&["academy.v1.ExchangeService"]);
+        let reflection = || reflection(&["academy.v1.ExchangeService", "academy.v1.ClockService"]);
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
         let mut registry = Registry::default();
@@ -173,6 +174,10 @@ impl RunningExchange {
         let auth = Authenticator::new(options.tokens.clone())
             .with_client_certificates(options.tls.as_ref().is_some_and(Tls::client_principals));
         let authenticated = auth.is_enabled();
+        let clock = InterceptedService::new(
+            ClockServiceServer::new(ClockGrpc::new(exchange.clock().clone())),
+            auth.clone(),
+        );
         let service = InterceptedService::new(service, auth);
         let incoming = listen::incoming(listener, options.connections);
         let signal = {
@@ -199,7 +204,8 @@ impl RunningExchange {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(service);
+            .add_service(service)
+            .add_service(clock);
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {
             tokio::select! {

@@ -25,7 +25,7 @@ pub mod trace;
 
 pub use error::{ERROR_DOMAIN, ExchangeError, MAX_STATUS_MESSAGE_BYTES, bounded, excerpt};
 pub use id::{EntityId, EntityKind};
-pub use mailbox::{MailboxStatus, Matching, RegisteredAgent};
+pub use mailbox::{ClockStatus, MailboxStatus, Matching, RegisteredAgent};
 
 /// Generated messages, clients and servers of `academy.v1` (checked in under
 /// `src/generated/`; `make proto` writes them, and `academy-proto-codegen`'s
@@ -63,7 +63,14 @@ impl pb::Header {
             label: self.label.clone(),
             traceparent: self.traceparent.clone(),
             tracestate: self.tracestate.clone(),
+            on_clock: self.on_clock,
         }
+    }
+
+    /// The key of this request's answer on the simulated clock (the
+    /// request's own key is its tag).
+    pub fn answer_key(&self) -> String {
+        format!("{}/answer", self.tag)
     }
 }
 

@@ -121,3 +121,31 @@ impl TryFrom<pb::StatusResponse> for MailboxStatus {
         })
     }
 }
+
+/// A simulated clock now (docs/design.md, "Clocks").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClockStatus {
+    /// Simulated time since the simulation's start.
+    pub now: std::time::Duration,
+    /// Running tasks and messages in flight on it.
+    pub pending: u64,
+    /// Tasks asleep until a time.
+    pub sleepers: u64,
+}
+
+impl From<ClockStatus> for pb::NowResponse {
+    fn from(status: ClockStatus) -> Self {
+        Self {
+            now: Some(crate::duration::to_proto(status.now)),
+            pending: status.pending,
+            sleepers: status.sleepers,
+        }
+    }
+}
+
+impl From<pb::NowResponse> for ClockStatus {
+    fn from(now: pb::NowResponse) -> Self {
+        let time = now.now.and_then(|d| crate::duration::from_proto(d, "now").ok());
+        Self { now: time.unwrap_or_default(), pending: now.pending, sleepers: now.sleepers }
+    }
+}

@@ -3,7 +3,10 @@
 //!
 //! `cargo run -p academy-examples --bin worker -- --launcher http://127.0.0.1:50052`
 
-use academy_examples::behaviours::{Cleaner, Coordinator, Crashy, WordStats};
+use academy_examples::behaviours::{
+    Cleaner, Controller, Coordinator, Crashy, Recorder, Sensor, WordStats,
+};
+use academy_sdk::clock::ClockKind;
 use academy_sdk::worker::{Worker, WorkerStatus};
 use academy_server::telemetry::{self, LogFormat};
 use clap::Parser;
@@ -31,6 +34,10 @@ struct Args {
     /// `/readyz` (ready while joined to the launcher) and `/metrics`.
     #[arg(long, env = "ACADEMY_WORKER_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Run agents on the exchange's simulated clock (docs/design.md,
+    /// "Clocks") rather than the wall clock.
+    #[arg(long)]
+    simulated_clock: bool,
     /// Log lines as text or JSON (for log collectors).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -45,7 +52,9 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _telemetry = telemetry::init(args.log_format, "academy-worker");
-    let mut worker = Worker::new(args.launcher).name(args.name).capacity(args.capacity);
+    let clock = if args.simulated_clock { ClockKind::Simulated } else { ClockKind::Wall };
+    let mut worker =
+        Worker::new(args.launcher).name(args.name).capacity(args.capacity).clock(clock);
     for (key, value) in args.labels {
         worker = worker.label(key, value);
     }
@@ -60,6 +69,9 @@ async fn main() -> anyhow::Result<()> {
         .register::<WordStats>()
         .register::<Coordinator>()
         .register::<Crashy>()
+        .register::<Sensor>()
+        .register::<Controller>()
+        .register::<Recorder>()
         .run()
         .await?;
     Ok(())

@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 
 use prost::Message as _;
 
-const FILES: [&str; 3] =
-    ["academy/v1/messages.proto", "academy/v1/exchange.proto", "academy/v1/launcher.proto"];
+const FILES: [&str; 4] = [
+    "academy/v1/messages.proto",
+    "academy/v1/exchange.proto",
+    "academy/v1/launcher.proto",
+    "academy/v1/clock.proto",
+];
 
 /// The generated files, by name.
 const GENERATED: [&str; 2] = ["academy.v1.rs", "academy_descriptor.bin"];

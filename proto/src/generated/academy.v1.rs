@@ -33,6 +33,10 @@ pub struct Header {
     pub traceparent: ::prost::alloc::string::String,
     #[prost(string, tag = "6")]
     pub tracestate: ::prost::alloc::string::String,
+    /// Sent by a task on the exchange's simulated clock (docs/design.md,
+    /// "Clocks"): counted until its receiver takes it; an answer keeps it.
+    #[prost(bool, tag = "7")]
+    pub on_clock: bool,
 }
 /// Calls action `action` with `args`. With JSON, args is an array of positional
 /// arguments, an object of named arguments, or null when the action takes none.
@@ -3011,6 +3015,646 @@ pub mod launcher_service_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "academy.v1.LauncherService";
     impl<T> tonic::server::NamedService for LauncherServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NowRequest {}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct NowResponse {
+    #[prost(message, optional, tag = "1")]
+    pub now: ::core::option::Option<::prost_types::Duration>,
+    /// Running tasks and messages in flight on the clock.
+    #[prost(uint64, tag = "2")]
+    pub pending: u64,
+    /// Tasks asleep until a time.
+    #[prost(uint64, tag = "3")]
+    pub sleepers: u64,
+}
+#[derive(Clone, Copy, PartialEq, ::prost::Message)]
+pub struct AdvanceRequest {
+    /// Above 0: at most this many simulated seconds per wall-clock second.
+    #[prost(double, tag = "3")]
+    pub factor: f64,
+    #[prost(oneof = "advance_request::Target", tags = "1, 2")]
+    pub target: ::core::option::Option<advance_request::Target>,
+}
+/// Nested message and enum types in `AdvanceRequest`.
+pub mod advance_request {
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Target {
+        /// To this time (no earlier than now).
+        #[prost(message, tag = "1")]
+        Until(::prost_types::Duration),
+        /// By this much from now.
+        #[prost(message, tag = "2")]
+        By(::prost_types::Duration),
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AdvanceResponse {
+    #[prost(message, optional, tag = "1")]
+    pub clock: ::core::option::Option<NowResponse>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MarkRequest {
+    #[prost(enumeration = "MarkKind", tag = "1")]
+    pub kind: i32,
+    /// The message's key, for SEND, TAKE and ABANDON; the sleeper's, for WAKE
+    /// (at most 256 bytes).
+    #[prost(string, tag = "2")]
+    pub key: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct MarkResponse {}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SleepRequest {
+    /// Names the sleeper (one per key) and orders those due at the same time
+    /// (e.g. the agent's name and the loop's; at most 256 bytes).
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub until: ::core::option::Option<::prost_types::Duration>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SleepResponse {
+    /// The time it woke at.
+    #[prost(message, optional, tag = "1")]
+    pub now: ::core::option::Option<::prost_types::Duration>,
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum MarkKind {
+    Unspecified = 0,
+    /// A task on the clock starts (a loop, a hook).
+    Begin = 1,
+    /// A running task ends.
+    End = 2,
+    /// A running task waits for something other than the clock (an answer).
+    Idle = 3,
+    /// A message (`key`) leaves on the clock.
+    Send = 4,
+    /// A task takes a message (`key`): starts on it or resumes with it.
+    Take = 5,
+    /// A message (`key`) is no longer pending: received by a task already
+    /// running, or given up (its call timed out).
+    Abandon = 6,
+    /// Wakes the sleeper of `key` now (it runs again); one that has not slept
+    /// yet will not.
+    Wake = 7,
+}
+impl MarkKind {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "MARK_KIND_UNSPECIFIED",
+            Self::Begin => "MARK_KIND_BEGIN",
+            Self::End => "MARK_KIND_END",
+            Self::Idle => "MARK_KIND_IDLE",
+            Self::Send => "MARK_KIND_SEND",
+            Self::Take => "MARK_KIND_TAKE",
+            Self::Abandon => "MARK_KIND_ABANDON",
+            Self::Wake => "MARK_KIND_WAKE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "MARK_KIND_UNSPECIFIED" => Some(Self::Unspecified),
+            "MARK_KIND_BEGIN" => Some(Self::Begin),
+            "MARK_KIND_END" => Some(Self::End),
+            "MARK_KIND_IDLE" => Some(Self::Idle),
+            "MARK_KIND_SEND" => Some(Self::Send),
+            "MARK_KIND_TAKE" => Some(Self::Take),
+            "MARK_KIND_ABANDON" => Some(Self::Abandon),
+            "MARK_KIND_WAKE" => Some(Self::Wake),
+            _ => None,
+        }
+    }
+}
+/// Generated client implementations.
+pub mod clock_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    /// A simulator moves time (Advance); agents on the clock sleep until a time
+    /// (Sleep) and say what they do (Mark). Sleepers wake one at a time, in order
+    /// of (time, key); time moves on only when nothing is pending: no task of an
+    /// agent on the clock runs and no message sent on the clock waits. Times are
+    /// since the simulation's start. One clock per exchange process.
+    #[derive(Debug, Clone)]
+    pub struct ClockServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl ClockServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> ClockServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> ClockServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            ClockServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// The clock now.
+        pub async fn now(
+            &mut self,
+            request: impl tonic::IntoRequest<super::NowRequest>,
+        ) -> std::result::Result<tonic::Response<super::NowResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ClockService/Now",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ClockService", "Now"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Moves time forward, waking sleepers in order, and answers once nothing
+        /// is pending at the time reached.
+        pub async fn advance(
+            &mut self,
+            request: impl tonic::IntoRequest<super::AdvanceRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::AdvanceResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ClockService/Advance",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ClockService", "Advance"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Counts what a participant does (before doing it).
+        pub async fn mark(
+            &mut self,
+            request: impl tonic::IntoRequest<super::MarkRequest>,
+        ) -> std::result::Result<tonic::Response<super::MarkResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ClockService/Mark",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ClockService", "Mark"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// Puts a running task to sleep until a time; answers when it wakes (the
+        /// task runs again). A call given up leaves the task idle.
+        pub async fn sleep(
+            &mut self,
+            request: impl tonic::IntoRequest<super::SleepRequest>,
+        ) -> std::result::Result<tonic::Response<super::SleepResponse>, tonic::Status> {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ClockService/Sleep",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ClockService", "Sleep"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod clock_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with ClockServiceServer.
+    #[async_trait]
+    pub trait ClockService: std::marker::Send + std::marker::Sync + 'static {
+        /// The clock now.
+        async fn now(
+            &self,
+            request: tonic::Request<super::NowRequest>,
+        ) -> std::result::Result<tonic::Response<super::NowResponse>, tonic::Status>;
+        /// Moves time forward, waking sleepers in order, and answers once nothing
+        /// is pending at the time reached.
+        async fn advance(
+            &self,
+            request: tonic::Request<super::AdvanceRequest>,
+        ) -> std::result::Result<tonic::Response<super::AdvanceResponse>, tonic::Status>;
+        /// Counts what a participant does (before doing it).
+        async fn mark(
+            &self,
+            request: tonic::Request<super::MarkRequest>,
+        ) -> std::result::Result<tonic::Response<super::MarkResponse>, tonic::Status>;
+        /// Puts a running task to sleep until a time; answers when it wakes (the
+        /// task runs again). A call given up leaves the task idle.
+        async fn sleep(
+            &self,
+            request: tonic::Request<super::SleepRequest>,
+        ) -> std::result::Result<tonic::Response<super::SleepResponse>, tonic::Status>;
+    }
+    /// A simulator moves time (Advance); agents on the clock sleep until a time
+    /// (Sleep) and say what they do (Mark). Sleepers wake one at a time, in order
+    /// of (time, key); time moves on only when nothing is pending: no task of an
+    /// agent on the clock runs and no message sent on the clock waits. Times are
+    /// since the simulation's start. One clock per exchange process.
+    #[derive(Debug)]
+    pub struct ClockServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> ClockServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for ClockServiceServer<T>
+    where
+        T: ClockService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/academy.v1.ClockService/Now" => {
+                    #[allow(non_camel_case_types)]
+                    struct NowSvc<T: ClockService>(pub Arc<T>);
+                    impl<T: ClockService> tonic::server::UnaryService<super::NowRequest>
+                    for NowSvc<T> {
+                        type Response = super::NowResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::NowRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ClockService>::now(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = NowSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ClockService/Advance" => {
+                    #[allow(non_camel_case_types)]
+                    struct AdvanceSvc<T: ClockService>(pub Arc<T>);
+                    impl<
+                        T: ClockService,
+                    > tonic::server::UnaryService<super::AdvanceRequest>
+                    for AdvanceSvc<T> {
+                        type Response = super::AdvanceResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::AdvanceRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ClockService>::advance(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = AdvanceSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ClockService/Mark" => {
+                    #[allow(non_camel_case_types)]
+                    struct MarkSvc<T: ClockService>(pub Arc<T>);
+                    impl<T: ClockService> tonic::server::UnaryService<super::MarkRequest>
+                    for MarkSvc<T> {
+                        type Response = super::MarkResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::MarkRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ClockService>::mark(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = MarkSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ClockService/Sleep" => {
+                    #[allow(non_camel_case_types)]
+                    struct SleepSvc<T: ClockService>(pub Arc<T>);
+                    impl<
+                        T: ClockService,
+                    > tonic::server::UnaryService<super::SleepRequest> for SleepSvc<T> {
+                        type Response = super::SleepResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::SleepRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ClockService>::sleep(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SleepSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for ClockServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "academy.v1.ClockService";
+    impl<T> tonic::server::NamedService for ClockServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }
