@@ -79,6 +79,25 @@ impl LooseEcho {
     }
 }
 
+/// An hourly timer on the exchange's simulated clock: scenario (m).
+#[derive(Default)]
+struct Hourly {
+    ticks: std::sync::atomic::AtomicU64,
+}
+
+#[behaviour(name = "bench.Hourly")]
+impl Hourly {
+    #[timer(every = std::time::Duration::from_secs(3600))]
+    async fn tick(&self) {
+        self.ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[action(read_only)]
+    async fn ticks(&self) -> u64 {
+        self.ticks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "End-to-end benchmark of Academy over loopback gRPC")]
 struct Args {
@@ -98,9 +117,9 @@ struct Args {
     /// not run by default, the long run (`--history` agents through the
     /// launcher, and mailboxes terminated on each backend); `o` (a) and (b)
     /// with every span exported by OTLP (in-memory exchange; runs last);
-    /// `k` (a) and (b) with an agent that keeps a state, saved before each
-    /// answer.
-    #[arg(long, value_delimiter = ',', default_value = "a,b,k,c,d,f,e,s,l,t,o")]
+    /// `k` (a) and (b) on an action that changes a kept state, without and
+    /// with its checkpoint; `m` a simulated day of an hourly timer.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,e,s,l,t,o")]
     only: Vec<char>,
     /// Agents launched and stopped, and mailboxes terminated per backend, in
     /// the long run.
@@ -518,6 +537,28 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
         rows.push(format!(
             "| (k-b) 64 in flight, committed | {kb:.0} actions/s ({:.2}× without) |",
             kb / lb
+        ));
+    }
+    if run('m') {
+        let options = academy_sdk::LaunchOptions {
+            config: academy_sdk::AgentConfig {
+                clock: academy_sdk::clock::ClockKind::Simulated,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let hourly = manager.launch_with(Hourly::default(), options).await?;
+        let simulator = manager.simulator();
+        simulator.ready(1, Duration::from_secs(10)).await?;
+        let day = Duration::from_secs(24 * 3600);
+        let started = Instant::now();
+        simulator.advance_by(day).await?;
+        let took = started.elapsed();
+        anyhow::ensure!(hourly.ticks().await? == 24, "24 ticks in a simulated day");
+        rows.push(format!(
+            "| (m) a simulated day of an hourly timer (24 ticks), clock over gRPC | {:.1} ms ({:.0}× real time) |",
+            took.as_secs_f64() * 1000.0,
+            day.as_secs_f64() / took.as_secs_f64()
         ));
     }
     if run('c') {

@@ -66,7 +66,7 @@ fn exchange_requests(data: &[u8]) {
     let Some((kind, body)) = data.split_first() else { return };
     let exchange = exchange();
     runtime().block_on(async {
-        match kind % 9 {
+        match kind % 10 {
             0 => {
                 if let Ok(req) = pb::SendBatchRequest::decode(body) {
                     let _ = exchange.send_batch(req.messages).await;
@@ -128,6 +128,13 @@ fn exchange_requests(data: &[u8]) {
                     if let Ok(id) = EntityId::parse_field(&save.agent_id, "state.agent_id") {
                         let _ = exchange.commit(&id, save, req.seqs, req.answers).await;
                     }
+                }
+            }
+            9 => {
+                if let Ok(req) = pb::MarkRequest::decode(body)
+                    && let Ok(mark) = academy_exchange::clock::Mark::of(req.kind(), req.key)
+                {
+                    let _ = exchange.clock().mark(mark);
                 }
             }
             _ => {
@@ -225,6 +232,10 @@ fn request_seeds() -> Vec<Vec<u8>> {
                 answers: vec![message],
             }
             .encode_to_vec(),
+        ),
+        with(
+            9,
+            pb::MarkRequest { kind: pb::MarkKind::Send.into(), key: "k".into() }.encode_to_vec(),
         ),
     ]
 }

@@ -1,0 +1,93 @@
+//! The exchange's simulated clock over gRPC (`academy.v1.ClockService`;
+//! docs/design.md, "Clocks"), as a program in any language uses it: what
+//! it counts across connections, and what it refuses.
+
+use std::time::Duration;
+
+use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_proto::duration::to_proto;
+use academy_proto::pb::{self, MarkKind, advance_request::Target};
+use academy_server::auth::Tokens;
+use tonic::Code;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+type Clock = pb::clock_service_client::ClockServiceClient<tonic::transport::Channel>;
+
+fn mark(kind: MarkKind, key: &str) -> pb::MarkRequest {
+    pb::MarkRequest { kind: kind.into(), key: key.into() }
+}
+
+async fn status(clock: &mut Clock) -> pb::NowResponse {
+    clock.now(pb::NowRequest {}).await.unwrap().into_inner()
+}
+
+/// A task on one connection sleeps; the simulator on another moves time:
+/// the task wakes at its time, and time goes no further while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeper_wakes_at_its_time_and_holds_time_while_it_runs() {
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let mut task = Clock::connect(exchange.url()).await.unwrap();
+    let mut simulator = Clock::connect(exchange.url()).await.unwrap();
+    assert_eq!(status(&mut simulator).await.now, Some(to_proto(Duration::ZERO)));
+
+    task.mark(mark(MarkKind::Begin, "")).await.unwrap();
+    let sleep = pb::SleepRequest { key: "task".into(), until: Some(to_proto(HOUR)) };
+    let asleep = tokio::spawn({
+        let mut task = task.clone();
+        async move { task.sleep(sleep).await.unwrap().into_inner().now }
+    });
+    while status(&mut simulator).await.sleepers < 1 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let advance = tokio::spawn({
+        let mut simulator = simulator.clone();
+        async move {
+            let request =
+                pb::AdvanceRequest { target: Some(Target::By(to_proto(HOUR * 2))), factor: 0.0 };
+            simulator.advance(request).await.unwrap().into_inner().clock.unwrap()
+        }
+    });
+    assert_eq!(asleep.await.unwrap(), Some(to_proto(HOUR)), "woke at its time");
+    // Running now: time stays at 1 h until it ends.
+    let now = status(&mut simulator).await;
+    assert_eq!((now.now, now.pending), (Some(to_proto(HOUR)), 1));
+    assert!(!advance.is_finished());
+    task.mark(mark(MarkKind::End, "")).await.unwrap();
+    let reached = advance.await.unwrap();
+    assert_eq!((reached.now, reached.pending, reached.sleepers), (Some(to_proto(HOUR * 2)), 0, 0));
+}
+
+/// Malformed requests get INVALID_ARGUMENT naming what is wrong; an
+/// exchange that authenticates guards its clock too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_or_unauthenticated_clock_requests_are_refused() {
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let mut clock = Clock::connect(exchange.url()).await.unwrap();
+    let refused = clock.mark(mark(MarkKind::Unspecified, "")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("kind"), "{}", refused.message());
+    let long = "k".repeat(300);
+    let refused = clock.mark(mark(MarkKind::Send, &long)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("key") && refused.message().len() < 200,
+        "{}",
+        refused.message()
+    );
+    let refused = clock.advance(pb::AdvanceRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    let refused = clock.sleep(pb::SleepRequest { key: "k".into(), until: None }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert_eq!(status(&mut clock).await.pending, 0, "nothing was counted");
+
+    let tokens = Tokens::parse("sim sim-token-0123456789").unwrap();
+    let guarded =
+        RunningExchange::start(ExchangeOptions { tokens: Some(tokens), ..Default::default() })
+            .await
+            .unwrap();
+    let mut anonymous = Clock::connect(guarded.url()).await.unwrap();
+    let request = pb::AdvanceRequest { target: Some(Target::By(to_proto(HOUR))), factor: 0.0 };
+    let refused = anonymous.advance(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+}
