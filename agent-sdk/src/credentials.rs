@@ -120,6 +120,15 @@ impl Credentials {
 
     /// An endpoint for `url`: TLS (with these settings) when it is `https://`.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, ClientError> {
+        if let Some(path) = unix_path(url) {
+            if path.is_empty() {
+                return Err(ClientError::Transport(format!(
+                    "bad url {url:?}: unix: needs a path, as in unix:/run/academy.sock"
+                )));
+            }
+            // The authority is not used: connections go to the socket.
+            return Ok(Endpoint::from_static("http://localhost"));
+        }
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| ClientError::Transport(format!("bad url {url:?}: {}", describe(&e))))?;
         if !url.starts_with("https://") {
@@ -155,10 +164,7 @@ impl Credentials {
     /// credentials: for the generated clients, e.g.
     /// `LauncherServiceClient::new(credentials.connect(url).await?)`.
     pub async fn connect(&self, url: &str) -> Result<Authorized, ClientError> {
-        let channel = self.endpoint(url)?.connect().await.map_err(|e| {
-            ClientError::Transport(format!("cannot connect to {url}: {}", describe(&e)))
-        })?;
-        Ok(self.on(channel))
+        Ok(self.on(open(self.endpoint(url)?, url).await?))
     }
 
     /// `channel`, sending these credentials with every call: for the
@@ -166,6 +172,46 @@ impl Credentials {
     pub fn on(&self, channel: Channel) -> Authorized {
         InterceptedService::new(channel, self.clone())
     }
+}
+
+/// The socket a `unix:/path` URL names.
+fn unix_path(url: &str) -> Option<&str> {
+    url.strip_prefix("unix:")
+}
+
+/// Connects `endpoint` (from [`Credentials::endpoint`] for `url`): over the
+/// Unix socket a `unix:/path` URL names, over TCP otherwise.
+pub async fn open(endpoint: Endpoint, url: &str) -> Result<Channel, ClientError> {
+    let opened = match unix_path(url) {
+        Some(path) => endpoint.connect_with_connector(unix_connector(path)).await,
+        None => endpoint.connect().await,
+    };
+    opened.map_err(|e| ClientError::Transport(format!("cannot connect to {url}: {}", describe(&e))))
+}
+
+/// [`open`], connecting on first use and again whenever the connection drops.
+pub fn open_lazy(endpoint: Endpoint, url: &str) -> Channel {
+    match unix_path(url) {
+        Some(path) => endpoint.connect_with_connector_lazy(unix_connector(path)),
+        None => endpoint.connect_lazy(),
+    }
+}
+
+fn unix_connector(
+    path: &str,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    let path = std::path::PathBuf::from(path);
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move { Ok(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+    })
 }
 
 impl tonic::service::Interceptor for Credentials {

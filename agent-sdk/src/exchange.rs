@@ -21,7 +21,6 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::credentials::{Authorized, Credentials};
-use crate::error::describe;
 use crate::{ClientError, Matching};
 
 /// Messages delivered to a subscriber, batch by batch.
@@ -249,16 +248,15 @@ impl GrpcExchange {
         credentials: &Credentials,
     ) -> Result<Self, ClientError> {
         let url = url.into();
-        let channel = endpoint(&url, credentials)?.connect().await.map_err(|e| {
-            ClientError::Transport(format!("cannot connect to {url}: {}", describe(&e)))
-        })?;
+        let channel = crate::credentials::open(endpoint(&url, credentials)?, &url).await?;
         Ok(Self::from_channel(channel, credentials))
     }
 
     /// A client of `url` that connects on first use (and again whenever the
     /// connection drops), for services that may start before the exchange.
     pub fn lazy(url: &str, credentials: &Credentials) -> Result<Self, ClientError> {
-        Ok(Self::from_channel(endpoint(url, credentials)?.connect_lazy(), credentials))
+        let channel = crate::credentials::open_lazy(endpoint(url, credentials)?, url);
+        Ok(Self::from_channel(channel, credentials))
     }
 
     /// Uses an existing channel (must be called inside a tokio runtime).

@@ -627,7 +627,7 @@ async fn pausable_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAddr
 #[tokio::test]
 async fn a_stalled_exchange_cannot_hold_a_call_past_its_timeout() {
     let server = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
-    let (proxy, frozen) = pausable_proxy(server.addr()).await;
+    let (proxy, frozen) = pausable_proxy(server.addr().tcp().unwrap()).await;
     let manager = Manager::connect(&format!("http://{proxy}")).await.unwrap();
     let echo = manager.launch(Echo::new()).await.unwrap();
     assert_eq!(echo.echo("before".into()).await.unwrap(), "before");
@@ -654,7 +654,7 @@ async fn agents_and_calls_ride_out_an_exchange_restart_on_redis() {
         ..Default::default()
     };
     let first = RunningExchange::start(options("127.0.0.1:0".parse().unwrap())).await.unwrap();
-    let addr = first.addr();
+    let addr = first.addr().clone();
     let manager = Manager::connect(&first.url()).await.unwrap();
     let echo = manager.launch(Echo::new()).await.unwrap();
     assert_eq!(echo.echo("before".into()).await.unwrap(), "before");

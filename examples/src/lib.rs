@@ -3,8 +3,6 @@
 
 pub mod behaviours;
 
-use std::net::SocketAddr;
-
 use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_sdk::Manager;
 use anyhow::Context as _;
@@ -16,9 +14,10 @@ pub struct ExchangeArgs {
     /// started inside this process.
     #[arg(long, env = "ACADEMY_EXCHANGE_URL")]
     pub exchange: Option<String>,
-    /// Address of the embedded exchange-server (when --exchange is not given).
+    /// Address of the embedded exchange-server (when --exchange is not
+    /// given): HOST:PORT, or a Unix socket (unix:/path).
     #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: SocketAddr,
+    pub listen: academy_exchange::Address,
 }
 
 impl ExchangeArgs {
@@ -28,7 +27,8 @@ impl ExchangeArgs {
         let (url, server) = match &self.exchange {
             Some(url) => (url.clone(), None),
             None => {
-                let options = ExchangeOptions { listen: self.listen, ..Default::default() };
+                let listen = self.listen.clone();
+                let options = ExchangeOptions { listen, ..Default::default() };
                 let server = RunningExchange::start(options)
                     .await
                     .with_context(|| format!("cannot start an exchange on {}", self.listen))?;

@@ -542,7 +542,7 @@ async fn a_launcher_restarted_on_redis_forgets_nothing_and_its_agents_keep_runni
     // Restart the launcher on the same address and Redis; while it is
     // away, the agents still answer.
     let first = cluster.launcher.take().unwrap();
-    let addr = first.addr();
+    let addr = first.addr().clone();
     first.shutdown().await;
     let manager = Manager::connect(&cluster.exchange.url()).await.unwrap();
     let analysers: Vec<_> = running

@@ -23,9 +23,9 @@ pub(crate) enum BackendKind {
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "academy-exchange", version)]
 pub(crate) struct Config {
-    /// Address to listen on.
+    /// Address to listen on: HOST:PORT, or a Unix socket (unix:/path).
     #[arg(long, env = "ACADEMY_EXCHANGE_LISTEN", default_value = "127.0.0.1:50051")]
-    pub(crate) listen: SocketAddr,
+    pub(crate) listen: academy_server::listen::Address,
     /// Where mailboxes are kept.
     #[arg(long, env = "ACADEMY_EXCHANGE_BACKEND", value_enum, default_value_t = BackendKind::Memory)]
     pub(crate) backend: BackendKind,
@@ -155,7 +155,7 @@ impl Config {
             }
         };
         Ok(ExchangeOptions {
-            listen: self.listen,
+            listen: self.listen.clone(),
             store,
             limits,
             shutdown_grace: grace,

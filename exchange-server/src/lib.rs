@@ -32,6 +32,8 @@ mod server;
 #[cfg(feature = "server")]
 mod service;
 
+#[cfg(feature = "server")]
+pub use academy_server::listen::Address;
 pub use backend::Depth;
 #[cfg(feature = "redis")]
 pub use backend::redis::RedisOptions;

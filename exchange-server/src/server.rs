@@ -9,11 +9,10 @@ use academy_proto::pb::exchange_service_server::ExchangeServiceServer;
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 use academy_server::auth::{Authenticator, Tokens};
 use academy_server::grpc::{MAX_STREAMS_PER_CONNECTION, StatusRules, reflection};
-use academy_server::listen::{self, ConnectionLimits};
+use academy_server::listen::{self, Address, ConnectionLimits, Listener};
 use academy_server::metrics::{self, RpcMetrics};
 use academy_server::tls::{Tls, server_builder};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -41,8 +40,8 @@ pub enum MailboxStore {
 /// How to serve an exchange.
 #[derive(Debug, Clone)]
 pub struct ExchangeOptions {
-    /// Address to listen on.
-    pub listen: SocketAddr,
+    /// Address to listen on: `HOST:PORT`, or a Unix socket (`unix:/path`).
+    pub listen: Address,
     /// Where mailboxes are kept.
     pub store: MailboxStore,
     /// Limits of messages and mailboxes.
@@ -63,7 +62,7 @@ pub struct ExchangeOptions {
 impl Default for ExchangeOptions {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: Address::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
             store: MailboxStore::Memory,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
@@ -101,7 +100,7 @@ async fn follow_store(
 /// A running exchange-server. Dropping it shuts the server down.
 #[derive(Debug)]
 pub struct RunningExchange {
-    addr: SocketAddr,
+    addr: Address,
     metrics_addr: Option<SocketAddr>,
     tls: bool,
     exchange: Exchange,
@@ -133,8 +132,13 @@ impl RunningExchange {
     /// Serves the given exchange (for example one also used in-process).
     pub async fn serve(exchange: Exchange, options: ExchangeOptions) -> std::io::Result<Self> {
         options.limits.check().map_err(std::io::Error::other)?;
-        let listener = TcpListener::bind(options.listen).await?;
-        let addr = listener.local_addr()?;
+        if options.tls.is_some() && matches!(options.listen, Address::Unix(_)) {
+            return Err(std::io::Error::other(
+                "TLS on a Unix socket is not supported: the socket file's permissions guard it",
+            ));
+        }
+        let listener = Listener::bind(&options.listen).await?;
+        let addr = listener.address()?;
         let shutdown = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ExchangeServiceServer<ExchangeGrpc>>().await;
@@ -223,8 +227,8 @@ impl RunningExchange {
     }
 
     /// The address it listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn addr(&self) -> &Address {
+        &self.addr
     }
 
     /// Where metrics are served, with `metrics_listen`.
@@ -232,10 +236,9 @@ impl RunningExchange {
         self.metrics_addr
     }
 
-    /// `http://ADDR` (`https://` with TLS), for clients.
+    /// `http://ADDR` (`https://` with TLS), or `unix:/path`, for clients.
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{}", self.addr)
+        self.addr.url(self.tls)
     }
 
     /// The exchange behind the server, for in-process use beside it.
@@ -253,6 +256,7 @@ impl RunningExchange {
                 Err(e) => tracing::error!(error = %e, "exchange task failed"),
             }
         }
+        self.addr.release();
     }
 }
 

@@ -18,9 +18,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(name = "academy-launcher", version)]
 struct Config {
-    /// Address to listen on.
+    /// Address to listen on: HOST:PORT, or a Unix socket (unix:/path).
     #[arg(long, env = "ACADEMY_LAUNCHER_LISTEN", default_value = "127.0.0.1:50052")]
-    listen: SocketAddr,
+    listen: academy_server::listen::Address,
     /// URL of the exchange the agents use.
     #[arg(long, env = "ACADEMY_EXCHANGE_URL", default_value = "http://127.0.0.1:50051")]
     exchange: String,

@@ -9,11 +9,10 @@ use academy_sdk::Credentials;
 use academy_sdk::exchange::GrpcExchange;
 use academy_server::auth::{Authenticator, Tokens};
 use academy_server::grpc::{MAX_STREAMS_PER_CONNECTION, StatusRules, reflection};
-use academy_server::listen::{self, ConnectionLimits};
+use academy_server::listen::{self, Address, ConnectionLimits, Listener};
 use academy_server::metrics::{self, RpcMetrics};
 use academy_server::tls::{Tls, server_builder};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -27,7 +26,8 @@ const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// How to run a launcher.
 #[derive(Debug, Clone)]
 pub struct LauncherOptions {
-    pub listen: SocketAddr,
+    /// Address to listen on: `HOST:PORT`, or a Unix socket (`unix:/path`).
+    pub listen: Address,
     /// The exchange the launched agents use (`http://HOST:PORT`).
     pub exchange_url: String,
     /// A worker silent for this long is declared dead and its agents move.
@@ -62,7 +62,7 @@ pub struct LauncherOptions {
 impl Default for LauncherOptions {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: Address::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
             exchange_url: "http://127.0.0.1:50051".into(),
             heartbeat_timeout: Duration::from_secs(3),
             redis_url: None,
@@ -82,7 +82,7 @@ impl Default for LauncherOptions {
 /// A running launcher; dropping it shuts it down.
 #[derive(Debug)]
 pub struct RunningLauncher {
-    addr: SocketAddr,
+    addr: Address,
     metrics_addr: Option<SocketAddr>,
     tls: bool,
     shutdown: CancellationToken,
@@ -129,8 +129,12 @@ impl RunningLauncher {
             shutdown.clone(),
         )
         .await?;
-        let listener = TcpListener::bind(options.listen).await?;
-        let addr = listener.local_addr()?;
+        anyhow::ensure!(
+            options.tls.is_none() || options.listen.tcp().is_some(),
+            "TLS on a Unix socket is not supported: the socket file's permissions guard it"
+        );
+        let listener = Listener::bind(&options.listen).await?;
+        let addr = listener.address()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LauncherServiceServer<LauncherGrpc>>().await;
         let incoming = listen::incoming(listener, options.connections);
@@ -167,8 +171,8 @@ impl RunningLauncher {
         Ok(Self { addr, metrics_addr, tls, shutdown, task: Some(task) })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    pub fn addr(&self) -> &Address {
+        &self.addr
     }
 
     /// Where metrics are served, with `metrics_listen`.
@@ -176,10 +180,9 @@ impl RunningLauncher {
         self.metrics_addr
     }
 
-    /// `http://ADDR` (`https://` with TLS), for clients.
+    /// `http://ADDR` (`https://` with TLS), or `unix:/path`, for clients.
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{}", self.addr)
+        self.addr.url(self.tls)
     }
 
     pub async fn shutdown(mut self) {
@@ -187,6 +190,7 @@ impl RunningLauncher {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        self.addr.release();
     }
 }
 

@@ -2,18 +2,21 @@
 //! many at once, and per peer address; a connection must start its
 //! handshake within a time limit; running out of file descriptors backs off
 //! instead of spinning. Accepted connections have TCP_NODELAY set (small
-//! messages must not wait for Nagle).
+//! messages must not wait for Nagle). A server listens on TCP or on a
+//! Unix-domain socket ([`Address`]).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Bounds on the connections a server accepts.
@@ -66,13 +69,132 @@ pub fn raise_fd_limit() -> u64 {
     limit.rlim_cur
 }
 
+/// Where a server listens: a TCP address (`HOST:PORT`) or a Unix-domain
+/// socket (`unix:/path`), for processes on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl From<SocketAddr> for Address {
+    fn from(addr: SocketAddr) -> Self {
+        Self::Tcp(addr)
+    }
+}
+
+impl std::str::FromStr for Address {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a path, as in unix:/run/academy.sock".into()),
+            Some(path) => Ok(Self::Unix(path.into())),
+            None => text
+                .parse()
+                .map(Self::Tcp)
+                .map_err(|e| format!("{e}: expected HOST:PORT or unix:/path")),
+        }
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Address {
+    /// The URL clients use: `http(s)://HOST:PORT`, or `unix:/path`.
+    pub fn url(&self, tls: bool) -> String {
+        match self {
+            Self::Tcp(addr) => format!("{}://{addr}", if tls { "https" } else { "http" }),
+            Self::Unix(_) => self.to_string(),
+        }
+    }
+
+    /// The TCP address, if it is one.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Tcp(addr) => Some(*addr),
+            Self::Unix(_) => None,
+        }
+    }
+}
+
+/// A bound listener: TCP, or a Unix socket (whose file the server removes
+/// when it stops: [`Address::release`]).
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `address`. A Unix socket file left by a process that died is
+    /// replaced; one a live server listens on is `AddrInUse`.
+    pub async fn bind(address: &Address) -> std::io::Result<Self> {
+        match address {
+            Address::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
+            Address::Unix(path) => {
+                if path.exists() {
+                    if UnixStream::connect(path).await.is_ok() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            format!("a server listens on {} already", path.display()),
+                        ));
+                    }
+                    std::fs::remove_file(path)?;
+                }
+                Ok(Self::Unix(UnixListener::bind(path)?, path.clone()))
+            }
+        }
+    }
+
+    /// The address it is bound to (with the port chosen for port 0).
+    pub fn address(&self) -> std::io::Result<Address> {
+        match self {
+            Self::Tcp(listener) => Ok(Address::Tcp(listener.local_addr()?)),
+            Self::Unix(_, path) => Ok(Address::Unix(path.clone())),
+        }
+    }
+
+    async fn accept(&self) -> std::io::Result<(Io, Option<IpAddr>)> {
+        match self {
+            Self::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                Ok((Either::Left(stream), Some(peer.ip())))
+            }
+            Self::Unix(listener, _) => Ok((Either::Right(listener.accept().await?.0), None)),
+        }
+    }
+}
+
+impl Address {
+    /// Removes the socket file of a Unix address (a server that stopped
+    /// listening on it); nothing for TCP.
+    pub fn release(&self) {
+        if let Self::Unix(path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A TCP or a Unix-domain connection.
+type Io = Either<TcpStream, UnixStream>;
+
 /// A connection accepted within the limits; its slots are given back when it
 /// closes.
 #[derive(Debug)]
 pub struct Bounded {
-    stream: TcpStream,
+    stream: Io,
     _slot: OwnedSemaphorePermit,
-    _peer: PeerSlot,
+    /// Its peer's share of the per-peer limit (TCP only: a Unix socket's
+    /// peers are this node's processes, guarded by the file's permissions).
+    _peer: Option<PeerSlot>,
 }
 
 /// One of a peer's connections; the count goes down when it is dropped.
@@ -98,7 +220,10 @@ impl Connected for Bounded {
     type ConnectInfo = TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        match &self.stream {
+            Either::Left(tcp) => tcp.connect_info(),
+            Either::Right(_) => TcpConnectInfo { local_addr: None, remote_addr: None },
+        }
     }
 }
 
@@ -130,7 +255,10 @@ impl AsyncWrite for Bounded {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.stream {
+            Either::Left(tcp) => tcp.is_write_vectored(),
+            Either::Right(unix) => unix.is_write_vectored(),
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -145,7 +273,7 @@ impl AsyncWrite for Bounded {
 /// The connections of `listener` that come within `limits`, as a stream for
 /// tonic's `serve_with_incoming`. Accepting stops when the stream is dropped.
 pub fn incoming(
-    listener: TcpListener,
+    listener: Listener,
     limits: ConnectionLimits,
 ) -> impl futures::Stream<Item = std::io::Result<Bounded>> {
     let (ready, accepted) = mpsc::channel(128);
@@ -160,7 +288,7 @@ fn handshake_bytes(first: u8) -> usize {
 }
 
 async fn accept(
-    listener: TcpListener,
+    listener: Listener,
     limits: ConnectionLimits,
     ready: mpsc::Sender<std::io::Result<Bounded>>,
 ) {
@@ -191,21 +319,29 @@ async fn accept(
             refused.note("the server holds --max-connections connections");
             continue;
         };
-        let peer = {
-            let mut counts = peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let count = counts.entry(peer.ip()).or_default();
-            if *count >= limits.max_per_peer {
-                drop(counts);
-                refused.note("a peer holds --max-connections-per-peer connections");
-                continue;
+        let peer = match peer {
+            None => None,
+            Some(ip) => {
+                let mut counts = peers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let count = counts.entry(ip).or_default();
+                if *count >= limits.max_per_peer {
+                    drop(counts);
+                    refused.note("a peer holds --max-connections-per-peer connections");
+                    continue;
+                }
+                *count += 1;
+                Some(PeerSlot { peers: peers.clone(), ip })
             }
-            *count += 1;
-            PeerSlot { peers: peers.clone(), ip: peer.ip() }
         };
         let ready = ready.clone();
         tokio::spawn(async move {
-            let started = handshake(&stream, limits.handshake_timeout).await;
-            if started && stream.set_nodelay(true).is_ok() {
+            let ready_to_go = match &stream {
+                Either::Left(tcp) => {
+                    handshake(tcp, limits.handshake_timeout).await && tcp.set_nodelay(true).is_ok()
+                }
+                Either::Right(_) => true,
+            };
+            if ready_to_go {
                 let _ = ready.send(Ok(Bounded { stream, _slot: slot, _peer: peer })).await;
             }
         });
@@ -256,6 +392,21 @@ impl Refusals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_tcp_or_unix_sockets() {
+        let unix: Address = "unix:/run/a.sock".parse().unwrap();
+        assert_eq!(unix, Address::Unix("/run/a.sock".into()));
+        assert_eq!(
+            (unix.to_string(), unix.url(true)),
+            ("unix:/run/a.sock".into(), "unix:/run/a.sock".into())
+        );
+        let tcp: Address = "127.0.0.1:50051".parse().unwrap();
+        assert_eq!(tcp.url(false), "http://127.0.0.1:50051");
+        assert_eq!(tcp.url(true), "https://127.0.0.1:50051");
+        assert!("unix:".parse::<Address>().unwrap_err().contains("needs a path"));
+        assert!("example.org".parse::<Address>().unwrap_err().contains("unix:/path"));
+    }
 
     #[test]
     fn the_connection_cap_leaves_room_within_the_descriptor_limit() {
