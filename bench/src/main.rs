@@ -4,7 +4,6 @@
 //! `cargo run --release -p academy-bench` prints a Markdown table for BENCHMARKS.md.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -118,8 +117,9 @@ struct Args {
     /// launcher, and mailboxes terminated on each backend); `o` (a) and (b)
     /// with every span exported by OTLP (in-memory exchange; runs last);
     /// `k` (a) and (b) on an action that changes a kept state, without and
-    /// with its checkpoint; `m` a simulated day of an hourly timer.
-    #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,e,s,l,t,o")]
+    /// with its checkpoint; `m` a simulated day of an hourly timer; `u` (a)
+    /// and (b) over a Unix-domain socket.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,e,u,s,l,t,o")]
     only: Vec<char>,
     /// Agents launched and stopped, and mailboxes terminated per backend, in
     /// the long run.
@@ -163,6 +163,9 @@ enum Role {
         /// `server.key` and `ca.pem` in this directory.
         #[arg(long)]
         secure_dir: Option<std::path::PathBuf>,
+        /// Where to listen: HOST:PORT, or unix:/path.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: academy_exchange::Address,
     },
     /// Serve the plain tonic echo (the floor), in a child process.
     #[command(hide = true, name = "serve-floor")]
@@ -194,7 +197,7 @@ const FLEET: usize = 1000;
 /// A server in a child process; killed on drop.
 struct Server {
     child: Child,
-    addr: SocketAddr,
+    addr: academy_exchange::Address,
 }
 
 async fn spawn_server(role: &[&str]) -> anyhow::Result<Server> {
@@ -207,12 +210,14 @@ async fn spawn_server(role: &[&str]) -> anyhow::Result<Server> {
         .context("cannot start the server process")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let line = BufReader::new(stdout).lines().next_line().await?.context("server said nothing")?;
-    Ok(Server { child, addr: line.trim().parse()? })
+    let addr = line.trim().parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    Ok(Server { child, addr })
 }
 
 async fn serve_exchange(
     redis: Option<String>,
     secure_dir: Option<std::path::PathBuf>,
+    listen: academy_exchange::Address,
 ) -> anyhow::Result<()> {
     let backend = match redis {
         Some(url) => academy_exchange::MailboxStore::Redis(academy_exchange::RedisOptions {
@@ -223,7 +228,7 @@ async fn serve_exchange(
     };
     let limits = academy_exchange::Limits { max_queued: 100_000, ..Default::default() };
     let mut options =
-        academy_exchange::ExchangeOptions { store: backend, limits, ..Default::default() };
+        academy_exchange::ExchangeOptions { store: backend, limits, listen, ..Default::default() };
     if let Some(dir) = secure_dir {
         options.tokens = Some(academy_server::auth::Tokens::load(&dir.join("tokens"))?);
         let (cert, key, ca) = (dir.join("server.pem"), dir.join("server.key"), dir.join("ca.pem"));
@@ -604,6 +609,29 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
     Ok(rows)
 }
 
+/// (a) and (b) against an in-memory exchange on a Unix-domain socket.
+async fn measure_unix(args: &Args) -> anyhow::Result<Vec<String>> {
+    let socket = std::env::temp_dir().join(format!("academy-bench-{}.sock", std::process::id()));
+    let listen = format!("unix:{}", socket.display());
+    let threads = args.exchange_threads.to_string();
+    let role = ["serve-exchange", "--worker-threads", &threads, "--listen", &listen];
+    let exchange = spawn_server(&role).await?;
+    let manager = Manager::connect(&exchange.addr.url(false)).await?;
+    let echo = manager.launch(Echo {}).await?;
+    let a = echo_latency(echo.raw(), 100, args.calls).await?;
+    let b = throughput(echo.raw(), 64, args.seconds).await?;
+    manager.close().await?;
+    drop(exchange);
+    let _ = std::fs::remove_file(&socket);
+    Ok(vec![
+        format!(
+            "| (u) (a) sequential echo, 100 B, over a Unix socket: p50 / p99 | {:.0} µs / {:.0} µs |",
+            a.p50_us, a.p99_us
+        ),
+        format!("| (u) (b) 64 in flight, over a Unix socket | {b:.0} actions/s |"),
+    ])
+}
+
 /// (a) and (b) against an in-memory exchange that requires a bearer token and
 /// mutual TLS, with certificates made for the run.
 async fn measure_secure(args: &Args) -> anyhow::Result<Vec<String>> {
@@ -850,7 +878,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.role {
-        Some(Role::Exchange { redis, secure_dir, .. }) => {
+        Some(Role::Exchange { redis, secure_dir, listen, .. }) => {
             // Scenario (o) asks for traces through the environment.
             let _telemetry = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").map(|_| {
                 academy_server::telemetry::init(
@@ -858,7 +886,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "academy-exchange",
                 )
             });
-            return serve_exchange(redis, secure_dir).await;
+            return serve_exchange(redis, secure_dir, listen).await;
         }
         Some(Role::Floor) => return serve_floor().await,
         Some(Role::Launcher { exchange, heartbeat_timeout_ms, retention_secs }) => {
@@ -905,6 +933,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("| scenario | result |");
         println!("|---|---|");
         for row in measure_secure(&args).await? {
+            println!("{row}");
+        }
+    }
+    if args.only.contains(&'u') {
+        println!();
+        println!("Unix socket (in-memory exchange):");
+        println!();
+        println!("| scenario | result |");
+        println!("|---|---|");
+        for row in measure_unix(&args).await? {
             println!("{row}");
         }
     }
