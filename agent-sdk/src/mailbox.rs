@@ -1,6 +1,7 @@
 //! One mailbox, multiplexed: responses go to the call waiting for their tag,
 //! requests to the agent runtime. Acknowledgements are batched.
 
+use academy_proto::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -275,10 +276,6 @@ impl Mailbox {
             None => self.ack(seq),
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Forgets a waiting call however it ends (answer, timeout, or the caller dropping it).

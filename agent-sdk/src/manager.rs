@@ -1,6 +1,7 @@
 //! The manager: one client mailbox shared by all its handles; launches agents
 //! in this process, waits on them and shuts them down.
 
+use academy_proto::sync::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -221,8 +222,4 @@ impl Manager {
         self.exchange.terminate(&self.mailbox.id()).await?;
         if failures.is_empty() { Ok(()) } else { Err(ManagerError::Agents(failures)) }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

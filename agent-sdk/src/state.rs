@@ -5,6 +5,7 @@
 //! incarnation, so a stale copy elsewhere cannot overwrite it. Kept in the
 //! exchange by default; in files with [`FileStore`], for agents on one node.
 
+use academy_proto::sync::lock;
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
@@ -584,8 +585,4 @@ fn finish(batch: Vec<Pending>, mut outcome: impl FnMut(Answered) -> Outcome) {
 /// The answer of an action whose outcome is being told.
 struct Answered {
     answer: pb::Message,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -124,14 +124,23 @@ impl Cluster {
 }
 
 /// Polls `ready` every 20 ms for up to 15 s.
-async fn wait<F, Fut>(mut ready: F)
+async fn wait<F, Fut>(ready: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(15);
+    wait_for(Duration::from_secs(15), ready).await;
+}
+
+/// Polls `ready` every 20 ms for up to `limit`.
+async fn wait_for<F, Fut>(limit: Duration, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
     while !ready().await {
-        assert!(Instant::now() < deadline, "condition not reached within 15 s");
+        assert!(Instant::now() < deadline, "condition not reached within {limit:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -448,16 +457,12 @@ async fn killed_and_moved_on_redis_each_request_counts_once() {
 }
 
 /// Polls `ready` every 20 ms for up to 2 minutes.
-async fn wait_long<F, Fut>(mut ready: F)
+async fn wait_long<F, Fut>(ready: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ready().await {
-        assert!(Instant::now() < deadline, "condition not reached within 2 minutes");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(Duration::from_secs(120), ready).await;
 }
 
 fn signal(child: &Child, name: &str) {

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use academy_proto::ClockStatus;
+use academy_proto::sync::lock;
 use academy_proto::{ExchangeError, pb};
 use tokio::sync::{Notify, oneshot};
 
@@ -92,10 +93,6 @@ pub struct SimClock {
     quiet: Notify,
     /// One advance at a time.
     advancing: tokio::sync::Mutex<()>,
-}
-
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl SimClock {

@@ -12,6 +12,7 @@
 //! serves MCP on stdio ([`Gateway::serve_stdio`], for a desktop client that
 //! starts it as a command) or over streamable HTTP ([`Gateway::serve_http`]).
 
+use academy_proto::sync::{lock, read, write};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -348,18 +349,6 @@ fn clean(text: &str) -> String {
         .take(48)
         .collect();
     if cleaned.is_empty() { "agent".into() } else { cleaned }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Aborts a task when dropped.

@@ -78,3 +78,24 @@ impl pb::Header {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!("generated/academy_descriptor.bin");
 
 pub use prost_types;
+
+/// Locks that shrug off poisoning: a panic elsewhere while holding one
+/// leaves data that every user here keeps consistent at each step.
+pub mod sync {
+    use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+    /// `m`, locked.
+    pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `m`, locked for reading.
+    pub fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+        m.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `m`, locked for writing.
+    pub fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+        m.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
