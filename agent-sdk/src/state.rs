@@ -336,7 +336,10 @@ impl Keeper {
             let last_round = tokio::select! {
                 () = self.queued.notified() => false,
                 _ = tick.tick() => {
-                    self.save(&*behaviour).await.ok();
+                    // Counted in the metrics too; the next save tries again.
+                    if let Err(message) = self.save(&*behaviour).await {
+                        tracing::warn!(agent = %self.id, %message, "state not saved");
+                    }
                     false
                 }
                 () = stop.cancelled() => true,
