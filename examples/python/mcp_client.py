@@ -1,7 +1,7 @@
 """Uses the agents of an exchange as MCP tools, through `academy mcp`, with
 the Model Context Protocol's Python SDK (`python3 -m pip install mcp`).
 
-    python3 examples/python/mcp_client.py stdio http://127.0.0.1:50051 [path/to/academy]
+    python3 examples/python/mcp_client.py stdio http://127.0.0.1:50051 [path/to/academy [changes]]
     python3 examples/python/mcp_client.py http http://127.0.0.1:8765/mcp
 
 With `stdio` it starts `academy mcp --exchange URL` itself, as a desktop MCP
@@ -9,9 +9,10 @@ client would, passing on ACADEMY_TOKEN and ACADEMY_TLS_* (MCP clients give
 the servers they start a bare environment); with `http` it connects to `academy mcp --http ADDR`. It lists
 the tools, calls the quickstart counter's (`get`, `increment` by 5, and
 `increment` with an argument of the wrong type, which fails), printing one
-JSON line for each. With `stdio` it then waits (20 s at most) for the tools
-to change (`notifications/tools/list_changed`, when an agent comes or goes)
-and prints the tools again.
+JSON line for each. With `stdio` it then waits (20 s at most each) for the
+tools to change `changes` times (1 by default;
+`notifications/tools/list_changed`, when an agent comes or goes) and prints
+the tools after each.
 """
 
 import asyncio
@@ -28,7 +29,7 @@ def say(**line):
     print(json.dumps(line), flush=True)
 
 
-async def use(session, changed):
+async def use(session, changed, changes=1):
     await session.initialize()
     tools = (await session.list_tools()).tools
     say(tools=[{"name": t.name, "read_only": bool(t.annotations and t.annotations.read_only_hint),
@@ -42,10 +43,12 @@ async def use(session, changed):
     say(bad_increment=result.structured_content, error=result.is_error)
     if changed is None:
         return
-    say(waiting=True)
-    await asyncio.wait_for(changed.wait(), 20)
-    tools = (await session.list_tools()).tools
-    say(changed=sorted(t.name for t in tools))
+    for _ in range(changes):
+        say(waiting=True)
+        await asyncio.wait_for(changed.wait(), 20)
+        changed.clear()
+        tools = (await session.list_tools()).tools
+        say(changed=sorted(t.name for t in tools))
 
 
 async def main():
@@ -58,6 +61,7 @@ async def main():
                 changed.set()
 
         academy = sys.argv[3] if len(sys.argv) > 3 else "academy"
+        changes = int(sys.argv[4]) if len(sys.argv) > 4 else 1
         # MCP clients start servers with a bare environment: pass the
         # gateway's credentials (ACADEMY_TOKEN, ACADEMY_TLS_*) on.
         env = {k: v for k, v in os.environ.items() if k.startswith("ACADEMY_")}
@@ -65,7 +69,7 @@ async def main():
         server = StdioServerParameters(command=academy, args=args, env=env)
         async with stdio_client(server) as (read, write):
             async with ClientSession(read, write, message_handler=on_message) as session:
-                await use(session, changed)
+                await use(session, changed, changes)
     else:
         async with streamable_http_client(target) as streams:
             read, write = streams[0], streams[1]

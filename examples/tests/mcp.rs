@@ -2,7 +2,7 @@
 //! Context Protocol's Python SDK (`examples/python/mcp_client.py`; `make
 //! test` installs it when missing), on stdio and over streamable HTTP: it
 //! lists and calls the quickstart counter's actions, gets a structured error
-//! from a failing one, and hears of a new agent's tools. The exchange
+//! from a failing one, and hears of a new agent's tools coming and going. The exchange
 //! authenticates; the gateway calls with its own token.
 
 use std::io::{BufRead as _, BufReader};
@@ -95,6 +95,7 @@ async fn an_mcp_client_lists_and_calls_agents_through_the_gateway() {
         .arg(root().join("examples/python/mcp_client.py"))
         .args(["stdio", &url])
         .arg(academy())
+        .arg("2")
         .env("ACADEMY_TOKEN", GATEWAY_TOKEN)
         .stdout(Stdio::piped())
         .spawn()
@@ -116,6 +117,15 @@ async fn an_mcp_client_lists_and_calls_agents_through_the_gateway() {
     let names: Vec<&str> =
         changed["changed"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
     assert!(names.contains(&format!("WordStats_analyse_{tail}").as_str()), "{changed}");
+    assert!(names.iter().any(|n| n.starts_with("Counter_get_")), "{changed}");
+    // It goes: its tools disappear, and the client is told again.
+    let waiting = tokio::task::block_in_place(|| next(&mut lines));
+    assert_eq!(waiting, json!({"waiting": true}));
+    stats.shutdown(academy_sdk::MailboxPolicy::Terminate).await.unwrap();
+    let changed = tokio::task::block_in_place(|| next(&mut lines));
+    let names: Vec<&str> =
+        changed["changed"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(!names.iter().any(|n| n.starts_with("WordStats_")), "{changed}");
     assert!(names.iter().any(|n| n.starts_with("Counter_get_")), "{changed}");
     let status = tokio::task::block_in_place(|| children.0[1].wait().unwrap());
     assert!(status.success());
