@@ -94,12 +94,12 @@ pub fn register(registry: &mut Registry) {
     );
     registry.register(
         "academy_state_saves",
-        "Saves of agents' kept state, by behaviour and outcome (saved, fenced, failed)",
+        "Commits and saves of agents' kept state, by behaviour and outcome (saved, fenced, failed)",
         metrics.saves.clone(),
     );
     registry.register(
         "academy_state_save_seconds",
-        "Time to save an agent's state in the exchange, by behaviour",
+        "Time to commit or save an agent's state (retries included), by behaviour",
         metrics.save_seconds.clone(),
     );
     registry.register(

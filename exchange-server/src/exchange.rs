@@ -163,12 +163,7 @@ impl Exchange {
         };
         let (revision, queued) =
             self.backend.commit(id, self.principal(), commit, &self.bounds()).await?;
-        let mut queued = queued.into_iter();
-        for result in results.iter_mut().filter(|r| r.is_ok()) {
-            *result = queued
-                .next()
-                .unwrap_or(Err(ExchangeError::Unavailable("backend dropped a result".into())));
-        }
+        fill(&mut results, queued);
         Ok((revision, results))
     }
 
@@ -483,12 +478,7 @@ impl Exchange {
             }
         }
         let stored = self.backend.enqueue(valid, &self.bounds(), self.principal()).await;
-        let mut stored = stored.into_iter();
-        for result in results.iter_mut().filter(|r| r.is_ok()) {
-            *result = stored
-                .next()
-                .unwrap_or(Err(ExchangeError::Unavailable("backend dropped a result".into())));
-        }
+        fill(&mut results, stored);
         Ok(results)
     }
 
@@ -528,6 +518,17 @@ impl Exchange {
     pub async fn acknowledge(&self, id: &EntityId, seqs: &[u64]) -> Result<(), ExchangeError> {
         limits::at_most("seqs per Acknowledge", seqs.len(), limits::MAX_ACK_SEQS)?;
         self.backend.acknowledge(id, seqs, self.principal()).await
+    }
+}
+
+/// Puts the backend's results for the messages that passed validation
+/// (`stored`, in order) in their places among `results` (the `Ok` ones).
+fn fill(results: &mut [Result<(), ExchangeError>], stored: Vec<Result<(), ExchangeError>>) {
+    let mut stored = stored.into_iter();
+    for result in results.iter_mut().filter(|r| r.is_ok()) {
+        *result = stored
+            .next()
+            .unwrap_or(Err(ExchangeError::Unavailable("backend dropped a result".into())));
     }
 }
 
