@@ -4,23 +4,23 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub use academy_proto::MailboxStatus;
 pub use academy_proto::pb::MailboxState;
 use academy_proto::pb::{
     self, clock_service_client::ClockServiceClient as ClockClient,
-    exchange_service_client::ExchangeServiceClient as RpcClient,
+    exchange_service_client::ExchangeServiceClient as RpcClient, session_request::Op,
+    session_response::Op as Answer,
 };
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
 use academy_proto::{ClockStatus, EntityId, ExchangeError, RegisteredAgent};
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
-use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::credentials::{Authorized, Credentials};
+use crate::session::Sessions;
 use crate::{ClientError, Matching};
 
 /// Messages delivered to a subscriber, batch by batch.
@@ -203,30 +203,15 @@ impl ExchangeApi for LocalExchange {
 /// (fewer pages: each costs the Redis backend a read of the whole index).
 const DISCOVER_PAGE: u32 = 10_000;
 
-/// Most messages sent in one `SendBatch` call.
-const MAX_SEND_BATCH: usize = 512;
-
-type SendJob = (pb::Message, oneshot::Sender<Result<(), ClientError>>);
-
-/// Talks to an exchange-server over gRPC. Sends go out one call at a time, so
-/// order per destination is kept: a send made while the client is idle goes
-/// straight out from the caller's task; sends made while a call is in flight
-/// queue up and go out together, in order, in one `SendBatch` call.
+/// Talks to an exchange-server over gRPC. Sends, subscriptions,
+/// acknowledgements and commits go over one `Session` stream (opened on
+/// first use, and again after it broke), in order, so order per destination
+/// is kept; the rest are unary calls.
 #[derive(Clone)]
 pub struct GrpcExchange {
     rpc: RpcClient<Authorized>,
     clock: ClockClient<Authorized>,
-    sends: Arc<Sends>,
-}
-
-/// The one-call-at-a-time discipline of [`GrpcExchange`]'s sends.
-#[derive(Debug)]
-struct Sends {
-    /// Held by whoever has a send call in flight.
-    turn: tokio::sync::Mutex<()>,
-    /// Sends queued for the batching task and not finished yet.
-    queued: AtomicUsize,
-    jobs: mpsc::UnboundedSender<SendJob>,
+    sessions: Arc<Sessions>,
 }
 
 impl fmt::Debug for GrpcExchange {
@@ -265,14 +250,8 @@ impl GrpcExchange {
         let rpc = RpcClient::new(credentials.on(channel))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let (jobs, receiver) = mpsc::unbounded_channel();
-        let sends = Arc::new(Sends {
-            turn: tokio::sync::Mutex::new(()),
-            queued: AtomicUsize::new(0),
-            jobs,
-        });
-        tokio::spawn(send_loop(rpc.clone(), sends.clone(), receiver));
-        Self { rpc, clock, sends }
+        let sessions = Arc::new(Sessions::new(rpc.clone()));
+        Self { rpc, clock, sessions }
     }
 
     fn rpc(&self) -> RpcClient<Authorized> {
@@ -291,40 +270,6 @@ fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint, ClientErro
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES)))
 }
 
-/// Sends queued messages in batches until every `GrpcExchange` clone is gone.
-async fn send_loop(
-    mut rpc: RpcClient<Authorized>,
-    sends: Arc<Sends>,
-    mut jobs: mpsc::UnboundedReceiver<SendJob>,
-) {
-    let mut batch = Vec::new();
-    while jobs.recv_many(&mut batch, MAX_SEND_BATCH).await > 0 {
-        let (messages, replies): (Vec<_>, Vec<_>) = batch.drain(..).unzip();
-        let turn = sends.turn.lock().await;
-        let results = send_batch(&mut rpc, messages).await;
-        sends.queued.fetch_sub(replies.len(), Ordering::Release);
-        drop(turn);
-        for (reply, result) in replies.into_iter().zip(results) {
-            let _ = reply.send(result);
-        }
-    }
-}
-
-/// One `SendBatch` call; one result per message.
-async fn send_batch(
-    rpc: &mut RpcClient<Authorized>,
-    messages: Vec<pb::Message>,
-) -> Vec<Result<(), ClientError>> {
-    let n = messages.len();
-    match rpc.send_batch(pb::SendBatchRequest { messages }).await {
-        Ok(response) => results_of(&response.into_inner().results, n),
-        Err(status) => {
-            let err = ClientError::from(status);
-            vec![Err(err); n]
-        }
-    }
-}
-
 /// The outcome of each of `n` messages sent together, from their results.
 fn results_of(results: &[pb::SendResult], n: usize) -> Vec<Result<(), ClientError>> {
     let mut results = results.iter();
@@ -337,7 +282,12 @@ fn results_of(results: &[pb::SendResult], n: usize) -> Vec<Result<(), ClientErro
         .collect()
 }
 
-fn batch_error(result: &pb::SendResult) -> ClientError {
+/// An answer of another kind than its request's.
+fn unexpected() -> ClientError {
+    ClientError::Transport("the exchange answered a session request with another's answer".into())
+}
+
+pub(crate) fn batch_error(result: &pb::SendResult) -> ClientError {
     ExchangeError::from_parts(&result.reason, &result.metadata, &result.message).map_or_else(
         || ClientError::Transport(format!("code {}: {}", result.code, result.message)),
         ClientError::Exchange,
@@ -405,37 +355,22 @@ impl ExchangeApi for GrpcExchange {
         }
     }
     async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
-        // Idle (no call in flight, nothing queued): send from this task, which
-        // saves a hop to the batching task. The queue is checked while holding
-        // the turn, so nothing queued earlier can be overtaken.
-        if let Ok(_turn) = self.sends.turn.try_lock()
-            && self.sends.queued.load(Ordering::Acquire) == 0
-        {
-            return send_batch(&mut self.rpc(), vec![message])
-                .await
-                .pop()
-                .expect("send_batch answers one result per message");
+        let op = Op::Send(pb::SendBatchRequest { messages: vec![message] });
+        match self.sessions.get().await?.call(op).await? {
+            Answer::Sent(sent) => results_of(&sent.results, 1).remove(0),
+            _ => Err(unexpected()),
         }
-        let closed = || ClientError::Transport("exchange client is closed".into());
-        let (reply, result) = oneshot::channel();
-        self.sends.queued.fetch_add(1, Ordering::Release);
-        if self.sends.jobs.send((message, reply)).is_err() {
-            self.sends.queued.fetch_sub(1, Ordering::Release);
-            return Err(closed());
-        }
-        result.await.map_err(|_| closed())?
     }
     async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError> {
-        let stream = self
-            .rpc()
-            .subscribe(pb::SubscribeRequest { mailbox_id: id.to_string(), epoch })
-            .await?
-            .into_inner();
-        Ok(stream.map(|frame| Ok(frame?.deliveries)).boxed())
+        let request = pb::SubscribeRequest { mailbox_id: id.to_string(), epoch };
+        Ok(self.sessions.get().await?.subscribe(request).await?.boxed())
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
-        self.rpc().acknowledge(pb::AcknowledgeRequest { mailbox_id: id.to_string(), seqs }).await?;
-        Ok(())
+        let op = Op::Acknowledge(pb::AcknowledgeRequest { mailbox_id: id.to_string(), seqs });
+        match self.sessions.get().await?.call(op).await? {
+            Answer::Acknowledged(_) => Ok(()),
+            _ => Err(unexpected()),
+        }
     }
     async fn commit(
         &self,
@@ -444,9 +379,11 @@ impl ExchangeApi for GrpcExchange {
         answers: Vec<pb::Message>,
     ) -> Result<Committed, ClientError> {
         let n = answers.len();
-        let request = pb::CommitRequest { state: Some(save), seqs, answers };
-        let done = self.rpc().commit(request).await?.into_inner();
-        Ok((done.revision, results_of(&done.results, n)))
+        let op = Op::Commit(pb::CommitRequest { state: Some(save), seqs, answers });
+        match self.sessions.get().await?.call(op).await? {
+            Answer::Committed(done) => Ok((done.revision, results_of(&done.results, n))),
+            _ => Err(unexpected()),
+        }
     }
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
         let request = pb::LoadStateRequest { agent_id: id.to_string() };

@@ -15,6 +15,7 @@ mod mailbox;
 mod manager;
 pub mod metrics;
 pub mod runtime;
+mod session;
 pub mod state;
 pub mod worker;
 

@@ -216,6 +216,12 @@ impl Exchange {
         self.shutdown.cancel();
     }
 
+    /// Cancelled once [`shutdown`](Self::shutdown) was called.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    pub(crate) fn shutdown_signal(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
     /// The quota of mailboxes of the principal this view acts for, if any.
     fn mailbox_quota(&self) -> usize {
         if self.principal.is_some() { self.limits.max_mailboxes_per_principal } else { 0 }

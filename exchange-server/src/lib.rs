@@ -31,6 +31,8 @@ mod retention;
 mod server;
 #[cfg(feature = "server")]
 mod service;
+#[cfg(feature = "server")]
+pub mod session;
 
 #[cfg(feature = "server")]
 pub use academy_server::listen::Address;

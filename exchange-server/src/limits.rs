@@ -27,6 +27,10 @@ pub const DEFAULT_MAX_DELIVERY_BYTES: usize = 4 * 1024 * 1024;
 /// largest size accepted, delivered alone, fits in a delivery.
 pub const DELIVERY_FRAMING_BYTES: usize = 1024;
 
+/// Room above the message-size limit for the request around a message, so an
+/// oversized message gets the exchange's own error naming both sizes.
+pub const REQUEST_FRAMING_BYTES: usize = 64 * 1024;
+
 /// Limits of an exchange, each with a clear error when passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -72,6 +76,12 @@ impl Default for Limits {
 
 impl Limits {
     /// Checks that the limits fit together.
+    /// The largest request decoded, in bytes: a message of the largest size
+    /// and [`REQUEST_FRAMING_BYTES`] around it.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_message_bytes.saturating_add(REQUEST_FRAMING_BYTES)
+    }
+
     pub fn check(&self) -> Result<(), String> {
         if self.max_message_bytes == 0 || self.max_queued == 0 || self.max_queued_bytes == 0 {
             return Err(

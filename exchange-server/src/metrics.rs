@@ -31,7 +31,7 @@ impl ExchangeMetrics {
         let metrics = Self::default();
         registry.register(
             "academy_exchange_messages_accepted",
-            "Messages queued by Send and SendBatch",
+            "Messages queued by Send, SendBatch, Session sends and commits",
             metrics.accepted.clone(),
         );
         registry.register(
@@ -46,7 +46,7 @@ impl ExchangeMetrics {
         );
         registry.register(
             "academy_exchange_subscriptions",
-            "Subscribe streams open on this replica",
+            "Subscriptions open on this replica (Subscribe streams and Session subscriptions)",
             metrics.subscriptions.clone(),
         );
         metrics

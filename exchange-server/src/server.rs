@@ -22,10 +22,6 @@ use crate::RedisOptions;
 use crate::metrics::{ExchangeMetrics, QueueDepth};
 use crate::{ClockGrpc, Exchange, ExchangeGrpc, Limits};
 
-/// Room above the message-size limit for the request around a message, so an
-/// oversized message gets the exchange's own error naming both sizes.
-const FRAME_SLACK_BYTES: usize = 64 * 1024;
-
 /// Where an exchange keeps its mailboxes.
 #[derive(Debug, Clone, Default)]
 pub enum MailboxStore {
@@ -173,7 +169,7 @@ impl RunningExchange {
         )
         .await?;
         let service = ExchangeServiceServer::new(service)
-            .max_decoding_message_size(options.limits.max_message_bytes + FRAME_SLACK_BYTES)
+            .max_decoding_message_size(options.limits.max_request_bytes())
             .max_encoding_message_size(usize::MAX);
         let auth = Authenticator::new(options.tokens.clone())
             .with_client_certificates(options.tls.as_ref().is_some_and(Tls::client_principals));

@@ -16,7 +16,7 @@ use prost::Message as _;
 use tonic::{Code, Request, Response, Status};
 
 use crate::metrics::ExchangeMetrics;
-use crate::{Exchange, limits};
+use crate::{Exchange, limits, session};
 
 /// Invoke's wait when neither `timeout` nor a call deadline is given.
 const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,34 +47,45 @@ impl ExchangeGrpc {
             principal => Cow::Owned(self.exchange.acting_as(principal)),
         }
     }
+}
 
-    /// Counts the results of messages accepted together (spans from
-    /// [`accepting_all`]), each as SendBatch answers it.
-    fn sent_all(
-        &self,
-        results: Vec<Result<(), ExchangeError>>,
-        traced: &[Option<Traced>],
-    ) -> Vec<pb::SendResult> {
-        results
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| {
-                if let (Some(Some(traced)), Err(e)) = (traced.get(i), &r) {
-                    traced.fail(&e.to_string());
-                }
-                self.metrics.sent(&r);
-                match r {
-                    Ok(()) => pb::SendResult::default(),
-                    Err(e) => pb::SendResult {
-                        code: e.code() as i32,
-                        message: academy_proto::bounded(&e.to_string()).into_owned(),
-                        reason: e.reason().to_owned(),
-                        metadata: e.metadata(),
-                    },
-                }
-            })
-            .collect()
+/// Counts the results of messages accepted together (spans from
+/// [`accepting_all`]), each as SendBatch answers it.
+pub(crate) fn send_results(
+    metrics: &ExchangeMetrics,
+    results: Vec<Result<(), ExchangeError>>,
+    traced: &[Option<Traced>],
+) -> Vec<pb::SendResult> {
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if let (Some(Some(traced)), Err(e)) = (traced.get(i), &r) {
+                traced.fail(&e.to_string());
+            }
+            metrics.sent(&r);
+            r.map_or_else(|e| failure(&e), |()| pb::SendResult::default())
+        })
+        .collect()
+}
+
+/// An error as a result: the code, message and reason its call would answer.
+pub(crate) fn failure(e: &ExchangeError) -> pb::SendResult {
+    pb::SendResult {
+        code: e.code() as i32,
+        message: academy_proto::bounded(&e.to_string()).into_owned(),
+        reason: e.reason().to_owned(),
+        metadata: e.metadata(),
     }
+}
+
+/// Counts and traces deliveries on their way to a subscriber.
+pub(crate) fn delivered(open: &Open, deliveries: Vec<pb::Delivery>) -> pb::SubscribeResponse {
+    open.0.delivered.inc_by(deliveries.len() as u64);
+    if trace::recording() {
+        deliveries.iter().for_each(delivering);
+    }
+    pb::SubscribeResponse { deliveries }
 }
 
 fn parse_optional_id(value: &str, field: &str) -> Result<Option<EntityId>, ExchangeError> {
@@ -192,7 +203,7 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let messages = request.into_inner().messages;
         let traced = accepting_all(&messages, "SendBatch");
         let results = exchange.send_batch(messages).await?;
-        let results = self.sent_all(results, &traced);
+        let results = send_results(&self.metrics, results, &traced);
         Ok(Response::new(pb::SendBatchResponse { results }))
     }
 
@@ -203,7 +214,7 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let id = EntityId::parse_field(&save.agent_id, "state.agent_id")?;
         let traced = accepting_all(&req.answers, "Commit");
         let (revision, results) = exchange.commit(&id, save, req.seqs, req.answers).await?;
-        let results = self.sent_all(results, &traced);
+        let results = send_results(&self.metrics, results, &traced);
         Ok(Response::new(pb::CommitResponse { revision, results }))
     }
 
@@ -221,15 +232,25 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let subscription = self.exchange_for(&request).subscribe_as(&id, epoch).await?;
         tracing::debug!("subscriber attached");
         let open = Open::new(self.metrics.clone());
-        let stream = subscription.into_stream().map(move |batch| {
-            let deliveries = batch?;
-            open.0.delivered.inc_by(deliveries.len() as u64);
-            if trace::recording() {
-                deliveries.iter().for_each(delivering);
-            }
-            Ok(pb::SubscribeResponse { deliveries })
-        });
+        let stream = subscription.into_stream().map(move |batch| Ok(delivered(&open, batch?)));
         Ok(Response::new(Box::pin(until_revoked(stream, grant))))
+    }
+
+    type SessionStream = Pin<Box<dyn Stream<Item = session::Outgoing> + Send>>;
+
+    async fn session(
+        &self,
+        request: Request<tonic::Streaming<pb::SessionRequest>>,
+    ) -> RpcResult<Self::SessionStream> {
+        let exchange = self.exchange_for(&request).into_owned();
+        let grant = Grant::of(&request);
+        let max_request = exchange.limits().max_request_bytes();
+        let answers = session::spawn(exchange, self.metrics.clone(), request.into_inner());
+        let stream = tokio_stream::wrappers::ReceiverStream::new(answers);
+        let mut response = Response::new(Box::pin(until_revoked(stream, grant)) as _);
+        let header = academy_proto::transport::MAX_REQUEST_BYTES_HEADER;
+        response.metadata_mut().insert(header, max_request.into());
+        Ok(response)
     }
 
     async fn acknowledge(
@@ -339,10 +360,10 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 /// Counts a subscription open while it lives (in its stream).
 #[derive(Debug)]
-struct Open(ExchangeMetrics);
+pub(crate) struct Open(ExchangeMetrics);
 
 impl Open {
-    fn new(metrics: ExchangeMetrics) -> Self {
+    pub(crate) fn new(metrics: ExchangeMetrics) -> Self {
         metrics.subscriptions.inc();
         Self(metrics)
     }
@@ -378,7 +399,7 @@ fn accepting(message: &pb::Message, call: &'static str) -> Option<Traced> {
 }
 
 /// [`accepting`] for each of `messages`; nothing while spans are not recorded.
-fn accepting_all(messages: &[pb::Message], call: &'static str) -> Vec<Option<Traced>> {
+pub(crate) fn accepting_all(messages: &[pb::Message], call: &'static str) -> Vec<Option<Traced>> {
     if !trace::recording() {
         return Vec::new();
     }

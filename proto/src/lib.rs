@@ -50,6 +50,9 @@ pub mod transport {
     pub const STREAM_WINDOW_BYTES: u32 = 4 * 1024 * 1024;
     /// HTTP/2 flow-control window per connection.
     pub const CONNECTION_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+    /// Metadata of a `Session` stream's response: the largest request (in
+    /// bytes, encoded) the exchange decodes; a larger one ends the stream.
+    pub const MAX_REQUEST_BYTES_HEADER: &str = "academy-max-request-bytes";
 }
 
 impl pb::Header {

@@ -64,7 +64,7 @@ impl StatusRules {
     }
 
     /// The status to answer instead of `status`, if it breaks a rule.
-    fn rewrite(&self, status: &tonic::Status) -> Option<tonic::Status> {
+    pub fn rewrite(&self, status: &tonic::Status) -> Option<tonic::Status> {
         use academy_proto::{ExchangeError, MAX_STATUS_MESSAGE_BYTES, bounded};
         let message = status.message();
         match status.code() {

@@ -135,7 +135,11 @@ pub(crate) async fn status_says_whether_a_subscriber_listens(store: Store) {
 pub(crate) async fn shutdown_ends_open_subscriptions_promptly(store: Store) {
     let mut h = start(store).await;
     let agent = h.agent("test.A", &[]).await;
+    let client = h.client().await;
     let mut stream = h.subscribe(&agent).await;
+    // And a session, with a subscription open on it.
+    let mut session = crate::session::RawSession::open(&mut h.rpc).await.unwrap();
+    session.subscribe(1, &client).await;
     let stopped = tokio::time::timeout(Duration::from_secs(5), h.server.shutdown()).await;
     assert!(stopped.is_ok(), "shutdown must not wait on open streams");
     let end = tokio::time::timeout(Duration::from_secs(1), stream.next()).await.unwrap();
@@ -143,6 +147,13 @@ pub(crate) async fn shutdown_ends_open_subscriptions_promptly(store: Store) {
         Some(Err(status)) => assert_eq!(status.code(), Code::Unavailable),
         None => {}
         Some(Ok(frame)) => panic!("unexpected frame {frame:?}"),
+    }
+    // The session ends with it: its subscription first, if in time.
+    loop {
+        match session.next().await {
+            Ok(answer) => assert_eq!(answer.call, 1, "only the subscription's end: {answer:?}"),
+            Err(status) => break assert_eq!(status.code(), Code::Unavailable),
+        }
     }
 }
 

@@ -13,6 +13,7 @@ mod limits;
 mod metrics;
 mod ownership;
 mod retention;
+mod session;
 mod state;
 
 /// Runs each `rule::test` against both backends, as `memory::test` and
@@ -62,6 +63,10 @@ conformance!(
     state::an_agent_saves_its_state_fenced_by_epoch_and_revision,
     state::only_the_owner_reads_or_writes_an_agents_state,
     state::a_commit_saves_acknowledges_and_answers_in_one_step,
+    session::a_session_sends_subscribes_acknowledges_and_commits,
+    session::sends_on_a_session_keep_their_order,
+    session::a_subscription_waits_for_credit,
+    session::a_session_is_held_to_the_limits_and_the_owners,
     retention::a_terminated_client_leaves_no_gravestone,
     retention::gravestones_expire_after_their_retention,
     retention::abandoned_clients_expire_and_give_their_quota_back,

@@ -241,11 +241,14 @@ pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
         rpc.subscribe(request).await.unwrap().into_inner()
     };
     let (mut alices, mut bobs) = (open(&mut alice).await, open(&mut bob).await);
+    let mut session = crate::session::RawSession::open(&mut alice).await.unwrap();
     std::fs::write(&file, format!("bob {BOB}\n")).unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(5), alices.next()).await;
     let status = ended.expect("the stream ends").expect("with a status").unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(status.message().contains("revoked"), "{}", status.message());
+    let status = session.next().await.expect_err("the session ends too");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     // Bob's token stays: his stream stays open.
     let still = tokio::time::timeout(Duration::from_millis(300), bobs.next()).await;
     assert!(still.is_err(), "bob's stream ended: {still:?}");

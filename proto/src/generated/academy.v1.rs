@@ -141,6 +141,89 @@ pub struct ActionDescription {
     #[prost(bool, tag = "6")]
     pub read_only: bool,
 }
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SessionRequest {
+    /// The caller's number for this request: any, but not one of a
+    /// subscription of this stream that has not ended.
+    #[prost(uint64, tag = "1")]
+    pub call: u64,
+    #[prost(oneof = "session_request::Op", tags = "2, 3, 4, 5, 6, 7")]
+    pub op: ::core::option::Option<session_request::Op>,
+}
+/// Nested message and enum types in `SessionRequest`.
+pub mod session_request {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Op {
+        /// Answered by `sent` (or `failed`).
+        #[prost(message, tag = "2")]
+        Send(super::SendBatchRequest),
+        /// Answered by `subscribed` once the stream is the mailbox's subscriber
+        /// (or `failed`), then by `deliveries`, as many as come, until `failed`
+        /// (the subscription ended, as Subscribe's stream ends) or `unsubscribed`.
+        /// Deliveries stop while the subscription's uncredited bytes (the sum of
+        /// the `cost` of its `deliveries`, less the `credit` given back) reach
+        /// 4 MiB: give credit as deliveries are taken.
+        #[prost(message, tag = "3")]
+        Subscribe(super::SubscribeRequest),
+        /// Answered by `acknowledged` (or `failed`).
+        #[prost(message, tag = "4")]
+        Acknowledge(super::AcknowledgeRequest),
+        /// Answered by `committed` (or `failed`).
+        #[prost(message, tag = "5")]
+        Commit(super::CommitRequest),
+        /// Ends subscription `call`, which answers `unsubscribed` (or nothing
+        /// when it had already ended).
+        #[prost(message, tag = "6")]
+        Unsubscribe(super::Unsubscribe),
+        /// Gives subscription `call` back `bytes` of its window. Not answered.
+        #[prost(message, tag = "7")]
+        Credit(super::Credit),
+    }
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Unsubscribe {}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Credit {
+    #[prost(uint64, tag = "1")]
+    pub bytes: u64,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Subscribed {}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Unsubscribed {}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct SessionResponse {
+    /// The number of the request answered.
+    #[prost(uint64, tag = "1")]
+    pub call: u64,
+    /// With `deliveries`: the bytes they count against the subscription's window.
+    #[prost(uint64, tag = "9")]
+    pub cost: u64,
+    #[prost(oneof = "session_response::Op", tags = "2, 3, 4, 5, 6, 7, 8")]
+    pub op: ::core::option::Option<session_response::Op>,
+}
+/// Nested message and enum types in `SessionResponse`.
+pub mod session_response {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Op {
+        #[prost(message, tag = "2")]
+        Sent(super::SendBatchResponse),
+        #[prost(message, tag = "3")]
+        Deliveries(super::SubscribeResponse),
+        #[prost(message, tag = "4")]
+        Acknowledged(super::AcknowledgeResponse),
+        #[prost(message, tag = "5")]
+        Committed(super::CommitResponse),
+        /// The request failed (a subscription: ended) as its unary call would
+        /// have, with the code, message and reason it would have answered.
+        #[prost(message, tag = "6")]
+        Failed(super::SendResult),
+        #[prost(message, tag = "7")]
+        Subscribed(super::Subscribed),
+        #[prost(message, tag = "8")]
+        Unsubscribed(super::Unsubscribed),
+    }
+}
 /// What an agent saved: its data, the version of the layout of that data
 /// (the behaviour's to declare and migrate), and which save it was.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -902,6 +985,38 @@ pub mod exchange_service_client {
                 .insert(GrpcMethod::new("academy.v1.ExchangeService", "Commit"));
             self.inner.unary(req, path, codec).await
         }
+        /// One stream for what a connection does often (a session): sends, subscriptions (their
+        /// deliveries), acknowledgements and commits, each meaning what its unary
+        /// call means. Each request carries a number the caller chose; everything
+        /// answering it carries the same number. Requests are handled in the order
+        /// they arrive, sends one batch after another (order is kept per
+        /// destination across them); a request's answers may come in any order
+        /// with another's. The stream ends when either side closes it; its
+        /// subscriptions end with it.
+        pub async fn session(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::SessionRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::SessionResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ExchangeService/Session",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ExchangeService", "Session"));
+            self.inner.streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1032,6 +1147,24 @@ pub mod exchange_service_server {
             &self,
             request: tonic::Request<super::CommitRequest>,
         ) -> std::result::Result<tonic::Response<super::CommitResponse>, tonic::Status>;
+        /// Server streaming response type for the Session method.
+        type SessionStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::SessionResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// One stream for what a connection does often (a session): sends, subscriptions (their
+        /// deliveries), acknowledgements and commits, each meaning what its unary
+        /// call means. Each request carries a number the caller chose; everything
+        /// answering it carries the same number. Requests are handled in the order
+        /// they arrive, sends one batch after another (order is kept per
+        /// destination across them); a request's answers may come in any order
+        /// with another's. The stream ends when either side closes it; its
+        /// subscriptions end with it.
+        async fn session(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::SessionRequest>>,
+        ) -> std::result::Result<tonic::Response<Self::SessionStream>, tonic::Status>;
     }
     /// Ids are "agent:<uuid>" or "client:<uuid>". A field named `mailbox_id`
     /// takes either; `agent_id` an agent's; `client_id` a client's.
@@ -1739,6 +1872,54 @@ pub mod exchange_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ExchangeService/Session" => {
+                    #[allow(non_camel_case_types)]
+                    struct SessionSvc<T: ExchangeService>(pub Arc<T>);
+                    impl<
+                        T: ExchangeService,
+                    > tonic::server::StreamingService<super::SessionRequest>
+                    for SessionSvc<T> {
+                        type Response = super::SessionResponse;
+                        type ResponseStream = T::SessionStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::SessionRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExchangeService>::session(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = SessionSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
