@@ -2,13 +2,17 @@
 
     python3 -m pip install grpcio grpcio-tools
     python3 -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen proto/academy/v1/*.proto
-    PYTHONPATH=gen python3 examples/python/client.py 127.0.0.1:50051 example.Analyser
+    PYTHONPATH=gen python3 examples/python/client.py 127.0.0.1:50051 example.Analyser [--session]
 
 It registers a client mailbox, discovers an agent implementing the behaviour
 named on the command line, calls its `analyse` action with JSON arguments,
 reads the answer from its own mailbox, then shows the errors a caller meets:
 an unknown action (an ErrorResponse from the agent) and an unknown mailbox (a
 gRPC NOT_FOUND from the exchange). Each result is printed as one JSON line.
+It uses the unary calls (Send, Subscribe, Acknowledge), or with --session the
+one bidirectional stream that carries them all (docs/design.md, "One stream
+per connection"): each request numbered, answers matched by number, and the
+subscription's deliveries credited back as they are taken.
 Each call carries a W3C trace context (`header.traceparent`), so a traced
 exchange and agent put their spans in the caller's trace; the answer comes
 back with it.
@@ -42,7 +46,8 @@ class _Call(
     pass
 
 
-class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+             grpc.StreamStreamClientInterceptor):
     """Adds `authorization: Bearer <token>` to every call."""
 
     def __init__(self, token):
@@ -59,6 +64,9 @@ class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
     def intercept_unary_stream(self, continuation, details, request):
         return continuation(self._with_token(details), request)
 
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
 
 def channel_to(target):
     """A plaintext channel, or TLS per ACADEMY_TLS_CA / _CERT / _KEY."""
@@ -74,18 +82,104 @@ def channel_to(target):
     return grpc.secure_channel(target, tls)
 
 
-class Client:
-    """A client mailbox: requests go out with Send, answers come in on Subscribe."""
+class Session:
+    """One Session stream: numbered requests, answers matched by number."""
 
-    def __init__(self, target):
+    def __init__(self, stub):
+        self.requests = queue.Queue()
+        self.waiting = {}  # call -> queue of its answers
+        self.lock = threading.Lock()
+        self.next_call = 1
+        self.stream = stub.Session(iter(self.requests.get, None))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for answer in self.stream:
+                with self.lock:
+                    waiter = self.waiting.get(answer.call)
+                if waiter is not None:
+                    waiter.put(answer)
+        except grpc.RpcError as err:
+            with self.lock:
+                waiters = list(self.waiting.values())
+            for waiter in waiters:
+                waiter.put(err)
+
+    def request(self, **op):
+        """Sends one request; the queue its answers come to."""
+        answers = queue.Queue()
+        with self.lock:
+            call, self.next_call = self.next_call, self.next_call + 1
+            self.waiting[call] = answers
+            self.requests.put(ex.SessionRequest(call=call, **op))
+        return call, answers
+
+    def call(self, **op):
+        """One request and its one answer; a `failed` one raises."""
+        call, answers = self.request(**op)
+        answer = answers.get(timeout=10)
+        with self.lock:
+            del self.waiting[call]
+        if isinstance(answer, Exception):
+            raise answer
+        if answer.WhichOneof("op") == "failed":
+            raise SessionError(answer.failed)
+        return answer
+
+    def close(self):
+        self.requests.put(None)  # ends the request stream: the session ends
+        self.stream.cancel()
+
+
+class SessionError(Exception):
+    """A request refused on a session: the code, message and reason its unary call would answer."""
+
+    def __init__(self, result):
+        super().__init__(result.message)
+        self.code = next((c for c in grpc.StatusCode if c.value[0] == result.code), grpc.StatusCode.UNKNOWN)
+        self.reason = result.reason
+
+
+class Client:
+    """A client mailbox: requests go out with Send, answers come in on
+    Subscribe; or both on one Session stream."""
+
+    def __init__(self, target, session=False):
         self.channel = channel_to(target)
         token = os.environ.get("ACADEMY_TOKEN")
         channel = grpc.intercept_channel(self.channel, Bearer(token)) if token else self.channel
         self.stub = exchange_pb2_grpc.ExchangeServiceStub(channel)
         self.id = self.stub.RegisterClient(ex.RegisterClientRequest(name="python")).client_id
         self.answers = queue.Queue()
-        self.stream = self.stub.Subscribe(ex.SubscribeRequest(mailbox_id=self.id))
-        threading.Thread(target=self._read, daemon=True).start()
+        self.session = Session(self.stub) if session else None
+        if self.session:
+            threading.Thread(target=self._read_session, daemon=True).start()
+        else:
+            self.stream = self.stub.Subscribe(ex.SubscribeRequest(mailbox_id=self.id))
+            threading.Thread(target=self._read, daemon=True).start()
+
+    def _read_session(self):
+        subscribe = ex.SubscribeRequest(mailbox_id=self.id)
+        call, frames = self.session.request(subscribe=subscribe)
+        uncredited = 0
+        while True:
+            frame = frames.get()
+            if isinstance(frame, Exception):
+                return self.answers.put(frame)
+            kind = frame.WhichOneof("op")
+            if kind == "failed":
+                return self.answers.put(SessionError(frame.failed))
+            if kind != "deliveries":
+                continue  # `subscribed`
+            for delivery in frame.deliveries.deliveries:
+                self.answers.put(delivery.message)
+            seqs = [d.seq for d in frame.deliveries.deliveries]
+            self.session.call(acknowledge=ex.AcknowledgeRequest(mailbox_id=self.id, seqs=seqs))
+            # Give the window back as deliveries are taken (here: each time).
+            uncredited += frame.cost
+            self.session.requests.put(ex.SessionRequest(call=call, credit=ex.Credit(bytes=uncredited)))
+            uncredited = 0
 
     def _read(self):
         try:
@@ -110,7 +204,12 @@ class Client:
                 action=action, args=msg.Payload(content_type=JSON, data=json.dumps(list(args)).encode())
             ),
         )
-        self.stub.Send(ex.SendRequest(message=request))
+        if self.session:
+            sent = self.session.call(send=ex.SendBatchRequest(messages=[request])).sent.results[0]
+            if sent.code != 0:
+                raise SessionError(sent)
+        else:
+            self.stub.Send(ex.SendRequest(message=request))
         while True:
             answer = self.answers.get(timeout=timeout)
             if isinstance(answer, Exception):
@@ -128,13 +227,16 @@ class Client:
 
     def close(self):
         self.stub.Terminate(ex.TerminateRequest(mailbox_id=self.id))
-        self.stream.cancel()
+        if self.session:
+            self.session.close()
+        else:
+            self.stream.cancel()
         self.channel.close()
 
 
 def main():
     target, behaviour = sys.argv[1], sys.argv[2]
-    client = Client(target)
+    client = Client(target, session="--session" in sys.argv[3:])
     found = client.stub.Discover(ex.DiscoverRequest(behaviour=behaviour)).agents
     if not found:
         sys.exit(f"no agent implements {behaviour}")
@@ -147,6 +249,8 @@ def main():
         client.call(missing, "analyse", "x")
     except grpc.RpcError as err:
         print(json.dumps({"unknown_mailbox": {"code": err.code().name, "message": err.details()}}))
+    except SessionError as err:
+        print(json.dumps({"unknown_mailbox": {"code": err.code.name, "message": str(err)}}))
     client.close()
 
 

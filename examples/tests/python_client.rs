@@ -2,7 +2,8 @@
 //! calls a Rust agent through a real exchange-server: `examples/python/client.py`
 //! run as its docstring says (`make test` installs grpcio-tools when missing),
 //! with authentication and mutual TLS on: the agent's principal and the
-//! script's differ.
+//! script's differ. The script calls with the unary RPCs, then again over one
+//! `Session` stream (grpcio's default limits, its own stream handling).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -77,9 +78,12 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     let target = exchange.addr().to_string();
     let script = root.join("examples/python/client.py");
     let pythonpath = out.clone();
-    let run_with = |token: Option<&'static str>| {
+    let run_with = |token: Option<&'static str>, session: bool| {
         let mut command = python();
         command.arg(&script).args([target.as_str(), "example.Analyser"]);
+        if session {
+            command.arg("--session");
+        }
         command.env("PYTHONPATH", &pythonpath).env_remove("ACADEMY_TOKEN");
         command.envs(pem.clone());
         if let Some(token) = token {
@@ -87,17 +91,27 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
         }
         tokio::task::spawn_blocking(move || command.output().expect("python3 runs"))
     };
-    let refused = run_with(None).await.unwrap();
-    let run = run_with(Some(PYTHON_TOKEN)).await.unwrap();
-    std::fs::remove_dir_all(&out).unwrap();
+    let refused = run_with(None, false).await.unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    // The same calls with the unary RPCs, then on one Session stream.
+    for session in [false, true] {
+        let run = run_with(Some(PYTHON_TOKEN), session).await.unwrap();
+        check_client_output(&run, &agent.id().to_string());
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+    manager.close().await.unwrap();
+    exchange.shutdown().await;
+}
+
+/// What `client.py` prints when it calls `agent`, a WordStats.
+fn check_client_output(run: &std::process::Output, agent: &str) {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
 
     let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 4, "{stdout}");
-    assert_eq!(lines[0]["discovered"], agent.id().to_string());
+    assert_eq!(lines[0]["discovered"], agent);
     assert_eq!(lines[0]["behaviour"], "example.WordStats");
     assert_eq!(lines[1]["analyse"]["result"], json!({"words": 6, "distinct": 4, "top": ["be", 2]}));
     assert_eq!(lines[1]["analyse"]["in_trace"], true, "the answer came back in the caller's trace");
@@ -105,8 +119,6 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     assert_eq!(unknown["code"], 12, "UNIMPLEMENTED: {unknown}");
     assert!(unknown["message"].as_str().unwrap().contains("analyse"), "{unknown}");
     assert_eq!(lines[3]["unknown_mailbox"]["code"], "NOT_FOUND");
-    manager.close().await.unwrap();
-    exchange.shutdown().await;
 }
 
 /// An agent written in Python (`examples/python/agent.py`) publishes a
