@@ -59,8 +59,15 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
     /// Becomes the subscriber of a mailbox, as incarnation `epoch` of its
     /// agent (its launcher placement; 0: none): once a later incarnation
     /// subscribed, an earlier one is refused
-    /// ([`ExchangeError::StaleEpoch`]).
-    async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError>;
+    /// ([`ExchangeError::StaleEpoch`]). A non-empty `endpoint` advertises
+    /// where the subscriber also takes requests directly (docs/design.md,
+    /// "Direct delivery").
+    async fn subscribe(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        endpoint: &str,
+    ) -> Result<DeliveryStream, ClientError>;
     /// Removes delivered messages.
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError>;
     /// Commits what agent `id` did, in one atomic step (docs/design.md,
@@ -160,8 +167,13 @@ impl ExchangeApi for LocalExchange {
     async fn send(&self, message: pb::Message) -> Result<(), ClientError> {
         Ok(self.exchange.send(message).await?)
     }
-    async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError> {
-        let subscription = self.exchange.subscribe_as(id, epoch).await?;
+    async fn subscribe(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        endpoint: &str,
+    ) -> Result<DeliveryStream, ClientError> {
+        let subscription = self.exchange.subscribe_at(id, epoch, endpoint).await?;
         Ok(subscription.into_stream().map(|batch| Ok(batch?)).boxed())
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {
@@ -361,8 +373,14 @@ impl ExchangeApi for GrpcExchange {
             _ => Err(unexpected()),
         }
     }
-    async fn subscribe(&self, id: &EntityId, epoch: u64) -> Result<DeliveryStream, ClientError> {
-        let request = pb::SubscribeRequest { mailbox_id: id.to_string(), epoch };
+    async fn subscribe(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        endpoint: &str,
+    ) -> Result<DeliveryStream, ClientError> {
+        let endpoint = endpoint.to_owned();
+        let request = pb::SubscribeRequest { mailbox_id: id.to_string(), epoch, endpoint };
         Ok(self.sessions.get().await?.subscribe(request).await?.boxed())
     }
     async fn acknowledge(&self, id: &EntityId, seqs: Vec<u64>) -> Result<(), ClientError> {

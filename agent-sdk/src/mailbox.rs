@@ -15,6 +15,7 @@ use opentelemetry::trace::SpanKind;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::direct::{Direct, Pending};
 use crate::exchange::{DeliveryStream, SharedExchange};
 use crate::{ClientError, HandleError};
 
@@ -34,11 +35,24 @@ enum Ack {
     Flush(oneshot::Sender<()>),
 }
 
+/// How a mailbox takes part in direct delivery (docs/design.md, "Direct
+/// delivery").
+#[derive(Debug, Default)]
+pub(crate) struct DirectOptions {
+    /// The peer endpoint its subscriber takes requests at, advertised with
+    /// the subscription (empty: none).
+    pub(crate) endpoint: String,
+    /// Its requests go directly to agents that advertise an endpoint.
+    pub(crate) sends: bool,
+}
+
 #[derive(Debug)]
 pub(crate) struct Mailbox {
     id: EntityId,
     exchange: SharedExchange,
-    pending: Mutex<HashMap<String, oneshot::Sender<pb::Message>>>,
+    pending: Pending,
+    /// Where its requests go directly, when they can.
+    direct: Option<Arc<Direct>>,
     /// Why the mailbox stopped receiving, once it has.
     closed_because: Mutex<Option<HandleError>>,
     acks: mpsc::UnboundedSender<Ack>,
@@ -54,19 +68,23 @@ impl Mailbox {
         id: EntityId,
         epoch: u64,
         requests: Option<Requests>,
+        direct: DirectOptions,
     ) -> Result<Arc<Self>, ClientError> {
-        let stream = exchange.subscribe(&id, epoch).await?;
+        let stream = exchange.subscribe(&id, epoch, &direct.endpoint).await?;
         let (acks, ack_jobs) = mpsc::unbounded_channel();
+        let pending = Pending::default();
         let mailbox = Arc::new(Self {
             id,
             exchange: exchange.clone(),
-            pending: Mutex::default(),
+            direct: direct.sends.then(|| Direct::new(exchange.clone(), pending.clone())),
+            pending,
             closed_because: Mutex::default(),
             acks,
             closed: CancellationToken::new(),
         });
         tokio::spawn(ack_loop(exchange, id, ack_jobs));
-        tokio::spawn(read_loop(Arc::downgrade(&mailbox), stream, epoch, requests));
+        let endpoint = direct.endpoint;
+        tokio::spawn(read_loop(Arc::downgrade(&mailbox), stream, epoch, endpoint, requests));
         Ok(mailbox)
     }
 
@@ -116,7 +134,10 @@ impl Mailbox {
         } else {
             let call = async {
                 let message = pb::Message { header: Some(header), body: Some(body) };
-                self.exchange.send(message).await?;
+                match &self.direct {
+                    Some(direct) => direct.send(message).await?,
+                    None => self.exchange.send(message).await?,
+                }
                 rx.await.map_err(|_| self.closed())
             };
             // The timeout bounds the whole call, sending included.
@@ -240,6 +261,11 @@ impl Mailbox {
             Some(Body::ActionResponse(_) | Body::ErrorResponse(_) | Body::SuccessResponse(_)) => {
                 self.ack(seq);
                 let tag = message.header.as_ref().map(|h| h.tag.as_str()).unwrap_or_default();
+                if let (Some(direct), Some(src)) =
+                    (&self.direct, message.header.as_ref().and_then(|h| h.src.parse().ok()))
+                {
+                    direct.answered(src, tag);
+                }
                 match lock(&self.pending).remove(tag) {
                     Some(waiter) => {
                         let _ = waiter.send(message);
@@ -296,6 +322,7 @@ async fn read_loop(
     mailbox: Weak<Mailbox>,
     mut stream: DeliveryStream,
     epoch: u64,
+    endpoint: String,
     requests: Option<Requests>,
 ) {
     let Some((id, exchange, closed)) =
@@ -344,7 +371,7 @@ async fn read_loop(
                 () = closed.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
-            match exchange.subscribe(&id, epoch).await {
+            match exchange.subscribe(&id, epoch, &endpoint).await {
                 Ok(stream) => break stream,
                 Err(ClientError::Exchange(
                     ExchangeError::Terminated(_) | ExchangeError::NotFound(_),

@@ -43,14 +43,35 @@ pub struct Manager {
     exchange: SharedExchange,
     mailbox: Arc<Mailbox>,
     agents: Mutex<HashMap<EntityId, Managed>>,
+    direct: Option<crate::Endpoint>,
 }
 
 impl Manager {
     /// A manager on the given exchange client, with a new client mailbox.
     pub async fn new(exchange: SharedExchange) -> Result<Self, ClientError> {
+        Self::open(exchange, None).await
+    }
+
+    /// A manager whose calls go directly to agents that advertise a peer
+    /// endpoint, and whose agents (launched here, unless their config says
+    /// otherwise) take requests at `endpoint` too (docs/design.md, "Direct
+    /// delivery").
+    pub async fn with_direct(
+        exchange: SharedExchange,
+        endpoint: crate::Endpoint,
+    ) -> Result<Self, ClientError> {
+        Self::open(exchange, Some(endpoint)).await
+    }
+
+    async fn open(
+        exchange: SharedExchange,
+        direct: Option<crate::Endpoint>,
+    ) -> Result<Self, ClientError> {
         let id = exchange.register_client().await?;
-        let mailbox = Mailbox::open(exchange.clone(), id, 0, None).await?;
-        Ok(Self { exchange, mailbox, agents: Mutex::default() })
+        let options =
+            crate::mailbox::DirectOptions { endpoint: String::new(), sends: direct.is_some() };
+        let mailbox = Mailbox::open(exchange.clone(), id, 0, None, options).await?;
+        Ok(Self { exchange, mailbox, agents: Mutex::default(), direct })
     }
 
     /// A manager talking gRPC to the exchange-server at `url`.
@@ -113,12 +134,16 @@ impl Manager {
         };
         let stop = StopSignal::default();
         let (report, outcome) = watch::channel(None);
+        let mut config = options.config;
+        if config.direct.is_none() {
+            config.direct = self.direct.clone();
+        }
         let task = tokio::spawn(runtime::run(
             Arc::new(behaviour),
             id,
             0,
             self.exchange.clone(),
-            options.config,
+            config,
             stop.clone(),
         ));
         tokio::spawn(async move {

@@ -24,8 +24,9 @@ use tracing::Instrument as _;
 
 use crate::clock::{Clock, ClockKind};
 use crate::context::{self, AgentContext, Context};
+use crate::direct::Reply;
 use crate::exchange::SharedExchange;
-use crate::mailbox::Mailbox;
+use crate::mailbox::{DirectOptions, Mailbox};
 use crate::state::{Keeper, Outcome};
 use crate::{ActionError, AgentError, Behaviour, ClientError, HandleError};
 
@@ -52,6 +53,12 @@ pub struct AgentConfig {
     /// The clock its timers, sleeps and call timeouts follow: the wall
     /// clock, or its exchange's simulated clock (docs/design.md, "Clocks").
     pub clock: crate::clock::ClockKind,
+    /// Direct delivery (docs/design.md, "Direct delivery"): the agent takes
+    /// action requests at this peer endpoint too (advertised with its
+    /// subscription), and its own calls go directly to agents that
+    /// advertise one. An agent with a `#[state]` or on a simulated clock
+    /// takes its requests through the exchange only, but calls directly.
+    pub direct: Option<crate::direct::Endpoint>,
 }
 
 impl Default for AgentConfig {
@@ -65,6 +72,7 @@ impl Default for AgentConfig {
             state_save_every: Duration::from_secs(1),
             state_store: None,
             clock: crate::clock::ClockKind::Wall,
+            direct: None,
         }
     }
 }
@@ -144,7 +152,16 @@ pub(crate) async fn run<B: Behaviour>(
     stop: StopSignal,
 ) -> Result<(), AgentError> {
     let (requests_tx, mut requests) = mpsc::unbounded_channel();
-    let mailbox = Mailbox::open(exchange.clone(), id, epoch, Some(requests_tx))
+    // Hosted at its endpoint, if it takes requests directly: before it
+    // subscribes, so that whoever sees the endpoint advertised finds it.
+    let (direct_tx, mut direct_requests) = mpsc::unbounded_channel();
+    let takes_direct = behaviour.state().is_none() && config.clock == ClockKind::Wall;
+    let mut hosted = config.direct.as_ref().filter(|_| takes_direct).map(|e| e.host(id, direct_tx));
+    let options = DirectOptions {
+        endpoint: hosted.as_ref().map(|h| h.url().to_owned()).unwrap_or_default(),
+        sends: config.direct.is_some(),
+    };
+    let mailbox = Mailbox::open(exchange.clone(), id, epoch, Some(requests_tx), options)
         .await
         .map_err(|source| AgentError::Exchange { id, source })?;
     let shutdown = stop.token.clone();
@@ -225,6 +242,22 @@ pub(crate) async fn run<B: Behaviour>(
         }
         tracing::info!(agent = %id, behaviour = B::NAME, "agent running");
         let mut in_flight = HashSet::new();
+        let action = |origin: Origin, header: pb::Header, request: pb::ActionRequest| {
+            let caller = header.src.parse().ok();
+            let clock = context.clock.for_task(&request.action);
+            let job = serve_action(
+                behaviour.clone(),
+                mailbox.clone(),
+                cancel_actions.clone(),
+                keeper.clone(),
+                shutdown.clone(),
+                origin,
+                header,
+                request,
+            );
+            let context = Context { caller, clock, ..context.clone() };
+            context::scope(context, job)
+        };
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -238,11 +271,22 @@ pub(crate) async fn run<B: Behaviour>(
                     }
                 }
                 Some(done) = actions.join_next(), if !actions.is_empty() => {
-                    if let Ok(seq) = done {
+                    if let Ok(Some(seq)) = done {
                         in_flight.remove(&seq);
                     }
                 }
+                Some((reply, message)) = direct_requests.recv() => {
+                    if let (Some(header), Some(Body::ActionRequest(request))) = (message.header, message.body) {
+                        actions.spawn(action(Origin::Direct(reply), header, request));
+                    }
+                }
                 request = requests.recv() => {
+                    // What came directly before it goes first.
+                    while let Ok((reply, message)) = direct_requests.try_recv() {
+                        if let (Some(header), Some(Body::ActionRequest(request))) = (message.header, message.body) {
+                            actions.spawn(action(Origin::Direct(reply), header, request));
+                        }
+                    }
                     let Some((seq, message)) = request else {
                         // Terminated by someone else, or taken over by another
                         // runtime: either way the mailbox is not ours to terminate.
@@ -269,14 +313,7 @@ pub(crate) async fn run<B: Behaviour>(
                             if !in_flight.insert(seq) {
                                 continue;
                             }
-                            let caller = header.src.parse().ok();
-                            let clock = context.clock.for_task(&request.action);
-                            let job = serve_action(
-                                behaviour.clone(), mailbox.clone(), cancel_actions.clone(),
-                                keeper.clone(), shutdown.clone(), seq, header, request,
-                            );
-                            let context = Context { caller, clock, ..context.clone() };
-                            actions.spawn(context::scope(context, job));
+                            actions.spawn(action(Origin::Queued(seq), header, request));
                         }
                         Some(Body::PingRequest(_)) => {
                             let mailbox = mailbox.clone();
@@ -301,7 +338,15 @@ pub(crate) async fn run<B: Behaviour>(
         }
     }
 
-    // Shutdown: signal loops, settle actions, run the hook, terminate or keep the mailbox.
+    // Shutdown: signal loops, settle actions, run the hook, terminate or keep
+    // the mailbox. Requests that came directly and were not started go back
+    // to their senders, who send them through the exchange.
+    hosted = None;
+    drop(hosted);
+    direct_requests.close();
+    while let Ok(request) = direct_requests.try_recv() {
+        drop(request);
+    }
     shutdown.cancel();
     let cancel = config.cancel_actions_on_shutdown;
     if cancel && !stop.moving.load(Ordering::SeqCst) {
@@ -364,7 +409,14 @@ pub(crate) async fn run<B: Behaviour>(
     failure.map_or(Ok(()), Err)
 }
 
-/// Runs one action and answers the caller; returns the request's seq.
+/// Where a request came from: the mailbox (its seq), or a peer endpoint.
+enum Origin {
+    Queued(u64),
+    Direct(Reply),
+}
+
+/// Runs one action and answers the caller; returns the request's seq (none
+/// for one that came directly).
 /// With a keeper, an action that may change the state waits for its turn,
 /// and its answer and acknowledgement are committed with the state it left
 /// (docs/design.md, "State"). An incarnation fenced off by a later one
@@ -376,10 +428,10 @@ async fn serve_action<B: Behaviour>(
     cancel: CancellationToken,
     keeper: Option<Arc<Keeper>>,
     shutdown: CancellationToken,
-    seq: u64,
+    origin: Origin,
     header: pb::Header,
     request: pb::ActionRequest,
-) -> u64 {
+) -> Option<u64> {
     let action = request.action;
     // The action runs in a span under the caller's, and its own calls
     // under it; log lines inside carry the trace id.
@@ -438,10 +490,19 @@ async fn serve_action<B: Behaviour>(
         }
     };
     counted.answering().await;
+    let seq = match origin {
+        // An agent with a state is not hosted at an endpoint: nothing to commit.
+        Origin::Direct(reply) => {
+            let header = header.reply_from(header.dest.clone());
+            reply.answer(pb::Message { header: Some(header), body: Some(body) }).await;
+            return None;
+        }
+        Origin::Queued(seq) => seq,
+    };
     let (Some(keeper), Some(turn)) = (keeper, turn) else {
         reply_patiently(&mailbox, &header, body).await;
         mailbox.ack(seq);
-        return seq;
+        return Some(seq);
     };
     let answer =
         pb::Message { header: Some(header.reply_from(header.dest.clone())), body: Some(body) };
@@ -472,7 +533,7 @@ async fn serve_action<B: Behaviour>(
             mailbox.ack(seq);
         }
     }
-    seq
+    Some(seq)
 }
 
 /// An action as a simulated clock counts it: a request sent on the clock

@@ -63,6 +63,7 @@ pub struct Worker {
     shutdown_grace: Duration,
     status: Arc<watch::Sender<WorkerStatus>>,
     clock: crate::clock::ClockKind,
+    direct: Option<crate::Endpoint>,
 }
 
 /// What a worker is doing now, for probes and metrics: see [`Worker::status`].
@@ -222,7 +223,16 @@ impl Worker {
             shutdown_grace: Duration::from_secs(25),
             status: Arc::new(watch::Sender::new(WorkerStatus::default())),
             clock: crate::clock::ClockKind::Wall,
+            direct: None,
         }
+    }
+
+    /// Direct delivery (docs/design.md, "Direct delivery"): its agents take
+    /// requests at `endpoint` too, and call other agents directly when
+    /// they can (see [`AgentConfig::direct`]).
+    pub fn direct(mut self, endpoint: crate::Endpoint) -> Self {
+        self.direct = Some(endpoint);
+        self
     }
 
     /// The clock its agents follow: the wall clock (the default), or their
@@ -524,8 +534,12 @@ impl Worker {
         let config =
             start.config.clone().map_or(serde_json::json!({}), academy_proto::json::from_proto);
         // The launcher restarts failed agents on the same mailbox: keep it.
-        let agent =
-            AgentConfig { terminate_on_error: false, clock: self.clock, ..AgentConfig::default() };
+        let agent = AgentConfig {
+            terminate_on_error: false,
+            clock: self.clock,
+            direct: self.direct.clone(),
+            ..AgentConfig::default()
+        };
         let run = (offered.factory)(config, id, start.epoch, exchange, agent, stop.clone())?;
         tracing::info!(agent = %id, behaviour = %start.behaviour, epoch = start.epoch, "starting agent");
         Ok((stop, run))

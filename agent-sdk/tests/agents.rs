@@ -471,7 +471,7 @@ async fn concurrent_sends_all_arrive_in_each_senders_order() {
     for sender in futures::future::join_all(senders).await {
         sender.unwrap();
     }
-    let mut stream = exchange.subscribe(&dest, 0).await.unwrap();
+    let mut stream = exchange.subscribe(&dest, 0, "").await.unwrap();
     let mut next = vec![0; tasks];
     let mut received = 0;
     while received < tasks as u64 * per_task {
@@ -521,7 +521,7 @@ async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
     let (_server, manager) = start().await;
     let exchange = manager.exchange().clone();
     let id = idle_agent(&manager).await;
-    let mut deliveries = exchange.subscribe(&id, 0).await.unwrap();
+    let mut deliveries = exchange.subscribe(&id, 0, "").await.unwrap();
     let peer = tokio::spawn(async move {
         let mut seen = Vec::new();
         while seen.len() < 3 {
@@ -576,7 +576,7 @@ async fn a_runtime_whose_mailbox_is_taken_over_stops_without_terminating_it() {
     let echo = manager.launch(Echo::new()).await.unwrap();
     assert!(echo.started().await.unwrap());
     // Another subscriber (say, a second copy of the agent) takes the mailbox.
-    let _other = manager.exchange().subscribe(&echo.id(), 0).await.unwrap();
+    let _other = manager.exchange().subscribe(&echo.id(), 0, "").await.unwrap();
     match manager.wait(echo.id(), WAIT).await {
         Err(ManagerError::Agent(AgentError::MailboxLost { id, .. })) => assert_eq!(id, echo.id()),
         other => panic!("expected a lost mailbox, got {other:?}"),

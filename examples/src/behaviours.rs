@@ -218,3 +218,28 @@ impl Recorder {
         self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
+
+/// Appends numbers in the order its `append` calls arrive: a check of
+/// delivery order (docs/design.md, "Direct delivery").
+#[derive(Debug, Default, Deserialize)]
+pub struct Ledger {
+    #[serde(skip)]
+    entries: std::sync::Mutex<Vec<u64>>,
+}
+
+#[behaviour(name = "example.Ledger")]
+impl Ledger {
+    /// Appends `n`; answers how many entries there are now.
+    #[action]
+    async fn append(&self, n: u64) -> usize {
+        let mut entries = self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.push(n);
+        entries.len()
+    }
+
+    /// Every entry, in order.
+    #[action(read_only)]
+    async fn entries(&self) -> Vec<u64> {
+        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}

@@ -206,3 +206,108 @@ async fn partitions_move_agents_once_and_lose_nothing() {
     host.cut(&host.here(1), false);
     manager.close().await.unwrap();
 }
+
+/// Messages the exchange has queued so far.
+fn accepted(exchange: &RunningExchange) -> f64 {
+    use academy_server::testing::{sample, scrape};
+    let (_, body) = scrape(exchange.metrics_addr().unwrap()).unwrap();
+    sample(&body, "academy_exchange_messages_accepted_total").unwrap_or(0.0)
+}
+
+/// Direct delivery across a partition (docs/design.md, "Direct delivery"):
+/// a worker in the namespace serves a peer endpoint; a manager on this side
+/// calls its agent directly, is cut off from the endpoint (packets vanish)
+/// but not from the exchange, and goes on through the exchange: the call on
+/// its way when the cut came is resent once the peer connection's keepalive
+/// gives up (about 2 s), the next ones go through the exchange at once, and
+/// once the cut heals calls go directly again. Nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_cut_off_from_a_peer_falls_back_losing_nothing() {
+    use academy_examples::behaviours::Ledger;
+    let host = Host::new();
+    let exchange = RunningExchange::start(ExchangeOptions {
+        listen: format!("{}:0", host.here(3)).parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let launcher = RunningLauncher::start(LauncherOptions {
+        listen: format!("{}:0", host.here(4)).parse().unwrap(),
+        exchange_url: exchange.url(),
+        heartbeat_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
+    let url = launcher.url();
+    let peer = format!("{}.2:0", host.net);
+    let args = ["--launcher", url.as_str(), "--name", "w1", "--direct", peer.as_str()];
+    let w1 = host.spawn(env!("CARGO_BIN_EXE_worker"), &args).stderr(Stdio::null()).spawn();
+    let _w1 = Killed(w1.unwrap());
+    until("w1 joins", async || {
+        let request = pb::ListWorkersRequest::default();
+        rpc.list_workers(request).await.unwrap().into_inner().workers.len() == 1
+    })
+    .await;
+    let launch =
+        pb::LaunchAgentRequest { behaviour: "example.Ledger".into(), ..Default::default() };
+    let id = rpc.launch_agent(launch).await.unwrap().into_inner().agent.unwrap().agent_id;
+    until("the agent runs", async || {
+        let request = pb::GetAgentRequest { agent_id: id.clone() };
+        let agent = rpc.get_agent(request).await.unwrap().into_inner().agent.unwrap();
+        agent.state() == AgentState::Running
+    })
+    .await;
+
+    // This side reaches the namespace from its first address, here(1).
+    let grpc = academy_sdk::exchange::GrpcExchange::connect(exchange.url()).await.unwrap();
+    let endpoint = academy_sdk::Endpoint::serve("127.0.0.1:0").await.unwrap();
+    let manager = Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await.unwrap();
+    let ledger =
+        manager.handle::<Ledger>(id.parse().unwrap()).with_timeout(Duration::from_secs(15));
+    let mut n = 0;
+    let mut call = async |ledger: &academy_sdk::Handle<Ledger>| {
+        ledger.append(n).await.expect("every call is answered");
+        n += 1;
+    };
+    let before = accepted(&exchange);
+    for _ in 0..20 {
+        call(&ledger).await;
+    }
+    let routed = accepted(&exchange) - before;
+    assert!(routed <= 2.0, "before the cut, {routed} messages went through the exchange");
+
+    host.cut(&host.here(1), true);
+    let cut = Instant::now();
+    call(&ledger).await;
+    let fell_back = cut.elapsed();
+    for _ in 0..20 {
+        call(&ledger).await;
+    }
+    let before = accepted(&exchange);
+    for _ in 0..10 {
+        call(&ledger).await;
+    }
+    let routed = accepted(&exchange) - before;
+    assert!(routed >= 20.0, "while cut off, {routed} messages went through the exchange");
+
+    host.cut(&host.here(1), false);
+    // An endpoint that could not be reached is tried again after 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    call(&ledger).await;
+    let before = accepted(&exchange);
+    for _ in 0..20 {
+        call(&ledger).await;
+    }
+    let routed = accepted(&exchange) - before;
+    assert!(routed <= 2.0, "after the cut healed, {routed} messages went through the exchange");
+
+    let entries = ledger.entries().await.unwrap();
+    let mut once = entries.clone();
+    once.dedup();
+    assert_eq!(once, (0..n).collect::<Vec<_>>(), "lost or reordered: {entries:?}");
+    eprintln!("fell back {fell_back:?} after the cut; {} entries for {n} calls", entries.len());
+    manager.close().await.unwrap();
+}

@@ -513,7 +513,20 @@ impl Exchange {
         id: &EntityId,
         epoch: u64,
     ) -> Result<Subscription, ExchangeError> {
-        let inner = self.backend.subscribe(id, self.principal(), epoch).await?;
+        self.subscribe_at(id, epoch, "").await
+    }
+
+    /// [`subscribe_as`](Self::subscribe_as), advertising a peer `endpoint`
+    /// where the subscriber takes requests directly (docs/design.md,
+    /// "Direct delivery"): Status shows it while the subscription lasts.
+    pub async fn subscribe_at(
+        &self,
+        id: &EntityId,
+        epoch: u64,
+        endpoint: &str,
+    ) -> Result<Subscription, ExchangeError> {
+        limits::endpoint(endpoint)?;
+        let inner = self.backend.subscribe(id, self.principal(), epoch, endpoint).await?;
         let max_bytes = self.limits.max_delivery_bytes;
         Ok(Subscription { id: *id, inner, max_bytes, shutdown: self.shutdown.clone() })
     }

@@ -117,6 +117,21 @@ pub(crate) fn name(field: &str, value: &str) -> Result<(), ExchangeError> {
     at_most(&format!("the length of {field} in bytes"), value.len(), MAX_NAME_BYTES)
 }
 
+/// Refuses a peer endpoint that is not empty, "http://…", "https://…" or
+/// "unix:/…", or is longer than [`MAX_NAME_BYTES`].
+pub(crate) fn endpoint(value: &str) -> Result<(), ExchangeError> {
+    name("endpoint", value)?;
+    let scheme = ["http://", "https://", "unix:/"].iter().any(|s| value.starts_with(s));
+    if !value.is_empty() && (!scheme || value.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(ExchangeError::InvalidArgument(format!(
+            "endpoint {} is not http://host:port, https://host:port or unix:/path",
+            academy_proto::excerpt(value)
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

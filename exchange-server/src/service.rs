@@ -227,9 +227,9 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         request: Request<pb::SubscribeRequest>,
     ) -> RpcResult<Self::SubscribeStream> {
         let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
-        let epoch = request.get_ref().epoch;
+        let (epoch, endpoint) = (request.get_ref().epoch, request.get_ref().endpoint.clone());
         let grant = Grant::of(&request);
-        let subscription = self.exchange_for(&request).subscribe_as(&id, epoch).await?;
+        let subscription = self.exchange_for(&request).subscribe_at(&id, epoch, &endpoint).await?;
         tracing::debug!("subscriber attached");
         let open = Open::new(self.metrics.clone());
         let stream = subscription.into_stream().map(move |batch| Ok(delivered(&open, batch?)));

@@ -205,7 +205,7 @@ impl Stream {
             return self.answer(call, Answer::Failed(failure(&e))).await;
         }
         let subscription = match EntityId::parse_field(&request.mailbox_id, "mailbox_id") {
-            Ok(id) => self.exchange.subscribe_as(&id, request.epoch).await,
+            Ok(id) => self.exchange.subscribe_at(&id, request.epoch, &request.endpoint).await,
             Err(e) => Err(e),
         };
         let subscription = match subscription {

@@ -80,12 +80,21 @@ pub struct MailboxStatus {
     pub agent: Option<RegisteredAgent>,
     /// Someone is subscribed to the (active) mailbox now.
     pub subscribed: bool,
+    /// The peer endpoint its subscriber advertised, while subscribed (empty:
+    /// none).
+    pub endpoint: String,
 }
 
 impl MailboxStatus {
     /// The status of an id no mailbox has.
     pub fn missing() -> Self {
-        Self { state: pb::MailboxState::Missing, queued: 0, agent: None, subscribed: false }
+        Self {
+            state: pb::MailboxState::Missing,
+            queued: 0,
+            agent: None,
+            subscribed: false,
+            endpoint: String::new(),
+        }
     }
 
     /// The status of a terminated agent's id.
@@ -101,6 +110,7 @@ impl From<MailboxStatus> for pb::StatusResponse {
             queued: status.queued as u64,
             agent: status.agent.map(Into::into),
             subscribed: status.subscribed,
+            endpoint: status.endpoint,
         }
     }
 }
@@ -118,6 +128,7 @@ impl TryFrom<pb::StatusResponse> for MailboxStatus {
             queued: usize::try_from(status.queued).unwrap_or(usize::MAX),
             agent: status.agent.map(RegisteredAgent::try_from).transpose()?,
             subscribed: status.subscribed,
+            endpoint: status.endpoint,
         })
     }
 }

@@ -4,7 +4,7 @@
 //! `cargo run -p academy-examples --bin worker -- --launcher http://127.0.0.1:50052`
 
 use academy_examples::behaviours::{
-    Cleaner, Controller, Coordinator, Crashy, Recorder, Sensor, WordStats,
+    Cleaner, Controller, Coordinator, Crashy, Ledger, Recorder, Sensor, WordStats,
 };
 use academy_sdk::clock::ClockKind;
 use academy_sdk::worker::{Worker, WorkerStatus};
@@ -38,6 +38,11 @@ struct Args {
     /// "Clocks") rather than the wall clock.
     #[arg(long)]
     simulated_clock: bool,
+    /// Serve a peer endpoint at this address ("host:port", port 0 for any,
+    /// or "unix:/path"): its agents take requests there directly, and call
+    /// others directly when they can (docs/design.md, "Direct delivery").
+    #[arg(long, env = "ACADEMY_WORKER_DIRECT")]
+    direct: Option<String>,
     /// Log lines as text or JSON (for log collectors).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -58,6 +63,11 @@ async fn main() -> anyhow::Result<()> {
     for (key, value) in args.labels {
         worker = worker.label(key, value);
     }
+    if let Some(address) = &args.direct {
+        let endpoint = academy_sdk::Endpoint::serve(address).await?;
+        tracing::info!(endpoint = endpoint.url(), "serving a peer endpoint");
+        worker = worker.direct(endpoint);
+    }
     let stop_serving = CancellationToken::new();
     let _stop_serving = stop_serving.clone().drop_guard();
     if let Some(addr) = args.metrics_listen {
@@ -72,6 +82,7 @@ async fn main() -> anyhow::Result<()> {
         .register::<Sensor>()
         .register::<Controller>()
         .register::<Recorder>()
+        .register::<Ledger>()
         .run()
         .await?;
     Ok(())

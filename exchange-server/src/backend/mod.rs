@@ -154,12 +154,14 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Becomes the one subscriber of a mailbox, from its oldest
     /// unacknowledged message. With an `epoch` (not 0), refuses
     /// ([`ExchangeError::StaleEpoch`]) one below the highest epoch that
-    /// subscribed, and records it.
+    /// subscribed, and records it. Status shows its peer `endpoint` while
+    /// the subscription lasts.
     async fn subscribe(
         &self,
         id: &EntityId,
         caller: Option<&str>,
         epoch: u64,
+        endpoint: &str,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError>;
 
     async fn acknowledge(

@@ -114,7 +114,8 @@ pub(crate) async fn invoke_reports_unknown_agents_and_times_out_on_idle_ones(sto
 pub(crate) async fn a_later_incarnation_fences_the_earlier_ones(store: Store) {
     let mut h = start(store).await;
     let agent = h.agent("test.A", &[]).await;
-    let subscribe = |epoch| pb::SubscribeRequest { mailbox_id: agent.clone(), epoch };
+    let subscribe =
+        |epoch| pb::SubscribeRequest { mailbox_id: agent.clone(), epoch, ..Default::default() };
     let mut second = h.rpc.subscribe(subscribe(2)).await.unwrap().into_inner();
     let err = h.rpc.subscribe(subscribe(1)).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);

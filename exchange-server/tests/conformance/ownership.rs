@@ -237,7 +237,11 @@ pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
     let mut bob = ExchangeServiceClient::with_interceptor(channel, Bearer(BOB));
     let open = async |rpc: &mut ExchangeServiceClient<_>| {
         let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
-        let request = pb::SubscribeRequest { mailbox_id: client.into_inner().client_id, epoch: 0 };
+        let request = pb::SubscribeRequest {
+            mailbox_id: client.into_inner().client_id,
+            epoch: 0,
+            ..Default::default()
+        };
         rpc.subscribe(request).await.unwrap().into_inner()
     };
     let (mut alices, mut bobs) = (open(&mut alice).await, open(&mut bob).await);

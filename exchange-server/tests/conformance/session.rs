@@ -69,7 +69,8 @@ impl RawSession {
 
     /// Subscribes as `call` and waits until the exchange confirms.
     pub(crate) async fn subscribe(&mut self, call: u64, mailbox: &str) {
-        let request = pb::SubscribeRequest { mailbox_id: mailbox.into(), epoch: 0 };
+        let request =
+            pb::SubscribeRequest { mailbox_id: mailbox.into(), epoch: 0, ..Default::default() };
         self.request(call, Op::Subscribe(request));
         match self.answer(call).await {
             Answer::Subscribed(_) => {}
@@ -178,7 +179,8 @@ pub(crate) async fn a_session_sends_subscribes_acknowledges_and_commits(store: S
     let to = [&agent, &missing, &agent];
     s.request(6, send(to.iter().map(|dest| request(&client, dest, "m")).collect()));
     assert_eq!(sent(s.answer(6).await), [Code::Ok, Code::NotFound, Code::Ok]);
-    let subscribe = pb::SubscribeRequest { mailbox_id: missing.clone(), epoch: 0 };
+    let subscribe =
+        pb::SubscribeRequest { mailbox_id: missing.clone(), epoch: 0, ..Default::default() };
     s.request(7, Op::Subscribe(subscribe));
     assert_eq!(failed(s.answer(7).await).reason, "MAILBOX_NOT_FOUND");
     s.request(
@@ -200,7 +202,14 @@ pub(crate) async fn a_session_sends_subscribes_acknowledges_and_commits(store: S
     assert_eq!(failed(s.answer(9).await).reason, "STATE_CONFLICT");
     let (got, _) = s.deliveries(1, 2).await;
     assert_eq!(got.len(), 2);
-    s.request(1, Op::Subscribe(pb::SubscribeRequest { mailbox_id: client.clone(), epoch: 0 }));
+    s.request(
+        1,
+        Op::Subscribe(pb::SubscribeRequest {
+            mailbox_id: client.clone(),
+            epoch: 0,
+            ..Default::default()
+        }),
+    );
     let duplicate = failed(s.answer(1).await);
     assert!(duplicate.message.contains("has not ended"), "{}", duplicate.message);
     s.answers_nothing_to(10).await;
@@ -300,7 +309,14 @@ pub(crate) async fn a_session_is_held_to_the_limits_and_the_owners(store: Store)
 
     let (agent, client) = common::agent_and_client(&mut alice, "test.A").await;
     let mut s = RawSession::open(&mut bob).await.unwrap();
-    s.request(1, Op::Subscribe(pb::SubscribeRequest { mailbox_id: agent.clone(), epoch: 0 }));
+    s.request(
+        1,
+        Op::Subscribe(pb::SubscribeRequest {
+            mailbox_id: agent.clone(),
+            epoch: 0,
+            ..Default::default()
+        }),
+    );
     assert_eq!(failed(s.answer(1).await).reason, "NOT_OWNER");
     s.request(2, send(vec![request(&client, &agent, "as alice")]));
     assert_eq!(sent(s.answer(2).await), [Code::PermissionDenied]);

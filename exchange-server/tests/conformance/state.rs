@@ -59,7 +59,8 @@ pub(crate) async fn an_agent_saves_its_state_fenced_by_epoch_and_revision(store:
     assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
     let (why, metadata) = reason(&stale);
     assert_eq!((why.as_str(), metadata["current"].as_str()), ("STALE_EPOCH", "3"));
-    let subscribe = pb::SubscribeRequest { mailbox_id: agent.clone(), epoch: 2 };
+    let subscribe =
+        pb::SubscribeRequest { mailbox_id: agent.clone(), epoch: 2, ..Default::default() };
     let fenced = match h.rpc.subscribe(subscribe).await {
         Err(status) => status,
         Ok(stream) => stream.into_inner().message().await.unwrap_err(),
@@ -136,7 +137,7 @@ async fn subscribe_as(
     id: &str,
     epoch: u64,
 ) -> tonic::Streaming<pb::SubscribeResponse> {
-    let request = pb::SubscribeRequest { mailbox_id: id.to_owned(), epoch };
+    let request = pb::SubscribeRequest { mailbox_id: id.to_owned(), epoch, ..Default::default() };
     h.rpc.subscribe(request).await.unwrap().into_inner()
 }
 

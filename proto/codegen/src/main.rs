@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 
 use prost::Message as _;
 
-const FILES: [&str; 4] = [
+const FILES: [&str; 5] = [
     "academy/v1/messages.proto",
     "academy/v1/exchange.proto",
     "academy/v1/launcher.proto",
     "academy/v1/clock.proto",
+    "academy/v1/peer.proto",
 ];
 
 /// The generated files, by name.

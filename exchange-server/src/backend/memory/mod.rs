@@ -81,6 +81,8 @@ struct QueueState {
     generation: u64,
     /// The subscription of the current generation is open.
     subscribed: bool,
+    /// The peer endpoint its subscriber advertised (empty: none).
+    endpoint: Arc<str>,
     /// Since when a client mailbox has had no subscriber.
     idle_since: Option<Instant>,
     /// An agent's saved state.
@@ -350,6 +352,7 @@ impl Backend for MemoryBackend {
             queued: state.unacked,
             agent: mailbox.agent.clone(),
             subscribed: state.subscribed && !state.terminated,
+            endpoint: if state.subscribed { state.endpoint.to_string() } else { String::new() },
         })
     }
 
@@ -386,6 +389,7 @@ impl Backend for MemoryBackend {
         id: &EntityId,
         caller: Option<&str>,
         epoch: u64,
+        endpoint: &str,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
         let mailbox = self.owned(id, caller)?;
         let generation = {
@@ -401,6 +405,7 @@ impl Backend for MemoryBackend {
             }
             state.generation += 1;
             state.subscribed = true;
+            state.endpoint = endpoint.into();
             state.idle_since = None;
             state.generation
         };
@@ -609,6 +614,7 @@ impl Drop for MemorySubscription {
         let mut state = lock(&self.mailbox.state);
         if state.generation == self.generation {
             state.subscribed = false;
+            state.endpoint = "".into();
             if self.mailbox.agent.is_none() {
                 state.idle_since = Some(Instant::now());
             }

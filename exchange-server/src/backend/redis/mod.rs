@@ -458,7 +458,7 @@ impl Backend for RedisBackend {
         let (fields, queued): (Vec<Option<String>>, usize) = redis::pipe()
             .cmd("HMGET")
             .arg(self.keys.mailbox(id))
-            .arg(&["s", "k", "b", "i", "n", "o", "r"])
+            .arg(&["s", "k", "b", "i", "n", "o", "r", "p"])
             .cmd("XLEN")
             .arg(self.keys.queue(id))
             .query_async(&mut self.conn.clone())
@@ -482,7 +482,11 @@ impl Backend for RedisBackend {
                 .map_err(unavailable)?,
             _ => false,
         };
-        Ok(MailboxStatus { state, queued, agent, subscribed })
+        let endpoint = match fields.get(7).cloned().flatten() {
+            Some(endpoint) if subscribed => endpoint,
+            _ => String::new(),
+        };
+        Ok(MailboxStatus { state, queued, agent, subscribed, endpoint })
     }
 
     async fn discover(&self, name: &str, exact: bool, page: Page) -> Result<Found, ExchangeError> {
@@ -573,11 +577,12 @@ impl Backend for RedisBackend {
         id: &EntityId,
         caller: Option<&str>,
         epoch: u64,
+        endpoint: &str,
     ) -> Result<Box<dyn BackendSubscription>, ExchangeError> {
         let keys = [self.keys.mailbox(id), self.keys.queue(id), self.keys.sizes(id)];
         let mut cmd = self.scripts.subscribe.call(&keys);
         cmd.arg(self.keys.bell()).arg(&self.reader.replica);
-        cmd.arg(id.to_string()).arg(caller_arg(caller)).arg(epoch);
+        cmd.arg(id.to_string()).arg(caller_arg(caller)).arg(epoch).arg(endpoint);
         let answer = array(run_one(&self.conn, &self.scripts.subscribe, cmd).await?);
         let head = answer.first().and_then(string).unwrap_or_default();
         if let Some(err) = state_error(id, &head, || answer.get(1).and_then(string)) {

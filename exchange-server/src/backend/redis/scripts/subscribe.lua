@@ -7,7 +7,7 @@
 -- KEYS[2]     its queue stream
 -- KEYS[3]     its sizes hash
 -- ARGV        notice channel prefix, replica, id, caller (empty: trusted),
---             epoch (0: none)
+--             epoch (0: none), peer endpoint (empty: none)
 local h = redis.call('HMGET', KEYS[1], 's', 'o', 'e')
 local s, o = h[1], h[2]
 if not s then return {'missing'} end
@@ -23,4 +23,9 @@ local g = redis.call('HINCRBY', KEYS[1], 'g', 1)
 local r = redis.call('HGET', KEYS[1], 'r')
 if r then redis.call('PUBLISH', ARGV[1] .. r, 's ' .. ARGV[3] .. ' ' .. g .. '\n') end
 redis.call('HSET', KEYS[1], 'r', ARGV[2])
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'p', ARGV[6])
+else
+  redis.call('HDEL', KEYS[1], 'p')
+end
 return {'ok', g}

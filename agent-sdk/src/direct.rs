@@ -1,0 +1,668 @@
+//! Direct delivery (docs/design.md, "Direct delivery"): a process that hosts
+//! agents serves a peer endpoint ([`Endpoint`]), advertised with their
+//! subscriptions; a sender that reaches it delivers action requests there
+//! and gets the answers back on the same stream, and falls back to the
+//! exchange's mailboxes whenever it cannot prove a request was taken.
+//!
+//! The sender keeps, per destination, the order of its requests across a
+//! switch between the two paths: it moves from the exchange to a peer only
+//! while none of its requests to that destination is unanswered, and from a
+//! peer back to the exchange by resending, in order, every request the peer
+//! refused or left unanswered (a broken stream), before any later one.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use academy_proto::EntityId;
+use academy_proto::pb::{self, deliver_response::Outcome, message::Body};
+use academy_proto::sync::lock;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::ClientError;
+use crate::exchange::SharedExchange;
+
+/// How long a destination's endpoint, once looked up (found or not), is
+/// trusted before it is looked up again.
+const LOOKUP_EVERY: Duration = Duration::from_secs(1);
+/// Longest wait to connect to a peer endpoint, and to hear from an idle one.
+const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long an endpoint that could not be reached is not tried again.
+const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
+
+/// Calls waiting for answers, by tag (shared with the mailbox).
+pub(crate) type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<pb::Message>>>>;
+
+// ---------------------------------------------------------------- receiving
+
+/// Where a hosted agent's runtime answers a request that came directly.
+/// Dropped without an answer, it tells the sender the request did not run
+/// (so the sender sends it through the exchange).
+#[derive(Debug)]
+pub(crate) struct Reply {
+    seq: u64,
+    out: Option<mpsc::Sender<Result<pb::DeliverResponse, tonic::Status>>>,
+}
+
+impl Reply {
+    pub(crate) async fn answer(mut self, answer: pb::Message) {
+        if let Some(out) = self.out.take() {
+            let outcome = Some(Outcome::Answer(answer));
+            let _ = out.send(Ok(pb::DeliverResponse { seq: self.seq, outcome })).await;
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(out) = self.out.take() {
+            let refused = pb::DeliverResponse { seq: self.seq, outcome: Some(not_run()) };
+            tokio::spawn(async move { drop(out.send(Ok(refused)).await) });
+        }
+    }
+}
+
+fn not_run() -> Outcome {
+    Outcome::Refused(pb::SendResult {
+        code: tonic::Code::Unavailable as i32,
+        message: "the agent stopped before running it".into(),
+        reason: "NOT_RUN".into(),
+        metadata: HashMap::new(),
+    })
+}
+
+/// Requests that came directly for one hosted agent.
+pub(crate) type DirectRequests = mpsc::UnboundedSender<(Reply, pb::Message)>;
+
+/// A peer endpoint this process serves: the agents it hosts (those whose
+/// [`AgentConfig::direct`](crate::AgentConfig::direct) names it) take action
+/// requests there directly. Cheap to clone; it stops serving when the last
+/// clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    inner: Arc<Hosting>,
+}
+
+#[derive(Debug, Default)]
+struct Hosting {
+    url: String,
+    agents: Mutex<HashMap<EntityId, DirectRequests>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Hosting {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// An agent hosted at an endpoint, until dropped.
+#[derive(Debug)]
+pub(crate) struct Hosted {
+    endpoint: Endpoint,
+    id: EntityId,
+}
+
+impl Hosted {
+    pub(crate) fn url(&self) -> &str {
+        self.endpoint.url()
+    }
+}
+
+impl Drop for Hosted {
+    fn drop(&mut self) {
+        lock(&self.endpoint.inner.agents).remove(&self.id);
+    }
+}
+
+impl Endpoint {
+    /// The URL senders reach it at ("http://host:port" or "unix:/path").
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// Takes requests for agent `id` into `requests` until the guard drops.
+    pub(crate) fn host(&self, id: EntityId, requests: DirectRequests) -> Hosted {
+        lock(&self.inner.agents).insert(id, requests);
+        Hosted { endpoint: self.clone(), id }
+    }
+}
+
+#[cfg(feature = "direct")]
+mod serve {
+    use std::pin::Pin;
+
+    use academy_proto::pb::peer_service_server::{PeerService, PeerServiceServer};
+    use futures::{Stream, StreamExt as _};
+    use tonic::{Request, Response, Status, Streaming};
+
+    use super::*;
+
+    impl Endpoint {
+        /// Serves a peer endpoint on `address`: "host:port" (port 0: any
+        /// free one) or "unix:/path" (a Unix-domain socket, for peers on one
+        /// node). Serve it on an address only the exchange's other clients
+        /// can reach: it takes requests for its agents from anyone who
+        /// reaches it (docs/design.md, "Direct delivery").
+        pub async fn serve(address: &str) -> std::io::Result<Self> {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let (url, incoming) = listen(address).await?;
+            let inner = Arc::new(Hosting { url, agents: Mutex::default(), stop: stop.clone() });
+            let service = PeerGrpc { hosting: Arc::downgrade(&inner) };
+            let server = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .initial_stream_window_size(academy_proto::transport::STREAM_WINDOW_BYTES)
+                .initial_connection_window_size(academy_proto::transport::CONNECTION_WINDOW_BYTES)
+                .add_service(
+                    PeerServiceServer::new(service)
+                        .max_decoding_message_size(usize::MAX)
+                        .max_encoding_message_size(usize::MAX),
+                );
+            tokio::spawn(async move {
+                let served = match incoming {
+                    Incoming::Tcp(listener) => {
+                        let stream = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                        let stream = stream.map(|s| {
+                            s.inspect(|s| {
+                                let _ = s.set_nodelay(true);
+                            })
+                        });
+                        server.serve_with_incoming_shutdown(stream, stop.cancelled()).await
+                    }
+                    Incoming::Unix(listener, path) => {
+                        let stream = tokio_stream::wrappers::UnixListenerStream::new(listener);
+                        let served =
+                            server.serve_with_incoming_shutdown(stream, stop.cancelled()).await;
+                        let _ = std::fs::remove_file(path);
+                        served
+                    }
+                };
+                if let Err(e) = served {
+                    tracing::warn!(error = %e, "peer endpoint stopped");
+                }
+            });
+            Ok(Self { inner })
+        }
+    }
+
+    enum Incoming {
+        Tcp(tokio::net::TcpListener),
+        Unix(tokio::net::UnixListener, std::path::PathBuf),
+    }
+
+    async fn listen(address: &str) -> std::io::Result<(String, Incoming)> {
+        if let Some(path) = address.strip_prefix("unix:") {
+            // A socket file left by a dead process is taken over.
+            if std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+            let listener = tokio::net::UnixListener::bind(path)?;
+            return Ok((format!("unix:{path}"), Incoming::Unix(listener, path.into())));
+        }
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        Ok((url, Incoming::Tcp(listener)))
+    }
+
+    fn not_hosted(dest: &str) -> Outcome {
+        Outcome::Refused(pb::SendResult {
+            code: tonic::Code::Unavailable as i32,
+            message: format!("{} is not hosted at this endpoint", academy_proto::excerpt(dest)),
+            reason: "NOT_HOSTED".into(),
+            metadata: HashMap::new(),
+        })
+    }
+
+    struct PeerGrpc {
+        hosting: Weak<Hosting>,
+    }
+
+    #[tonic::async_trait]
+    impl PeerService for PeerGrpc {
+        type DeliverStream =
+            Pin<Box<dyn Stream<Item = Result<pb::DeliverResponse, Status>> + Send>>;
+
+        async fn deliver(
+            &self,
+            request: Request<Streaming<pb::DeliverRequest>>,
+        ) -> Result<Response<Self::DeliverStream>, Status> {
+            let mut inbound = request.into_inner();
+            let (out, answers) = mpsc::channel(1024);
+            let hosting = self.hosting.clone();
+            tokio::spawn(async move {
+                // Agents refused on this stream: refused from then on.
+                let mut refused = HashSet::new();
+                while let Ok(Some(request)) = inbound.message().await {
+                    let Some(hosting) = hosting.upgrade() else { break };
+                    let seq = request.seq;
+                    let outcome = take(&hosting, &mut refused, request, &out);
+                    let answer = pb::DeliverResponse { seq, outcome: Some(outcome) };
+                    if out.send(Ok(answer)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let stream = tokio_stream::wrappers::ReceiverStream::new(answers);
+            Ok(Response::new(Box::pin(stream)))
+        }
+    }
+
+    /// Hands a request to the agent it is for, if hosted here.
+    fn take(
+        hosting: &Hosting,
+        refused: &mut HashSet<String>,
+        request: pb::DeliverRequest,
+        out: &mpsc::Sender<Result<pb::DeliverResponse, Status>>,
+    ) -> Outcome {
+        let invalid = |why: &str| {
+            Outcome::Refused(pb::SendResult {
+                code: tonic::Code::InvalidArgument as i32,
+                message: why.to_owned(),
+                reason: "INVALID_ARGUMENT".into(),
+                metadata: HashMap::new(),
+            })
+        };
+        let Some(message) = request.message else { return invalid("message is missing") };
+        if !matches!(message.body, Some(Body::ActionRequest(_))) {
+            return invalid("only action requests are delivered directly");
+        }
+        let dest = message.header.as_ref().map(|h| h.dest.clone()).unwrap_or_default();
+        if refused.contains(&dest) {
+            return not_hosted(&dest);
+        }
+        let agent = dest.parse().ok().and_then(|id| lock(&hosting.agents).get(&id).cloned());
+        let reply = Reply { seq: request.seq, out: Some(out.clone()) };
+        match agent {
+            Some(agent) => match agent.send((reply, message)) {
+                Ok(()) => Outcome::Accepted(pb::Accepted {}),
+                Err(mpsc::error::SendError((mut reply, _))) => {
+                    reply.out = None;
+                    refused.insert(dest.clone());
+                    not_hosted(&dest)
+                }
+            },
+            None => {
+                let mut reply = reply;
+                reply.out = None;
+                refused.insert(dest.clone());
+                not_hosted(&dest)
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ sending
+
+/// A sender's direct paths: per destination, the peer it delivers to (or
+/// none: the exchange), and the peers it is connected to.
+#[derive(Debug)]
+pub(crate) struct Direct {
+    exchange: SharedExchange,
+    pending: Pending,
+    routes: Mutex<HashMap<EntityId, Arc<tokio::sync::Mutex<Route>>>>,
+    peers: Mutex<HashMap<String, Arc<Peer>>>,
+    /// Endpoints that could not be reached, until when they are not tried.
+    unreachable: Mutex<HashMap<String, Instant>>,
+    /// Requests sent and not answered yet, by destination (either path).
+    unanswered: Mutex<HashMap<EntityId, HashSet<String>>>,
+    /// Told whenever a peer's requests for a destination were resent or answered.
+    progress: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Route {
+    /// The peer requests go to now; none: the exchange.
+    peer: Option<Arc<Peer>>,
+    /// The peer they went to last, which may still hold some to resend.
+    last: Option<Arc<Peer>>,
+    /// When the endpoint was last looked up.
+    looked_up: Option<Instant>,
+}
+
+/// What became of a request given to a peer.
+#[derive(Debug)]
+enum Verdict {
+    Accepted,
+    /// Sent through the exchange instead, with this result.
+    Resent(Result<(), ClientError>),
+}
+
+impl Direct {
+    pub(crate) fn new(exchange: SharedExchange, pending: Pending) -> Arc<Self> {
+        Arc::new(Self {
+            exchange,
+            pending,
+            routes: Mutex::default(),
+            peers: Mutex::default(),
+            unreachable: Mutex::default(),
+            unanswered: Mutex::default(),
+            progress: Notify::new(),
+        })
+    }
+
+    fn route(&self, dest: EntityId) -> Arc<tokio::sync::Mutex<Route>> {
+        lock(&self.routes).entry(dest).or_default().clone()
+    }
+
+    /// Sends `message` directly when it can, through the exchange otherwise;
+    /// `Ok` once it was taken (by the agent, or queued by the exchange).
+    pub(crate) async fn send(self: &Arc<Self>, message: pb::Message) -> Result<(), ClientError> {
+        let header = message.header.as_ref();
+        let direct_kind = matches!(message.body, Some(Body::ActionRequest(_)))
+            && header.is_some_and(|h| !h.on_clock);
+        let dest = header.and_then(|h| h.dest.parse::<EntityId>().ok());
+        let (Some(dest), true) = (dest, direct_kind) else {
+            return self.exchange.send(message).await;
+        };
+        let tag = header.map(|h| h.tag.clone()).unwrap_or_default();
+        let route = self.route(dest);
+        let verdict = loop {
+            let progress = self.progress.notified();
+            let mut route = route.lock().await;
+            // Requests a peer refused (or left unanswered) go first,
+            // resent through the exchange: nothing may overtake them.
+            if route.last.as_ref().is_some_and(|p| p.has_refused(dest)) {
+                drop(route);
+                progress.await;
+                continue;
+            }
+            let peer = self.choose(&mut route, dest).await;
+            lock(&self.unanswered).entry(dest).or_default().insert(tag.clone());
+            match peer.and_then(|peer| peer.push(dest, message.clone())) {
+                Some(verdict) => break verdict,
+                None => {
+                    route.peer = None;
+                    drop(route);
+                    let sent = self.exchange.send(message).await;
+                    if sent.is_err() {
+                        self.answered(dest, &tag);
+                    }
+                    return sent;
+                }
+            }
+        };
+        match verdict.await {
+            Ok(Verdict::Accepted) => Ok(()),
+            Ok(Verdict::Resent(result)) => {
+                if result.is_err() {
+                    self.answered(dest, &tag);
+                }
+                result
+            }
+            Err(_) => Err(ClientError::Transport("the peer connection closed".into())),
+        }
+    }
+
+    /// The peer to deliver to `dest` now, if any: the current one while it
+    /// works; a new one only while nothing sent to `dest` is unanswered.
+    async fn choose(self: &Arc<Self>, route: &mut Route, dest: EntityId) -> Option<Arc<Peer>> {
+        if let Some(peer) = &route.peer {
+            if !peer.is_broken() {
+                return Some(peer.clone());
+            }
+            route.peer = None;
+        }
+        if lock(&self.unanswered).get(&dest).is_some_and(|t| !t.is_empty()) {
+            return None;
+        }
+        if route.looked_up.is_some_and(|t| t.elapsed() < LOOKUP_EVERY) {
+            return None;
+        }
+        route.looked_up = Some(Instant::now());
+        let status = self.exchange.status(&dest).await.ok()?;
+        if status.endpoint.is_empty() {
+            return None;
+        }
+        let peer = self.peer(&status.endpoint).await?;
+        route.peer = Some(peer.clone());
+        route.last = Some(peer.clone());
+        Some(peer)
+    }
+
+    /// The connection to the peer at `url`, opened if needed.
+    async fn peer(self: &Arc<Self>, url: &str) -> Option<Arc<Peer>> {
+        if let Some(peer) = lock(&self.peers).get(url).filter(|p| !p.is_broken()) {
+            return Some(peer.clone());
+        }
+        if lock(&self.unreachable).get(url).is_some_and(|until| Instant::now() < *until) {
+            return None;
+        }
+        let opened = tokio::time::timeout(PEER_TIMEOUT * 2, Peer::open(url, Arc::downgrade(self)));
+        let why = match opened.await {
+            Ok(Ok(peer)) => {
+                lock(&self.peers).insert(url.to_owned(), peer.clone());
+                lock(&self.unreachable).remove(url);
+                return Some(peer);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer in time".to_owned(),
+        };
+        tracing::debug!(endpoint = url, %why, "peer endpoint not reachable; using the exchange");
+        let mut unreachable = lock(&self.unreachable);
+        unreachable.retain(|_, until| Instant::now() < *until);
+        unreachable.insert(url.to_owned(), Instant::now() + UNREACHABLE_FOR);
+        None
+    }
+
+    /// An answer to request `tag` to `dest` arrived (by either path).
+    pub(crate) fn answered(&self, dest: EntityId, tag: &str) {
+        let mut unanswered = lock(&self.unanswered);
+        if let Some(tags) = unanswered.get_mut(&dest) {
+            tags.remove(tag);
+            if tags.is_empty() {
+                unanswered.remove(&dest);
+            }
+        }
+    }
+
+    /// Resends through the exchange, in order, what `peer` refused or can
+    /// no longer answer for `dest`, up to the first request it still holds
+    /// as accepted (which its answer, or refusal, will move past).
+    async fn resend(&self, peer: &Peer, dest: EntityId) {
+        let route = self.route(dest);
+        let mut route = route.lock().await;
+        if route.peer.as_ref().is_some_and(|p| std::ptr::eq(&**p, peer)) {
+            route.peer = None;
+            route.looked_up = Some(Instant::now());
+        }
+        while let Some(request) = peer.next_refused(dest) {
+            let tag = request.message.header.as_ref().map(|h| h.tag.clone()).unwrap_or_default();
+            let sent = self.exchange.send(request.message).await;
+            match request.verdict {
+                Some(verdict) => drop(verdict.send(Verdict::Resent(sent))),
+                None => {
+                    if let Err(e) = sent {
+                        // Its caller was told it was taken: tell it what
+                        // became of it instead.
+                        self.answered(dest, &tag);
+                        self.fail(&tag, &e);
+                    }
+                }
+            }
+        }
+        drop(route);
+        self.progress.notify_waiters();
+    }
+
+    /// Answers the call waiting on `tag` with `error`.
+    fn fail(&self, tag: &str, error: &ClientError) {
+        let Some(waiter) = lock(&self.pending).remove(tag) else { return };
+        let (code, kind) = match error {
+            ClientError::Exchange(e) => (e.code(), e.reason().to_owned()),
+            _ => (tonic::Code::Unavailable, "Unavailable".to_owned()),
+        };
+        let body = Body::ErrorResponse(pb::ErrorResponse {
+            code: code as i32,
+            kind,
+            message: format!("the request could not be resent through the exchange: {error}"),
+            details: HashMap::new(),
+        });
+        let header = pb::Header { tag: tag.to_owned(), ..Default::default() };
+        let _ = waiter.send(pb::Message { header: Some(header), body: Some(body) });
+    }
+
+    /// Hands an answer that came directly to the call waiting for it.
+    fn deliver(&self, dest: EntityId, answer: pb::Message) {
+        let tag = answer.header.as_ref().map(|h| h.tag.clone()).unwrap_or_default();
+        self.answered(dest, &tag);
+        if let Some(waiter) = lock(&self.pending).remove(&tag) {
+            let _ = waiter.send(answer);
+        }
+        self.progress.notify_waiters();
+    }
+}
+
+/// One `Deliver` stream to a peer endpoint.
+#[derive(Debug)]
+struct Peer {
+    requests: mpsc::UnboundedSender<pb::DeliverRequest>,
+    state: Mutex<PeerState>,
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    next: u64,
+    /// Requests not answered yet, in the order sent.
+    held: BTreeMap<u64, Held>,
+    broken: bool,
+}
+
+#[derive(Debug)]
+struct Held {
+    dest: EntityId,
+    message: pb::Message,
+    /// Waiting for the request to be taken (or resent).
+    verdict: Option<oneshot::Sender<Verdict>>,
+    /// Refused, or unanswered on a broken stream: to resend.
+    refused: bool,
+}
+
+impl Peer {
+    async fn open(url: &str, direct: Weak<Direct>) -> Result<Arc<Self>, ClientError> {
+        let credentials = crate::credentials::Credentials::none();
+        let endpoint = credentials
+            .endpoint(url)?
+            .connect_timeout(PEER_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(PEER_TIMEOUT)
+            .keep_alive_timeout(PEER_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(Some(academy_proto::transport::STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(
+                academy_proto::transport::CONNECTION_WINDOW_BYTES,
+            ));
+        let channel = crate::credentials::open(endpoint, url).await?;
+        let mut rpc = pb::peer_service_client::PeerServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let (requests, outgoing) = mpsc::unbounded_channel();
+        let outgoing = tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing);
+        let answers = rpc.deliver(outgoing).await?.into_inner();
+        let peer = Arc::new(Self { requests, state: Mutex::default() });
+        tokio::spawn(read(peer.clone(), answers, direct));
+        Ok(peer)
+    }
+
+    fn is_broken(&self) -> bool {
+        lock(&self.state).broken
+    }
+
+    /// Whether it holds requests for `dest` to resend.
+    fn has_refused(&self, dest: EntityId) -> bool {
+        lock(&self.state).held.values().any(|h| h.dest == dest && h.refused)
+    }
+
+    /// Sends a request; what becomes of it. `None` if the stream broke.
+    fn push(&self, dest: EntityId, message: pb::Message) -> Option<oneshot::Receiver<Verdict>> {
+        let mut state = lock(&self.state);
+        if state.broken {
+            return None;
+        }
+        state.next += 1;
+        let seq = state.next;
+        let (tx, rx) = oneshot::channel();
+        let request = pb::DeliverRequest { seq, message: Some(message.clone()) };
+        self.requests.send(request).ok()?;
+        state.held.insert(seq, Held { dest, message, verdict: Some(tx), refused: false });
+        Some(rx)
+    }
+
+    /// The first request held for `dest`, if it is one to resend.
+    fn next_refused(&self, dest: EntityId) -> Option<Held> {
+        let mut state = lock(&self.state);
+        let (seq, held) = state.held.iter().find(|(_, h)| h.dest == dest)?;
+        if !held.refused {
+            return None;
+        }
+        let seq = *seq;
+        state.held.remove(&seq)
+    }
+}
+
+/// Reads a peer's outcomes until its stream ends; then everything it held
+/// is resent through the exchange.
+async fn read(
+    peer: Arc<Peer>,
+    mut answers: tonic::Streaming<pb::DeliverResponse>,
+    direct: Weak<Direct>,
+) {
+    loop {
+        let next = answers.message().await;
+        let Some(direct) = direct.upgrade() else { return };
+        let (seq, outcome) = match next {
+            Ok(Some(pb::DeliverResponse { seq, outcome: Some(outcome) })) => (seq, outcome),
+            Ok(Some(_)) => continue,
+            Ok(None) | Err(_) => break,
+        };
+        match outcome {
+            Outcome::Accepted(_) => {
+                let mut state = lock(&peer.state);
+                if let Some(verdict) = state.held.get_mut(&seq).and_then(|h| h.verdict.take()) {
+                    let _ = verdict.send(Verdict::Accepted);
+                }
+            }
+            Outcome::Answer(answer) => {
+                let held = lock(&peer.state).held.remove(&seq);
+                if let Some(mut held) = held {
+                    if let Some(verdict) = held.verdict.take() {
+                        let _ = verdict.send(Verdict::Accepted);
+                    }
+                    direct.deliver(held.dest, answer);
+                    // What waited behind it may be resent now.
+                    if peer.has_refused(held.dest) {
+                        direct.resend(&peer, held.dest).await;
+                    }
+                }
+            }
+            Outcome::Refused(why) => {
+                let dest = {
+                    let mut state = lock(&peer.state);
+                    let Some(dest) = state.held.get(&seq).map(|h| h.dest) else { continue };
+                    // Every later request for it is refused too.
+                    for held in
+                        state.held.range_mut(seq..).map(|(_, h)| h).filter(|h| h.dest == dest)
+                    {
+                        held.refused = true;
+                    }
+                    dest
+                };
+                tracing::debug!(%dest, reason = why.reason, "peer refused a request; resending it through the exchange");
+                direct.resend(&peer, dest).await;
+            }
+        }
+    }
+    // Unanswered on a broken stream: not proven taken, so resent.
+    let dests: Vec<EntityId> = {
+        let mut state = lock(&peer.state);
+        state.broken = true;
+        state.held.values_mut().for_each(|h| h.refused = true);
+        let dests: HashSet<EntityId> = state.held.values().map(|h| h.dest).collect();
+        dests.into_iter().collect()
+    };
+    if let Some(direct) = direct.upgrade() {
+        for dest in dests {
+            direct.resend(&peer, dest).await;
+        }
+        direct.progress.notify_waiters();
+    }
+}

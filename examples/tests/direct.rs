@@ -1,0 +1,165 @@
+//! Direct delivery (docs/design.md, "Direct delivery"), over real
+//! processes: workers (the `worker` example) serving peer endpoints, a
+//! manager calling their agents directly, the exchange only as fallback.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use academy_examples::behaviours::Ledger;
+use academy_exchange::{ExchangeOptions, RunningExchange};
+use academy_launcher::{LauncherOptions, RunningLauncher};
+use academy_proto::pb::{self, AgentState, launcher_service_client::LauncherServiceClient};
+use academy_sdk::exchange::GrpcExchange;
+use academy_sdk::{Endpoint, HandleError, MailboxPolicy, Manager};
+use academy_server::testing::{sample, scrape};
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `ready` every 20 ms for up to 20 s.
+async fn until<F: AsyncFnMut() -> bool>(what: &str, mut ready: F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Messages the exchange has queued so far.
+fn accepted(exchange: &RunningExchange) -> f64 {
+    let (_, body) = scrape(exchange.metrics_addr().unwrap()).unwrap();
+    sample(&body, "academy_exchange_messages_accepted_total").unwrap_or(0.0)
+}
+
+fn worker(launcher: &str, name: &str) -> Killed {
+    let child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--launcher", launcher, "--name", name, "--direct", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts");
+    Killed(child)
+}
+
+/// Calls to an agent on another process go to its worker's peer endpoint,
+/// not through the exchange; when that worker is killed (SIGKILL) with calls
+/// on their way, every call is still answered — through the exchange, by
+/// the agent's next incarnation — and none out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_go_directly_and_survive_a_sigkill_of_the_receiver() {
+    let options = ExchangeOptions {
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let exchange = RunningExchange::start(options).await.unwrap();
+    let launcher = RunningLauncher::start(LauncherOptions {
+        exchange_url: exchange.url(),
+        heartbeat_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
+    let w1 = worker(&launcher.url(), "w1");
+    until("w1 joins", async || {
+        let request = pb::ListWorkersRequest::default();
+        rpc.list_workers(request).await.unwrap().into_inner().workers.len() == 1
+    })
+    .await;
+    let launch =
+        pb::LaunchAgentRequest { behaviour: "example.Ledger".into(), ..Default::default() };
+    let id = rpc.launch_agent(launch).await.unwrap().into_inner().agent.unwrap().agent_id;
+    let mut get = async || {
+        let request = pb::GetAgentRequest { agent_id: id.clone() };
+        rpc.get_agent(request).await.unwrap().into_inner().agent.unwrap()
+    };
+    until("the agent runs", async || get().await.state() == AgentState::Running).await;
+    let _w2 = worker(&launcher.url(), "w2");
+
+    let grpc = GrpcExchange::connect(exchange.url()).await.unwrap();
+    let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
+    let manager = Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await.unwrap();
+    let agent_id = id.parse().unwrap();
+    let status = manager.exchange().status(&agent_id).await.unwrap();
+    assert!(status.endpoint.starts_with("http://127.0.0.1:"), "advertised: {status:?}");
+    let ledger = manager.handle::<Ledger>(agent_id).with_timeout(Duration::from_secs(30));
+
+    // Direct: 100 calls, and the exchange queues next to nothing (the
+    // first call may go through it while the endpoint is looked up).
+    let before = accepted(&exchange);
+    for n in 0..100 {
+        assert_eq!(ledger.append(n).await.unwrap(), n as usize + 1);
+    }
+    let routed = accepted(&exchange) - before;
+    assert!(routed <= 2.0, "{routed} messages went through the exchange");
+
+    // Calls on their way when the receiving worker dies.
+    let calls = tokio::spawn({
+        let ledger = ledger.clone();
+        async move {
+            let mut last = 0;
+            for n in 100..400 {
+                let entries = ledger.append(n).await.expect("every call is answered");
+                // A new incarnation starts an empty ledger; otherwise it grows.
+                assert!(entries > last || entries <= 2, "{entries} after {last}");
+                last = entries;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(w1);
+    calls.await.unwrap();
+    let moved = get().await;
+    assert!(moved.epoch >= 2, "the agent moved: {moved:?}");
+    // The new incarnation took the rest in order (redelivered ones may
+    // repeat, never go back).
+    let entries = ledger.entries().await.unwrap();
+    assert_eq!(entries.last(), Some(&399));
+    assert!(entries.windows(2).all(|w| w[0] <= w[1]), "out of order: {entries:?}");
+    manager.close().await.unwrap();
+}
+
+/// A terminated agent refuses direct calls with the error the exchange
+/// gives; an endpoint on a Unix-domain socket works as one on TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_agent_refuses_direct_calls_as_the_exchange_does() {
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-direct-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = format!("unix:{}", dir.join("peer.sock").display());
+    let endpoint = Endpoint::serve(&socket).await.unwrap();
+    assert_eq!(endpoint.url(), socket);
+    let grpc = std::sync::Arc::new(GrpcExchange::connect(exchange.url()).await.unwrap());
+    let direct = Manager::with_direct(grpc.clone(), endpoint).await.unwrap();
+    let routed = Manager::new(grpc).await.unwrap();
+    let ledger = direct.launch(Ledger::default()).await.unwrap();
+    until("the endpoint is advertised", async || {
+        direct.exchange().status(&ledger.id()).await.unwrap().endpoint == socket
+    })
+    .await;
+    assert_eq!(ledger.append(7).await.unwrap(), 1);
+    // The same agent through the exchange, from a manager without direct delivery.
+    let other = routed.handle::<Ledger>(ledger.id());
+    assert_eq!(other.append(8).await.unwrap(), 2);
+
+    ledger.shutdown(MailboxPolicy::Terminate).await.unwrap();
+    until("the endpoint is no longer advertised", async || {
+        direct.exchange().status(&ledger.id()).await.unwrap().endpoint.is_empty()
+    })
+    .await;
+    let directly = ledger.append(9).await.unwrap_err();
+    let through = other.append(9).await.unwrap_err();
+    assert!(matches!(directly, HandleError::Terminated(_)), "{directly:?}");
+    assert_eq!(directly.to_string(), through.to_string());
+    direct.close().await.unwrap();
+    routed.close().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
