@@ -524,7 +524,21 @@ struct PeerState {
     next: u64,
     /// Requests not answered yet, in the order sent.
     held: BTreeMap<u64, Held>,
+    /// How many of them are to resend.
+    refused: usize,
     broken: bool,
+}
+
+impl PeerState {
+    /// Marks the requests from `from` on that `which` picks as to resend.
+    fn refuse(&mut self, which: impl Fn(&Held) -> bool, from: u64) {
+        for held in self.held.range_mut(from..).map(|(_, h)| h) {
+            if !held.refused && which(held) {
+                held.refused = true;
+                self.refused += 1;
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -569,7 +583,8 @@ impl Peer {
 
     /// Whether it holds requests for `dest` to resend.
     fn has_refused(&self, dest: EntityId) -> bool {
-        lock(&self.state).held.values().any(|h| h.dest == dest && h.refused)
+        let state = lock(&self.state);
+        state.refused > 0 && state.held.values().any(|h| h.dest == dest && h.refused)
     }
 
     /// Sends a request; what becomes of it. `None` if the stream broke.
@@ -595,6 +610,7 @@ impl Peer {
             return None;
         }
         let seq = *seq;
+        state.refused -= 1;
         state.held.remove(&seq)
     }
 }
@@ -639,11 +655,7 @@ async fn read(
                     let mut state = lock(&peer.state);
                     let Some(dest) = state.held.get(&seq).map(|h| h.dest) else { continue };
                     // Every later request for it is refused too.
-                    for held in
-                        state.held.range_mut(seq..).map(|(_, h)| h).filter(|h| h.dest == dest)
-                    {
-                        held.refused = true;
-                    }
+                    state.refuse(|h| h.dest == dest, seq);
                     dest
                 };
                 tracing::debug!(%dest, reason = why.reason, "peer refused a request; resending it through the exchange");
@@ -655,7 +667,7 @@ async fn read(
     let dests: Vec<EntityId> = {
         let mut state = lock(&peer.state);
         state.broken = true;
-        state.held.values_mut().for_each(|h| h.refused = true);
+        state.refuse(|_| true, 0);
         let dests: HashSet<EntityId> = state.held.values().map(|h| h.dest).collect();
         dests.into_iter().collect()
     };

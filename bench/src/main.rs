@@ -118,8 +118,9 @@ struct Args {
     /// with every span exported by OTLP (in-memory exchange; runs last);
     /// `k` (a) and (b) on an action that changes a kept state, without and
     /// with its checkpoint; `m` a simulated day of an hourly timer; `u` (a)
-    /// and (b) over a Unix-domain socket.
-    #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,e,u,s,l,t,o")]
+    /// and (b) over a Unix-domain socket; `x` (a) to (d) with direct
+    /// delivery to agents in another process, over TCP and a Unix socket.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,x,e,u,s,l,t,o")]
     only: Vec<char>,
     /// Agents launched and stopped, and mailboxes terminated per backend, in
     /// the long run.
@@ -180,6 +181,18 @@ enum Role {
         /// Seconds a stopped agent's record is kept.
         #[arg(long, default_value_t = 86_400)]
         retention_secs: u64,
+    },
+    /// Run echo agents taking requests at a peer endpoint (direct
+    /// delivery), in a child process; prints their ids.
+    #[command(hide = true, name = "serve-agents")]
+    Agents {
+        #[arg(long)]
+        exchange: String,
+        /// The peer endpoint's address: HOST:PORT or unix:/path.
+        #[arg(long)]
+        direct: String,
+        #[arg(long)]
+        count: usize,
     },
     /// Run a worker offering bench.Echo, in a child process.
     #[command(hide = true, name = "serve-worker")]
@@ -475,6 +488,85 @@ async fn scale(url: &str, n: usize, pids: &[u32]) -> anyhow::Result<Vec<String>>
         all.p50_us / 1000.0
     ));
     Ok(rows)
+}
+
+/// Echo agents taking requests at a peer endpoint on `direct`; prints their
+/// ids on one line, then serves until killed.
+async fn serve_agents(exchange: String, direct: String, count: usize) -> anyhow::Result<()> {
+    let endpoint = academy_sdk::Endpoint::serve(&direct).await?;
+    let grpc = academy_sdk::exchange::GrpcExchange::connect(exchange).await?;
+    let manager = Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await?;
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        let echo = manager.launch(Echo {}).await?;
+        // Advertised once subscribed: wait for it, so calls go direct.
+        while manager.exchange().status(&echo.id()).await?.endpoint.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ids.push(echo.id().to_string());
+    }
+    println!("{}", ids.join(" "));
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// (a), (b), (c) and (d) with direct delivery, to agents in another
+/// process, over TCP and over a Unix socket: one row per scenario.
+async fn measure_direct(args: &Args) -> anyhow::Result<Vec<String>> {
+    let (exchange, _) = start_exchange(BackendKind::Memory, args).await?;
+    let url = exchange.addr.url(false);
+    let socket = std::env::temp_dir().join(format!("academy-bench-{}.sock", std::process::id()));
+    let mut columns = Vec::new();
+    for address in ["127.0.0.1:0".to_owned(), format!("unix:{}", socket.display())] {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args(["serve-agents", "--exchange", &url, "--direct", &address, "--count", "17"])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the agents' process")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let line = BufReader::new(stdout).lines().next_line().await?.context("no agent ids")?;
+        let ids: Vec<academy_sdk::EntityId> =
+            line.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+        let grpc = academy_sdk::exchange::GrpcExchange::connect(url.clone()).await?;
+        let endpoint = academy_sdk::Endpoint::serve("127.0.0.1:0").await?;
+        let manager = Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await?;
+        let echo = manager.handle::<Echo>(ids[0]);
+        echo.echo("warm up".into()).await?;
+        let fleet: Vec<Handle<Echo>> = ids[1..].iter().map(|id| manager.handle(*id)).collect();
+        for echo in &fleet {
+            echo.echo("warm up".into()).await?;
+        }
+        let a = echo_latency(echo.raw(), 100, args.calls).await?;
+        let b = throughput(echo.raw(), 64, args.seconds).await?;
+        let c = fan_out(&fleet, 200, 20).await?;
+        let d = echo_latency(echo.raw(), 1 << 20, 200).await?;
+        columns.push([
+            format!("{:.0} µs / {:.0} µs", a.p50_us, a.p99_us),
+            format!("{b:.0} actions/s"),
+            format!("{c:.0} actions/s"),
+            format!(
+                "{:.0} MB/s (p50 {:.2} ms)",
+                d.per_sec * (1 << 20) as f64 / 1e6,
+                d.p50_us / 1000.0
+            ),
+        ]);
+        manager.close().await?;
+        drop(child);
+    }
+    let _ = std::fs::remove_file(&socket);
+    let names = [
+        "(x-a) sequential echo, 100 B, direct: p50 / p99",
+        "(x-b) 64 in flight, direct",
+        "(x-c) fan-out, 16 agents × 200 calls, direct",
+        "(x-d) 1 MiB echo, sequential, direct",
+    ];
+    Ok(names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| format!("| {name} | {} | {} |", columns[0][i], columns[1][i]))
+        .collect())
 }
 
 /// A fresh exchange-server process (and Redis, for that backend).
@@ -892,6 +984,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(Role::Launcher { exchange, heartbeat_timeout_ms, retention_secs }) => {
             return serve_launcher(exchange, heartbeat_timeout_ms, retention_secs).await;
         }
+        Some(Role::Agents { exchange, direct, count }) => {
+            return serve_agents(exchange, direct, count).await;
+        }
         Some(Role::Worker { launcher, capacity }) => {
             academy_sdk::worker::Worker::new(launcher)
                 .capacity(capacity)
@@ -923,6 +1018,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("| scenario | result |");
         println!("|---|---|");
         for row in measure_launcher(&args).await? {
+            println!("{row}");
+        }
+    }
+    if args.only.contains(&'x') {
+        println!();
+        println!(
+            "Direct delivery (agents in another process; the in-memory exchange for look-ups):"
+        );
+        println!();
+        println!("| scenario | over TCP | over a Unix socket |");
+        println!("|---|---|---|");
+        for row in measure_direct(&args).await? {
             println!("{row}");
         }
     }
