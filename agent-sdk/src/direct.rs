@@ -30,6 +30,9 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long an endpoint that could not be reached is not tried again.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
+/// The metadata of a `Deliver` stream that carries its ticket.
+const TICKET_HEADER: &str = "academy-ticket";
+
 /// Calls waiting for answers, by tag (shared with the mailbox).
 pub(crate) type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<pb::Message>>>>;
 
@@ -87,6 +90,8 @@ pub struct Endpoint {
 struct Hosting {
     url: String,
     agents: Mutex<HashMap<EntityId, DirectRequests>>,
+    /// Where tickets are checked: the exchange of the first agent hosted.
+    exchange: std::sync::OnceLock<SharedExchange>,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -121,8 +126,15 @@ impl Endpoint {
         &self.inner.url
     }
 
-    /// Takes requests for agent `id` into `requests` until the guard drops.
-    pub(crate) fn host(&self, id: EntityId, requests: DirectRequests) -> Hosted {
+    /// Takes requests for agent `id` (of `exchange`) into `requests` until
+    /// the guard drops.
+    pub(crate) fn host(
+        &self,
+        id: EntityId,
+        exchange: &SharedExchange,
+        requests: DirectRequests,
+    ) -> Hosted {
+        let _ = self.inner.exchange.set(exchange.clone());
         lock(&self.inner.agents).insert(id, requests);
         Hosted { endpoint: self.clone(), id }
     }
@@ -147,7 +159,12 @@ mod serve {
         pub async fn serve(address: &str) -> std::io::Result<Self> {
             let stop = tokio_util::sync::CancellationToken::new();
             let (url, incoming) = listen(address).await?;
-            let inner = Arc::new(Hosting { url, agents: Mutex::default(), stop: stop.clone() });
+            let inner = Arc::new(Hosting {
+                url,
+                agents: Mutex::default(),
+                exchange: std::sync::OnceLock::new(),
+                stop: stop.clone(),
+            });
             let service = PeerGrpc { hosting: Arc::downgrade(&inner) };
             let server = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
@@ -226,16 +243,43 @@ mod serve {
             &self,
             request: Request<Streaming<pb::DeliverRequest>>,
         ) -> Result<Response<Self::DeliverStream>, Status> {
+            // Only who may send from a mailbox through the exchange may
+            // deliver from it here: the exchange vouches for the ticket.
+            let ticket = request.metadata().get(TICKET_HEADER).and_then(|t| t.to_str().ok());
+            let Some(ticket) = ticket.map(str::to_owned) else {
+                return Err(Status::unauthenticated(format!(
+                    "present a ticket from the exchange's IssueTicket (metadata {TICKET_HEADER})"
+                )));
+            };
+            let exchange = self.hosting.upgrade().and_then(|h| h.exchange.get().cloned());
+            let exchange =
+                exchange.ok_or_else(|| Status::unavailable("no agent is hosted here"))?;
+            let (src, left) = exchange.check_ticket(&ticket).await.map_err(|e| match e {
+                ClientError::Exchange(e) => Status::from(e),
+                e => Status::unavailable(format!("the ticket cannot be checked: {e}")),
+            })?;
             let mut inbound = request.into_inner();
             let (out, answers) = mpsc::channel(1024);
             let hosting = self.hosting.clone();
             tokio::spawn(async move {
                 // Agents refused on this stream: refused from then on.
                 let mut refused = HashSet::new();
-                while let Ok(Some(request)) = inbound.message().await {
+                let expired = tokio::time::sleep(left);
+                tokio::pin!(expired);
+                loop {
+                    let request = tokio::select! {
+                        () = &mut expired => {
+                            let _ = out.send(Err(Status::unauthenticated("the stream's ticket expired"))).await;
+                            break;
+                        }
+                        request = inbound.message() => match request {
+                            Ok(Some(request)) => request,
+                            _ => break,
+                        },
+                    };
                     let Some(hosting) = hosting.upgrade() else { break };
                     let seq = request.seq;
-                    let outcome = take(&hosting, &mut refused, request, &out);
+                    let outcome = take(&hosting, &mut refused, src, request, &out);
                     let answer = pb::DeliverResponse { seq, outcome: Some(outcome) };
                     if out.send(Ok(answer)).await.is_err() {
                         break;
@@ -251,6 +295,7 @@ mod serve {
     fn take(
         hosting: &Hosting,
         refused: &mut HashSet<String>,
+        src: EntityId,
         request: pb::DeliverRequest,
         out: &mpsc::Sender<Result<pb::DeliverResponse, Status>>,
     ) -> Outcome {
@@ -265,6 +310,18 @@ mod serve {
         let Some(message) = request.message else { return invalid("message is missing") };
         if !matches!(message.body, Some(Body::ActionRequest(_))) {
             return invalid("only action requests are delivered directly");
+        }
+        let from = message.header.as_ref().map(|h| h.src.as_str()).unwrap_or_default();
+        if from.parse::<EntityId>().ok() != Some(src) {
+            return Outcome::Refused(pb::SendResult {
+                code: tonic::Code::PermissionDenied as i32,
+                message: format!(
+                    "header.src {} is not {src}, the mailbox this stream's ticket is for",
+                    academy_proto::excerpt(from)
+                ),
+                reason: "NOT_OWNER".into(),
+                metadata: HashMap::new(),
+            });
         }
         let dest = message.header.as_ref().map(|h| h.dest.clone()).unwrap_or_default();
         if refused.contains(&dest) {
@@ -298,6 +355,9 @@ mod serve {
 #[derive(Debug)]
 pub(crate) struct Direct {
     exchange: SharedExchange,
+    /// The mailbox it sends from, and its ticket for peers, until when.
+    src: EntityId,
+    ticket: tokio::sync::Mutex<Option<(String, Instant)>>,
     pending: Pending,
     routes: Mutex<HashMap<EntityId, Arc<tokio::sync::Mutex<Route>>>>,
     peers: Mutex<HashMap<String, Arc<Peer>>>,
@@ -328,9 +388,11 @@ enum Verdict {
 }
 
 impl Direct {
-    pub(crate) fn new(exchange: SharedExchange, pending: Pending) -> Arc<Self> {
+    pub(crate) fn new(exchange: SharedExchange, src: EntityId, pending: Pending) -> Arc<Self> {
         Arc::new(Self {
             exchange,
+            src,
+            ticket: tokio::sync::Mutex::default(),
             pending,
             routes: Mutex::default(),
             peers: Mutex::default(),
@@ -427,7 +489,15 @@ impl Direct {
         if lock(&self.unreachable).get(url).is_some_and(|until| Instant::now() < *until) {
             return None;
         }
-        let opened = tokio::time::timeout(PEER_TIMEOUT * 2, Peer::open(url, Arc::downgrade(self)));
+        let ticket = match self.ticket().await {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                tracing::debug!(error = %e, "no ticket for direct delivery; using the exchange");
+                return None;
+            }
+        };
+        let opened = Peer::open(url, &ticket, Arc::downgrade(self));
+        let opened = tokio::time::timeout(PEER_TIMEOUT * 2, opened);
         let why = match opened.await {
             Ok(Ok(peer)) => {
                 lock(&self.peers).insert(url.to_owned(), peer.clone());
@@ -442,6 +512,20 @@ impl Direct {
         unreachable.retain(|_, until| Instant::now() < *until);
         unreachable.insert(url.to_owned(), Instant::now() + UNREACHABLE_FOR);
         None
+    }
+
+    /// Its ticket, a new one when the last is (nearly) expired.
+    async fn ticket(&self) -> Result<String, ClientError> {
+        let mut ticket = self.ticket.lock().await;
+        if let Some((ticket, until)) = &*ticket
+            && Instant::now() < *until
+        {
+            return Ok(ticket.clone());
+        }
+        let (issued, ttl) = self.exchange.issue_ticket(&self.src).await?;
+        // Renewed with a margin, so a stream opened now lives a while.
+        *ticket = Some((issued.clone(), Instant::now() + ttl / 2));
+        Ok(issued)
     }
 
     /// An answer to request `tag` to `dest` arrived (by either path).
@@ -552,7 +636,7 @@ struct Held {
 }
 
 impl Peer {
-    async fn open(url: &str, direct: Weak<Direct>) -> Result<Arc<Self>, ClientError> {
+    async fn open(url: &str, ticket: &str, direct: Weak<Direct>) -> Result<Arc<Self>, ClientError> {
         let credentials = crate::credentials::Credentials::none();
         let endpoint = credentials
             .endpoint(url)?
@@ -571,7 +655,10 @@ impl Peer {
             .max_encoding_message_size(usize::MAX);
         let (requests, outgoing) = mpsc::unbounded_channel();
         let outgoing = tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing);
-        let answers = rpc.deliver(outgoing).await?.into_inner();
+        let mut request = tonic::Request::new(outgoing);
+        let ticket = ticket.parse().map_err(|_| ClientError::Transport("a bad ticket".into()))?;
+        request.metadata_mut().insert(TICKET_HEADER, ticket);
+        let answers = rpc.deliver(request).await?.into_inner();
         let peer = Arc::new(Self { requests, state: Mutex::default() });
         tokio::spawn(read(peer.clone(), answers, direct));
         Ok(peer)

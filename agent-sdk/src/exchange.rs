@@ -14,7 +14,7 @@ use academy_proto::pb::{
     session_response::Op as Answer,
 };
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
-use academy_proto::{ClockStatus, EntityId, ExchangeError, RegisteredAgent};
+use academy_proto::{ClockStatus, EntityId, ExchangeError, RegisteredAgent, duration};
 use futures::StreamExt as _;
 use futures::stream::BoxStream;
 use tonic::transport::{Channel, Endpoint};
@@ -100,6 +100,12 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
     }
     /// Agent `id`'s saved state, if any.
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError>;
+    /// A ticket to deliver requests from mailbox `id` directly to peer
+    /// endpoints, and how long it is good for (docs/design.md, "Direct
+    /// delivery").
+    async fn issue_ticket(&self, id: &EntityId) -> Result<(String, Duration), ClientError>;
+    /// The mailbox `ticket` lets its holder send from, and for how long still.
+    async fn check_ticket(&self, ticket: &str) -> Result<(EntityId, Duration), ClientError>;
     /// Counts on the exchange's simulated clock what a task on it does
     /// (docs/design.md, "Clocks").
     async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError>;
@@ -191,6 +197,12 @@ impl ExchangeApi for LocalExchange {
     }
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
         Ok(self.exchange.load_state(id).await?)
+    }
+    async fn issue_ticket(&self, id: &EntityId) -> Result<(String, Duration), ClientError> {
+        Ok(self.exchange.issue_ticket(id).await?)
+    }
+    async fn check_ticket(&self, ticket: &str) -> Result<(EntityId, Duration), ClientError> {
+        Ok(self.exchange.check_ticket(ticket).await?)
     }
     async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError> {
         let mark = academy_exchange::clock::Mark::of(kind, key.to_owned())?;
@@ -406,6 +418,19 @@ impl ExchangeApi for GrpcExchange {
     async fn load_state(&self, id: &EntityId) -> Result<Option<pb::SavedState>, ClientError> {
         let request = pb::LoadStateRequest { agent_id: id.to_string() };
         Ok(self.rpc().load_state(request).await?.into_inner().state)
+    }
+    async fn issue_ticket(&self, id: &EntityId) -> Result<(String, Duration), ClientError> {
+        let request = pb::IssueTicketRequest { mailbox_id: id.to_string() };
+        let issued = self.rpc().issue_ticket(request).await?.into_inner();
+        let left = issued.expires_in.and_then(|d| duration::from_proto(d, "expires_in").ok());
+        Ok((issued.ticket, left.unwrap_or_default()))
+    }
+    async fn check_ticket(&self, ticket: &str) -> Result<(EntityId, Duration), ClientError> {
+        let request = pb::CheckTicketRequest { ticket: ticket.to_owned() };
+        let checked = self.rpc().check_ticket(request).await?.into_inner();
+        let id = EntityId::parse_field(&checked.mailbox_id, "mailbox_id")?;
+        let left = checked.expires_in.and_then(|d| duration::from_proto(d, "expires_in").ok());
+        Ok((id, left.unwrap_or_default()))
     }
     async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError> {
         let request = pb::MarkRequest { kind: kind.into(), key: key.to_owned() };

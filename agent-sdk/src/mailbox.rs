@@ -76,7 +76,7 @@ impl Mailbox {
         let mailbox = Arc::new(Self {
             id,
             exchange: exchange.clone(),
-            direct: direct.sends.then(|| Direct::new(exchange.clone(), pending.clone())),
+            direct: direct.sends.then(|| Direct::new(exchange.clone(), id, pending.clone())),
             pending,
             closed_because: Mutex::default(),
             acks,

@@ -156,7 +156,8 @@ pub(crate) async fn run<B: Behaviour>(
     // subscribes, so that whoever sees the endpoint advertised finds it.
     let (direct_tx, mut direct_requests) = mpsc::unbounded_channel();
     let takes_direct = behaviour.state().is_none() && config.clock == ClockKind::Wall;
-    let mut hosted = config.direct.as_ref().filter(|_| takes_direct).map(|e| e.host(id, direct_tx));
+    let mut hosted =
+        config.direct.as_ref().filter(|_| takes_direct).map(|e| e.host(id, &exchange, direct_tx));
     let options = DirectOptions {
         endpoint: hosted.as_ref().map(|h| h.url().to_owned()).unwrap_or_default(),
         sends: config.direct.is_some(),

@@ -163,3 +163,105 @@ async fn a_terminated_agent_refuses_direct_calls_as_the_exchange_does() {
     routed.close().await.unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Nobody delivers directly who could not send through the exchange: a
+/// stream must present a ticket the exchange vouches for, and its requests
+/// must come from the mailbox the ticket names; an endpoint takes requests
+/// only for agents it hosts. With tickets, a second principal's calls go
+/// directly like the owner's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_endpoint_takes_only_what_the_exchange_vouches_for() {
+    use academy_proto::pb::{deliver_response::Outcome, message::Body, peer_service_client};
+    use academy_sdk::Credentials;
+    use tokio_stream::StreamExt as _;
+    const ALICE: &str = "alice-token-0123456789";
+    const BOB: &str = "bob-token-0123456789";
+    let tokens =
+        academy_server::auth::Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let options = ExchangeOptions {
+        tokens: Some(tokens),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let exchange = RunningExchange::start(options).await.unwrap();
+    let connect = async |token: &str| {
+        let credentials = Credentials::bearer(token).unwrap();
+        let grpc = GrpcExchange::connect_with(exchange.url(), &credentials).await.unwrap();
+        std::sync::Arc::new(grpc) as academy_sdk::exchange::SharedExchange
+    };
+    let (alices, bobs) = (connect(ALICE).await, connect(BOB).await);
+    let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
+    let alice = Manager::with_direct(alices.clone(), endpoint.clone()).await.unwrap();
+    let ledger = alice.launch(Ledger::default()).await.unwrap();
+    until("the endpoint is advertised", async || {
+        !alice.exchange().status(&ledger.id()).await.unwrap().endpoint.is_empty()
+    })
+    .await;
+
+    let mut peer =
+        peer_service_client::PeerServiceClient::connect(endpoint.url().to_owned()).await.unwrap();
+    let request = |src: &str, dest: &str| pb::DeliverRequest {
+        seq: 1,
+        message: Some(pb::Message {
+            header: Some(pb::Header {
+                src: src.to_owned(),
+                dest: dest.to_owned(),
+                tag: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+            body: Some(Body::ActionRequest(pb::ActionRequest {
+                action: "entries".into(),
+                args: None,
+            })),
+        }),
+    };
+    let open = async |peer: &mut peer_service_client::PeerServiceClient<_>,
+                      ticket: Option<&str>,
+                      first: pb::DeliverRequest| {
+        let mut call = tonic::Request::new(tokio_stream::once(first));
+        if let Some(ticket) = ticket {
+            call.metadata_mut().insert("academy-ticket", ticket.parse().unwrap());
+        }
+        peer.deliver(call).await
+    };
+    let bob_client = bobs.register_client().await.unwrap().to_string();
+    let alice_client = alice.client_id().to_string();
+    let agent = ledger.id().to_string();
+    let refused = open(&mut peer, None, request(&bob_client, &agent)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let forged = "0".repeat(64);
+    let refused = open(&mut peer, Some(&forged), request(&bob_client, &agent)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    // Bob's ticket is for Bob's mailbox: not for sending as Alice's.
+    let (ticket, _) = bobs.issue_ticket(&bob_client.parse().unwrap()).await.unwrap();
+    let outcome = async |first: pb::DeliverRequest| {
+        let mut peer = peer.clone();
+        let mut answers = open(&mut peer, Some(&ticket), first).await.unwrap().into_inner();
+        answers.next().await.unwrap().unwrap().outcome.unwrap()
+    };
+    match outcome(request(&alice_client, &agent)).await {
+        Outcome::Refused(why) => assert_eq!(why.reason, "NOT_OWNER", "{why:?}"),
+        other => panic!("taken: {other:?}"),
+    }
+    let elsewhere = format!("agent:{}", uuid::Uuid::new_v4());
+    match outcome(request(&bob_client, &elsewhere)).await {
+        Outcome::Refused(why) => assert_eq!(why.reason, "NOT_HOSTED", "{why:?}"),
+        other => panic!("taken: {other:?}"),
+    }
+    assert!(matches!(outcome(request(&bob_client, &agent)).await, Outcome::Accepted(_)));
+
+    // Bob's own manager calls Alice's agent directly, as it may through
+    // the exchange.
+    let bob_endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
+    let bob = Manager::with_direct(bobs, bob_endpoint).await.unwrap();
+    let his = bob.handle::<Ledger>(ledger.id());
+    his.append(1).await.unwrap();
+    let before = accepted(&exchange);
+    for n in 2..50 {
+        assert_eq!(his.append(n).await.unwrap(), n as usize);
+    }
+    assert!(accepted(&exchange) - before <= 1.0, "Bob's calls went through the exchange");
+    bob.close().await.unwrap();
+    alice.close().await.unwrap();
+}

@@ -531,6 +531,43 @@ impl Exchange {
         Ok(Subscription { id: *id, inner, max_bytes, shutdown: self.shutdown.clone() })
     }
 
+    /// A ticket that lets its holder deliver requests from mailbox `id`
+    /// directly to peer endpoints (docs/design.md, "Direct delivery"), and
+    /// how long it is good for; only for who may send from `id`. The
+    /// mailbox's earlier ticket stops being good.
+    pub async fn issue_ticket(
+        &self,
+        id: &EntityId,
+    ) -> Result<(String, std::time::Duration), ExchangeError> {
+        let status = self.backend.status(id).await?;
+        match status.state {
+            pb::MailboxState::Active => {}
+            pb::MailboxState::Terminated => return Err(ExchangeError::Terminated(*id)),
+            _ => return Err(ExchangeError::NotFound(*id)),
+        }
+        let owner = self.backend.owner(id).await?;
+        if !permitted(owner.as_deref(), self.principal()) {
+            let owner = owner.unwrap_or_default();
+            return Err(ExchangeError::PermissionDenied { id: *id, owner });
+        }
+        let ticket = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        self.backend.put_ticket(id, &ticket, limits::TICKET_TTL).await?;
+        Ok((ticket, limits::TICKET_TTL))
+    }
+
+    /// The mailbox `ticket` lets its holder send from, and how long it is
+    /// still good for.
+    pub async fn check_ticket(
+        &self,
+        ticket: &str,
+    ) -> Result<(EntityId, std::time::Duration), ExchangeError> {
+        let unknown = || ExchangeError::Unauthenticated("the ticket is unknown or expired".into());
+        if ticket.len() > 128 || !ticket.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(unknown());
+        }
+        self.backend.ticket(ticket).await?.ok_or_else(unknown)
+    }
+
     /// Removes delivered messages (at most
     /// [`MAX_ACK_SEQS`](limits::MAX_ACK_SEQS) per call). Unknown or already
     /// acknowledged seqs are ignored.

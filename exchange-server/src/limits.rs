@@ -27,6 +27,10 @@ pub const DEFAULT_MAX_DELIVERY_BYTES: usize = 4 * 1024 * 1024;
 /// largest size accepted, delivered alone, fits in a delivery.
 pub const DELIVERY_FRAMING_BYTES: usize = 1024;
 
+/// How long a direct-delivery ticket is good for (docs/design.md, "Direct
+/// delivery"): a peer endpoint ends a stream whose ticket expired.
+pub const TICKET_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Room above the message-size limit for the request around a message, so an
 /// oversized message gets the exchange's own error naming both sizes.
 pub const REQUEST_FRAMING_BYTES: usize = 64 * 1024;

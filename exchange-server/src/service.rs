@@ -236,6 +236,25 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         Ok(Response::new(Box::pin(until_revoked(stream, grant))))
     }
 
+    async fn issue_ticket(
+        &self,
+        request: Request<pb::IssueTicketRequest>,
+    ) -> RpcResult<pb::IssueTicketResponse> {
+        let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
+        let (ticket, ttl) = self.exchange_for(&request).issue_ticket(&id).await?;
+        let expires_in = Some(duration::to_proto(ttl));
+        Ok(Response::new(pb::IssueTicketResponse { ticket, expires_in }))
+    }
+
+    async fn check_ticket(
+        &self,
+        request: Request<pb::CheckTicketRequest>,
+    ) -> RpcResult<pb::CheckTicketResponse> {
+        let (id, left) = self.exchange.check_ticket(&request.get_ref().ticket).await?;
+        let expires_in = Some(duration::to_proto(left));
+        Ok(Response::new(pb::CheckTicketResponse { mailbox_id: id.to_string(), expires_in }))
+    }
+
     type SessionStream = Pin<Box<dyn Stream<Item = session::Outgoing> + Send>>;
 
     async fn session(

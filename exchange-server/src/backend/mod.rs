@@ -214,6 +214,23 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         ids: &[EntityId],
     ) -> Result<Vec<Option<std::sync::Arc<pb::AgentDescription>>>, ExchangeError>;
 
+    /// Keeps `ticket` as the one that lets its holder send from mailbox
+    /// `id` directly, for `ttl` (docs/design.md, "Direct delivery"); the
+    /// mailbox's earlier ticket is forgotten.
+    async fn put_ticket(
+        &self,
+        id: &EntityId,
+        ticket: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), ExchangeError>;
+
+    /// The mailbox `ticket` lets its holder send from, and for how long
+    /// still; `None` for an unknown or expired one.
+    async fn ticket(
+        &self,
+        ticket: &str,
+    ) -> Result<Option<(EntityId, std::time::Duration)>, ExchangeError>;
+
     /// What is queued unacknowledged in all mailboxes, per behaviour (client
     /// mailboxes: the empty behaviour); behaviours with nothing queued may be
     /// left out.

@@ -296,3 +296,42 @@ pub(crate) async fn discovery_tells_whose_agents_they_are(store: Store) {
     let all = bob.discover(pb::DiscoverRequest { page_size: 2, ..Default::default() }).await;
     assert_eq!(all.unwrap().into_inner().agents[0].owner, "bob");
 }
+
+/// Tickets for direct delivery (docs/design.md, "Direct delivery"): only who
+/// may send from a mailbox gets one for it; a peer endpoint that checks it
+/// learns that mailbox; a new ticket retires the mailbox's earlier one;
+/// anything else is UNAUTHENTICATED.
+pub(crate) async fn tickets_are_issued_to_whoever_may_send_from_the_mailbox(store: Store) {
+    let tokens = Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let mut alice = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
+    let mut bob = ExchangeServiceClient::with_interceptor(channel, Bearer(BOB));
+    let (_, client) = common::agent_and_client(&mut alice, "test.A").await;
+    let issue = |id: &str| pb::IssueTicketRequest { mailbox_id: id.to_owned() };
+    let first = alice.issue_ticket(issue(&client)).await.unwrap().into_inner();
+    let ttl = first.expires_in.unwrap();
+    assert!(ttl.seconds > 60, "{ttl:?}");
+    let check = |ticket: &str| pb::CheckTicketRequest { ticket: ticket.to_owned() };
+    // Bob (a peer endpoint's host, say) checks it: Alice's client mailbox.
+    let checked = bob.check_ticket(check(&first.ticket)).await.unwrap().into_inner();
+    assert_eq!(checked.mailbox_id, client);
+
+    let refused = bob.issue_ticket(issue(&client)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let missing = format!("client:{}", uuid::Uuid::new_v4());
+    let refused = alice.issue_ticket(issue(&missing)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+
+    let second = alice.issue_ticket(issue(&client)).await.unwrap().into_inner();
+    assert_ne!(second.ticket, first.ticket);
+    assert_eq!(
+        bob.check_ticket(check(&second.ticket)).await.unwrap().into_inner().mailbox_id,
+        client
+    );
+    for stale in [first.ticket.as_str(), "0123abcd", "not a ticket at all", &"f".repeat(4096)] {
+        let refused = bob.check_ticket(check(stale)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        assert!(refused.message().len() < 200, "the ticket is not echoed back");
+    }
+}

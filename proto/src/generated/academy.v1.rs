@@ -141,6 +141,32 @@ pub struct ActionDescription {
     #[prost(bool, tag = "6")]
     pub read_only: bool,
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IssueTicketRequest {
+    #[prost(string, tag = "1")]
+    pub mailbox_id: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct IssueTicketResponse {
+    #[prost(string, tag = "1")]
+    pub ticket: ::prost::alloc::string::String,
+    /// How long it is good for.
+    #[prost(message, optional, tag = "2")]
+    pub expires_in: ::core::option::Option<::prost_types::Duration>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CheckTicketRequest {
+    #[prost(string, tag = "1")]
+    pub ticket: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct CheckTicketResponse {
+    #[prost(string, tag = "1")]
+    pub mailbox_id: ::prost::alloc::string::String,
+    /// How long it is still good for.
+    #[prost(message, optional, tag = "2")]
+    pub expires_in: ::core::option::Option<::prost_types::Duration>,
+}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct SessionRequest {
     /// The caller's number for this request: any, but not one of a
@@ -1027,6 +1053,60 @@ pub mod exchange_service_client {
                 .insert(GrpcMethod::new("academy.v1.ExchangeService", "Session"));
             self.inner.streaming(req, path, codec).await
         }
+        /// A ticket that lets its holder deliver requests from `mailbox_id`
+        /// directly to peer endpoints (docs/design.md, "Direct delivery"), for as
+        /// long as it says. Only who may send from that mailbox gets one.
+        pub async fn issue_ticket(
+            &mut self,
+            request: impl tonic::IntoRequest<super::IssueTicketRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::IssueTicketResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ExchangeService/IssueTicket",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ExchangeService", "IssueTicket"));
+            self.inner.unary(req, path, codec).await
+        }
+        /// The mailbox a ticket lets its holder send from (UNAUTHENTICATED for an
+        /// unknown or expired ticket): what a peer endpoint asks before it takes
+        /// requests on a stream that presents it.
+        pub async fn check_ticket(
+            &mut self,
+            request: impl tonic::IntoRequest<super::CheckTicketRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CheckTicketResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ExchangeService/CheckTicket",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ExchangeService", "CheckTicket"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -1175,6 +1255,26 @@ pub mod exchange_service_server {
             &self,
             request: tonic::Request<tonic::Streaming<super::SessionRequest>>,
         ) -> std::result::Result<tonic::Response<Self::SessionStream>, tonic::Status>;
+        /// A ticket that lets its holder deliver requests from `mailbox_id`
+        /// directly to peer endpoints (docs/design.md, "Direct delivery"), for as
+        /// long as it says. Only who may send from that mailbox gets one.
+        async fn issue_ticket(
+            &self,
+            request: tonic::Request<super::IssueTicketRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::IssueTicketResponse>,
+            tonic::Status,
+        >;
+        /// The mailbox a ticket lets its holder send from (UNAUTHENTICATED for an
+        /// unknown or expired ticket): what a peer endpoint asks before it takes
+        /// requests on a stream that presents it.
+        async fn check_ticket(
+            &self,
+            request: tonic::Request<super::CheckTicketRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::CheckTicketResponse>,
+            tonic::Status,
+        >;
     }
     /// Ids are "agent:<uuid>" or "client:<uuid>". A field named `mailbox_id`
     /// takes either; `agent_id` an agent's; `client_id` a client's.
@@ -1930,6 +2030,96 @@ pub mod exchange_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ExchangeService/IssueTicket" => {
+                    #[allow(non_camel_case_types)]
+                    struct IssueTicketSvc<T: ExchangeService>(pub Arc<T>);
+                    impl<
+                        T: ExchangeService,
+                    > tonic::server::UnaryService<super::IssueTicketRequest>
+                    for IssueTicketSvc<T> {
+                        type Response = super::IssueTicketResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::IssueTicketRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExchangeService>::issue_ticket(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = IssueTicketSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ExchangeService/CheckTicket" => {
+                    #[allow(non_camel_case_types)]
+                    struct CheckTicketSvc<T: ExchangeService>(pub Arc<T>);
+                    impl<
+                        T: ExchangeService,
+                    > tonic::server::UnaryService<super::CheckTicketRequest>
+                    for CheckTicketSvc<T> {
+                        type Response = super::CheckTicketResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::CheckTicketRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ExchangeService>::check_ticket(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = CheckTicketSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
@@ -3979,6 +4169,10 @@ pub mod peer_service_client {
         /// taken: send it through the exchange), then, once accepted, `answer`.
         /// Once a request for an agent is refused, every later one for it on the
         /// stream is refused too, so that a sender can resend them in order.
+        /// The stream must present a ticket from the exchange (metadata
+        /// `academy-ticket`, from IssueTicket): its requests must come from the
+        /// mailbox the ticket names (`header.src`), and it ends (UNAUTHENTICATED)
+        /// when the ticket expires.
         pub async fn deliver(
             &mut self,
             request: impl tonic::IntoStreamingRequest<Message = super::DeliverRequest>,
@@ -4030,6 +4224,10 @@ pub mod peer_service_server {
         /// taken: send it through the exchange), then, once accepted, `answer`.
         /// Once a request for an agent is refused, every later one for it on the
         /// stream is refused too, so that a sender can resend them in order.
+        /// The stream must present a ticket from the exchange (metadata
+        /// `academy-ticket`, from IssueTicket): its requests must come from the
+        /// mailbox the ticket names (`header.src`), and it ends (UNAUTHENTICATED)
+        /// when the ticket expires.
         async fn deliver(
             &self,
             request: tonic::Request<tonic::Streaming<super::DeliverRequest>>,

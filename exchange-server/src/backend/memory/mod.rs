@@ -36,6 +36,15 @@ pub(crate) struct MemoryBackend {
     /// agents listing it / whose own behaviour it is. The empty name lists
     /// every active agent.
     index: RwLock<[HashMap<String, BTreeSet<EntityId>>; 2]>,
+    /// Direct-delivery tickets: the mailbox each lets one send from, until
+    /// when; and each mailbox's one ticket.
+    tickets: Mutex<Tickets>,
+}
+
+#[derive(Debug, Default)]
+struct Tickets {
+    by_ticket: HashMap<String, (EntityId, Instant)>,
+    by_mailbox: HashMap<EntityId, String>,
 }
 
 impl MemoryBackend {
@@ -45,6 +54,7 @@ impl MemoryBackend {
             gravestones: Mutex::new(Gravestones::new(retention.gravestones)),
             usage: Mutex::default(),
             index: RwLock::default(),
+            tickets: Mutex::default(),
         }
     }
 }
@@ -435,6 +445,45 @@ impl Backend for MemoryBackend {
 
     async fn forget(&self, id: &EntityId) {
         self.remove_if(id, |_| true);
+    }
+
+    async fn put_ticket(
+        &self,
+        id: &EntityId,
+        ticket: &str,
+        ttl: std::time::Duration,
+    ) -> Result<(), ExchangeError> {
+        let mut tickets = lock(&self.tickets);
+        let now = Instant::now();
+        // At most one per mailbox, and the expired ones go now and then.
+        if let Some(old) = tickets.by_mailbox.insert(*id, ticket.to_owned()) {
+            tickets.by_ticket.remove(&old);
+        }
+        tickets.by_ticket.insert(ticket.to_owned(), (*id, now + ttl));
+        if tickets.by_ticket.len().is_power_of_two() {
+            let Tickets { by_ticket, by_mailbox } = &mut *tickets;
+            by_ticket.retain(|_, (id, until)| {
+                let live = *until > now;
+                if !live {
+                    by_mailbox.remove(id);
+                }
+                live
+            });
+        }
+        Ok(())
+    }
+
+    async fn ticket(
+        &self,
+        ticket: &str,
+    ) -> Result<Option<(EntityId, std::time::Duration)>, ExchangeError> {
+        let tickets = lock(&self.tickets);
+        let now = Instant::now();
+        Ok(tickets
+            .by_ticket
+            .get(ticket)
+            .filter(|(_, until)| *until > now)
+            .map(|(id, until)| (*id, *until - now)))
     }
 
     async fn commit(

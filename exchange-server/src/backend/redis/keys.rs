@@ -35,6 +35,8 @@
 //!   whose own behaviour it is (`P:idx:` lists every active agent); sorted
 //!   sets whose members all score 0, so they are ordered by id;
 //! - `P:ix:<name>` / `P:ox:<name>`: the same index in schema 1, as sets;
+//! - `P:tk:<ticket>` / `P:tkm:<id>`: a direct-delivery ticket's mailbox, and
+//!   a mailbox's one ticket, both expiring with the ticket;
 //! - channel `P:bell:<replica>`: notices for a replica's subscriptions.
 //!
 //! Scripts get every key they touch in `KEYS`, built here.
@@ -63,6 +65,14 @@ impl Keys {
 
     pub(super) fn schema(&self) -> String {
         format!("{}:schema", self.prefix)
+    }
+
+    pub(super) fn ticket(&self, ticket: &str) -> String {
+        format!("{}:tk:{ticket}", self.prefix)
+    }
+
+    pub(super) fn ticket_of(&self, id: &EntityId) -> String {
+        format!("{}:tkm:{id}", self.prefix)
     }
 
     pub(super) fn mailbox(&self, id: &EntityId) -> String {

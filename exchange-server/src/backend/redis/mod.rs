@@ -642,6 +642,45 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
+    async fn put_ticket(
+        &self,
+        id: &EntityId,
+        ticket: &str,
+        ttl: Duration,
+    ) -> Result<(), ExchangeError> {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut conn = self.conn.clone();
+        let old: Option<String> = redis::cmd("SET")
+            .arg(self.keys.ticket_of(id))
+            .arg(ticket)
+            .arg("PX")
+            .arg(ms)
+            .arg("GET")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(self.keys.ticket(ticket)).arg(id.to_string()).arg("PX").arg(ms);
+        if let Some(old) = old {
+            pipe.cmd("DEL").arg(self.keys.ticket(&old));
+        }
+        let () = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn ticket(&self, ticket: &str) -> Result<Option<(EntityId, Duration)>, ExchangeError> {
+        let (id, left): (Option<String>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(self.keys.ticket(ticket))
+            .cmd("PTTL")
+            .arg(self.keys.ticket(ticket))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
+        Ok(id.and_then(|id| id.parse().ok()).filter(|_| !left.is_zero()).map(|id| (id, left)))
+    }
+
     async fn owner(&self, id: &EntityId) -> Result<Option<String>, ExchangeError> {
         redis::cmd("HGET")
             .arg(self.keys.mailbox(id))
