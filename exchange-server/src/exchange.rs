@@ -269,6 +269,7 @@ impl Exchange {
             name,
             owner,
             description,
+            endpoint: String::new(),
         };
         self.sweep_expired();
         let quota = self.mailbox_quota();

@@ -19,6 +19,9 @@ pub struct RegisteredAgent {
     /// What it can do, as it described itself when registered; kept by the
     /// exchange, and given only when asked for (`Describe`).
     pub description: Option<std::sync::Arc<pb::AgentDescription>>,
+    /// In discovery: the peer endpoint its subscriber advertised (empty:
+    /// none; docs/design.md, "Direct delivery").
+    pub endpoint: String,
 }
 
 impl From<RegisteredAgent> for pb::AgentInfo {
@@ -30,6 +33,7 @@ impl From<RegisteredAgent> for pb::AgentInfo {
             name: agent.name,
             owner: agent.owner,
             description: None,
+            endpoint: agent.endpoint,
         }
     }
 }
@@ -45,6 +49,7 @@ impl TryFrom<pb::AgentInfo> for RegisteredAgent {
             name: info.name,
             owner: info.owner,
             description: info.description.map(std::sync::Arc::new),
+            endpoint: info.endpoint,
         })
     }
 }

@@ -197,3 +197,40 @@ pub(crate) async fn agents_describe_themselves(store: Store) {
     let gone = h.rpc.describe(describe(&described)).await.unwrap_err();
     assert_eq!(reason(&gone).0, "MAILBOX_TERMINATED", "{gone:?}");
 }
+
+/// A subscriber may advertise a peer endpoint (docs/design.md, "Direct
+/// delivery"): Status and Discover show it while the subscription lasts;
+/// a newer subscription's replaces it; a malformed one is refused.
+pub(crate) async fn subscribers_advertise_their_peer_endpoint(store: Store) {
+    let mut h = start(store).await;
+    let agent = h.agent("test.Peer", &[]).await;
+    let status = async |h: &mut Harness| {
+        let request = pb::StatusRequest { mailbox_id: agent.clone() };
+        h.rpc.status(request).await.unwrap().into_inner().endpoint
+    };
+    let discovered = async |h: &mut Harness| {
+        let request = pb::DiscoverRequest { behaviour: "test.Peer".into(), ..Default::default() };
+        h.rpc.discover(request).await.unwrap().into_inner().agents[0].endpoint.clone()
+    };
+    assert_eq!(status(&mut h).await, "");
+    let subscribe = |endpoint: &str| pb::SubscribeRequest {
+        mailbox_id: agent.clone(),
+        epoch: 0,
+        endpoint: endpoint.into(),
+    };
+    let first = h.rpc.subscribe(subscribe("http://10.1.2.3:7000")).await.unwrap().into_inner();
+    assert_eq!(status(&mut h).await, "http://10.1.2.3:7000");
+    assert_eq!(discovered(&mut h).await, "http://10.1.2.3:7000");
+    let second = h.rpc.subscribe(subscribe("unix:/run/peer.sock")).await.unwrap().into_inner();
+    assert_eq!(status(&mut h).await, "unix:/run/peer.sock");
+    drop(first);
+    drop(second);
+    h.until_unsubscribed(&agent).await;
+    assert_eq!(status(&mut h).await, "", "no subscriber: no endpoint");
+    assert_eq!(discovered(&mut h).await, "");
+    for bad in ["ftp://x", "http://a b", &format!("http://{}", "x".repeat(300))] {
+        let refused = h.rpc.subscribe(subscribe(bad)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{bad}: {refused:?}");
+        assert!(refused.message().contains("endpoint"), "{}", refused.message());
+    }
+}

@@ -41,6 +41,7 @@ conformance!(
     discovery::discovery_by_name_interface_and_without_terminated_agents,
     discovery::discovery_pages_through_large_answers,
     discovery::agents_describe_themselves,
+    discovery::subscribers_advertise_their_peer_endpoint,
     delivery::unacknowledged_messages_are_redelivered_to_the_next_subscriber,
     delivery::a_new_subscriber_supersedes_the_old_one,
     delivery::messages_from_one_sender_arrive_in_order,

@@ -408,6 +408,11 @@ pub struct AgentInfo {
     /// What it can do: in Describe's answer, and in Discover's when asked.
     #[prost(message, optional, tag = "6")]
     pub description: ::core::option::Option<AgentDescription>,
+    /// In Discover's answer: the peer endpoint its subscriber advertised
+    /// (docs/design.md, "Direct delivery"); empty: none. Status tells whether
+    /// that subscriber is still there.
+    #[prost(string, tag = "7")]
+    pub endpoint: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct DescribeRequest {

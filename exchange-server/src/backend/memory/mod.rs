@@ -375,7 +375,15 @@ impl Backend for MemoryBackend {
             None => return Ok((Vec::new(), None)),
         };
         let mailboxes = read(&self.mailboxes);
-        Ok((ids.iter().filter_map(|id| mailboxes.get(id)?.agent.clone()).collect(), next))
+        let found = ids.iter().filter_map(|id| {
+            let mailbox = mailboxes.get(id)?;
+            let agent = mailbox.agent.clone()?;
+            let state = lock(&mailbox.state);
+            let endpoint =
+                if state.subscribed { state.endpoint.to_string() } else { String::new() };
+            Some(RegisteredAgent { endpoint, ..agent })
+        });
+        Ok((found.collect(), next))
     }
 
     async fn enqueue(

@@ -190,6 +190,7 @@ mod tests {
             name: String::new(),
             owner: String::new(),
             description: None,
+            endpoint: String::new(),
         };
         assert_eq!(keys.indexes(&agent), ["p:idx:", "p:idx:b", "p:own:b", "p:idx:i"]);
         assert_eq!(keys.index("b", true), "p:own:b");

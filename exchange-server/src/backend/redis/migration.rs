@@ -105,6 +105,7 @@ pub(super) async fn migrate_index(backend: &RedisBackend) -> Result<usize, Excha
                         name: String::new(),
                         owner: String::new(),
                         description: None,
+                        endpoint: String::new(),
                     };
                     (old, keys.indexes(&agent))
                 }

@@ -502,7 +502,7 @@ impl Backend for RedisBackend {
         let (ids, next) = page.take(members.iter().filter_map(|m| m.parse().ok()));
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n", "o"]);
+            pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n", "o", "p"]);
         }
         let rows: Vec<Vec<Option<String>>> = if ids.is_empty() {
             Vec::new()
@@ -513,7 +513,10 @@ impl Backend for RedisBackend {
         let mut stale = Vec::new();
         for (id, row) in ids.into_iter().zip(rows) {
             match row.first().cloned().flatten().as_deref() {
-                Some("a") => found.extend(agent_info(id, &row[1..])),
+                Some("a") => found.extend(agent_info(id, &row[1..]).map(|agent| {
+                    let endpoint = row.get(5).cloned().flatten().unwrap_or_default();
+                    RegisteredAgent { endpoint, ..agent }
+                })),
                 // Expired (idle TTL) or a leftover of a crash: drop it from the index.
                 _ => stale.push(id.to_string()),
             }
@@ -863,5 +866,6 @@ fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<RegisteredAgent
         .unwrap_or_default();
     let name = fields.get(2).cloned().flatten().unwrap_or_default();
     let owner = fields.get(3).cloned().flatten().unwrap_or_default();
-    Some(RegisteredAgent { id, behaviour, implements, name, owner, description: None })
+    let endpoint = String::new();
+    Some(RegisteredAgent { id, behaviour, implements, name, owner, description: None, endpoint })
 }
