@@ -2,8 +2,10 @@
 //! processes: workers (the `worker` example) serving peer endpoints, a
 //! manager calling their agents directly, the exchange only as fallback.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use academy_examples::behaviours::Ledger;
 use academy_exchange::{ExchangeOptions, RunningExchange};
@@ -11,31 +13,7 @@ use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb::{self, AgentState, launcher_service_client::LauncherServiceClient};
 use academy_sdk::exchange::GrpcExchange;
 use academy_sdk::{Endpoint, HandleError, MailboxPolicy, Manager};
-use academy_server::testing::{sample, scrape};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls `ready` every 20 ms for up to 20 s.
-async fn until<F: AsyncFnMut() -> bool>(what: &str, mut ready: F) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready().await {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Messages the exchange has queued so far.
-fn accepted(exchange: &RunningExchange) -> f64 {
-    let (_, body) = scrape(exchange.metrics_addr().unwrap()).unwrap();
-    sample(&body, "academy_exchange_messages_accepted_total").unwrap_or(0.0)
-}
+use common::{Killed, accepted, until};
 
 fn worker(launcher: &str, name: &str) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_worker"))

@@ -16,7 +16,9 @@
 //! The services bind addresses of the veth pair: private to this machine,
 //! reachable only from these namespaces.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use academy_examples::behaviours::WordStats;
@@ -24,6 +26,7 @@ use academy_exchange::{ExchangeOptions, MailboxStore, RedisOptions, RunningExcha
 use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb::{self, AgentState, launcher_service_client::LauncherServiceClient};
 use academy_sdk::Manager;
+use common::{Killed, accepted, until};
 
 /// A network namespace joined to this one by a veth pair: this side holds
 /// `10.X.0.1`, `.3` and `.4`; the namespace `10.X.0.2`.
@@ -81,24 +84,6 @@ impl Drop for Host {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
         let _ = Command::new("ip").args(["link", "del", &format!("{}a", self.name)]).output();
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Polls `ready` every 20 ms for up to 20 s.
-async fn until<F: AsyncFnMut() -> bool>(what: &str, mut ready: F) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready().await {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -205,13 +190,6 @@ async fn partitions_move_agents_once_and_lose_nothing() {
     assert!(out.contains("expected error: String: nothing to analyse"), "{out}");
     host.cut(&host.here(1), false);
     manager.close().await.unwrap();
-}
-
-/// Messages the exchange has queued so far.
-fn accepted(exchange: &RunningExchange) -> f64 {
-    use academy_server::testing::{sample, scrape};
-    let (_, body) = scrape(exchange.metrics_addr().unwrap()).unwrap();
-    sample(&body, "academy_exchange_messages_accepted_total").unwrap_or(0.0)
 }
 
 /// Direct delivery across a partition (docs/design.md, "Direct delivery"):

@@ -1,8 +1,12 @@
 //! What several of the examples' tests share.
+#![allow(dead_code)]
 
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use academy_exchange::RunningExchange;
 
 use academy_examples::behaviours::WordStats;
 use academy_sdk::Manager;
@@ -34,4 +38,30 @@ pub(crate) fn call_until(
             })
         })
         .collect()
+}
+
+/// A child process, killed (SIGKILL) and reaped when dropped.
+pub(crate) struct Killed(pub(crate) Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `ready` every 20 ms for up to 20 s.
+pub(crate) async fn until<F: AsyncFnMut() -> bool>(what: &str, mut ready: F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready().await {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Messages `exchange` (started with a metrics address) has queued so far.
+pub(crate) fn accepted(exchange: &RunningExchange) -> f64 {
+    use academy_server::testing::{sample, scrape};
+    let (_, body) = scrape(exchange.metrics_addr().unwrap()).unwrap();
+    sample(&body, "academy_exchange_messages_accepted_total").unwrap_or(0.0)
 }
