@@ -27,6 +27,8 @@ use crate::exchange::SharedExchange;
 const LOOKUP_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait to connect to a peer endpoint, and to hear from an idle one.
 const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Destinations whose routes are kept before the idle ones are forgotten.
+const ROUTES_KEPT: usize = 4096;
 /// How long an endpoint that could not be reached is not tried again.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
@@ -60,7 +62,13 @@ impl Drop for Reply {
     fn drop(&mut self) {
         if let Some(out) = self.out.take() {
             let refused = pb::DeliverResponse { seq: self.seq, outcome: Some(not_run()) };
-            tokio::spawn(async move { drop(out.send(Ok(refused)).await) });
+            // Told at once if there is room; else from a task, if the
+            // process still runs one (else the stream is ending anyway).
+            if let Err(mpsc::error::TrySendError::Full(refused)) = out.try_send(Ok(refused))
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                runtime.spawn(async move { drop(out.send(refused).await) });
+            }
         }
     }
 }
@@ -403,7 +411,22 @@ impl Direct {
     }
 
     fn route(&self, dest: EntityId) -> Arc<tokio::sync::Mutex<Route>> {
-        lock(&self.routes).entry(dest).or_default().clone()
+        let mut routes = lock(&self.routes);
+        if routes.len() >= ROUTES_KEPT && !routes.contains_key(&dest) {
+            // Forget the routes nobody uses now (no call holds one, none has
+            // a peer or a request unanswered): a sender that called many
+            // agents once does not keep them all.
+            let unanswered = lock(&self.unanswered);
+            routes.retain(|dest, route| {
+                Arc::strong_count(route) > 1
+                    || unanswered.contains_key(dest)
+                    || route.try_lock().map_or(true, |r| {
+                        r.peer.is_some() || r.last.as_ref().is_some_and(|p| p.has_refused(*dest))
+                    })
+            });
+            lock(&self.peers).retain(|_, peer| !peer.is_broken());
+        }
+        routes.entry(dest).or_default().clone()
     }
 
     /// Sends `message` directly when it can, through the exchange otherwise;
@@ -763,5 +786,32 @@ async fn read(
             direct.resend(&peer, dest).await;
         }
         direct.progress.notify_waiters();
+    }
+}
+
+#[cfg(all(test, feature = "embedded"))]
+mod tests {
+    use super::*;
+
+    /// A sender that called many agents once keeps a bounded number of routes.
+    #[tokio::test]
+    async fn routes_to_agents_called_once_are_forgotten() {
+        let exchange: SharedExchange = Arc::new(crate::exchange::LocalExchange::default());
+        let src = exchange.register_client().await.unwrap();
+        let direct = Direct::new(exchange.clone(), src, Pending::default());
+        for _ in 0..ROUTES_KEPT + 10 {
+            let header = pb::Header {
+                src: src.to_string(),
+                dest: EntityId::new_agent().to_string(),
+                tag: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            };
+            let body = Body::ActionRequest(pb::ActionRequest { action: "x".into(), args: None });
+            let sent = direct.send(pb::Message { header: Some(header), body: Some(body) }).await;
+            assert!(sent.is_err(), "no such agent");
+        }
+        let routes = lock(&direct.routes).len();
+        assert!(routes < ROUTES_KEPT, "{routes} routes kept");
+        assert!(lock(&direct.unanswered).is_empty());
     }
 }
