@@ -27,6 +27,9 @@ use crate::exchange::SharedExchange;
 const LOOKUP_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait to connect to a peer endpoint, and to hear from an idle one.
 const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// `Deliver` streams one connection to a peer endpoint may have open.
+#[cfg(feature = "direct")]
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 /// Destinations whose routes are kept before the idle ones are forgotten.
 const ROUTES_KEPT: usize = 4096;
 /// How long an endpoint that could not be reached is not tried again.
@@ -47,19 +50,72 @@ pub(crate) type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<pb::Message>
 pub(crate) struct Reply {
     seq: u64,
     out: Option<mpsc::Sender<Result<pb::DeliverResponse, tonic::Status>>>,
+    /// What it counts against its agent's bound, given back when done.
+    waiting: Option<(Arc<Waiting>, usize)>,
+}
+
+/// Requests an agent took directly and has not answered yet: bounded like
+/// a mailbox ([`MAX_WAITING`], [`MAX_WAITING_BYTES`]), beyond which an
+/// endpoint refuses them (they go through the exchange, and its bounds).
+#[derive(Debug, Default)]
+pub(crate) struct Waiting {
+    requests: std::sync::atomic::AtomicUsize,
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// Most requests one agent holds that came directly and are not answered.
+#[cfg_attr(not(feature = "direct"), allow(dead_code))]
+pub(crate) const MAX_WAITING: usize = 10_000;
+/// Most bytes of them.
+#[cfg_attr(not(feature = "direct"), allow(dead_code))]
+pub(crate) const MAX_WAITING_BYTES: usize = 64 * 1024 * 1024;
+/// Largest request a peer endpoint decodes.
+#[cfg_attr(not(feature = "direct"), allow(dead_code))]
+pub(crate) const MAX_DIRECT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+impl Waiting {
+    /// Counts a request of `bytes` in, if it fits.
+    #[cfg_attr(not(feature = "direct"), allow(dead_code))]
+    fn admit(self: &Arc<Self>, bytes: usize) -> Option<(Arc<Self>, usize)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let requests = self.requests.fetch_add(1, Relaxed);
+        let held = self.bytes.fetch_add(bytes, Relaxed);
+        if requests >= MAX_WAITING || held + bytes > MAX_WAITING_BYTES {
+            self.release(bytes);
+            return None;
+        }
+        Some((self.clone(), bytes))
+    }
+
+    fn release(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(bytes, Relaxed);
+    }
 }
 
 impl Reply {
-    pub(crate) async fn answer(mut self, answer: pb::Message) {
+    pub(crate) fn answer(mut self, answer: pb::Message) {
+        if let Some((waiting, bytes)) = self.waiting.take() {
+            waiting.release(bytes);
+        }
         if let Some(out) = self.out.take() {
             let outcome = Some(Outcome::Answer(answer));
-            let _ = out.send(Ok(pb::DeliverResponse { seq: self.seq, outcome })).await;
+            let answer = pb::DeliverResponse { seq: self.seq, outcome };
+            // A sender slow to read its stream holds up only its answers,
+            // never the action (nor its agent's shutdown).
+            if let Err(mpsc::error::TrySendError::Full(answer)) = out.try_send(Ok(answer)) {
+                tokio::spawn(async move { drop(out.send(answer).await) });
+            }
         }
     }
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
+        if let Some((waiting, bytes)) = self.waiting.take() {
+            waiting.release(bytes);
+        }
         if let Some(out) = self.out.take() {
             let refused = pb::DeliverResponse { seq: self.seq, outcome: Some(not_run()) };
             // Told at once if there is room; else from a task, if the
@@ -85,6 +141,14 @@ fn not_run() -> Outcome {
 /// Requests that came directly for one hosted agent.
 pub(crate) type DirectRequests = mpsc::UnboundedSender<(Reply, pb::Message)>;
 
+/// Where a hosted agent takes requests, and what it holds of them.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "direct"), allow(dead_code))]
+struct Inbox {
+    requests: DirectRequests,
+    waiting: Arc<Waiting>,
+}
+
 /// A peer endpoint this process serves: the agents it hosts (those whose
 /// [`AgentConfig::direct`](crate::AgentConfig::direct) names it) take action
 /// requests there directly. Cheap to clone; it stops serving when the last
@@ -97,7 +161,7 @@ pub struct Endpoint {
 #[derive(Debug, Default)]
 struct Hosting {
     url: String,
-    agents: Mutex<HashMap<EntityId, DirectRequests>>,
+    agents: Mutex<HashMap<EntityId, Inbox>>,
     /// Where tickets are checked: the exchange of the first agent hosted.
     exchange: std::sync::OnceLock<SharedExchange>,
     stop: tokio_util::sync::CancellationToken,
@@ -143,7 +207,8 @@ impl Endpoint {
         requests: DirectRequests,
     ) -> Hosted {
         let _ = self.inner.exchange.set(exchange.clone());
-        lock(&self.inner.agents).insert(id, requests);
+        let inbox = Inbox { requests, waiting: Arc::default() };
+        lock(&self.inner.agents).insert(id, inbox);
         Hosted { endpoint: self.clone(), id }
     }
 }
@@ -178,9 +243,10 @@ mod serve {
                 .tcp_nodelay(true)
                 .initial_stream_window_size(academy_proto::transport::STREAM_WINDOW_BYTES)
                 .initial_connection_window_size(academy_proto::transport::CONNECTION_WINDOW_BYTES)
+                .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
                 .add_service(
                     PeerServiceServer::new(service)
-                        .max_decoding_message_size(usize::MAX)
+                        .max_decoding_message_size(MAX_DIRECT_MESSAGE_BYTES)
                         .max_encoding_message_size(usize::MAX),
                 );
             tokio::spawn(async move {
@@ -335,19 +401,28 @@ mod serve {
         if refused.contains(&dest) {
             return not_hosted(&dest);
         }
-        let agent = dest.parse().ok().and_then(|id| lock(&hosting.agents).get(&id).cloned());
-        let reply = Reply { seq: request.seq, out: Some(out.clone()) };
-        match agent {
-            Some(agent) => match agent.send((reply, message)) {
-                Ok(()) => Outcome::Accepted(pb::Accepted {}),
-                Err(mpsc::error::SendError((mut reply, _))) => {
-                    reply.out = None;
-                    refused.insert(dest.clone());
-                    not_hosted(&dest)
-                }
-            },
-            None => {
-                let mut reply = reply;
+        let Some(inbox) = dest.parse().ok().and_then(|id| lock(&hosting.agents).get(&id).cloned())
+        else {
+            refused.insert(dest.clone());
+            return not_hosted(&dest);
+        };
+        let Some(waiting) = inbox.waiting.admit(prost::Message::encoded_len(&message)) else {
+            // Through the exchange, this one and the next: its bounds apply.
+            refused.insert(dest.clone());
+            return Outcome::Refused(pb::SendResult {
+                code: tonic::Code::ResourceExhausted as i32,
+                message: format!(
+                    "{} holds {MAX_WAITING} requests or {MAX_WAITING_BYTES} bytes that came directly",
+                    academy_proto::excerpt(&dest)
+                ),
+                reason: "DIRECT_FULL".into(),
+                metadata: HashMap::new(),
+            });
+        };
+        let reply = Reply { seq: request.seq, out: Some(out.clone()), waiting: Some(waiting) };
+        match inbox.requests.send((reply, message)) {
+            Ok(()) => Outcome::Accepted(pb::Accepted {}),
+            Err(mpsc::error::SendError((mut reply, _))) => {
                 reply.out = None;
                 refused.insert(dest.clone());
                 not_hosted(&dest)

@@ -495,7 +495,7 @@ async fn serve_action<B: Behaviour>(
         // An agent with a state is not hosted at an endpoint: nothing to commit.
         Origin::Direct(reply) => {
             let header = header.reply_from(header.dest.clone());
-            reply.answer(pb::Message { header: Some(header), body: Some(body) }).await;
+            reply.answer(pb::Message { header: Some(header), body: Some(body) });
             return None;
         }
         Origin::Queued(seq) => seq,

@@ -243,3 +243,66 @@ async fn a_peer_endpoint_takes_only_what_the_exchange_vouches_for() {
     bob.close().await.unwrap();
     alice.close().await.unwrap();
 }
+
+/// An agent that takes its time.
+#[derive(Debug, Default)]
+struct Sleeper {}
+
+#[academy_sdk::behaviour(name = "test.Sleeper")]
+impl Sleeper {
+    #[action]
+    async fn sleep(&self) {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+    }
+}
+
+/// What an agent holds of requests that came directly is bounded like a
+/// mailbox (10,000 requests): beyond, its endpoint refuses them, and they
+/// go through the exchange, where its mailbox's bounds apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_endpoint_bounds_what_an_agent_holds() {
+    use academy_proto::pb::{deliver_response::Outcome, message::Body, peer_service_client};
+    use tokio_stream::StreamExt as _;
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let grpc: academy_sdk::exchange::SharedExchange =
+        std::sync::Arc::new(GrpcExchange::connect(exchange.url()).await.unwrap());
+    let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
+    let manager = Manager::with_direct(grpc.clone(), endpoint.clone()).await.unwrap();
+    let sleeper = manager.launch(Sleeper::default()).await.unwrap();
+    until("the endpoint is advertised", async || {
+        !grpc.status(&sleeper.id()).await.unwrap().endpoint.is_empty()
+    })
+    .await;
+    let client = grpc.register_client().await.unwrap();
+    let (ticket, _) = grpc.issue_ticket(&client).await.unwrap();
+    let requests = (1..=10_001u64).map(move |seq| pb::DeliverRequest {
+        seq,
+        message: Some(pb::Message {
+            header: Some(pb::Header {
+                src: client.to_string(),
+                dest: sleeper.id().to_string(),
+                tag: seq.to_string(),
+                ..Default::default()
+            }),
+            body: Some(Body::ActionRequest(pb::ActionRequest {
+                action: "sleep".into(),
+                args: None,
+            })),
+        }),
+    });
+    let mut call = tonic::Request::new(tokio_stream::iter(requests));
+    call.metadata_mut().insert("academy-ticket", ticket.parse().unwrap());
+    let mut peer =
+        peer_service_client::PeerServiceClient::connect(endpoint.url().to_owned()).await.unwrap();
+    let mut outcomes = peer.deliver(call).await.unwrap().into_inner();
+    let (mut accepted, mut refused) = (0, Vec::new());
+    while accepted + refused.len() < 10_001 {
+        match outcomes.next().await.unwrap().unwrap().outcome.unwrap() {
+            Outcome::Accepted(_) => accepted += 1,
+            Outcome::Refused(why) => refused.push(why.reason),
+            Outcome::Answer(answer) => panic!("answered: {answer:?}"),
+        }
+    }
+    assert_eq!((accepted, refused), (10_000, vec!["DIRECT_FULL".to_owned()]));
+    manager.close().await.unwrap();
+}
