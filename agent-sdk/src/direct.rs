@@ -38,8 +38,10 @@ const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 /// The metadata of a `Deliver` stream that carries its ticket.
 const TICKET_HEADER: &str = "academy-ticket";
 
-/// Calls waiting for answers, by tag (shared with the mailbox).
-pub(crate) type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<pb::Message>>>>;
+/// Calls waiting for answers, by tag (shared with the mailbox): the answer,
+/// or why the request could not be sent after all.
+pub(crate) type Pending =
+    Arc<Mutex<HashMap<String, oneshot::Sender<Result<pb::Message, ClientError>>>>>;
 
 // ---------------------------------------------------------------- receiving
 
@@ -295,13 +297,13 @@ mod serve {
         Ok((url, Incoming::Tcp(listener)))
     }
 
-    fn not_hosted(dest: &str) -> Outcome {
-        Outcome::Refused(pb::SendResult {
+    fn not_hosted(dest: &str) -> pb::SendResult {
+        pb::SendResult {
             code: tonic::Code::Unavailable as i32,
             message: format!("{} is not hosted at this endpoint", academy_proto::excerpt(dest)),
             reason: "NOT_HOSTED".into(),
             metadata: HashMap::new(),
-        })
+        }
     }
 
     struct PeerGrpc {
@@ -353,8 +355,11 @@ mod serve {
                     };
                     let Some(hosting) = hosting.upgrade() else { break };
                     let seq = request.seq;
-                    let outcome = take(&hosting, &mut refused, src, request, &out);
-                    let answer = pb::DeliverResponse { seq, outcome: Some(outcome) };
+                    // Taken: answered once run. Refused: told now.
+                    let Err(why) = take(&hosting, &mut refused, src, request, &out) else {
+                        continue;
+                    };
+                    let answer = pb::DeliverResponse { seq, outcome: Some(Outcome::Refused(why)) };
                     if out.send(Ok(answer)).await.is_err() {
                         break;
                     }
@@ -372,22 +377,20 @@ mod serve {
         src: EntityId,
         request: pb::DeliverRequest,
         out: &mpsc::Sender<Result<pb::DeliverResponse, Status>>,
-    ) -> Outcome {
-        let invalid = |why: &str| {
-            Outcome::Refused(pb::SendResult {
-                code: tonic::Code::InvalidArgument as i32,
-                message: why.to_owned(),
-                reason: "INVALID_ARGUMENT".into(),
-                metadata: HashMap::new(),
-            })
+    ) -> Result<(), pb::SendResult> {
+        let invalid = |why: &str| pb::SendResult {
+            code: tonic::Code::InvalidArgument as i32,
+            message: why.to_owned(),
+            reason: "INVALID_ARGUMENT".into(),
+            metadata: HashMap::new(),
         };
-        let Some(message) = request.message else { return invalid("message is missing") };
+        let Some(message) = request.message else { return Err(invalid("message is missing")) };
         if !matches!(message.body, Some(Body::ActionRequest(_))) {
-            return invalid("only action requests are delivered directly");
+            return Err(invalid("only action requests are delivered directly"));
         }
         let from = message.header.as_ref().map(|h| h.src.as_str()).unwrap_or_default();
         if from.parse::<EntityId>().ok() != Some(src) {
-            return Outcome::Refused(pb::SendResult {
+            return Err(pb::SendResult {
                 code: tonic::Code::PermissionDenied as i32,
                 message: format!(
                     "header.src {} is not {src}, the mailbox this stream's ticket is for",
@@ -399,17 +402,17 @@ mod serve {
         }
         let dest = message.header.as_ref().map(|h| h.dest.clone()).unwrap_or_default();
         if refused.contains(&dest) {
-            return not_hosted(&dest);
+            return Err(not_hosted(&dest));
         }
         let Some(inbox) = dest.parse().ok().and_then(|id| lock(&hosting.agents).get(&id).cloned())
         else {
             refused.insert(dest.clone());
-            return not_hosted(&dest);
+            return Err(not_hosted(&dest));
         };
         let Some(waiting) = inbox.waiting.admit(prost::Message::encoded_len(&message)) else {
             // Through the exchange, this one and the next: its bounds apply.
             refused.insert(dest.clone());
-            return Outcome::Refused(pb::SendResult {
+            return Err(pb::SendResult {
                 code: tonic::Code::ResourceExhausted as i32,
                 message: format!(
                     "{} holds {MAX_WAITING} requests or {MAX_WAITING_BYTES} bytes that came directly",
@@ -421,11 +424,11 @@ mod serve {
         };
         let reply = Reply { seq: request.seq, out: Some(out.clone()), waiting: Some(waiting) };
         match inbox.requests.send((reply, message)) {
-            Ok(()) => Outcome::Accepted(pb::Accepted {}),
+            Ok(()) => Ok(()),
             Err(mpsc::error::SendError((mut reply, _))) => {
                 reply.out = None;
                 refused.insert(dest.clone());
-                not_hosted(&dest)
+                Err(not_hosted(&dest))
             }
         }
     }
@@ -462,14 +465,6 @@ struct Route {
     looked_up: Option<Instant>,
 }
 
-/// What became of a request given to a peer.
-#[derive(Debug)]
-enum Verdict {
-    Accepted,
-    /// Sent through the exchange instead, with this result.
-    Resent(Result<(), ClientError>),
-}
-
 impl Direct {
     pub(crate) fn new(exchange: SharedExchange, src: EntityId, pending: Pending) -> Arc<Self> {
         Arc::new(Self {
@@ -504,8 +499,10 @@ impl Direct {
         routes.entry(dest).or_default().clone()
     }
 
-    /// Sends `message` directly when it can, through the exchange otherwise;
-    /// `Ok` once it was taken (by the agent, or queued by the exchange).
+    /// Sends `message` directly when it can, through the exchange otherwise:
+    /// `Ok` once on its way to a peer (if the peer does not take it, it is
+    /// resent through the exchange, and its caller told if that fails too)
+    /// or queued by the exchange.
     pub(crate) async fn send(self: &Arc<Self>, message: pb::Message) -> Result<(), ClientError> {
         let header = message.header.as_ref();
         let direct_kind = matches!(message.body, Some(Body::ActionRequest(_)))
@@ -516,7 +513,7 @@ impl Direct {
         };
         let tag = header.map(|h| h.tag.clone()).unwrap_or_default();
         let route = self.route(dest);
-        let verdict = loop {
+        loop {
             let progress = self.progress.notified();
             let mut route = route.lock().await;
             // Requests a peer refused (or left unanswered) go first,
@@ -528,28 +525,16 @@ impl Direct {
             }
             let peer = self.choose(&mut route, dest).await;
             lock(&self.unanswered).entry(dest).or_default().insert(tag.clone());
-            match peer.and_then(|peer| peer.push(dest, message.clone())) {
-                Some(verdict) => break verdict,
-                None => {
-                    route.peer = None;
-                    drop(route);
-                    let sent = self.exchange.send(message).await;
-                    if sent.is_err() {
-                        self.answered(dest, &tag);
-                    }
-                    return sent;
-                }
+            if peer.is_some_and(|peer| peer.push(dest, &message)) {
+                return Ok(());
             }
-        };
-        match verdict.await {
-            Ok(Verdict::Accepted) => Ok(()),
-            Ok(Verdict::Resent(result)) => {
-                if result.is_err() {
-                    self.answered(dest, &tag);
-                }
-                result
+            route.peer = None;
+            drop(route);
+            let sent = self.exchange.send(message).await;
+            if sent.is_err() {
+                self.answered(dest, &tag);
             }
-            Err(_) => Err(ClientError::Transport("the peer connection closed".into())),
+            return sent;
         }
     }
 
@@ -649,16 +634,11 @@ impl Direct {
         }
         while let Some(request) = peer.next_refused(dest) {
             let tag = request.message.header.as_ref().map(|h| h.tag.clone()).unwrap_or_default();
-            let sent = self.exchange.send(request.message).await;
-            match request.verdict {
-                Some(verdict) => drop(verdict.send(Verdict::Resent(sent))),
-                None => {
-                    if let Err(e) = sent {
-                        // Its caller was told it was taken: tell it what
-                        // became of it instead.
-                        self.answered(dest, &tag);
-                        self.fail(&tag, &e);
-                    }
+            if let Err(e) = self.exchange.send(request.message).await {
+                // Its caller waits for an answer: tell it why none comes.
+                self.answered(dest, &tag);
+                if let Some(waiter) = lock(&self.pending).remove(&tag) {
+                    let _ = waiter.send(Err(e));
                 }
             }
         }
@@ -666,29 +646,12 @@ impl Direct {
         self.progress.notify_waiters();
     }
 
-    /// Answers the call waiting on `tag` with `error`.
-    fn fail(&self, tag: &str, error: &ClientError) {
-        let Some(waiter) = lock(&self.pending).remove(tag) else { return };
-        let (code, kind) = match error {
-            ClientError::Exchange(e) => (e.code(), e.reason().to_owned()),
-            _ => (tonic::Code::Unavailable, "Unavailable".to_owned()),
-        };
-        let body = Body::ErrorResponse(pb::ErrorResponse {
-            code: code as i32,
-            kind,
-            message: format!("the request could not be resent through the exchange: {error}"),
-            details: HashMap::new(),
-        });
-        let header = pb::Header { tag: tag.to_owned(), ..Default::default() };
-        let _ = waiter.send(pb::Message { header: Some(header), body: Some(body) });
-    }
-
     /// Hands an answer that came directly to the call waiting for it.
     fn deliver(&self, dest: EntityId, answer: pb::Message) {
         let tag = answer.header.as_ref().map(|h| h.tag.clone()).unwrap_or_default();
         self.answered(dest, &tag);
         if let Some(waiter) = lock(&self.pending).remove(&tag) {
-            let _ = waiter.send(answer);
+            let _ = waiter.send(Ok(answer));
         }
         self.progress.notify_waiters();
     }
@@ -727,8 +690,6 @@ impl PeerState {
 struct Held {
     dest: EntityId,
     message: pb::Message,
-    /// Waiting for the request to be taken (or resent).
-    verdict: Option<oneshot::Sender<Verdict>>,
     /// Refused, or unanswered on a broken stream: to resend.
     refused: bool,
 }
@@ -772,19 +733,20 @@ impl Peer {
         state.refused > 0 && state.held.values().any(|h| h.dest == dest && h.refused)
     }
 
-    /// Sends a request; what becomes of it. `None` if the stream broke.
-    fn push(&self, dest: EntityId, message: pb::Message) -> Option<oneshot::Receiver<Verdict>> {
+    /// Sends a request, held until answered; false if the stream broke.
+    fn push(&self, dest: EntityId, message: &pb::Message) -> bool {
         let mut state = lock(&self.state);
         if state.broken {
-            return None;
+            return false;
         }
         state.next += 1;
         let seq = state.next;
-        let (tx, rx) = oneshot::channel();
         let request = pb::DeliverRequest { seq, message: Some(message.clone()) };
-        self.requests.send(request).ok()?;
-        state.held.insert(seq, Held { dest, message, verdict: Some(tx), refused: false });
-        Some(rx)
+        if self.requests.send(request).is_err() {
+            return false;
+        }
+        state.held.insert(seq, Held { dest, message: message.clone(), refused: false });
+        true
     }
 
     /// The first request held for `dest`, if it is one to resend.
@@ -816,18 +778,9 @@ async fn read(
             Ok(None) | Err(_) => break,
         };
         match outcome {
-            Outcome::Accepted(_) => {
-                let mut state = lock(&peer.state);
-                if let Some(verdict) = state.held.get_mut(&seq).and_then(|h| h.verdict.take()) {
-                    let _ = verdict.send(Verdict::Accepted);
-                }
-            }
             Outcome::Answer(answer) => {
                 let held = lock(&peer.state).held.remove(&seq);
-                if let Some(mut held) = held {
-                    if let Some(verdict) = held.verdict.take() {
-                        let _ = verdict.send(Verdict::Accepted);
-                    }
+                if let Some(held) = held {
                     direct.deliver(held.dest, answer);
                     // What waited behind it may be resent now.
                     if peer.has_refused(held.dest) {

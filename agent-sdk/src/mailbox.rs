@@ -138,7 +138,7 @@ impl Mailbox {
                     Some(direct) => direct.send(message).await?,
                     None => self.exchange.send(message).await?,
                 }
-                rx.await.map_err(|_| self.closed())
+                rx.await.map_err(|_| self.closed())?.map_err(HandleError::from)
             };
             // The timeout bounds the whole call, sending included.
             match timeout {
@@ -173,7 +173,7 @@ impl Mailbox {
         clock: &crate::clock::Clock,
         mut header: pb::Header,
         body: Body,
-        answer: oneshot::Receiver<pb::Message>,
+        answer: oneshot::Receiver<Result<pb::Message, ClientError>>,
         timeout: Option<Duration>,
     ) -> Result<pb::Message, HandleError> {
         use academy_proto::pb::MarkKind;
@@ -193,7 +193,7 @@ impl Mailbox {
             clock.mark(MarkKind::Idle, "").await;
             let answered = answer.await.map_err(|_| self.closed());
             clock.mark(MarkKind::Take, &answer_key).await;
-            return answered;
+            return answered?.map_err(HandleError::from);
         };
         let key = clock.key(Some(&tag));
         let sleep = clock.sleep_as(&key, deadline);
@@ -204,7 +204,7 @@ impl Mailbox {
                 clock.wake(&key).await;
                 sleep.await;
                 clock.mark(MarkKind::Abandon, &answer_key).await;
-                answered.map_err(|_| self.closed())
+                answered.map_err(|_| self.closed())?.map_err(HandleError::from)
             }
             _ = &mut sleep => {
                 clock.mark(MarkKind::Abandon, &answer_key).await;
@@ -268,7 +268,7 @@ impl Mailbox {
                 }
                 match lock(&self.pending).remove(tag) {
                     Some(waiter) => {
-                        let _ = waiter.send(message);
+                        let _ = waiter.send(Ok(message));
                     }
                     None => tracing::debug!(mailbox = %self.id, tag, "response nobody waits for"),
                 }

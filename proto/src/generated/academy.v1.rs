@@ -4058,15 +4058,13 @@ pub struct DeliverResponse {
     /// The number of the request this is about.
     #[prost(uint64, tag = "1")]
     pub seq: u64,
-    #[prost(oneof = "deliver_response::Outcome", tags = "2, 3, 4")]
+    #[prost(oneof = "deliver_response::Outcome", tags = "3, 4")]
     pub outcome: ::core::option::Option<deliver_response::Outcome>,
 }
 /// Nested message and enum types in `DeliverResponse`.
 pub mod deliver_response {
     #[derive(Clone, PartialEq, ::prost::Oneof)]
     pub enum Outcome {
-        #[prost(message, tag = "2")]
-        Accepted(super::Accepted),
         /// Why not (code, message and reason as the exchange would answer).
         #[prost(message, tag = "3")]
         Refused(super::SendResult),
@@ -4075,8 +4073,6 @@ pub mod deliver_response {
         Answer(super::Message),
     }
 }
-#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct Accepted {}
 /// Generated client implementations.
 pub mod peer_service_client {
     #![allow(
@@ -4169,11 +4165,12 @@ pub mod peer_service_client {
             self
         }
         /// Action requests from one sender to agents this endpoint hosts, and
-        /// their outcomes back, on one stream. Each request is answered `accepted`
-        /// (its agent took it, in the order of the stream) or `refused` (not
-        /// taken: send it through the exchange), then, once accepted, `answer`.
-        /// Once a request for an agent is refused, every later one for it on the
-        /// stream is refused too, so that a sender can resend them in order.
+        /// their outcomes back, on one stream. A request its agent takes (in the
+        /// order of the stream) is answered `answer` once run; one it does not
+        /// take, or that its agent stopped before running, is answered `refused`
+        /// (send it through the exchange). Once a request for an agent is refused,
+        /// every later one for it on the stream is refused too, so that a sender
+        /// can resend them in order.
         /// The stream must present a ticket from the exchange (metadata
         /// `academy-ticket`, from IssueTicket): its requests must come from the
         /// mailbox the ticket names (`header.src`), and it ends (UNAUTHENTICATED)
@@ -4224,11 +4221,12 @@ pub mod peer_service_server {
             + std::marker::Send
             + 'static;
         /// Action requests from one sender to agents this endpoint hosts, and
-        /// their outcomes back, on one stream. Each request is answered `accepted`
-        /// (its agent took it, in the order of the stream) or `refused` (not
-        /// taken: send it through the exchange), then, once accepted, `answer`.
-        /// Once a request for an agent is refused, every later one for it on the
-        /// stream is refused too, so that a sender can resend them in order.
+        /// their outcomes back, on one stream. A request its agent takes (in the
+        /// order of the stream) is answered `answer` once run; one it does not
+        /// take, or that its agent stopped before running, is answered `refused`
+        /// (send it through the exchange). Once a request for an agent is refused,
+        /// every later one for it on the stream is refused too, so that a sender
+        /// can resend them in order.
         /// The stream must present a ticket from the exchange (metadata
         /// `academy-ticket`, from IssueTicket): its requests must come from the
         /// mailbox the ticket names (`header.src`), and it ends (UNAUTHENTICATED)
