@@ -5,7 +5,8 @@
 //!   behaviour, `i` implements as JSON, `n` name, `o` owner, `g` subscriber
 //!   generation, `e` the highest incarnation (epoch) that subscribed, `l` id
 //!   of the last message added, `qb` bytes queued, `r` the replica its
-//!   subscriber is on, `x` the agent's description, protobuf, if it gave
+//!   subscriber is on, `p` the peer endpoint that subscriber advertised (direct
+//!   delivery), `x` the agent's description, protobuf, if it gave
 //!   one: a field replicas of earlier versions leave alone);
 //! - `P:q:<id>`: stream of its unacknowledged messages (field `m`, protobuf);
 //!   an acknowledged message is deleted, so its length is the queue length;
