@@ -162,22 +162,39 @@ fn closed() -> ClientError {
 
 /// Hands each answer to its waiter until the stream ends, then fails them all.
 async fn read(mut answers: tonic::Streaming<pb::SessionResponse>, waiting: Arc<Mutex<Waiting>>) {
-    let broken = loop {
+    // Whatever ends this task (the stream, or its runtime going away), the
+    // calls waiting on it are told.
+    let mut ending = Ending { waiting: waiting.clone(), why: None };
+    ending.why = Some(loop {
         match answers.message().await {
             Ok(Some(answer)) => dispatch(&waiting, answer),
             Ok(None) => break closed(),
             Err(status) => break ClientError::from(status),
         }
-    };
-    let calls = {
-        let mut waiting = lock(&waiting);
-        waiting.broken = Some(broken.clone());
-        std::mem::take(&mut waiting.calls)
-    };
-    for waiter in calls.into_values() {
-        match waiter {
-            Waiter::Call(reply) => drop(reply.send(Err(broken.clone()))),
-            Waiter::Subscription(feed) => drop(feed.send(Err(broken.clone()))),
+    });
+}
+
+/// Marks a session broken and fails what waits on it, when dropped.
+struct Ending {
+    waiting: Arc<Mutex<Waiting>>,
+    why: Option<ClientError>,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let broken = self.why.take().unwrap_or_else(|| {
+            ClientError::Transport("the exchange session's task stopped".into())
+        });
+        let calls = {
+            let mut waiting = lock(&self.waiting);
+            waiting.broken = Some(broken.clone());
+            std::mem::take(&mut waiting.calls)
+        };
+        for waiter in calls.into_values() {
+            match waiter {
+                Waiter::Call(reply) => drop(reply.send(Err(broken.clone()))),
+                Waiter::Subscription(feed) => drop(feed.send(Err(broken.clone()))),
+            }
         }
     }
 }

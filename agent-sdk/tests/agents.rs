@@ -680,3 +680,40 @@ async fn agents_and_calls_ride_out_an_exchange_restart_on_redis() {
     assert_eq!(echo.echo("after".into()).await.unwrap(), "after");
     manager.close().await.unwrap();
 }
+
+/// A client whose `Session` was opened in a runtime that is gone does not
+/// hang its next call: it is answered, or fails at once (the channel died
+/// with that runtime), and never waits on a stream nobody reads.
+#[test]
+fn a_client_does_not_hang_on_a_session_whose_runtime_is_gone() {
+    use academy_sdk::exchange::{ExchangeApi, GrpcExchange};
+    let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let serving = runtime();
+    let exchange = serving.block_on(RunningExchange::start(ExchangeOptions::default())).unwrap();
+    let url = exchange.url();
+    let ping = |id: academy_proto::EntityId| pb::Message {
+        header: Some(pb::Header {
+            src: id.to_string(),
+            dest: id.to_string(),
+            tag: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        }),
+        body: Some(Body::PingRequest(pb::PingRequest {})),
+    };
+    let first = runtime();
+    let (client, id) = first.block_on(async {
+        let client = GrpcExchange::connect(url).await.unwrap();
+        let id = client.register_client().await.unwrap();
+        client.send(ping(id)).await.unwrap();
+        (client, id)
+    });
+    drop(first);
+    let second = runtime();
+    let sent = second.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), client.send(ping(id))).await
+    });
+    assert!(sent.is_ok(), "the call hung on a session nobody reads");
+    drop(client);
+    drop(second);
+    serving.block_on(exchange.shutdown());
+}
