@@ -98,46 +98,45 @@ impl Waiting {
 
 impl Reply {
     pub(crate) fn answer(mut self, answer: pb::Message) {
+        self.finish(|| Outcome::Answer(answer));
+    }
+
+    /// Gives back what it counted and tells the sender `outcome` (if not
+    /// told yet): at once if there is room, else from a task, so that a
+    /// sender slow to read its stream holds up nothing but its own answers
+    /// (a process with no runtime left is ending the stream anyway).
+    fn finish(&mut self, outcome: impl FnOnce() -> Outcome) {
         if let Some((waiting, bytes)) = self.waiting.take() {
             waiting.release(bytes);
         }
-        if let Some(out) = self.out.take() {
-            let outcome = Some(Outcome::Answer(answer));
-            let answer = pb::DeliverResponse { seq: self.seq, outcome };
-            // A sender slow to read its stream holds up only its answers,
-            // never the action (nor its agent's shutdown).
-            if let Err(mpsc::error::TrySendError::Full(answer)) = out.try_send(Ok(answer)) {
-                tokio::spawn(async move { drop(out.send(answer).await) });
-            }
+        let Some(out) = self.out.take() else { return };
+        let response = pb::DeliverResponse { seq: self.seq, outcome: Some(outcome()) };
+        if let Err(mpsc::error::TrySendError::Full(response)) = out.try_send(Ok(response))
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move { drop(out.send(response).await) });
         }
     }
 }
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        if let Some((waiting, bytes)) = self.waiting.take() {
-            waiting.release(bytes);
-        }
-        if let Some(out) = self.out.take() {
-            let refused = pb::DeliverResponse { seq: self.seq, outcome: Some(not_run()) };
-            // Told at once if there is room; else from a task, if the
-            // process still runs one (else the stream is ending anyway).
-            if let Err(mpsc::error::TrySendError::Full(refused)) = out.try_send(Ok(refused))
-                && let Ok(runtime) = tokio::runtime::Handle::try_current()
-            {
-                runtime.spawn(async move { drop(out.send(refused).await) });
-            }
-        }
+        // Built only if the sender was not told yet (not after an answer).
+        self.finish(|| {
+            let why = "the agent stopped before running it";
+            Outcome::Refused(refusal(tonic::Code::Unavailable, "NOT_RUN", why))
+        });
     }
 }
 
-fn not_run() -> Outcome {
-    Outcome::Refused(pb::SendResult {
-        code: tonic::Code::Unavailable as i32,
-        message: "the agent stopped before running it".into(),
-        reason: "NOT_RUN".into(),
+/// Why a peer endpoint did not take a request (as the exchange would say it).
+fn refusal(code: tonic::Code, reason: &str, message: impl Into<String>) -> pb::SendResult {
+    pb::SendResult {
+        code: code as i32,
+        message: message.into(),
+        reason: reason.to_owned(),
         metadata: HashMap::new(),
-    })
+    }
 }
 
 /// Requests that came directly for one hosted agent.
@@ -298,12 +297,8 @@ mod serve {
     }
 
     fn not_hosted(dest: &str) -> pb::SendResult {
-        pb::SendResult {
-            code: tonic::Code::Unavailable as i32,
-            message: format!("{} is not hosted at this endpoint", academy_proto::excerpt(dest)),
-            reason: "NOT_HOSTED".into(),
-            metadata: HashMap::new(),
-        }
+        let why = format!("{} is not hosted at this endpoint", academy_proto::excerpt(dest));
+        refusal(tonic::Code::Unavailable, "NOT_HOSTED", why)
     }
 
     struct PeerGrpc {
@@ -378,27 +373,18 @@ mod serve {
         request: pb::DeliverRequest,
         out: &mpsc::Sender<Result<pb::DeliverResponse, Status>>,
     ) -> Result<(), pb::SendResult> {
-        let invalid = |why: &str| pb::SendResult {
-            code: tonic::Code::InvalidArgument as i32,
-            message: why.to_owned(),
-            reason: "INVALID_ARGUMENT".into(),
-            metadata: HashMap::new(),
-        };
+        let invalid = |why: &str| refusal(tonic::Code::InvalidArgument, "INVALID_ARGUMENT", why);
         let Some(message) = request.message else { return Err(invalid("message is missing")) };
         if !matches!(message.body, Some(Body::ActionRequest(_))) {
             return Err(invalid("only action requests are delivered directly"));
         }
         let from = message.header.as_ref().map(|h| h.src.as_str()).unwrap_or_default();
         if from.parse::<EntityId>().ok() != Some(src) {
-            return Err(pb::SendResult {
-                code: tonic::Code::PermissionDenied as i32,
-                message: format!(
-                    "header.src {} is not {src}, the mailbox this stream's ticket is for",
-                    academy_proto::excerpt(from)
-                ),
-                reason: "NOT_OWNER".into(),
-                metadata: HashMap::new(),
-            });
+            let why = format!(
+                "header.src {} is not {src}, the mailbox this stream's ticket is for",
+                academy_proto::excerpt(from)
+            );
+            return Err(refusal(tonic::Code::PermissionDenied, "NOT_OWNER", why));
         }
         let dest = message.header.as_ref().map(|h| h.dest.clone()).unwrap_or_default();
         if refused.contains(&dest) {
@@ -412,15 +398,11 @@ mod serve {
         let Some(waiting) = inbox.waiting.admit(prost::Message::encoded_len(&message)) else {
             // Through the exchange, this one and the next: its bounds apply.
             refused.insert(dest.clone());
-            return Err(pb::SendResult {
-                code: tonic::Code::ResourceExhausted as i32,
-                message: format!(
-                    "{} holds {MAX_WAITING} requests or {MAX_WAITING_BYTES} bytes that came directly",
-                    academy_proto::excerpt(&dest)
-                ),
-                reason: "DIRECT_FULL".into(),
-                metadata: HashMap::new(),
-            });
+            let why = format!(
+                "{} holds {MAX_WAITING} requests or {MAX_WAITING_BYTES} bytes that came directly",
+                academy_proto::excerpt(&dest)
+            );
+            return Err(refusal(tonic::Code::ResourceExhausted, "DIRECT_FULL", why));
         };
         let reply = Reply { seq: request.seq, out: Some(out.clone()), waiting: Some(waiting) };
         match inbox.requests.send((reply, message)) {
@@ -696,18 +678,9 @@ struct Held {
 
 impl Peer {
     async fn open(url: &str, ticket: &str, direct: Weak<Direct>) -> Result<Arc<Self>, ClientError> {
-        let credentials = crate::credentials::Credentials::none();
-        let endpoint = credentials
-            .endpoint(url)?
-            .connect_timeout(PEER_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(PEER_TIMEOUT)
-            .keep_alive_timeout(PEER_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .initial_stream_window_size(Some(academy_proto::transport::STREAM_WINDOW_BYTES))
-            .initial_connection_window_size(Some(
-                academy_proto::transport::CONNECTION_WINDOW_BYTES,
-            ));
+        let endpoint = crate::credentials::Credentials::none().endpoint(url)?;
+        let endpoint = crate::exchange::tuned(endpoint, PEER_TIMEOUT, PEER_TIMEOUT)
+            .keep_alive_timeout(PEER_TIMEOUT);
         let channel = crate::credentials::open(endpoint, url).await?;
         let mut rpc = pb::peer_service_client::PeerServiceClient::new(channel)
             .max_decoding_message_size(usize::MAX)

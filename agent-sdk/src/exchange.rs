@@ -284,14 +284,20 @@ impl GrpcExchange {
 }
 
 fn endpoint(url: &str, credentials: &Credentials) -> Result<Endpoint, ClientError> {
-    Ok(credentials
-        .endpoint(url)?
-        .connect_timeout(Duration::from_secs(5))
+    Ok(tuned(credentials.endpoint(url)?, Duration::from_secs(5), Duration::from_secs(20)))
+}
+
+/// `endpoint` with what every channel of the SDK sets (TCP_NODELAY, the
+/// HTTP/2 windows, pings while idle): waiting up to `connect` to connect,
+/// pinging every `keepalive`.
+pub(crate) fn tuned(endpoint: Endpoint, connect: Duration, keepalive: Duration) -> Endpoint {
+    endpoint
+        .connect_timeout(connect)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
+        .http2_keep_alive_interval(keepalive)
         .keep_alive_while_idle(true)
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
-        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES)))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
 }
 
 /// The outcome of each of `n` messages sent together, from their results.

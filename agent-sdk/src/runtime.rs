@@ -156,7 +156,7 @@ pub(crate) async fn run<B: Behaviour>(
     // subscribes, so that whoever sees the endpoint advertised finds it.
     let (direct_tx, mut direct_requests) = mpsc::unbounded_channel();
     let takes_direct = behaviour.state().is_none() && config.clock == ClockKind::Wall;
-    let mut hosted =
+    let hosted =
         config.direct.as_ref().filter(|_| takes_direct).map(|e| e.host(id, &exchange, direct_tx));
     let options = DirectOptions {
         endpoint: hosted.as_ref().map(|h| h.url().to_owned()).unwrap_or_default(),
@@ -259,6 +259,13 @@ pub(crate) async fn run<B: Behaviour>(
             let context = Context { caller, clock, ..context.clone() };
             context::scope(context, job)
         };
+        // Only action requests come directly (the endpoint takes no other).
+        let direct = |(reply, message): (Reply, pb::Message)| match (message.header, message.body) {
+            (Some(header), Some(Body::ActionRequest(request))) => {
+                Some(action(Origin::Direct(reply), header, request))
+            }
+            _ => None,
+        };
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -276,17 +283,11 @@ pub(crate) async fn run<B: Behaviour>(
                         in_flight.remove(&seq);
                     }
                 }
-                Some((reply, message)) = direct_requests.recv() => {
-                    if let (Some(header), Some(Body::ActionRequest(request))) = (message.header, message.body) {
-                        actions.spawn(action(Origin::Direct(reply), header, request));
-                    }
-                }
+                Some(request) = direct_requests.recv() => actions.extend(direct(request)),
                 request = requests.recv() => {
                     // What came directly before it goes first.
-                    while let Ok((reply, message)) = direct_requests.try_recv() {
-                        if let (Some(header), Some(Body::ActionRequest(request))) = (message.header, message.body) {
-                            actions.spawn(action(Origin::Direct(reply), header, request));
-                        }
+                    while let Ok(request) = direct_requests.try_recv() {
+                        actions.extend(direct(request));
                     }
                     let Some((seq, message)) = request else {
                         // Terminated by someone else, or taken over by another
@@ -342,12 +343,8 @@ pub(crate) async fn run<B: Behaviour>(
     // Shutdown: signal loops, settle actions, run the hook, terminate or keep
     // the mailbox. Requests that came directly and were not started go back
     // to their senders, who send them through the exchange.
-    hosted = None;
     drop(hosted);
-    direct_requests.close();
-    while let Ok(request) = direct_requests.try_recv() {
-        drop(request);
-    }
+    drop(direct_requests);
     shutdown.cancel();
     let cancel = config.cancel_actions_on_shutdown;
     if cancel && !stop.moving.load(Ordering::SeqCst) {
