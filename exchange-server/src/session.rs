@@ -135,7 +135,7 @@ impl Stream {
     }
 
     async fn answer(&self, call: u64, op: Answer) {
-        let _ = self.out.send(Ok(pb::SessionResponse { call, op: Some(op), cost: 0 })).await;
+        answer(&self.out, call, op).await;
     }
 
     /// Queues `messages` with those of the sends that arrived right after
@@ -261,10 +261,15 @@ impl Stream {
         let out = self.out.clone();
         tokio::spawn(async move {
             let op = work.await.unwrap_or_else(|e| Answer::Failed(failure(&e)));
-            let _ = out.send(Ok(pb::SessionResponse { call, op: Some(op), cost: 0 })).await;
+            answer(&out, call, op).await;
             drop(permit);
         });
     }
+}
+
+/// Answers `call` with `op` (unless the stream is gone).
+async fn answer(out: &mpsc::Sender<Outgoing>, call: u64, op: Answer) {
+    let _ = out.send(Ok(pb::SessionResponse { call, op: Some(op), cost: 0 })).await;
 }
 
 /// A subscription's task.
@@ -284,8 +289,7 @@ impl Forwarder {
     async fn forward(mut self, subscription: crate::Subscription) {
         let _ended = self.stop.clone().drop_guard();
         if let Some(op) = self.deliver(subscription).await {
-            let frame = pb::SessionResponse { call: self.call, op: Some(op), cost: 0 };
-            let _ = self.out.send(Ok(frame)).await;
+            answer(&self.out, self.call, op).await;
         }
     }
 
