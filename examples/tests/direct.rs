@@ -10,10 +10,10 @@ use std::time::Duration;
 use academy_examples::behaviours::Ledger;
 use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_launcher::{LauncherOptions, RunningLauncher};
-use academy_proto::pb::{self, AgentState, launcher_service_client::LauncherServiceClient};
+use academy_proto::pb::{self, launcher_service_client::LauncherServiceClient};
 use academy_sdk::exchange::GrpcExchange;
 use academy_sdk::{Endpoint, HandleError, MailboxPolicy, Manager};
-use common::{Killed, accepted, until};
+use common::{Killed, accepted, launch_running, until, until_workers};
 
 fn worker(launcher: &str, name: &str) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_worker"))
@@ -45,19 +45,12 @@ async fn calls_go_directly_and_survive_a_sigkill_of_the_receiver() {
     .unwrap();
     let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
     let w1 = worker(&launcher.url(), "w1");
-    until("w1 joins", async || {
-        let request = pb::ListWorkersRequest::default();
-        rpc.list_workers(request).await.unwrap().into_inner().workers.len() == 1
-    })
-    .await;
-    let launch =
-        pb::LaunchAgentRequest { behaviour: "example.Ledger".into(), ..Default::default() };
-    let id = rpc.launch_agent(launch).await.unwrap().into_inner().agent.unwrap().agent_id;
+    until_workers(&mut rpc, 1).await;
+    let id = launch_running(&mut rpc, "example.Ledger").await;
     let mut get = async || {
         let request = pb::GetAgentRequest { agent_id: id.clone() };
         rpc.get_agent(request).await.unwrap().into_inner().agent.unwrap()
     };
-    until("the agent runs", async || get().await.state() == AgentState::Running).await;
     let _w2 = worker(&launcher.url(), "w2");
 
     let grpc = GrpcExchange::connect(exchange.url()).await.unwrap();

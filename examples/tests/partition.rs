@@ -224,20 +224,8 @@ async fn a_sender_cut_off_from_a_peer_falls_back_losing_nothing() {
     let args = ["--launcher", url.as_str(), "--name", "w1", "--direct", peer.as_str()];
     let w1 = host.spawn(env!("CARGO_BIN_EXE_worker"), &args).stderr(Stdio::null()).spawn();
     let _w1 = Killed(w1.unwrap());
-    until("w1 joins", async || {
-        let request = pb::ListWorkersRequest::default();
-        rpc.list_workers(request).await.unwrap().into_inner().workers.len() == 1
-    })
-    .await;
-    let launch =
-        pb::LaunchAgentRequest { behaviour: "example.Ledger".into(), ..Default::default() };
-    let id = rpc.launch_agent(launch).await.unwrap().into_inner().agent.unwrap().agent_id;
-    until("the agent runs", async || {
-        let request = pb::GetAgentRequest { agent_id: id.clone() };
-        let agent = rpc.get_agent(request).await.unwrap().into_inner().agent.unwrap();
-        agent.state() == AgentState::Running
-    })
-    .await;
+    common::until_workers(&mut rpc, 1).await;
+    let id = common::launch_running(&mut rpc, "example.Ledger").await;
 
     // This side reaches the namespace from its first address, here(1).
     let grpc = academy_sdk::exchange::GrpcExchange::connect(exchange.url()).await.unwrap();

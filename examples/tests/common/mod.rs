@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use academy_exchange::RunningExchange;
+use academy_proto::pb::{self, launcher_service_client::LauncherServiceClient};
+use tonic::transport::Channel;
 
 use academy_examples::behaviours::WordStats;
 use academy_sdk::Manager;
@@ -64,4 +66,29 @@ pub(crate) fn accepted(exchange: &RunningExchange) -> f64 {
     use academy_server::testing::{sample, scrape};
     let (_, body) = scrape(exchange.metrics_addr().unwrap()).unwrap();
     sample(&body, "academy_exchange_messages_accepted_total").unwrap_or(0.0)
+}
+
+/// Waits until `n` workers have joined the launcher.
+pub(crate) async fn until_workers(rpc: &mut LauncherServiceClient<Channel>, n: usize) {
+    until(&format!("{n} workers join"), async || {
+        let request = pb::ListWorkersRequest::default();
+        rpc.list_workers(request).await.unwrap().into_inner().workers.len() == n
+    })
+    .await;
+}
+
+/// Launches `behaviour` through the launcher and waits until it runs; its id.
+pub(crate) async fn launch_running(
+    rpc: &mut LauncherServiceClient<Channel>,
+    behaviour: &str,
+) -> String {
+    let launch = pb::LaunchAgentRequest { behaviour: behaviour.into(), ..Default::default() };
+    let id = rpc.launch_agent(launch).await.unwrap().into_inner().agent.unwrap().agent_id;
+    until("the agent runs", async || {
+        let request = pb::GetAgentRequest { agent_id: id.clone() };
+        let agent = rpc.get_agent(request).await.unwrap().into_inner().agent.unwrap();
+        agent.state() == pb::AgentState::Running
+    })
+    .await;
+    id
 }
