@@ -42,7 +42,11 @@ impl Codec {
                 (CONTENT_TYPE_MSGPACK, rmp_serde::to_vec_named(value).map_err(|e| e.to_string())?)
             }
         };
-        Ok(pb::Payload { content_type: content_type.into(), data: data.into() })
+        Ok(pb::Payload {
+            content_type: content_type.into(),
+            data: data.into(),
+            ..Default::default()
+        })
     }
 }
 
@@ -192,6 +196,7 @@ mod tests {
         pb::Payload {
             content_type: CONTENT_TYPE_JSON.into(),
             data: text.as_bytes().to_vec().into(),
+            ..Default::default()
         }
     }
 
@@ -225,7 +230,11 @@ mod tests {
         assert_eq!(err.code, tonic::Code::InvalidArgument);
         let err = two(Some(&json("[\"x\"]"))).unwrap_err();
         assert!(err.message.contains("argument \"a\""), "{err:?}");
-        let bad = pb::Payload { content_type: "text/plain".into(), data: b"1".to_vec().into() };
+        let bad = pb::Payload {
+            content_type: "text/plain".into(),
+            data: b"1".to_vec().into(),
+            ..Default::default()
+        };
         assert_eq!(two(Some(&bad)).unwrap_err().kind, UNSUPPORTED_CONTENT_TYPE);
     }
 

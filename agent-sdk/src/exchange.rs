@@ -9,7 +9,8 @@ use std::time::Duration;
 pub use academy_proto::MailboxStatus;
 pub use academy_proto::pb::MailboxState;
 use academy_proto::pb::{
-    self, clock_service_client::ClockServiceClient as ClockClient,
+    self, blob_service_client::BlobServiceClient as BlobClient,
+    clock_service_client::ClockServiceClient as ClockClient,
     exchange_service_client::ExchangeServiceClient as RpcClient, session_request::Op,
     session_response::Op as Answer,
 };
@@ -25,6 +26,26 @@ use crate::{ClientError, Matching};
 
 /// Messages delivered to a subscriber, batch by batch.
 pub type DeliveryStream = BoxStream<'static, Result<Vec<pb::Delivery>, ClientError>>;
+
+/// A blob's bytes, chunk by chunk (docs/design.md, "Blobs").
+pub type BlobChunks = BoxStream<'static, Result<bytes::Bytes, ClientError>>;
+
+/// A blob being read: its length, its SHA-256, and its bytes from the
+/// offset asked.
+pub struct BlobRead {
+    /// Its length in bytes.
+    pub size: u64,
+    /// Its SHA-256, as its store computed it.
+    pub sha256: Vec<u8>,
+    /// Its bytes.
+    pub chunks: BlobChunks,
+}
+
+impl fmt::Debug for BlobRead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlobRead").field("size", &self.size).finish_non_exhaustive()
+    }
+}
 
 /// What the SDK needs of an exchange (the calls of `academy.v1.ExchangeService`).
 /// Implemented by [`GrpcExchange`] and [`LocalExchange`]; shared as
@@ -106,6 +127,19 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
     async fn issue_ticket(&self, id: &EntityId) -> Result<(String, Duration), ClientError>;
     /// The mailbox `ticket` lets its holder send from, and for how long still.
     async fn check_ticket(&self, ticket: &str) -> Result<(EntityId, Duration), ClientError>;
+    /// Keeps the `size` bytes `chunks` yield (each at most
+    /// [`BLOB_CHUNK_BYTES`](academy_proto::transport::BLOB_CHUNK_BYTES)) as a
+    /// blob of mailbox `owner` (docs/design.md, "Blobs"); its reference.
+    async fn put_blob(
+        &self,
+        owner: &EntityId,
+        size: u64,
+        chunks: BlobChunks,
+    ) -> Result<pb::BlobRef, ClientError>;
+    /// Reads blob `key` from `offset` on.
+    async fn get_blob(&self, key: &str, offset: u64) -> Result<BlobRead, ClientError>;
+    /// Frees blob `key`; whether it was still kept.
+    async fn delete_blob(&self, key: &str) -> Result<bool, ClientError>;
     /// Counts on the exchange's simulated clock what a task on it does
     /// (docs/design.md, "Clocks").
     async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError>;
@@ -204,6 +238,28 @@ impl ExchangeApi for LocalExchange {
     async fn check_ticket(&self, ticket: &str) -> Result<(EntityId, Duration), ClientError> {
         Ok(self.exchange.check_ticket(ticket).await?)
     }
+    async fn put_blob(
+        &self,
+        owner: &EntityId,
+        size: u64,
+        chunks: BlobChunks,
+    ) -> Result<pb::BlobRef, ClientError> {
+        let failed = crate::blob::Failure::default();
+        let chunks = failed.watch(chunks).map(|c| {
+            c.map_err(|e| ExchangeError::InvalidArgument(format!("the blob's bytes: {e}")))
+        });
+        let put = academy_exchange::BlobPut { owner: *owner, size, ttl: None };
+        let result = self.exchange.put_blob(put, chunks).await;
+        failed.first(result.map(|(blob, _)| blob).map_err(ClientError::from))
+    }
+    async fn get_blob(&self, key: &str, offset: u64) -> Result<BlobRead, ClientError> {
+        let (meta, chunks) = self.exchange.get_blob(key, offset).await?;
+        let chunks = chunks.map(|c| c.map_err(ClientError::from)).boxed();
+        Ok(BlobRead { size: meta.size, sha256: meta.sha256, chunks })
+    }
+    async fn delete_blob(&self, key: &str) -> Result<bool, ClientError> {
+        Ok(self.exchange.delete_blob(key).await?)
+    }
     async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError> {
         let mark = academy_exchange::clock::Mark::of(kind, key.to_owned())?;
         Ok(self.exchange.clock().mark(mark)?)
@@ -235,6 +291,7 @@ const DISCOVER_PAGE: u32 = 10_000;
 pub struct GrpcExchange {
     rpc: RpcClient<Authorized>,
     clock: ClockClient<Authorized>,
+    blobs: BlobClient<Authorized>,
     sessions: Arc<Sessions>,
 }
 
@@ -271,11 +328,14 @@ impl GrpcExchange {
     /// Uses an existing channel (must be called inside a tokio runtime).
     pub fn from_channel(channel: Channel, credentials: &Credentials) -> Self {
         let clock = ClockClient::new(credentials.on(channel.clone()));
+        let blobs = BlobClient::new(credentials.on(channel.clone()))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
         let rpc = RpcClient::new(credentials.on(channel))
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         let sessions = Arc::new(Sessions::new(rpc.clone()));
-        Self { rpc, clock, sessions }
+        Self { rpc, clock, blobs, sessions }
     }
 
     fn rpc(&self) -> RpcClient<Authorized> {
@@ -298,6 +358,26 @@ pub(crate) fn tuned(endpoint: Endpoint, connect: Duration, keepalive: Duration) 
         .keep_alive_while_idle(true)
         .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
+}
+
+/// A `PutBlob`'s requests: `head`, then one per chunk, until the chunks
+/// end or fail; at most two chunks wait to be sent.
+fn put_requests(
+    head: pb::PutBlobRequest,
+    mut chunks: BlobChunks,
+) -> tokio_stream::wrappers::ReceiverStream<pb::PutBlobRequest> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        if tx.send(head).await.is_err() {
+            return;
+        }
+        while let Some(Ok(data)) = chunks.next().await {
+            if tx.send(pb::PutBlobRequest { data, ..Default::default() }).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// The outcome of each of `n` messages sent together, from their results.
@@ -437,6 +517,42 @@ impl ExchangeApi for GrpcExchange {
         let id = EntityId::parse_field(&checked.mailbox_id, "mailbox_id")?;
         let left = checked.expires_in.and_then(|d| duration::from_proto(d, "expires_in").ok());
         Ok((id, left.unwrap_or_default()))
+    }
+    async fn put_blob(
+        &self,
+        owner: &EntityId,
+        size: u64,
+        chunks: BlobChunks,
+    ) -> Result<pb::BlobRef, ClientError> {
+        // A source that fails ends the put short (the exchange then keeps
+        // nothing); its error is the one to answer.
+        let failed = crate::blob::Failure::default();
+        let head = pb::PutBlobRequest { owner: owner.to_string(), size, ..Default::default() };
+        let requests = put_requests(head, failed.watch(chunks));
+        let mut client = self.blobs.clone();
+        let result = client.put_blob(tonic::Request::new(requests)).await;
+        let blob = result.map_err(ClientError::from).and_then(|r| {
+            r.into_inner()
+                .blob
+                .ok_or_else(|| ClientError::Transport("PutBlob answered no blob".into()))
+        });
+        failed.first(blob)
+    }
+    async fn get_blob(&self, key: &str, offset: u64) -> Result<BlobRead, ClientError> {
+        let request = pb::GetBlobRequest { key: key.to_owned(), offset };
+        let mut frames = self.blobs.clone().get_blob(request).await?.into_inner();
+        // The first answer says what the blob is; the others carry it.
+        let head = frames
+            .message()
+            .await?
+            .ok_or_else(|| ClientError::Transport("GetBlob answered nothing".into()))?;
+        let (size, sha256) = (head.size, head.sha256);
+        let chunks = frames.map(|f| Ok(f?.data)).boxed();
+        Ok(BlobRead { size, sha256, chunks })
+    }
+    async fn delete_blob(&self, key: &str) -> Result<bool, ClientError> {
+        let request = pb::DeleteBlobRequest { key: key.to_owned() };
+        Ok(self.blobs.clone().delete_blob(request).await?.into_inner().deleted)
     }
     async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError> {
         let request = pb::MarkRequest { kind: kind.into(), key: key.to_owned() };

@@ -108,6 +108,9 @@ impl RawHandle {
             if self.json_only.load(Ordering::Relaxed) { Codec::Json } else { self.codec };
         loop {
             let args = codec.encode(&args).map_err(HandleError::Codec)?;
+            let args = mailbox.offload(args).await?;
+            // Its blob, if any, is freed however the call ends.
+            let _freed = crate::blob::Freed::of(mailbox.exchange(), &args);
             let request = Body::ActionRequest(pb::ActionRequest {
                 action: action.to_owned(),
                 args: Some(args),
@@ -115,7 +118,11 @@ impl RawHandle {
             let response = mailbox.request(self.agent, request, self.timeout).await?;
             match response.body {
                 Some(Body::ActionResponse(resp)) => {
-                    return codec::decode(resp.result.as_ref())
+                    // This caller is the result's reader: its blob goes once read.
+                    let exchange = mailbox.exchange();
+                    let read = crate::blob::resolve(exchange, resp.result.clone()).await;
+                    crate::blob::free(exchange, resp.result.as_ref());
+                    return codec::decode(read?.as_ref())
                         .map_err(|e| HandleError::Codec(format!("result of {action}: {e}")));
                 }
                 // The request was not run: safe to send again, in JSON.

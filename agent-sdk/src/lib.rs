@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod behaviour;
+pub mod blob;
 pub mod clock;
 pub mod codec;
 mod context;

@@ -3,6 +3,7 @@
 
 use academy_proto::sync::lock;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -55,6 +56,8 @@ pub(crate) struct Mailbox {
     direct: Option<Arc<Direct>>,
     /// Why the mailbox stopped receiving, once it has.
     closed_because: Mutex<Option<HandleError>>,
+    /// Payloads of this many bytes or more are sent by reference.
+    blob_threshold: AtomicUsize,
     acks: mpsc::UnboundedSender<Ack>,
     closed: CancellationToken,
 }
@@ -79,6 +82,7 @@ impl Mailbox {
             direct: direct.sends.then(|| Direct::new(exchange.clone(), id, pending.clone())),
             pending,
             closed_because: Mutex::default(),
+            blob_threshold: AtomicUsize::new(crate::blob::DEFAULT_BLOB_THRESHOLD),
             acks,
             closed: CancellationToken::new(),
         });
@@ -94,6 +98,18 @@ impl Mailbox {
 
     pub(crate) fn exchange(&self) -> &SharedExchange {
         &self.exchange
+    }
+
+    /// Sends payloads of `bytes` or more by reference from now on
+    /// (docs/design.md, "Blobs").
+    pub(crate) fn set_blob_threshold(&self, bytes: usize) {
+        self.blob_threshold.store(bytes, Ordering::Relaxed);
+    }
+
+    /// `payload`, kept as a blob of this mailbox if it is large enough.
+    pub(crate) async fn offload(&self, payload: pb::Payload) -> Result<pb::Payload, ClientError> {
+        let threshold = self.blob_threshold.load(Ordering::Relaxed);
+        crate::blob::offload(&self.exchange, &self.id, payload, threshold).await
     }
 
     /// Sends a request to `dest` and waits for its response.
@@ -270,7 +286,12 @@ impl Mailbox {
                     Some(waiter) => {
                         let _ = waiter.send(Ok(message));
                     }
-                    None => tracing::debug!(mailbox = %self.id, tag, "response nobody waits for"),
+                    None => {
+                        tracing::debug!(mailbox = %self.id, tag, "response nobody waits for");
+                        if let Some(Body::ActionResponse(response)) = &message.body {
+                            crate::blob::free(&self.exchange, response.result.as_ref());
+                        }
+                    }
                 }
             }
             Some(_) => match requests {

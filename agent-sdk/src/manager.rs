@@ -74,6 +74,16 @@ impl Manager {
         Ok(Self { exchange, mailbox, agents: Mutex::default(), direct })
     }
 
+    /// This manager, whose handles send arguments of `bytes` or more by
+    /// reference, kept in the exchange's blob store (docs/design.md,
+    /// "Blobs"); by default [`DEFAULT_BLOB_THRESHOLD`](crate::blob::DEFAULT_BLOB_THRESHOLD),
+    /// `usize::MAX`: never. Agents have their own
+    /// ([`AgentConfig::blob_threshold`]).
+    pub fn with_blob_threshold(self, bytes: usize) -> Self {
+        self.mailbox.set_blob_threshold(bytes);
+        self
+    }
+
     /// A manager talking gRPC to the exchange-server at `url`.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
         Self::new(Arc::new(GrpcExchange::connect(url).await?)).await

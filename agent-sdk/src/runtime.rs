@@ -59,6 +59,10 @@ pub struct AgentConfig {
     /// advertise one. An agent with a `#[state]` or on a simulated clock
     /// takes its requests through the exchange only, but calls directly.
     pub direct: Option<crate::direct::Endpoint>,
+    /// Results, and the arguments of its own calls, of this many bytes or
+    /// more go by reference, kept in the exchange's blob store
+    /// (docs/design.md, "Blobs"); `usize::MAX`: never.
+    pub blob_threshold: usize,
 }
 
 impl Default for AgentConfig {
@@ -73,6 +77,7 @@ impl Default for AgentConfig {
             state_store: None,
             clock: crate::clock::ClockKind::Wall,
             direct: None,
+            blob_threshold: crate::blob::DEFAULT_BLOB_THRESHOLD,
         }
     }
 }
@@ -165,6 +170,7 @@ pub(crate) async fn run<B: Behaviour>(
     let mailbox = Mailbox::open(exchange.clone(), id, epoch, Some(requests_tx), options)
         .await
         .map_err(|source| AgentError::Exchange { id, source })?;
+    mailbox.set_blob_threshold(config.blob_threshold);
     let shutdown = stop.token.clone();
     let clock = match config.clock {
         ClockKind::Wall => Clock::Wall,
@@ -454,23 +460,36 @@ async fn serve_action<B: Behaviour>(
         Some(keeper) => Some(keeper.turn().await),
         None => None,
     };
-    let dispatch = behaviour.clone().dispatch(action.clone(), request.args);
-    // Only a traced request pays for carrying its context.
-    let run = match trace::trace_id(traced.context()) {
-        Some(trace_id) => {
-            let logged = tracing::info_span!("action", %action, %trace_id);
-            Either::Left(
-                guarded(dispatch.with_context(traced.context().clone())).instrument(logged),
-            )
+    // Arguments sent by reference are read first (the caller frees them).
+    let outcome = match crate::blob::resolve(mailbox.exchange(), request.args).await {
+        Err(err) => Err(unreadable(&action, &err)),
+        Ok(args) => {
+            let dispatch = behaviour.clone().dispatch(action.clone(), args);
+            // Only a traced request pays for carrying its context.
+            let run = match trace::trace_id(traced.context()) {
+                Some(trace_id) => {
+                    let logged = tracing::info_span!("action", %action, %trace_id);
+                    Either::Left(
+                        guarded(dispatch.with_context(traced.context().clone())).instrument(logged),
+                    )
+                }
+                None => Either::Right(guarded(dispatch)),
+            };
+            tokio::select! {
+                outcome = run => outcome.unwrap_or_else(|panic| {
+                    tracing::error!(action, %panic, "action panicked");
+                    Err(ActionError::internal(format!("{action} {panic}")))
+                }),
+                () = cancel.cancelled() => Err(ActionError::cancelled(&action)),
+            }
         }
-        None => Either::Right(guarded(dispatch)),
     };
-    let outcome = tokio::select! {
-        outcome = run => outcome.unwrap_or_else(|panic| {
-            tracing::error!(action, %panic, "action panicked");
-            Err(ActionError::internal(format!("{action} {panic}")))
+    // A large result goes by reference.
+    let outcome = match outcome {
+        Ok(result) => mailbox.offload(result).await.map_err(|e| {
+            ActionError::internal(format!("{action}: its result could not be kept as a blob: {e}"))
         }),
-        () = cancel.cancelled() => Err(ActionError::cancelled(&action)),
+        Err(err) => Err(err),
     };
     // Named again should the state not be saved.
     let name = keeper.as_ref().map(|_| action.clone()).unwrap_or_default();
@@ -532,6 +551,22 @@ async fn serve_action<B: Behaviour>(
         }
     }
     Some(seq)
+}
+
+/// The error answering a request whose arguments' blob cannot be read:
+/// NOT_FOUND when it is gone, UNAVAILABLE when the exchange does not
+/// answer, INVALID_ARGUMENT otherwise.
+fn unreadable(action: &str, err: &ClientError) -> ActionError {
+    let code = match err {
+        ClientError::Exchange(e) => e.code(),
+        ClientError::Transport(_) => tonic::Code::Unavailable,
+        ClientError::Refused { code, .. } => *code,
+    };
+    ActionError {
+        code,
+        kind: "BlobUnreadable".into(),
+        message: format!("{action}: its arguments cannot be read: {err}"),
+    }
 }
 
 /// An action as a simulated clock counts it: a request sent on the clock

@@ -84,6 +84,7 @@ impl FileStore {
             data: Some(pb::Payload {
                 content_type: JSON.into(),
                 data: serde_json::to_vec(&file["state"]).unwrap_or_default().into(),
+                ..Default::default()
             }),
             version: u32::try_from(number("version")).unwrap_or(u32::MAX),
             revision: number("revision"),
@@ -486,7 +487,11 @@ impl Keeper {
         let started = crate::metrics::enabled().then(std::time::Instant::now);
         let mut patience = crate::runtime::Patience::new();
         loop {
-            let data = pb::Payload { content_type: JSON.into(), data: state.clone().into() };
+            let data = pb::Payload {
+                content_type: JSON.into(),
+                data: state.clone().into(),
+                ..Default::default()
+            };
             match store.save(&self.id, self.epoch, data, B::STATE_VERSION).await {
                 Ok(_) => {
                     crate::metrics::observe_save(B::NAME, "saved", size, started);
@@ -540,7 +545,11 @@ impl Keeper {
             agent_id: self.id.to_string(),
             epoch: self.epoch,
             expected_revision: 0,
-            data: state.map(|s| pb::Payload { content_type: JSON.into(), data: s.into() }),
+            data: state.map(|s| pb::Payload {
+                content_type: JSON.into(),
+                data: s.into(),
+                ..Default::default()
+            }),
             version,
         }
     }

@@ -540,6 +540,7 @@ async fn handles_fall_back_to_json_for_agents_that_only_read_json() {
                         result: Some(pb::Payload {
                             content_type: "application/json".into(),
                             data: serde_json::to_vec(&text).unwrap().into(),
+                            ..Default::default()
                         }),
                     })
                 } else {

@@ -153,6 +153,7 @@ async fn an_earlier_incarnation_cannot_save_over_a_later_one() {
     let data = pb::Payload {
         content_type: "application/json".into(),
         data: br#"{"count":100}"#.to_vec().into(),
+        ..Default::default()
     };
     manager.exchange().save_state(&id, 5, data, 1).await.unwrap();
     // The running incarnation (0) runs the request but may not save: it stops.
@@ -246,8 +247,11 @@ async fn a_file_store_keeps_state_across_processes_on_one_node() {
     assert_eq!(saved.data.unwrap().data.as_ref(), br#"{"count":12}"#);
 
     // Fenced as in the exchange: after incarnation 9, incarnation 3 may not save.
-    let data =
-        || pb::Payload { content_type: "application/json".into(), data: b"{}".to_vec().into() };
+    let data = || pb::Payload {
+        content_type: "application/json".into(),
+        data: b"{}".to_vec().into(),
+        ..Default::default()
+    };
     store.save(&id, 9, data(), 1).await.unwrap();
     let stale = store.save(&id, 3, data(), 1).await.unwrap_err();
     assert!(

@@ -675,6 +675,20 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
             d.per_sec * (1 << 20) as f64 / 1e6,
             d.p50_us / 1000.0
         ));
+        // The same, argument and result by reference (docs/design.md, "Blobs").
+        let threshold = 64 << 10;
+        let by_reference = Manager::connect(&url).await?.with_blob_threshold(threshold);
+        let config = academy_sdk::AgentConfig { blob_threshold: threshold, ..Default::default() };
+        let options = academy_sdk::LaunchOptions { config, ..Default::default() };
+        let echo = by_reference.launch_with(Echo {}, options).await?;
+        let r = echo_latency(echo.raw(), 1 << 20, 200).await?;
+        rows.push(format!(
+            "| (d) the same by reference, through the blob store | {:.0} MB/s (p50 {:.2} ms; {:.2}× inline) |",
+            r.per_sec * (1 << 20) as f64 / 1e6,
+            r.p50_us / 1000.0,
+            r.per_sec / d.per_sec
+        ));
+        by_reference.close().await?;
     }
     if run('f') {
         // A fleet: delivery must not slow down with the number of subscribers.

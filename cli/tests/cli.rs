@@ -146,6 +146,7 @@ async fn the_cli_drives_a_live_system() {
     let data = academy_proto::pb::Payload {
         content_type: "application/json".into(),
         data: br#"{"n":7}"#.to_vec().into(),
+        ..Default::default()
     };
     let save = academy_proto::pb::SaveStateRequest {
         agent_id: id.clone(),

@@ -13,6 +13,12 @@ It uses the unary calls (Send, Subscribe, Acknowledge), or with --session the
 one bidirectional stream that carries them all (docs/design.md, "One stream
 per connection"): each request numbered, answers matched by number, and the
 subscription's deliveries credited back as they are taken.
+It then calls `analyse` with arguments too large for a message (over the
+exchange's 4 MiB): by reference, as the Rust SDK does by itself
+(docs/design.md, "Blobs"). The arguments go to the exchange's BlobService
+in chunks of 1 MiB, the request carries their BlobRef, the client reads the
+blob back to check it (GetBlob), and frees it once answered (DeleteBlob);
+an answer kept as a blob would be read the same way.
 Each call carries a W3C trace context (`header.traceparent`), so a traced
 exchange and agent put their spans in the caller's trace; the answer comes
 back with it.
@@ -23,6 +29,7 @@ ACADEMY_TLS_CERT and ACADEMY_TLS_KEY if set (mutual TLS).
 """
 
 import collections
+import hashlib
 import json
 import os
 import queue
@@ -32,6 +39,8 @@ import uuid
 
 import grpc
 
+from academy.v1 import blob_pb2
+from academy.v1 import blob_pb2_grpc
 from academy.v1 import exchange_pb2 as ex
 from academy.v1 import exchange_pb2_grpc
 from academy.v1 import messages_pb2 as msg
@@ -65,6 +74,13 @@ class Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor
         return continuation(self._with_token(details), request)
 
     def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+class StreamBearer(Bearer, grpc.StreamUnaryClientInterceptor):
+    """Bearer, for client-streaming calls (PutBlob) too."""
+
+    def intercept_stream_unary(self, continuation, details, requests):
         return continuation(self._with_token(details), requests)
 
 
@@ -148,8 +164,9 @@ class Client:
     def __init__(self, target, session=False):
         self.channel = channel_to(target)
         token = os.environ.get("ACADEMY_TOKEN")
-        channel = grpc.intercept_channel(self.channel, Bearer(token)) if token else self.channel
+        channel = grpc.intercept_channel(self.channel, StreamBearer(token)) if token else self.channel
         self.stub = exchange_pb2_grpc.ExchangeServiceStub(channel)
+        self.blobs = blob_pb2_grpc.BlobServiceStub(channel)
         self.id = self.stub.RegisterClient(ex.RegisterClientRequest(name="python")).client_id
         self.answers = queue.Queue()
         self.session = Session(self.stub) if session else None
@@ -193,17 +210,44 @@ class Client:
             if err.code() != grpc.StatusCode.CANCELLED:
                 self.answers.put(err)
 
-    def call(self, agent, action, *args, timeout=10):
+    def put_blob(self, data, chunk=1 << 20):
+        """Keeps `data` in the exchange's blob store; its BlobRef."""
+        def requests():
+            yield blob_pb2.PutBlobRequest(owner=self.id, size=len(data))
+            for start in range(0, len(data), chunk):
+                yield blob_pb2.PutBlobRequest(data=data[start:start + chunk])
+        return self.blobs.PutBlob(requests()).blob
+
+    def get_blob(self, blob):
+        """The bytes of `blob`, checked against its size and SHA-256."""
+        frames = self.blobs.GetBlob(blob_pb2.GetBlobRequest(key=blob.key))
+        head = next(frames)
+        data = b"".join(frame.data for frame in frames)
+        if len(data) != head.size or hashlib.sha256(data).digest() != blob.sha256:
+            raise RuntimeError(f"blob {blob.key} does not match its reference")
+        return data
+
+    def call(self, agent, action, *args, timeout=10, by_reference=False):
         tag = str(uuid.uuid4())
         # A new trace per call: version 00, a 16-byte trace id, an 8-byte
         # span id (this call's), sampled.
         traceparent = f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01"
+        data = json.dumps(list(args)).encode()
+        payload = msg.Payload(content_type=JSON, data=data)
+        if by_reference:
+            payload = msg.Payload(content_type=JSON, blob=self.put_blob(data))
+            self.checked = self.get_blob(payload.blob) == data
         request = msg.Message(
             header=msg.Header(src=self.id, dest=agent, tag=tag, traceparent=traceparent),
-            action_request=msg.ActionRequest(
-                action=action, args=msg.Payload(content_type=JSON, data=json.dumps(list(args)).encode())
-            ),
+            action_request=msg.ActionRequest(action=action, args=payload),
         )
+        try:
+            return self._call(request, tag, traceparent, timeout)
+        finally:
+            if by_reference:  # the caller frees its arguments once the call is over
+                self.blobs.DeleteBlob(blob_pb2.DeleteBlobRequest(key=payload.blob.key))
+
+    def _call(self, request, tag, traceparent, timeout):
         if self.session:
             sent = self.session.call(send=ex.SendBatchRequest(messages=[request])).sent.results[0]
             if sent.code != 0:
@@ -219,7 +263,13 @@ class Client:
             body = answer.WhichOneof("body")
             in_trace = answer.header.traceparent == traceparent
             if body == "action_response":
-                return {"result": json.loads(answer.action_response.result.data), "in_trace": in_trace}
+                result = answer.action_response.result
+                if result.HasField("blob"):  # an answer kept as a blob: read it, then free it
+                    data = self.get_blob(result.blob)
+                    self.blobs.DeleteBlob(blob_pb2.DeleteBlobRequest(key=result.blob.key))
+                else:
+                    data = result.data
+                return {"result": json.loads(data), "in_trace": in_trace}
             if body == "error_response":
                 error = answer.error_response
                 return {"error": {"code": error.code, "kind": error.kind, "message": error.message}, "in_trace": in_trace}
@@ -244,6 +294,9 @@ def main():
     print(json.dumps({"discovered": agent, "behaviour": found[0].behaviour}))
     print(json.dumps({"analyse": client.call(agent, "analyse", "to be or not to be")}))
     print(json.dumps({"unknown_action": client.call(agent, "no_such_action")}))
+    text = " ".join(["to be or not to be"] * 300_000)  # 5.7 MB: more than a message holds
+    answer = client.call(agent, "analyse", text, by_reference=True)
+    print(json.dumps({"analyse_by_reference": answer, "read_back": client.checked}))
     missing = f"agent:{uuid.uuid4()}"
     try:
         client.call(missing, "analyse", "x")

@@ -98,6 +98,8 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
     for session in [false, true] {
         let run = run_with(Some(PYTHON_TOKEN), session).await.unwrap();
         check_client_output(&run, &agent.id().to_string());
+        let kept = exchange.exchange().blob_usage().await.unwrap();
+        assert_eq!(kept.blobs, 0, "the client freed its blob");
     }
     std::fs::remove_dir_all(&out).unwrap();
     manager.close().await.unwrap();
@@ -110,7 +112,7 @@ fn check_client_output(run: &std::process::Output, agent: &str) {
     assert!(run.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&run.stderr));
 
     let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines.len(), 5, "{stdout}");
     assert_eq!(lines[0]["discovered"], agent);
     assert_eq!(lines[0]["behaviour"], "example.WordStats");
     assert_eq!(lines[1]["analyse"]["result"], json!({"words": 6, "distinct": 4, "top": ["be", 2]}));
@@ -118,7 +120,11 @@ fn check_client_output(run: &std::process::Output, agent: &str) {
     let unknown = &lines[2]["unknown_action"]["error"];
     assert_eq!(unknown["code"], 12, "UNIMPLEMENTED: {unknown}");
     assert!(unknown["message"].as_str().unwrap().contains("analyse"), "{unknown}");
-    assert_eq!(lines[3]["unknown_mailbox"]["code"], "NOT_FOUND");
+    let by_reference = &lines[3]["analyse_by_reference"];
+    let top = json!({"words": 1_800_000, "distinct": 4, "top": ["be", 600_000]});
+    assert_eq!(by_reference["result"], top, "arguments put as a blob: {by_reference}");
+    assert_eq!(lines[3]["read_back"], true, "the blob read back is the bytes put");
+    assert_eq!(lines[4]["unknown_mailbox"]["code"], "NOT_FOUND");
 }
 
 /// An agent written in Python (`examples/python/agent.py`) publishes a

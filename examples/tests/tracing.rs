@@ -192,6 +192,7 @@ async fn one_trace_follows_a_call_through_the_exchange_and_three_agents() {
     let args = pb::Payload {
         content_type: "application/json".into(),
         data: br#"["from a raw client"]"#.to_vec().into(),
+        ..Default::default()
     };
     let request = pb::ActionRequest { action: "analyse".into(), args: Some(args) };
     let message =

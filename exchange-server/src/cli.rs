@@ -79,6 +79,16 @@ pub(crate) struct Config {
     /// applies if smaller).
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_STATE_BYTES", default_value_t = Limits::default().max_state_bytes)]
     pub(crate) max_state_bytes: usize,
+    /// Largest blob, in bytes (docs/design.md, "Blobs").
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_BLOB_BYTES", default_value_t = Limits::default().max_blob_bytes)]
+    pub(crate) max_blob_bytes: u64,
+    /// Most bytes of blobs kept at once in memory (over Redis, Redis's
+    /// `maxmemory` bounds them).
+    #[arg(long, env = "ACADEMY_EXCHANGE_MAX_BLOB_STORE_BYTES", default_value_t = Limits::default().max_blob_store_bytes)]
+    pub(crate) max_blob_store_bytes: u64,
+    /// Seconds a blob is kept at most, unless freed before.
+    #[arg(long, env = "ACADEMY_EXCHANGE_BLOB_TTL_SECS", default_value_t = Limits::default().blob_ttl.as_secs())]
+    pub(crate) blob_ttl_secs: u64,
     /// Seconds open calls get to finish after SIGTERM/SIGINT.
     #[arg(long, env = "ACADEMY_EXCHANGE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0)]
     pub(crate) shutdown_grace_secs: f64,
@@ -139,6 +149,9 @@ impl Config {
                 gravestones: ttl(self.gravestone_ttl_secs),
                 abandoned_clients: ttl(self.abandoned_client_ttl_secs),
             },
+            max_blob_bytes: self.max_blob_bytes,
+            max_blob_store_bytes: self.max_blob_store_bytes,
+            blob_ttl: Duration::from_secs(self.blob_ttl_secs),
         };
         limits.check().map_err(|e| anyhow::anyhow!("limits: {e}"))?;
         let grace = Duration::try_from_secs_f64(self.shutdown_grace_secs)

@@ -17,6 +17,9 @@ use crate::clock::{Mark, SimClock};
 use crate::limits::{self, Limits};
 use crate::retention;
 
+mod blobs;
+pub use blobs::{BlobPut, EXCHANGE_STORE};
+
 /// An exchange over the in-memory or the Redis backend. Cheap to clone; clones
 /// share the mailboxes.
 #[derive(Debug, Clone)]
@@ -298,6 +301,11 @@ impl Exchange {
     /// error. Idempotent: returns the state before the call.
     pub async fn terminate(&self, id: &EntityId) -> Result<pb::MailboxState, ExchangeError> {
         let (previous, queued) = self.backend.terminate(id, self.principal()).await?;
+        if previous == pb::MailboxState::Active
+            && let Err(err) = self.backend.blob_delete_owned(id).await
+        {
+            tracing::warn!(mailbox = %id, error = %err, "its blobs are left to expire");
+        }
         // Requests sent on the clock are taken here, and answered on it.
         for header in queued.iter().filter_map(|m| m.header.as_ref()).filter(|h| h.on_clock) {
             let _ = self.clock.mark(Mark::Take(header.tag.clone()));
@@ -433,6 +441,11 @@ impl Exchange {
             }
             Some(pb::message::Body::ActionRequest(req)) => {
                 limits::name("action_request.action", &req.action)?;
+                blobs::check_reference(req.args.as_ref(), "action_request.args")?;
+                Ok(dest)
+            }
+            Some(pb::message::Body::ActionResponse(resp)) => {
+                blobs::check_reference(resp.result.as_ref(), "action_response.result")?;
                 Ok(dest)
             }
             Some(_) => Ok(dest),
@@ -540,6 +553,14 @@ impl Exchange {
         &self,
         id: &EntityId,
     ) -> Result<(String, std::time::Duration), ExchangeError> {
+        self.may_send_from(id).await?;
+        let ticket = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        self.backend.put_ticket(id, &ticket, limits::TICKET_TTL).await?;
+        Ok((ticket, limits::TICKET_TTL))
+    }
+
+    /// Refuses unless mailbox `id` is active and this view may send from it.
+    async fn may_send_from(&self, id: &EntityId) -> Result<(), ExchangeError> {
         let status = self.backend.status(id).await?;
         match status.state {
             pb::MailboxState::Active => {}
@@ -551,9 +572,7 @@ impl Exchange {
             let owner = owner.unwrap_or_default();
             return Err(ExchangeError::PermissionDenied { id: *id, owner });
         }
-        let ticket = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-        self.backend.put_ticket(id, &ticket, limits::TICKET_TTL).await?;
-        Ok((ticket, limits::TICKET_TTL))
+        Ok(())
     }
 
     /// The mailbox `ticket` lets its holder send from, and how long it is

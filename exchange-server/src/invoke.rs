@@ -52,6 +52,7 @@ pub(crate) async fn invoke(
                 args: Some(pb::Payload {
                     content_type: CONTENT_TYPE_JSON.into(),
                     data: data.into(),
+                    ..Default::default()
                 }),
             })),
         })
@@ -73,7 +74,13 @@ pub(crate) async fn invoke(
     })??;
     Ok(match body {
         Some(Body::ActionResponse(resp)) => {
-            let payload = resp.result.unwrap_or_default();
+            let mut payload = resp.result.unwrap_or_default();
+            if let Some(blob) = payload.blob.take() {
+                match inline(exchange, &blob).await {
+                    Ok(data) => payload.data = data,
+                    Err(why) => return Ok(Err(why)),
+                }
+            }
             if payload.content_type != CONTENT_TYPE_JSON {
                 Err(internal_error(format!(
                     "agent answered with content type {:?}, not JSON",
@@ -87,6 +94,42 @@ pub(crate) async fn invoke(
         Some(Body::ErrorResponse(err)) => Err(err),
         _ => Err(internal_error("agent answered with something other than a response".into())),
     })
+}
+
+/// The bytes of a result kept as a blob, which is then freed (the caller
+/// is its reader); refused when they would not fit in an answer.
+async fn inline(
+    exchange: &Exchange,
+    blob: &pb::BlobRef,
+) -> Result<bytes::Bytes, pb::ErrorResponse> {
+    let refused = |code: tonic::Code, message: String| pb::ErrorResponse {
+        code: code as i32,
+        kind: "BlobUnreadable".into(),
+        message,
+        details: Default::default(),
+    };
+    let limit = exchange.limits().max_message_bytes;
+    let data = if blob.size > limit as u64 {
+        Err(refused(
+            tonic::Code::ResourceExhausted,
+            format!(
+                "the agent answered with a blob of {} bytes, more than an InvokeResponse holds ({limit}): call it with a client that reads blobs (docs/design.md, \"Blobs\")",
+                blob.size
+            ),
+        ))
+    } else {
+        read(exchange, &blob.key)
+            .await
+            .map_err(|e| refused(e.code(), format!("cannot read the agent's answer: {e}")))
+    };
+    let _ = exchange.delete_blob(&blob.key).await;
+    data
+}
+
+async fn read(exchange: &Exchange, key: &str) -> Result<bytes::Bytes, ExchangeError> {
+    let (_, chunks) = exchange.get_blob(key, 0).await?;
+    let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(chunks).await?;
+    Ok(chunks.concat().into())
 }
 
 fn internal_error(message: String) -> pb::ErrorResponse {

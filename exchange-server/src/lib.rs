@@ -17,6 +17,8 @@
 //! ```
 
 mod backend;
+#[cfg(feature = "server")]
+mod blob_service;
 pub mod clock;
 #[cfg(feature = "server")]
 mod clock_service;
@@ -36,12 +38,14 @@ pub mod session;
 
 #[cfg(feature = "server")]
 pub use academy_server::listen::Address;
-pub use backend::Depth;
 #[cfg(feature = "redis")]
 pub use backend::redis::RedisOptions;
+pub use backend::{BlobMeta, BlobUsage, Depth};
+#[cfg(feature = "server")]
+pub use blob_service::BlobGrpc;
 #[cfg(feature = "server")]
 pub use clock_service::ClockGrpc;
-pub use exchange::{Exchange, Subscription};
+pub use exchange::{BlobPut, EXCHANGE_STORE, Exchange, Subscription};
 pub use limits::Limits;
 pub use retention::Retention;
 #[cfg(feature = "server")]

@@ -31,6 +31,11 @@ pub const DELIVERY_FRAMING_BYTES: usize = 1024;
 /// delivery"): a peer endpoint ends a stream whose ticket expired.
 pub const TICKET_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// The chunks blobs are kept and read in (docs/design.md, "Blobs").
+pub use academy_proto::transport::BLOB_CHUNK_BYTES;
+/// Longest blob key, in bytes (the exchange makes 64 hex digits).
+pub const MAX_BLOB_KEY_BYTES: usize = 128;
+
 /// Room above the message-size limit for the request around a message, so an
 /// oversized message gets the exchange's own error naming both sizes.
 pub const REQUEST_FRAMING_BYTES: usize = 64 * 1024;
@@ -61,6 +66,13 @@ pub struct Limits {
     /// How long gravestones and abandoned client mailboxes are kept: what
     /// the exchange's history may cost.
     pub retention: Retention,
+    /// Largest blob, in bytes.
+    pub max_blob_bytes: u64,
+    /// Most bytes of blobs kept at once (in memory; over Redis, Redis's own
+    /// `maxmemory` bounds them).
+    pub max_blob_store_bytes: u64,
+    /// Longest a blob is kept: one not freed before is freed then.
+    pub blob_ttl: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -74,6 +86,9 @@ impl Default for Limits {
             max_queued_bytes_per_principal: 256 * 1024 * 1024,
             max_state_bytes: 1024 * 1024,
             retention: Retention::default(),
+            max_blob_bytes: 1 << 30,
+            max_blob_store_bytes: 4 << 30,
+            blob_ttl: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -102,6 +117,12 @@ impl Limits {
             return Err(format!(
                 "max queued bytes ({}) must hold at least one message of the largest size ({})",
                 self.max_queued_bytes, self.max_message_bytes
+            ));
+        }
+        if self.max_blob_bytes > self.max_blob_store_bytes || self.blob_ttl.is_zero() {
+            return Err(format!(
+                "max blob bytes ({}) must fit in max blob store bytes ({}), and the blob TTL must be positive",
+                self.max_blob_bytes, self.max_blob_store_bytes
             ));
         }
         Ok(())

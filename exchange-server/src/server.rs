@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use academy_proto::pb::blob_service_server::BlobServiceServer;
 use academy_proto::pb::clock_service_server::ClockServiceServer;
 use academy_proto::pb::exchange_service_server::ExchangeServiceServer;
 use academy_proto::transport::{CONNECTION_WINDOW_BYTES, STREAM_WINDOW_BYTES};
@@ -20,7 +21,7 @@ use tonic::service::interceptor::InterceptedService;
 #[cfg(feature = "redis")]
 use crate::RedisOptions;
 use crate::metrics::{ExchangeMetrics, QueueDepth};
-use crate::{ClockGrpc, Exchange, ExchangeGrpc, Limits};
+use crate::{BlobGrpc, ClockGrpc, Exchange, ExchangeGrpc, Limits, limits};
 
 /// Where an exchange keeps its mailboxes.
 #[derive(Debug, Clone, Default)]
@@ -148,7 +149,13 @@ impl RunningExchange {
             ready.clone(),
             shutdown.clone(),
         ));
-        let reflection = || reflection(&["academy.v1.ExchangeService", "academy.v1.ClockService"]);
+        let reflection = || {
+            reflection(&[
+                "academy.v1.ExchangeService",
+                "academy.v1.ClockService",
+                "academy.v1.BlobService",
+            ])
+        };
         let reflection_v1 = reflection().build_v1().map_err(std::io::Error::other)?;
         let reflection_v1alpha = reflection().build_v1alpha().map_err(std::io::Error::other)?;
         let mut registry = Registry::default();
@@ -178,6 +185,10 @@ impl RunningExchange {
             ClockServiceServer::new(ClockGrpc::new(exchange.clock().clone())),
             auth.clone(),
         );
+        let blobs = BlobServiceServer::new(BlobGrpc::new(exchange.clone()))
+            .max_decoding_message_size(limits::BLOB_CHUNK_BYTES + limits::REQUEST_FRAMING_BYTES)
+            .max_encoding_message_size(usize::MAX);
+        let blobs = InterceptedService::new(blobs, auth.clone());
         let service = InterceptedService::new(service, auth);
         let incoming = listen::incoming(listener, options.connections);
         let signal = {
@@ -205,7 +216,8 @@ impl RunningExchange {
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(service)
-            .add_service(clock);
+            .add_service(clock)
+            .add_service(blobs);
         let deadline = shutdown.clone();
         let task = tokio::spawn(async move {
             tokio::select! {

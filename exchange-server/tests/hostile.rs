@@ -136,6 +136,7 @@ async fn a_flood_of_large_messages_stays_within_the_mailbox_bounds() {
             args: Some(pb::Payload {
                 content_type: "application/octet-stream".into(),
                 data: vec![7; max - 200].into(),
+                ..Default::default()
             }),
         }));
         m

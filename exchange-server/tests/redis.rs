@@ -291,7 +291,8 @@ async fn subscribers_find_what_they_missed_when_notices_are_lost() {
         let mut message = ping(&client, &agent, n);
         if n % 4 == 3 {
             let data = vec![b'x'; 200 * 1024].into();
-            let args = pb::Payload { content_type: "application/json".into(), data };
+            let args =
+                pb::Payload { content_type: "application/json".into(), data, ..Default::default() };
             message.body = Some(Body::ActionRequest(pb::ActionRequest {
                 action: "pad".into(),
                 args: Some(args),
@@ -566,8 +567,11 @@ async fn a_saved_state_is_deleted_with_its_mailbox() {
     let redis = RedisServer::start().expect("redis-server must run for these tests");
     let (_server, mut rpc) = replica(&redis).await;
     let (agent, _) = agent_and_client(&mut rpc, "test.Saver").await;
-    let data =
-        pb::Payload { content_type: "application/json".into(), data: b"[1]".to_vec().into() };
+    let data = pb::Payload {
+        content_type: "application/json".into(),
+        data: b"[1]".to_vec().into(),
+        ..Default::default()
+    };
     let save =
         pb::SaveStateRequest { agent_id: agent.clone(), data: Some(data), ..Default::default() };
     rpc.save_state(save).await.unwrap();

@@ -165,6 +165,7 @@ fn request_seeds() -> Vec<Vec<u8>> {
             args: Some(pb::Payload {
                 content_type: "application/json".into(),
                 data: b"[1]".to_vec().into(),
+                ..Default::default()
             }),
         })),
     };
@@ -213,6 +214,7 @@ fn request_seeds() -> Vec<Vec<u8>> {
                 data: Some(pb::Payload {
                     content_type: "application/json".into(),
                     data: br#"{"n":1}"#.to_vec().into(),
+                    ..Default::default()
                 }),
                 version: 1,
             }
@@ -256,7 +258,11 @@ fn sdk_arguments(data: &[u8]) {
     use academy_sdk::__private::decode_args;
     let Some((kind, body)) = data.split_first() else { return };
     let content_type = if kind % 2 == 0 { "application/json" } else { "application/msgpack" };
-    let payload = pb::Payload { content_type: content_type.into(), data: body.to_vec().into() };
+    let payload = pb::Payload {
+        content_type: content_type.into(),
+        data: body.to_vec().into(),
+        ..Default::default()
+    };
     let p = Some(&payload);
     let _: Result<(u64, String), _> =
         decode_args("f", &["a", "b"], p, |args| Ok((args.take(0)?, args.take(1)?)));

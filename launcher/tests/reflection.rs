@@ -43,7 +43,10 @@ async fn each_server_lists_its_own_services() {
     let common = ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"];
     let common = [&common[..], &["grpc.reflection.v1alpha.ServerReflection"]].concat();
     for (url, own) in [
-        (exchange.url(), &["academy.v1.ClockService", "academy.v1.ExchangeService"][..]),
+        (
+            exchange.url(),
+            &["academy.v1.BlobService", "academy.v1.ClockService", "academy.v1.ExchangeService"][..],
+        ),
         (launcher.url(), &["academy.v1.LauncherService"][..]),
     ] {
         let mut expected: Vec<String> = common.iter().chain(own).map(|s| (*s).to_owned()).collect();

@@ -145,6 +145,16 @@ pub enum ExchangeError {
     /// The backend's store (Redis) can't be reached; retryable.
     #[error("mailbox store unavailable: {0}")]
     Unavailable(String),
+    /// No blob has this key (docs/design.md, "Blobs"): freed, expired, or
+    /// never put.
+    #[error("blob {0} not found: freed, expired or never put")]
+    BlobNotFound(String),
+    /// The exchange keeps as many bytes of blobs as it may.
+    #[error("the blob store is full ({limit} bytes kept)")]
+    BlobStoreFull {
+        /// Its bound, in bytes.
+        limit: u64,
+    },
 }
 
 impl ExchangeError {
@@ -152,7 +162,7 @@ impl ExchangeError {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::NotFound(_) => Code::NotFound,
+            Self::NotFound(_) | Self::BlobNotFound(_) => Code::NotFound,
             Self::Terminated(_) => Code::FailedPrecondition,
             Self::AlreadyExists(_) => Code::AlreadyExists,
             Self::PermissionDenied { .. } => Code::PermissionDenied,
@@ -160,7 +170,8 @@ impl ExchangeError {
             Self::MailboxFull { .. }
             | Self::MailboxBytesFull { .. }
             | Self::TooLarge { .. }
-            | Self::QuotaExceeded { .. } => Code::ResourceExhausted,
+            | Self::QuotaExceeded { .. }
+            | Self::BlobStoreFull { .. } => Code::ResourceExhausted,
             Self::LimitExceeded { .. } => Code::InvalidArgument,
             Self::StaleEpoch { .. } => Code::FailedPrecondition,
             Self::Superseded(_) | Self::StateConflict { .. } => Code::Aborted,
@@ -188,6 +199,8 @@ impl ExchangeError {
             Self::ShuttingDown => "SHUTTING_DOWN",
             Self::DeadlineExceeded(_) => "DEADLINE_EXCEEDED",
             Self::Unavailable(_) => "STORE_UNAVAILABLE",
+            Self::BlobNotFound(_) => "BLOB_NOT_FOUND",
+            Self::BlobStoreFull { .. } => "BLOB_STORE_FULL",
         }
     }
 }
@@ -251,6 +264,10 @@ impl ExchangeError {
             "STORE_UNAVAILABLE" => Self::Unavailable(
                 message.strip_prefix("mailbox store unavailable: ").unwrap_or(&message).to_owned(),
             ),
+            "BLOB_NOT_FOUND" => Self::BlobNotFound(metadata.get("key")?.clone()),
+            "BLOB_STORE_FULL" => {
+                Self::BlobStoreFull { limit: metadata.get("limit")?.parse().ok()? }
+            }
             _ => return None,
         })
     }
@@ -301,6 +318,12 @@ impl ExchangeError {
                 metadata.insert("size".into(), size.to_string());
                 metadata.insert("limit".into(), limit.to_string());
             }
+            Self::BlobNotFound(key) => {
+                metadata.insert("key".into(), key.clone());
+            }
+            Self::BlobStoreFull { limit } => {
+                metadata.insert("limit".into(), limit.to_string());
+            }
             Self::InvalidArgument(_)
             | Self::Unauthenticated(_)
             | Self::ShuttingDown
@@ -348,6 +371,8 @@ mod tests {
             },
             ExchangeError::StaleEpoch { id, epoch: 3, current: 4 },
             ExchangeError::StateConflict { id, expected: 2, current: 5 },
+            ExchangeError::BlobNotFound("0f".repeat(16)),
+            ExchangeError::BlobStoreFull { limit: 1 << 32 },
         ] {
             let status = Status::from(err.clone());
             assert_eq!(status.code(), err.code());

@@ -53,6 +53,13 @@ pub mod transport {
     /// Metadata of a `Session` stream's response: the largest request (in
     /// bytes, encoded) the exchange decodes; a larger one ends the stream.
     pub const MAX_REQUEST_BYTES_HEADER: &str = "academy-max-request-bytes";
+    /// The chunks blobs are kept and read in, and the largest chunk a
+    /// `PutBlob` request may carry: well within every gRPC client's
+    /// default 4 MiB.
+    pub const BLOB_CHUNK_BYTES: usize = 1024 * 1024;
+    /// The store a `BlobRef` names for the blobs of the exchange the
+    /// message went through.
+    pub const EXCHANGE_BLOB_STORE: &str = "exchange";
 }
 
 impl pb::Header {

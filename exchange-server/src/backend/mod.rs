@@ -235,6 +235,68 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// mailboxes: the empty behaviour); behaviours with nothing queued may be
     /// left out.
     async fn depth(&self) -> Result<Vec<Depth>, ExchangeError>;
+
+    /// Starts keeping blob `key` of `size` bytes for mailbox `owner`, for
+    /// `ttl` (docs/design.md, "Blobs"); refused when the blobs kept would
+    /// pass `capacity` bytes (where the backend bounds them).
+    async fn blob_begin(
+        &self,
+        key: &str,
+        owner: &EntityId,
+        size: u64,
+        ttl: std::time::Duration,
+        capacity: u64,
+    ) -> Result<(), ExchangeError>;
+
+    /// Keeps chunk `index` of a blob begun ([`BLOB_CHUNK_BYTES`] each but
+    /// the last); [`ExchangeError::BlobNotFound`] once it is gone.
+    ///
+    /// [`BLOB_CHUNK_BYTES`]: crate::limits::BLOB_CHUNK_BYTES
+    async fn blob_chunk(
+        &self,
+        key: &str,
+        index: u64,
+        data: bytes::Bytes,
+    ) -> Result<(), ExchangeError>;
+
+    /// Makes a blob whose every chunk is kept readable, with its digest.
+    async fn blob_finish(&self, key: &str, sha256: [u8; 32]) -> Result<(), ExchangeError>;
+
+    /// The size and digest of a readable blob; `None` if there is none.
+    async fn blob_meta(&self, key: &str) -> Result<Option<BlobMeta>, ExchangeError>;
+
+    /// Chunk `index` of a readable blob; `None` once it is gone.
+    async fn blob_read(&self, key: &str, index: u64)
+    -> Result<Option<bytes::Bytes>, ExchangeError>;
+
+    /// Frees a blob (readable or not); whether it was there.
+    async fn blob_delete(&self, key: &str) -> Result<bool, ExchangeError>;
+
+    /// Frees every blob of mailbox `owner`.
+    async fn blob_delete_owned(&self, owner: &EntityId) -> Result<(), ExchangeError>;
+
+    /// The blobs kept (begun or readable) and their bytes. Over Redis, a
+    /// scan of the keys: for tests and inspection, not for every call.
+    async fn blob_usage(&self) -> Result<BlobUsage, ExchangeError>;
+}
+
+/// What the blob store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobUsage {
+    /// Blobs kept.
+    pub blobs: u64,
+    /// Their bytes (in memory: their whole size from their first chunk on;
+    /// over Redis: the chunks kept, including any a blob left behind).
+    pub bytes: u64,
+}
+
+/// What a reader learns of a blob first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobMeta {
+    /// Its length in bytes.
+    pub size: u64,
+    /// Its SHA-256, computed as it was put.
+    pub sha256: Vec<u8>,
 }
 
 /// What an agent commits in one step.

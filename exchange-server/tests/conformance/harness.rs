@@ -155,6 +155,7 @@ pub(crate) fn sized(src: &str, dest: &str, bytes: usize) -> pb::Message {
         r.args = Some(pb::Payload {
             content_type: "application/octet-stream".into(),
             data: data.into(),
+            ..Default::default()
         });
     }
     // The length prefixes grow with the data: trim to the exact size.

@@ -78,8 +78,11 @@ pub(crate) async fn terminate_answers_every_request_of_a_long_queue(store: Store
     let client = h.client().await;
     let agent = h.agent("test.A", &[]).await;
     let mut replies = h.subscribe(&client).await;
-    let args =
-        pb::Payload { content_type: "application/json".into(), data: vec![b'1'; 4096].into() };
+    let args = pb::Payload {
+        content_type: "application/json".into(),
+        data: vec![b'1'; 4096].into(),
+        ..Default::default()
+    };
     let mut asked = Vec::new();
     let mut messages = Vec::new();
     for n in 0..300 {

@@ -15,6 +15,7 @@ pub(crate) async fn oversized_message_and_full_mailbox_are_resource_exhausted(st
         r.args = Some(pb::Payload {
             content_type: "application/json".into(),
             data: vec![b'1'; 2000].into(),
+            ..Default::default()
         });
     }
     let err = h.send(big).await.unwrap_err();

@@ -3,6 +3,7 @@
 //! in-memory and the Redis backend (a real `redis-server` per test, which
 //! must be installed). One file per rule; each names its design section.
 
+mod blobs;
 #[path = "../common/mod.rs"]
 mod common;
 mod delivery;
@@ -72,4 +73,8 @@ conformance!(
     retention::a_terminated_client_leaves_no_gravestone,
     retention::gravestones_expire_after_their_retention,
     retention::abandoned_clients_expire_and_give_their_quota_back,
+    blobs::blobs_are_put_read_in_chunks_and_freed,
+    blobs::blob_puts_are_checked_and_a_failed_one_keeps_nothing,
+    blobs::blobs_expire_at_their_ttl,
+    blobs::blobs_belong_to_whoever_may_send_from_their_owner,
 );

@@ -139,7 +139,11 @@ pub(crate) async fn a_session_sends_subscribes_acknowledges_and_commits(store: S
         Some(Body::ActionResponse(pb::ActionResponse { action: "go".into(), result: None }));
     let save = pb::SaveStateRequest {
         agent_id: agent.clone(),
-        data: Some(pb::Payload { content_type: "application/json".into(), data: "1".into() }),
+        data: Some(pb::Payload {
+            content_type: "application/json".into(),
+            data: "1".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let commit =

@@ -4,7 +4,11 @@ use super::harness::*;
 use super::ownership::{ALICE, BOB, Bearer};
 
 fn json(value: &str) -> pb::Payload {
-    pb::Payload { content_type: "application/json".into(), data: value.as_bytes().to_vec().into() }
+    pb::Payload {
+        content_type: "application/json".into(),
+        data: value.as_bytes().to_vec().into(),
+        ..Default::default()
+    }
 }
 
 fn save(agent: &str, epoch: u64, expected: u64, value: &str) -> pb::SaveStateRequest {

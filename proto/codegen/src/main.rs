@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 
 use prost::Message as _;
 
-const FILES: [&str; 5] = [
+const FILES: [&str; 6] = [
     "academy/v1/messages.proto",
     "academy/v1/exchange.proto",
     "academy/v1/launcher.proto",
     "academy/v1/clock.proto",
     "academy/v1/peer.proto",
+    "academy/v1/blob.proto",
 ];
 
 /// The generated files, by name.
@@ -28,6 +29,8 @@ fn generate(root: &Path, out: &Path) {
     std::fs::write(out.join("academy_descriptor.bin"), fds.encode_to_vec()).unwrap();
     tonic_prost_build::configure()
         .bytes(".academy.v1.Payload.data")
+        .bytes(".academy.v1.PutBlobRequest.data")
+        .bytes(".academy.v1.GetBlobResponse.data")
         .codec_path("crate::codec::BoundedCodec")
         .out_dir(out)
         .compile_fds(fds)

@@ -3,12 +3,35 @@
 /// "application/json" is always supported; Rust peers send each other
 /// "application/msgpack" (MessagePack) and fall back to JSON for peers that
 /// answer an UnsupportedContentType error.
+///
+/// A payload may instead be kept in a blob store (docs/design.md, "Blobs"):
+/// then `blob` says where, `data` is empty, and `content_type` is still the
+/// encoding of the bytes kept.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Payload {
     #[prost(string, tag = "1")]
     pub content_type: ::prost::alloc::string::String,
     #[prost(bytes = "bytes", tag = "2")]
     pub data: ::prost::bytes::Bytes,
+    #[prost(message, optional, tag = "3")]
+    pub blob: ::core::option::Option<BlobRef>,
+}
+/// Where a payload's bytes are kept, for the receiver to read them.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct BlobRef {
+    /// The store: "exchange" is the BlobService of the exchange the message
+    /// went through.
+    #[prost(string, tag = "1")]
+    pub store: ::prost::alloc::string::String,
+    /// The blob's key in that store: whoever holds it may read and delete it.
+    #[prost(string, tag = "2")]
+    pub key: ::prost::alloc::string::String,
+    /// Its length in bytes.
+    #[prost(uint64, tag = "3")]
+    pub size: u64,
+    /// Its SHA-256, as the store computed it when it was put.
+    #[prost(bytes = "vec", tag = "4")]
+    pub sha256: ::prost::alloc::vec::Vec<u8>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Header {
@@ -4397,6 +4420,538 @@ pub mod peer_service_server {
     /// Generated gRPC service name
     pub const SERVICE_NAME: &str = "academy.v1.PeerService";
     impl<T> tonic::server::NamedService for PeerServiceServer<T> {
+        const NAME: &'static str = SERVICE_NAME;
+    }
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PutBlobRequest {
+    /// First request only: the mailbox the blob belongs to (the caller must
+    /// be allowed to send from it). The blob is freed when that mailbox is
+    /// terminated, if not before.
+    #[prost(string, tag = "1")]
+    pub owner: ::prost::alloc::string::String,
+    /// First request only: the blob's length in bytes.
+    #[prost(uint64, tag = "2")]
+    pub size: u64,
+    /// First request only: how long to keep it at most (unset or longer
+    /// than the exchange's blob TTL: that TTL).
+    #[prost(message, optional, tag = "3")]
+    pub ttl: ::core::option::Option<::prost_types::Duration>,
+    /// The next chunk, at most 1 MiB (may be empty in the first request).
+    #[prost(bytes = "bytes", tag = "4")]
+    pub data: ::prost::bytes::Bytes,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PutBlobResponse {
+    /// Its reference, with `store` "exchange".
+    #[prost(message, optional, tag = "1")]
+    pub blob: ::core::option::Option<BlobRef>,
+    /// How long it is kept unless freed before.
+    #[prost(message, optional, tag = "2")]
+    pub expires_in: ::core::option::Option<::prost_types::Duration>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetBlobRequest {
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    /// Where to start reading (to resume a broken read).
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetBlobResponse {
+    /// First response only (which carries no data): the blob's length and
+    /// SHA-256.
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub sha256: ::prost::alloc::vec::Vec<u8>,
+    /// The next chunk (every response but the first).
+    #[prost(bytes = "bytes", tag = "3")]
+    pub data: ::prost::bytes::Bytes,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteBlobRequest {
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeleteBlobResponse {
+    /// Whether it was still there.
+    #[prost(bool, tag = "1")]
+    pub deleted: bool,
+}
+/// Generated client implementations.
+pub mod blob_service_client {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    use tonic::codegen::http::Uri;
+    #[derive(Debug, Clone)]
+    pub struct BlobServiceClient<T> {
+        inner: tonic::client::Grpc<T>,
+    }
+    impl BlobServiceClient<tonic::transport::Channel> {
+        /// Attempt to create a new client by connecting to a given endpoint.
+        pub async fn connect<D>(dst: D) -> Result<Self, tonic::transport::Error>
+        where
+            D: TryInto<tonic::transport::Endpoint>,
+            D::Error: Into<StdError>,
+        {
+            let conn = tonic::transport::Endpoint::new(dst)?.connect().await?;
+            Ok(Self::new(conn))
+        }
+    }
+    impl<T> BlobServiceClient<T>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + std::marker::Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + std::marker::Send,
+    {
+        pub fn new(inner: T) -> Self {
+            let inner = tonic::client::Grpc::new(inner);
+            Self { inner }
+        }
+        pub fn with_origin(inner: T, origin: Uri) -> Self {
+            let inner = tonic::client::Grpc::with_origin(inner, origin);
+            Self { inner }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> BlobServiceClient<InterceptedService<T, F>>
+        where
+            F: tonic::service::Interceptor,
+            T::ResponseBody: Default,
+            T: tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<
+                    <T as tonic::client::GrpcService<tonic::body::Body>>::ResponseBody,
+                >,
+            >,
+            <T as tonic::codegen::Service<
+                http::Request<tonic::body::Body>,
+            >>::Error: Into<StdError> + std::marker::Send + std::marker::Sync,
+        {
+            BlobServiceClient::new(InterceptedService::new(inner, interceptor))
+        }
+        /// Compress requests with the given encoding.
+        ///
+        /// This requires the server to support it otherwise it might respond with an
+        /// error.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.send_compressed(encoding);
+            self
+        }
+        /// Enable decompressing responses.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.inner = self.inner.accept_compressed(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_decoding_message_size(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.inner = self.inner.max_encoding_message_size(limit);
+            self
+        }
+        /// Keeps a blob: the first request says whose it is and how long, every
+        /// request carries the next chunk (at most 1 MiB each). Answered with its
+        /// reference once every byte arrived; refused INVALID_ARGUMENT when the
+        /// bytes do not add up to `size`, RESOURCE_EXHAUSTED over the exchange's
+        /// blob limits, PERMISSION_DENIED for an owner the caller may not send
+        /// from.
+        pub async fn put_blob(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<Message = super::PutBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::PutBlobResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.BlobService/PutBlob",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.BlobService", "PutBlob"));
+            self.inner.client_streaming(req, path, codec).await
+        }
+        /// Reads a blob: a first response saying what it is, then its bytes from
+        /// `offset` in chunks of at most 1 MiB. NOT_FOUND (naming the key) once
+        /// it is gone.
+        pub async fn get_blob(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::GetBlobResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.BlobService/GetBlob",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.BlobService", "GetBlob"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Frees a blob now. Whoever holds its key may; a gone one is not an error.
+        pub async fn delete_blob(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeleteBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteBlobResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.BlobService/DeleteBlob",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.BlobService", "DeleteBlob"));
+            self.inner.unary(req, path, codec).await
+        }
+    }
+}
+/// Generated server implementations.
+pub mod blob_service_server {
+    #![allow(
+        unused_variables,
+        dead_code,
+        missing_docs,
+        clippy::wildcard_imports,
+        clippy::let_unit_value,
+    )]
+    use tonic::codegen::*;
+    /// Generated trait containing gRPC methods that should be implemented for use with BlobServiceServer.
+    #[async_trait]
+    pub trait BlobService: std::marker::Send + std::marker::Sync + 'static {
+        /// Keeps a blob: the first request says whose it is and how long, every
+        /// request carries the next chunk (at most 1 MiB each). Answered with its
+        /// reference once every byte arrived; refused INVALID_ARGUMENT when the
+        /// bytes do not add up to `size`, RESOURCE_EXHAUSTED over the exchange's
+        /// blob limits, PERMISSION_DENIED for an owner the caller may not send
+        /// from.
+        async fn put_blob(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::PutBlobRequest>>,
+        ) -> std::result::Result<tonic::Response<super::PutBlobResponse>, tonic::Status>;
+        /// Server streaming response type for the GetBlob method.
+        type GetBlobStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::GetBlobResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Reads a blob: a first response saying what it is, then its bytes from
+        /// `offset` in chunks of at most 1 MiB. NOT_FOUND (naming the key) once
+        /// it is gone.
+        async fn get_blob(
+            &self,
+            request: tonic::Request<super::GetBlobRequest>,
+        ) -> std::result::Result<tonic::Response<Self::GetBlobStream>, tonic::Status>;
+        /// Frees a blob now. Whoever holds its key may; a gone one is not an error.
+        async fn delete_blob(
+            &self,
+            request: tonic::Request<super::DeleteBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeleteBlobResponse>,
+            tonic::Status,
+        >;
+    }
+    #[derive(Debug)]
+    pub struct BlobServiceServer<T> {
+        inner: Arc<T>,
+        accept_compression_encodings: EnabledCompressionEncodings,
+        send_compression_encodings: EnabledCompressionEncodings,
+        max_decoding_message_size: Option<usize>,
+        max_encoding_message_size: Option<usize>,
+    }
+    impl<T> BlobServiceServer<T> {
+        pub fn new(inner: T) -> Self {
+            Self::from_arc(Arc::new(inner))
+        }
+        pub fn from_arc(inner: Arc<T>) -> Self {
+            Self {
+                inner,
+                accept_compression_encodings: Default::default(),
+                send_compression_encodings: Default::default(),
+                max_decoding_message_size: None,
+                max_encoding_message_size: None,
+            }
+        }
+        pub fn with_interceptor<F>(
+            inner: T,
+            interceptor: F,
+        ) -> InterceptedService<Self, F>
+        where
+            F: tonic::service::Interceptor,
+        {
+            InterceptedService::new(Self::new(inner), interceptor)
+        }
+        /// Enable decompressing requests with the given encoding.
+        #[must_use]
+        pub fn accept_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.accept_compression_encodings.enable(encoding);
+            self
+        }
+        /// Compress responses with the given encoding, if the client supports it.
+        #[must_use]
+        pub fn send_compressed(mut self, encoding: CompressionEncoding) -> Self {
+            self.send_compression_encodings.enable(encoding);
+            self
+        }
+        /// Limits the maximum size of a decoded message.
+        ///
+        /// Default: `4MB`
+        #[must_use]
+        pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+            self.max_decoding_message_size = Some(limit);
+            self
+        }
+        /// Limits the maximum size of an encoded message.
+        ///
+        /// Default: `usize::MAX`
+        #[must_use]
+        pub fn max_encoding_message_size(mut self, limit: usize) -> Self {
+            self.max_encoding_message_size = Some(limit);
+            self
+        }
+    }
+    impl<T, B> tonic::codegen::Service<http::Request<B>> for BlobServiceServer<T>
+    where
+        T: BlobService,
+        B: Body + std::marker::Send + 'static,
+        B::Error: Into<StdError> + std::marker::Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(
+            &mut self,
+            _cx: &mut Context<'_>,
+        ) -> Poll<std::result::Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            match req.uri().path() {
+                "/academy.v1.BlobService/PutBlob" => {
+                    #[allow(non_camel_case_types)]
+                    struct PutBlobSvc<T: BlobService>(pub Arc<T>);
+                    impl<
+                        T: BlobService,
+                    > tonic::server::ClientStreamingService<super::PutBlobRequest>
+                    for PutBlobSvc<T> {
+                        type Response = super::PutBlobResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::PutBlobRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as BlobService>::put_blob(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PutBlobSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.BlobService/GetBlob" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetBlobSvc<T: BlobService>(pub Arc<T>);
+                    impl<
+                        T: BlobService,
+                    > tonic::server::ServerStreamingService<super::GetBlobRequest>
+                    for GetBlobSvc<T> {
+                        type Response = super::GetBlobResponse;
+                        type ResponseStream = T::GetBlobStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetBlobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as BlobService>::get_blob(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetBlobSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.BlobService/DeleteBlob" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeleteBlobSvc<T: BlobService>(pub Arc<T>);
+                    impl<
+                        T: BlobService,
+                    > tonic::server::UnaryService<super::DeleteBlobRequest>
+                    for DeleteBlobSvc<T> {
+                        type Response = super::DeleteBlobResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeleteBlobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as BlobService>::delete_blob(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeleteBlobSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                _ => {
+                    Box::pin(async move {
+                        let mut response = http::Response::new(
+                            tonic::body::Body::default(),
+                        );
+                        let headers = response.headers_mut();
+                        headers
+                            .insert(
+                                tonic::Status::GRPC_STATUS,
+                                (tonic::Code::Unimplemented as i32).into(),
+                            );
+                        headers
+                            .insert(
+                                http::header::CONTENT_TYPE,
+                                tonic::metadata::GRPC_CONTENT_TYPE,
+                            );
+                        Ok(response)
+                    })
+                }
+            }
+        }
+    }
+    impl<T> Clone for BlobServiceServer<T> {
+        fn clone(&self) -> Self {
+            let inner = self.inner.clone();
+            Self {
+                inner,
+                accept_compression_encodings: self.accept_compression_encodings,
+                send_compression_encodings: self.send_compression_encodings,
+                max_decoding_message_size: self.max_decoding_message_size,
+                max_encoding_message_size: self.max_encoding_message_size,
+            }
+        }
+    }
+    /// Generated gRPC service name
+    pub const SERVICE_NAME: &str = "academy.v1.BlobService";
+    impl<T> tonic::server::NamedService for BlobServiceServer<T> {
         const NAME: &'static str = SERVICE_NAME;
     }
 }

@@ -1,5 +1,6 @@
 //! The in-memory backend: mailboxes live as long as the process.
 
+mod blobs;
 mod gravestones;
 
 use academy_proto::sync::{lock, read, write};
@@ -14,8 +15,8 @@ use prost::Message as _;
 use tokio::sync::Notify;
 
 use super::{
-    Backend, BackendSubscription, Bounds, Commit, Committed, Depth, Found, Page, awaiting_answer,
-    framed, joins, source, unknown_source,
+    Backend, BackendSubscription, BlobMeta, BlobUsage, Bounds, Commit, Committed, Depth, Found,
+    Page, awaiting_answer, framed, joins, source, unknown_source,
 };
 use crate::exchange::permitted;
 use crate::retention::{Retention, Swept};
@@ -39,6 +40,7 @@ pub(crate) struct MemoryBackend {
     /// Direct-delivery tickets: the mailbox each lets one send from, until
     /// when; and each mailbox's one ticket.
     tickets: Mutex<Tickets>,
+    blobs: Mutex<blobs::Blobs>,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +57,7 @@ impl MemoryBackend {
             usage: Mutex::default(),
             index: RwLock::default(),
             tickets: Mutex::default(),
+            blobs: Mutex::default(),
         }
     }
 }
@@ -586,6 +589,55 @@ impl Backend for MemoryBackend {
             depth.bytes += bytes;
         }
         Ok(by.into_values().collect())
+    }
+
+    async fn blob_begin(
+        &self,
+        key: &str,
+        owner: &EntityId,
+        size: u64,
+        ttl: std::time::Duration,
+        capacity: u64,
+    ) -> Result<(), ExchangeError> {
+        lock(&self.blobs).begin(key, owner, size, ttl, capacity)
+    }
+
+    async fn blob_chunk(
+        &self,
+        key: &str,
+        index: u64,
+        data: bytes::Bytes,
+    ) -> Result<(), ExchangeError> {
+        lock(&self.blobs).chunk(key, index, data)
+    }
+
+    async fn blob_finish(&self, key: &str, sha256: [u8; 32]) -> Result<(), ExchangeError> {
+        lock(&self.blobs).finish(key, sha256)
+    }
+
+    async fn blob_meta(&self, key: &str) -> Result<Option<BlobMeta>, ExchangeError> {
+        Ok(lock(&self.blobs).meta(key))
+    }
+
+    async fn blob_read(
+        &self,
+        key: &str,
+        index: u64,
+    ) -> Result<Option<bytes::Bytes>, ExchangeError> {
+        Ok(lock(&self.blobs).read(key, index))
+    }
+
+    async fn blob_delete(&self, key: &str) -> Result<bool, ExchangeError> {
+        Ok(lock(&self.blobs).delete(key))
+    }
+
+    async fn blob_delete_owned(&self, owner: &EntityId) -> Result<(), ExchangeError> {
+        lock(&self.blobs).delete_owned(owner);
+        Ok(())
+    }
+
+    async fn blob_usage(&self) -> Result<BlobUsage, ExchangeError> {
+        Ok(lock(&self.blobs).usage())
     }
 
     async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError> {

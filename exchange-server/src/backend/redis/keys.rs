@@ -38,6 +38,10 @@
 //! - `P:ix:<name>` / `P:ox:<name>`: the same index in schema 1, as sets;
 //! - `P:tk:<ticket>` / `P:tkm:<id>`: a direct-delivery ticket's mailbox, and
 //!   a mailbox's one ticket, both expiring with the ticket;
+//! - `P:b:<key>`: hash of a blob (`o` owner mailbox, `z` size, `x` when it
+//!   expires, ms since the epoch, `h` its SHA-256 once every chunk is kept),
+//!   `P:bc:<key>:<n>` its chunks, and `P:bo:<id>` the set of a mailbox's
+//!   blobs, all expiring with the blobs;
 //! - channel `P:bell:<replica>`: notices for a replica's subscriptions.
 //!
 //! Scripts get every key they touch in `KEYS`, built here.
@@ -74,6 +78,21 @@ impl Keys {
 
     pub(super) fn ticket_of(&self, id: &EntityId) -> String {
         format!("{}:tkm:{id}", self.prefix)
+    }
+
+    /// A blob's hash.
+    pub(super) fn blob(&self, key: &str) -> String {
+        format!("{}:b:{key}", self.prefix)
+    }
+
+    /// Chunk `index` of a blob.
+    pub(super) fn blob_chunk(&self, key: &str, index: u64) -> String {
+        format!("{}:bc:{key}:{index}", self.prefix)
+    }
+
+    /// The blobs of a mailbox.
+    pub(super) fn blobs_of(&self, owner: &EntityId) -> String {
+        format!("{}:bo:{owner}", self.prefix)
     }
 
     pub(super) fn mailbox(&self, id: &EntityId) -> String {

@@ -11,6 +11,7 @@
 //! stream; after reconnecting it reads every subscribed stream again
 //! ([`reader`]).
 
+mod blobs;
 mod expiry;
 mod keys;
 mod migration;
@@ -34,8 +35,8 @@ use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Backend, BackendSubscription, Bounds, Commit, Committed, Depth, Found, Page, awaiting_answer,
-    source, unknown_source,
+    Backend, BackendSubscription, BlobMeta, BlobUsage, Bounds, Commit, Committed, Depth, Found,
+    Page, awaiting_answer, source, unknown_source,
 };
 use crate::retention::{Retention, Swept};
 use expiry::Stones;
@@ -794,7 +795,11 @@ impl Backend for RedisBackend {
         let number = |i: usize| text(i).parse::<u64>().unwrap_or(0);
         let at_ms = number(6);
         Ok(Some(pb::SavedState {
-            data: Some(pb::Payload { content_type: text(2), data: data.into() }),
+            data: Some(pb::Payload {
+                content_type: text(2),
+                data: data.into(),
+                ..Default::default()
+            }),
             version: u32::try_from(number(3)).unwrap_or(u32::MAX),
             revision: number(4),
             epoch: number(5),
@@ -848,6 +853,54 @@ impl Backend for RedisBackend {
             }
         }
         Ok(by.into_values().filter(|d| d.messages > 0).collect())
+    }
+
+    async fn blob_begin(
+        &self,
+        key: &str,
+        owner: &EntityId,
+        size: u64,
+        ttl: Duration,
+        _capacity: u64,
+    ) -> Result<(), ExchangeError> {
+        self.begin_blob(key, owner, size, ttl).await
+    }
+
+    async fn blob_chunk(
+        &self,
+        key: &str,
+        index: u64,
+        data: bytes::Bytes,
+    ) -> Result<(), ExchangeError> {
+        self.put_blob_chunk(key, index, data).await
+    }
+
+    async fn blob_finish(&self, key: &str, sha256: [u8; 32]) -> Result<(), ExchangeError> {
+        self.finish_blob(key, sha256).await
+    }
+
+    async fn blob_meta(&self, key: &str) -> Result<Option<BlobMeta>, ExchangeError> {
+        self.meta_of_blob(key).await
+    }
+
+    async fn blob_read(
+        &self,
+        key: &str,
+        index: u64,
+    ) -> Result<Option<bytes::Bytes>, ExchangeError> {
+        self.read_blob(key, index).await
+    }
+
+    async fn blob_delete(&self, key: &str) -> Result<bool, ExchangeError> {
+        self.delete_blob(key).await
+    }
+
+    async fn blob_delete_owned(&self, owner: &EntityId) -> Result<(), ExchangeError> {
+        self.delete_blobs_of(owner).await
+    }
+
+    async fn blob_usage(&self) -> Result<BlobUsage, ExchangeError> {
+        self.usage_of_blobs().await
     }
 
     async fn sweep(&self, retention: &Retention) -> Result<Swept, ExchangeError> {

@@ -43,6 +43,8 @@ pub(super) struct Scripts {
     pub(super) abandon: Lua,
     pub(super) commit: Lua,
     pub(super) load_state: Lua,
+    pub(super) blob_chunk: Lua,
+    pub(super) blob_finish: Lua,
 }
 
 impl Scripts {
@@ -86,6 +88,8 @@ impl Scripts {
                 include_str!("scripts/commit.lua")
             )),
             load_state: Lua::new(include_str!("scripts/load_state.lua")),
+            blob_chunk: Lua::new(include_str!("scripts/blob_chunk.lua")),
+            blob_finish: Lua::new(include_str!("scripts/blob_finish.lua")),
         }
     }
 }

@@ -1,0 +1,219 @@
+//! Payloads by reference (docs/design.md, "Blobs"), over gRPC against a
+//! real exchange-server on both backends: actions and handles see plain
+//! values, whatever size; blobs are freed once their call is over.
+
+use std::time::Duration;
+
+use academy_exchange::{BlobUsage, ExchangeOptions, MailboxStore, RedisOptions, RunningExchange};
+use academy_proto::pb::{self, message::Body};
+use academy_sdk::{AgentConfig, HandleError, LaunchOptions, Manager, behaviour};
+use academy_server::testing::RedisServer;
+use futures::StreamExt as _;
+use tonic::Code;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+struct Bytes;
+
+#[behaviour(name = "test.Bytes")]
+impl Bytes {
+    #[action]
+    async fn echo(&self, text: String) -> String {
+        text
+    }
+
+    #[action]
+    async fn reversed(&self, text: String) -> String {
+        text.chars().rev().collect()
+    }
+
+    #[action]
+    async fn slow(&self, text: String) -> usize {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        text.len()
+    }
+
+    #[action]
+    async fn make(&self, bytes: usize) -> String {
+        "y".repeat(bytes)
+    }
+
+    #[action]
+    async fn make_slowly(&self, bytes: usize) -> String {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        "y".repeat(bytes)
+    }
+}
+
+/// A server over the memory backend, or Redis when `redis` is given.
+async fn server(redis: Option<&RedisServer>) -> RunningExchange {
+    let store = redis.map_or(MailboxStore::Memory, |r| {
+        MailboxStore::Redis(RedisOptions { url: r.url(), ..Default::default() })
+    });
+    RunningExchange::start(ExchangeOptions { store, ..Default::default() }).await.unwrap()
+}
+
+/// Waits (up to 10 s) for the blob store to be empty: callers free their
+/// blobs in the background.
+async fn until_empty(server: &RunningExchange) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage = server.exchange().blob_usage().await.unwrap();
+        if usage == BlobUsage::default() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "blobs left behind: {usage:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Text of `n` bytes, different from place to place.
+fn text(n: usize) -> String {
+    (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect()
+}
+
+async fn arguments_and_results_beyond_a_message_go_by_reference(redis: Option<&RedisServer>) {
+    let server = server(redis).await;
+    let manager = Manager::connect(&server.url()).await.unwrap().with_blob_threshold(64 * KIB);
+    let agent = manager.launch(Bytes).await.unwrap();
+    // 10 MiB each way: more than a message may hold (4 MiB).
+    let big = text(10 * MIB);
+    let answer = agent.reversed(big.clone()).await.unwrap();
+    assert!(answer.chars().eq(big.chars().rev()), "the result is the reversed argument");
+    // Small ones stay inline: nothing is ever kept for them.
+    assert_eq!(agent.echo("small".into()).await.unwrap(), "small");
+    until_empty(&server).await;
+    // A manager that never sends by reference is held to the message limit.
+    let inline = Manager::connect(&server.url()).await.unwrap().with_blob_threshold(usize::MAX);
+    let handle = inline.handle::<Bytes>(agent.id());
+    let err = handle.echo(text(5 * MIB)).await.unwrap_err();
+    assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    manager.close().await.unwrap();
+    inline.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_arguments_and_results_beyond_a_message_go_by_reference() {
+    arguments_and_results_beyond_a_message_go_by_reference(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_arguments_and_results_beyond_a_message_go_by_reference() {
+    let redis = RedisServer::start().expect("redis-server must run for these tests");
+    arguments_and_results_beyond_a_message_go_by_reference(Some(&redis)).await;
+}
+
+/// 10,000 calls whose arguments and results all go by reference leave
+/// nothing in the store.
+async fn ten_thousand_calls_by_reference_leave_the_store_empty(redis: Option<&RedisServer>) {
+    let server = server(redis).await;
+    let manager = Manager::connect(&server.url()).await.unwrap().with_blob_threshold(KIB);
+    let config = AgentConfig { blob_threshold: KIB, ..Default::default() };
+    let options = LaunchOptions { config, ..Default::default() };
+    let agent = manager.launch_with(Bytes, options).await.unwrap();
+    let payload = text(4 * KIB);
+    let answered = futures::stream::iter(0..10_000)
+        .map(|_| agent.echo(payload.clone()))
+        .buffer_unordered(32)
+        .filter(|answer| std::future::ready(answer.as_ref().is_ok_and(|a| *a == payload)))
+        .count()
+        .await;
+    assert_eq!(answered, 10_000);
+    until_empty(&server).await;
+    manager.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_ten_thousand_calls_by_reference_leave_the_store_empty() {
+    ten_thousand_calls_by_reference_leave_the_store_empty(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_ten_thousand_calls_by_reference_leave_the_store_empty() {
+    let redis = RedisServer::start().expect("redis-server must run for these tests");
+    ten_thousand_calls_by_reference_leave_the_store_empty(Some(&redis)).await;
+}
+
+/// A call that times out frees its arguments; a result nobody waits for any
+/// more is freed when it arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_calls_free_their_blobs() {
+    let server = server(None).await;
+    let manager = Manager::connect(&server.url()).await.unwrap().with_blob_threshold(KIB);
+    let config = AgentConfig { blob_threshold: KIB, ..Default::default() };
+    let agent =
+        manager.launch_with(Bytes, LaunchOptions { config, ..Default::default() }).await.unwrap();
+    let impatient = agent.with_timeout(Duration::from_millis(300));
+    fn timed_out<T>(r: &Result<T, HandleError>) -> bool {
+        matches!(r, Err(HandleError::Timeout(_)))
+    }
+    assert!(timed_out(&impatient.slow(text(MIB)).await));
+    until_empty(&server).await;
+    // The result comes after its caller gave up.
+    assert!(timed_out(&impatient.make_slowly(2 * MIB).await));
+    // Whatever the agent did meanwhile, nothing stays.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_empty(&server).await;
+    manager.close().await.unwrap();
+}
+
+/// A reference that cannot be read answers an error naming the key, never
+/// a hang; Invoke gives plain JSON for a result kept as a blob, or says why
+/// it cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_references_and_invoke() {
+    let server = server(None).await;
+    let manager = Manager::connect(&server.url()).await.unwrap();
+    let config = AgentConfig { blob_threshold: KIB, ..Default::default() };
+    let agent =
+        manager.launch_with(Bytes, LaunchOptions { config, ..Default::default() }).await.unwrap();
+
+    let exchange = manager.exchange().clone();
+    let me = exchange.register_client().await.unwrap();
+    let mut deliveries = exchange.subscribe(&me, 0, "").await.unwrap();
+    let key = "0123456789abcdef".repeat(4);
+    let blob =
+        pb::BlobRef { store: "exchange".into(), key: key.clone(), size: 5, sha256: vec![0; 32] };
+    let args = pb::Payload {
+        content_type: "application/json".into(),
+        blob: Some(blob),
+        ..Default::default()
+    };
+    let header = pb::Header {
+        src: me.to_string(),
+        dest: agent.id().to_string(),
+        tag: uuid::Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let body = Body::ActionRequest(pb::ActionRequest { action: "echo".into(), args: Some(args) });
+    exchange.send(pb::Message { header: Some(header), body: Some(body) }).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), deliveries.next()).await.unwrap();
+    let message = answer.unwrap().unwrap().remove(0).message.unwrap();
+    let Some(Body::ErrorResponse(error)) = message.body else { panic!("an error answers it") };
+    assert_eq!(error.code, Code::NotFound as i32);
+    assert!(error.message.contains(&key), "{}", error.message);
+
+    let mut rpc =
+        pb::exchange_service_client::ExchangeServiceClient::connect(server.url()).await.unwrap();
+    use academy_proto::prost_types::{ListValue, Value, value::Kind};
+    let invoke = |bytes: usize| pb::InvokeRequest {
+        agent_id: agent.id().to_string(),
+        action: "make".into(),
+        args: Some(Value {
+            kind: Some(Kind::ListValue(ListValue {
+                values: vec![Value { kind: Some(Kind::NumberValue(bytes as f64)) }],
+            })),
+        }),
+        timeout: Some(academy_proto::duration::to_proto(Duration::from_secs(10))),
+    };
+    // Past the agent's threshold: kept as a blob, read back by the exchange.
+    let result = rpc.invoke(invoke(64 * KIB)).await.unwrap().into_inner().result.unwrap();
+    assert_eq!(result.kind, Some(Kind::StringValue("y".repeat(64 * KIB))));
+    // Past what an InvokeResponse holds: refused, saying why.
+    let err = rpc.invoke(invoke(5 * MIB)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("reads blobs"), "{}", err.message());
+    until_empty(&server).await;
+    manager.close().await.unwrap();
+}

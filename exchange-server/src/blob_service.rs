@@ -1,0 +1,111 @@
+//! The exchange's blobs over gRPC (`academy.v1.BlobService`,
+//! docs/design.md, "Blobs").
+
+use std::borrow::Cow;
+use std::pin::Pin;
+
+use academy_proto::pb::{self, blob_service_server};
+use academy_proto::{EntityId, ExchangeError, duration};
+use academy_server::auth::{Grant, Principal, until_revoked};
+use futures::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{BlobPut, Exchange};
+
+type RpcResult<T> = Result<Response<T>, Status>;
+
+/// Serves one exchange's blobs.
+#[derive(Debug, Clone)]
+pub struct BlobGrpc {
+    exchange: Exchange,
+}
+
+impl BlobGrpc {
+    /// Serves the blobs of `exchange`.
+    pub fn new(exchange: Exchange) -> Self {
+        Self { exchange }
+    }
+
+    fn exchange_for<T>(&self, request: &Request<T>) -> Cow<'_, Exchange> {
+        match Principal::of(request) {
+            None => Cow::Borrowed(&self.exchange),
+            principal => Cow::Owned(self.exchange.acting_as(principal)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl blob_service_server::BlobService for BlobGrpc {
+    async fn put_blob(
+        &self,
+        request: Request<Streaming<pb::PutBlobRequest>>,
+    ) -> RpcResult<pb::PutBlobResponse> {
+        let exchange = self.exchange_for(&request).into_owned();
+        let mut frames = request.into_inner();
+        let first = frames
+            .message()
+            .await?
+            .ok_or_else(|| ExchangeError::InvalidArgument("PutBlob sent no request".into()))?;
+        let owner = EntityId::parse_field(&first.owner, "owner")?;
+        let ttl = first.ttl.map(|t| duration::from_proto(t, "ttl")).transpose()?;
+        let put = BlobPut { owner, size: first.size, ttl };
+        let shutdown = exchange.shutdown_signal();
+        // The first request's chunk, then the others', until the caller is
+        // done; an exchange that stops ends the put (nothing is kept).
+        let start = (Some(first.data), frames, shutdown, false);
+        let chunks =
+            futures::stream::unfold(start, |(first, mut frames, shutdown, failed)| async move {
+                if failed {
+                    return None;
+                }
+                if let Some(data) = first {
+                    return Some((Ok(data), (None, frames, shutdown, false)));
+                }
+                let next = tokio::select! {
+                    () = shutdown.cancelled() => Err(ExchangeError::ShuttingDown),
+                    frame = frames.message() => match frame {
+                        Ok(frame) => Ok(frame?.data),
+                        Err(status) => Err(ExchangeError::InvalidArgument(format!(
+                            "the put broke off: {}",
+                            academy_proto::excerpt(status.message())
+                        ))),
+                    },
+                };
+                let failed = next.is_err();
+                Some((next, (None, frames, shutdown, failed)))
+            });
+        let (blob, expires_in) = exchange.put_blob(put, chunks).await?;
+        Ok(Response::new(pb::PutBlobResponse {
+            blob: Some(blob),
+            expires_in: Some(duration::to_proto(expires_in)),
+        }))
+    }
+
+    type GetBlobStream = Pin<Box<dyn Stream<Item = Result<pb::GetBlobResponse, Status>> + Send>>;
+
+    async fn get_blob(
+        &self,
+        request: Request<pb::GetBlobRequest>,
+    ) -> RpcResult<Self::GetBlobStream> {
+        let grant = Grant::of(&request);
+        let req = request.into_inner();
+        let (meta, chunks) = self.exchange.get_blob(&req.key, req.offset).await?;
+        // What the blob is, then its bytes.
+        let head =
+            pb::GetBlobResponse { size: meta.size, sha256: meta.sha256, ..Default::default() };
+        let frames = futures::stream::iter([Ok(head)]).chain(
+            chunks.map(|chunk| Ok(pb::GetBlobResponse { data: chunk?, ..Default::default() })),
+        );
+        let shutdown = self.exchange.shutdown_signal();
+        let frames = frames.take_until(shutdown.cancelled_owned());
+        Ok(Response::new(Box::pin(until_revoked(frames, grant))))
+    }
+
+    async fn delete_blob(
+        &self,
+        request: Request<pb::DeleteBlobRequest>,
+    ) -> RpcResult<pb::DeleteBlobResponse> {
+        let deleted = self.exchange.delete_blob(&request.into_inner().key).await?;
+        Ok(Response::new(pb::DeleteBlobResponse { deleted }))
+    }
+}
