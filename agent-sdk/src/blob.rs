@@ -155,3 +155,269 @@ impl Failure {
         }
     }
 }
+
+thread_local! {
+    /// The exchange a handle decodes a result for: where the [`Blob`]s in
+    /// it are read.
+    static DECODING: std::cell::RefCell<Option<SharedExchange>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `decode` with [`Blob`]s decoded in it read from `exchange`.
+pub(crate) fn decoding<T>(exchange: &SharedExchange, decode: impl FnOnce() -> T) -> T {
+    let before = DECODING.with(|d| d.replace(Some(exchange.clone())));
+    let decoded = decode();
+    DECODING.with(|d| *d.borrow_mut() = before);
+    decoded
+}
+
+/// A payload kept in the exchange's blob store and passed by reference
+/// (docs/design.md, "Blobs"), for data too large to hold in memory at once:
+/// an action may take or return one, and whoever holds it reads it in
+/// chunks of at most 1 MiB ([`Blob::chunks`], [`Blob::write_to`]). It
+/// serialises as its reference (store, key, size, SHA-256 in hex).
+///
+/// Make one with [`Manager::put_blob`](crate::Manager::put_blob) (or
+/// [`put_file`](crate::Manager::put_file)), or inside an agent with
+/// [`put`]. Its maker frees it ([`Blob::delete`]) when done; otherwise it
+/// goes with its owner mailbox, or at the exchange's blob TTL.
+#[derive(Clone)]
+pub struct Blob {
+    reference: pb::BlobRef,
+    /// Where it is read: the exchange of whoever made or decoded it.
+    exchange: Option<SharedExchange>,
+}
+
+impl std::fmt::Debug for Blob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blob")
+            .field("key", &self.reference.key)
+            .field("size", &self.reference.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for Blob {
+    fn eq(&self, other: &Self) -> bool {
+        self.reference == other.reference
+    }
+}
+
+impl Blob {
+    /// Its length in bytes.
+    pub fn size(&self) -> u64 {
+        self.reference.size
+    }
+
+    /// Its key in the store.
+    pub fn key(&self) -> &str {
+        &self.reference.key
+    }
+
+    /// Its SHA-256.
+    pub fn sha256(&self) -> &[u8] {
+        &self.reference.sha256
+    }
+
+    /// The same blob, read through `exchange` (for one decoded where no
+    /// agent or handle was running).
+    pub fn on(mut self, exchange: SharedExchange) -> Self {
+        self.exchange = Some(exchange);
+        self
+    }
+
+    fn exchange(&self) -> Result<&SharedExchange, ClientError> {
+        self.exchange.as_ref().ok_or_else(|| {
+            ClientError::Transport(format!(
+                "blob {} was decoded outside an agent or a handle: give it an exchange with Blob::on",
+                self.reference.key
+            ))
+        })
+    }
+
+    /// Its bytes, chunk by chunk; the last item is an error if they do not
+    /// match its size and SHA-256.
+    pub async fn chunks(&self) -> Result<BlobChunks, ClientError> {
+        let read = self.exchange()?.get_blob(&self.reference.key, 0).await?;
+        if read.size != self.reference.size || read.sha256 != self.reference.sha256 {
+            return Err(corrupt(&self.reference, "is not the blob its reference describes"));
+        }
+        let expected = self.reference.clone();
+        let checked = futures::stream::unfold(
+            (read.chunks, Sha256::new(), 0u64, expected, false),
+            |(mut chunks, mut hasher, mut seen, expected, done)| async move {
+                if done {
+                    return None;
+                }
+                match chunks.next().await {
+                    Some(Ok(chunk)) => {
+                        hasher.update(&chunk);
+                        seen += chunk.len() as u64;
+                        if seen > expected.size {
+                            let err = corrupt(&expected, "has more bytes than its size");
+                            return Some((Err(err), (chunks, hasher, seen, expected, true)));
+                        }
+                        Some((Ok(chunk), (chunks, hasher, seen, expected, false)))
+                    }
+                    Some(Err(err)) => Some((Err(err), (chunks, hasher, seen, expected, true))),
+                    None => {
+                        let digest = hasher.clone().finalize();
+                        if seen == expected.size && digest.as_slice() == expected.sha256.as_slice()
+                        {
+                            return None;
+                        }
+                        let err = corrupt(&expected, "does not match its size and SHA-256");
+                        Some((Err(err), (chunks, hasher, seen, expected, true)))
+                    }
+                }
+            },
+        );
+        Ok(checked.boxed())
+    }
+
+    /// Its bytes, whole, checked.
+    pub async fn bytes(&self) -> Result<Bytes, ClientError> {
+        read(self.exchange()?, &self.reference).await
+    }
+
+    /// Writes its bytes to `writer`, a chunk at a time; how many.
+    pub async fn write_to<W>(&self, writer: &mut W) -> Result<u64, ClientError>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt as _;
+        let mut chunks = self.chunks().await?;
+        let mut written = 0;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk?;
+            writer.write_all(&chunk).await.map_err(io_error)?;
+            written += chunk.len() as u64;
+        }
+        writer.flush().await.map_err(io_error)?;
+        Ok(written)
+    }
+
+    /// Frees it now; whether it was still kept.
+    pub async fn delete(&self) -> Result<bool, ClientError> {
+        self.exchange()?.delete_blob(&self.reference.key).await
+    }
+}
+
+fn io_error(err: std::io::Error) -> ClientError {
+    ClientError::Transport(format!("reading or writing a blob's bytes: {err}"))
+}
+
+/// Keeps the `size` bytes `reader` yields as a blob of mailbox `owner`,
+/// reading a chunk at a time.
+pub(crate) async fn put_from<R>(
+    exchange: &SharedExchange,
+    owner: &EntityId,
+    reader: R,
+    size: u64,
+) -> Result<Blob, ClientError>
+where
+    R: tokio::io::AsyncRead + Send + Unpin + 'static,
+{
+    use tokio::io::AsyncReadExt as _;
+    let chunks = futures::stream::unfold((reader, 0u64), move |(mut reader, done)| async move {
+        if done == size {
+            return None;
+        }
+        let want = (size - done).min(BLOB_CHUNK_BYTES as u64) as usize;
+        let mut chunk = BytesMut::zeroed(want);
+        let mut filled = 0;
+        while filled < want {
+            match reader.read(&mut chunk[filled..]).await {
+                Ok(0) => {
+                    let err = ClientError::Transport(format!(
+                        "the blob's reader ended after {} of {size} bytes",
+                        done + filled as u64
+                    ));
+                    return Some((Err(err), (reader, size)));
+                }
+                Ok(n) => filled += n,
+                Err(e) => return Some((Err(io_error(e)), (reader, size))),
+            }
+        }
+        Some((Ok(chunk.freeze()), (reader, done + want as u64)))
+    });
+    let reference = exchange.put_blob(owner, size, chunks.boxed()).await?;
+    Ok(Blob { reference, exchange: Some(exchange.clone()) })
+}
+
+/// Inside an agent: keeps the `size` bytes `reader` yields as a blob of
+/// the agent's mailbox, to pass to others by reference.
+pub async fn put<R>(reader: R, size: u64) -> Result<Blob, ClientError>
+where
+    R: tokio::io::AsyncRead + Send + Unpin + 'static,
+{
+    let mailbox = crate::context::current_mailbox().ok_or_else(|| {
+        ClientError::Transport(
+            "blob::put runs inside an agent; use Manager::put_blob outside".into(),
+        )
+    })?;
+    put_from(mailbox.exchange(), &mailbox.id(), reader, size).await
+}
+
+impl serde::Serialize for Blob {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let r = &self.reference;
+        let mut s = serializer.serialize_struct("Blob", 4)?;
+        s.serialize_field("store", &r.store)?;
+        s.serialize_field("key", &r.key)?;
+        s.serialize_field("size", &r.size)?;
+        s.serialize_field("sha256", &hex(&r.sha256))?;
+        s.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Blob {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Reference {
+            store: String,
+            key: String,
+            size: u64,
+            sha256: String,
+        }
+        let r = Reference::deserialize(deserializer)?;
+        let sha256 =
+            unhex(&r.sha256).ok_or_else(|| serde::de::Error::custom("sha256 is not hex"))?;
+        let reference = pb::BlobRef { store: r.store, key: r.key, size: r.size, sha256 };
+        let exchange = DECODING
+            .with(|d| d.borrow().clone())
+            .or_else(|| crate::context::current_mailbox().map(|m| m.exchange().clone()));
+        Ok(Self { reference, exchange })
+    }
+}
+
+impl schemars::JsonSchema for Blob {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Blob".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "object",
+            "description": "A payload kept in a blob store, passed by reference (docs/design.md, \"Blobs\")",
+            "properties": {
+                "store": {"type": "string"},
+                "key": {"type": "string"},
+                "size": {"type": "integer", "minimum": 0},
+                "sha256": {"type": "string", "description": "hex"}
+            },
+            "required": ["store", "key", "size", "sha256"]
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+}

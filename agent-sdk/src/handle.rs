@@ -122,7 +122,10 @@ impl RawHandle {
                     let exchange = mailbox.exchange();
                     let read = crate::blob::resolve(exchange, resp.result.clone()).await;
                     crate::blob::free(exchange, resp.result.as_ref());
-                    return codec::decode(read?.as_ref())
+                    let read = read?;
+                    // Blobs in the result are read where this handle calls from.
+                    let decoded = crate::blob::decoding(exchange, || codec::decode(read.as_ref()));
+                    return decoded
                         .map_err(|e| HandleError::Codec(format!("result of {action}: {e}")));
                 }
                 // The request was not run: safe to send again, in JSON.

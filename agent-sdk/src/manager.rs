@@ -84,6 +84,29 @@ impl Manager {
         self
     }
 
+    /// Keeps the `size` bytes `reader` yields as a blob of this manager's
+    /// mailbox, read and sent a chunk at a time, to pass to agents by
+    /// reference (docs/design.md, "Blobs"). Free it with
+    /// [`Blob::delete`](crate::blob::Blob::delete) when done.
+    pub async fn put_blob<R>(&self, reader: R, size: u64) -> Result<crate::blob::Blob, ClientError>
+    where
+        R: tokio::io::AsyncRead + Send + Unpin + 'static,
+    {
+        crate::blob::put_from(&self.exchange, &self.mailbox.id(), reader, size).await
+    }
+
+    /// [`put_blob`](Self::put_blob) of the file at `path`.
+    pub async fn put_file(
+        &self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<crate::blob::Blob, ClientError> {
+        let path = path.as_ref();
+        let named = |e: std::io::Error| ClientError::Transport(format!("{}: {e}", path.display()));
+        let file = tokio::fs::File::open(path).await.map_err(named)?;
+        let size = file.metadata().await.map_err(named)?.len();
+        self.put_blob(file, size).await
+    }
+
     /// A manager talking gRPC to the exchange-server at `url`.
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
         Self::new(Arc::new(GrpcExchange::connect(url).await?)).await

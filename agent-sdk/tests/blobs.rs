@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use academy_exchange::{BlobUsage, ExchangeOptions, MailboxStore, RedisOptions, RunningExchange};
 use academy_proto::pb::{self, message::Body};
-use academy_sdk::{AgentConfig, HandleError, LaunchOptions, Manager, behaviour};
+use academy_sdk::blob::Blob;
+use academy_sdk::{ActionError, AgentConfig, HandleError, LaunchOptions, Manager, behaviour};
 use academy_server::testing::RedisServer;
 use futures::StreamExt as _;
 use tonic::Code;
@@ -37,6 +38,28 @@ impl Bytes {
     #[action]
     async fn make(&self, bytes: usize) -> String {
         "y".repeat(bytes)
+    }
+
+    /// The SHA-256 of a blob, read a chunk at a time.
+    #[action]
+    async fn digest(&self, data: Blob) -> Result<String, ActionError> {
+        use sha2::{Digest as _, Sha256};
+        let mut chunks = data.chunks().await.map_err(|e| ActionError::internal(e.to_string()))?;
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = chunks.next().await {
+            hasher.update(&chunk.map_err(|e| ActionError::internal(e.to_string()))?);
+        }
+        Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// A new blob, of the agent's, with the last `n` bytes of `data`.
+    #[action]
+    async fn tail(&self, data: Blob, n: usize) -> Result<Blob, ActionError> {
+        let bytes = data.bytes().await.map_err(|e| ActionError::internal(e.to_string()))?;
+        let tail = bytes.slice(bytes.len().saturating_sub(n)..);
+        let size = tail.len() as u64;
+        let reader = std::io::Cursor::new(tail);
+        academy_sdk::blob::put(reader, size).await.map_err(|e| ActionError::internal(e.to_string()))
     }
 
     #[action]
@@ -215,5 +238,45 @@ async fn unreadable_references_and_invoke() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("reads blobs"), "{}", err.message());
     until_empty(&server).await;
+    manager.close().await.unwrap();
+}
+
+/// Actions take and return `Blob`s: made from a file, read a chunk at a
+/// time, written to a file; errors say what went wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_take_and_return_blobs_read_in_chunks() {
+    use sha2::{Digest as _, Sha256};
+    let server = server(None).await;
+    let manager = Manager::connect(&server.url()).await.unwrap();
+    let agent = manager.launch(Bytes).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("academy-blob-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data: Vec<u8> = (0..9 * MIB + 5).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.join("in"), &data).unwrap();
+
+    let blob = manager.put_file(dir.join("in")).await.unwrap();
+    assert_eq!(blob.size(), data.len() as u64);
+    let hex: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(agent.digest(blob.clone()).await.unwrap(), hex);
+
+    let tail = agent.tail(blob.clone(), 3 * MIB).await.unwrap();
+    let mut out = tokio::fs::File::create(dir.join("out")).await.unwrap();
+    assert_eq!(tail.write_to(&mut out).await.unwrap(), 3 * MIB as u64);
+    assert!(std::fs::read(dir.join("out")).unwrap() == data[data.len() - 3 * MIB..]);
+    assert!(tail.delete().await.unwrap() && blob.delete().await.unwrap());
+    assert_eq!(server.exchange().blob_usage().await.unwrap(), BlobUsage::default());
+
+    // A blob freed before its reader reads it: an error naming it.
+    let err = agent.digest(blob.clone()).await.unwrap_err();
+    let HandleError::Remote { message, .. } = &err else { panic!("{err}") };
+    assert!(message.contains(blob.key()) && message.contains("not found"), "{err}");
+    // A reader that ends before the size it promised.
+    let short = std::io::Cursor::new(vec![1u8; 10]);
+    let err = manager.put_blob(short, 20).await.unwrap_err();
+    assert!(err.to_string().contains("ended after 10 of 20 bytes"), "{err}");
+    assert_eq!(server.exchange().blob_usage().await.unwrap(), BlobUsage::default());
+    let missing = manager.put_file(dir.join("nowhere")).await.unwrap_err();
+    assert!(missing.to_string().contains("nowhere"), "{missing}");
+    std::fs::remove_dir_all(dir).unwrap();
     manager.close().await.unwrap();
 }

@@ -86,6 +86,10 @@ pub(crate) struct Config {
     /// `maxmemory` bounds them).
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_BLOB_STORE_BYTES", default_value_t = Limits::default().max_blob_store_bytes)]
     pub(crate) max_blob_store_bytes: u64,
+    /// With the memory backend: keep blobs in files under this directory
+    /// (unlinked as soon as made) rather than in memory.
+    #[arg(long, env = "ACADEMY_EXCHANGE_BLOB_DIR")]
+    pub(crate) blob_dir: Option<PathBuf>,
     /// Seconds a blob is kept at most, unless freed before.
     #[arg(long, env = "ACADEMY_EXCHANGE_BLOB_TTL_SECS", default_value_t = Limits::default().blob_ttl.as_secs())]
     pub(crate) blob_ttl_secs: u64,
@@ -167,9 +171,14 @@ impl Config {
                 })
             }
         };
+        anyhow::ensure!(
+            self.blob_dir.is_none() || matches!(store, MailboxStore::Memory),
+            "--blob-dir is for the memory backend: over Redis, blobs are kept in Redis"
+        );
         Ok(ExchangeOptions {
             listen: self.listen.clone(),
             store,
+            blob_dir: self.blob_dir.clone(),
             limits,
             shutdown_grace: grace,
             tokens: self.tokens_file.as_deref().map(Tokens::load).transpose()?,

@@ -46,7 +46,14 @@ impl Default for Exchange {
 impl Exchange {
     /// An exchange whose mailboxes live in this process.
     pub fn new(limits: Limits) -> Self {
-        Self::over(Arc::new(MemoryBackend::new(&limits.retention)), limits)
+        Self::in_memory(limits, None)
+    }
+
+    /// An exchange whose mailboxes live in this process, and its blobs in
+    /// files under `blob_dir` (when given) rather than in memory.
+    pub fn in_memory(limits: Limits, blob_dir: Option<std::path::PathBuf>) -> Self {
+        let backend = MemoryBackend::new(&limits.retention).with_blob_dir(blob_dir);
+        Self::over(Arc::new(backend), limits)
     }
 
     /// An exchange whose mailboxes live in Redis: durable, and shared by every

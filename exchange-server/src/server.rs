@@ -41,6 +41,9 @@ pub struct ExchangeOptions {
     pub listen: Address,
     /// Where mailboxes are kept.
     pub store: MailboxStore,
+    /// With the memory store: keep blobs in files under this directory
+    /// rather than in memory (docs/design.md, "Blobs").
+    pub blob_dir: Option<std::path::PathBuf>,
     /// Limits of messages and mailboxes.
     pub limits: Limits,
     /// How long open calls may take to finish after shutdown starts.
@@ -61,6 +64,7 @@ impl Default for ExchangeOptions {
         Self {
             listen: Address::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
             store: MailboxStore::Memory,
+            blob_dir: None,
             limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
             tokens: None,
@@ -117,7 +121,7 @@ impl RunningExchange {
     /// ```
     pub async fn start(options: ExchangeOptions) -> std::io::Result<Self> {
         let exchange = match &options.store {
-            MailboxStore::Memory => Exchange::new(options.limits),
+            MailboxStore::Memory => Exchange::in_memory(options.limits, options.blob_dir.clone()),
             #[cfg(feature = "redis")]
             MailboxStore::Redis(redis) => Exchange::redis(redis.clone(), options.limits)
                 .await

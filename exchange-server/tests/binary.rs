@@ -53,6 +53,7 @@ fn bad_configuration_is_refused_with_a_clear_message() {
         (&["--client-cert-principals"][..], "--tls-client-ca"),
         (&["--max-message-bytes", "4194304"][..], "must fit in a delivery"),
         (&["--max-queued", "0"][..], "must be positive"),
+        (&["--backend", "redis", "--blob-dir", "/tmp"][..], "--blob-dir is for the memory backend"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_academy-exchange")).args(args).output().unwrap();
         assert!(!out.status.success());
@@ -83,5 +84,47 @@ fn a_bad_tokens_file_is_refused_naming_the_file_and_line() {
         assert!(stderr.contains(expected) && stderr.contains(&*path.to_string_lossy()), "{stderr}");
         assert!(!stderr.contains("0123456789abcdef"), "a token leaked: {stderr}");
     }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// With `--blob-dir`, a blob's bytes go to a file (unlinked at once) rather
+/// than the exchange's memory: putting 64 MiB grows its resident memory by
+/// much less, nothing shows in the directory, and the bytes read back whole.
+#[tokio::test]
+async fn blobs_kept_in_a_directory_stay_out_of_memory() {
+    use academy_proto::pb::blob_service_client::BlobServiceClient;
+    use sha2::{Digest as _, Sha256};
+    const MIB: usize = 1 << 20;
+    let dir = std::env::temp_dir().join(format!("academy-blobs-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut child, url) = common::spawn_exchange(&[], &["--blob-dir", dir.to_str().unwrap()]);
+    let mut rpc = ExchangeServiceClient::connect(url.clone()).await.unwrap();
+    let owner = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let owner = owner.into_inner().client_id;
+    let mut blobs = BlobServiceClient::connect(url).await.unwrap();
+    let chunk = |i: usize| vec![(i % 251) as u8; MIB];
+    let before = common::rss(child.id());
+    let head = pb::PutBlobRequest { owner, size: 64 * MIB as u64, ..Default::default() };
+    let body =
+        (0..64).map(move |i| pb::PutBlobRequest { data: chunk(i).into(), ..Default::default() });
+    let requests = tokio_stream::iter(std::iter::once(head).chain(body));
+    let blob = blobs.put_blob(requests).await.unwrap().into_inner().blob.unwrap();
+    let grown = common::rss(child.id()).saturating_sub(before);
+    assert!(grown < 32 * MIB as u64, "the exchange grew by {} MiB for a 64 MiB blob", grown >> 20);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "blob files are unlinked");
+
+    let request = pb::GetBlobRequest { key: blob.key.clone(), offset: 0 };
+    let mut frames = blobs.get_blob(request).await.unwrap().into_inner();
+    let (mut hasher, mut read) = (Sha256::new(), 0);
+    while let Some(frame) = frames.message().await.unwrap() {
+        hasher.update(&frame.data);
+        read += frame.data.len();
+    }
+    assert_eq!(read, 64 * MIB);
+    assert_eq!(hasher.finalize().to_vec(), blob.sha256);
+    let deleted = blobs.delete_blob(pb::DeleteBlobRequest { key: blob.key }).await.unwrap();
+    assert!(deleted.into_inner().deleted);
+    let _ = child.kill();
+    let _ = child.wait();
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,21 +1,41 @@
-//! Blobs kept in memory (docs/design.md, "Blobs"): chunks as received,
-//! freed when deleted, when their owner's mailbox is terminated, or when
-//! their TTL passes (looked at on every put).
+//! Blobs of the in-memory backend (docs/design.md, "Blobs"): chunks as
+//! received, or in a file per blob under a directory (`--blob-dir`), freed
+//! when deleted, when their owner's mailbox is terminated, or when their
+//! TTL passes (looked at on every put). A blob's file is unlinked as soon
+//! as it is made: the open handle keeps it, so nothing is left on disk by
+//! a deleted blob, a reader that still holds it, or a process that died.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use academy_proto::{EntityId, ExchangeError};
 use bytes::Bytes;
 
 use crate::backend::{BlobMeta, BlobUsage};
+use crate::limits::BLOB_CHUNK_BYTES;
+
+/// Where a blob's chunks are.
+#[derive(Debug)]
+enum Chunks {
+    Memory(Vec<Bytes>),
+    /// In an unlinked file; `written` chunks so far.
+    File {
+        file: Arc<std::fs::File>,
+        written: u64,
+    },
+}
+
+/// Where to write or read a chunk kept in a file: outside the lock.
+pub(super) type FileChunk = (Arc<std::fs::File>, u64);
 
 #[derive(Debug)]
 struct Blob {
     owner: EntityId,
     size: u64,
-    chunks: Vec<Bytes>,
+    chunks: Chunks,
     /// Set once every chunk is kept: then it is readable.
     sha256: Option<[u8; 32]>,
     expires: Instant,
@@ -31,6 +51,8 @@ pub(super) struct Blobs {
     /// Bytes promised to the blobs kept: each counts its whole size from
     /// its first chunk on.
     kept: u64,
+    /// Where blob files go (none: in memory).
+    pub(super) dir: Option<PathBuf>,
 }
 
 impl Blobs {
@@ -48,7 +70,11 @@ impl Blobs {
             return Err(ExchangeError::BlobStoreFull { limit: capacity });
         }
         let expires = now + ttl;
-        let blob = Blob { owner: *owner, size, chunks: Vec::new(), sha256: None, expires };
+        let chunks = match &self.dir {
+            None => Chunks::Memory(Vec::new()),
+            Some(dir) => Chunks::File { file: Arc::new(unlinked(&dir.join(key))?), written: 0 },
+        };
+        let blob = Blob { owner: *owner, size, chunks, sha256: None, expires };
         if let Some(old) = self.blobs.insert(key.to_owned(), blob) {
             self.kept -= old.size;
         }
@@ -58,20 +84,42 @@ impl Blobs {
         Ok(())
     }
 
+    /// Keeps chunk `index` of a blob in memory, or answers the file and
+    /// offset to write it at (then [`written`](Self::written)).
     pub(super) fn chunk(
         &mut self,
         key: &str,
         index: u64,
         data: Bytes,
-    ) -> Result<(), ExchangeError> {
+    ) -> Result<Option<FileChunk>, ExchangeError> {
         let blob = self.blobs.get_mut(key).ok_or_else(|| gone(key))?;
-        if index != blob.chunks.len() as u64 || blob.sha256.is_some() {
+        let kept = match &blob.chunks {
+            Chunks::Memory(chunks) => chunks.len() as u64,
+            Chunks::File { written, .. } => *written,
+        };
+        if index != kept || blob.sha256.is_some() {
             return Err(ExchangeError::InvalidArgument(format!(
                 "blob {key}: chunk {index} out of order"
             )));
         }
-        blob.chunks.push(data);
-        Ok(())
+        match &mut blob.chunks {
+            Chunks::Memory(chunks) => {
+                chunks.push(data);
+                Ok(None)
+            }
+            Chunks::File { file, .. } => Ok(Some((file.clone(), index * BLOB_CHUNK_BYTES as u64))),
+        }
+    }
+
+    /// Counts a chunk written to its blob's file.
+    pub(super) fn written(&mut self, key: &str) -> Result<(), ExchangeError> {
+        match self.blobs.get_mut(key).map(|b| &mut b.chunks) {
+            Some(Chunks::File { written, .. }) => {
+                *written += 1;
+                Ok(())
+            }
+            _ => Err(gone(key)),
+        }
     }
 
     pub(super) fn finish(&mut self, key: &str, sha256: [u8; 32]) -> Result<(), ExchangeError> {
@@ -89,9 +137,19 @@ impl Blobs {
         Some(BlobMeta { size: blob.size, sha256: blob.sha256?.to_vec() })
     }
 
-    pub(super) fn read(&self, key: &str, index: u64) -> Option<Bytes> {
+    /// Chunk `index` of a readable blob: its bytes, or where to read them
+    /// and how many.
+    pub(super) fn read(&self, key: &str, index: u64) -> Option<Result<Bytes, (FileChunk, usize)>> {
         let blob = self.readable(key)?;
-        blob.chunks.get(usize::try_from(index).ok()?).cloned()
+        match &blob.chunks {
+            Chunks::Memory(chunks) => chunks.get(usize::try_from(index).ok()?).cloned().map(Ok),
+            Chunks::File { file, .. } => {
+                let offset = index.checked_mul(BLOB_CHUNK_BYTES as u64)?;
+                let len = blob.size.checked_sub(offset).filter(|n| *n > 0)?;
+                let len = len.min(BLOB_CHUNK_BYTES as u64) as usize;
+                Some(Err(((file.clone(), offset), len)))
+            }
+        }
     }
 
     pub(super) fn delete(&mut self, key: &str) -> bool {
@@ -132,6 +190,45 @@ impl Blobs {
                 self.delete(&key);
             }
         }
+    }
+}
+
+/// A new file at `path`, unlinked at once.
+fn unlinked(path: &std::path::Path) -> Result<std::fs::File, ExchangeError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .and_then(|file| std::fs::remove_file(path).map(|()| file));
+    file.map_err(|e| {
+        ExchangeError::Unavailable(format!("cannot keep a blob in {}: {e}", path.display()))
+    })
+}
+
+/// Writes `data` at its place, off the async threads.
+pub(super) async fn write_at((file, offset): FileChunk, data: Bytes) -> Result<(), ExchangeError> {
+    use std::os::unix::fs::FileExt as _;
+    let written = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await;
+    match written {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ExchangeError::Unavailable(format!("cannot write a blob: {e}"))),
+        Err(e) => Err(ExchangeError::Unavailable(format!("cannot write a blob: {e}"))),
+    }
+}
+
+/// Reads `len` bytes at their place, off the async threads.
+pub(super) async fn read_at((file, offset): FileChunk, len: usize) -> Result<Bytes, ExchangeError> {
+    use std::os::unix::fs::FileExt as _;
+    let read = tokio::task::spawn_blocking(move || {
+        let mut data = vec![0; len];
+        file.read_exact_at(&mut data, offset).map(|()| Bytes::from(data))
+    })
+    .await;
+    match read {
+        Ok(Ok(data)) => Ok(data),
+        Ok(Err(e)) => Err(ExchangeError::Unavailable(format!("cannot read a blob: {e}"))),
+        Err(e) => Err(ExchangeError::Unavailable(format!("cannot read a blob: {e}"))),
     }
 }
 

@@ -60,6 +60,12 @@ impl MemoryBackend {
             blobs: Mutex::default(),
         }
     }
+
+    /// Keeps blobs in files under `dir` instead of memory.
+    pub(crate) fn with_blob_dir(self, dir: Option<std::path::PathBuf>) -> Self {
+        lock(&self.blobs).dir = dir;
+        self
+    }
 }
 
 /// What a principal holds: active mailboxes it owns, bytes of messages it
@@ -608,7 +614,9 @@ impl Backend for MemoryBackend {
         index: u64,
         data: bytes::Bytes,
     ) -> Result<(), ExchangeError> {
-        lock(&self.blobs).chunk(key, index, data)
+        let Some(at) = lock(&self.blobs).chunk(key, index, data.clone())? else { return Ok(()) };
+        blobs::write_at(at, data).await?;
+        lock(&self.blobs).written(key)
     }
 
     async fn blob_finish(&self, key: &str, sha256: [u8; 32]) -> Result<(), ExchangeError> {
@@ -624,7 +632,12 @@ impl Backend for MemoryBackend {
         key: &str,
         index: u64,
     ) -> Result<Option<bytes::Bytes>, ExchangeError> {
-        Ok(lock(&self.blobs).read(key, index))
+        let found = lock(&self.blobs).read(key, index);
+        match found {
+            None => Ok(None),
+            Some(Ok(data)) => Ok(Some(data)),
+            Some(Err((at, len))) => blobs::read_at(at, len).await.map(Some),
+        }
     }
 
     async fn blob_delete(&self, key: &str) -> Result<bool, ExchangeError> {
