@@ -22,9 +22,12 @@ use crate::ClientError;
 use crate::exchange::{BlobChunks, SharedExchange};
 
 /// Payloads of this many bytes or more go by reference unless a manager
-/// or agent says otherwise: larger than what most calls carry, and below
-/// what an exchange takes in one message by default (4 MiB).
-pub const DEFAULT_BLOB_THRESHOLD: usize = 2 * 1024 * 1024;
+/// or agent says otherwise: what would not fit in a message of an exchange
+/// with the default limit (4 MiB), with room for the message around it.
+/// Smaller ones go inline, which is faster: a 1 MiB call by reference
+/// moves its bytes as often and adds a round trip and a digest per blob
+/// (BENCHMARKS.md, (d)).
+pub const DEFAULT_BLOB_THRESHOLD: usize = 4 * 1024 * 1024 - 64 * 1024;
 
 /// `data` in chunks the exchange takes, without copying it.
 pub(crate) fn chunks_of(data: Bytes) -> BlobChunks {
@@ -96,9 +99,9 @@ fn corrupt(blob: &pb::BlobRef, what: &str) -> ClientError {
     ClientError::Transport(format!("blob {} {what}", blob.key))
 }
 
-/// Frees the blob `payload` refers to, if any, in the background.
-pub(crate) fn free(exchange: &SharedExchange, payload: Option<&pb::Payload>) {
-    if let Some(blob) = payload.and_then(|p| p.blob.as_ref()) {
+/// Frees `blob`, if any, in the background.
+pub(crate) fn free(exchange: &SharedExchange, blob: Option<&pb::BlobRef>) {
+    if let Some(blob) = blob {
         let (exchange, key) = (exchange.clone(), blob.key.clone());
         tokio::spawn(async move {
             if let Err(e) = exchange.delete_blob(&key).await {
@@ -111,21 +114,20 @@ pub(crate) fn free(exchange: &SharedExchange, payload: Option<&pb::Payload>) {
 /// Frees a call's arguments' blob when dropped: however the call ends.
 pub(crate) struct Freed {
     exchange: SharedExchange,
-    payload: Option<pb::Payload>,
+    blob: pb::BlobRef,
 }
 
 impl Freed {
     /// Frees `payload`'s blob, if it has one, when dropped.
     pub(crate) fn of(exchange: &SharedExchange, payload: &pb::Payload) -> Option<Self> {
         let blob = payload.blob.clone()?;
-        let payload = Some(pb::Payload { blob: Some(blob), ..Default::default() });
-        Some(Self { exchange: exchange.clone(), payload })
+        Some(Self { exchange: exchange.clone(), blob })
     }
 }
 
 impl Drop for Freed {
     fn drop(&mut self) {
-        free(&self.exchange, self.payload.as_ref());
+        free(&self.exchange, Some(&self.blob));
     }
 }
 

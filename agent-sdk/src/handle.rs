@@ -120,8 +120,9 @@ impl RawHandle {
                 Some(Body::ActionResponse(resp)) => {
                     // This caller is the result's reader: its blob goes once read.
                     let exchange = mailbox.exchange();
-                    let read = crate::blob::resolve(exchange, resp.result.clone()).await;
-                    crate::blob::free(exchange, resp.result.as_ref());
+                    let kept = resp.result.as_ref().and_then(|p| p.blob.clone());
+                    let read = crate::blob::resolve(exchange, resp.result).await;
+                    crate::blob::free(exchange, kept.as_ref());
                     let read = read?;
                     // Blobs in the result are read where this handle calls from.
                     let decoded = crate::blob::decoding(exchange, || codec::decode(read.as_ref()));

@@ -289,7 +289,8 @@ impl Mailbox {
                     None => {
                         tracing::debug!(mailbox = %self.id, tag, "response nobody waits for");
                         if let Some(Body::ActionResponse(response)) = &message.body {
-                            crate::blob::free(&self.exchange, response.result.as_ref());
+                            let kept = response.result.as_ref().and_then(|p| p.blob.as_ref());
+                            crate::blob::free(&self.exchange, kept);
                         }
                     }
                 }

@@ -107,6 +107,12 @@ async fn arguments_and_results_beyond_a_message_go_by_reference(redis: Option<&R
     // Small ones stay inline: nothing is ever kept for them.
     assert_eq!(agent.echo("small".into()).await.unwrap(), "small");
     until_empty(&server).await;
+    // By default, what would not fit in a message goes by reference.
+    let default = Manager::connect(&server.url()).await.unwrap();
+    let handle = default.handle::<Bytes>(agent.id());
+    let five = text(5 * MIB);
+    assert!(handle.echo(five.clone()).await.unwrap() == five);
+    default.close().await.unwrap();
     // A manager that never sends by reference is held to the message limit.
     let inline = Manager::connect(&server.url()).await.unwrap().with_blob_threshold(usize::MAX);
     let handle = inline.handle::<Bytes>(agent.id());

@@ -17,6 +17,8 @@ use tokio::process::{Child, Command};
 mod long_run;
 mod traced;
 
+mod blobs;
+
 #[allow(unreachable_pub, missing_docs, missing_debug_implementations, clippy::all)]
 mod floor {
     tonic::include_proto!("academy.bench");
@@ -120,7 +122,7 @@ struct Args {
     /// with its checkpoint; `m` a simulated day of an hourly timer; `u` (a)
     /// and (b) over a Unix-domain socket; `x` (a) to (d) with direct
     /// delivery to agents in another process, over TCP and a Unix socket.
-    #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,x,e,u,s,l,t,o")]
+    #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,g,x,e,u,s,l,t,o")]
     only: Vec<char>,
     /// Agents launched and stopped, and mailboxes terminated per backend, in
     /// the long run.
@@ -142,6 +144,9 @@ struct Args {
     /// --worker-threads` (0: one per core).
     #[arg(long, default_value_t = 0)]
     exchange_threads: usize,
+    /// The argument sent from a file in scenario (g), in MiB.
+    #[arg(long, default_value_t = 1024)]
+    giant_mib: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -167,6 +172,9 @@ enum Role {
         /// Where to listen: HOST:PORT, or unix:/path.
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: academy_exchange::Address,
+        /// Keep blobs in files under this directory.
+        #[arg(long)]
+        blob_dir: Option<std::path::PathBuf>,
     },
     /// Serve the plain tonic echo (the floor), in a child process.
     #[command(hide = true, name = "serve-floor")]
@@ -231,6 +239,7 @@ async fn serve_exchange(
     redis: Option<String>,
     secure_dir: Option<std::path::PathBuf>,
     listen: academy_exchange::Address,
+    blob_dir: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
     let backend = match redis {
         Some(url) => academy_exchange::MailboxStore::Redis(academy_exchange::RedisOptions {
@@ -240,8 +249,13 @@ async fn serve_exchange(
         None => academy_exchange::MailboxStore::Memory,
     };
     let limits = academy_exchange::Limits { max_queued: 100_000, ..Default::default() };
-    let mut options =
-        academy_exchange::ExchangeOptions { store: backend, limits, listen, ..Default::default() };
+    let mut options = academy_exchange::ExchangeOptions {
+        store: backend,
+        limits,
+        listen,
+        blob_dir,
+        ..Default::default()
+    };
     if let Some(dir) = secure_dir {
         options.tokens = Some(academy_server::auth::Tokens::load(&dir.join("tokens"))?);
         let (cert, key, ca) = (dir.join("server.pem"), dir.join("server.key"), dir.join("ca.pem"));
@@ -263,6 +277,17 @@ impl floor::floor_server::Floor for FloorService {
         request: tonic::Request<floor::EchoMessage>,
     ) -> Result<tonic::Response<floor::EchoMessage>, tonic::Status> {
         Ok(tonic::Response::new(request.into_inner()))
+    }
+
+    type StreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<floor::EchoMessage, tonic::Status>> + Send>,
+    >;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<floor::EchoMessage>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        Ok(tonic::Response::new(Box::pin(request.into_inner())))
     }
 }
 
@@ -786,7 +811,24 @@ async fn measure_floor(args: &Args) -> anyhow::Result<Vec<String>> {
     let floor = floor::floor_client::FloorClient::new(channel);
     let e = floor_latency(&floor, 100, args.calls).await?;
     let e_mib = floor_latency(&floor, 1 << 20, 200).await?;
+    // 100 MiB each way, as a stream of 1 MiB chunks.
+    let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let started = Instant::now();
+    let outgoing =
+        futures::stream::iter((0..100).map(move |_| floor::EchoMessage { data: chunk.clone() }));
+    let mut incoming = floor.clone().stream(outgoing).await?.into_inner();
+    let mut back = 0;
+    while let Some(message) = incoming.message().await? {
+        back += message.data.len();
+    }
+    let took = started.elapsed();
+    anyhow::ensure!(back == 100 << 20, "the stream floor echoed {back} bytes");
     Ok(vec![
+        format!(
+            "| (e'') floor: plain tonic stream, 100 MiB each way in chunks of 1 MiB | {:.0} MB/s ({:.2} s) |",
+            (200u64 << 20) as f64 / took.as_secs_f64() / 1e6,
+            took.as_secs_f64()
+        ),
         format!(
             "| (e) floor: plain tonic unary echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) |",
             e.p50_us, e.p99_us, e.per_sec
@@ -984,7 +1026,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.role {
-        Some(Role::Exchange { redis, secure_dir, listen, .. }) => {
+        Some(Role::Exchange { redis, secure_dir, listen, blob_dir, .. }) => {
             // Scenario (o) asks for traces through the environment.
             let _telemetry = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").map(|_| {
                 academy_server::telemetry::init(
@@ -992,7 +1034,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "academy-exchange",
                 )
             });
-            return serve_exchange(redis, secure_dir, listen).await;
+            return serve_exchange(redis, secure_dir, listen, blob_dir).await;
         }
         Some(Role::Floor) => return serve_floor().await,
         Some(Role::Launcher { exchange, heartbeat_timeout_ms, retention_secs }) => {
@@ -1032,6 +1074,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("| scenario | result |");
         println!("|---|---|");
         for row in measure_launcher(&args).await? {
+            println!("{row}");
+        }
+    }
+    if args.only.contains(&'g') {
+        println!();
+        println!("Blobs larger than a message (in-memory exchange):");
+        println!();
+        println!("| scenario | result |");
+        println!("|---|---|");
+        for row in blobs::measure(args.giant_mib << 20).await? {
             println!("{row}");
         }
     }
