@@ -91,6 +91,12 @@ async fn until_empty(server: &RunningExchange) {
     }
 }
 
+/// An agent that answers by reference anything of 1 KiB or more.
+async fn sending_by_reference(manager: &Manager) -> academy_sdk::Handle<Bytes> {
+    let config = AgentConfig { blob_threshold: KIB, ..Default::default() };
+    manager.launch_with(Bytes, LaunchOptions { config, ..Default::default() }).await.unwrap()
+}
+
 /// Text of `n` bytes, different from place to place.
 fn text(n: usize) -> String {
     (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect()
@@ -138,9 +144,7 @@ async fn redis_arguments_and_results_beyond_a_message_go_by_reference() {
 async fn ten_thousand_calls_by_reference_leave_the_store_empty(redis: Option<&RedisServer>) {
     let server = server(redis).await;
     let manager = Manager::connect(&server.url()).await.unwrap().with_blob_threshold(KIB);
-    let config = AgentConfig { blob_threshold: KIB, ..Default::default() };
-    let options = LaunchOptions { config, ..Default::default() };
-    let agent = manager.launch_with(Bytes, options).await.unwrap();
+    let agent = sending_by_reference(&manager).await;
     let payload = text(4 * KIB);
     let answered = futures::stream::iter(0..10_000)
         .map(|_| agent.echo(payload.clone()))
@@ -170,9 +174,7 @@ async fn redis_ten_thousand_calls_by_reference_leave_the_store_empty() {
 async fn abandoned_calls_free_their_blobs() {
     let server = server(None).await;
     let manager = Manager::connect(&server.url()).await.unwrap().with_blob_threshold(KIB);
-    let config = AgentConfig { blob_threshold: KIB, ..Default::default() };
-    let agent =
-        manager.launch_with(Bytes, LaunchOptions { config, ..Default::default() }).await.unwrap();
+    let agent = sending_by_reference(&manager).await;
     let impatient = agent.with_timeout(Duration::from_millis(300));
     fn timed_out<T>(r: &Result<T, HandleError>) -> bool {
         matches!(r, Err(HandleError::Timeout(_)))
@@ -194,9 +196,7 @@ async fn abandoned_calls_free_their_blobs() {
 async fn unreadable_references_and_invoke() {
     let server = server(None).await;
     let manager = Manager::connect(&server.url()).await.unwrap();
-    let config = AgentConfig { blob_threshold: KIB, ..Default::default() };
-    let agent =
-        manager.launch_with(Bytes, LaunchOptions { config, ..Default::default() }).await.unwrap();
+    let agent = sending_by_reference(&manager).await;
 
     let exchange = manager.exchange().clone();
     let me = exchange.register_client().await.unwrap();

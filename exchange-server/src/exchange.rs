@@ -149,6 +149,11 @@ impl Exchange {
                 let max = self.limits.max_state_bytes.min(self.limits.max_message_bytes);
                 limits::at_most("the bytes of a saved state", data.data.len(), max)?;
                 limits::name("data.content_type", &data.content_type)?;
+                if data.blob.is_some() {
+                    return Err(ExchangeError::InvalidArgument(
+                        "data.blob: a saved state is kept inline, not by reference".into(),
+                    ));
+                }
                 Some((data, save.version))
             }
             None => None,

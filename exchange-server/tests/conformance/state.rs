@@ -80,6 +80,13 @@ pub(crate) async fn an_agent_saves_its_state_fenced_by_epoch_and_revision(store:
     assert_eq!(refused.code(), Code::InvalidArgument);
     assert!(refused.message().contains("the bytes of a saved state"), "{}", refused.message());
     assert!(refused.message().len() < 200, "the input is not echoed: {}", refused.message());
+    // Inline only: a state is not a blob.
+    let mut by_reference = save(&agent, 3, 0, "");
+    by_reference.data.as_mut().unwrap().blob =
+        Some(pb::BlobRef { store: "exchange".into(), key: "ab".repeat(32), ..Default::default() });
+    let refused = h.rpc.save_state(by_reference).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("inline"), "{}", refused.message());
     // Only agents keep state; unknown agents have none to keep.
     let client = h.client().await;
     let refused = h.rpc.save_state(save(&client, 0, 0, "{}")).await.unwrap_err();
