@@ -7,12 +7,17 @@
 //! over (answered, timed out or dropped) and a result's blob once it has
 //! read it; an agent frees nothing. Blobs also go when their owner's
 //! mailbox is terminated, and at the exchange's blob TTL.
+//!
+//! A manager or agent given a directory that the processes on its node
+//! share (`with_blob_dir`, `AgentConfig::blob_dir`) keeps its blobs there
+//! instead, as files: the bytes never leave the node.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use academy_proto::pb;
 use academy_proto::sync::lock;
-use academy_proto::transport::BLOB_CHUNK_BYTES;
+use academy_proto::transport::{BLOB_CHUNK_BYTES, EXCHANGE_BLOB_STORE};
 use academy_proto::{EntityId, ExchangeError};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
@@ -20,6 +25,14 @@ use sha2::{Digest as _, Sha256};
 
 use crate::ClientError;
 use crate::exchange::{BlobChunks, SharedExchange};
+
+mod file;
+pub use file::FILE_TTL;
+
+/// The store a reference names for a file in a directory that its sender
+/// and receiver share (processes on one node): the name is the key, the
+/// directory the receiver's own.
+pub use academy_proto::transport::FILE_BLOB_STORE as FILE_STORE;
 
 /// Payloads of this many bytes or more go by reference unless a manager
 /// or agent says otherwise: what would not fit in a message of an exchange
@@ -38,42 +51,79 @@ pub(crate) fn chunks_of(data: Bytes) -> BlobChunks {
     .boxed()
 }
 
-/// `payload`, kept as a blob of `owner` if its data has `threshold` bytes
-/// or more.
-pub(crate) async fn offload(
-    exchange: &SharedExchange,
-    owner: &EntityId,
-    payload: pb::Payload,
-    threshold: usize,
-) -> Result<pb::Payload, ClientError> {
-    if payload.data.len() < threshold || payload.blob.is_some() {
-        return Ok(payload);
+/// Where a mailbox keeps the blobs it sends and finds the ones it
+/// receives: its exchange's store, and a directory the processes on its
+/// node share (the file store), if it has one.
+#[derive(Clone)]
+pub(crate) struct Stores {
+    pub(crate) exchange: SharedExchange,
+    pub(crate) dir: Option<Arc<Path>>,
+}
+
+impl Stores {
+    /// `payload`, kept as a blob of `owner` (in the file store when there
+    /// is one) if its data has `threshold` bytes or more.
+    pub(crate) async fn offload(
+        &self,
+        owner: &EntityId,
+        payload: pb::Payload,
+        threshold: usize,
+    ) -> Result<pb::Payload, ClientError> {
+        if payload.data.len() < threshold || payload.blob.is_some() {
+            return Ok(payload);
+        }
+        let blob = match &self.dir {
+            Some(dir) => file::put(dir.clone(), payload.data).await?,
+            None => {
+                let size = payload.data.len() as u64;
+                self.exchange.put_blob(owner, size, chunks_of(payload.data)).await?
+            }
+        };
+        Ok(pb::Payload { content_type: payload.content_type, data: Bytes::new(), blob: Some(blob) })
     }
-    let size = payload.data.len() as u64;
-    let blob = exchange.put_blob(owner, size, chunks_of(payload.data)).await?;
-    Ok(pb::Payload { content_type: payload.content_type, data: Bytes::new(), blob: Some(blob) })
+
+    /// `payload` with its blob's bytes read into `data`, checked against
+    /// the reference's size and digest; a payload without one as it is.
+    pub(crate) async fn resolve(
+        &self,
+        payload: Option<pb::Payload>,
+    ) -> Result<Option<pb::Payload>, ClientError> {
+        let Some(mut payload) = payload else { return Ok(None) };
+        let Some(blob) = payload.blob.take() else { return Ok(Some(payload)) };
+        payload.data = match blob.store.as_str() {
+            EXCHANGE_BLOB_STORE => read(&self.exchange, &blob).await?,
+            FILE_STORE => file::read(self.dir.clone(), &blob).await?,
+            other => {
+                return Err(ClientError::Exchange(ExchangeError::InvalidArgument(format!(
+                    "blob store {} is not one this SDK reads",
+                    academy_proto::excerpt(other)
+                ))));
+            }
+        };
+        Ok(Some(payload))
+    }
+
+    /// Frees `blob`, if any, in the background.
+    pub(crate) fn free(&self, blob: Option<&pb::BlobRef>) {
+        let Some(blob) = blob else { return };
+        let key = blob.key.clone();
+        if blob.store == FILE_STORE {
+            if let Some(dir) = self.dir.clone() {
+                file::remove(dir, key);
+            }
+            return;
+        }
+        let exchange = self.exchange.clone();
+        tokio::spawn(async move {
+            if let Err(e) = exchange.delete_blob(&key).await {
+                tracing::debug!(key, error = %e, "cannot free a blob; it expires");
+            }
+        });
+    }
 }
 
-/// `payload` with its blob's bytes read into `data`, checked against the
-/// reference's size and digest; a payload without one as it is.
-pub(crate) async fn resolve(
-    exchange: &SharedExchange,
-    payload: Option<pb::Payload>,
-) -> Result<Option<pb::Payload>, ClientError> {
-    let Some(mut payload) = payload else { return Ok(None) };
-    let Some(blob) = payload.blob.take() else { return Ok(Some(payload)) };
-    payload.data = read(exchange, &blob).await?;
-    Ok(Some(payload))
-}
-
-/// The bytes of `blob`, checked.
+/// The bytes of `blob`, kept by the exchange, checked.
 async fn read(exchange: &SharedExchange, blob: &pb::BlobRef) -> Result<Bytes, ClientError> {
-    if blob.store != academy_proto::transport::EXCHANGE_BLOB_STORE {
-        return Err(ClientError::Exchange(ExchangeError::InvalidArgument(format!(
-            "blob store {} is not one this SDK reads",
-            academy_proto::excerpt(&blob.store)
-        ))));
-    }
     let mut read = exchange.get_blob(&blob.key, 0).await?;
     let size = usize::try_from(read.size).unwrap_or(usize::MAX);
     if read.size != blob.size || read.sha256 != blob.sha256 {
@@ -99,35 +149,23 @@ fn corrupt(blob: &pb::BlobRef, what: &str) -> ClientError {
     ClientError::Transport(format!("blob {} {what}", blob.key))
 }
 
-/// Frees `blob`, if any, in the background.
-pub(crate) fn free(exchange: &SharedExchange, blob: Option<&pb::BlobRef>) {
-    if let Some(blob) = blob {
-        let (exchange, key) = (exchange.clone(), blob.key.clone());
-        tokio::spawn(async move {
-            if let Err(e) = exchange.delete_blob(&key).await {
-                tracing::debug!(key, error = %e, "cannot free a blob; it expires");
-            }
-        });
-    }
-}
-
 /// Frees a call's arguments' blob when dropped: however the call ends.
 pub(crate) struct Freed {
-    exchange: SharedExchange,
+    stores: Stores,
     blob: pb::BlobRef,
 }
 
 impl Freed {
-    /// Frees `payload`'s blob, if it has one, when dropped.
-    pub(crate) fn of(exchange: &SharedExchange, payload: &pb::Payload) -> Option<Self> {
+    /// Frees `payload`'s blob, if it has one, from `stores` when dropped.
+    pub(crate) fn of(stores: impl FnOnce() -> Stores, payload: &pb::Payload) -> Option<Self> {
         let blob = payload.blob.clone()?;
-        Some(Self { exchange: exchange.clone(), blob })
+        Some(Self { stores: stores(), blob })
     }
 }
 
 impl Drop for Freed {
     fn drop(&mut self) {
-        free(&self.exchange, Some(&self.blob));
+        self.stores.free(Some(&self.blob));
     }
 }
 

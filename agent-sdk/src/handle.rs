@@ -110,7 +110,7 @@ impl RawHandle {
             let args = codec.encode(&args).map_err(HandleError::Codec)?;
             let args = mailbox.offload(args).await?;
             // Its blob, if any, is freed however the call ends.
-            let _freed = crate::blob::Freed::of(mailbox.exchange(), &args);
+            let _freed = crate::blob::Freed::of(|| mailbox.stores(), &args);
             let request = Body::ActionRequest(pb::ActionRequest {
                 action: action.to_owned(),
                 args: Some(args),
@@ -121,8 +121,10 @@ impl RawHandle {
                     // This caller is the result's reader: its blob goes once read.
                     let exchange = mailbox.exchange();
                     let kept = resp.result.as_ref().and_then(|p| p.blob.clone());
-                    let read = crate::blob::resolve(exchange, resp.result).await;
-                    crate::blob::free(exchange, kept.as_ref());
+                    let read = mailbox.resolve(resp.result).await;
+                    if kept.is_some() {
+                        mailbox.stores().free(kept.as_ref());
+                    }
                     let read = read?;
                     // Blobs in the result are read where this handle calls from.
                     let decoded = crate::blob::decoding(exchange, || codec::decode(read.as_ref()));

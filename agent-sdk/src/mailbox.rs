@@ -58,6 +58,8 @@ pub(crate) struct Mailbox {
     closed_because: Mutex<Option<HandleError>>,
     /// Payloads of this many bytes or more are sent by reference.
     blob_threshold: AtomicUsize,
+    /// The file store shared with the processes of this node, if any.
+    blob_dir: std::sync::OnceLock<Arc<std::path::Path>>,
     acks: mpsc::UnboundedSender<Ack>,
     closed: CancellationToken,
 }
@@ -83,6 +85,7 @@ impl Mailbox {
             pending,
             closed_because: Mutex::default(),
             blob_threshold: AtomicUsize::new(crate::blob::DEFAULT_BLOB_THRESHOLD),
+            blob_dir: std::sync::OnceLock::new(),
             acks,
             closed: CancellationToken::new(),
         });
@@ -106,10 +109,37 @@ impl Mailbox {
         self.blob_threshold.store(bytes, Ordering::Relaxed);
     }
 
+    /// Keeps the blobs it sends in files under `dir`, and finds there the
+    /// ones it receives (the file store; set once).
+    pub(crate) fn set_blob_dir(&self, dir: std::path::PathBuf) {
+        let _ = self.blob_dir.set(dir.into());
+    }
+
+    /// Where its blobs are kept and found.
+    pub(crate) fn stores(&self) -> crate::blob::Stores {
+        let dir = self.blob_dir.get().cloned();
+        crate::blob::Stores { exchange: self.exchange.clone(), dir }
+    }
+
     /// `payload`, kept as a blob of this mailbox if it is large enough.
     pub(crate) async fn offload(&self, payload: pb::Payload) -> Result<pb::Payload, ClientError> {
         let threshold = self.blob_threshold.load(Ordering::Relaxed);
-        crate::blob::offload(&self.exchange, &self.id, payload, threshold).await
+        if payload.data.len() < threshold {
+            return Ok(payload);
+        }
+        // Boxed: the calls that never get here do not carry its state.
+        Box::pin(self.stores().offload(&self.id, payload, threshold)).await
+    }
+
+    /// `payload` with its blob's bytes, if it refers to one.
+    pub(crate) async fn resolve(
+        &self,
+        payload: Option<pb::Payload>,
+    ) -> Result<Option<pb::Payload>, ClientError> {
+        match payload {
+            Some(p) if p.blob.is_some() => Box::pin(self.stores().resolve(Some(p))).await,
+            other => Ok(other),
+        }
     }
 
     /// Sends a request to `dest` and waits for its response.
@@ -290,7 +320,9 @@ impl Mailbox {
                         tracing::debug!(mailbox = %self.id, tag, "response nobody waits for");
                         if let Some(Body::ActionResponse(response)) = &message.body {
                             let kept = response.result.as_ref().and_then(|p| p.blob.as_ref());
-                            crate::blob::free(&self.exchange, kept);
+                            if kept.is_some() {
+                                self.stores().free(kept);
+                            }
                         }
                     }
                 }

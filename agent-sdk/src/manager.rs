@@ -84,6 +84,16 @@ impl Manager {
         self
     }
 
+    /// This manager, whose handles keep the blobs they send as files under
+    /// `dir`, a directory the processes on this node share, and read the
+    /// ones they receive from it (docs/design.md, "Blobs"): the bytes never
+    /// leave the node. The agents it calls must be given the same directory
+    /// ([`AgentConfig::blob_dir`]).
+    pub fn with_blob_dir(self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.mailbox.set_blob_dir(dir.into());
+        self
+    }
+
     /// Keeps the `size` bytes `reader` yields as a blob of this manager's
     /// mailbox, read and sent a chunk at a time, to pass to agents by
     /// reference (docs/design.md, "Blobs"). Free it with

@@ -63,6 +63,10 @@ pub struct AgentConfig {
     /// more go by reference, kept in the exchange's blob store
     /// (docs/design.md, "Blobs"); `usize::MAX`: never.
     pub blob_threshold: usize,
+    /// A directory the processes on this node share: its blobs are kept
+    /// there as files rather than in the exchange, and the blobs others
+    /// keep there are read from it (docs/design.md, "Blobs").
+    pub blob_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -78,6 +82,7 @@ impl Default for AgentConfig {
             clock: crate::clock::ClockKind::Wall,
             direct: None,
             blob_threshold: crate::blob::DEFAULT_BLOB_THRESHOLD,
+            blob_dir: None,
         }
     }
 }
@@ -171,6 +176,9 @@ pub(crate) async fn run<B: Behaviour>(
         .await
         .map_err(|source| AgentError::Exchange { id, source })?;
     mailbox.set_blob_threshold(config.blob_threshold);
+    if let Some(dir) = config.blob_dir.clone() {
+        mailbox.set_blob_dir(dir);
+    }
     let shutdown = stop.token.clone();
     let clock = match config.clock {
         ClockKind::Wall => Clock::Wall,
@@ -461,7 +469,7 @@ async fn serve_action<B: Behaviour>(
         None => None,
     };
     // Arguments sent by reference are read first (the caller frees them).
-    let outcome = match crate::blob::resolve(mailbox.exchange(), request.args).await {
+    let outcome = match mailbox.resolve(request.args).await {
         Err(err) => Err(unreadable(&action, &err)),
         Ok(args) => {
             let dispatch = behaviour.clone().dispatch(action.clone(), args);

@@ -286,3 +286,65 @@ async fn actions_take_and_return_blobs_read_in_chunks() {
     std::fs::remove_dir_all(dir).unwrap();
     manager.close().await.unwrap();
 }
+
+/// With a directory shared on the node, blobs are files there: the exchange
+/// keeps none; a receiver without the directory, or a file gone, gets an
+/// error saying so; callers remove the files once the call is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_on_one_node_pass_blobs_as_files() {
+    let server = server(None).await;
+    let dir = std::env::temp_dir().join(format!("academy-files-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let manager =
+        Manager::connect(&server.url()).await.unwrap().with_blob_threshold(KIB).with_blob_dir(&dir);
+    let config =
+        AgentConfig { blob_threshold: KIB, blob_dir: Some(dir.clone()), ..Default::default() };
+    let agent =
+        manager.launch_with(Bytes, LaunchOptions { config, ..Default::default() }).await.unwrap();
+    let big = text(6 * MIB);
+    let answer = agent.reversed(big.clone()).await.unwrap();
+    assert!(answer.chars().eq(big.chars().rev()));
+    assert_eq!(
+        server.exchange().blob_usage().await.unwrap(),
+        BlobUsage::default(),
+        "none in the exchange"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&dir).unwrap().count() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "blob files left behind");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // An agent without the directory cannot read them, and says why.
+    let elsewhere = manager.launch(Bytes).await.unwrap();
+    let err = elsewhere.echo(text(2 * KIB)).await.unwrap_err();
+    let HandleError::Remote { code, message, .. } = &err else { panic!("{err}") };
+    assert_eq!(*code, Code::InvalidArgument, "{err}");
+    assert!(message.contains("file store") && message.contains("blob_dir"), "{err}");
+    // A file that is gone: NOT_FOUND, naming it.
+    let exchange = manager.exchange().clone();
+    let me = exchange.register_client().await.unwrap();
+    let mut deliveries = exchange.subscribe(&me, 0, "").await.unwrap();
+    let key = "fedcba9876543210".repeat(4);
+    let blob = pb::BlobRef { store: "file".into(), key: key.clone(), size: 5, sha256: vec![0; 32] };
+    let args = pb::Payload {
+        content_type: "application/json".into(),
+        blob: Some(blob),
+        ..Default::default()
+    };
+    let header = pb::Header {
+        src: me.to_string(),
+        dest: agent.id().to_string(),
+        tag: uuid::Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let body = Body::ActionRequest(pb::ActionRequest { action: "echo".into(), args: Some(args) });
+    exchange.send(pb::Message { header: Some(header), body: Some(body) }).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), deliveries.next()).await.unwrap();
+    let message = answer.unwrap().unwrap().remove(0).message.unwrap();
+    let Some(Body::ErrorResponse(error)) = message.body else { panic!("an error answers it") };
+    assert_eq!(error.code, Code::NotFound as i32);
+    assert!(error.message.contains(&key), "{}", error.message);
+    manager.close().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -29,6 +29,13 @@ impl Chunked {
         Ok(hasher.finalize().to_vec())
     }
 
+    /// The same text back (by reference when large: the caller's and the
+    /// agent's thresholds decide).
+    #[action]
+    async fn echo(&self, text: String) -> String {
+        text
+    }
+
     /// A blob of the agent's with the same bytes.
     #[action]
     async fn copy(&self, data: Blob) -> Result<Blob, ActionError> {
@@ -124,6 +131,26 @@ pub(crate) async fn measure(giant: usize) -> anyhow::Result<Vec<String>> {
     result.delete().await?;
     rows.push(format!(
         "| (g) 100 MiB argument + 100 MiB result in one call (`Blob`s) | {:.0} MB/s ({:.2} s) |",
+        rate(200 * MIB, took),
+        took.as_secs_f64()
+    ));
+    manager.close().await?;
+
+    // The same, as plain values between processes on one node sharing a
+    // directory: each side writes a file, the other reads it.
+    let shared = dir.join("shared");
+    std::fs::create_dir_all(&shared)?;
+    let manager = Manager::connect(&url).await?.with_blob_dir(&shared);
+    let config = academy_sdk::AgentConfig { blob_dir: Some(shared.clone()), ..Default::default() };
+    let options = academy_sdk::LaunchOptions { config, ..Default::default() };
+    let agent = manager.launch_with(Chunked, options).await?;
+    let text = "x".repeat(100 * MIB);
+    let started = Instant::now();
+    let back = agent.echo(text).await?;
+    let took = started.elapsed();
+    anyhow::ensure!(back.len() == 100 * MIB, "the result has {} bytes", back.len());
+    rows.push(format!(
+        "| (g) the same as a plain `String` each way, files in a directory shared on the node | {:.0} MB/s ({:.2} s) |",
         rate(200 * MIB, took),
         took.as_secs_f64()
     ));

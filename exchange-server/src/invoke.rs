@@ -109,7 +109,16 @@ async fn inline(
         details: Default::default(),
     };
     let limit = exchange.limits().max_message_bytes;
-    let data = if blob.size > limit as u64 {
+    let data = if blob.store != crate::EXCHANGE_STORE {
+        // Not the exchange's to read (nor to free).
+        return Err(refused(
+            tonic::Code::FailedPrecondition,
+            format!(
+                "the agent answered with a blob in its node's {} store, which only processes there read",
+                academy_proto::excerpt(&blob.store)
+            ),
+        ));
+    } else if blob.size > limit as u64 {
         Err(refused(
             tonic::Code::ResourceExhausted,
             format!(

@@ -60,6 +60,9 @@ pub mod transport {
     /// The store a `BlobRef` names for the blobs of the exchange the
     /// message went through.
     pub const EXCHANGE_BLOB_STORE: &str = "exchange";
+    /// The store a `BlobRef` names for a file in a directory its sender
+    /// and receiver share (processes on one node).
+    pub const FILE_BLOB_STORE: &str = "file";
 }
 
 impl pb::Header {

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use academy_proto::transport::FILE_BLOB_STORE;
 use academy_proto::{EntityId, ExchangeError, pb};
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt as _};
@@ -190,9 +191,9 @@ pub(crate) fn check_reference(
     field: &str,
 ) -> Result<(), ExchangeError> {
     let Some(blob) = payload.and_then(|p| p.blob.as_ref()) else { return Ok(()) };
-    if blob.store != EXCHANGE_STORE {
+    if blob.store != EXCHANGE_STORE && blob.store != FILE_BLOB_STORE {
         return Err(ExchangeError::InvalidArgument(format!(
-            "{field}.blob.store {} is not a store this exchange knows (\"{EXCHANGE_STORE}\")",
+            "{field}.blob.store {} is not a store this exchange knows (\"{EXCHANGE_STORE}\", \"{FILE_BLOB_STORE}\")",
             academy_proto::excerpt(&blob.store)
         )));
     }
