@@ -97,6 +97,34 @@ async fn sending_by_reference(manager: &Manager) -> academy_sdk::Handle<Bytes> {
     manager.launch_with(Bytes, LaunchOptions { config, ..Default::default() }).await.unwrap()
 }
 
+/// The error `agent` answers to a raw request whose arguments refer to
+/// blob `key` in `store`, which is not there.
+async fn answer_to_reference(
+    manager: &Manager,
+    agent: &academy_sdk::Handle<Bytes>,
+    store: &str,
+    key: &str,
+) -> pb::ErrorResponse {
+    let exchange = manager.exchange().clone();
+    let me = exchange.register_client().await.unwrap();
+    let mut deliveries = exchange.subscribe(&me, 0, "").await.unwrap();
+    let blob = pb::BlobRef { store: store.into(), key: key.into(), size: 5, sha256: vec![0; 32] };
+    let content_type = "application/json".into();
+    let args = pb::Payload { content_type, blob: Some(blob), ..Default::default() };
+    let header = pb::Header {
+        src: me.to_string(),
+        dest: agent.id().to_string(),
+        tag: uuid::Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let body = Body::ActionRequest(pb::ActionRequest { action: "echo".into(), args: Some(args) });
+    exchange.send(pb::Message { header: Some(header), body: Some(body) }).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), deliveries.next()).await.unwrap();
+    let message = answer.unwrap().unwrap().remove(0).message.unwrap();
+    let Some(Body::ErrorResponse(error)) = message.body else { panic!("an error answers it") };
+    error
+}
+
 /// Text of `n` bytes, different from place to place.
 fn text(n: usize) -> String {
     (0..n).map(|i| char::from(b'a' + (i % 26) as u8)).collect()
@@ -198,28 +226,9 @@ async fn unreadable_references_and_invoke() {
     let manager = Manager::connect(&server.url()).await.unwrap();
     let agent = sending_by_reference(&manager).await;
 
-    let exchange = manager.exchange().clone();
-    let me = exchange.register_client().await.unwrap();
-    let mut deliveries = exchange.subscribe(&me, 0, "").await.unwrap();
+    // A blob the exchange never kept.
     let key = "0123456789abcdef".repeat(4);
-    let blob =
-        pb::BlobRef { store: "exchange".into(), key: key.clone(), size: 5, sha256: vec![0; 32] };
-    let args = pb::Payload {
-        content_type: "application/json".into(),
-        blob: Some(blob),
-        ..Default::default()
-    };
-    let header = pb::Header {
-        src: me.to_string(),
-        dest: agent.id().to_string(),
-        tag: uuid::Uuid::new_v4().to_string(),
-        ..Default::default()
-    };
-    let body = Body::ActionRequest(pb::ActionRequest { action: "echo".into(), args: Some(args) });
-    exchange.send(pb::Message { header: Some(header), body: Some(body) }).await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(10), deliveries.next()).await.unwrap();
-    let message = answer.unwrap().unwrap().remove(0).message.unwrap();
-    let Some(Body::ErrorResponse(error)) = message.body else { panic!("an error answers it") };
+    let error = answer_to_reference(&manager, &agent, "exchange", &key).await;
     assert_eq!(error.code, Code::NotFound as i32);
     assert!(error.message.contains(&key), "{}", error.message);
 
@@ -322,27 +331,8 @@ async fn processes_on_one_node_pass_blobs_as_files() {
     assert_eq!(*code, Code::InvalidArgument, "{err}");
     assert!(message.contains("file store") && message.contains("blob_dir"), "{err}");
     // A file that is gone: NOT_FOUND, naming it.
-    let exchange = manager.exchange().clone();
-    let me = exchange.register_client().await.unwrap();
-    let mut deliveries = exchange.subscribe(&me, 0, "").await.unwrap();
     let key = "fedcba9876543210".repeat(4);
-    let blob = pb::BlobRef { store: "file".into(), key: key.clone(), size: 5, sha256: vec![0; 32] };
-    let args = pb::Payload {
-        content_type: "application/json".into(),
-        blob: Some(blob),
-        ..Default::default()
-    };
-    let header = pb::Header {
-        src: me.to_string(),
-        dest: agent.id().to_string(),
-        tag: uuid::Uuid::new_v4().to_string(),
-        ..Default::default()
-    };
-    let body = Body::ActionRequest(pb::ActionRequest { action: "echo".into(), args: Some(args) });
-    exchange.send(pb::Message { header: Some(header), body: Some(body) }).await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(10), deliveries.next()).await.unwrap();
-    let message = answer.unwrap().unwrap().remove(0).message.unwrap();
-    let Some(Body::ErrorResponse(error)) = message.body else { panic!("an error answers it") };
+    let error = answer_to_reference(&manager, &agent, "file", &key).await;
     assert_eq!(error.code, Code::NotFound as i32);
     assert!(error.message.contains(&key), "{}", error.message);
     manager.close().await.unwrap();
