@@ -99,6 +99,12 @@ async fn every_metric_served_is_documented_and_counts_what_happened() {
     };
     let nowhere = academy_proto::EntityId::new_agent().to_string();
     assert!(rpc.send(ping(nowhere)).await.is_err());
+    // A blob of 3 bytes, put and read twice.
+    let blob = manager.put_blob(std::io::Cursor::new(b"abc".to_vec()), 3).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(blob.bytes().await.unwrap().as_ref(), b"abc");
+    }
+    blob.delete().await.unwrap();
     // A message waiting in a mailbox nobody reads, for the queue depth
     // (read every 5 s).
     rpc.send(ping(client.clone())).await.unwrap();
@@ -133,6 +139,8 @@ async fn every_metric_served_is_documented_and_counts_what_happened() {
         "a stranger's action name is no series"
     );
     assert!(sample(&all, "academy_launcher_placements_total").is_some_and(|n| n >= 1.0), "{all}");
+    assert_eq!(sample(&all, "academy_exchange_blob_bytes_put_total"), Some(3.0), "{all}");
+    assert_eq!(sample(&all, "academy_exchange_blob_bytes_read_total"), Some(6.0), "{all}");
     let version = env!("CARGO_PKG_VERSION");
     for service in ["academy-exchange", "academy-launcher", "academy-worker"] {
         let build = format!(r#"academy_build_info{{service="{service}",version="{version}"}}"#);

@@ -10,6 +10,7 @@ use academy_server::auth::{Grant, Principal, until_revoked};
 use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::metrics::ExchangeMetrics;
 use crate::{BlobPut, Exchange};
 
 type RpcResult<T> = Result<Response<T>, Status>;
@@ -18,12 +19,18 @@ type RpcResult<T> = Result<Response<T>, Status>;
 #[derive(Debug, Clone)]
 pub struct BlobGrpc {
     exchange: Exchange,
+    metrics: ExchangeMetrics,
 }
 
 impl BlobGrpc {
     /// Serves the blobs of `exchange`.
     pub fn new(exchange: Exchange) -> Self {
-        Self { exchange }
+        Self { exchange, metrics: ExchangeMetrics::default() }
+    }
+
+    /// Counts the bytes put and read in `metrics` (registered by the server).
+    pub(crate) fn with_metrics(self, metrics: ExchangeMetrics) -> Self {
+        Self { metrics, ..self }
     }
 
     fn exchange_for<T>(&self, request: &Request<T>) -> Cow<'_, Exchange> {
@@ -75,6 +82,7 @@ impl blob_service_server::BlobService for BlobGrpc {
                 Some((next, (None, frames, shutdown, failed)))
             });
         let (blob, expires_in) = exchange.put_blob(put, chunks).await?;
+        self.metrics.blob_bytes_put.inc_by(blob.size);
         Ok(Response::new(pb::PutBlobResponse {
             blob: Some(blob),
             expires_in: Some(duration::to_proto(expires_in)),
@@ -93,9 +101,12 @@ impl blob_service_server::BlobService for BlobGrpc {
         // What the blob is, then its bytes.
         let head =
             pb::GetBlobResponse { size: meta.size, sha256: meta.sha256, ..Default::default() };
-        let frames = futures::stream::iter([Ok(head)]).chain(
-            chunks.map(|chunk| Ok(pb::GetBlobResponse { data: chunk?, ..Default::default() })),
-        );
+        let read = self.metrics.blob_bytes_read.clone();
+        let frames = futures::stream::iter([Ok(head)]).chain(chunks.map(move |chunk| {
+            let data = chunk?;
+            read.inc_by(data.len() as u64);
+            Ok(pb::GetBlobResponse { data, ..Default::default() })
+        }));
         let shutdown = self.exchange.shutdown_signal();
         let frames = frames.take_until(shutdown.cancelled_owned());
         Ok(Response::new(Box::pin(until_revoked(frames, grant))))

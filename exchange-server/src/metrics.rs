@@ -19,6 +19,9 @@ pub(crate) struct ExchangeMetrics {
     pub(crate) refused: Family<ReasonLabels, Counter>,
     pub(crate) delivered: Counter,
     pub(crate) subscriptions: Gauge,
+    /// Bytes of blobs kept by `PutBlob`, and sent by `GetBlob`.
+    pub(crate) blob_bytes_put: Counter,
+    pub(crate) blob_bytes_read: Counter,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -43,6 +46,16 @@ impl ExchangeMetrics {
             "academy_exchange_messages_delivered",
             "Messages streamed to subscribers (redeliveries included)",
             metrics.delivered.clone(),
+        );
+        registry.register(
+            "academy_exchange_blob_bytes_put",
+            "Bytes of blobs kept (PutBlob calls that succeeded)",
+            metrics.blob_bytes_put.clone(),
+        );
+        registry.register(
+            "academy_exchange_blob_bytes_read",
+            "Bytes of blobs sent to readers (GetBlob)",
+            metrics.blob_bytes_read.clone(),
         );
         registry.register(
             "academy_exchange_subscriptions",

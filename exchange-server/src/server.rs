@@ -165,8 +165,8 @@ impl RunningExchange {
         let mut registry = Registry::default();
         metrics::register_process(&mut registry, "academy-exchange");
         let calls = RpcMetrics::register(&mut registry);
-        let service = ExchangeGrpc::new(exchange.clone())
-            .with_metrics(ExchangeMetrics::register(&mut registry));
+        let counted = ExchangeMetrics::register(&mut registry);
+        let service = ExchangeGrpc::new(exchange.clone()).with_metrics(counted.clone());
         if options.metrics_listen.is_some() {
             let depth = QueueDepth::follow(exchange.clone(), shutdown.clone());
             registry.register_collector(Box::new(depth));
@@ -189,7 +189,7 @@ impl RunningExchange {
             ClockServiceServer::new(ClockGrpc::new(exchange.clock().clone())),
             auth.clone(),
         );
-        let blobs = BlobServiceServer::new(BlobGrpc::new(exchange.clone()))
+        let blobs = BlobServiceServer::new(BlobGrpc::new(exchange.clone()).with_metrics(counted))
             .max_decoding_message_size(limits::BLOB_CHUNK_BYTES + limits::REQUEST_FRAMING_BYTES)
             .max_encoding_message_size(usize::MAX);
         let blobs = InterceptedService::new(blobs, auth.clone());
