@@ -48,6 +48,7 @@ impl blob_service_server::BlobService for BlobGrpc {
         request: Request<Streaming<pb::PutBlobRequest>>,
     ) -> RpcResult<pb::PutBlobResponse> {
         let exchange = self.exchange_for(&request).into_owned();
+        let grant = Grant::of(&request);
         let mut frames = request.into_inner();
         let first = frames
             .message()
@@ -58,7 +59,9 @@ impl blob_service_server::BlobService for BlobGrpc {
         let put = BlobPut { owner, size: first.size, ttl };
         let shutdown = exchange.shutdown_signal();
         // The first request's chunk, then the others', until the caller is
-        // done; an exchange that stops ends the put (nothing is kept).
+        // done; an exchange that stops, or a token revoked, ends the put
+        // (nothing is kept).
+        let frames = Box::pin(until_revoked(frames, grant));
         let start = (Some(first.data), frames, shutdown, false);
         let chunks =
             futures::stream::unfold(start, |(first, mut frames, shutdown, failed)| async move {
@@ -70,8 +73,11 @@ impl blob_service_server::BlobService for BlobGrpc {
                 }
                 let next = tokio::select! {
                     () = shutdown.cancelled() => Err(ExchangeError::ShuttingDown),
-                    frame = frames.message() => match frame {
-                        Ok(frame) => Ok(frame?.data),
+                    frame = frames.next() => match frame? {
+                        Ok(frame) => Ok(frame.data),
+                        Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                            Err(ExchangeError::Unauthenticated(status.message().to_owned()))
+                        }
                         Err(status) => Err(ExchangeError::InvalidArgument(format!(
                             "the put broke off: {}",
                             academy_proto::excerpt(status.message())

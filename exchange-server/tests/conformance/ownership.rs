@@ -234,7 +234,7 @@ pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
     let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
     let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
     let mut alice = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
-    let mut bob = ExchangeServiceClient::with_interceptor(channel, Bearer(BOB));
+    let mut bob = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(BOB));
     let open = async |rpc: &mut ExchangeServiceClient<_>| {
         let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
         let request = pb::SubscribeRequest {
@@ -246,6 +246,20 @@ pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
     };
     let (mut alices, mut bobs) = (open(&mut alice).await, open(&mut bob).await);
     let mut session = crate::session::RawSession::open(&mut alice).await.unwrap();
+    // A put left open, alice's.
+    use academy_proto::pb::blob_service_client::BlobServiceClient;
+    let mut blobs = BlobServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
+    let owner = alice.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let owner = owner.into_inner().client_id;
+    let chunk = || pb::PutBlobRequest { data: vec![1; 1 << 20].into(), ..Default::default() };
+    let head = pb::PutBlobRequest { owner, size: 16 << 20, ..Default::default() };
+    let (feed, frames) = tokio::sync::mpsc::channel(4);
+    feed.send(head).await.unwrap();
+    feed.send(chunk()).await.unwrap();
+    let mut putting = blobs.clone();
+    let put = tokio::spawn(async move {
+        putting.put_blob(tokio_stream::wrappers::ReceiverStream::new(frames)).await
+    });
     std::fs::write(&file, format!("bob {BOB}\n")).unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(5), alices.next()).await;
     let status = ended.expect("the stream ends").expect("with a status").unwrap_err();
@@ -253,6 +267,11 @@ pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
     assert!(status.message().contains("revoked"), "{}", status.message());
     let status = session.next().await.expect_err("the session ends too");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let put = tokio::time::timeout(Duration::from_secs(5), put).await.expect("the put ends");
+    let status = put.unwrap().expect_err("refused, keeping nothing");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    drop(feed);
+    assert_eq!(h.server.exchange().blob_usage().await.unwrap().blobs, 0);
     // Bob's token stays: his stream stays open.
     let still = tokio::time::timeout(Duration::from_millis(300), bobs.next()).await;
     assert!(still.is_err(), "bob's stream ended: {still:?}");
