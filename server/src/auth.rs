@@ -202,14 +202,18 @@ impl Grant {
     /// Completes once the token no longer grants this principal (it never
     /// does while the token stays).
     pub async fn revoked(self) {
+        // Watching first, then looking: a change between the call's check
+        // and this future's first poll is not missed.
         let mut changes = self.shared.changed.subscribe();
         loop {
+            {
+                let tokens = self.shared.tokens.read().unwrap_or_else(PoisonError::into_inner);
+                if tokens.map.get(&*self.token) != Some(&self.principal) {
+                    return;
+                }
+            }
             if changes.changed().await.is_err() {
                 return std::future::pending().await;
-            }
-            let tokens = self.shared.tokens.read().unwrap_or_else(PoisonError::into_inner);
-            if tokens.map.get(&*self.token) != Some(&self.principal) {
-                return;
             }
         }
     }

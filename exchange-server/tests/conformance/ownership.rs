@@ -248,7 +248,7 @@ pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
     let mut session = crate::session::RawSession::open(&mut alice).await.unwrap();
     // A put left open, alice's.
     use academy_proto::pb::blob_service_client::BlobServiceClient;
-    let mut blobs = BlobServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
+    let blobs = BlobServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
     let owner = alice.register_client(pb::RegisterClientRequest::default()).await.unwrap();
     let owner = owner.into_inner().client_id;
     let chunk = || pb::PutBlobRequest { data: vec![1; 1 << 20].into(), ..Default::default() };
