@@ -11,7 +11,7 @@ use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::ExchangeMetrics;
-use crate::{BlobPut, Exchange};
+use crate::{BlobPut, Exchange, limits};
 
 type RpcResult<T> = Result<Response<T>, Status>;
 
@@ -52,7 +52,8 @@ impl blob_service_server::BlobService for BlobGrpc {
         let mut frames = request.into_inner();
         let first = frames
             .message()
-            .await?
+            .await
+            .map_err(broke_off)?
             .ok_or_else(|| ExchangeError::InvalidArgument("PutBlob sent no request".into()))?;
         let owner = EntityId::parse_field(&first.owner, "owner")?;
         let ttl = first.ttl.map(|t| duration::from_proto(t, "ttl")).transpose()?;
@@ -73,16 +74,7 @@ impl blob_service_server::BlobService for BlobGrpc {
                 }
                 let next = tokio::select! {
                     () = shutdown.cancelled() => Err(ExchangeError::ShuttingDown),
-                    frame = frames.next() => match frame? {
-                        Ok(frame) => Ok(frame.data),
-                        Err(status) if status.code() == tonic::Code::Unauthenticated => {
-                            Err(ExchangeError::Unauthenticated(status.message().to_owned()))
-                        }
-                        Err(status) => Err(ExchangeError::InvalidArgument(format!(
-                            "the put broke off: {}",
-                            academy_proto::excerpt(status.message())
-                        ))),
-                    },
+                    frame = frames.next() => frame?.map(|f| f.data).map_err(broke_off),
                 };
                 let failed = next.is_err();
                 Some((next, (None, frames, shutdown, failed)))
@@ -124,5 +116,27 @@ impl blob_service_server::BlobService for BlobGrpc {
     ) -> RpcResult<pb::DeleteBlobResponse> {
         let deleted = self.exchange.delete_blob(&request.into_inner().key).await?;
         Ok(Response::new(pb::DeleteBlobResponse { deleted }))
+    }
+}
+
+/// Why a put's requests stopped coming: a revoked token, a request larger
+/// than a chunk may be (naming that limit), or the caller's stream broke.
+fn broke_off(status: Status) -> ExchangeError {
+    let message = status.message();
+    match status.code() {
+        tonic::Code::Unauthenticated => ExchangeError::Unauthenticated(message.to_owned()),
+        tonic::Code::OutOfRange if message.contains("decoded message length too large") => {
+            let found = message
+                .split("found ")
+                .nth(1)
+                .and_then(|rest| rest.split(' ').next()?.parse().ok())
+                .unwrap_or(0);
+            let limit = "bytes per blob chunk".to_owned();
+            ExchangeError::LimitExceeded { limit, max: limits::BLOB_CHUNK_BYTES, found }
+        }
+        _ => ExchangeError::InvalidArgument(format!(
+            "the put broke off: {}",
+            academy_proto::excerpt(message)
+        )),
     }
 }

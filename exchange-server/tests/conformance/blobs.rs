@@ -157,6 +157,28 @@ pub(crate) async fn blob_puts_are_checked_and_a_failed_one_keeps_nothing(store: 
     let err = put(&mut blobs, &owner, 2 * MIB as u64, &data, MIB + 1).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
     assert_eq!(reason(&err).1["limit"], "bytes per blob chunk");
+    // A request too large to decode, early or late: the same limit, named.
+    for frame in [2 * MIB, MIB] {
+        let mut requests = vec![pb::PutBlobRequest {
+            owner: owner.clone(),
+            size: 2 * MIB as u64,
+            ..Default::default()
+        }];
+        requests
+            .push(pb::PutBlobRequest { data: data[..frame].to_vec().into(), ..Default::default() });
+        requests.push(pb::PutBlobRequest {
+            data: data[..2 * MIB].to_vec().into(),
+            ..Default::default()
+        });
+        let err = blobs.put_blob(tokio_stream::iter(requests)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        let (why, metadata) = reason(&err);
+        assert_eq!(
+            (why.as_str(), metadata["limit"].as_str()),
+            ("LIMIT_EXCEEDED", "bytes per blob chunk")
+        );
+        assert!(err.message().len() < 200, "{}", err.message());
+    }
     // Larger than the largest blob: refused before any byte is kept.
     let err = put(&mut blobs, &owner, 3 * MIB as u64 + 1, &[], 1).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
