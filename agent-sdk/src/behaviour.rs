@@ -232,10 +232,15 @@ where
     }
 }
 
-/// Outcome of actions declared to return `Result<T, E>`.
+/// Outcome of actions declared to return `Result<T, E>`: an `ActionError`
+/// as it is (its code and kind), any other error as the action's own
+/// (`UNKNOWN`, kind its type's name).
 #[doc(hidden)]
-pub fn fallible<T, E: fmt::Display>(result: Result<T, E>) -> Result<T, ActionError> {
-    result.map_err(ActionError::failed)
+pub fn fallible<T, E: fmt::Display + 'static>(result: Result<T, E>) -> Result<T, ActionError> {
+    result.map_err(|err| match (&err as &dyn std::any::Any).downcast_ref::<ActionError>() {
+        Some(own) => own.clone(),
+        None => ActionError::failed(err),
+    })
 }
 
 /// Outcome of hooks and loops: `()` or `Result<(), E>`.
@@ -263,6 +268,14 @@ mod tests {
     #[test]
     fn error_kind_is_the_short_type_name() {
         assert_eq!(ActionError::failed(String::from("x")).kind, "String");
+        // An action's ActionError keeps its code and kind.
+        let invalid = fallible::<(), _>(Err(ActionError::invalid_args("bad".into()))).unwrap_err();
+        assert_eq!(
+            (invalid.code, invalid.kind.as_str()),
+            (tonic::Code::InvalidArgument, "InvalidArguments")
+        );
+        let other = fallible::<(), _>(Err(String::from("x"))).unwrap_err();
+        assert_eq!((other.code, other.kind.as_str()), (tonic::Code::Unknown, "String"));
         assert_eq!(short_type_name("a::b::Wrap<c::D>"), "Wrap<c::D>");
         assert_eq!(short_type_name("Plain"), "Plain");
     }
