@@ -336,5 +336,10 @@ async fn processes_on_one_node_pass_blobs_as_files() {
     assert_eq!(error.code, Code::NotFound as i32);
     assert!(error.message.contains(&key), "{}", error.message);
     manager.close().await.unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    // A directory that is not there: refused, naming it, not worth a retry.
+    let nowhere =
+        Manager::connect(&server.url()).await.unwrap().with_blob_threshold(KIB).with_blob_dir(&dir);
+    let err = nowhere.handle::<Bytes>(agent.id()).echo(text(2 * KIB)).await.unwrap_err();
+    assert!(!err.is_retryable() && err.to_string().contains(&*dir.to_string_lossy()), "{err}");
 }

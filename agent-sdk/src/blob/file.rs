@@ -67,7 +67,17 @@ pub(super) async fn put(dir: Arc<Path>, data: Bytes) -> Result<pb::BlobRef, Clie
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| failed("create", &path, &e))?;
+            .map_err(|e| match e.kind() {
+                // A directory that is not there, or not ours: asking again
+                // will not help.
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                    ClientError::Refused {
+                        code: tonic::Code::FailedPrecondition,
+                        message: format!("cannot create blob file {}: {e}", path.display()),
+                    }
+                }
+                _ => failed("create", &path, &e),
+            })?;
         file.write_all(&data).map_err(|e| failed("write", &path, &e))?;
         let sha256 = Sha256::digest(&data).to_vec();
         Ok(pb::BlobRef { store: FILE_STORE.into(), key, size: data.len() as u64, sha256 })
