@@ -18,7 +18,7 @@ exchange's 4 MiB): by reference, as the Rust SDK does by itself
 (docs/design.md, "Blobs"). The arguments go to the exchange's BlobService
 in chunks of 1 MiB, the request carries their BlobRef, the client reads the
 blob back to check it (GetBlob), and frees it once answered (DeleteBlob);
-an answer kept as a blob would be read the same way.
+an answer kept as a blob is read the same way (and freed once read).
 Each call carries a W3C trace context (`header.traceparent`), so a traced
 exchange and agent put their spans in the caller's trace; the answer comes
 back with it.

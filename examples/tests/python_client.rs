@@ -59,7 +59,10 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
         .with_client_certificate(pki.client.cert.as_bytes(), pki.client.key.as_bytes());
     let rust = GrpcExchange::connect_with(exchange.url(), &credentials).await.unwrap();
     let manager = Manager::new(std::sync::Arc::new(rust)).await.unwrap();
-    let agent = manager.launch(WordStats::default()).await.unwrap();
+    // Every answer goes by reference: the client reads it with GetBlob.
+    let config = academy_sdk::AgentConfig { blob_threshold: 1, ..Default::default() };
+    let options = academy_sdk::LaunchOptions { config, ..Default::default() };
+    let agent = manager.launch_with(WordStats::default(), options).await.unwrap();
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
     let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -99,7 +102,7 @@ async fn a_python_client_generated_from_the_protos_calls_a_rust_agent() {
         let run = run_with(Some(PYTHON_TOKEN), session).await.unwrap();
         check_client_output(&run, &agent.id().to_string());
         let kept = exchange.exchange().blob_usage().await.unwrap();
-        assert_eq!(kept.blobs, 0, "the client freed its blob");
+        assert_eq!(kept.blobs, 0, "the client freed its blob and the answers' blobs");
     }
     std::fs::remove_dir_all(&out).unwrap();
     manager.close().await.unwrap();
