@@ -1,12 +1,11 @@
 //! The exchange's blobs over gRPC (`academy.v1.BlobService`,
 //! docs/design.md, "Blobs").
 
-use std::borrow::Cow;
 use std::pin::Pin;
 
 use academy_proto::pb::{self, blob_service_server};
 use academy_proto::{EntityId, ExchangeError, duration};
-use academy_server::auth::{Grant, Principal, until_revoked};
+use academy_server::auth::{Grant, until_revoked};
 use futures::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -32,13 +31,6 @@ impl BlobGrpc {
     pub(crate) fn with_metrics(self, metrics: ExchangeMetrics) -> Self {
         Self { metrics, ..self }
     }
-
-    fn exchange_for<T>(&self, request: &Request<T>) -> Cow<'_, Exchange> {
-        match Principal::of(request) {
-            None => Cow::Borrowed(&self.exchange),
-            principal => Cow::Owned(self.exchange.acting_as(principal)),
-        }
-    }
 }
 
 #[tonic::async_trait]
@@ -47,7 +39,7 @@ impl blob_service_server::BlobService for BlobGrpc {
         &self,
         request: Request<Streaming<pb::PutBlobRequest>>,
     ) -> RpcResult<pb::PutBlobResponse> {
-        let exchange = self.exchange_for(&request).into_owned();
+        let exchange = self.exchange.for_request(&request).into_owned();
         let grant = Grant::of(&request);
         let mut frames = request.into_inner();
         let first = frames

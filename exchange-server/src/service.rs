@@ -39,12 +39,18 @@ impl ExchangeGrpc {
         Self { metrics, ..self }
     }
 
-    /// The exchange, acting for the principal that made `request` (no copy
-    /// when calls are not authenticated: sends are the hot path).
     fn exchange_for<T>(&self, request: &Request<T>) -> Cow<'_, Exchange> {
+        self.exchange.for_request(request)
+    }
+}
+
+impl Exchange {
+    /// This exchange, acting for the principal that made `request` (no
+    /// copy when calls are not authenticated: sends are the hot path).
+    pub(crate) fn for_request<T>(&self, request: &Request<T>) -> Cow<'_, Exchange> {
         match Principal::of(request) {
-            None => Cow::Borrowed(&self.exchange),
-            principal => Cow::Owned(self.exchange.acting_as(principal)),
+            None => Cow::Borrowed(self),
+            principal => Cow::Owned(self.acting_as(principal)),
         }
     }
 }
