@@ -124,25 +124,47 @@ impl Stores {
 
 /// The bytes of `blob`, kept by the exchange, checked.
 async fn read(exchange: &SharedExchange, blob: &pb::BlobRef) -> Result<Bytes, ClientError> {
-    let mut read = exchange.get_blob(&blob.key, 0).await?;
-    let size = usize::try_from(read.size).unwrap_or(usize::MAX);
+    let mut chunks = checked(exchange, blob).await?;
+    let mut data = BytesMut::with_capacity(usize::try_from(blob.size).unwrap_or(0));
+    while let Some(chunk) = chunks.next().await {
+        data.extend_from_slice(&chunk?);
+    }
+    Ok(data.freeze())
+}
+
+/// The bytes of `blob`, kept by the exchange, chunk by chunk; the last
+/// item is an error if they do not match its size and SHA-256.
+async fn checked(exchange: &SharedExchange, blob: &pb::BlobRef) -> Result<BlobChunks, ClientError> {
+    let read = exchange.get_blob(&blob.key, 0).await?;
     if read.size != blob.size || read.sha256 != blob.sha256 {
         return Err(corrupt(blob, "is not the blob its reference describes"));
     }
-    let mut data = BytesMut::with_capacity(size);
-    let mut hasher = Sha256::new();
-    while let Some(chunk) = read.chunks.next().await {
-        let chunk = chunk?;
-        if data.len() + chunk.len() > size {
-            return Err(corrupt(blob, "has more bytes than its size"));
-        }
-        hasher.update(&chunk);
-        data.extend_from_slice(&chunk);
-    }
-    if data.len() != size || hasher.finalize().as_slice() != blob.sha256.as_slice() {
-        return Err(corrupt(blob, "does not match its size and SHA-256"));
-    }
-    Ok(data.freeze())
+    let start = (read.chunks, Sha256::new(), 0u64, blob.clone(), false);
+    let checked =
+        futures::stream::unfold(start, |(mut chunks, mut hasher, seen, blob, done)| async move {
+            if done {
+                return None;
+            }
+            let (item, seen) = match chunks.next().await {
+                Some(Ok(chunk)) if seen + chunk.len() as u64 > blob.size => {
+                    (Err(corrupt(&blob, "has more bytes than its size")), seen)
+                }
+                Some(Ok(chunk)) => {
+                    hasher.update(&chunk);
+                    let seen = seen + chunk.len() as u64;
+                    return Some((Ok(chunk), (chunks, hasher, seen, blob, false)));
+                }
+                Some(Err(err)) => (Err(err), seen),
+                None if seen == blob.size
+                    && hasher.clone().finalize().as_slice() == blob.sha256 =>
+                {
+                    return None;
+                }
+                None => (Err(corrupt(&blob, "does not match its size and SHA-256")), seen),
+            };
+            Some((item, (chunks, hasher, seen, blob, true)))
+        });
+    Ok(checked.boxed())
 }
 
 fn corrupt(blob: &pb::BlobRef, what: &str) -> ClientError {
@@ -277,41 +299,7 @@ impl Blob {
     /// Its bytes, chunk by chunk; the last item is an error if they do not
     /// match its size and SHA-256.
     pub async fn chunks(&self) -> Result<BlobChunks, ClientError> {
-        let read = self.exchange()?.get_blob(&self.reference.key, 0).await?;
-        if read.size != self.reference.size || read.sha256 != self.reference.sha256 {
-            return Err(corrupt(&self.reference, "is not the blob its reference describes"));
-        }
-        let expected = self.reference.clone();
-        let checked = futures::stream::unfold(
-            (read.chunks, Sha256::new(), 0u64, expected, false),
-            |(mut chunks, mut hasher, mut seen, expected, done)| async move {
-                if done {
-                    return None;
-                }
-                match chunks.next().await {
-                    Some(Ok(chunk)) => {
-                        hasher.update(&chunk);
-                        seen += chunk.len() as u64;
-                        if seen > expected.size {
-                            let err = corrupt(&expected, "has more bytes than its size");
-                            return Some((Err(err), (chunks, hasher, seen, expected, true)));
-                        }
-                        Some((Ok(chunk), (chunks, hasher, seen, expected, false)))
-                    }
-                    Some(Err(err)) => Some((Err(err), (chunks, hasher, seen, expected, true))),
-                    None => {
-                        let digest = hasher.clone().finalize();
-                        if seen == expected.size && digest.as_slice() == expected.sha256.as_slice()
-                        {
-                            return None;
-                        }
-                        let err = corrupt(&expected, "does not match its size and SHA-256");
-                        Some((Err(err), (chunks, hasher, seen, expected, true)))
-                    }
-                }
-            },
-        );
-        Ok(checked.boxed())
+        checked(self.exchange()?, &self.reference).await
     }
 
     /// Its bytes, whole, checked.
