@@ -133,43 +133,33 @@ impl RedisBackend {
 
     /// Counts the blob hashes and sums the chunks' lengths, by `SCAN`.
     pub(super) async fn usage_of_blobs(&self) -> Result<BlobUsage, ExchangeError> {
-        let mut conn = self.conn.clone();
         let mut usage = BlobUsage::default();
-        for (pattern, chunks) in
-            [(self.keys.blob("*"), false), (self.keys.blob_chunk("*", 0), true)]
-        {
-            // Every chunk, not only the first.
-            let pattern =
-                if chunks { pattern.trim_end_matches(":0").to_owned() + ":*" } else { pattern };
-            let mut cursor = 0u64;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-                if chunks && !keys.is_empty() {
-                    let mut pipe = redis::pipe();
-                    for key in &keys {
-                        pipe.cmd("STRLEN").arg(key);
-                    }
-                    let lengths: Vec<u64> =
-                        pipe.query_async(&mut conn).await.map_err(unavailable)?;
-                    usage.bytes += lengths.iter().sum::<u64>();
-                } else if !chunks {
-                    usage.blobs += keys.len() as u64;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+        let (blobs, chunks) = (self.keys.blob("*"), self.keys.blob_chunk("*", "*"));
+        let mut cursor = 0;
+        loop {
+            let (next, keys) = self.scan_page(&blobs, cursor).await?;
+            usage.blobs += keys.len() as u64;
+            cursor = next;
+            if cursor == 0 {
+                break;
             }
         }
-        Ok(usage)
+        loop {
+            let (next, keys) = self.scan_page(&chunks, cursor).await?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("STRLEN").arg(key);
+                }
+                let lengths: Vec<u64> =
+                    pipe.query_async(&mut self.conn.clone()).await.map_err(unavailable)?;
+                usage.bytes += lengths.iter().sum::<u64>();
+            }
+            cursor = next;
+            if cursor == 0 {
+                return Ok(usage);
+            }
+        }
     }
 
     pub(super) async fn delete_blob(&self, key: &str) -> Result<bool, ExchangeError> {

@@ -85,8 +85,8 @@ impl Keys {
         format!("{}:b:{key}", self.prefix)
     }
 
-    /// Chunk `index` of a blob.
-    pub(super) fn blob_chunk(&self, key: &str, index: u64) -> String {
+    /// Chunk `index` of a blob (`*`, `*` in a pattern: every chunk).
+    pub(super) fn blob_chunk(&self, key: &str, index: impl std::fmt::Display) -> String {
         format!("{}:bc:{key}:{index}", self.prefix)
     }
 

@@ -134,25 +134,14 @@ pub(super) async fn migrate_index(backend: &RedisBackend) -> Result<usize, Excha
     Ok(moved)
 }
 
-/// Mailbox hashes read per round of a scan ([`mailboxes_page`]).
-const SCAN_BATCH: usize = 1_000;
-
 /// One round of a scan of every mailbox hash: the cursor to go on from (0
-/// when done) and the ids found, about [`SCAN_BATCH`] of them.
+/// when done) and the ids found.
 async fn mailboxes_page(
     backend: &RedisBackend,
     cursor: u64,
 ) -> Result<(u64, Vec<EntityId>), ExchangeError> {
     let pattern = format!("{}:mb:*", backend.keys.prefix());
-    let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
-        .arg(cursor)
-        .arg("MATCH")
-        .arg(&pattern)
-        .arg("COUNT")
-        .arg(SCAN_BATCH)
-        .query_async(&mut backend.conn.clone())
-        .await
-        .map_err(unavailable)?;
+    let (next, found) = backend.scan_page(&pattern, cursor).await?;
     let ids = found.iter().filter_map(|key| key.rsplit_once(":mb:")?.1.parse().ok()).collect();
     Ok((next, ids))
 }

@@ -138,7 +138,28 @@ pub(crate) struct RedisBackend {
 /// How often a replica checks that Redis answers.
 const HEALTH_EVERY: Duration = Duration::from_secs(1);
 
+/// Keys read per round of a scan ([`RedisBackend::scan_page`]).
+const SCAN_BATCH: usize = 1_000;
+
 impl RedisBackend {
+    /// One round of a `SCAN` of the keys matching `pattern`: the cursor to
+    /// go on from (0 when done) and the keys found, about [`SCAN_BATCH`].
+    async fn scan_page(
+        &self,
+        pattern: &str,
+        cursor: u64,
+    ) -> Result<(u64, Vec<String>), ExchangeError> {
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(SCAN_BATCH)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)
+    }
+
     pub(crate) async fn connect(
         options: RedisOptions,
         retention: &Retention,
