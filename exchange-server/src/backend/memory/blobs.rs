@@ -209,26 +209,32 @@ fn unlinked(path: &std::path::Path) -> Result<std::fs::File, ExchangeError> {
 /// Writes `data` at its place, off the async threads.
 pub(super) async fn write_at((file, offset): FileChunk, data: Bytes) -> Result<(), ExchangeError> {
     use std::os::unix::fs::FileExt as _;
-    let written = tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await;
-    match written {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ExchangeError::Unavailable(format!("cannot write a blob: {e}"))),
-        Err(e) => Err(ExchangeError::Unavailable(format!("cannot write a blob: {e}"))),
-    }
+    off_thread("write", move || file.write_all_at(&data, offset)).await
 }
 
 /// Reads `len` bytes at their place, off the async threads.
 pub(super) async fn read_at((file, offset): FileChunk, len: usize) -> Result<Bytes, ExchangeError> {
     use std::os::unix::fs::FileExt as _;
-    let read = tokio::task::spawn_blocking(move || {
+    off_thread("read", move || {
         let mut data = vec![0; len];
         file.read_exact_at(&mut data, offset).map(|()| Bytes::from(data))
     })
-    .await;
-    match read {
-        Ok(Ok(data)) => Ok(data),
-        Ok(Err(e)) => Err(ExchangeError::Unavailable(format!("cannot read a blob: {e}"))),
-        Err(e) => Err(ExchangeError::Unavailable(format!("cannot read a blob: {e}"))),
+    .await
+}
+
+/// Runs blob file I/O on the blocking threads; a failure says what it
+/// could not do.
+async fn off_thread<T: Send + 'static>(
+    what: &str,
+    io: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, ExchangeError> {
+    let failed = |e: &dyn std::fmt::Display| {
+        ExchangeError::Unavailable(format!("cannot {what} a blob: {e}"))
+    };
+    match tokio::task::spawn_blocking(io).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(e)) => Err(failed(&e)),
+        Err(e) => Err(failed(&e)),
     }
 }
 
