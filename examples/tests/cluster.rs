@@ -40,13 +40,7 @@ async fn cluster(workers: &[&str]) -> Cluster {
 
 async fn cluster_on(options: ExchangeOptions, workers: &[&str]) -> Cluster {
     let exchange = RunningExchange::start(options).await.unwrap();
-    let launcher = RunningLauncher::start(LauncherOptions {
-        exchange_url: exchange.url(),
-        heartbeat_timeout: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let launcher = common::launcher_on(exchange.url()).await;
     let launcher_url = launcher.url();
     let rpc = LauncherServiceClient::connect(launcher_url.clone()).await.unwrap();
     let mut cluster =

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use academy_examples::behaviours::Ledger;
 use academy_exchange::{ExchangeOptions, RunningExchange};
-use academy_launcher::{LauncherOptions, RunningLauncher};
 use academy_proto::pb::{self, launcher_service_client::LauncherServiceClient};
 use academy_sdk::exchange::GrpcExchange;
 use academy_sdk::{Endpoint, HandleError, MailboxPolicy, Manager};
@@ -36,13 +35,7 @@ async fn calls_go_directly_and_survive_a_sigkill_of_the_receiver() {
         ..Default::default()
     };
     let exchange = RunningExchange::start(options).await.unwrap();
-    let launcher = RunningLauncher::start(LauncherOptions {
-        exchange_url: exchange.url(),
-        heartbeat_timeout: Duration::from_secs(1),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let launcher = common::launcher_on(exchange.url()).await;
     let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
     let w1 = worker(&launcher.url(), "w1");
     until_workers(&mut rpc, 1).await;

@@ -14,6 +14,17 @@ use academy_examples::behaviours::WordStats;
 use academy_sdk::Manager;
 use tokio::task::JoinHandle;
 
+/// A launcher on the exchange at `exchange_url` that counts a worker
+/// silent for a second as lost.
+pub(crate) async fn launcher_on(exchange_url: String) -> academy_launcher::RunningLauncher {
+    let options = academy_launcher::LauncherOptions {
+        exchange_url,
+        heartbeat_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    academy_launcher::RunningLauncher::start(options).await.unwrap()
+}
+
 /// Callers that call each agent of `ids` (`example.WordStats`) one call
 /// after another until `stop`: per agent, the calls answered right and
 /// what went wrong otherwise.
