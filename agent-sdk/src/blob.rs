@@ -10,29 +10,40 @@
 //!
 //! A manager or agent given a directory that the processes on its node
 //! share (`with_blob_dir`, `AgentConfig::blob_dir`) keeps its blobs there
-//! instead, as files: the bytes never leave the node.
+//! instead, as files: the bytes never leave the node. With direct
+//! delivery, the blobs of a call that goes directly are kept at the peer
+//! endpoints instead (the peer store): they travel once, sender to
+//! receiver.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use academy_proto::pb;
 use academy_proto::sync::lock;
 use academy_proto::transport::{BLOB_CHUNK_BYTES, EXCHANGE_BLOB_STORE};
-use academy_proto::{EntityId, ExchangeError};
+use academy_proto::{EntityId, ExchangeError, excerpt};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::ClientError;
 use crate::exchange::{BlobChunks, SharedExchange};
+use crate::{ClientError, Endpoint};
 
 mod file;
+mod peer;
 pub use file::FILE_TTL;
+pub(crate) use peer::{Kept, put as put_at_peer};
+pub use peer::{MAX_KEPT_BLOBS, MAX_KEPT_BYTES, PEER_TTL};
 
 /// The store a reference names for a file in a directory that its sender
 /// and receiver share (processes on one node): the name is the key, the
 /// directory the receiver's own.
 pub use academy_proto::transport::FILE_BLOB_STORE as FILE_STORE;
+
+/// The store a reference names for a blob kept at a peer endpoint (its
+/// `endpoint`), for a message delivered directly.
+pub use academy_proto::transport::PEER_BLOB_STORE as PEER_STORE;
 
 /// Payloads of this many bytes or more go by reference unless a manager
 /// or agent says otherwise: what would not fit in a message of an exchange
@@ -42,61 +53,144 @@ pub use academy_proto::transport::FILE_BLOB_STORE as FILE_STORE;
 /// (BENCHMARKS.md, (d)).
 pub const DEFAULT_BLOB_THRESHOLD: usize = 4 * 1024 * 1024 - 64 * 1024;
 
+/// `data` in chunks a blob store takes, without copying it.
+pub(crate) fn chunk_slices(data: Bytes) -> impl Iterator<Item = Bytes> {
+    let n = data.len().div_ceil(BLOB_CHUNK_BYTES);
+    (0..n).map(move |i| {
+        data.slice(i * BLOB_CHUNK_BYTES..((i + 1) * BLOB_CHUNK_BYTES).min(data.len()))
+    })
+}
+
 /// `data` in chunks the exchange takes, without copying it.
 pub(crate) fn chunks_of(data: Bytes) -> BlobChunks {
-    let n = data.len().div_ceil(BLOB_CHUNK_BYTES);
-    futures::stream::iter((0..n).map(move |i| {
-        Ok(data.slice(i * BLOB_CHUNK_BYTES..((i + 1) * BLOB_CHUNK_BYTES).min(data.len())))
-    }))
-    .boxed()
+    futures::stream::iter(chunk_slices(data).map(Ok)).boxed()
 }
 
 /// Where a mailbox keeps the blobs it sends and finds the ones it
-/// receives: its exchange's store, and a directory the processes on its
-/// node share (the file store), if it has one.
-#[derive(Clone)]
+/// receives: its exchange's store; a directory the processes on its node
+/// share (the file store), if it has one; and with direct delivery, the
+/// peer endpoints of senders and receivers (the peer store).
+#[derive(Debug)]
 pub(crate) struct Stores {
     pub(crate) exchange: SharedExchange,
-    pub(crate) dir: Option<Arc<Path>>,
+    /// The mailbox its blobs in the exchange belong to.
+    owner: EntityId,
+    /// Payloads of this many bytes or more go by reference.
+    threshold: AtomicUsize,
+    dir: OnceLock<Arc<Path>>,
+    /// The peer endpoint hosting its agent, if any: it keeps the results
+    /// of requests that came directly, and the arguments put there.
+    keeper: Option<Endpoint>,
 }
 
 impl Stores {
-    /// `payload`, kept as a blob of `owner` (in the file store when there
-    /// is one) if its data has `threshold` bytes or more.
+    pub(crate) fn new(
+        exchange: SharedExchange,
+        owner: EntityId,
+        keeper: Option<Endpoint>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            exchange,
+            owner,
+            threshold: AtomicUsize::new(DEFAULT_BLOB_THRESHOLD),
+            dir: OnceLock::new(),
+            keeper,
+        })
+    }
+
+    /// Sends payloads of `bytes` or more by reference from now on.
+    pub(crate) fn set_threshold(&self, bytes: usize) {
+        self.threshold.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Keeps its blobs in files under `dir`, and finds there the ones it
+    /// receives (set once).
+    pub(crate) fn set_dir(&self, dir: std::path::PathBuf) {
+        let _ = self.dir.set(dir.into());
+    }
+
+    /// Whether `payload` goes by reference (in a store of the sender's
+    /// choosing) rather than inline.
+    pub(crate) fn is_large(&self, payload: &pb::Payload) -> bool {
+        payload.blob.is_none() && payload.data.len() >= self.threshold.load(Ordering::Relaxed)
+    }
+
+    /// Whether its blobs go to the file store.
+    pub(crate) fn has_dir(&self) -> bool {
+        self.dir.get().is_some()
+    }
+
+    /// `payload`, kept as a blob if large: in the file store when there is
+    /// one, else at the keeper endpoint for an answer that goes `directly`
+    /// (if it has room), else in the exchange's store.
     pub(crate) async fn offload(
         &self,
-        owner: &EntityId,
         payload: pb::Payload,
-        threshold: usize,
+        directly: bool,
     ) -> Result<pb::Payload, ClientError> {
-        if payload.data.len() < threshold || payload.blob.is_some() {
+        if !self.is_large(&payload) {
             return Ok(payload);
         }
-        let blob = match &self.dir {
-            Some(dir) => file::put(dir.clone(), payload.data).await?,
-            None => {
-                let size = payload.data.len() as u64;
-                self.exchange.put_blob(owner, size, chunks_of(payload.data)).await?
-            }
+        let kept_here = self.keeper.as_ref().filter(|_| directly && !self.has_dir());
+        let blob = match kept_here.and_then(|k| k.kept().keep(k.url(), payload.data.clone())) {
+            Some(blob) => blob,
+            None => match self.dir.get() {
+                Some(dir) => file::put(dir.clone(), payload.data).await?,
+                None => {
+                    let size = payload.data.len() as u64;
+                    self.exchange.put_blob(&self.owner, size, chunks_of(payload.data)).await?
+                }
+            },
         };
         Ok(pb::Payload { content_type: payload.content_type, data: Bytes::new(), blob: Some(blob) })
     }
 
+    /// `message` with its arguments, if large, kept as a blob in the file
+    /// store or the exchange's, freed when the guard drops.
+    pub(crate) async fn offload_request(
+        self: &Arc<Self>,
+        mut message: pb::Message,
+    ) -> Result<(pb::Message, Option<Freed>), ClientError> {
+        let Some(args) = args_of(&mut message).filter(|a| self.is_large(a)) else {
+            return Ok((message, None));
+        };
+        // Boxed: the calls that never get here do not carry its state.
+        *args = Box::pin(self.offload(std::mem::take(args), false)).await?;
+        let freed = Freed::of(self.clone(), args);
+        Ok((message, freed))
+    }
+
     /// `payload` with its blob's bytes read into `data`, checked against
-    /// the reference's size and digest; a payload without one as it is.
+    /// the reference's size (and digest); a payload without one as it is.
+    /// A peer blob is read at its endpoint if `remote`, else only one kept
+    /// at this mailbox's own.
     pub(crate) async fn resolve(
         &self,
         payload: Option<pb::Payload>,
+        remote: bool,
     ) -> Result<Option<pb::Payload>, ClientError> {
         let Some(mut payload) = payload else { return Ok(None) };
         let Some(blob) = payload.blob.take() else { return Ok(Some(payload)) };
         payload.data = match blob.store.as_str() {
             EXCHANGE_BLOB_STORE => read(&self.exchange, &blob).await?,
-            FILE_STORE => file::read(self.dir.clone(), &blob).await?,
+            FILE_STORE => file::read(self.dir.get().cloned(), &blob).await?,
+            PEER_STORE => match &self.keeper {
+                Some(k) if k.url() == blob.endpoint => k
+                    .kept()
+                    .remove(&blob.key)
+                    .ok_or(ClientError::Exchange(ExchangeError::BlobNotFound(blob.key)))?,
+                _ if remote && !blob.endpoint.is_empty() => peer::read(&blob).await?,
+                _ => {
+                    return Err(ClientError::Exchange(ExchangeError::InvalidArgument(format!(
+                        "blob {} is kept at a peer endpoint that did not send it here",
+                        excerpt(&blob.key)
+                    ))));
+                }
+            },
             other => {
                 return Err(ClientError::Exchange(ExchangeError::InvalidArgument(format!(
                     "blob store {} is not one this SDK reads",
-                    academy_proto::excerpt(other)
+                    excerpt(other)
                 ))));
             }
         };
@@ -107,18 +201,43 @@ impl Stores {
     pub(crate) fn free(&self, blob: Option<&pb::BlobRef>) {
         let Some(blob) = blob else { return };
         let key = blob.key.clone();
-        if blob.store == FILE_STORE {
-            if let Some(dir) = self.dir.clone() {
-                file::remove(dir, key);
+        match blob.store.as_str() {
+            FILE_STORE => {
+                if let Some(dir) = self.dir.get().cloned() {
+                    file::remove(dir, key);
+                }
             }
-            return;
+            PEER_STORE => match &self.keeper {
+                Some(k) if k.url() == blob.endpoint => drop(k.kept().remove(&key)),
+                _ => peer::delete(blob.clone()),
+            },
+            _ => {
+                let exchange = self.exchange.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = exchange.delete_blob(&key).await {
+                        tracing::debug!(key, error = %e, "cannot free a blob; it expires");
+                    }
+                });
+            }
         }
-        let exchange = self.exchange.clone();
-        tokio::spawn(async move {
-            if let Err(e) = exchange.delete_blob(&key).await {
-                tracing::debug!(key, error = %e, "cannot free a blob; it expires");
-            }
-        });
+    }
+}
+
+/// The blob of `message`'s result, if it is an action response with one.
+pub(crate) fn result_blob(message: &mut pb::Message) -> Option<&mut pb::BlobRef> {
+    match &mut message.body {
+        Some(pb::message::Body::ActionResponse(response)) => {
+            response.result.as_mut()?.blob.as_mut()
+        }
+        _ => None,
+    }
+}
+
+/// The arguments of `message`, if it is an action request with some.
+pub(crate) fn args_of(message: &mut pb::Message) -> Option<&mut pb::Payload> {
+    match &mut message.body {
+        Some(pb::message::Body::ActionRequest(request)) => request.args.as_mut(),
+        _ => None,
     }
 }
 
@@ -172,16 +291,17 @@ fn corrupt(blob: &pb::BlobRef, what: &str) -> ClientError {
 }
 
 /// Frees a call's arguments' blob when dropped: however the call ends.
+#[derive(Debug)]
 pub(crate) struct Freed {
-    stores: Stores,
+    stores: Arc<Stores>,
     blob: pb::BlobRef,
 }
 
 impl Freed {
     /// Frees `payload`'s blob, if it has one, from `stores` when dropped.
-    pub(crate) fn of(stores: impl FnOnce() -> Stores, payload: &pb::Payload) -> Option<Self> {
+    fn of(stores: Arc<Stores>, payload: &pb::Payload) -> Option<Self> {
         let blob = payload.blob.clone()?;
-        Some(Self { stores: stores(), blob })
+        Some(Self { stores, blob })
     }
 }
 
@@ -411,7 +531,13 @@ impl<'de> serde::Deserialize<'de> for Blob {
         let r = Reference::deserialize(deserializer)?;
         let sha256 =
             unhex(&r.sha256).ok_or_else(|| serde::de::Error::custom("sha256 is not hex"))?;
-        let reference = pb::BlobRef { store: r.store, key: r.key, size: r.size, sha256 };
+        let reference = pb::BlobRef {
+            store: r.store,
+            key: r.key,
+            size: r.size,
+            sha256,
+            endpoint: String::new(),
+        };
         let exchange = DECODING
             .with(|d| d.borrow().clone())
             .or_else(|| crate::context::current_mailbox().map(|m| m.exchange().clone()));

@@ -20,13 +20,14 @@ use academy_proto::sync::lock;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::ClientError;
+use crate::blob::{Freed, Stores, args_of};
 use crate::exchange::SharedExchange;
 
 /// How long a destination's endpoint, once looked up (found or not), is
 /// trusted before it is looked up again.
 const LOOKUP_EVERY: Duration = Duration::from_secs(1);
 /// Longest wait to connect to a peer endpoint, and to hear from an idle one.
-const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const PEER_TIMEOUT: Duration = Duration::from_secs(1);
 /// `Deliver` streams one connection to a peer endpoint may have open.
 #[cfg(feature = "direct")]
 const MAX_STREAMS_PER_CONNECTION: u32 = 256;
@@ -36,7 +37,7 @@ const ROUTES_KEPT: usize = 4096;
 const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
 /// The metadata of a `Deliver` stream that carries its ticket.
-const TICKET_HEADER: &str = "academy-ticket";
+pub(crate) const TICKET_HEADER: &str = "academy-ticket";
 
 /// Calls waiting for answers, by tag (shared with the mailbox): the answer,
 /// or why the request could not be sent after all.
@@ -54,6 +55,8 @@ pub(crate) struct Reply {
     out: Option<mpsc::Sender<Result<pb::DeliverResponse, tonic::Status>>>,
     /// What it counts against its agent's bound, given back when done.
     waiting: Option<(Arc<Waiting>, usize)>,
+    /// The blob kept here with its arguments, freed if never read.
+    unread: Option<(Weak<Hosting>, String)>,
 }
 
 /// Requests an agent took directly and has not answered yet: bounded like
@@ -126,6 +129,11 @@ impl Drop for Reply {
             let why = "the agent stopped before running it";
             Outcome::Refused(refusal(tonic::Code::Unavailable, "NOT_RUN", why))
         });
+        if let Some((hosting, key)) = self.unread.take()
+            && let Some(hosting) = hosting.upgrade()
+        {
+            hosting.kept.remove(&key);
+        }
     }
 }
 
@@ -165,6 +173,11 @@ struct Hosting {
     agents: Mutex<HashMap<EntityId, Inbox>>,
     /// Where tickets are checked: the exchange of the first agent hosted.
     exchange: std::sync::OnceLock<SharedExchange>,
+    /// Tickets the exchange vouched for: the mailbox each is for, until when.
+    #[cfg_attr(not(feature = "direct"), allow(dead_code))]
+    vouched: Mutex<HashMap<String, (EntityId, Instant)>>,
+    /// The blobs it keeps: results for callers, arguments for its agents.
+    kept: crate::blob::Kept,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -182,8 +195,8 @@ pub(crate) struct Hosted {
 }
 
 impl Hosted {
-    pub(crate) fn url(&self) -> &str {
-        self.endpoint.url()
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 }
 
@@ -197,6 +210,17 @@ impl Endpoint {
     /// The URL senders reach it at ("http://host:port" or "unix:/path").
     pub fn url(&self) -> &str {
         &self.inner.url
+    }
+
+    /// Bytes of blobs it keeps now: large results for callers to read and
+    /// large arguments for its agents (docs/design.md, "Blobs"), at most
+    /// [`MAX_KEPT_BYTES`](crate::blob::MAX_KEPT_BYTES).
+    pub fn blob_bytes(&self) -> u64 {
+        self.inner.kept.bytes()
+    }
+
+    pub(crate) fn kept(&self) -> &crate::blob::Kept {
+        &self.inner.kept
     }
 
     /// Takes requests for agent `id` (of `exchange`) into `requests` until
@@ -237,6 +261,8 @@ mod serve {
                 url,
                 agents: Mutex::default(),
                 exchange: std::sync::OnceLock::new(),
+                vouched: Mutex::default(),
+                kept: crate::blob::Kept::default(),
                 stop: stop.clone(),
             });
             let service = PeerGrpc { hosting: Arc::downgrade(&inner) };
@@ -315,20 +341,8 @@ mod serve {
             request: Request<Streaming<pb::DeliverRequest>>,
         ) -> Result<Response<Self::DeliverStream>, Status> {
             // Only who may send from a mailbox through the exchange may
-            // deliver from it here: the exchange vouches for the ticket.
-            let ticket = request.metadata().get(TICKET_HEADER).and_then(|t| t.to_str().ok());
-            let Some(ticket) = ticket.map(str::to_owned) else {
-                return Err(Status::unauthenticated(format!(
-                    "present a ticket from the exchange's IssueTicket (metadata {TICKET_HEADER})"
-                )));
-            };
-            let exchange = self.hosting.upgrade().and_then(|h| h.exchange.get().cloned());
-            let exchange =
-                exchange.ok_or_else(|| Status::unavailable("no agent is hosted here"))?;
-            let (src, left) = exchange.check_ticket(&ticket).await.map_err(|e| match e {
-                ClientError::Exchange(e) => Status::from(e),
-                e => Status::unavailable(format!("the ticket cannot be checked: {e}")),
-            })?;
+            // deliver from it here.
+            let (src, left) = vouch(&*self.hosting()?, request.metadata()).await?;
             let mut inbound = request.into_inner();
             let (out, answers) = mpsc::channel(1024);
             let hosting = self.hosting.clone();
@@ -350,10 +364,16 @@ mod serve {
                     };
                     let Some(hosting) = hosting.upgrade() else { break };
                     let seq = request.seq;
-                    // Taken: answered once run. Refused: told now.
-                    let Err(why) = take(&hosting, &mut refused, src, request, &out) else {
+                    let unread = kept_args(&hosting, request.message.as_ref());
+                    // Taken: answered once run. Refused: told now (and
+                    // its arguments put here are not read).
+                    let Err(why) = take(&hosting, &mut refused, src, request, unread.clone(), &out)
+                    else {
                         continue;
                     };
+                    if let Some(key) = unread {
+                        hosting.kept.remove(&key);
+                    }
                     let answer = pb::DeliverResponse { seq, outcome: Some(Outcome::Refused(why)) };
                     if out.send(Ok(answer)).await.is_err() {
                         break;
@@ -363,14 +383,162 @@ mod serve {
             let stream = tokio_stream::wrappers::ReceiverStream::new(answers);
             Ok(Response::new(Box::pin(stream)))
         }
+
+        async fn put_peer_blob(
+            &self,
+            request: Request<Streaming<pb::PutPeerBlobRequest>>,
+        ) -> Result<Response<pb::PutPeerBlobResponse>, Status> {
+            // It takes this process's memory: only for the exchange's own.
+            let hosting = self.hosting()?;
+            vouch(&hosting, request.metadata()).await?;
+            let mut chunks = request.into_inner();
+            let head = chunks.message().await?.unwrap_or_default();
+            let size = head.size;
+            let room = hosting.kept.room(size).map_err(Status::from)?;
+            let mut data = bytes::BytesMut::new();
+            let mut next = Some(head);
+            while let Some(chunk) = match next.take() {
+                Some(head) => Some(head),
+                None => chunks.message().await?,
+            } {
+                if chunk.data.len() > academy_proto::transport::BLOB_CHUNK_BYTES {
+                    return Err(Status::invalid_argument(format!(
+                        "a chunk has {} bytes, more than {}",
+                        chunk.data.len(),
+                        academy_proto::transport::BLOB_CHUNK_BYTES
+                    )));
+                }
+                if (data.len() + chunk.data.len()) as u64 > size {
+                    return Err(Status::invalid_argument(format!(
+                        "the chunks have more bytes than the size given ({size})"
+                    )));
+                }
+                if data.is_empty() {
+                    data.reserve(usize::try_from(size).unwrap_or(0));
+                }
+                data.extend_from_slice(&chunk.data);
+            }
+            if data.len() as u64 != size {
+                return Err(Status::invalid_argument(format!(
+                    "the chunks have {} bytes, not the size given ({size})",
+                    data.len()
+                )));
+            }
+            let key = room.fill(data.freeze());
+            let blob = pb::BlobRef {
+                store: crate::blob::PEER_STORE.into(),
+                key,
+                size,
+                sha256: Vec::new(),
+                endpoint: hosting.url.clone(),
+            };
+            let expires_in = crate::blob::PEER_TTL.try_into().ok();
+            Ok(Response::new(pb::PutPeerBlobResponse { blob: Some(blob), expires_in }))
+        }
+
+        type GetPeerBlobStream =
+            Pin<Box<dyn Stream<Item = Result<pb::GetPeerBlobResponse, Status>> + Send>>;
+
+        async fn get_peer_blob(
+            &self,
+            request: Request<pb::GetPeerBlobRequest>,
+        ) -> Result<Response<Self::GetPeerBlobStream>, Status> {
+            // The key is the credential: only a message's receiver has it.
+            let pb::GetPeerBlobRequest { key, offset } = request.into_inner();
+            let hosting = self.hosting()?;
+            let not_found =
+                || Status::from(academy_proto::ExchangeError::BlobNotFound(key.clone()));
+            let data = hosting.kept.get(&key).ok_or_else(not_found)?;
+            let size = data.len() as u64;
+            let Some(rest) = usize::try_from(offset).ok().and_then(|o| data.get(o..)) else {
+                return Err(Status::invalid_argument(format!(
+                    "offset {offset} is past the end of blob {key} ({size} bytes)"
+                )));
+            };
+            let rest = data.slice_ref(rest);
+            let head = pb::GetPeerBlobResponse { size, ..Default::default() };
+            let chunks = crate::blob::chunk_slices(rest)
+                .map(|data| Ok(pb::GetPeerBlobResponse { data, ..Default::default() }));
+            // Read to its end: its one reader is done with it.
+            let weak = self.hosting.clone();
+            let done = futures::stream::once(async move {
+                if let Some(hosting) = weak.upgrade() {
+                    hosting.kept.remove(&key);
+                }
+                None
+            })
+            .filter_map(std::future::ready);
+            let stream = futures::stream::iter(std::iter::once(Ok(head)).chain(chunks)).chain(done);
+            Ok(Response::new(Box::pin(stream)))
+        }
+
+        async fn delete_peer_blob(
+            &self,
+            request: Request<pb::DeletePeerBlobRequest>,
+        ) -> Result<Response<pb::DeletePeerBlobResponse>, Status> {
+            let deleted = self.hosting()?.kept.remove(&request.into_inner().key).is_some();
+            Ok(Response::new(pb::DeletePeerBlobResponse { deleted }))
+        }
+    }
+
+    impl PeerGrpc {
+        fn hosting(&self) -> Result<Arc<Hosting>, Status> {
+            self.hosting.upgrade().ok_or_else(|| Status::unavailable("the endpoint is stopping"))
+        }
+    }
+
+    /// Tickets kept as vouched for before the expired ones are forgotten.
+    const VOUCHED_KEPT: usize = 4096;
+
+    /// The mailbox whose ticket the request presents, and how long the
+    /// ticket holds, as the exchange vouches (asked once per ticket).
+    async fn vouch(
+        hosting: &Hosting,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<(EntityId, Duration), Status> {
+        let Some(ticket) = metadata.get(TICKET_HEADER).and_then(|t| t.to_str().ok()) else {
+            return Err(Status::unauthenticated(format!(
+                "present a ticket from the exchange's IssueTicket (metadata {TICKET_HEADER})"
+            )));
+        };
+        let now = Instant::now();
+        if let Some((src, until)) = lock(&hosting.vouched).get(ticket).filter(|(_, u)| *u > now) {
+            return Ok((*src, *until - now));
+        }
+        let exchange = hosting.exchange.get().cloned();
+        let exchange = exchange.ok_or_else(|| Status::unavailable("no agent is hosted here"))?;
+        let (src, left) = exchange.check_ticket(ticket).await.map_err(|e| match e {
+            ClientError::Exchange(e) => Status::from(e),
+            e => Status::unavailable(format!("the ticket cannot be checked: {e}")),
+        })?;
+        let mut vouched = lock(&hosting.vouched);
+        if vouched.len() >= VOUCHED_KEPT {
+            vouched.retain(|_, (_, until)| *until > now);
+            if vouched.len() >= VOUCHED_KEPT {
+                vouched.clear();
+            }
+        }
+        vouched.insert(ticket.to_owned(), (src, now + left));
+        Ok((src, left))
+    }
+
+    /// The key of the blob kept here that `message`'s arguments are in.
+    fn kept_args(hosting: &Hosting, message: Option<&pb::Message>) -> Option<String> {
+        let Some(Body::ActionRequest(request)) = message.and_then(|m| m.body.as_ref()) else {
+            return None;
+        };
+        let blob = request.args.as_ref()?.blob.as_ref()?;
+        (blob.store == crate::blob::PEER_STORE && blob.endpoint == hosting.url)
+            .then(|| blob.key.clone())
     }
 
     /// Hands a request to the agent it is for, if hosted here.
     fn take(
-        hosting: &Hosting,
+        hosting: &Arc<Hosting>,
         refused: &mut HashSet<String>,
         src: EntityId,
         request: pb::DeliverRequest,
+        unread: Option<String>,
         out: &mpsc::Sender<Result<pb::DeliverResponse, Status>>,
     ) -> Result<(), pb::SendResult> {
         let invalid = |why: &str| refusal(tonic::Code::InvalidArgument, "INVALID_ARGUMENT", why);
@@ -404,7 +572,9 @@ mod serve {
             );
             return Err(refusal(tonic::Code::ResourceExhausted, "DIRECT_FULL", why));
         };
-        let reply = Reply { seq: request.seq, out: Some(out.clone()), waiting: Some(waiting) };
+        let unread = unread.map(|key| (Arc::downgrade(hosting), key));
+        let reply =
+            Reply { seq: request.seq, out: Some(out.clone()), waiting: Some(waiting), unread };
         match inbox.requests.send((reply, message)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendError((mut reply, _))) => {
@@ -435,6 +605,11 @@ pub(crate) struct Direct {
     unanswered: Mutex<HashMap<EntityId, HashSet<String>>>,
     /// Told whenever a peer's requests for a destination were resent or answered.
     progress: Notify,
+    /// Where large arguments go when not to a peer.
+    stores: Arc<Stores>,
+    /// The blobs of requests resent through the exchange, by tag: freed
+    /// when their call is over.
+    resent: Mutex<HashMap<String, Freed>>,
 }
 
 #[derive(Debug, Default)]
@@ -448,8 +623,15 @@ struct Route {
 }
 
 impl Direct {
-    pub(crate) fn new(exchange: SharedExchange, src: EntityId, pending: Pending) -> Arc<Self> {
+    pub(crate) fn new(
+        exchange: SharedExchange,
+        src: EntityId,
+        pending: Pending,
+        stores: Arc<Stores>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            stores,
+            resent: Mutex::default(),
             exchange,
             src,
             ticket: tokio::sync::Mutex::default(),
@@ -484,14 +666,19 @@ impl Direct {
     /// Sends `message` directly when it can, through the exchange otherwise:
     /// `Ok` once on its way to a peer (if the peer does not take it, it is
     /// resent through the exchange, and its caller told if that fails too)
-    /// or queued by the exchange.
-    pub(crate) async fn send(self: &Arc<Self>, message: pb::Message) -> Result<(), ClientError> {
+    /// or queued by the exchange. Large arguments go to the peer's blob
+    /// store (or, through the exchange, to its); what is to be freed once
+    /// the call is over comes back.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        mut message: pb::Message,
+    ) -> Result<Option<Freed>, ClientError> {
         let header = message.header.as_ref();
         let direct_kind = matches!(message.body, Some(Body::ActionRequest(_)))
             && header.is_some_and(|h| !h.on_clock);
         let dest = header.and_then(|h| h.dest.parse::<EntityId>().ok());
         let (Some(dest), true) = (dest, direct_kind) else {
-            return self.exchange.send(message).await;
+            return self.through_exchange(message).await;
         };
         let tag = header.map(|h| h.tag.clone()).unwrap_or_default();
         let route = self.route(dest);
@@ -507,16 +694,72 @@ impl Direct {
             }
             let peer = self.choose(&mut route, dest).await;
             lock(&self.unanswered).entry(dest).or_default().insert(tag.clone());
-            if peer.is_some_and(|peer| peer.push(dest, &message)) {
-                return Ok(());
+            if let Some(peer) = peer {
+                let (wire, freed) = match self.put_at(&peer, &message).await {
+                    Ok(put) => put,
+                    Err(e) => {
+                        self.answered(dest, &tag);
+                        return Err(e);
+                    }
+                };
+                match peer.push(dest, wire, message) {
+                    Ok(()) => return Ok(freed),
+                    Err(original) => message = *original,
+                }
             }
             route.peer = None;
             drop(route);
-            let sent = self.exchange.send(message).await;
+            let sent = self.through_exchange(message).await;
             if sent.is_err() {
                 self.answered(dest, &tag);
             }
             return sent;
+        }
+    }
+
+    /// `message` as it goes to `peer`: large arguments put at its endpoint
+    /// (else kept as the exchange's route would), and what to free once
+    /// the call is over.
+    async fn put_at(
+        &self,
+        peer: &Peer,
+        message: &pb::Message,
+    ) -> Result<(pb::Message, Option<Freed>), ClientError> {
+        let mut wire = message.clone();
+        let data = match args_of(&mut wire) {
+            Some(args) if self.stores.is_large(args) && !self.stores.has_dir() => args.data.clone(),
+            _ => return self.stores.offload_request(wire).await,
+        };
+        let put = async { crate::blob::put_at_peer(&peer.url, &self.ticket().await?, data).await };
+        match put.await {
+            Ok(blob) => {
+                if let Some(args) = args_of(&mut wire) {
+                    args.data = bytes::Bytes::new();
+                    args.blob = Some(blob);
+                }
+                // Its receiver frees it, once read or refused.
+                Ok((wire, None))
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = peer.url, error = %e, "cannot put a blob at a peer endpoint; keeping it in a store of ours");
+                self.stores.offload_request(wire).await
+            }
+        }
+    }
+
+    /// Sends `message` through the exchange, its large arguments kept in
+    /// the file store or the exchange's.
+    async fn through_exchange(&self, message: pb::Message) -> Result<Option<Freed>, ClientError> {
+        let (message, freed) = self.stores.offload_request(message).await?;
+        self.exchange.send(message).await?;
+        Ok(freed)
+    }
+
+    /// Request `tag`'s call is over: what its resending kept is freed.
+    pub(crate) fn forget(&self, tag: &str) {
+        let mut resent = lock(&self.resent);
+        if !resent.is_empty() {
+            resent.remove(tag);
         }
     }
 
@@ -616,11 +859,22 @@ impl Direct {
         }
         while let Some(request) = peer.next_refused(dest) {
             let tag = request.message.header.as_ref().map(|h| h.tag.clone()).unwrap_or_default();
-            if let Err(e) = self.exchange.send(request.message).await {
-                // Its caller waits for an answer: tell it why none comes.
-                self.answered(dest, &tag);
-                if let Some(waiter) = lock(&self.pending).remove(&tag) {
-                    let _ = waiter.send(Err(e));
+            match self.through_exchange(request.message).await {
+                Ok(None) => {}
+                Ok(Some(freed)) => {
+                    // Kept until the call is over, unless it is already
+                    // (its caller forgets it after it stops waiting).
+                    let pending = lock(&self.pending);
+                    if pending.contains_key(&tag) {
+                        lock(&self.resent).insert(tag, freed);
+                    }
+                }
+                Err(e) => {
+                    // Its caller waits for an answer: tell it why none comes.
+                    self.answered(dest, &tag);
+                    if let Some(waiter) = lock(&self.pending).remove(&tag) {
+                        let _ = waiter.send(Err(e));
+                    }
                 }
             }
         }
@@ -642,6 +896,7 @@ impl Direct {
 /// One `Deliver` stream to a peer endpoint.
 #[derive(Debug)]
 struct Peer {
+    url: String,
     requests: mpsc::UnboundedSender<pb::DeliverRequest>,
     state: Mutex<PeerState>,
 }
@@ -671,6 +926,7 @@ impl PeerState {
 #[derive(Debug)]
 struct Held {
     dest: EntityId,
+    /// The request, its arguments inline even if they went by reference.
     message: pb::Message,
     /// Refused, or unanswered on a broken stream: to resend.
     refused: bool,
@@ -691,7 +947,7 @@ impl Peer {
         let ticket = ticket.parse().map_err(|_| ClientError::Transport("a bad ticket".into()))?;
         request.metadata_mut().insert(TICKET_HEADER, ticket);
         let answers = rpc.deliver(request).await?.into_inner();
-        let peer = Arc::new(Self { requests, state: Mutex::default() });
+        let peer = Arc::new(Self { url: url.to_owned(), requests, state: Mutex::default() });
         tokio::spawn(read(peer.clone(), answers, direct));
         Ok(peer)
     }
@@ -706,20 +962,26 @@ impl Peer {
         state.refused > 0 && state.held.values().any(|h| h.dest == dest && h.refused)
     }
 
-    /// Sends a request, held until answered; false if the stream broke.
-    fn push(&self, dest: EntityId, message: &pb::Message) -> bool {
+    /// Sends request `wire`, holding its `original` until answered; the
+    /// original back if the stream broke.
+    fn push(
+        &self,
+        dest: EntityId,
+        wire: pb::Message,
+        original: pb::Message,
+    ) -> Result<(), Box<pb::Message>> {
         let mut state = lock(&self.state);
         if state.broken {
-            return false;
+            return Err(Box::new(original));
         }
         state.next += 1;
         let seq = state.next;
-        let request = pb::DeliverRequest { seq, message: Some(message.clone()) };
+        let request = pb::DeliverRequest { seq, message: Some(wire) };
         if self.requests.send(request).is_err() {
-            return false;
+            return Err(Box::new(original));
         }
-        state.held.insert(seq, Held { dest, message: message.clone(), refused: false });
-        true
+        state.held.insert(seq, Held { dest, message: original, refused: false });
+        Ok(())
     }
 
     /// The first request held for `dest`, if it is one to resend.
@@ -751,7 +1013,13 @@ async fn read(
             Ok(None) | Err(_) => break,
         };
         match outcome {
-            Outcome::Answer(answer) => {
+            Outcome::Answer(mut answer) => {
+                // A result kept at a peer endpoint is read at this one.
+                if let Some(blob) = crate::blob::result_blob(&mut answer)
+                    && blob.store == crate::blob::PEER_STORE
+                {
+                    blob.endpoint.clone_from(&peer.url);
+                }
                 let held = lock(&peer.state).held.remove(&seq);
                 if let Some(held) = held {
                     direct.deliver(held.dest, answer);
@@ -799,7 +1067,8 @@ mod tests {
     async fn routes_to_agents_called_once_are_forgotten() {
         let exchange: SharedExchange = Arc::new(crate::exchange::LocalExchange::default());
         let src = exchange.register_client().await.unwrap();
-        let direct = Direct::new(exchange.clone(), src, Pending::default());
+        let stores = crate::blob::Stores::new(exchange.clone(), src, None);
+        let direct = Direct::new(exchange.clone(), src, Pending::default(), stores);
         for _ in 0..ROUTES_KEPT + 10 {
             let header = pb::Header {
                 src: src.to_string(),

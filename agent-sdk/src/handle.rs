@@ -107,10 +107,8 @@ impl RawHandle {
         let mut codec =
             if self.json_only.load(Ordering::Relaxed) { Codec::Json } else { self.codec };
         loop {
+            // Large arguments go by reference, freed however the call ends.
             let args = codec.encode(&args).map_err(HandleError::Codec)?;
-            let args = mailbox.offload(args).await?;
-            // Its blob, if any, is freed however the call ends.
-            let _freed = crate::blob::Freed::of(|| mailbox.stores(), &args);
             let request = Body::ActionRequest(pb::ActionRequest {
                 action: action.to_owned(),
                 args: Some(args),
@@ -118,11 +116,15 @@ impl RawHandle {
             let response = mailbox.request(self.agent, request, self.timeout).await?;
             match response.body {
                 Some(Body::ActionResponse(resp)) => {
-                    // This caller is the result's reader: its blob goes once read.
+                    // This caller is the result's reader: its blob goes once
+                    // read (a peer's by itself, once read to its end).
                     let exchange = mailbox.exchange();
                     let kept = resp.result.as_ref().and_then(|p| p.blob.clone());
-                    let read = mailbox.resolve(resp.result).await;
-                    if kept.is_some() {
+                    let read = mailbox.resolve(resp.result, true).await;
+                    if kept
+                        .as_ref()
+                        .is_some_and(|b| b.store != crate::blob::PEER_STORE || read.is_err())
+                    {
                         mailbox.stores().free(kept.as_ref());
                     }
                     let read = read?;

@@ -3,7 +3,6 @@
 
 use academy_proto::sync::lock;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use opentelemetry::trace::SpanKind;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::blob::{Freed, Stores};
 use crate::direct::{Direct, Pending};
 use crate::exchange::{DeliveryStream, SharedExchange};
 use crate::{ClientError, HandleError};
@@ -41,8 +41,8 @@ enum Ack {
 #[derive(Debug, Default)]
 pub(crate) struct DirectOptions {
     /// The peer endpoint its subscriber takes requests at, advertised with
-    /// the subscription (empty: none).
-    pub(crate) endpoint: String,
+    /// the subscription; it keeps the blobs of its answers to them.
+    pub(crate) hosted: Option<crate::Endpoint>,
     /// Its requests go directly to agents that advertise an endpoint.
     pub(crate) sends: bool,
 }
@@ -56,10 +56,8 @@ pub(crate) struct Mailbox {
     direct: Option<Arc<Direct>>,
     /// Why the mailbox stopped receiving, once it has.
     closed_because: Mutex<Option<HandleError>>,
-    /// Payloads of this many bytes or more are sent by reference.
-    blob_threshold: AtomicUsize,
-    /// The file store shared with the processes of this node, if any.
-    blob_dir: std::sync::OnceLock<Arc<std::path::Path>>,
+    /// Where its large payloads go, and those it receives are found.
+    stores: Arc<Stores>,
     acks: mpsc::UnboundedSender<Ack>,
     closed: CancellationToken,
 }
@@ -75,22 +73,24 @@ impl Mailbox {
         requests: Option<Requests>,
         direct: DirectOptions,
     ) -> Result<Arc<Self>, ClientError> {
-        let stream = exchange.subscribe(&id, epoch, &direct.endpoint).await?;
+        let endpoint = direct.hosted.as_ref().map(|e| e.url().to_owned()).unwrap_or_default();
+        let stream = exchange.subscribe(&id, epoch, &endpoint).await?;
         let (acks, ack_jobs) = mpsc::unbounded_channel();
         let pending = Pending::default();
+        let stores = Stores::new(exchange.clone(), id, direct.hosted);
         let mailbox = Arc::new(Self {
             id,
             exchange: exchange.clone(),
-            direct: direct.sends.then(|| Direct::new(exchange.clone(), id, pending.clone())),
+            direct: direct
+                .sends
+                .then(|| Direct::new(exchange.clone(), id, pending.clone(), stores.clone())),
             pending,
             closed_because: Mutex::default(),
-            blob_threshold: AtomicUsize::new(crate::blob::DEFAULT_BLOB_THRESHOLD),
-            blob_dir: std::sync::OnceLock::new(),
+            stores,
             acks,
             closed: CancellationToken::new(),
         });
         tokio::spawn(ack_loop(exchange, id, ack_jobs));
-        let endpoint = direct.endpoint;
         tokio::spawn(read_loop(Arc::downgrade(&mailbox), stream, epoch, endpoint, requests));
         Ok(mailbox)
     }
@@ -106,40 +106,56 @@ impl Mailbox {
     /// Sends payloads of `bytes` or more by reference from now on
     /// (docs/design.md, "Blobs").
     pub(crate) fn set_blob_threshold(&self, bytes: usize) {
-        self.blob_threshold.store(bytes, Ordering::Relaxed);
+        self.stores.set_threshold(bytes);
     }
 
     /// Keeps the blobs it sends in files under `dir`, and finds there the
     /// ones it receives (the file store; set once).
     pub(crate) fn set_blob_dir(&self, dir: std::path::PathBuf) {
-        let _ = self.blob_dir.set(dir.into());
+        self.stores.set_dir(dir);
     }
 
     /// Where its blobs are kept and found.
-    pub(crate) fn stores(&self) -> crate::blob::Stores {
-        let dir = self.blob_dir.get().cloned();
-        crate::blob::Stores { exchange: self.exchange.clone(), dir }
+    pub(crate) fn stores(&self) -> &Arc<Stores> {
+        &self.stores
     }
 
-    /// `payload`, kept as a blob of this mailbox if it is large enough.
-    pub(crate) async fn offload(&self, payload: pb::Payload) -> Result<pb::Payload, ClientError> {
-        let threshold = self.blob_threshold.load(Ordering::Relaxed);
-        if payload.data.len() < threshold {
+    /// `payload`, a result, kept as a blob of this mailbox if it is large
+    /// enough: at its endpoint for an answer that goes back `directly`.
+    pub(crate) async fn offload(
+        &self,
+        payload: pb::Payload,
+        directly: bool,
+    ) -> Result<pb::Payload, ClientError> {
+        if !self.stores.is_large(&payload) {
             return Ok(payload);
         }
         // Boxed: the calls that never get here do not carry its state.
-        Box::pin(self.stores().offload(&self.id, payload, threshold)).await
+        Box::pin(self.stores.offload(payload, directly)).await
     }
 
-    /// `payload` with its blob's bytes, if it refers to one.
+    /// `payload` with its blob's bytes, if it refers to one; a peer blob
+    /// only if kept at this mailbox's endpoint, unless `remote`.
     pub(crate) async fn resolve(
         &self,
         payload: Option<pb::Payload>,
+        remote: bool,
     ) -> Result<Option<pb::Payload>, ClientError> {
         match payload {
-            Some(p) if p.blob.is_some() => Box::pin(self.stores().resolve(Some(p))).await,
+            Some(p) if p.blob.is_some() => Box::pin(self.stores.resolve(Some(p), remote)).await,
             other => Ok(other),
         }
+    }
+
+    /// Sends request `message` (through its direct path, if it has one),
+    /// its large arguments by reference; what to free once it is answered.
+    async fn send_request(&self, message: pb::Message) -> Result<Option<Freed>, ClientError> {
+        if let Some(direct) = &self.direct {
+            return direct.send(message).await;
+        }
+        let (message, freed) = self.stores.offload_request(message).await?;
+        self.exchange.send(message).await?;
+        Ok(freed)
     }
 
     /// Sends a request to `dest` and waits for its response.
@@ -180,10 +196,7 @@ impl Mailbox {
         } else {
             let call = async {
                 let message = pb::Message { header: Some(header), body: Some(body) };
-                match &self.direct {
-                    Some(direct) => direct.send(message).await?,
-                    None => self.exchange.send(message).await?,
-                }
+                let _freed = self.send_request(message).await?;
                 rx.await.map_err(|_| self.closed())?.map_err(HandleError::from)
             };
             // The timeout bounds the whole call, sending included.
@@ -227,10 +240,17 @@ impl Mailbox {
         let (tag, answer_key) = (header.tag.clone(), header.answer_key());
         clock.mark(MarkKind::Send, &tag).await;
         let message = pb::Message { header: Some(header), body: Some(body) };
-        if let Err(e) = self.exchange.send(message).await {
-            clock.mark(MarkKind::Abandon, &tag).await;
-            return Err(e.into());
-        }
+        let sent = async {
+            let (message, freed) = self.stores.offload_request(message).await?;
+            self.exchange.send(message).await.map(|()| freed)
+        };
+        let _freed = match sent.await {
+            Ok(freed) => freed,
+            Err(e) => {
+                clock.mark(MarkKind::Abandon, &tag).await;
+                return Err(e.into());
+            }
+        };
         let deadline = match timeout {
             Some(t) => Some((clock.now().await + t, t)),
             None => None,
@@ -306,6 +326,14 @@ impl Mailbox {
         match &message.body {
             Some(Body::ActionResponse(_) | Body::ErrorResponse(_) | Body::SuccessResponse(_)) => {
                 self.ack(seq);
+                let mut message = message;
+                // Peer blobs are read where the answer came from: none did
+                // through the exchange.
+                if let Some(blob) = crate::blob::result_blob(&mut message)
+                    && blob.store == crate::blob::PEER_STORE
+                {
+                    blob.endpoint.clear();
+                }
                 let tag = message.header.as_ref().map(|h| h.tag.as_str()).unwrap_or_default();
                 if let (Some(direct), Some(src)) =
                     (&self.direct, message.header.as_ref().and_then(|h| h.src.parse().ok()))
@@ -367,6 +395,9 @@ struct PendingGuard<'a> {
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         lock(&self.mailbox.pending).remove(self.tag);
+        if let Some(direct) = &self.mailbox.direct {
+            direct.forget(self.tag);
+        }
     }
 }
 

@@ -68,15 +68,14 @@ impl Manager {
         direct: Option<crate::Endpoint>,
     ) -> Result<Self, ClientError> {
         let id = exchange.register_client().await?;
-        let options =
-            crate::mailbox::DirectOptions { endpoint: String::new(), sends: direct.is_some() };
+        let options = crate::mailbox::DirectOptions { hosted: None, sends: direct.is_some() };
         let mailbox = Mailbox::open(exchange.clone(), id, 0, None, options).await?;
         Ok(Self { exchange, mailbox, agents: Mutex::default(), direct })
     }
 
     /// This manager, whose handles send arguments of `bytes` or more by
-    /// reference, kept in the exchange's blob store (docs/design.md,
-    /// "Blobs"); by default [`DEFAULT_BLOB_THRESHOLD`](crate::blob::DEFAULT_BLOB_THRESHOLD),
+    /// reference, kept in the exchange's blob store, or at the agent's peer
+    /// endpoint for calls that go directly (docs/design.md, "Blobs"); by default [`DEFAULT_BLOB_THRESHOLD`](crate::blob::DEFAULT_BLOB_THRESHOLD),
     /// `usize::MAX`: never. Agents have their own
     /// ([`AgentConfig::blob_threshold`]).
     pub fn with_blob_threshold(self, bytes: usize) -> Self {

@@ -60,8 +60,9 @@ pub struct AgentConfig {
     /// takes its requests through the exchange only, but calls directly.
     pub direct: Option<crate::direct::Endpoint>,
     /// Results, and the arguments of its own calls, of this many bytes or
-    /// more go by reference, kept in the exchange's blob store
-    /// (docs/design.md, "Blobs"); `usize::MAX`: never.
+    /// more go by reference, kept in the exchange's blob store, or at the
+    /// peer endpoints for those that go directly (docs/design.md, "Blobs");
+    /// `usize::MAX`: never.
     pub blob_threshold: usize,
     /// A directory the processes on this node share: its blobs are kept
     /// there as files rather than in the exchange, and the blobs others
@@ -169,7 +170,7 @@ pub(crate) async fn run<B: Behaviour>(
     let hosted =
         config.direct.as_ref().filter(|_| takes_direct).map(|e| e.host(id, &exchange, direct_tx));
     let options = DirectOptions {
-        endpoint: hosted.as_ref().map(|h| h.url().to_owned()).unwrap_or_default(),
+        hosted: hosted.as_ref().map(|h| h.endpoint().clone()),
         sends: config.direct.is_some(),
     };
     let mailbox = Mailbox::open(exchange.clone(), id, epoch, Some(requests_tx), options)
@@ -469,7 +470,8 @@ async fn serve_action<B: Behaviour>(
         None => None,
     };
     // Arguments sent by reference are read first (the caller frees them).
-    let outcome = match mailbox.resolve(request.args).await {
+    let directly = matches!(origin, Origin::Direct(_));
+    let outcome = match mailbox.resolve(request.args, false).await {
         Err(err) => Err(unreadable(&action, &err)),
         Ok(args) => {
             let dispatch = behaviour.clone().dispatch(action.clone(), args);
@@ -494,7 +496,7 @@ async fn serve_action<B: Behaviour>(
     };
     // A large result goes by reference.
     let outcome = match outcome {
-        Ok(result) => mailbox.offload(result).await.map_err(|e| {
+        Ok(result) => mailbox.offload(result, directly).await.map_err(|e| {
             ActionError::internal(format!("{action}: its result could not be kept as a blob: {e}"))
         }),
         Err(err) => Err(err),

@@ -108,7 +108,13 @@ async fn answer_to_reference(
     let exchange = manager.exchange().clone();
     let me = exchange.register_client().await.unwrap();
     let mut deliveries = exchange.subscribe(&me, 0, "").await.unwrap();
-    let blob = pb::BlobRef { store: store.into(), key: key.into(), size: 5, sha256: vec![0; 32] };
+    let blob = pb::BlobRef {
+        store: store.into(),
+        key: key.into(),
+        size: 5,
+        sha256: vec![0; 32],
+        ..Default::default()
+    };
     let content_type = "application/json".into();
     let args = pb::Payload { content_type, blob: Some(blob), ..Default::default() };
     let header = pb::Header {

@@ -120,8 +120,9 @@ struct Args {
     /// with every span exported by OTLP (in-memory exchange; runs last);
     /// `k` (a) and (b) on an action that changes a kept state, without and
     /// with its checkpoint; `m` a simulated day of an hourly timer; `u` (a)
-    /// and (b) over a Unix-domain socket; `x` (a) to (d) with direct
-    /// delivery to agents in another process, over TCP and a Unix socket.
+    /// and (b) over a Unix-domain socket; `x` (a) to (d), and (g)'s 100 MiB
+    /// call, with direct delivery to agents in another process, over TCP
+    /// and a Unix socket.
     #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,g,x,e,u,s,l,t,o")]
     only: Vec<char>,
     /// Agents launched and stopped, and mailboxes terminated per backend, in
@@ -567,6 +568,19 @@ async fn measure_direct(args: &Args) -> anyhow::Result<Vec<String>> {
         let b = throughput(echo.raw(), 64, args.seconds).await?;
         let c = fan_out(&fleet, 200, 20).await?;
         let d = echo_latency(echo.raw(), 1 << 20, 200).await?;
+        // 100 MiB each way: past the blob threshold, so by reference, kept
+        // at the peer endpoints (the median of three).
+        let big = "x".repeat(100 << 20);
+        let mut took = Vec::new();
+        for _ in 0..3 {
+            let text = big.clone();
+            let started = Instant::now();
+            let back = echo.echo(text).await?;
+            took.push(started.elapsed());
+            anyhow::ensure!(back.len() == big.len(), "the echo has {} bytes", back.len());
+        }
+        took.sort();
+        let g = took[1];
         columns.push([
             format!("{:.0} µs / {:.0} µs", a.p50_us, a.p99_us),
             format!("{b:.0} actions/s"),
@@ -575,6 +589,11 @@ async fn measure_direct(args: &Args) -> anyhow::Result<Vec<String>> {
                 "{:.0} MB/s (p50 {:.2} ms)",
                 d.per_sec * (1 << 20) as f64 / 1e6,
                 d.p50_us / 1000.0
+            ),
+            format!(
+                "{:.0} MB/s ({:.2} s)",
+                (200u64 << 20) as f64 / g.as_secs_f64() / 1e6,
+                g.as_secs_f64()
             ),
         ]);
         manager.close().await?;
@@ -586,6 +605,7 @@ async fn measure_direct(args: &Args) -> anyhow::Result<Vec<String>> {
         "(x-b) 64 in flight, direct",
         "(x-c) fan-out, 16 agents × 200 calls, direct",
         "(x-d) 1 MiB echo, sequential, direct",
+        "(x-g) 100 MiB argument + 100 MiB result in one call (a `String` each way), direct: by reference, peer to peer",
     ];
     Ok(names
         .iter()

@@ -63,6 +63,9 @@ pub mod transport {
     /// The store a `BlobRef` names for a file in a directory its sender
     /// and receiver share (processes on one node).
     pub const FILE_BLOB_STORE: &str = "file";
+    /// The store a `BlobRef` names for a blob its sender's peer endpoint
+    /// serves (`BlobRef.endpoint`), for a message delivered directly.
+    pub const PEER_BLOB_STORE: &str = "peer";
 }
 
 impl pb::Header {

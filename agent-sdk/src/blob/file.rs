@@ -80,7 +80,13 @@ pub(super) async fn put(dir: Arc<Path>, data: Bytes) -> Result<pb::BlobRef, Clie
             })?;
         file.write_all(&data).map_err(|e| failed("write", &path, &e))?;
         let sha256 = Sha256::digest(&data).to_vec();
-        Ok(pb::BlobRef { store: FILE_STORE.into(), key, size: data.len() as u64, sha256 })
+        Ok(pb::BlobRef {
+            store: FILE_STORE.into(),
+            key,
+            size: data.len() as u64,
+            sha256,
+            endpoint: String::new(),
+        })
     })
     .await
 }

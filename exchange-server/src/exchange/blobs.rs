@@ -65,6 +65,7 @@ impl Exchange {
                     key,
                     size,
                     sha256: sha256.to_vec(),
+                    endpoint: String::new(),
                 };
                 Ok((blob, ttl))
             }

@@ -31,6 +31,8 @@ fn generate(root: &Path, out: &Path) {
         .bytes(".academy.v1.Payload.data")
         .bytes(".academy.v1.PutBlobRequest.data")
         .bytes(".academy.v1.GetBlobResponse.data")
+        .bytes(".academy.v1.PutPeerBlobRequest.data")
+        .bytes(".academy.v1.GetPeerBlobResponse.data")
         .codec_path("crate::codec::BoundedCodec")
         .out_dir(out)
         .compile_fds(fds)

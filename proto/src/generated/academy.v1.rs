@@ -20,7 +20,9 @@ pub struct Payload {
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct BlobRef {
     /// The store: "exchange" is the BlobService of the exchange the message
-    /// went through.
+    /// went through; "file" a directory that sender and receiver share (one
+    /// node); "peer" the PeerService of the sender's endpoint (`endpoint`),
+    /// for a message delivered directly.
     #[prost(string, tag = "1")]
     pub store: ::prost::alloc::string::String,
     /// The blob's key in that store: whoever holds it may read and delete it.
@@ -29,9 +31,13 @@ pub struct BlobRef {
     /// Its length in bytes.
     #[prost(uint64, tag = "3")]
     pub size: u64,
-    /// Its SHA-256, as the store computed it when it was put.
+    /// Its SHA-256, as the store computed it when it was put. Empty for
+    /// store "peer": its bytes come from their maker itself.
     #[prost(bytes = "vec", tag = "4")]
     pub sha256: ::prost::alloc::vec::Vec<u8>,
+    /// Store "peer" only: the URL of the peer endpoint that serves it.
+    #[prost(string, tag = "5")]
+    pub endpoint: ::prost::alloc::string::String,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Header {
@@ -4096,6 +4102,52 @@ pub mod deliver_response {
         Answer(super::Message),
     }
 }
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PutPeerBlobRequest {
+    /// First request only: the blob's length in bytes.
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    /// The next chunk, at most 1 MiB (may be empty in the first request).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub data: ::prost::bytes::Bytes,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PutPeerBlobResponse {
+    /// Its reference: `store` "peer", `endpoint` this one.
+    #[prost(message, optional, tag = "1")]
+    pub blob: ::core::option::Option<BlobRef>,
+    /// How long it is kept unless read or freed before.
+    #[prost(message, optional, tag = "2")]
+    pub expires_in: ::core::option::Option<::prost_types::Duration>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetPeerBlobRequest {
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    /// Where to start reading (to resume a broken read).
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct GetPeerBlobResponse {
+    /// First response only (which carries no data): the blob's length.
+    #[prost(uint64, tag = "1")]
+    pub size: u64,
+    /// The next chunk, at most 1 MiB (every response but the first).
+    #[prost(bytes = "bytes", tag = "2")]
+    pub data: ::prost::bytes::Bytes,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeletePeerBlobRequest {
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct DeletePeerBlobResponse {
+    /// Whether it was still there.
+    #[prost(bool, tag = "1")]
+    pub deleted: bool,
+}
 /// Generated client implementations.
 pub mod peer_service_client {
     #![allow(
@@ -4222,6 +4274,91 @@ pub mod peer_service_client {
                 .insert(GrpcMethod::new("academy.v1.PeerService", "Deliver"));
             self.inner.streaming(req, path, codec).await
         }
+        /// Keeps a blob here (store "peer"): the large arguments of a request
+        /// the sender is about to deliver here. Like BlobService.PutBlob, with the
+        /// stream's ticket (as for Deliver) in place of an owner; refused
+        /// RESOURCE_EXHAUSTED when this endpoint keeps as much as it may (then
+        /// the sender uses another store). Freed once read, or when the request
+        /// is refused.
+        pub async fn put_peer_blob(
+            &mut self,
+            request: impl tonic::IntoStreamingRequest<
+                Message = super::PutPeerBlobRequest,
+            >,
+        ) -> std::result::Result<
+            tonic::Response<super::PutPeerBlobResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.PeerService/PutPeerBlob",
+            );
+            let mut req = request.into_streaming_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.PeerService", "PutPeerBlob"));
+            self.inner.client_streaming(req, path, codec).await
+        }
+        /// Reads a blob kept here: the large result of a request delivered here,
+        /// for its caller. Like BlobService.GetBlob, without a digest (the bytes
+        /// come from their maker). Its key is the only credential needed. A blob
+        /// read to its end is freed; NOT_FOUND (naming the key) once gone.
+        pub async fn get_peer_blob(
+            &mut self,
+            request: impl tonic::IntoRequest<super::GetPeerBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::GetPeerBlobResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.PeerService/GetPeerBlob",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.PeerService", "GetPeerBlob"));
+            self.inner.server_streaming(req, path, codec).await
+        }
+        /// Frees a blob kept here now; a gone one is not an error.
+        pub async fn delete_peer_blob(
+            &mut self,
+            request: impl tonic::IntoRequest<super::DeletePeerBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeletePeerBlobResponse>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.PeerService/DeletePeerBlob",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.PeerService", "DeletePeerBlob"));
+            self.inner.unary(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -4258,6 +4395,44 @@ pub mod peer_service_server {
             &self,
             request: tonic::Request<tonic::Streaming<super::DeliverRequest>>,
         ) -> std::result::Result<tonic::Response<Self::DeliverStream>, tonic::Status>;
+        /// Keeps a blob here (store "peer"): the large arguments of a request
+        /// the sender is about to deliver here. Like BlobService.PutBlob, with the
+        /// stream's ticket (as for Deliver) in place of an owner; refused
+        /// RESOURCE_EXHAUSTED when this endpoint keeps as much as it may (then
+        /// the sender uses another store). Freed once read, or when the request
+        /// is refused.
+        async fn put_peer_blob(
+            &self,
+            request: tonic::Request<tonic::Streaming<super::PutPeerBlobRequest>>,
+        ) -> std::result::Result<
+            tonic::Response<super::PutPeerBlobResponse>,
+            tonic::Status,
+        >;
+        /// Server streaming response type for the GetPeerBlob method.
+        type GetPeerBlobStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::GetPeerBlobResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Reads a blob kept here: the large result of a request delivered here,
+        /// for its caller. Like BlobService.GetBlob, without a digest (the bytes
+        /// come from their maker). Its key is the only credential needed. A blob
+        /// read to its end is freed; NOT_FOUND (naming the key) once gone.
+        async fn get_peer_blob(
+            &self,
+            request: tonic::Request<super::GetPeerBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::GetPeerBlobStream>,
+            tonic::Status,
+        >;
+        /// Frees a blob kept here now; a gone one is not an error.
+        async fn delete_peer_blob(
+            &self,
+            request: tonic::Request<super::DeletePeerBlobRequest>,
+        ) -> std::result::Result<
+            tonic::Response<super::DeletePeerBlobResponse>,
+            tonic::Status,
+        >;
     }
     #[derive(Debug)]
     pub struct PeerServiceServer<T> {
@@ -4379,6 +4554,144 @@ pub mod peer_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.PeerService/PutPeerBlob" => {
+                    #[allow(non_camel_case_types)]
+                    struct PutPeerBlobSvc<T: PeerService>(pub Arc<T>);
+                    impl<
+                        T: PeerService,
+                    > tonic::server::ClientStreamingService<super::PutPeerBlobRequest>
+                    for PutPeerBlobSvc<T> {
+                        type Response = super::PutPeerBlobResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<
+                                tonic::Streaming<super::PutPeerBlobRequest>,
+                            >,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as PeerService>::put_peer_blob(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = PutPeerBlobSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.client_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.PeerService/GetPeerBlob" => {
+                    #[allow(non_camel_case_types)]
+                    struct GetPeerBlobSvc<T: PeerService>(pub Arc<T>);
+                    impl<
+                        T: PeerService,
+                    > tonic::server::ServerStreamingService<super::GetPeerBlobRequest>
+                    for GetPeerBlobSvc<T> {
+                        type Response = super::GetPeerBlobResponse;
+                        type ResponseStream = T::GetPeerBlobStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::GetPeerBlobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as PeerService>::get_peer_blob(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = GetPeerBlobSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.PeerService/DeletePeerBlob" => {
+                    #[allow(non_camel_case_types)]
+                    struct DeletePeerBlobSvc<T: PeerService>(pub Arc<T>);
+                    impl<
+                        T: PeerService,
+                    > tonic::server::UnaryService<super::DeletePeerBlobRequest>
+                    for DeletePeerBlobSvc<T> {
+                        type Response = super::DeletePeerBlobResponse;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::Response>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::DeletePeerBlobRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as PeerService>::delete_peer_blob(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = DeletePeerBlobSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.unary(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
