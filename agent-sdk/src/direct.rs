@@ -55,8 +55,10 @@ pub(crate) struct Reply {
     out: Option<mpsc::Sender<Result<pb::DeliverResponse, tonic::Status>>>,
     /// What it counts against its agent's bound, given back when done.
     waiting: Option<(Arc<Waiting>, usize)>,
-    /// The blob kept here with its arguments, freed if never read.
-    unread: Option<(Weak<Hosting>, String)>,
+    /// The endpoint: it frees the blob kept with the arguments if never
+    /// read, and that of an answer that cannot be sent.
+    hosting: Weak<Hosting>,
+    unread: Option<String>,
 }
 
 /// Requests an agent took directly and has not answered yet: bounded like
@@ -114,11 +116,36 @@ impl Reply {
         }
         let Some(out) = self.out.take() else { return };
         let response = pb::DeliverResponse { seq: self.seq, outcome: Some(outcome()) };
-        if let Err(mpsc::error::TrySendError::Full(response)) = out.try_send(Ok(response))
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(async move { drop(out.send(response).await) });
+        let hosting = self.hosting.clone();
+        match out.try_send(Ok(response)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(response)) => {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if let Err(mpsc::error::SendError(response)) = out.send(response).await {
+                            unsent(&hosting, response);
+                        }
+                    });
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(response)) => unsent(&hosting, response),
         }
+    }
+}
+
+/// Frees what an answer that could not be sent kept here: its sender,
+/// gone with the stream, resends the request through the exchange.
+fn unsent(hosting: &Weak<Hosting>, response: Result<pb::DeliverResponse, tonic::Status>) {
+    let Ok(pb::DeliverResponse { outcome: Some(Outcome::Answer(mut answer)), .. }) = response
+    else {
+        return;
+    };
+    if let Some(blob) = crate::blob::result_blob(&mut answer)
+        && let Some(hosting) = hosting.upgrade()
+        && blob.store == crate::blob::PEER_STORE
+        && blob.endpoint == hosting.url
+    {
+        hosting.kept.remove(&blob.key);
     }
 }
 
@@ -129,8 +156,8 @@ impl Drop for Reply {
             let why = "the agent stopped before running it";
             Outcome::Refused(refusal(tonic::Code::Unavailable, "NOT_RUN", why))
         });
-        if let Some((hosting, key)) = self.unread.take()
-            && let Some(hosting) = hosting.upgrade()
+        if let Some(key) = self.unread.take()
+            && let Some(hosting) = self.hosting.upgrade()
         {
             hosting.kept.remove(&key);
         }
@@ -572,9 +599,13 @@ mod serve {
             );
             return Err(refusal(tonic::Code::ResourceExhausted, "DIRECT_FULL", why));
         };
-        let unread = unread.map(|key| (Arc::downgrade(hosting), key));
-        let reply =
-            Reply { seq: request.seq, out: Some(out.clone()), waiting: Some(waiting), unread };
+        let reply = Reply {
+            seq: request.seq,
+            out: Some(out.clone()),
+            waiting: Some(waiting),
+            hosting: Arc::downgrade(hosting),
+            unread,
+        };
         match inbox.requests.send((reply, message)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::SendError((mut reply, _))) => {
@@ -695,7 +726,12 @@ impl Direct {
             let peer = self.choose(&mut route, dest).await;
             lock(&self.unanswered).entry(dest).or_default().insert(tag.clone());
             if let Some(peer) = peer {
-                let (wire, freed) = match self.put_at(&peer, &message).await {
+                let mut wire = message.clone();
+                let large = args_of(&mut wire).is_some_and(|a| self.stores.is_large(a));
+                // Boxed: the calls that never get here do not carry its state.
+                let put =
+                    if large { Box::pin(self.put_at(&peer, wire)).await } else { Ok((wire, None)) };
+                let (wire, freed) = match put {
                     Ok(put) => put,
                     Err(e) => {
                         self.answered(dest, &tag);
@@ -717,15 +753,14 @@ impl Direct {
         }
     }
 
-    /// `message` as it goes to `peer`: large arguments put at its endpoint
+    /// `wire` as it goes to `peer`: its large arguments put at its endpoint
     /// (else kept as the exchange's route would), and what to free once
     /// the call is over.
     async fn put_at(
         &self,
         peer: &Peer,
-        message: &pb::Message,
+        mut wire: pb::Message,
     ) -> Result<(pb::Message, Option<Freed>), ClientError> {
-        let mut wire = message.clone();
         let data = match args_of(&mut wire) {
             Some(args) if self.stores.is_large(args) && !self.stores.has_dir() => args.data.clone(),
             _ => return self.stores.offload_request(wire).await,

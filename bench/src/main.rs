@@ -536,14 +536,21 @@ async fn serve_agents(exchange: String, direct: String, count: usize) -> anyhow:
     Ok(())
 }
 
-/// (a), (b), (c) and (d) with direct delivery, to agents in another
-/// process, over TCP and over a Unix socket: one row per scenario.
+/// (a), (b), (c), (d) and a 100 MiB call with direct delivery, to agents
+/// in another process, over TCP and over a Unix socket with an in-memory
+/// exchange, and over TCP with a Redis-backed one: one row per scenario.
 async fn measure_direct(args: &Args) -> anyhow::Result<Vec<String>> {
-    let (exchange, _) = start_exchange(BackendKind::Memory, args).await?;
-    let url = exchange.addr.url(false);
     let socket = std::env::temp_dir().join(format!("academy-bench-{}.sock", std::process::id()));
     let mut columns = Vec::new();
-    for address in ["127.0.0.1:0".to_owned(), format!("unix:{}", socket.display())] {
+    let runs = [
+        (BackendKind::Memory, "127.0.0.1:0".to_owned()),
+        (BackendKind::Memory, format!("unix:{}", socket.display())),
+        (BackendKind::Redis, "127.0.0.1:0".to_owned()),
+    ];
+    for (backend, address) in runs {
+        // The exchange (for look-ups, tickets and fallback) on `backend`.
+        let (exchange, _redis) = start_exchange(backend, args).await?;
+        let url = exchange.addr.url(false);
         let exe = std::env::current_exe()?;
         let mut child = Command::new(exe)
             .args(["serve-agents", "--exchange", &url, "--direct", &address, "--count", "17"])
@@ -610,7 +617,9 @@ async fn measure_direct(args: &Args) -> anyhow::Result<Vec<String>> {
     Ok(names
         .iter()
         .enumerate()
-        .map(|(i, name)| format!("| {name} | {} | {} |", columns[0][i], columns[1][i]))
+        .map(|(i, name)| {
+            format!("| {name} | {} | {} | {} |", columns[0][i], columns[1][i], columns[2][i])
+        })
         .collect())
 }
 
@@ -1110,11 +1119,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.only.contains(&'x') {
         println!();
         println!(
-            "Direct delivery (agents in another process; the in-memory exchange for look-ups):"
+            "Direct delivery (agents in another process; the exchange for look-ups and fallback):"
         );
         println!();
-        println!("| scenario | over TCP | over a Unix socket |");
-        println!("|---|---|---|");
+        println!(
+            "| scenario | over TCP | over a Unix socket | over TCP, a Redis-backed exchange |"
+        );
+        println!("|---|---|---|---|");
         for row in measure_direct(&args).await? {
             println!("{row}");
         }
