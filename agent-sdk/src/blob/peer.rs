@@ -192,26 +192,28 @@ pub(crate) async fn read(blob: &pb::BlobRef) -> Result<Bytes, ClientError> {
     if head.is_none_or(|h| h.size != blob.size) {
         return Err(super::corrupt(blob, "is not the blob its reference describes"));
     }
-    let (mut parts, mut seen) = (Vec::new(), 0u64);
+    // One chunk is kept as it came; more are put together as they come,
+    // while the next ones are on their way.
+    let (mut first, mut data) = (None::<Bytes>, BytesMut::new());
     while let Some(chunk) = chunks.message().await.map_err(|s| unreachable(s.into()))? {
-        seen += chunk.data.len() as u64;
-        if seen > blob.size {
+        let seen = first.as_ref().map_or(0, Bytes::len) + data.len() + chunk.data.len();
+        if seen as u64 > blob.size {
             return Err(super::corrupt(blob, "has more bytes than its size"));
         }
-        parts.push(chunk.data);
+        if first.is_none() && data.is_empty() {
+            first = Some(chunk.data);
+            continue;
+        }
+        if let Some(first) = first.take() {
+            data.reserve(usize::try_from(blob.size).unwrap_or(0));
+            data.extend_from_slice(&first);
+        }
+        data.extend_from_slice(&chunk.data);
     }
-    if seen != blob.size {
+    let data = first.unwrap_or_else(|| data.freeze());
+    if data.len() as u64 != blob.size {
         return Err(super::corrupt(blob, "has fewer bytes than its size"));
     }
-    // One chunk as it came; more put together.
-    let data = match <[Bytes; 1]>::try_from(parts) {
-        Ok([one]) => one,
-        Err(parts) => {
-            let mut data = BytesMut::with_capacity(usize::try_from(seen).unwrap_or(0));
-            parts.iter().for_each(|part| data.extend_from_slice(part));
-            data.freeze()
-        }
-    };
     Ok(data)
 }
 
