@@ -22,7 +22,7 @@ deps:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server podman buildah runc; }
 	@python3 -c 'import grpc_tools' 2>/dev/null || \
 		python3 -m pip install -q --disable-pip-version-check grpcio-tools
-	@python3 -c 'import mcp' 2>/dev/null || \
+	@python3 -c 'import mcp.client.session' 2>/dev/null || \
 		python3 -m pip install -q --disable-pip-version-check mcp==2.3.0
 	@command -v kubernetes-validate >/dev/null || \
 		python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0
