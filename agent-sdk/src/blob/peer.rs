@@ -227,3 +227,56 @@ pub(crate) fn delete(blob: pb::BlobRef) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_keeps_blobs_within_its_bounds_and_accounts_for_them() {
+        let kept = Kept::default();
+        let blob = kept.keep("http://peer", Bytes::from_static(b"hello")).unwrap();
+        assert_eq!(
+            (blob.store.as_str(), blob.size, blob.endpoint.as_str()),
+            ("peer", 5, "http://peer")
+        );
+        assert_eq!(blob.key.len(), 64);
+        assert_eq!(kept.bytes(), 5);
+        assert_eq!(kept.get(&blob.key).as_deref(), Some(&b"hello"[..]));
+
+        // Room promised to a put counts until filled or given back.
+        let room = kept.room(MAX_KEPT_BYTES - 5).unwrap();
+        let err = kept.room(1).err().unwrap();
+        assert!(matches!(err, ExchangeError::BlobStoreFull { limit: MAX_KEPT_BYTES }), "{err}");
+        drop(room);
+        assert_eq!(kept.bytes(), 5);
+        let key = kept.room(3).unwrap().fill(Bytes::from_static(b"abc"));
+        assert_eq!(kept.bytes(), 8);
+
+        assert_eq!(kept.remove(&blob.key).as_deref(), Some(&b"hello"[..]));
+        assert_eq!(kept.remove(&blob.key), None);
+        assert_eq!(kept.remove(&key).as_deref(), Some(&b"abc"[..]));
+        assert_eq!(kept.bytes(), 0);
+
+        // As many blobs as it may keep, however small.
+        for _ in 0..MAX_KEPT_BLOBS {
+            kept.keep("http://peer", Bytes::new()).unwrap();
+        }
+        assert!(kept.keep("http://peer", Bytes::new()).is_none());
+    }
+
+    #[test]
+    fn expired_blobs_are_gone_and_make_room() {
+        let kept = Kept::default();
+        let blob = kept.keep("http://peer", Bytes::from(vec![0; 1024])).unwrap();
+        // As if its hour had passed.
+        let past = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        lock(&kept.0).blobs.get_mut(&blob.key).unwrap().1 = past;
+        assert_eq!(kept.get(&blob.key), None);
+        // A put that would not fit sweeps it out first.
+        let room = kept.room(MAX_KEPT_BYTES).unwrap();
+        assert_eq!(kept.remove(&blob.key), None);
+        drop(room);
+        assert_eq!(kept.bytes(), 0);
+    }
+}
