@@ -918,11 +918,14 @@ impl Direct {
     }
 
     /// Hands an answer that came directly to the call waiting for it.
-    fn deliver(&self, dest: EntityId, answer: pb::Message) {
+    fn deliver(&self, dest: EntityId, mut answer: pb::Message) {
         let tag = answer.header.as_ref().map(|h| h.tag.clone()).unwrap_or_default();
         self.answered(dest, &tag);
-        if let Some(waiter) = lock(&self.pending).remove(&tag) {
-            let _ = waiter.send(Ok(answer));
+        let waiter = lock(&self.pending).remove(&tag);
+        match waiter {
+            Some(waiter) => drop(waiter.send(Ok(answer))),
+            // Its caller gave up: nobody reads the result's blob.
+            None => self.stores.free(crate::blob::result_blob(&mut answer).map(|b| &*b)),
         }
         self.progress.notify_waiters();
     }

@@ -29,6 +29,13 @@ impl Text {
         text
     }
 
+    /// Text of `n` bytes, after half a second.
+    #[action]
+    async fn make_slowly(&self, n: usize) -> String {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        text(n)
+    }
+
     #[action]
     async fn length(&self, text: String) -> usize {
         text.len()
@@ -127,6 +134,13 @@ async fn direct_calls_pass_large_values_between_peer_endpoints() {
         assert_eq!(agent.reversed(small.clone()).await.unwrap().len(), small.len());
     }
     assert_eq!(blob_bytes_put(&exchange), before, "no blob went through the exchange");
+    until_empty(&theirs).await;
+
+    // A large result whose caller gave up is freed all the same.
+    let impatient = agent.with_timeout(Duration::from_millis(100));
+    let err = impatient.make_slowly(2 * MIB).await.unwrap_err();
+    assert!(matches!(err, academy_sdk::HandleError::Timeout(_)), "{err}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
     until_empty(&theirs).await;
     assert_eq!(exchange.exchange().blob_usage().await.unwrap(), BlobUsage::default());
     manager.close().await.unwrap();
