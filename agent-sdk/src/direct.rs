@@ -38,6 +38,10 @@ const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
 /// The metadata of a `Deliver` stream that carries its ticket.
 pub(crate) const TICKET_HEADER: &str = "academy-ticket";
+/// The metadata by which a `Deliver` stream's sender says it reads large
+/// results kept at the endpoint (the peer store): a sender from before it
+/// gets them through the exchange's store.
+const PEER_BLOBS_HEADER: &str = "academy-peer-blobs";
 
 /// Calls waiting for answers, by tag (shared with the mailbox): the answer,
 /// or why the request could not be sent after all.
@@ -59,6 +63,8 @@ pub(crate) struct Reply {
     /// read, and that of an answer that cannot be sent.
     hosting: Weak<Hosting>,
     unread: Option<String>,
+    /// Its sender reads large results kept at the endpoint.
+    reads_peer_blobs: bool,
 }
 
 /// Requests an agent took directly and has not answered yet: bounded like
@@ -102,6 +108,11 @@ impl Waiting {
 }
 
 impl Reply {
+    /// Whether a large result may be kept at the endpoint for its caller.
+    pub(crate) fn reads_peer_blobs(&self) -> bool {
+        self.reads_peer_blobs
+    }
+
     pub(crate) fn answer(mut self, answer: pb::Message) {
         self.finish(|| Outcome::Answer(answer));
     }
@@ -370,6 +381,7 @@ mod serve {
             // Only who may send from a mailbox through the exchange may
             // deliver from it here.
             let (src, left) = vouch(&*self.hosting()?, request.metadata()).await?;
+            let reads_peer_blobs = request.metadata().contains_key(PEER_BLOBS_HEADER);
             let mut inbound = request.into_inner();
             let (out, answers) = mpsc::channel(1024);
             let hosting = self.hosting.clone();
@@ -394,8 +406,8 @@ mod serve {
                     let unread = kept_args(&hosting, request.message.as_ref());
                     // Taken: answered once run. Refused: told now (and
                     // its arguments put here are not read).
-                    let Err(why) = take(&hosting, &mut refused, src, request, unread.clone(), &out)
-                    else {
+                    let reply = (unread.clone(), reads_peer_blobs);
+                    let Err(why) = take(&hosting, &mut refused, src, request, reply, &out) else {
                         continue;
                     };
                     if let Some(key) = unread {
@@ -565,7 +577,7 @@ mod serve {
         refused: &mut HashSet<String>,
         src: EntityId,
         request: pb::DeliverRequest,
-        unread: Option<String>,
+        (unread, reads_peer_blobs): (Option<String>, bool),
         out: &mpsc::Sender<Result<pb::DeliverResponse, Status>>,
     ) -> Result<(), pb::SendResult> {
         let invalid = |why: &str| refusal(tonic::Code::InvalidArgument, "INVALID_ARGUMENT", why);
@@ -605,6 +617,7 @@ mod serve {
             waiting: Some(waiting),
             hosting: Arc::downgrade(hosting),
             unread,
+            reads_peer_blobs,
         };
         match inbox.requests.send((reply, message)) {
             Ok(()) => Ok(()),
@@ -984,6 +997,9 @@ impl Peer {
         let mut request = tonic::Request::new(outgoing);
         let ticket = ticket.parse().map_err(|_| ClientError::Transport("a bad ticket".into()))?;
         request.metadata_mut().insert(TICKET_HEADER, ticket);
+        request
+            .metadata_mut()
+            .insert(PEER_BLOBS_HEADER, tonic::metadata::MetadataValue::from_static("1"));
         let answers = rpc.deliver(request).await?.into_inner();
         let peer = Arc::new(Self { url: url.to_owned(), requests, state: Mutex::default() });
         tokio::spawn(read(peer.clone(), answers, direct));

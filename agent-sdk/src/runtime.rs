@@ -470,7 +470,7 @@ async fn serve_action<B: Behaviour>(
         None => None,
     };
     // Arguments sent by reference are read first (the caller frees them).
-    let directly = matches!(origin, Origin::Direct(_));
+    let directly = matches!(&origin, Origin::Direct(reply) if reply.reads_peer_blobs());
     let outcome = match mailbox.resolve(request.args, false).await {
         Err(err) => Err(unreadable(&action, &err)),
         Ok(args) => {

@@ -290,6 +290,48 @@ async fn a_peer_endpoint_keeps_blobs_only_for_the_exchanges_own() {
     let err = manager.exchange().send(request(2)).await.unwrap_err();
     assert!(err.to_string().contains("store"), "{err}");
 
+    // A large result is kept at the endpoint only for a sender that says
+    // it reads it there; one from before the peer store gets it through
+    // the exchange's store.
+    let echo = |seq: u128| {
+        let mut message = request(seq);
+        let Some(pb::message::Body::ActionRequest(call)) = &mut message.body else {
+            unreachable!()
+        };
+        let args = serde_json::to_vec(&(text(2 * KIB),)).unwrap();
+        call.action = "echo".into();
+        call.args = Some(pb::Payload {
+            content_type: "application/json".into(),
+            data: args.into(),
+            ..Default::default()
+        });
+        pb::DeliverRequest { seq: 1, message: Some(message) }
+    };
+    let mut kept = None;
+    for (header, store) in [(false, "exchange"), (true, "peer")] {
+        let mut deliver = tonic::Request::new(futures::stream::iter([echo(3 + header as u128)]));
+        deliver.metadata_mut().insert("academy-ticket", ticket.parse().unwrap());
+        if header {
+            deliver.metadata_mut().insert("academy-peer-blobs", "1".parse().unwrap());
+        }
+        let mut answers = rpc.deliver(deliver).await.unwrap().into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        let Some(pb::deliver_response::Outcome::Answer(answer)) = answer.outcome else {
+            panic!("answered: {answer:?}")
+        };
+        let Some(pb::message::Body::ActionResponse(response)) = answer.body else { panic!() };
+        let blob = response.result.unwrap().blob.expect("a result by reference");
+        assert_eq!(blob.store, store);
+        kept = Some(blob);
+    }
+    // Read once to its end, the one kept here is gone.
+    let blob = kept.unwrap();
+    assert_eq!(theirs.blob_bytes(), blob.size);
+    let request = pb::GetPeerBlobRequest { key: blob.key.clone(), offset: 0 };
+    let mut stream = rpc.get_peer_blob(request).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    assert_eq!(theirs.blob_bytes(), 0);
+
     // Deleting: whoever has the key; a gone one is not an error.
     let blob = rpc.put_peer_blob(put(1, vec![b"x".to_vec()], Some(&ticket))).await.unwrap();
     let key = blob.into_inner().blob.unwrap().key;

@@ -4249,7 +4249,9 @@ pub mod peer_service_client {
         /// The stream must present a ticket from the exchange (metadata
         /// `academy-ticket`, from IssueTicket): its requests must come from the
         /// mailbox the ticket names (`header.src`), and it ends (UNAUTHENTICATED)
-        /// when the ticket expires.
+        /// when the ticket expires. A sender that reads large results kept at
+        /// the endpoint (GetPeerBlob) says so with metadata `academy-peer-blobs`;
+        /// without it, they are kept in the exchange's blob store.
         pub async fn deliver(
             &mut self,
             request: impl tonic::IntoStreamingRequest<Message = super::DeliverRequest>,
@@ -4390,7 +4392,9 @@ pub mod peer_service_server {
         /// The stream must present a ticket from the exchange (metadata
         /// `academy-ticket`, from IssueTicket): its requests must come from the
         /// mailbox the ticket names (`header.src`), and it ends (UNAUTHENTICATED)
-        /// when the ticket expires.
+        /// when the ticket expires. A sender that reads large results kept at
+        /// the endpoint (GetPeerBlob) says so with metadata `academy-peer-blobs`;
+        /// without it, they are kept in the exchange's blob store.
         async fn deliver(
             &self,
             request: tonic::Request<tonic::Streaming<super::DeliverRequest>>,
