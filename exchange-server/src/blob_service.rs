@@ -114,18 +114,13 @@ impl blob_service_server::BlobService for BlobGrpc {
 /// Why a put's requests stopped coming: a revoked token, a request larger
 /// than a chunk may be (naming that limit), or the caller's stream broke.
 fn broke_off(status: Status) -> ExchangeError {
+    if let Some(found) = academy_server::grpc::too_large(&status) {
+        let limit = "bytes per blob chunk".to_owned();
+        return ExchangeError::LimitExceeded { limit, max: limits::BLOB_CHUNK_BYTES, found };
+    }
     let message = status.message();
     match status.code() {
         tonic::Code::Unauthenticated => ExchangeError::Unauthenticated(message.to_owned()),
-        tonic::Code::OutOfRange if message.contains("decoded message length too large") => {
-            let found = message
-                .split("found ")
-                .nth(1)
-                .and_then(|rest| rest.split(' ').next()?.parse().ok())
-                .unwrap_or(0);
-            let limit = "bytes per blob chunk".to_owned();
-            ExchangeError::LimitExceeded { limit, max: limits::BLOB_CHUNK_BYTES, found }
-        }
         _ => ExchangeError::InvalidArgument(format!(
             "the put broke off: {}",
             academy_proto::excerpt(message)

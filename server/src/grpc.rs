@@ -66,19 +66,14 @@ impl StatusRules {
     /// The status to answer instead of `status`, if it breaks a rule.
     pub fn rewrite(&self, status: &tonic::Status) -> Option<tonic::Status> {
         use academy_proto::{ExchangeError, MAX_STATUS_MESSAGE_BYTES, bounded};
+        if let Some(size) = too_large(status) {
+            return Some(ExchangeError::TooLarge { size, limit: self.max_request_bytes }.into());
+        }
         let message = status.message();
         match status.code() {
             tonic::Code::Internal if message.starts_with("failed to decode Protobuf message") => {
                 let why = format!("the request does not decode: {}", bounded(message));
                 Some(ExchangeError::InvalidArgument(why).into())
-            }
-            tonic::Code::OutOfRange if message.contains("decoded message length too large") => {
-                let size = message
-                    .split("found ")
-                    .nth(1)
-                    .and_then(|rest| rest.split(' ').next()?.parse().ok())
-                    .unwrap_or(0);
-                Some(ExchangeError::TooLarge { size, limit: self.max_request_bytes }.into())
             }
             _ if message.len() > MAX_STATUS_MESSAGE_BYTES => {
                 Some(tonic::Status::new(status.code(), bounded(message).into_owned()))
@@ -140,4 +135,18 @@ where
             Ok(response)
         })
     }
+}
+
+/// The size of the message `status` refused, if it is tonic's refusal of
+/// a message larger than the decoder takes (0 when it does not say).
+pub fn too_large(status: &tonic::Status) -> Option<usize> {
+    let message = status.message();
+    if status.code() != tonic::Code::OutOfRange
+        || !message.contains("decoded message length too large")
+    {
+        return None;
+    }
+    let found =
+        message.split("found ").nth(1).and_then(|rest| rest.split(' ').next()?.parse().ok());
+    Some(found.unwrap_or(0))
 }
