@@ -120,7 +120,7 @@ impl Stores {
         self.dir.get().is_some()
     }
 
-    /// `payload`, kept as a blob if large: in the file store when there is
+    /// Large `payload`, kept as a blob: in the file store when there is
     /// one, else at the keeper endpoint for an answer that goes `directly`
     /// (if it has room), else in the exchange's store.
     pub(crate) async fn offload(
@@ -128,9 +128,6 @@ impl Stores {
         payload: pb::Payload,
         directly: bool,
     ) -> Result<pb::Payload, ClientError> {
-        if !self.is_large(&payload) {
-            return Ok(payload);
-        }
         let kept_here = self.keeper.as_ref().filter(|_| directly && !self.has_dir());
         let blob = match kept_here.and_then(|k| k.kept().keep(k.url(), payload.data.clone())) {
             Some(blob) => blob,
@@ -160,6 +157,18 @@ impl Stores {
         Ok((message, freed))
     }
 
+    /// Sends request `message` through the exchange, its large arguments
+    /// kept in the file store or the exchange's; what to free once the call
+    /// is over.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        message: pb::Message,
+    ) -> Result<Option<Freed>, ClientError> {
+        let (message, freed) = self.offload_request(message).await?;
+        self.exchange.send(message).await?;
+        Ok(freed)
+    }
+
     /// `payload` with its blob's bytes read into `data`, checked against
     /// the reference's size (and digest); a payload without one as it is.
     /// A peer blob is read at its endpoint if `remote`, else only one kept
@@ -175,7 +184,7 @@ impl Stores {
             EXCHANGE_BLOB_STORE => read(&self.exchange, &blob).await?,
             FILE_STORE => file::read(self.dir.get().cloned(), &blob).await?,
             PEER_STORE => match &self.keeper {
-                Some(k) if k.url() == blob.endpoint => k
+                Some(k) if k.keeps(&blob) => k
                     .kept()
                     .remove(&blob.key)
                     .ok_or(ClientError::Exchange(ExchangeError::BlobNotFound(blob.key)))?,
@@ -208,7 +217,7 @@ impl Stores {
                 }
             }
             PEER_STORE => match &self.keeper {
-                Some(k) if k.url() == blob.endpoint => drop(k.kept().remove(&key)),
+                Some(k) if k.keeps(blob) => drop(k.kept().remove(&key)),
                 _ => peer::delete(blob.clone()),
             },
             _ => {

@@ -153,8 +153,7 @@ fn unsent(hosting: &Weak<Hosting>, response: Result<pb::DeliverResponse, tonic::
     };
     if let Some(blob) = crate::blob::result_blob(&mut answer)
         && let Some(hosting) = hosting.upgrade()
-        && blob.store == crate::blob::PEER_STORE
-        && blob.endpoint == hosting.url
+        && hosting.keeps(blob)
     {
         hosting.kept.remove(&blob.key);
     }
@@ -219,6 +218,13 @@ struct Hosting {
     stop: tokio_util::sync::CancellationToken,
 }
 
+impl Hosting {
+    /// Whether `blob` is one it keeps (a peer blob naming this endpoint).
+    fn keeps(&self, blob: &pb::BlobRef) -> bool {
+        blob.store == crate::blob::PEER_STORE && blob.endpoint == self.url
+    }
+}
+
 impl Drop for Hosting {
     fn drop(&mut self) {
         self.stop.cancel();
@@ -259,6 +265,11 @@ impl Endpoint {
 
     pub(crate) fn kept(&self) -> &crate::blob::Kept {
         &self.inner.kept
+    }
+
+    /// Whether `blob` is one it keeps.
+    pub(crate) fn keeps(&self, blob: &pb::BlobRef) -> bool {
+        self.inner.keeps(blob)
     }
 
     /// Takes requests for agent `id` (of `exchange`) into `requests` until
@@ -434,12 +445,9 @@ mod serve {
             let head = chunks.message().await?.unwrap_or_default();
             let size = head.size;
             let room = hosting.kept.room(size).map_err(Status::from)?;
-            let mut data = bytes::BytesMut::new();
+            let mut data = bytes::BytesMut::with_capacity(usize::try_from(size).unwrap_or(0));
             let mut next = Some(head);
-            while let Some(chunk) = match next.take() {
-                Some(head) => Some(head),
-                None => chunks.message().await?,
-            } {
+            while let Some(chunk) = next {
                 if chunk.data.len() > academy_proto::transport::BLOB_CHUNK_BYTES {
                     return Err(Status::invalid_argument(format!(
                         "a chunk has {} bytes, more than {}",
@@ -452,10 +460,8 @@ mod serve {
                         "the chunks have more bytes than the size given ({size})"
                     )));
                 }
-                if data.is_empty() {
-                    data.reserve(usize::try_from(size).unwrap_or(0));
-                }
                 data.extend_from_slice(&chunk.data);
+                next = chunks.message().await?;
             }
             if data.len() as u64 != size {
                 return Err(Status::invalid_argument(format!(
@@ -463,14 +469,7 @@ mod serve {
                     data.len()
                 )));
             }
-            let key = room.fill(data.freeze());
-            let blob = pb::BlobRef {
-                store: crate::blob::PEER_STORE.into(),
-                key,
-                size,
-                sha256: Vec::new(),
-                endpoint: hosting.url.clone(),
-            };
+            let blob = room.fill(&hosting.url, data.freeze());
             let expires_in = crate::blob::PEER_TTL.try_into().ok();
             Ok(Response::new(pb::PutPeerBlobResponse { blob: Some(blob), expires_in }))
         }
@@ -567,8 +566,7 @@ mod serve {
             return None;
         };
         let blob = request.args.as_ref()?.blob.as_ref()?;
-        (blob.store == crate::blob::PEER_STORE && blob.endpoint == hosting.url)
-            .then(|| blob.key.clone())
+        hosting.keeps(blob).then(|| blob.key.clone())
     }
 
     /// Hands a request to the agent it is for, if hosted here.
@@ -722,7 +720,7 @@ impl Direct {
             && header.is_some_and(|h| !h.on_clock);
         let dest = header.and_then(|h| h.dest.parse::<EntityId>().ok());
         let (Some(dest), true) = (dest, direct_kind) else {
-            return self.through_exchange(message).await;
+            return self.stores.send(message).await;
         };
         let tag = header.map(|h| h.tag.clone()).unwrap_or_default();
         let route = self.route(dest);
@@ -758,7 +756,7 @@ impl Direct {
             }
             route.peer = None;
             drop(route);
-            let sent = self.through_exchange(message).await;
+            let sent = self.stores.send(message).await;
             if sent.is_err() {
                 self.answered(dest, &tag);
             }
@@ -766,16 +764,16 @@ impl Direct {
         }
     }
 
-    /// `wire` as it goes to `peer`: its large arguments put at its endpoint
-    /// (else kept as the exchange's route would), and what to free once
-    /// the call is over.
+    /// `wire`, whose arguments are large, as it goes to `peer`: they are
+    /// put at its endpoint (else kept as the exchange's route would), and
+    /// what to free once the call is over.
     async fn put_at(
         &self,
         peer: &Peer,
         mut wire: pb::Message,
     ) -> Result<(pb::Message, Option<Freed>), ClientError> {
         let data = match args_of(&mut wire) {
-            Some(args) if self.stores.is_large(args) && !self.stores.has_dir() => args.data.clone(),
+            Some(args) if !self.stores.has_dir() => args.data.clone(),
             _ => return self.stores.offload_request(wire).await,
         };
         let put = async { crate::blob::put_at_peer(&peer.url, &self.ticket().await?, data).await };
@@ -793,14 +791,6 @@ impl Direct {
                 self.stores.offload_request(wire).await
             }
         }
-    }
-
-    /// Sends `message` through the exchange, its large arguments kept in
-    /// the file store or the exchange's.
-    async fn through_exchange(&self, message: pb::Message) -> Result<Option<Freed>, ClientError> {
-        let (message, freed) = self.stores.offload_request(message).await?;
-        self.exchange.send(message).await?;
-        Ok(freed)
     }
 
     /// Request `tag`'s call is over: what its resending kept is freed.
@@ -907,7 +897,7 @@ impl Direct {
         }
         while let Some(request) = peer.next_refused(dest) {
             let tag = request.message.header.as_ref().map(|h| h.tag.clone()).unwrap_or_default();
-            match self.through_exchange(request.message).await {
+            match self.stores.send(request.message).await {
                 Ok(None) => {}
                 Ok(Some(freed)) => {
                     // Kept until the call is over, unless it is already

@@ -150,12 +150,10 @@ impl Mailbox {
     /// Sends request `message` (through its direct path, if it has one),
     /// its large arguments by reference; what to free once it is answered.
     async fn send_request(&self, message: pb::Message) -> Result<Option<Freed>, ClientError> {
-        if let Some(direct) = &self.direct {
-            return direct.send(message).await;
+        match &self.direct {
+            Some(direct) => direct.send(message).await,
+            None => self.stores.send(message).await,
         }
-        let (message, freed) = self.stores.offload_request(message).await?;
-        self.exchange.send(message).await?;
-        Ok(freed)
     }
 
     /// Sends a request to `dest` and waits for its response.
@@ -240,11 +238,7 @@ impl Mailbox {
         let (tag, answer_key) = (header.tag.clone(), header.answer_key());
         clock.mark(MarkKind::Send, &tag).await;
         let message = pb::Message { header: Some(header), body: Some(body) };
-        let sent = async {
-            let (message, freed) = self.stores.offload_request(message).await?;
-            self.exchange.send(message).await.map(|()| freed)
-        };
-        let _freed = match sent.await {
+        let _freed = match self.stores.send(message).await {
             Ok(freed) => freed,
             Err(e) => {
                 clock.mark(MarkKind::Abandon, &tag).await;

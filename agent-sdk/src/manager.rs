@@ -75,7 +75,8 @@ impl Manager {
 
     /// This manager, whose handles send arguments of `bytes` or more by
     /// reference, kept in the exchange's blob store, or at the agent's peer
-    /// endpoint for calls that go directly (docs/design.md, "Blobs"); by default [`DEFAULT_BLOB_THRESHOLD`](crate::blob::DEFAULT_BLOB_THRESHOLD),
+    /// endpoint for calls that go directly (docs/design.md, "Blobs"); by
+    /// default [`DEFAULT_BLOB_THRESHOLD`](crate::blob::DEFAULT_BLOB_THRESHOLD),
     /// `usize::MAX`: never. Agents have their own
     /// ([`AgentConfig::blob_threshold`]).
     pub fn with_blob_threshold(self, bytes: usize) -> Self {

@@ -469,7 +469,8 @@ async fn serve_action<B: Behaviour>(
         Some(keeper) => Some(keeper.turn().await),
         None => None,
     };
-    // Arguments sent by reference are read first (the caller frees them).
+    // Arguments sent by reference are read first (the caller frees them;
+    // those put at this agent's endpoint go once read).
     let directly = matches!(&origin, Origin::Direct(reply) if reply.reads_peer_blobs());
     let outcome = match mailbox.resolve(request.args, false).await {
         Err(err) => Err(unreadable(&action, &err)),

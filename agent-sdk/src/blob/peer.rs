@@ -54,13 +54,20 @@ impl Drop for Room<'_> {
 }
 
 impl Room<'_> {
-    /// Keeps `data` (of the size promised); its key.
-    pub(crate) fn fill(self, data: Bytes) -> String {
+    /// Keeps `data` (of the size promised); its reference at endpoint `url`.
+    pub(crate) fn fill(self, url: &str, data: Bytes) -> pb::BlobRef {
         let key = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        let size = data.len() as u64;
         let until = Instant::now() + PEER_TTL;
         lock(&self.kept.0).blobs.insert(key.clone(), (data, until));
         std::mem::forget(self);
-        key
+        pb::BlobRef {
+            store: PEER_BLOB_STORE.into(),
+            key,
+            size,
+            sha256: Vec::new(),
+            endpoint: url.to_owned(),
+        }
     }
 }
 
@@ -90,9 +97,7 @@ impl Kept {
 
     /// Keeps `data`; its reference at endpoint `url`, or `None` when full.
     pub(crate) fn keep(&self, url: &str, data: Bytes) -> Option<pb::BlobRef> {
-        let size = data.len() as u64;
-        let key = self.room(size).ok()?.fill(data);
-        Some(reference(url, key, size))
+        Some(self.room(data.len() as u64).ok()?.fill(url, data))
     }
 
     /// Blob `key`'s bytes, kept.
@@ -114,16 +119,6 @@ impl Kept {
     /// Bytes kept now (or promised to puts under way).
     pub(crate) fn bytes(&self) -> u64 {
         lock(&self.0).bytes
-    }
-}
-
-fn reference(url: &str, key: String, size: u64) -> pb::BlobRef {
-    pb::BlobRef {
-        store: PEER_BLOB_STORE.into(),
-        key,
-        size,
-        sha256: Vec::new(),
-        endpoint: url.to_owned(),
     }
 }
 
@@ -250,7 +245,7 @@ mod tests {
         assert!(matches!(err, ExchangeError::BlobStoreFull { limit: MAX_KEPT_BYTES }), "{err}");
         drop(room);
         assert_eq!(kept.bytes(), 5);
-        let key = kept.room(3).unwrap().fill(Bytes::from_static(b"abc"));
+        let key = kept.room(3).unwrap().fill("http://peer", Bytes::from_static(b"abc")).key;
         assert_eq!(kept.bytes(), 8);
 
         assert_eq!(kept.remove(&blob.key).as_deref(), Some(&b"hello"[..]));
