@@ -5,11 +5,13 @@
 //! pub/sub channel; a script that adds a message to a mailbox with a
 //! subscriber publishes it there (small messages whole, large ones as a
 //! notice to read), as does one that terminates the mailbox or hands it to
-//! another subscriber. So delivery is pushed, and its cost does not grow with
-//! the number of subscriptions. Each notice names the message before it, so a
-//! replica that missed one (a dropped connection) sees the gap and reads the
-//! stream; after reconnecting it reads every subscribed stream again
-//! ([`reader`]).
+//! another subscriber; a small message for a subscriber on the calling
+//! replica comes back in the script's answer instead, and is handed over
+//! from there ([`RedisBackend::hand_over`]). So delivery is pushed, and its
+//! cost does not grow with the number of subscriptions. Each notice names the
+//! message before it, so a replica that missed one (a dropped connection)
+//! sees the gap and reads the stream; after reconnecting it reads every
+//! subscribed stream again ([`reader`]).
 
 mod blobs;
 mod expiry;
@@ -298,6 +300,45 @@ impl RedisBackend {
 }
 
 impl RedisBackend {
+    /// Hands this replica's subscribers the small messages of `chunks` that
+    /// enqueue.lua answered with their place in the queue instead of
+    /// noticing them. `answers` has one per message, in order; messages
+    /// without one (the call failed: it may have queued them anyway) are
+    /// read from their queues.
+    fn hand_over(&self, chunks: Vec<Chunk>, answers: &[Value]) {
+        let mut answers = answers.iter();
+        let mut reads = Vec::new();
+        for chunk in chunks {
+            for (k, _, message) in chunk.messages {
+                let id = chunk.mailboxes[k];
+                let read = match answers.next() {
+                    Some(Value::Array(items)) => match &items[..] {
+                        [_, previous, added] => {
+                            let seq = |v: &Value| string(v).as_deref().and_then(seq_of);
+                            match (seq(previous), seq(added)) {
+                                (Some(previous), Some(added)) => {
+                                    self.reader.local(id, previous, added, message.into())
+                                }
+                                _ => Some(id),
+                            }
+                        }
+                        _ => Some(id),
+                    },
+                    // A script that failed may have queued some.
+                    Some(Value::ServerError(_)) | None => Some(id),
+                    Some(_) => None,
+                };
+                if let Some(id) = read.filter(|id| !reads.contains(id)) {
+                    reads.push(id);
+                }
+            }
+        }
+        for id in reads {
+            let reader = self.reader.clone();
+            tokio::spawn(async move { reader.read(id).await });
+        }
+    }
+
     /// The keys acknowledge.lua takes for mailbox `id`.
     fn acknowledge_keys(&self, id: &EntityId) -> [String; 5] {
         [
@@ -331,7 +372,7 @@ impl RedisBackend {
     ) {
         cmd.arg(bounds.max_queued).arg(bounds.max_queued_bytes).arg(MAX_NOTICE_BYTES);
         cmd.arg(self.keys.bell()).arg(chunk.mailboxes.len());
-        cmd.arg(caller_arg(sender)).arg(bounds.sender_quota);
+        cmd.arg(caller_arg(sender)).arg(bounds.sender_quota).arg(&self.reader.replica);
         for id in &chunk.mailboxes {
             cmd.arg(id.to_string());
         }
@@ -356,6 +397,8 @@ fn enqueued(
 ) -> Result<(), ExchangeError> {
     match string(answer).as_deref() {
         Some("ok") => Ok(()),
+        // A small message for a subscriber here: handed over by the caller.
+        None if matches!(answer, Value::Array(items) if items.len() == 3) => Ok(()),
         Some("full") => Err(ExchangeError::MailboxFull { id: *dest, limit: bounds.max_queued }),
         Some("fullbytes") => {
             Err(ExchangeError::MailboxBytesFull { id: *dest, limit: bounds.max_queued_bytes })
@@ -564,7 +607,7 @@ impl Backend for RedisBackend {
         }
         // One script call per chunk: few enough messages or bytes that Redis,
         // single-threaded, is not held up long by any one call.
-        let (mut calls, mut sizes) = (Vec::new(), Vec::new());
+        let (mut calls, mut chunks) = (Vec::new(), Vec::new());
         let mut chunk = Chunk::default();
         for (i, (dest, message)) in messages.iter().enumerate() {
             chunk.add(dest, message, sender);
@@ -574,21 +617,25 @@ impl Backend for RedisBackend {
                 let mut cmd = self.scripts.enqueue.call(&self.enqueue_keys(&chunk, sender));
                 self.enqueue_args(&mut cmd, &chunk, bounds, sender);
                 calls.push(cmd);
-                sizes.push(chunk.messages.len());
+                chunks.push(chunk);
             }
         }
         let answers: Vec<Value> = match run(&self.conn, &self.scripts.enqueue, calls).await {
             // A chunk answers one value per message, or one error for them all.
             Ok(answers) => answers
                 .into_iter()
-                .zip(sizes)
-                .flat_map(|(answer, n)| match answer {
-                    Value::Array(items) if items.len() == n => items,
-                    other => vec![other; n],
+                .zip(&chunks)
+                .flat_map(|(answer, chunk)| match answer {
+                    Value::Array(items) if items.len() == chunk.messages.len() => items,
+                    other => vec![other; chunk.messages.len()],
                 })
                 .collect(),
-            Err(e) => return messages.iter().map(|_| Err(e.clone())).collect(),
+            Err(e) => {
+                self.hand_over(chunks, &[]);
+                return messages.iter().map(|_| Err(e.clone())).collect();
+            }
         };
+        self.hand_over(chunks, &answers);
         let results = messages
             .iter()
             .zip(answers)
@@ -757,7 +804,13 @@ impl Backend for RedisBackend {
         if !chunk.messages.is_empty() {
             self.enqueue_args(&mut cmd, &chunk, bounds, caller);
         }
-        let answer = array(run_one(&self.conn, &self.scripts.commit, cmd).await?);
+        let answer = match run_one(&self.conn, &self.scripts.commit, cmd).await {
+            Ok(answer) => array(answer),
+            Err(e) => {
+                self.hand_over(vec![chunk], &[]);
+                return Err(e);
+            }
+        };
         let head = answer.first().and_then(string).unwrap_or_default();
         let number =
             || answer.get(1).and_then(string).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
@@ -771,6 +824,7 @@ impl Backend for RedisBackend {
                     Some(Value::Array(items)) => items.clone(),
                     _ => Vec::new(),
                 };
+                self.hand_over(vec![chunk], &answers);
                 let results = commit
                     .answers
                     .iter()
@@ -942,4 +996,98 @@ fn agent_info(id: EntityId, fields: &[Option<String>]) -> Option<RegisteredAgent
     let owner = fields.get(3).cloned().flatten().unwrap_or_default();
     let endpoint = String::new();
     Some(RegisteredAgent { id, behaviour, implements, name, owner, description: None, endpoint })
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    use super::*;
+
+    const BOUNDS: Bounds = Bounds { max_queued: 100, max_queued_bytes: 0, sender_quota: 0 };
+
+    /// A backend on `redis`, with a mailbox subscribed to on it.
+    async fn subscribed(
+        redis: &academy_server::testing::RedisServer,
+    ) -> (RedisBackend, EntityId, Box<dyn BackendSubscription>) {
+        let options = RedisOptions { url: redis.url(), prefix: "t".into(), ..Default::default() };
+        let backend =
+            RedisBackend::connect(options, &Retention::default()).await.expect("connects");
+        let id = EntityId::new_agent();
+        backend.create(id, None, None, 0, true).await.unwrap();
+        let subscription = backend.subscribe(&id, None, 0, "").await.unwrap();
+        (backend, id, subscription)
+    }
+
+    fn message(dest: &EntityId, text: &str) -> pb::Message {
+        pb::Message {
+            header: Some(pb::Header {
+                src: EntityId::new_client().to_string(),
+                dest: dest.to_string(),
+                tag: text.to_owned(),
+                ..Default::default()
+            }),
+            body: Some(pb::message::Body::SuccessResponse(pb::SuccessResponse {})),
+        }
+    }
+
+    async fn next_tags(subscription: &mut Box<dyn BackendSubscription>) -> Vec<String> {
+        let next = subscription.next_batch(16, 1 << 30);
+        let batch = tokio::time::timeout(Duration::from_secs(10), next).await.expect("delivered");
+        let tags = batch.expect("a batch").into_iter().filter_map(|d| d.message?.header);
+        tags.map(|h| h.tag).collect()
+    }
+
+    /// A small message for a subscriber on the sending replica is handed
+    /// over from the enqueue's answer, without a notice on the replica's
+    /// channel; a large one is still noticed (and read from the queue).
+    #[tokio::test]
+    async fn small_messages_for_subscribers_here_are_handed_over_without_a_notice() {
+        let redis = academy_server::testing::RedisServer::start().expect("redis-server runs");
+        let (backend, id, mut subscription) = subscribed(&redis).await;
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub
+            .subscribe(format!("{}{}", backend.keys.bell(), backend.reader.replica))
+            .await
+            .unwrap();
+        let mut notices = pubsub.into_on_message();
+        let large = "x".repeat(MAX_NOTICE_BYTES + 1);
+        let sent = vec![(id, message(&id, "small")), (id, message(&id, &large))];
+        for result in backend.enqueue(sent, &BOUNDS, None).await {
+            result.unwrap();
+        }
+        let mut tags = Vec::new();
+        while tags.len() < 2 {
+            tags.extend(next_tags(&mut subscription).await);
+        }
+        assert_eq!(tags, ["small".to_owned(), large], "in order");
+        // The first notice on the channel is the large message's.
+        let notice = tokio::time::timeout(Duration::from_secs(10), notices.next()).await;
+        let notice = notice.expect("a notice").expect("the channel is open");
+        let head = notice.get_payload_bytes().split(|b| *b == b' ').next().unwrap().to_vec();
+        assert_eq!(String::from_utf8(head).unwrap(), "n", "a notice to read a large message");
+    }
+
+    /// An enqueue whose answer was lost may have queued its messages: those
+    /// for subscribers here are read from their queues.
+    #[tokio::test]
+    async fn messages_whose_answer_was_lost_are_read_from_the_queue() {
+        let redis = academy_server::testing::RedisServer::start().expect("redis-server runs");
+        let (backend, id, mut subscription) = subscribed(&redis).await;
+        // Noticed and read from the queue: the subscription's first read is done.
+        let first = "x".repeat(MAX_NOTICE_BYTES + 1);
+        for result in backend.enqueue(vec![(id, message(&id, &first))], &BOUNDS, None).await {
+            result.unwrap();
+        }
+        assert_eq!(next_tags(&mut subscription).await, [first]);
+        // Queued by the script, its answer dropped.
+        let mut chunk = Chunk::default();
+        chunk.add(&id, &message(&id, "lost"), None);
+        let mut cmd = backend.scripts.enqueue.call(&backend.enqueue_keys(&chunk, None));
+        backend.enqueue_args(&mut cmd, &chunk, &BOUNDS, None);
+        run(&backend.conn, &backend.scripts.enqueue, vec![cmd]).await.unwrap();
+        backend.hand_over(vec![chunk], &[]);
+        assert_eq!(next_tags(&mut subscription).await, ["lost"]);
+    }
 }

@@ -221,6 +221,19 @@ impl Reader {
         }
     }
 
+    /// Hands over message `added` of mailbox `id`, which follows `previous`
+    /// (its enqueue answered here instead of noticing); the mailbox whose
+    /// stream must be read, if any.
+    pub(super) fn local(
+        &self,
+        id: EntityId,
+        previous: u64,
+        added: u64,
+        data: Bytes,
+    ) -> Option<EntityId> {
+        self.take(Notice::Added { id, previous, added, data: Some(data) })
+    }
+
     /// Acts on a notice; the mailbox whose stream must be read, if any.
     fn take(&self, notice: Notice) -> Option<EntityId> {
         let mut watching = self.lock();
@@ -253,7 +266,7 @@ impl Reader {
     }
 
     /// Hands over every message after the subscription's cursor.
-    async fn read(&self, id: EntityId) {
+    pub(super) async fn read(&self, id: EntityId) {
         let mut backoff = FIRST_RETRY;
         loop {
             let Some((key, token, cursor)) =

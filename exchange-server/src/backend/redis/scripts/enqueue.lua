@@ -9,19 +9,21 @@
 -- ARGV        queue bound in messages, in bytes (0: none), largest
 --             message sent inside a notice, notice channel prefix, number
 --             of triples, sender (empty: trusted), the
---             sender's quota of bytes queued (0: none), the triples' mailbox
---             ids, then per message: its triple's number (from 1), with a
---             sender its source's number (from 1; 0: a source that did not
---             parse), the message
+--             sender's quota of bytes queued (0: none), the calling
+--             replica, the triples' mailbox ids, then per message: its
+--             triple's number (from 1), with a sender its source's number
+--             (from 1; 0: a source that did not parse), the message
 -- A message's size (and sender) is kept in the sizes hash until it is
 -- acknowledged, so the bounds can be given back. Each mailbox with a
 -- subscriber gets notices on its replica's channel, one publish per replica
 -- for the whole call: `m <id> <previous> <added> <size>\n` followed by the
--- message, or `n <id> <previous> <added> 0\n` for a large one. A mailbox's
--- hash is read and written once per call.
+-- message, or `n <id> <previous> <added> 0\n` for a large one; but a small
+-- message whose subscriber is on the calling replica is answered
+-- {'ok', previous, added} instead of noticed, as the caller hands it over
+-- itself. A mailbox's hash is read and written once per call.
 local function enqueue(KEYS, ARGV)
-  local max, maxbytes, small, bell, n, sender, quota = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
-  local first = 7
+  local max, maxbytes, small, bell, n, sender, quota, me = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]), ARGV[8]
+  local first = 8
   local boxes, notices, refused = {}, {}, {[0] = 'nosrc'}
   for k = 1, n do
     local h = redis.call('HMGET', KEYS[3 * k - 2], 's', 'l', 'r', 'qb', 'b')
@@ -57,7 +59,10 @@ local function enqueue(KEYS, ARGV)
       if m.len then m.len = m.len + 1 end
       m.bytes, m.added, m.count = m.bytes + #data, m.added + #data, m.count + 1
       if sender ~= '' then sent = sent + #data end
-      if m.replica then
+      local answer = 'ok'
+      if m.replica == me and #data <= small then
+        answer = {'ok', m.last, added}
+      elseif m.replica then
         local parts = notices[m.replica] or {}
         notices[m.replica] = parts
         local head = m.id .. ' ' .. m.last .. ' ' .. added
@@ -69,7 +74,7 @@ local function enqueue(KEYS, ARGV)
         end
       end
       m.last, m.fresh = added, true
-      out[#out + 1] = 'ok'
+      out[#out + 1] = answer
     end
   end
   for k, m in ipairs(boxes) do
