@@ -162,9 +162,13 @@ impl Stores {
     /// is over.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        message: pb::Message,
+        mut message: pb::Message,
     ) -> Result<Option<Freed>, ClientError> {
-        let (message, freed) = self.offload_request(message).await?;
+        let mut freed = None;
+        if args_of(&mut message).is_some_and(|a| self.is_large(a)) {
+            // Boxed: every call's future would otherwise carry its state.
+            (message, freed) = Box::pin(self.offload_request(message)).await?;
+        }
         self.exchange.send(message).await?;
         Ok(freed)
     }

@@ -817,14 +817,21 @@ impl Direct {
             return None;
         }
         route.looked_up = Some(Instant::now());
+        // Boxed: a look-up and a connection are a large state that every
+        // call's future would otherwise carry (and copy), though few look up.
+        let peer = Box::pin(self.look_up(dest)).await?;
+        route.peer = Some(peer.clone());
+        route.last = Some(peer.clone());
+        Some(peer)
+    }
+
+    /// The peer at `dest`'s endpoint, if it advertises one and it answers.
+    async fn look_up(self: &Arc<Self>, dest: EntityId) -> Option<Arc<Peer>> {
         let status = self.exchange.status(&dest).await.ok()?;
         if status.endpoint.is_empty() {
             return None;
         }
-        let peer = self.peer(&status.endpoint).await?;
-        route.peer = Some(peer.clone());
-        route.last = Some(peer.clone());
-        Some(peer)
+        self.peer(&status.endpoint).await
     }
 
     /// The connection to the peer at `url`, opened if needed.

@@ -190,7 +190,8 @@ impl Mailbox {
         trace::stamp(&mut header, traced.context());
         let clock = crate::clock::current();
         let answer = if clock.is_simulated() {
-            self.request_on_clock(&clock, header, body, rx, timeout).await
+            // Boxed: its clock marks would make every call's future larger.
+            Box::pin(self.request_on_clock(&clock, header, body, rx, timeout)).await
         } else {
             let call = async {
                 let message = pb::Message { header: Some(header), body: Some(body) };

@@ -272,7 +272,9 @@ pub(crate) async fn run<B: Behaviour>(
                 request,
             );
             let context = Context { caller, clock, ..context.clone() };
-            context::scope(context, job)
+            // Boxed: the task then holds a pointer, not the whole (large)
+            // future, which spawning and finishing would copy.
+            Box::pin(context::scope(context, job))
         };
         // Only action requests come directly (the endpoint takes no other).
         let direct = |(reply, message): (Reply, pb::Message)| match (message.header, message.body) {
