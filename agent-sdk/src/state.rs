@@ -297,8 +297,8 @@ impl Keeper {
     }
 
     /// Commits `answer` to the request `seq` with the state as its action
-    /// left it (exported while `turn` is held, which is then given up), and
-    /// waits for the commit.
+    /// left it (exported and queued while `turn` is held, which is then
+    /// given up), and waits for the commit.
     pub(crate) async fn commit<B: Behaviour>(
         &self,
         behaviour: &B,
@@ -307,12 +307,17 @@ impl Keeper {
         answer: pb::Message,
     ) -> Outcome {
         let snapshot = behaviour.state().map_or_else(|| Ok(Vec::new()), Durable::export);
-        drop(turn);
         if self.fenced() {
             return Outcome::Fenced;
         }
         let (done, outcome) = oneshot::channel();
+        // Queued before the next action may run: the queue's order is the
+        // order the snapshots were taken in, so a batch's last holds every
+        // change its answers made (queued after the turn, a later action
+        // could queue first, and the batch then saved an older state with
+        // its answer: a change answered but lost).
         lock(&self.queue).push_back(Pending { seq, answer, snapshot, done });
+        drop(turn);
         self.queued.notify_one();
         // A committer gone (the agent stopping) commits nothing: the
         // request is delivered again to the next incarnation.
@@ -517,6 +522,12 @@ impl Keeper {
         }
         let snapshot = {
             let _turn = self.turn.lock().await;
+            // Answers waiting to be committed: their commit saves the state
+            // with their acknowledgements. Saved alone, it would hold changes
+            // whose requests are delivered again should the agent die first.
+            if !lock(&self.queue).is_empty() {
+                return Ok(());
+            }
             durable.export()?
         };
         if lock(&self.last).as_ref() == Some(&snapshot) {
