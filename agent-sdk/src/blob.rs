@@ -115,6 +115,11 @@ impl Stores {
         payload.blob.is_none() && payload.data.len() >= self.threshold.load(Ordering::Relaxed)
     }
 
+    /// Whether request `message`'s arguments go by reference.
+    pub(crate) fn has_large_args(&self, message: &mut pb::Message) -> bool {
+        args_of(message).is_some_and(|a| self.is_large(a))
+    }
+
     /// Whether its blobs go to the file store.
     pub(crate) fn has_dir(&self) -> bool {
         self.dir.get().is_some()
@@ -142,17 +147,15 @@ impl Stores {
         Ok(pb::Payload { content_type: payload.content_type, data: Bytes::new(), blob: Some(blob) })
     }
 
-    /// `message` with its arguments, if large, kept as a blob in the file
-    /// store or the exchange's, freed when the guard drops.
+    /// `message`, whose arguments are large, with them kept as a blob in the
+    /// file store or the exchange's, freed when the guard drops. Its callers
+    /// box it, so that calls with small arguments do not carry its state.
     pub(crate) async fn offload_request(
         self: &Arc<Self>,
         mut message: pb::Message,
     ) -> Result<(pb::Message, Option<Freed>), ClientError> {
-        let Some(args) = args_of(&mut message).filter(|a| self.is_large(a)) else {
-            return Ok((message, None));
-        };
-        // Boxed: the calls that never get here do not carry its state.
-        *args = Box::pin(self.offload(std::mem::take(args), false)).await?;
+        let Some(args) = args_of(&mut message) else { return Ok((message, None)) };
+        *args = self.offload(std::mem::take(args), false).await?;
         let freed = Freed::of(self.clone(), args);
         Ok((message, freed))
     }
@@ -165,8 +168,7 @@ impl Stores {
         mut message: pb::Message,
     ) -> Result<Option<Freed>, ClientError> {
         let mut freed = None;
-        if args_of(&mut message).is_some_and(|a| self.is_large(a)) {
-            // Boxed: every call's future would otherwise carry its state.
+        if self.has_large_args(&mut message) {
             (message, freed) = Box::pin(self.offload_request(message)).await?;
         }
         self.exchange.send(message).await?;

@@ -738,7 +738,7 @@ impl Direct {
             lock(&self.unanswered).entry(dest).or_default().insert(tag.clone());
             if let Some(peer) = peer {
                 let mut wire = message.clone();
-                let large = args_of(&mut wire).is_some_and(|a| self.stores.is_large(a));
+                let large = self.stores.has_large_args(&mut wire);
                 // Boxed: the calls that never get here do not carry its state.
                 let put =
                     if large { Box::pin(self.put_at(&peer, wire)).await } else { Ok((wire, None)) };

@@ -312,21 +312,18 @@ impl RedisBackend {
             for (k, _, message) in chunk.messages {
                 let id = chunk.mailboxes[k];
                 let read = match answers.next() {
-                    Some(Value::Array(items)) => match &items[..] {
-                        [_, previous, added] => {
-                            let seq = |v: &Value| string(v).as_deref().and_then(seq_of);
-                            match (seq(previous), seq(added)) {
-                                (Some(previous), Some(added)) => {
-                                    self.reader.local(id, previous, added, message.into())
-                                }
-                                _ => Some(id),
-                            }
+                    Some(answer) => match placed(answer) {
+                        Some((previous, added)) => {
+                            self.reader.local(id, previous, added, message.into())
                         }
-                        _ => Some(id),
+                        // Queued, but its place unreadable; or a script that
+                        // failed part way, which may have queued it.
+                        None if matches!(answer, Value::Array(_) | Value::ServerError(_)) => {
+                            Some(id)
+                        }
+                        None => None,
                     },
-                    // A script that failed may have queued some.
-                    Some(Value::ServerError(_)) | None => Some(id),
-                    Some(_) => None,
+                    None => Some(id),
                 };
                 if let Some(id) = read.filter(|id| !reads.contains(id)) {
                     reads.push(id);
@@ -419,6 +416,15 @@ fn enqueued(
             .and_then(|a| state_error(dest, a, || None))
             .unwrap_or_else(|| ExchangeError::Unavailable(format!("enqueue failed: {answer:?}")))),
     }
+}
+
+/// Where enqueue.lua queued a message it answered instead of noticing
+/// (`{'ok', previous, added}`): the seqs of the message before it and its own.
+fn placed(answer: &Value) -> Option<(u64, u64)> {
+    let Value::Array(items) = answer else { return None };
+    let [_, previous, added] = &items[..] else { return None };
+    let seq = |v: &Value| string(v).as_deref().and_then(seq_of);
+    Some((seq(previous)?, seq(added)?))
 }
 
 /// A seq (stream id `bad`) past the last message of mailbox `id`.
