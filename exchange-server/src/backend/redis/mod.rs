@@ -14,6 +14,7 @@
 //! subscribed stream again ([`reader`]).
 
 mod blobs;
+mod conn;
 mod expiry;
 mod keys;
 mod migration;
@@ -33,7 +34,6 @@ use academy_server::redis::{connect as connect_redis, redacted_url};
 use async_trait::async_trait;
 use prost::Message as _;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -41,6 +41,7 @@ use super::{
     Page, awaiting_answer, source, unknown_source,
 };
 use crate::retention::{Retention, Swept};
+use conn::Conn;
 use expiry::Stones;
 use keys::Keys;
 use presence::{InUse, PRESENCE_EVERY};
@@ -125,7 +126,7 @@ const ENQUEUE_CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub(crate) struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Arc<Scripts>,
     keys: Keys,
     options: RedisOptions,
@@ -166,10 +167,11 @@ impl RedisBackend {
         options: RedisOptions,
         retention: &Retention,
     ) -> Result<Self, ExchangeError> {
-        let (client, conn) = connect_redis(&options.url, options.timeout).await?;
+        let (client, manager) = connect_redis(&options.url, options.timeout).await?;
+        let conn = Conn::new(&client, manager.clone(), options.timeout);
         let keys = Keys::new(&options.prefix);
         let stop = CancellationToken::new();
-        let reader = Reader::start(client, conn.clone(), keys.bell(), stop.clone()).await?;
+        let reader = Reader::start(client, manager, keys.bell(), stop.clone()).await?;
         let url = redacted_url(&options.url);
         tracing::info!(%url, prefix = %options.prefix, "using Redis for mailboxes");
         let presence = keys.replica(&reader.replica);

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use academy_proto::ExchangeError;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::Conn;
 use super::reply::unavailable;
 
 /// How often a replica renews its presence, and how long it lasts.
@@ -14,7 +14,7 @@ pub(super) const PRESENCE_EVERY: Duration = Duration::from_secs(5);
 const PRESENCE_TTL: Duration = Duration::from_secs(15);
 
 /// Sets (or renews) presence key `key`.
-pub(super) async fn renew(conn: &ConnectionManager, key: &str) -> Result<(), ExchangeError> {
+pub(super) async fn renew(conn: &Conn, key: &str) -> Result<(), ExchangeError> {
     let mut set = redis::cmd("SET");
     set.arg(key).arg(1);
     set.arg("PX").arg(u64::try_from(PRESENCE_TTL.as_millis()).unwrap_or(u64::MAX));
@@ -26,7 +26,7 @@ pub(super) async fn renew(conn: &ConnectionManager, key: &str) -> Result<(), Exc
 #[derive(Debug)]
 pub(super) struct InUse {
     pub(super) stop: CancellationToken,
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: Conn,
     pub(super) presence: String,
 }
 

@@ -3,8 +3,8 @@
 
 use academy_proto::{EntityId, ExchangeError};
 use redis::Value;
-use redis::aio::ConnectionManager;
 
+use super::conn::Conn;
 use super::reply::unavailable;
 
 /// A Lua script, run by its hash (EVALSHA) and loaded again whenever Redis
@@ -111,27 +111,24 @@ fn pipeline(calls: impl IntoIterator<Item = redis::Cmd>) -> redis::Pipeline {
 /// call answers `Value::ServerError`). Calls that found the script missing
 /// had no effect: they are sent again once it is loaded.
 pub(super) async fn run(
-    conn: &ConnectionManager,
+    conn: &Conn,
     lua: &Lua,
     calls: Vec<redis::Cmd>,
 ) -> Result<Vec<Value>, ExchangeError> {
-    let mut conn = conn.clone();
     let pipe = pipeline(calls);
-    let mut answers: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+    let mut answers = conn.pipeline(&pipe).await.map_err(unavailable)?;
     let missing: Vec<usize> = (0..answers.len()).filter(|i| is_noscript(&answers[*i])).collect();
     if !missing.is_empty() {
         let _: String = redis::cmd("SCRIPT")
             .arg("LOAD")
             .arg(lua.body)
-            .query_async(&mut conn)
+            .query_async(&mut conn.clone())
             .await
             .map_err(unavailable)?;
         // Rare: only the calls to send again are copied.
         let retry = pipe.cmd_iter().enumerate().filter(|(i, _)| missing.contains(i));
-        let again: Vec<Value> = pipeline(retry.map(|(_, call)| call.clone()))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let again = pipeline(retry.map(|(_, call)| call.clone()));
+        let again = conn.pipeline(&again).await.map_err(unavailable)?;
         for (i, answer) in missing.into_iter().zip(again) {
             answers[i] = answer;
         }
@@ -141,7 +138,7 @@ pub(super) async fn run(
 
 /// Runs one script call.
 pub(super) async fn run_one(
-    conn: &ConnectionManager,
+    conn: &Conn,
     lua: &Lua,
     call: redis::Cmd,
 ) -> Result<Value, ExchangeError> {

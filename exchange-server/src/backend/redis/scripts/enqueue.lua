@@ -79,8 +79,8 @@ local function enqueue(KEYS, ARGV)
   end
   for k, m in ipairs(boxes) do
     if m.fresh then
-      redis.call('HSET', KEYS[3 * k - 2], 'l', m.last)
-      redis.call('HINCRBY', KEYS[3 * k - 2], 'qb', m.added)
+      -- qb was read above: its new value is written with l, in one call.
+      redis.call('HSET', KEYS[3 * k - 2], 'l', m.last, 'qb', string.format('%d', m.bytes))
       redis.call('HINCRBY', KEYS[3 * n + 1], 'm:' .. m.behaviour, m.count)
       redis.call('HINCRBY', KEYS[3 * n + 1], 'b:' .. m.behaviour, m.added)
     end
