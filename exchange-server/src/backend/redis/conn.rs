@@ -13,7 +13,8 @@
 //!
 //! A lane whose round trip fails, times out or is abandoned part way is
 //! closed, as what it would read next is unknown; and the idle ones with it,
-//! as a Redis that went away took them all. The next caller connects anew.
+//! as a Redis that went away took them all. The next caller connects anew;
+//! a lane idle for a while is checked first, as Redis may have closed it.
 //! Lanes speak RESP2 (what the scripts' answers are read as), and
 //! authenticate and select the database as the URL says.
 
@@ -30,6 +31,10 @@ const LANES: usize = 4;
 
 /// How long lanes are left alone after one could not connect.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// A lane idle this long is checked before use: Redis may have closed it
+/// (its `timeout` setting, a restart).
+const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Bytes read at a time from a lane.
 const READ_AT_LEAST: usize = 16 * 1024;
@@ -123,6 +128,8 @@ struct Lane {
     io: Box<dyn Io>,
     /// Read but not yet parsed: always empty between round trips.
     buf: Vec<u8>,
+    /// When its last round trip ended.
+    idle_since: Instant,
 }
 
 /// A lane taken for one round trip (`None`: to connect first). Dropped
@@ -166,7 +173,7 @@ impl Lanes {
             }
             Target::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
         };
-        let mut lane = Lane { io, buf: Vec::new() };
+        let mut lane = Lane { io, buf: Vec::new(), idle_since: Instant::now() };
         let mut hello = redis::pipe();
         if let Some(password) = settings.password() {
             let auth = hello.cmd("AUTH");
@@ -192,7 +199,8 @@ impl Lanes {
 impl Taken<'_> {
     async fn run(mut self, lanes: &Lanes, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
         let answers = tokio::time::timeout(lanes.timeout, async {
-            let mut lane = match self.lane.take() {
+            let lane = self.lane.take().and_then(|mut lane| lane.is_open().then_some(lane));
+            let mut lane = match lane {
                 Some(lane) => lane,
                 None => lanes.connect().await.inspect_err(|_| {
                     *lanes.broken_at.lock().expect("lanes") = Some(Instant::now());
@@ -204,7 +212,8 @@ impl Taken<'_> {
         .await
         .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()));
         match answers {
-            Ok((lane, answers)) => {
+            Ok((mut lane, answers)) => {
+                lane.idle_since = Instant::now();
                 lanes.idle.lock().expect("lanes").push(lane);
                 self.kept = true;
                 Ok(answers)
@@ -218,6 +227,17 @@ impl Taken<'_> {
 }
 
 impl Lane {
+    /// Whether it can be used: Redis did not close it, nor send what was
+    /// not asked for, while it was idle. Checked (a read that must not find
+    /// anything) only after a while idle, as a busy lane was just fine.
+    fn is_open(&mut self) -> bool {
+        if self.idle_since.elapsed() < CHECK_IDLE_AFTER {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        futures::FutureExt::now_or_never(self.io.read(&mut byte)).is_none()
+    }
+
     /// Writes `pipe` and reads one answer per command.
     async fn round_trip(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
         self.io.write_all(&pipe.get_packed_pipeline()).await?;
@@ -341,6 +361,27 @@ mod tests {
         let answers = conn.pipeline(&pipe(ping)).await.unwrap();
         assert_eq!(answers, [Value::SimpleString("PONG".into())]);
         assert_eq!(idle(&conn), 1);
+    }
+
+    /// Redis closes connections idle longer than its `timeout`: a lane it
+    /// closed is found closed before use, and the call goes through.
+    #[tokio::test]
+    async fn a_lane_redis_closed_while_idle_is_not_used() {
+        let redis = RedisServer::start().expect("redis-server must run for this test");
+        assert_eq!(redis.command(&["CONFIG", "SET", "timeout", "1"]).unwrap(), "+OK");
+        let conn = connect(&redis.url()).await;
+        let ping: [&[&str]; 1] = [&["PING"]];
+        conn.pipeline(&pipe(ping)).await.unwrap();
+        let clients = || redis.command(&["CLIENT", "LIST"]).unwrap().matches("id=").count();
+        let before = clients();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while clients() >= before {
+            assert!(Instant::now() < deadline, "Redis never closed the idle connections");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(idle(&conn), 1, "the lane, closed by Redis, is still idle here");
+        let answers = conn.pipeline(&pipe(ping)).await.unwrap();
+        assert_eq!(answers, [Value::SimpleString("PONG".into())]);
     }
 
     /// A round trip given up part way closes its lane: its answer, when it
