@@ -39,6 +39,10 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Bytes read at a time from a lane.
 const READ_AT_LEAST: usize = 16 * 1024;
 
+/// The most a lane keeps of its read buffer between round trips: one that
+/// read a large answer (a saved state) gives the memory back.
+const KEEP_BUFFER: usize = 1024 * 1024;
+
 #[derive(Clone)]
 pub(super) struct Conn {
     manager: ConnectionManager,
@@ -265,6 +269,9 @@ impl Lane {
             return Err(RedisError::from((ErrorKind::Parse, "more read than was asked for")));
         }
         self.buf.clear();
+        if self.buf.capacity() > KEEP_BUFFER {
+            self.buf = Vec::new();
+        }
         Ok(answers)
     }
 }
@@ -319,6 +326,21 @@ mod tests {
 
     fn idle(conn: &Conn) -> usize {
         conn.lanes.idle.lock().unwrap().len()
+    }
+
+    /// An answer of many reads is read whole, and the buffer it took is
+    /// not kept.
+    #[tokio::test]
+    async fn a_large_answer_is_read_whole_and_its_buffer_given_back() {
+        let redis = RedisServer::start().expect("redis-server must run for this test");
+        let conn = connect(&redis.url()).await;
+        let big = "x".repeat(3 << 20);
+        let commands: [&[&str]; 3] = [&["SET", "big", &big], &["GET", "big"], &["ECHO", "after"]];
+        let answers = conn.pipeline(&pipe(commands)).await.unwrap();
+        assert_eq!(answers[1], Value::BulkString(big.into_bytes()));
+        assert_eq!(answers[2], Value::BulkString(b"after".to_vec()));
+        let lanes = conn.lanes.idle.lock().unwrap();
+        assert!(lanes.len() == 1 && lanes[0].buf.capacity() <= KEEP_BUFFER);
     }
 
     /// As the URL says: a user and password, a database other than 0.
