@@ -284,19 +284,16 @@ fn reply_end(buf: &[u8], at: usize) -> Option<usize> {
     let (mut pos, mut pending) = (at, 1u64);
     while pending > 0 {
         let line = pos + buf.get(pos..)?.windows(2).position(|w| w == b"\r\n")?;
-        let kind = buf[pos];
-        let length =
-            std::str::from_utf8(&buf[pos + 1..line]).ok().and_then(|n| n.parse::<i64>().ok());
+        let (kind, digits) = buf[pos..line].split_first().unwrap_or((&b'?', &[]));
+        let length = std::str::from_utf8(digits).ok().and_then(|n| n.parse::<u64>().ok());
         pos = line + 2;
         pending -= 1;
         match (kind, length) {
-            (b'$', Some(n)) if n >= 0 => {
-                pos += n as usize + 2;
-                if pos > buf.len() {
-                    return None;
-                }
+            (b'$', Some(n)) => {
+                let end = usize::try_from(n).ok().and_then(|n| pos.checked_add(n)?.checked_add(2));
+                pos = end.filter(|end| *end <= buf.len())?;
             }
-            (b'*', Some(n)) if n > 0 => pending += n as u64,
+            (b'*', Some(n)) => pending = pending.saturating_add(n),
             _ => {}
         }
     }
@@ -460,6 +457,11 @@ mod tests {
         assert_eq!(reply_end(b"*-1\r\n", 0), Some(5));
         // Not RESP2: ends at its line, for the parser to refuse.
         assert_eq!(reply_end(b"?what\r\nmore", 0), Some(7));
+        assert_eq!(reply_end(b"\r\nmore", 0), Some(2));
+        // Lengths past what could ever arrive wait for more (bounded by the
+        // round trip's timeout), without overflowing.
+        assert_eq!(reply_end(b"$18446744073709551615\r\nab", 0), None);
+        assert_eq!(reply_end(b"*18446744073709551615\r\n*18446744073709551615\r\n", 0), None);
     }
 
     #[test]
