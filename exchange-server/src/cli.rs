@@ -87,7 +87,8 @@ pub(crate) struct Config {
     #[arg(long, env = "ACADEMY_EXCHANGE_MAX_BLOB_STORE_BYTES", default_value_t = Limits::default().max_blob_store_bytes)]
     pub(crate) max_blob_store_bytes: u64,
     /// With the memory backend: keep blobs in files under this directory
-    /// (unlinked as soon as made) rather than in memory.
+    /// (unlinked as soon as made) rather than in memory; one is made there
+    /// at start, so a directory that cannot hold them is refused then.
     #[arg(long, env = "ACADEMY_EXCHANGE_BLOB_DIR")]
     pub(crate) blob_dir: Option<PathBuf>,
     /// Seconds a blob is kept at most, unless freed before.

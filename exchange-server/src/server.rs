@@ -121,7 +121,13 @@ impl RunningExchange {
     /// ```
     pub async fn start(options: ExchangeOptions) -> std::io::Result<Self> {
         let exchange = match &options.store {
-            MailboxStore::Memory => Exchange::in_memory(options.limits, options.blob_dir.clone()),
+            MailboxStore::Memory => {
+                // Found now rather than at the first blob.
+                if let Some(dir) = &options.blob_dir {
+                    crate::backend::memory::check_blob_dir(dir)?;
+                }
+                Exchange::in_memory(options.limits, options.blob_dir.clone())
+            }
             #[cfg(feature = "redis")]
             MailboxStore::Redis(redis) => Exchange::redis(redis.clone(), options.limits)
                 .await

@@ -54,6 +54,10 @@ fn bad_configuration_is_refused_with_a_clear_message() {
         (&["--max-message-bytes", "4194304"][..], "must fit in a delivery"),
         (&["--max-queued", "0"][..], "must be positive"),
         (&["--backend", "redis", "--blob-dir", "/tmp"][..], "--blob-dir is for the memory backend"),
+        (
+            &["--listen", "127.0.0.1:0", "--blob-dir", "/nonexistent/blobs"][..],
+            "blob directory /nonexistent/blobs: cannot keep blobs there",
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_academy-exchange")).args(args).output().unwrap();
         assert!(!out.status.success());

@@ -72,7 +72,16 @@ impl Blobs {
         let expires = now + ttl;
         let chunks = match &self.dir {
             None => Chunks::Memory(Vec::new()),
-            Some(dir) => Chunks::File { file: Arc::new(unlinked(&dir.join(key))?), written: 0 },
+            Some(dir) => {
+                let path = dir.join(key);
+                let file = unlinked(&path).map_err(|e| {
+                    ExchangeError::Unavailable(format!(
+                        "cannot keep a blob in {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Chunks::File { file: Arc::new(file), written: 0 }
+            }
         };
         let blob = Blob { owner: *owner, size, chunks, sha256: None, expires };
         if let Some(old) = self.blobs.insert(key.to_owned(), blob) {
@@ -193,17 +202,26 @@ impl Blobs {
     }
 }
 
+/// Whether blobs can be kept under `dir`: a file made there (and unlinked)
+/// as a blob's would be.
+pub(crate) fn check_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = format!(".academy-probe-{}", std::process::id());
+    unlinked(&dir.join(probe)).map(drop).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("blob directory {}: cannot keep blobs there ({e})", dir.display()),
+        )
+    })
+}
+
 /// A new file at `path`, unlinked at once.
-fn unlinked(path: &std::path::Path) -> Result<std::fs::File, ExchangeError> {
-    let file = std::fs::OpenOptions::new()
+fn unlinked(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(path)
-        .and_then(|file| std::fs::remove_file(path).map(|()| file));
-    file.map_err(|e| {
-        ExchangeError::Unavailable(format!("cannot keep a blob in {}: {e}", path.display()))
-    })
+        .and_then(|file| std::fs::remove_file(path).map(|()| file))
 }
 
 /// Writes `data` at its place, off the async threads.

@@ -3,6 +3,8 @@
 mod blobs;
 mod gravestones;
 
+pub(crate) use blobs::check_dir as check_blob_dir;
+
 use academy_proto::sync::{lock, read, write};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
