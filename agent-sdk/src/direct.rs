@@ -592,6 +592,10 @@ mod serve {
             return Err(refusal(tonic::Code::PermissionDenied, "NOT_OWNER", why));
         }
         let dest = message.header.as_ref().map(|h| h.dest.clone()).unwrap_or_default();
+        // The sender settled what was refused: its order is safe again.
+        if request.resume {
+            refused.remove(&dest);
+        }
         if refused.contains(&dest) {
             return Err(not_hosted(&dest));
         }
@@ -956,6 +960,9 @@ struct PeerState {
     held: BTreeMap<u64, Held>,
     /// How many of them are to resend.
     refused: usize,
+    /// Destinations it refused a request for, whose next request here
+    /// says `resume`: sent only once everything to them is answered.
+    refusers: HashSet<EntityId>,
     broken: bool,
 }
 
@@ -1027,8 +1034,12 @@ impl Peer {
         }
         state.next += 1;
         let seq = state.next;
-        let request = pb::DeliverRequest { seq, message: Some(wire) };
+        // Pushed again to a destination that refused here: the route chose
+        // this peer only once nothing sent to it was unanswered.
+        let resume = !state.refusers.is_empty() && state.refusers.remove(&dest);
+        let request = pb::DeliverRequest { seq, message: Some(wire), resume };
         if self.requests.send(request).is_err() {
+            state.refusers.extend(resume.then_some(dest));
             return Err(Box::new(original));
         }
         state.held.insert(seq, Held { dest, message: original, refused: false });
@@ -1084,8 +1095,10 @@ async fn read(
                 let dest = {
                     let mut state = lock(&peer.state);
                     let Some(dest) = state.held.get(&seq).map(|h| h.dest) else { continue };
-                    // Every later request for it is refused too.
+                    // Every later request for it is refused too, until one
+                    // says `resume`.
                     state.refuse(|h| h.dest == dest, seq);
+                    state.refusers.insert(dest);
                     dest
                 };
                 tracing::debug!(%dest, reason = why.reason, "peer refused a request; resending it through the exchange");

@@ -277,6 +277,7 @@ async fn a_peer_endpoint_keeps_blobs_only_for_the_exchanges_own() {
     let mut deliver = tonic::Request::new(futures::stream::iter([pb::DeliverRequest {
         seq: 1,
         message: Some(request(1)),
+        resume: false,
     }]));
     deliver.metadata_mut().insert("academy-ticket", ticket.parse().unwrap());
     let mut answers = rpc.deliver(deliver).await.unwrap().into_inner();
@@ -305,7 +306,7 @@ async fn a_peer_endpoint_keeps_blobs_only_for_the_exchanges_own() {
             data: args.into(),
             ..Default::default()
         });
-        pb::DeliverRequest { seq: 1, message: Some(message) }
+        pb::DeliverRequest { seq: 1, message: Some(message), resume: false }
     };
     let mut kept = None;
     for (header, store) in [(false, "exchange"), (true, "peer")] {

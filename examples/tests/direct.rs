@@ -166,6 +166,7 @@ async fn a_peer_endpoint_takes_only_what_the_exchange_vouches_for() {
         peer_service_client::PeerServiceClient::connect(endpoint.url().to_owned()).await.unwrap();
     let request = |src: &str, dest: &str| pb::DeliverRequest {
         seq: 1,
+        resume: false,
         message: Some(pb::Message {
             header: Some(pb::Header {
                 src: src.to_owned(),
@@ -263,6 +264,7 @@ async fn a_peer_endpoint_bounds_what_an_agent_holds() {
     let (ticket, _) = grpc.issue_ticket(&client).await.unwrap();
     let requests = (1..=10_001u64).map(move |seq| pb::DeliverRequest {
         seq,
+        resume: false,
         message: Some(pb::Message {
             header: Some(pb::Header {
                 src: client.to_string(),
@@ -290,4 +292,85 @@ async fn a_peer_endpoint_bounds_what_an_agent_holds() {
         Outcome::Answer(answer) => panic!("answered: {answer:?}"),
     }
     manager.close().await.unwrap();
+}
+
+/// An agent whose calls wait until its gate opens (closes: every wait ends).
+#[derive(Debug)]
+struct Gate {
+    open: std::sync::Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[academy_sdk::behaviour(name = "test.Gate")]
+impl Gate {
+    #[action]
+    async fn pass(&self) {
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.open.acquire().await;
+    }
+}
+
+/// A burst past what an agent may hold of direct requests is refused at its
+/// endpoint and goes through the exchange (after the requests before it are
+/// answered: per-sender order); once all of it is answered, the sender's
+/// calls go directly again on the same stream (they say `resume`), rather
+/// than through the exchange from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_refused_at_the_endpoint_calls_go_directly_again() {
+    let options = ExchangeOptions {
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    };
+    let exchange = RunningExchange::start(options).await.unwrap();
+    let grpc =
+        || async { std::sync::Arc::new(GrpcExchange::connect(exchange.url()).await.unwrap()) };
+    let host = Manager::with_direct(grpc().await, Endpoint::serve("127.0.0.1:0").await.unwrap())
+        .await
+        .unwrap();
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let waiting = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gate = host.launch(Gate { open: open.clone(), waiting: waiting.clone() }).await.unwrap();
+    let sender = Manager::with_direct(grpc().await, Endpoint::serve("127.0.0.1:0").await.unwrap())
+        .await
+        .unwrap();
+    until("the endpoint is advertised", async || {
+        !sender.exchange().status(&gate.id()).await.unwrap().endpoint.is_empty()
+    })
+    .await;
+    let handle = sender.handle::<Gate>(gate.id()).with_timeout(Duration::from_secs(60));
+
+    // The agent takes 10,000 directly (and they wait); the 100 past them
+    // are refused, and go through the exchange once those are answered.
+    let before = accepted(&exchange);
+    let burst = {
+        let handle = handle.clone();
+        tokio::spawn(
+            async move { futures::future::join_all((0..10_100).map(|_| handle.pass())).await },
+        )
+    };
+    until("the agent holds 10,000", async || {
+        waiting.load(std::sync::atomic::Ordering::Relaxed) >= 10_000
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    open.close();
+    for answer in burst.await.unwrap() {
+        answer.unwrap();
+    }
+    let refused = accepted(&exchange) - before;
+    assert!(refused >= 100.0, "only {refused} calls went through the exchange");
+
+    // Once its endpoint is looked up again, the next calls go directly.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = accepted(&exchange);
+    for _ in 0..100 {
+        handle.pass().await.unwrap();
+    }
+    let through_exchange = accepted(&exchange) - before;
+    assert!(
+        through_exchange <= 2.0,
+        "{through_exchange} messages of 100 calls went through the exchange"
+    );
+    sender.close().await.unwrap();
+    host.close().await.unwrap();
 }

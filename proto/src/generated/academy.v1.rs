@@ -4081,6 +4081,11 @@ pub struct DeliverRequest {
     /// An action request (`header.dest` an agent this endpoint hosts).
     #[prost(message, optional, tag = "2")]
     pub message: ::core::option::Option<Message>,
+    /// Its agent's requests refused earlier on the stream are all settled
+    /// (answered through the exchange): take this one, and those after it,
+    /// as if none had been refused (they may be refused again).
+    #[prost(bool, tag = "3")]
+    pub resume: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct DeliverResponse {
@@ -4245,7 +4250,7 @@ pub mod peer_service_client {
         /// take, or that its agent stopped before running, is answered `refused`
         /// (send it through the exchange). Once a request for an agent is refused,
         /// every later one for it on the stream is refused too, so that a sender
-        /// can resend them in order.
+        /// can resend them in order; until one comes with `resume`.
         /// The stream must present a ticket from the exchange (metadata
         /// `academy-ticket`, from IssueTicket): its requests must come from the
         /// mailbox the ticket names (`header.src`), and it ends (UNAUTHENTICATED)
@@ -4388,7 +4393,7 @@ pub mod peer_service_server {
         /// take, or that its agent stopped before running, is answered `refused`
         /// (send it through the exchange). Once a request for an agent is refused,
         /// every later one for it on the stream is refused too, so that a sender
-        /// can resend them in order.
+        /// can resend them in order; until one comes with `resume`.
         /// The stream must present a ticket from the exchange (metadata
         /// `academy-ticket`, from IssueTicket): its requests must come from the
         /// mailbox the ticket names (`header.src`), and it ends (UNAUTHENTICATED)
