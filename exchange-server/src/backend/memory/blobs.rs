@@ -204,6 +204,7 @@ impl Blobs {
 
 /// Whether blobs can be kept under `dir`: a file made there (and unlinked)
 /// as a blob's would be.
+#[cfg(feature = "server")]
 pub(crate) fn check_dir(dir: &std::path::Path) -> std::io::Result<()> {
     let probe = format!(".academy-probe-{}", std::process::id());
     unlinked(&dir.join(probe)).map(drop).map_err(|e| {

@@ -3,6 +3,7 @@
 mod blobs;
 mod gravestones;
 
+#[cfg(feature = "server")]
 pub(crate) use blobs::check_dir as check_blob_dir;
 
 use academy_proto::sync::{lock, read, write};
