@@ -223,7 +223,10 @@ impl Taken<'_> {
                 Ok(answers)
             }
             Err(e) => {
-                lanes.idle.lock().expect("lanes").clear();
+                // The idle ones go too, as Redis is likely gone for them
+                // all; they no longer count as open.
+                let closed = std::mem::take(&mut *lanes.idle.lock().expect("lanes")).len();
+                lanes.open.fetch_sub(closed, Ordering::Relaxed);
                 Err(e)
             }
         }
@@ -365,18 +368,23 @@ mod tests {
     }
 
     /// A lane whose connection Redis closed fails its round trip (whether
-    /// the command ran is unknown, so it is not sent again), and the next
-    /// call connects anew.
+    /// the command ran is unknown, so it is not sent again), the idle ones
+    /// are closed with it, and the next call connects anew.
     #[tokio::test]
     async fn a_closed_lane_fails_once_and_the_next_call_connects_anew() {
         let redis = RedisServer::start().expect("redis-server must run for this test");
         let conn = connect(&redis.url()).await;
         let ping: [&[&str]; 1] = [&["PING"]];
-        conn.pipeline(&pipe(ping)).await.unwrap();
+        // Two lanes open, both idle.
+        let (first, second) = (conn.lanes.take().unwrap(), conn.lanes.take().unwrap());
+        first.run(&conn.lanes, &pipe(ping)).await.unwrap();
+        second.run(&conn.lanes, &pipe(ping)).await.unwrap();
+        assert_eq!((conn.lanes.open.load(Ordering::Relaxed), idle(&conn)), (2, 2));
         let killed = redis.command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]);
         assert_ne!(killed.unwrap(), ":0");
+        // One fails, and the other is closed with it: none counts as open.
         assert!(conn.pipeline(&pipe(ping)).await.is_err());
-        assert_eq!(conn.lanes.open.load(Ordering::Relaxed), 0);
+        assert_eq!((conn.lanes.open.load(Ordering::Relaxed), idle(&conn)), (0, 0));
         let answers = conn.pipeline(&pipe(ping)).await.unwrap();
         assert_eq!(answers, [Value::SimpleString("PONG".into())]);
         assert_eq!(idle(&conn), 1);
