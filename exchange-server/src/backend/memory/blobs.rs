@@ -203,10 +203,11 @@ impl Blobs {
 }
 
 /// Whether blobs can be kept under `dir`: a file made there (and unlinked)
-/// as a blob's would be.
+/// as a blob's would be. Its name is fresh each time: replicas sharing the
+/// directory may all be process 1 of their containers.
 #[cfg(feature = "server")]
 pub(crate) fn check_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    let probe = format!(".academy-probe-{}", std::process::id());
+    let probe = format!(".academy-probe-{}", uuid::Uuid::new_v4().simple());
     unlinked(&dir.join(probe)).map(drop).map_err(|e| {
         std::io::Error::new(
             e.kind(),
