@@ -12,7 +12,7 @@ use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_proto::pb::{self, launcher_service_client::LauncherServiceClient};
 use academy_sdk::exchange::GrpcExchange;
 use academy_sdk::{Endpoint, HandleError, MailboxPolicy, Manager};
-use common::{Killed, accepted, launch_running, until, until_workers};
+use common::{Killed, accepted, counted, launch_running, until, until_workers};
 
 fn worker(launcher: &str, name: &str) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_worker"))
@@ -30,11 +30,7 @@ fn worker(launcher: &str, name: &str) -> Killed {
 /// the agent's next incarnation — and none out of order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_go_directly_and_survive_a_sigkill_of_the_receiver() {
-    let options = ExchangeOptions {
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..Default::default()
-    };
-    let exchange = RunningExchange::start(options).await.unwrap();
+    let exchange = RunningExchange::start(counted()).await.unwrap();
     let launcher = common::launcher_on(exchange.url()).await;
     let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
     let w1 = worker(&launcher.url(), "w1");
@@ -142,11 +138,7 @@ async fn a_peer_endpoint_takes_only_what_the_exchange_vouches_for() {
     const BOB: &str = "bob-token-0123456789";
     let tokens =
         academy_server::auth::Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
-    let options = ExchangeOptions {
-        tokens: Some(tokens),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..Default::default()
-    };
+    let options = ExchangeOptions { tokens: Some(tokens), ..counted() };
     let exchange = RunningExchange::start(options).await.unwrap();
     let connect = async |token: &str| {
         let credentials = Credentials::bearer(token).unwrap();
@@ -317,11 +309,7 @@ impl Gate {
 /// than through the exchange from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_burst_refused_at_the_endpoint_calls_go_directly_again() {
-    let options = ExchangeOptions {
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..Default::default()
-    };
-    let exchange = RunningExchange::start(options).await.unwrap();
+    let exchange = RunningExchange::start(counted()).await.unwrap();
     let grpc =
         || async { std::sync::Arc::new(GrpcExchange::connect(exchange.url()).await.unwrap()) };
     let host = Manager::with_direct(grpc().await, Endpoint::serve("127.0.0.1:0").await.unwrap())

@@ -205,8 +205,7 @@ async fn a_sender_cut_off_from_a_peer_falls_back_losing_nothing() {
     let host = Host::new();
     let exchange = RunningExchange::start(ExchangeOptions {
         listen: format!("{}:0", host.here(3)).parse().unwrap(),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        ..Default::default()
+        ..common::counted()
     })
     .await
     .unwrap();

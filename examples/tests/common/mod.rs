@@ -72,7 +72,16 @@ pub(crate) async fn until<F: AsyncFnMut() -> bool>(what: &str, mut ready: F) {
     }
 }
 
-/// Messages `exchange` (started with a metrics address) has queued so far.
+/// Options of an in-memory exchange whose messages [`accepted`] counts (it
+/// serves metrics on a loopback port).
+pub(crate) fn counted() -> academy_exchange::ExchangeOptions {
+    academy_exchange::ExchangeOptions {
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..Default::default()
+    }
+}
+
+/// Messages `exchange` (started with [`counted`] options) has queued so far.
 pub(crate) fn accepted(exchange: &RunningExchange) -> f64 {
     use academy_server::testing::{sample, scrape};
     let (_, body) = scrape(exchange.metrics_addr().unwrap()).unwrap();
