@@ -194,7 +194,9 @@ impl Stores {
                     .kept()
                     .remove(&blob.key)
                     .ok_or(ClientError::Exchange(ExchangeError::BlobNotFound(blob.key)))?,
-                _ if remote && !blob.endpoint.is_empty() => peer::read(&blob).await?,
+                _ if remote && !blob.endpoint.is_empty() => {
+                    peer::read(&blob, &self.exchange.peer_credentials()).await?
+                }
                 _ => {
                     return Err(ClientError::Exchange(ExchangeError::InvalidArgument(format!(
                         "blob {} is kept at a peer endpoint that did not send it here",
@@ -224,7 +226,7 @@ impl Stores {
             }
             PEER_STORE => match &self.keeper {
                 Some(k) if k.keeps(blob) => drop(k.kept().remove(&key)),
-                _ => peer::delete(blob.clone()),
+                _ => peer::delete(blob.clone(), &self.exchange.peer_credentials()),
             },
             _ => {
                 let exchange = self.exchange.clone();

@@ -86,6 +86,12 @@ impl Credentials {
         self
     }
 
+    /// These credentials without the token: what peer endpoints are shown,
+    /// which check tickets instead (a token is for the exchange alone).
+    pub(crate) fn for_peers(&self) -> Self {
+        Self { authorization: None, ..self.clone() }
+    }
+
     /// From the environment: the token in `ACADEMY_TOKEN`, and the PEM files
     /// named by `ACADEMY_TLS_CA`, `ACADEMY_TLS_CERT` and `ACADEMY_TLS_KEY`;
     /// each unset or empty variable adds nothing.

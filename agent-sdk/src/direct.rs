@@ -195,6 +195,48 @@ struct Inbox {
     waiting: Arc<Waiting>,
 }
 
+/// What a peer endpoint serves TLS with ([`Endpoint::serve_tls`]): its
+/// certificate and key, and for mutual TLS the CA whose certificates its
+/// senders must show. All PEM.
+#[cfg(all(feature = "direct", feature = "tls"))]
+#[derive(Clone)]
+pub struct EndpointTls {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+#[cfg(all(feature = "direct", feature = "tls"))]
+impl std::fmt::Debug for EndpointTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("EndpointTls").field("mutual", &self.client_ca.is_some()).finish()
+    }
+}
+
+#[cfg(all(feature = "direct", feature = "tls"))]
+impl EndpointTls {
+    /// Serving this certificate (with the names senders reach it by) and key.
+    pub fn new(cert_pem: &[u8], key_pem: &[u8]) -> Self {
+        Self { cert: cert_pem.to_vec(), key: key_pem.to_vec(), client_ca: None }
+    }
+
+    /// Requiring senders to show a certificate `ca_pem` signed (mutual TLS).
+    pub fn with_client_ca(mut self, ca_pem: &[u8]) -> Self {
+        self.client_ca = Some(ca_pem.to_vec());
+        self
+    }
+
+    fn config(&self) -> tonic::transport::ServerTlsConfig {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let config = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key));
+        match &self.client_ca {
+            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
+            None => config,
+        }
+    }
+}
+
 /// A peer endpoint this process serves: the agents it hosts (those whose
 /// [`AgentConfig::direct`](crate::AgentConfig::direct) names it) take action
 /// requests there directly. Cheap to clone; it stops serving when the last
@@ -304,8 +346,41 @@ mod serve {
         /// can reach: it takes requests for its agents from anyone who
         /// reaches it (docs/design.md, "Direct delivery").
         pub async fn serve(address: &str) -> std::io::Result<Self> {
+            Self::serve_with(address, tonic::transport::Server::builder(), "http").await
+        }
+
+        /// Serves a peer endpoint over TLS on `address` ("host:port"), at
+        /// `https://host:port`: senders must trust its certificate (the CA
+        /// their exchange's [`Credentials`](crate::Credentials) trust) and,
+        /// when `tls` names a client CA, show a certificate it signed (the
+        /// one they show their exchange). Fails on a Unix socket (its
+        /// peers are on this node) and on a certificate or key that is not
+        /// valid PEM or does not match.
+        #[cfg(feature = "tls")]
+        pub async fn serve_tls(address: &str, tls: &EndpointTls) -> std::io::Result<Self> {
+            let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+            if address.starts_with("unix:") {
+                return Err(invalid(format!(
+                    "peer endpoint {}: TLS is for TCP endpoints; a Unix socket's peers are on its node",
+                    academy_proto::excerpt(address)
+                )));
+            }
+            let server =
+                tonic::transport::Server::builder().tls_config(tls.config()).map_err(|e| {
+                    invalid(format!("peer endpoint TLS: {}", crate::error::describe(&e)))
+                })?;
+            Self::serve_with(address, server, "https").await
+        }
+
+        /// Serves on `address` with `server` (TLS set or not), at a URL of
+        /// `scheme`.
+        async fn serve_with(
+            address: &str,
+            server: tonic::transport::Server,
+            scheme: &str,
+        ) -> std::io::Result<Self> {
             let stop = tokio_util::sync::CancellationToken::new();
-            let (url, incoming) = listen(address).await?;
+            let (url, incoming) = listen(address, scheme).await?;
             let inner = Arc::new(Hosting {
                 url,
                 agents: Mutex::default(),
@@ -315,7 +390,7 @@ mod serve {
                 stop: stop.clone(),
             });
             let service = PeerGrpc { hosting: Arc::downgrade(&inner) };
-            let server = tonic::transport::Server::builder()
+            let server = server
                 .tcp_nodelay(true)
                 .initial_stream_window_size(academy_proto::transport::STREAM_WINDOW_BYTES)
                 .initial_connection_window_size(academy_proto::transport::CONNECTION_WINDOW_BYTES)
@@ -357,7 +432,7 @@ mod serve {
         Unix(tokio::net::UnixListener, std::path::PathBuf),
     }
 
-    async fn listen(address: &str) -> std::io::Result<(String, Incoming)> {
+    async fn listen(address: &str, scheme: &str) -> std::io::Result<(String, Incoming)> {
         if let Some(path) = address.strip_prefix("unix:") {
             // A socket file left by a dead process is taken over.
             if std::os::unix::net::UnixStream::connect(path).is_err() {
@@ -367,7 +442,7 @@ mod serve {
             return Ok((format!("unix:{path}"), Incoming::Unix(listener, path.into())));
         }
         let listener = tokio::net::TcpListener::bind(address).await?;
-        let url = format!("http://{}", listener.local_addr()?);
+        let url = format!("{scheme}://{}", listener.local_addr()?);
         Ok((url, Incoming::Tcp(listener)))
     }
 
@@ -780,7 +855,10 @@ impl Direct {
             Some(args) if !self.stores.has_dir() => args.data.clone(),
             _ => return self.stores.offload_request(wire).await,
         };
-        let put = async { crate::blob::put_at_peer(&peer.url, &self.ticket().await?, data).await };
+        let put = async {
+            let credentials = self.exchange.peer_credentials();
+            crate::blob::put_at_peer(&peer.url, &credentials, &self.ticket().await?, data).await
+        };
         match put.await {
             Ok(blob) => {
                 if let Some(args) = args_of(&mut wire) {
@@ -853,7 +931,8 @@ impl Direct {
                 return None;
             }
         };
-        let opened = Peer::open(url, &ticket, Arc::downgrade(self));
+        let credentials = self.exchange.peer_credentials();
+        let opened = Peer::open(url, &credentials, &ticket, Arc::downgrade(self));
         let opened = tokio::time::timeout(PEER_TIMEOUT * 2, opened);
         let why = match opened.await {
             Ok(Ok(peer)) => {
@@ -988,8 +1067,13 @@ struct Held {
 }
 
 impl Peer {
-    async fn open(url: &str, ticket: &str, direct: Weak<Direct>) -> Result<Arc<Self>, ClientError> {
-        let endpoint = crate::credentials::Credentials::none().endpoint(url)?;
+    async fn open(
+        url: &str,
+        credentials: &crate::Credentials,
+        ticket: &str,
+        direct: Weak<Direct>,
+    ) -> Result<Arc<Self>, ClientError> {
+        let endpoint = credentials.endpoint(url)?;
         let endpoint = crate::exchange::tuned(endpoint, PEER_TIMEOUT, PEER_TIMEOUT)
             .keep_alive_timeout(PEER_TIMEOUT);
         let channel = crate::credentials::open(endpoint, url).await?;

@@ -155,6 +155,12 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
         until: Duration,
         factor: Option<f64>,
     ) -> Result<ClockStatus, ClientError>;
+    /// What to show peer endpoints served over TLS (`https://`): the CA
+    /// this exchange is trusted by and the client certificate shown to it,
+    /// never its token (docs/design.md, "Direct delivery"). None by default.
+    fn peer_credentials(&self) -> Credentials {
+        Credentials::none()
+    }
 }
 
 /// Uses an exchange in this process: no server, no sockets.
@@ -293,6 +299,7 @@ pub struct GrpcExchange {
     clock: ClockClient<Authorized>,
     blobs: BlobClient<Authorized>,
     sessions: Arc<Sessions>,
+    peers: Credentials,
 }
 
 impl fmt::Debug for GrpcExchange {
@@ -335,7 +342,7 @@ impl GrpcExchange {
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         let sessions = Arc::new(Sessions::new(rpc.clone()));
-        Self { rpc, clock, blobs, sessions }
+        Self { rpc, clock, blobs, sessions, peers: credentials.for_peers() }
     }
 
     fn rpc(&self) -> RpcClient<Authorized> {
@@ -580,6 +587,9 @@ impl ExchangeApi for GrpcExchange {
         let request = pb::AdvanceRequest { target, factor: factor.unwrap_or_default() };
         let done = self.clock.clone().advance(request).await?.into_inner();
         Ok(done.clock.unwrap_or_default().into())
+    }
+    fn peer_credentials(&self) -> Credentials {
+        self.peers.clone()
     }
 }
 

@@ -28,6 +28,8 @@ pub use behaviour::{ActionError, Behaviour, ControlLoop, Durable, Shutdown};
 pub use context::{AgentContext, current_agent, current_caller};
 pub use credentials::Credentials;
 pub use direct::Endpoint;
+#[cfg(all(feature = "direct", feature = "tls"))]
+pub use direct::EndpointTls;
 pub use error::{AgentError, ClientError, HandleError, ManagerError};
 pub use handle::{Handle, MailboxPolicy, RawHandle};
 pub use manager::{LaunchOptions, Manager};

@@ -362,3 +362,81 @@ async fn after_a_burst_refused_at_the_endpoint_calls_go_directly_again() {
     sender.close().await.unwrap();
     host.close().await.unwrap();
 }
+
+/// A peer endpoint served over TLS: senders that trust its CA (the one they
+/// trust their exchange by) call its agents directly, large arguments and
+/// results included; a sender that does not trust it, or that shows no
+/// client certificate to one requiring mutual TLS, cannot reach it and
+/// calls through the exchange instead, and every call is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_endpoint_over_tls_is_reached_only_by_senders_it_trusts() {
+    use academy_examples::behaviours::Cleaner;
+    use academy_sdk::{Credentials, EndpointTls};
+    use academy_server::testing::TestPki;
+    let pki = TestPki::new("peer CA");
+    let exchange = RunningExchange::start(counted()).await.unwrap();
+    let trusting = Credentials::none().with_tls_ca(pki.ca().as_bytes());
+    let stranger = Credentials::none();
+    let certified = trusting
+        .clone()
+        .with_client_certificate(pki.client.cert.as_bytes(), pki.client.key.as_bytes());
+    let manager = async |credentials: &Credentials| {
+        let grpc = GrpcExchange::connect_with(exchange.url(), credentials).await.unwrap();
+        let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
+        Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await.unwrap()
+    };
+    let tls = EndpointTls::new(pki.server.cert.as_bytes(), pki.server.key.as_bytes());
+    // Messages through the exchange while `sender` makes 20 calls to `agent`.
+    let routed = async |sender: &Manager, agent| {
+        let ledger = sender.handle::<Ledger>(agent).with_timeout(Duration::from_secs(30));
+        let before = accepted(&exchange);
+        for n in 0..20 {
+            ledger.append(n).await.unwrap();
+        }
+        accepted(&exchange) - before
+    };
+
+    for mutual in [false, true] {
+        let tls =
+            if mutual { tls.clone().with_client_ca(pki.ca().as_bytes()) } else { tls.clone() };
+        let endpoint = Endpoint::serve_tls("127.0.0.1:0", &tls).await.unwrap();
+        assert!(endpoint.url().starts_with("https://127.0.0.1:"), "{}", endpoint.url());
+        let grpc = GrpcExchange::connect(exchange.url()).await.unwrap();
+        let host = Manager::with_direct(std::sync::Arc::new(grpc), endpoint.clone()).await.unwrap();
+        let agent = host.launch(Ledger::default()).await.unwrap().id();
+        until("the endpoint is advertised", async || {
+            host.exchange().status(&agent).await.unwrap().endpoint == endpoint.url()
+        })
+        .await;
+
+        // Trusted (and, for mutual TLS, certified): directly (the first call
+        // may go through the exchange while the endpoint is looked up).
+        let good = manager(if mutual { &certified } else { &trusting }).await;
+        let through = routed(&good, agent).await;
+        assert!(through <= 2.0, "mutual {mutual}: {through} messages through the exchange");
+        // A large argument and result go peer to peer too.
+        let cleaner = host.launch(Cleaner::default()).await.unwrap().id();
+        let text = "A".repeat(5 << 20);
+        let before = accepted(&exchange);
+        let cleaned = good.handle::<Cleaner>(cleaner).clean(text).await.unwrap();
+        assert_eq!(cleaned, "a".repeat(5 << 20));
+        let cleaned = good.handle::<Cleaner>(cleaner).clean("B".repeat(5 << 20)).await.unwrap();
+        assert_eq!(cleaned.len(), 5 << 20);
+        assert!(accepted(&exchange) - before <= 2.0, "mutual {mutual}: large calls routed");
+
+        // Not trusted, or no client certificate: through the exchange.
+        let bad = manager(if mutual { &trusting } else { &stranger }).await;
+        let through = routed(&bad, agent).await;
+        assert!(through >= 40.0, "mutual {mutual}: only {through} messages through the exchange");
+        for m in [good, bad, host] {
+            m.close().await.unwrap();
+        }
+    }
+
+    // TLS is for TCP endpoints; a certificate that is not PEM is refused.
+    let err = Endpoint::serve_tls("unix:/tmp/academy-peer-tls.sock", &tls).await.unwrap_err();
+    assert!(err.to_string().contains("TLS is for TCP endpoints"), "{err}");
+    let garbage = EndpointTls::new(b"not a certificate", b"not a key");
+    let err = Endpoint::serve_tls("127.0.0.1:0", &garbage).await.unwrap_err();
+    assert!(err.to_string().contains("TLS"), "{err}");
+}

@@ -21,7 +21,7 @@ use academy_proto::{ExchangeError, excerpt};
 use bytes::{Bytes, BytesMut};
 use tonic::transport::Channel;
 
-use crate::ClientError;
+use crate::{ClientError, Credentials};
 
 /// How long a peer blob is kept at most.
 pub const PEER_TTL: Duration = Duration::from_secs(3600);
@@ -128,7 +128,7 @@ static CLIENTS: Mutex<Option<HashMap<String, PeerServiceClient<Channel>>>> = Mut
 /// Endpoints whose connections are kept before all are dropped.
 const CLIENTS_KEPT: usize = 256;
 
-fn client(url: &str) -> Result<PeerServiceClient<Channel>, ClientError> {
+fn client(url: &str, credentials: &Credentials) -> Result<PeerServiceClient<Channel>, ClientError> {
     let mut clients = lock(&CLIENTS);
     let clients = clients.get_or_insert_with(HashMap::new);
     if let Some(client) = clients.get(url) {
@@ -137,7 +137,7 @@ fn client(url: &str) -> Result<PeerServiceClient<Channel>, ClientError> {
     if clients.len() >= CLIENTS_KEPT {
         clients.clear();
     }
-    let endpoint = crate::credentials::Credentials::none().endpoint(url)?;
+    let endpoint = credentials.endpoint(url)?;
     let timeout = super::super::direct::PEER_TIMEOUT;
     let endpoint = crate::exchange::tuned(endpoint, timeout, timeout).keep_alive_timeout(timeout);
     let channel = crate::credentials::open_lazy(endpoint, url);
@@ -150,7 +150,12 @@ fn client(url: &str) -> Result<PeerServiceClient<Channel>, ClientError> {
 
 /// Puts `data` at the peer endpoint `url` (presenting `ticket`); its
 /// reference there.
-pub(crate) async fn put(url: &str, ticket: &str, data: Bytes) -> Result<pb::BlobRef, ClientError> {
+pub(crate) async fn put(
+    url: &str,
+    credentials: &Credentials,
+    ticket: &str,
+    data: Bytes,
+) -> Result<pb::BlobRef, ClientError> {
     let size = data.len() as u64;
     let head = pb::PutPeerBlobRequest { size, ..Default::default() };
     let chunks =
@@ -159,7 +164,7 @@ pub(crate) async fn put(url: &str, ticket: &str, data: Bytes) -> Result<pb::Blob
         tonic::Request::new(futures::stream::iter(std::iter::once(head).chain(chunks)));
     let ticket = ticket.parse().map_err(|_| ClientError::Transport("a bad ticket".into()))?;
     request.metadata_mut().insert(crate::direct::TICKET_HEADER, ticket);
-    let put = client(url)?.put_peer_blob(request).await?.into_inner();
+    let put = client(url, credentials)?.put_peer_blob(request).await?.into_inner();
     match put.blob {
         Some(blob) if blob.store == PEER_BLOB_STORE && blob.size == size => Ok(blob),
         _ => Err(ClientError::Transport(format!("{url} answered a put with no reference to it"))),
@@ -168,7 +173,10 @@ pub(crate) async fn put(url: &str, ticket: &str, data: Bytes) -> Result<pb::Blob
 
 /// The bytes of peer blob `blob`, read from the endpoint that keeps it
 /// (which frees it once read to its end).
-pub(crate) async fn read(blob: &pb::BlobRef) -> Result<Bytes, ClientError> {
+pub(crate) async fn read(
+    blob: &pb::BlobRef,
+    credentials: &Credentials,
+) -> Result<Bytes, ClientError> {
     let unreachable = |e: ClientError| match e {
         ClientError::Transport(why) => ClientError::Transport(format!(
             "blob {} is kept at {}, which cannot be reached: {why}",
@@ -178,7 +186,7 @@ pub(crate) async fn read(blob: &pb::BlobRef) -> Result<Bytes, ClientError> {
         other => other,
     };
     let request = pb::GetPeerBlobRequest { key: blob.key.clone(), offset: 0 };
-    let mut chunks = client(&blob.endpoint)?
+    let mut chunks = client(&blob.endpoint, credentials)?
         .get_peer_blob(request)
         .await
         .map_err(|s| unreachable(s.into()))?
@@ -213,8 +221,8 @@ pub(crate) async fn read(blob: &pb::BlobRef) -> Result<Bytes, ClientError> {
 }
 
 /// Frees peer blob `blob` at its endpoint, in the background.
-pub(crate) fn delete(blob: pb::BlobRef) {
-    let Ok(mut client) = client(&blob.endpoint) else { return };
+pub(crate) fn delete(blob: pb::BlobRef, credentials: &Credentials) {
+    let Ok(mut client) = client(&blob.endpoint, credentials) else { return };
     tokio::spawn(async move {
         let request = pb::DeletePeerBlobRequest { key: blob.key.clone() };
         if let Err(e) = client.delete_peer_blob(request).await {

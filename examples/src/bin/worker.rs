@@ -43,9 +43,35 @@ struct Args {
     /// others directly when they can (docs/design.md, "Direct delivery").
     #[arg(long, env = "ACADEMY_WORKER_DIRECT")]
     direct: Option<String>,
+    /// Serve the peer endpoint over TLS with this certificate (PEM), for
+    /// the names its senders reach it by; senders trust it by the CA they
+    /// trust their exchange by.
+    #[arg(long, env = "ACADEMY_WORKER_DIRECT_TLS_CERT", requires_all = ["direct", "direct_tls_key"])]
+    direct_tls_cert: Option<std::path::PathBuf>,
+    /// The key of `--direct-tls-cert` (PEM).
+    #[arg(long, env = "ACADEMY_WORKER_DIRECT_TLS_KEY", requires = "direct_tls_cert")]
+    direct_tls_key: Option<std::path::PathBuf>,
+    /// Require senders to show a client certificate this CA (PEM) signed.
+    #[arg(long, env = "ACADEMY_WORKER_DIRECT_TLS_CLIENT_CA", requires = "direct_tls_cert")]
+    direct_tls_client_ca: Option<std::path::PathBuf>,
     /// Log lines as text or JSON (for log collectors).
     #[arg(long, env = "ACADEMY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
+}
+
+/// The peer endpoint's TLS, from the files its flags name.
+fn endpoint_tls(args: &Args) -> anyhow::Result<Option<academy_sdk::EndpointTls>> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+    };
+    let (Some(cert), Some(key)) = (&args.direct_tls_cert, &args.direct_tls_key) else {
+        return Ok(None);
+    };
+    let tls = academy_sdk::EndpointTls::new(&read(cert)?, &read(key)?);
+    Ok(Some(match &args.direct_tls_client_ca {
+        Some(ca) => tls.with_client_ca(&read(ca)?),
+        None => tls,
+    }))
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -56,6 +82,7 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let tls = endpoint_tls(&args)?;
     let _telemetry = telemetry::init(args.log_format, "academy-worker");
     let clock = if args.simulated_clock { ClockKind::Simulated } else { ClockKind::Wall };
     let mut worker =
@@ -64,7 +91,10 @@ async fn main() -> anyhow::Result<()> {
         worker = worker.label(key, value);
     }
     if let Some(address) = &args.direct {
-        let endpoint = academy_sdk::Endpoint::serve(address).await?;
+        let endpoint = match &tls {
+            Some(tls) => academy_sdk::Endpoint::serve_tls(address, tls).await?,
+            None => academy_sdk::Endpoint::serve(address).await?,
+        };
         tracing::info!(endpoint = endpoint.url(), "serving a peer endpoint");
         worker = worker.direct(endpoint);
     }
