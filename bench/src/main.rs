@@ -334,6 +334,27 @@ async fn echo_latency(echo: &RawHandle, bytes: usize, n: u64) -> anyhow::Result<
     .await
 }
 
+/// `PING` and its answer on a TCP connection to the Redis at `port`, `n`
+/// times in a row: the floor of anything the exchange asks Redis.
+async fn redis_floor(port: u16, n: u64) -> anyhow::Result<Latency> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    socket.set_nodelay(true)?;
+    let socket = std::sync::Arc::new(tokio::sync::Mutex::new(socket));
+    sequential(n, || {
+        let socket = socket.clone();
+        async move {
+            let mut socket = socket.lock().await;
+            socket.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+            let mut pong = [0; 7];
+            socket.read_exact(&mut pong).await?;
+            anyhow::ensure!(&pong == b"+PONG\r\n", "Redis answered PING with {pong:?}");
+            Ok(())
+        }
+    })
+    .await
+}
+
 fn payload(bytes: usize) -> String {
     "x".repeat(bytes)
 }
@@ -645,7 +666,7 @@ async fn start_exchange(
 /// run against a fresh one, so its memory growth is its own.
 async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String>> {
     let run = |scenario: char| args.only.contains(&scenario);
-    let (exchange, _redis) = start_exchange(backend, args).await?;
+    let (exchange, redis) = start_exchange(backend, args).await?;
     let url = format!("http://{}", exchange.addr);
     let manager = Manager::connect(&url).await?;
     let echo = manager.launch(Echo {}).await?;
@@ -657,6 +678,13 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
             "| (a) sequential echo, 100 B: p50 / p99 | {:.0} µs / {:.0} µs ({:.0} calls/s) |",
             a.p50_us, a.p99_us, a.per_sec
         ));
+        if let Some(redis) = &redis {
+            let r = redis_floor(redis.port(), args.calls).await?;
+            rows.push(format!(
+                "| (e-r) floor: a bare round trip to the same Redis (`PING`, a connection of its own): p50 / p99 | {:.0} µs / {:.0} µs |",
+                r.p50_us, r.p99_us
+            ));
+        }
     }
     if run('b') {
         let b = throughput(echo.raw(), 64, args.seconds).await?;
