@@ -70,11 +70,17 @@ impl EntityId {
 
 impl fmt::Display for EntityId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            EntityKind::Agent => "agent",
-            EntityKind::Client => "client",
+        let kind: &[u8] = match self.kind {
+            EntityKind::Agent => b"agent:",
+            EntityKind::Client => b"client:",
         };
-        write!(f, "{kind}:{}", self.uuid)
+        // Put together on the stack and written once: every message
+        // formats two ids, and `to_string` then allocates once, exactly.
+        let mut text = [0; 7 + uuid::fmt::Hyphenated::LENGTH];
+        text[..kind.len()].copy_from_slice(kind);
+        let end = kind.len() + uuid::fmt::Hyphenated::LENGTH;
+        self.uuid.hyphenated().encode_lower(&mut text[kind.len()..end]);
+        f.write_str(std::str::from_utf8(&text[..end]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -116,6 +122,11 @@ mod tests {
         assert!(client.to_string().starts_with("client:"));
         let v4 = format!("agent:{}", Uuid::new_v4());
         assert!(v4.parse::<EntityId>().unwrap().is_agent());
+        // Printed exactly as parsed, lower case.
+        let upper = "client:0190F3A2-7B4C-7D8E-9F01-23456789ABCD";
+        let id = upper.parse::<EntityId>().unwrap();
+        assert_eq!(id.to_string(), upper.to_lowercase());
+        assert_eq!(v4.parse::<EntityId>().unwrap().to_string(), v4);
         for bad in
             ["", "agent", "agent:", "robot:00000000-0000-4000-8000-000000000000", "agent:xyz"]
         {
