@@ -341,8 +341,8 @@ mod serve {
 
     impl Endpoint {
         /// Serves a peer endpoint on `address`: "host:port" (port 0: any
-        /// free one) or "unix:/path" (a Unix-domain socket, for peers on one
-        /// node). Serve it on an address only the exchange's other clients
+        /// free one; not 0.0.0.0 or [::], which peers cannot be sent to) or
+        /// "unix:/path" (a Unix-domain socket, for peers on one node). Serve it on an address only the exchange's other clients
         /// can reach: it takes requests for its agents from anyone who
         /// reaches it (docs/design.md, "Direct delivery").
         pub async fn serve(address: &str) -> std::io::Result<Self> {
@@ -442,7 +442,19 @@ mod serve {
             return Ok((format!("unix:{path}"), Incoming::Unix(listener, path.into())));
         }
         let listener = tokio::net::TcpListener::bind(address).await?;
-        let url = format!("{scheme}://{}", listener.local_addr()?);
+        let local = listener.local_addr()?;
+        if local.ip().is_unspecified() {
+            // Advertised as is, it would send peers on other nodes to
+            // their own node.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "peer endpoint {}: an unspecified address cannot be advertised to peers; give the one they reach this process at (in Kubernetes, the pod's IP)",
+                    academy_proto::excerpt(address)
+                ),
+            ));
+        }
+        let url = format!("{scheme}://{local}");
         Ok((url, Incoming::Tcp(listener)))
     }
 

@@ -432,11 +432,28 @@ async fn a_peer_endpoint_over_tls_is_reached_only_by_senders_it_trusts() {
             m.close().await.unwrap();
         }
     }
+}
 
-    // TLS is for TCP endpoints; a certificate that is not PEM is refused.
+/// An endpoint refuses to serve what it could not advertise or serve:
+/// an unspecified address (peers on other nodes would be sent to their
+/// own), TLS on a Unix socket, a certificate that is not PEM.
+#[tokio::test]
+async fn an_endpoint_refuses_what_it_cannot_advertise_or_serve() {
+    use academy_sdk::EndpointTls;
+    use academy_server::testing::TestPki;
+    for address in ["0.0.0.0:0", "[::]:0"] {
+        let err = Endpoint::serve(address).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{address}: {err}");
+        assert!(err.to_string().contains("unspecified address"), "{err}");
+    }
+    let pki = TestPki::new("peer CA");
+    let tls = EndpointTls::new(pki.server.cert.as_bytes(), pki.server.key.as_bytes());
+    let err = Endpoint::serve_tls("0.0.0.0:0", &tls).await.unwrap_err();
+    assert!(err.to_string().contains("unspecified address"), "{err}");
     let err = Endpoint::serve_tls("unix:/tmp/academy-peer-tls.sock", &tls).await.unwrap_err();
     assert!(err.to_string().contains("TLS is for TCP endpoints"), "{err}");
     let garbage = EndpointTls::new(b"not a certificate", b"not a key");
     let err = Endpoint::serve_tls("127.0.0.1:0", &garbage).await.unwrap_err();
-    assert!(err.to_string().contains("TLS"), "{err}");
+    assert!(err.to_string().contains("peer endpoint TLS"), "{err}");
+    assert!(Endpoint::serve_tls("127.0.0.1:0", &tls).await.is_ok());
 }
