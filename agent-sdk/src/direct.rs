@@ -434,10 +434,15 @@ mod serve {
 
     async fn listen(address: &str, scheme: &str) -> std::io::Result<(String, Incoming)> {
         if let Some(path) = address.strip_prefix("unix:") {
-            // A socket file left by a dead process is taken over.
-            if std::os::unix::net::UnixStream::connect(path).is_err() {
-                let _ = std::fs::remove_file(path);
+            // A socket file left by a dead process is taken over; one a
+            // live process listens on is not.
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("peer endpoint: a process listens on {path} already"),
+                ));
             }
+            let _ = std::fs::remove_file(path);
             let listener = tokio::net::UnixListener::bind(path)?;
             return Ok((format!("unix:{path}"), Incoming::Unix(listener, path.into())));
         }

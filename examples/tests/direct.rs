@@ -452,8 +452,19 @@ async fn an_endpoint_refuses_what_it_cannot_advertise_or_serve() {
     assert!(err.to_string().contains("unspecified address"), "{err}");
     let err = Endpoint::serve_tls("unix:/tmp/academy-peer-tls.sock", &tls).await.unwrap_err();
     assert!(err.to_string().contains("TLS is for TCP endpoints"), "{err}");
+    // A Unix socket a live endpoint serves is not taken over.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-direct-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = format!("unix:{}", dir.join("peer.sock").display());
+    let live = Endpoint::serve(&socket).await.unwrap();
+    let err = Endpoint::serve(&socket).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+    assert!(err.to_string().contains("listens on"), "{err}");
+    drop(live);
     let garbage = EndpointTls::new(b"not a certificate", b"not a key");
     let err = Endpoint::serve_tls("127.0.0.1:0", &garbage).await.unwrap_err();
     assert!(err.to_string().contains("peer endpoint TLS"), "{err}");
     assert!(Endpoint::serve_tls("127.0.0.1:0", &tls).await.is_ok());
+    std::fs::remove_dir_all(dir).unwrap();
 }
