@@ -341,10 +341,11 @@ mod serve {
 
     impl Endpoint {
         /// Serves a peer endpoint on `address`: "host:port" (port 0: any
-        /// free one; not 0.0.0.0 or [::], which peers cannot be sent to) or
-        /// "unix:/path" (a Unix-domain socket, for peers on one node). Serve it on an address only the exchange's other clients
-        /// can reach: it takes requests for its agents from anyone who
-        /// reaches it (docs/design.md, "Direct delivery").
+        /// free one; not `0.0.0.0` or `[::]`, which peers cannot be sent to) or
+        /// "unix:/path" (a Unix-domain socket, for peers on one node), in
+        /// plain HTTP/2. It takes requests only on streams whose ticket its
+        /// exchange vouches for (docs/design.md, "Direct delivery"); where
+        /// the network is not trusted, serve it with `Endpoint::serve_tls`.
         pub async fn serve(address: &str) -> std::io::Result<Self> {
             Self::serve_with(address, tonic::transport::Server::builder(), "http").await
         }
