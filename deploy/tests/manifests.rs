@@ -139,6 +139,41 @@ fn the_monitoring_component_adds_a_pod_monitor_for_every_metrics_port() {
     }
 }
 
+#[test]
+fn the_direct_component_serves_peer_endpoints_on_the_pod_ip_to_the_namespace() {
+    let dir = scratch_dir("overlay-direct");
+    let prod = relative(&dir, &kubernetes_dir().join("overlays/prod"));
+    let component = relative(&dir, &kubernetes_dir().join("components/direct"));
+    let text = format!("resources: [{}]\ncomponents: [{}]\n", prod.display(), component.display());
+    std::fs::write(dir.join("kustomization.yaml"), text).unwrap();
+    let objects = checked(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_clean(&objects, "prod with direct delivery");
+    let worker = pod_template(&objects, "academy-worker").unwrap();
+    let container = &worker["spec"]["containers"][0];
+    // (That POD_IP comes before what expands it is one of the house rules.)
+    let env = env_of(&worker["spec"]);
+    assert_eq!(env.get("ACADEMY_WORKER_DIRECT"), Some(&"$(POD_IP):7000"));
+    let help = Command::new(academy_server::testing::binary("worker")).arg("--help").output();
+    let help = String::from_utf8_lossy(&help.expect("the worker binary runs").stdout).into_owned();
+    assert!(help.contains("[env: ACADEMY_WORKER_DIRECT="), "the worker reads it");
+    let ports = container["ports"].as_array().unwrap();
+    assert!(ports.iter().any(|p| p["name"] == "peer" && p["containerPort"] == 7000), "{ports:?}");
+    // The workers' other ports stay closed to everyone but monitoring.
+    let policy = objects
+        .iter()
+        .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == "academy-peer")
+        .expect("a NetworkPolicy for the peer port");
+    assert_eq!(policy["metadata"]["namespace"], "academy");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "academy-worker"
+    );
+    let rule = &policy["spec"]["ingress"][0];
+    assert_eq!(rule["ports"], json!([{"port": "peer", "protocol": "TCP"}]));
+    assert_eq!(rule["from"], json!([{"podSelector": {}}]), "from this namespace only");
+}
+
 /// Every `ACADEMY_*` variable a manifest sets is one its binary reads: a
 /// misspelt one would be ignored without a word.
 #[test]
