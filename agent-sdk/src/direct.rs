@@ -934,14 +934,32 @@ impl Direct {
         self.peer(&status.endpoint).await
     }
 
-    /// The connection to the peer at `url`, opened if needed.
+    /// The connection to the peer at `url`, opened if needed. One that
+    /// could not be reached is tried again in the background, at most every
+    /// [`UNREACHABLE_FOR`]: calls go on through the exchange meanwhile, and
+    /// directly once a later look-up finds it open.
     async fn peer(self: &Arc<Self>, url: &str) -> Option<Arc<Peer>> {
         if let Some(peer) = lock(&self.peers).get(url).filter(|p| !p.is_broken()) {
             return Some(peer.clone());
         }
-        if lock(&self.unreachable).get(url).is_some_and(|until| Instant::now() < *until) {
-            return None;
+        {
+            let mut unreachable = lock(&self.unreachable);
+            if let Some(until) = unreachable.get_mut(url) {
+                if Instant::now() < *until {
+                    return None;
+                }
+                *until = Instant::now() + UNREACHABLE_FOR;
+                let (direct, url) = (self.clone(), url.to_owned());
+                tokio::spawn(async move { direct.open_peer(&url).await });
+                return None;
+            }
         }
+        self.open_peer(url).await
+    }
+
+    /// Opens a connection to the peer at `url`; the peer, or `None` (and
+    /// `url` marked unreachable for a while).
+    async fn open_peer(self: &Arc<Self>, url: &str) -> Option<Arc<Peer>> {
         let ticket = match self.ticket().await {
             Ok(ticket) => ticket,
             Err(e) => {
@@ -963,7 +981,9 @@ impl Direct {
         };
         tracing::debug!(endpoint = url, %why, "peer endpoint not reachable; using the exchange");
         let mut unreachable = lock(&self.unreachable);
-        unreachable.retain(|_, until| Instant::now() < *until);
+        // Kept a while after they expire, so that the next try of each is
+        // in the background too.
+        unreachable.retain(|_, until| Instant::now() < *until + UNREACHABLE_FOR * 12);
         unreachable.insert(url.to_owned(), Instant::now() + UNREACHABLE_FOR);
         None
     }
