@@ -55,6 +55,19 @@ fn overlay(name: &str) -> Vec<Value> {
     checked(&kubernetes_dir().join("overlays").join(name))
 }
 
+/// The prod overlay with component `name`, checked.
+fn prod_with(name: &str) -> Vec<Value> {
+    // kustomize takes other kustomizations by relative path only.
+    let dir = scratch_dir(&format!("overlay-{name}"));
+    let prod = relative(&dir, &kubernetes_dir().join("overlays/prod"));
+    let component = relative(&dir, &kubernetes_dir().join("components").join(name));
+    let text = format!("resources: [{}]\ncomponents: [{}]\n", prod.display(), component.display());
+    std::fs::write(dir.join("kustomization.yaml"), text).unwrap();
+    let objects = checked(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    objects
+}
+
 fn assert_clean(objects: &[Value], what: &str) {
     let found = violations(objects);
     assert!(found.is_empty(), "{what}: {} violations:\n{}", found.len(), found.join("\n"));
@@ -119,14 +132,7 @@ fn the_prod_overlay_is_valid_restricted_durable_and_spread() {
 
 #[test]
 fn the_monitoring_component_adds_a_pod_monitor_for_every_metrics_port() {
-    // kustomize takes other kustomizations by relative path only.
-    let dir = scratch_dir("overlay-monitoring");
-    let prod = relative(&dir, &kubernetes_dir().join("overlays/prod"));
-    let component = relative(&dir, &kubernetes_dir().join("components/monitoring"));
-    let text = format!("resources: [{}]\ncomponents: [{}]\n", prod.display(), component.display());
-    std::fs::write(dir.join("kustomization.yaml"), text).unwrap();
-    let objects = checked(&dir);
-    std::fs::remove_dir_all(&dir).unwrap();
+    let objects = prod_with("monitoring");
     let monitor = objects.iter().find(|o| o["kind"] == "PodMonitor").expect("a PodMonitor");
     assert_eq!(monitor["metadata"]["namespace"], "academy");
     let port = monitor["spec"]["podMetricsEndpoints"][0]["port"].as_str().unwrap();
@@ -141,13 +147,7 @@ fn the_monitoring_component_adds_a_pod_monitor_for_every_metrics_port() {
 
 #[test]
 fn the_direct_component_serves_peer_endpoints_on_the_pod_ip_to_the_namespace() {
-    let dir = scratch_dir("overlay-direct");
-    let prod = relative(&dir, &kubernetes_dir().join("overlays/prod"));
-    let component = relative(&dir, &kubernetes_dir().join("components/direct"));
-    let text = format!("resources: [{}]\ncomponents: [{}]\n", prod.display(), component.display());
-    std::fs::write(dir.join("kustomization.yaml"), text).unwrap();
-    let objects = checked(&dir);
-    std::fs::remove_dir_all(&dir).unwrap();
+    let objects = prod_with("direct");
     assert_clean(&objects, "prod with direct delivery");
     let worker = pod_template(&objects, "academy-worker").unwrap();
     let container = &worker["spec"]["containers"][0];
