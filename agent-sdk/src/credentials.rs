@@ -4,6 +4,7 @@
 //! (docs/design.md, "Security"). TLS needs the crate's `tls` feature.
 
 use std::fmt;
+use std::sync::Arc;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -37,10 +38,12 @@ pub const TLS_KEY_ENV: &str = "ACADEMY_TLS_KEY";
 #[derive(Clone, Default)]
 pub struct Credentials {
     authorization: Option<MetadataValue<Ascii>>,
-    /// PEM of the CA to trust.
-    ca: Option<Vec<u8>>,
+    /// PEM of the CA to trust. Shared, as are the certificate and key:
+    /// the credentials are cloned with every client of a channel (each call,
+    /// each peer connection).
+    ca: Option<Arc<[u8]>>,
     /// PEM of the client certificate and its key.
-    identity: Option<(Vec<u8>, Vec<u8>)>,
+    identity: Option<Arc<(Vec<u8>, Vec<u8>)>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -76,13 +79,13 @@ impl Credentials {
 
     /// These credentials, trusting servers whose certificate `ca_pem` signed.
     pub fn with_tls_ca(mut self, ca_pem: &[u8]) -> Self {
-        self.ca = Some(ca_pem.to_vec());
+        self.ca = Some(ca_pem.into());
         self
     }
 
     /// These credentials, showing this client certificate (mutual TLS).
     pub fn with_client_certificate(mut self, cert_pem: &[u8], key_pem: &[u8]) -> Self {
-        self.identity = Some((cert_pem.to_vec(), key_pem.to_vec()));
+        self.identity = Some(Arc::new((cert_pem.to_vec(), key_pem.to_vec())));
         self
     }
 
@@ -151,7 +154,7 @@ impl Credentials {
             Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
             None => tls.with_webpki_roots(),
         };
-        if let Some((cert, key)) = &self.identity {
+        if let Some((cert, key)) = self.identity.as_deref() {
             tls = tls.identity(Identity::from_pem(cert, key));
         }
         endpoint.tls_config(tls).map_err(|e| {
