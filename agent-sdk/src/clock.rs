@@ -125,13 +125,25 @@ impl Clock {
             mark(exchange, kind, key).await;
         }
     }
+
+    /// Counts on a simulated clock a request this task sends, whose answer
+    /// (`answer_key`) it awaits.
+    pub(crate) async fn mark_request(&self, tag: &str, answer_key: &str) {
+        if let Self::Simulated { exchange, .. } = self {
+            mark_awaiting(exchange, MarkKind::Send, tag, answer_key).await;
+        }
+    }
 }
 
 /// Counts `kind` on `exchange`'s simulated clock, retrying while it does
 /// not answer (a miscount would stop the simulation).
 pub(crate) async fn mark(exchange: &SharedExchange, kind: MarkKind, key: &str) {
+    mark_awaiting(exchange, kind, key, "").await;
+}
+
+async fn mark_awaiting(exchange: &SharedExchange, kind: MarkKind, key: &str, answer_key: &str) {
     let mut patience = crate::runtime::Patience::new();
-    while let Err(e) = exchange.clock_mark(kind, key).await {
+    while let Err(e) = exchange.clock_mark(kind, key, answer_key).await {
         if !patience.left() {
             tracing::error!(error = %e, ?kind, "cannot count on the simulated clock");
             return;

@@ -141,8 +141,14 @@ pub trait ExchangeApi: Send + Sync + fmt::Debug + 'static {
     /// Frees blob `key`; whether it was still kept.
     async fn delete_blob(&self, key: &str) -> Result<bool, ClientError>;
     /// Counts on the exchange's simulated clock what a task on it does
-    /// (docs/design.md, "Clocks").
-    async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError>;
+    /// (docs/design.md, "Clocks"); `answer_key`, for a request's `Send`
+    /// only (else empty), is the key of the answer the task awaits.
+    async fn clock_mark(
+        &self,
+        kind: pb::MarkKind,
+        key: &str,
+        answer_key: &str,
+    ) -> Result<(), ClientError>;
     /// Puts a running task to sleep on the exchange's clock until `until`
     /// (`key` orders sleepers due at once); the time it woke at.
     async fn clock_sleep(&self, key: &str, until: Duration) -> Result<Duration, ClientError>;
@@ -266,12 +272,18 @@ impl ExchangeApi for LocalExchange {
     async fn delete_blob(&self, key: &str) -> Result<bool, ClientError> {
         Ok(self.exchange.delete_blob(key).await?)
     }
-    async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError> {
-        let mark = academy_exchange::clock::Mark::of(kind, key.to_owned())?;
-        Ok(self.exchange.clock().mark(mark)?)
+    // In process, the clock goes when the participants do: nobody joins.
+    async fn clock_mark(
+        &self,
+        kind: pb::MarkKind,
+        key: &str,
+        answer_key: &str,
+    ) -> Result<(), ClientError> {
+        let mark = academy_exchange::clock::Mark::of(kind, key.to_owned(), answer_key.to_owned())?;
+        Ok(self.exchange.clock().mark(0, mark)?)
     }
     async fn clock_sleep(&self, key: &str, until: Duration) -> Result<Duration, ClientError> {
-        Ok(self.exchange.clock().sleep(key, until)?.await)
+        Ok(self.exchange.clock().sleep(0, key, until)?.await)
     }
     async fn clock_now(&self) -> Result<ClockStatus, ClientError> {
         Ok(self.exchange.clock().status())
@@ -300,6 +312,16 @@ pub struct GrpcExchange {
     blobs: BlobClient<Authorized>,
     sessions: Arc<Sessions>,
     peers: Credentials,
+    participation: Arc<Participation>,
+}
+
+/// This connection's place on the exchange's simulated clock, joined at its
+/// first mark or sleep: the participant, and its `Participate` call, kept open for
+/// as long as the connection is (docs/design.md, "Clocks").
+#[derive(Default)]
+struct Participation {
+    /// None: not joined; 0: an exchange without `Participate` (counted for nobody).
+    joined: tokio::sync::Mutex<Option<(u64, Option<tonic::Streaming<pb::ParticipateResponse>>)>>,
 }
 
 impl fmt::Debug for GrpcExchange {
@@ -342,7 +364,54 @@ impl GrpcExchange {
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
         let sessions = Arc::new(Sessions::new(rpc.clone()));
-        Self { rpc, clock, blobs, sessions, peers: credentials.for_peers() }
+        let participation = Arc::default();
+        Self { rpc, clock, blobs, sessions, peers: credentials.for_peers(), participation }
+    }
+
+    /// The participant this connection is on the clock as, joining first.
+    async fn participant(&self) -> Result<u64, ClientError> {
+        let mut joined = self.participation.joined.lock().await;
+        if let Some((id, _)) = &*joined {
+            return Ok(*id);
+        }
+        let (id, call) = match self.clock.clone().participate(pb::ParticipateRequest {}).await {
+            Ok(answer) => {
+                let mut call = answer.into_inner();
+                let first = call.message().await?.ok_or_else(|| {
+                    ClientError::Transport("Participate ended before naming the participant".into())
+                })?;
+                (first.participant, Some(call))
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => (0, None),
+            Err(status) => return Err(status.into()),
+        };
+        *joined = Some((id, call));
+        Ok(id)
+    }
+
+    /// Runs `op` as this connection's participant; once more, joined anew,
+    /// if the clock says it left (its `Participate` call broke): what its tasks
+    /// were doing then is no longer counted.
+    async fn as_participant<T, F>(&self, op: impl Fn(u64) -> F) -> Result<T, ClientError>
+    where
+        F: Future<Output = Result<T, ClientError>>,
+    {
+        let participant = self.participant().await?;
+        match op(participant).await {
+            Err(ClientError::Exchange(ExchangeError::NotOnClock(gone))) => {
+                tracing::warn!(
+                    participant = gone,
+                    "this process left the simulated clock (its Participate call ended); joining again"
+                );
+                let mut joined = self.participation.joined.lock().await;
+                if joined.as_ref().is_some_and(|(id, _)| *id == gone) {
+                    *joined = None;
+                }
+                drop(joined);
+                op(self.participant().await?).await
+            }
+            done => done,
+        }
     }
 
     fn rpc(&self) -> RpcClient<Authorized> {
@@ -561,15 +630,33 @@ impl ExchangeApi for GrpcExchange {
         let request = pb::DeleteBlobRequest { key: key.to_owned() };
         Ok(self.blobs.clone().delete_blob(request).await?.into_inner().deleted)
     }
-    async fn clock_mark(&self, kind: pb::MarkKind, key: &str) -> Result<(), ClientError> {
-        let request = pb::MarkRequest { kind: kind.into(), key: key.to_owned() };
-        self.clock.clone().mark(request).await?;
-        Ok(())
+    async fn clock_mark(
+        &self,
+        kind: pb::MarkKind,
+        key: &str,
+        answer_key: &str,
+    ) -> Result<(), ClientError> {
+        self.as_participant(|participant| {
+            let request = pb::MarkRequest {
+                kind: kind.into(),
+                key: key.to_owned(),
+                participant,
+                answer_key: answer_key.to_owned(),
+            };
+            let mut clock = self.clock.clone();
+            async move { Ok(clock.mark(request).await.map(drop)?) }
+        })
+        .await
     }
     async fn clock_sleep(&self, key: &str, until: Duration) -> Result<Duration, ClientError> {
         let until = Some(academy_proto::duration::to_proto(until));
-        let request = pb::SleepRequest { key: key.to_owned(), until };
-        let woke = self.clock.clone().sleep(request).await?.into_inner().now;
+        let woke = self
+            .as_participant(|participant| {
+                let request = pb::SleepRequest { key: key.to_owned(), until, participant };
+                let mut clock = self.clock.clone();
+                async move { Ok(clock.sleep(request).await?.into_inner().now) }
+            })
+            .await?;
         Ok(woke
             .and_then(|d| academy_proto::duration::from_proto(d, "now").ok())
             .unwrap_or_default())

@@ -237,7 +237,7 @@ impl Mailbox {
         use academy_proto::pb::MarkKind;
         header.on_clock = true;
         let (tag, answer_key) = (header.tag.clone(), header.answer_key());
-        clock.mark(MarkKind::Send, &tag).await;
+        clock.mark_request(&tag, &answer_key).await;
         let message = pb::Message { header: Some(header), body: Some(body) };
         let _freed = match self.stores.send(message).await {
             Ok(freed) => freed,

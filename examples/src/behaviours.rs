@@ -219,6 +219,47 @@ impl Recorder {
     }
 }
 
+/// Takes its time on the wall clock, counted as running on a simulated one:
+/// what a simulation does when a process dies mid-task
+/// (`examples/tests/simulation.rs`).
+#[derive(Debug, Default, Deserialize)]
+pub struct Stall {
+    #[serde(skip)]
+    started: AtomicU64,
+}
+
+#[behaviour(name = "example.Stall")]
+impl Stall {
+    /// Waits `ms` milliseconds of wall time.
+    #[action(read_only)]
+    async fn stall(&self, ms: u64) {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// How many stalls have started.
+    #[action(read_only)]
+    async fn started(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+}
+
+/// Asks a [`Stall`] to stall, and waits for it: a caller on the clock.
+#[derive(Debug, Deserialize)]
+pub struct Relay {
+    /// Who stalls.
+    pub target: Handle<Stall>,
+}
+
+#[behaviour(name = "example.Relay")]
+impl Relay {
+    /// Has the target stall for `ms` milliseconds of wall time.
+    #[action(read_only)]
+    async fn relay(&self, ms: u64) -> Result<(), HandleError> {
+        self.target.stall(ms).await
+    }
+}
+
 /// Appends numbers in the order its `append` calls arrive: a check of
 /// delivery order (docs/design.md, "Direct delivery").
 #[derive(Debug, Default, Deserialize)]

@@ -9,6 +9,12 @@
 //! ends, goes idle (awaiting an answer), sends a message (by key) or takes
 //! one, or gives one up. Each mark is made before what it stands for, so
 //! the clock never sees less pending than there is.
+//!
+//! A process whose agents are on the clock joins it ([`SimClock::join`])
+//! and names itself in its marks and sleeps: the clock keeps how many of
+//! its tasks run and which answers it awaits. When it leaves (its `Participate`
+//! call ends: it died, or closed its connection), those are given up, so a
+//! participant that dies mid-task does not stop time for everyone else.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -28,8 +34,9 @@ pub enum Mark {
     End,
     /// A running task waits for something other than the clock (an answer).
     Idle,
-    /// A message, by key, leaves on the clock: pending until taken.
-    Send(String),
+    /// A message, by key, leaves on the clock: pending until taken. With
+    /// an answer key, the participant sending it awaits that answer.
+    Send(String, Option<String>),
     /// A task takes a message (starts on it, or resumes with it); a key not
     /// sent on the clock starts a task all the same.
     Take(String),
@@ -42,15 +49,20 @@ pub enum Mark {
 }
 
 impl Mark {
-    /// The mark a `Mark` call asks for (`key` for the kinds that take one).
-    pub fn of(kind: pb::MarkKind, key: String) -> Result<Self, ExchangeError> {
+    /// The mark a `Mark` call asks for (`key` for the kinds that take one;
+    /// `answer_key`, for a request's SEND only, may be empty).
+    pub fn of(kind: pb::MarkKind, key: String, answer_key: String) -> Result<Self, ExchangeError> {
         use pb::MarkKind;
         crate::limits::name("key", &key)?;
+        crate::limits::name("answer_key", &answer_key)?;
+        if !answer_key.is_empty() && kind != MarkKind::Send {
+            return Err(ExchangeError::InvalidArgument("answer_key is for SEND marks only".into()));
+        }
         Ok(match kind {
             MarkKind::Begin => Self::Begin,
             MarkKind::End => Self::End,
             MarkKind::Idle => Self::Idle,
-            MarkKind::Send => Self::Send(key),
+            MarkKind::Send => Self::Send(key, Some(answer_key).filter(|k| !k.is_empty())),
             MarkKind::Take => Self::Take(key),
             MarkKind::Abandon => Self::Abandon(key),
             MarkKind::Wake => Self::Wake(key),
@@ -61,27 +73,89 @@ impl Mark {
     }
 }
 
-/// Most sleepers, and messages in flight, a clock keeps.
+/// Most sleepers, messages in flight, and answers awaited, a clock keeps.
 pub const MAX_CLOCK_ENTRIES: usize = 1_000_000;
+
+/// Most participants on a clock at once.
+pub const MAX_PARTICIPANTS: usize = 10_000;
+
+/// Who makes a mark or sleeps: a participant from [`SimClock::join`], or
+/// nobody in particular (0: the exchange itself, a caller that did not join).
+pub type ParticipantId = u64;
+
+/// What a participant has pending.
+#[derive(Debug, Default)]
+struct Participant {
+    /// Its tasks that run.
+    running: u64,
+    /// The answers it awaits.
+    awaiting: HashSet<String>,
+}
 
 #[derive(Debug, Default)]
 struct State {
     now: Duration,
     pending: u64,
-    in_flight: HashSet<String>,
+    /// Messages in flight, each with who awaits its answer and under what key.
+    in_flight: HashMap<String, Option<(ParticipantId, String)>>,
     abandoned: HashSet<String>,
-    /// By (time, key, registration number).
-    sleepers: BTreeMap<(Duration, String, u64), oneshot::Sender<Duration>>,
+    /// By (time, key, registration number): whom to wake, and whose task it is.
+    sleepers: BTreeMap<(Duration, String, u64), (oneshot::Sender<Duration>, ParticipantId)>,
     /// The entry of each key's sleeper.
     asleep: HashMap<String, (Duration, String, u64)>,
     /// Keys woken before they slept.
     early: HashSet<String>,
     next: u64,
+    participants: HashMap<ParticipantId, Participant>,
+    /// The last participant id given.
+    joined: ParticipantId,
 }
 
 impl State {
     fn settle(&mut self, delta: i64) {
         self.pending = self.pending.saturating_add_signed(delta);
+    }
+
+    /// A task of `by` starts or resumes (+1), or stops running (-1). A
+    /// participant's count never goes below 0 (a task it began before it
+    /// joined again is not its own), and one that left counts nothing.
+    fn run(&mut self, by: ParticipantId, delta: i64) {
+        if by != 0 {
+            let Some(p) = self.participants.get_mut(&by) else { return };
+            if delta < 0 && p.running == 0 {
+                return;
+            }
+            p.running = p.running.saturating_add_signed(delta);
+        }
+        self.settle(delta);
+    }
+
+    /// Refuses a participant that is not on the clock.
+    fn check(&self, by: ParticipantId) -> Result<(), ExchangeError> {
+        if by == 0 || self.participants.contains_key(&by) {
+            Ok(())
+        } else {
+            Err(ExchangeError::NotOnClock(by))
+        }
+    }
+
+    /// Message `key` is no longer pending, nor is its answer awaited; a key
+    /// not in flight will not count when it is sent.
+    fn abandon(&mut self, key: String) {
+        match self.in_flight.remove(&key) {
+            Some(awaited) => {
+                self.settle(-1);
+                if let Some((by, answer)) = awaited
+                    && let Some(p) = self.participants.get_mut(&by)
+                {
+                    p.awaiting.remove(&answer);
+                }
+            }
+            None if self.abandoned.len() < MAX_CLOCK_ENTRIES => {
+                self.abandoned.insert(key);
+            }
+            None => {}
+        }
     }
 }
 
@@ -106,43 +180,91 @@ impl SimClock {
         }
     }
 
-    /// Counts what a participant does.
-    pub fn mark(&self, mark: Mark) -> Result<(), ExchangeError> {
+    /// Joins the clock as a participant; it leaves when the guard drops.
+    pub fn join(self: &Arc<Self>) -> Result<Joined, ExchangeError> {
         let mut state = lock(&self.state);
+        if state.participants.len() >= MAX_PARTICIPANTS {
+            return Err(ExchangeError::LimitExceeded {
+                limit: "participants on the clock".into(),
+                max: MAX_PARTICIPANTS,
+                found: MAX_PARTICIPANTS + 1,
+            });
+        }
+        state.joined += 1;
+        let id = state.joined;
+        state.participants.insert(id, Participant::default());
+        Ok(Joined { clock: self.clone(), id })
+    }
+
+    /// Gives up what participant `id` left pending.
+    fn leave(&self, id: ParticipantId) {
+        let mut state = lock(&self.state);
+        let Some(gone) = state.participants.remove(&id) else { return };
+        state.settle(-(gone.running as i64));
+        for answer in gone.awaiting {
+            state.abandon(answer);
+        }
+        let quiet = state.pending == 0;
+        drop(state);
+        if quiet {
+            self.quiet.notify_waiters();
+        }
+    }
+
+    /// Counts what participant `by` (0: nobody in particular) does.
+    pub fn mark(&self, by: ParticipantId, mark: Mark) -> Result<(), ExchangeError> {
+        let mut state = lock(&self.state);
+        state.check(by)?;
         let full = |set: &HashSet<String>| set.len() >= MAX_CLOCK_ENTRIES;
         match mark {
-            Mark::Begin => state.settle(1),
-            Mark::End | Mark::Idle => state.settle(-1),
-            Mark::Send(key) => {
+            Mark::Begin => state.run(by, 1),
+            Mark::End | Mark::Idle => state.run(by, -1),
+            Mark::Send(key, answer) => {
                 if state.abandoned.remove(&key) {
                     return Ok(());
                 }
-                if full(&state.in_flight) {
+                if state.in_flight.len() >= MAX_CLOCK_ENTRIES {
                     return Err(too_many("messages in flight"));
                 }
-                if state.in_flight.insert(key) {
+                if !state.in_flight.contains_key(&key) {
+                    let awaited = match (by, answer) {
+                        (0, _) | (_, None) => None,
+                        (by, Some(answer)) => {
+                            let p = state.participants.get_mut(&by).expect("checked above");
+                            if full(&p.awaiting) {
+                                return Err(too_many("answers awaited"));
+                            }
+                            p.awaiting.insert(answer.clone());
+                            Some((by, answer))
+                        }
+                    };
+                    state.in_flight.insert(key, awaited);
                     state.settle(1);
                 }
             }
             // From the message to the task: as many pending as before.
             Mark::Take(key) => {
-                if !state.in_flight.remove(&key) {
-                    state.settle(1);
+                if let Some(p) = state.participants.get_mut(&by) {
+                    p.awaiting.remove(&key);
                 }
+                let was_in_flight = state.in_flight.remove(&key).is_some();
+                if was_in_flight {
+                    state.settle(-1);
+                }
+                state.run(by, 1);
             }
             Mark::Abandon(key) => {
-                if state.in_flight.remove(&key) {
-                    state.settle(-1);
-                } else if !full(&state.abandoned) {
-                    state.abandoned.insert(key);
+                if let Some(p) = state.participants.get_mut(&by) {
+                    p.awaiting.remove(&key);
                 }
+                state.abandon(key);
             }
             Mark::Wake(key) => match state.asleep.remove(&key) {
                 Some(entry) => {
-                    if let Some(wake) = state.sleepers.remove(&entry) {
+                    if let Some((wake, whose)) = state.sleepers.remove(&entry) {
                         let now = state.now;
                         if wake.send(now).is_ok() {
-                            state.settle(1);
+                            state.run(whose, 1);
                         }
                     }
                 }
@@ -160,18 +282,20 @@ impl SimClock {
         Ok(())
     }
 
-    /// Puts a running task to sleep until `until` (no longer running), and
-    /// answers the time it wakes at (running again). One sleeper per `key`
-    /// ([`Mark::Wake`] wakes it early). Dropped before then, the sleeper is
-    /// forgotten and the task counts as idle.
+    /// Puts a running task of participant `by` to sleep until `until` (no
+    /// longer running), and answers the time it wakes at (running again).
+    /// One sleeper per `key` ([`Mark::Wake`] wakes it early). Dropped before
+    /// then, the sleeper is forgotten and the task counts as idle.
     pub fn sleep(
         self: &Arc<Self>,
+        by: ParticipantId,
         key: &str,
         until: Duration,
     ) -> Result<impl Future<Output = Duration> + Send + 'static, ExchangeError> {
         let (wake, woken) = oneshot::channel();
         let entry = {
             let mut state = lock(&self.state);
+            state.check(by)?;
             if state.early.remove(key) {
                 // Woken before it slept: it goes on running.
                 let _ = wake.send(state.now);
@@ -182,9 +306,9 @@ impl SimClock {
                 }
                 let entry = (until.max(state.now), key.to_owned(), state.next);
                 state.next += 1;
-                state.sleepers.insert(entry.clone(), wake);
+                state.sleepers.insert(entry.clone(), (wake, by));
                 state.asleep.insert(key.to_owned(), entry.clone());
-                state.settle(-1);
+                state.run(by, -1);
                 Some(entry)
             }
         };
@@ -224,13 +348,13 @@ impl SimClock {
                     .map(|f| started.0 + at.saturating_sub(started.1).div_f64(f))
                     .filter(|due| *due > tokio::time::Instant::now());
                 if due.is_none()
-                    && let Some((entry, wake)) = state.sleepers.pop_first()
+                    && let Some((entry, (wake, whose))) = state.sleepers.pop_first()
                 {
                     state.asleep.remove(&entry.1);
                     state.now = state.now.max(at);
                     // Running again; a sleeper gone (its task dropped) wakes no one.
                     if wake.send(state.now).is_ok() {
-                        state.settle(1);
+                        state.run(whose, 1);
                     }
                 }
                 due
@@ -251,6 +375,27 @@ impl SimClock {
             }
             notified.await;
         }
+    }
+}
+
+/// A participant on the clock, from [`SimClock::join`]: it leaves, and what
+/// it left pending is given up, when this drops.
+#[derive(Debug)]
+pub struct Joined {
+    clock: Arc<SimClock>,
+    id: ParticipantId,
+}
+
+impl Joined {
+    /// The participant's id, for its marks and sleeps.
+    pub fn id(&self) -> ParticipantId {
+        self.id
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        self.clock.leave(self.id);
     }
 }
 
@@ -293,12 +438,12 @@ mod tests {
         let woke = Arc::new(Mutex::new(Vec::new()));
         for (key, period) in [("b", HOUR), ("a", HOUR * 3 / 2)] {
             let (clock, woke) = (clock.clone(), woke.clone());
-            clock.mark(Mark::Begin).unwrap();
+            clock.mark(0, Mark::Begin).unwrap();
             tokio::spawn(async move {
                 let mut at = Duration::ZERO;
                 loop {
                     at += period;
-                    let now = clock.sleep(key, at).unwrap().await;
+                    let now = clock.sleep(0, key, at).unwrap().await;
                     woke.lock().unwrap().push((now.as_secs() / 60, key));
                 }
             });
@@ -318,7 +463,7 @@ mod tests {
     #[tokio::test]
     async fn messages_in_flight_hold_time_back() {
         let clock = Arc::new(SimClock::default());
-        clock.mark(Mark::Send("m".into())).unwrap();
+        clock.mark(0, Mark::Send("m".into(), None)).unwrap();
         let advance = tokio::spawn({
             let clock = clock.clone();
             async move { clock.advance(HOUR, None).await }
@@ -326,12 +471,81 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(clock.status().now, Duration::ZERO);
         assert!(!advance.is_finished());
-        clock.mark(Mark::Take("m".into())).unwrap();
-        clock.mark(Mark::End).unwrap();
+        clock.mark(0, Mark::Take("m".into())).unwrap();
+        clock.mark(0, Mark::End).unwrap();
         assert_eq!(advance.await.unwrap().now, HOUR);
         // Given up before it was sent: not counted when it is.
-        clock.mark(Mark::Abandon("late".into())).unwrap();
-        clock.mark(Mark::Send("late".into())).unwrap();
+        clock.mark(0, Mark::Abandon("late".into())).unwrap();
+        clock.mark(0, Mark::Send("late".into(), None)).unwrap();
         assert_eq!(clock.status().pending, 0);
+    }
+
+    /// A participant that leaves gives up its running tasks and the answers
+    /// it awaits, and nothing of anyone else's; its marks are then refused.
+    #[tokio::test]
+    async fn a_participant_that_leaves_gives_up_what_it_left_pending() {
+        let clock = Arc::new(SimClock::default());
+        let (caller, callee) = (clock.join().unwrap(), clock.join().unwrap());
+        // The caller runs two tasks; one sends a request and awaits its answer.
+        clock.mark(caller.id(), Mark::Begin).unwrap();
+        clock.mark(caller.id(), Mark::Begin).unwrap();
+        clock.mark(caller.id(), Mark::Send("r".into(), Some("r/answer".into()))).unwrap();
+        clock.mark(caller.id(), Mark::Idle).unwrap();
+        // The callee takes it, and runs a loop of its own; nobody in
+        // particular sends a message nobody has taken yet.
+        clock.mark(callee.id(), Mark::Take("r".into())).unwrap();
+        clock.mark(callee.id(), Mark::Begin).unwrap();
+        clock.mark(0, Mark::Send("other".into(), None)).unwrap();
+        assert_eq!(clock.status().pending, 4);
+        let gone = caller.id();
+        drop(caller);
+        assert_eq!(clock.status().pending, 3, "the caller's running task is given up");
+        assert_eq!(
+            clock.mark(gone, Mark::End),
+            Err(ExchangeError::NotOnClock(gone)),
+            "a participant that left is refused"
+        );
+        assert!(matches!(clock.sleep(gone, "k", HOUR), Err(ExchangeError::NotOnClock(_))));
+        assert_eq!(clock.mark(99, Mark::Begin), Err(ExchangeError::NotOnClock(99)));
+        // The answer the caller awaited does not count when it comes.
+        clock.mark(callee.id(), Mark::Send("r/answer".into(), None)).unwrap();
+        clock.mark(callee.id(), Mark::End).unwrap();
+        assert_eq!(clock.status().pending, 2);
+        // The callee's count never goes below its own tasks.
+        clock.mark(callee.id(), Mark::End).unwrap();
+        clock.mark(callee.id(), Mark::End).unwrap();
+        assert_eq!(clock.status().pending, 1, "only the message nobody took");
+        // A callee that leaves while asleep: the sleeper is not counted when
+        // it wakes.
+        clock.mark(0, Mark::Take("other".into())).unwrap();
+        clock.mark(0, Mark::End).unwrap();
+        let sleeper = clock.join().unwrap();
+        clock.mark(sleeper.id(), Mark::Begin).unwrap();
+        let sleep = clock.sleep(sleeper.id(), "s", HOUR).unwrap();
+        drop(sleeper);
+        let advance = clock.advance(HOUR, None).await;
+        assert_eq!((advance.now, advance.pending), (HOUR, 0));
+        assert_eq!(sleep.await, HOUR);
+        assert_eq!(clock.status().pending, 0);
+    }
+
+    /// A request whose sending failed (abandoned in flight) is no longer
+    /// awaited: the participant leaving later abandons nothing of it.
+    #[tokio::test]
+    async fn a_request_given_up_in_flight_is_not_awaited() {
+        let clock = Arc::new(SimClock::default());
+        let caller = clock.join().unwrap();
+        clock.mark(caller.id(), Mark::Send("r".into(), Some("r/answer".into()))).unwrap();
+        clock.mark(caller.id(), Mark::Abandon("r".into())).unwrap();
+        assert_eq!(clock.status().pending, 0);
+        drop(caller);
+        // Had the answer stayed awaited, leaving would have abandoned it,
+        // and this send would not count.
+        clock.mark(0, Mark::Send("r/answer".into(), None)).unwrap();
+        assert_eq!(clock.status().pending, 1);
+        assert!(matches!(
+            Mark::of(pb::MarkKind::Begin, String::new(), "x".into()),
+            Err(ExchangeError::InvalidArgument(_))
+        ));
     }
 }

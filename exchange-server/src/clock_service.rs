@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use academy_proto::pb::{self, clock_service_server};
 use academy_proto::{ExchangeError, duration};
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use tonic::{Request, Response, Status};
 
 use crate::clock::{ClockStatus, Mark, SimClock};
@@ -66,7 +68,8 @@ impl clock_service_server::ClockService for ClockGrpc {
 
     async fn mark(&self, request: Request<pb::MarkRequest>) -> RpcResult<pb::MarkResponse> {
         let req = request.into_inner();
-        self.clock.mark(Mark::of(req.kind(), req.key)?)?;
+        let participant = req.participant;
+        self.clock.mark(participant, Mark::of(req.kind(), req.key, req.answer_key)?)?;
         Ok(Response::new(pb::MarkResponse {}))
     }
 
@@ -74,7 +77,26 @@ impl clock_service_server::ClockService for ClockGrpc {
         let req = request.into_inner();
         limits::name("key", &req.key)?;
         let until = time(req.until, "until")?;
-        let woke = self.clock.sleep(&req.key, until)?.await;
+        let woke = self.clock.sleep(req.participant, &req.key, until)?.await;
         Ok(Response::new(pb::SleepResponse { now: Some(duration::to_proto(woke)) }))
+    }
+
+    type ParticipateStream = BoxStream<'static, Result<pb::ParticipateResponse, Status>>;
+
+    /// Names the participant, then stays open: the participant leaves when
+    /// the stream is dropped (the call ended, or its connection did).
+    async fn participate(
+        &self,
+        _request: Request<pb::ParticipateRequest>,
+    ) -> RpcResult<Self::ParticipateStream> {
+        let joined = self.clock.join()?;
+        let first = pb::ParticipateResponse { participant: joined.id() };
+        let open = futures::stream::once(async move { Ok(first) })
+            .chain(futures::stream::pending())
+            .map(move |answer| {
+                let _stays = &joined;
+                answer
+            });
+        Ok(Response::new(open.boxed()))
     }
 }

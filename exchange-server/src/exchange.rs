@@ -320,9 +320,9 @@ impl Exchange {
         }
         // Requests sent on the clock are taken here, and answered on it.
         for header in queued.iter().filter_map(|m| m.header.as_ref()).filter(|h| h.on_clock) {
-            let _ = self.clock.mark(Mark::Take(header.tag.clone()));
-            let _ = self.clock.mark(Mark::Send(header.answer_key()));
-            let _ = self.clock.mark(Mark::End);
+            let _ = self.clock.mark(0, Mark::Take(header.tag.clone()));
+            let _ = self.clock.mark(0, Mark::Send(header.answer_key(), None));
+            let _ = self.clock.mark(0, Mark::End);
         }
         let replies: Vec<_> = queued
             .iter()

@@ -15,7 +15,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 type Clock = pb::clock_service_client::ClockServiceClient<tonic::transport::Channel>;
 
 fn mark(kind: MarkKind, key: &str) -> pb::MarkRequest {
-    pb::MarkRequest { kind: kind.into(), key: key.into() }
+    pb::MarkRequest { kind: kind.into(), key: key.into(), ..Default::default() }
 }
 
 async fn status(clock: &mut Clock) -> pb::NowResponse {
@@ -32,7 +32,8 @@ async fn a_sleeper_wakes_at_its_time_and_holds_time_while_it_runs() {
     assert_eq!(status(&mut simulator).await.now, Some(to_proto(Duration::ZERO)));
 
     task.mark(mark(MarkKind::Begin, "")).await.unwrap();
-    let sleep = pb::SleepRequest { key: "task".into(), until: Some(to_proto(HOUR)) };
+    let sleep =
+        pb::SleepRequest { key: "task".into(), until: Some(to_proto(HOUR)), participant: 0 };
     let asleep = tokio::spawn({
         let mut task = task.clone();
         async move { task.sleep(sleep).await.unwrap().into_inner().now }
@@ -77,7 +78,8 @@ async fn malformed_or_unauthenticated_clock_requests_are_refused() {
     );
     let refused = clock.advance(pb::AdvanceRequest::default()).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    let refused = clock.sleep(pb::SleepRequest { key: "k".into(), until: None }).await.unwrap_err();
+    let sleep = pb::SleepRequest { key: "k".into(), until: None, participant: 0 };
+    let refused = clock.sleep(sleep).await.unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     assert_eq!(status(&mut clock).await.pending, 0, "nothing was counted");
 
@@ -90,4 +92,78 @@ async fn malformed_or_unauthenticated_clock_requests_are_refused() {
     let request = pb::AdvanceRequest { target: Some(Target::By(to_proto(HOUR))), factor: 0.0 };
     let refused = anonymous.advance(request).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
+}
+
+/// A participant's process goes away (its connection closes) with a task
+/// running and an answer awaited: what it left is given up, time moves on,
+/// the answer does not count when it comes, and marks naming it are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_whose_connection_closes_leaves_the_clock() {
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let mut simulator = Clock::connect(exchange.url()).await.unwrap();
+    let mut callee = Clock::connect(exchange.url()).await.unwrap();
+    let mut joined = callee.participate(pb::ParticipateRequest {}).await.unwrap().into_inner();
+    let callee_id = joined.message().await.unwrap().unwrap().participant;
+    let (participant, caller_call) = {
+        // The caller, on a connection of its own, as a process would be.
+        let mut caller = Clock::connect(exchange.url()).await.unwrap();
+        let mut call = caller.participate(pb::ParticipateRequest {}).await.unwrap().into_inner();
+        let participant = call.message().await.unwrap().unwrap().participant;
+        assert_ne!(participant, callee_id, "each participant is named apart");
+        let by = |kind, key: &str, answer_key: &str| pb::MarkRequest {
+            kind: i32::from(kind),
+            key: key.into(),
+            participant,
+            answer_key: answer_key.into(),
+        };
+        caller.mark(by(MarkKind::Begin, "", "")).await.unwrap();
+        caller.mark(by(MarkKind::Begin, "", "")).await.unwrap();
+        caller.mark(by(MarkKind::Send, "r", "r/answer")).await.unwrap();
+        caller.mark(by(MarkKind::Idle, "", "")).await.unwrap();
+        (participant, call)
+    };
+    let as_callee = |kind, key: &str| pb::MarkRequest {
+        kind: i32::from(kind),
+        key: key.into(),
+        participant: callee_id,
+        ..Default::default()
+    };
+    callee.mark(as_callee(MarkKind::Take, "r")).await.unwrap();
+    // The caller's running task, and the callee's.
+    assert_eq!(status(&mut simulator).await.pending, 2);
+    let advance = tokio::spawn({
+        let mut simulator = simulator.clone();
+        async move {
+            let request =
+                pb::AdvanceRequest { target: Some(Target::By(to_proto(HOUR))), factor: 0.0 };
+            simulator.advance(request).await.unwrap().into_inner().clock.unwrap()
+        }
+    });
+    // The caller's process goes: its only connection closes (its client
+    // and channel were dropped above; this is the last handle on the call).
+    assert!(!advance.is_finished());
+    drop(caller_call);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while status(&mut simulator).await.pending != 1 {
+        assert!(std::time::Instant::now() < deadline, "the caller never left the clock");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Its answer, when the callee sends it, is not counted.
+    callee.mark(as_callee(MarkKind::Send, "r/answer")).await.unwrap();
+    callee.mark(as_callee(MarkKind::End, "")).await.unwrap();
+    let reached = advance.await.unwrap();
+    assert_eq!((reached.now, reached.pending), (Some(to_proto(HOUR)), 0));
+    let refused = callee
+        .mark(pb::MarkRequest { participant, ..as_callee(MarkKind::Begin, "") })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains(&format!("participant {participant}")), "{refused:?}");
+    let sleep = pb::SleepRequest { key: "k".into(), until: Some(to_proto(HOUR)), participant };
+    let refused = callee.sleep(sleep).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    // The callee is still on: its marks count.
+    callee.mark(as_callee(MarkKind::Begin, "")).await.unwrap();
+    assert_eq!(status(&mut simulator).await.pending, 1);
+    drop(joined);
 }

@@ -132,9 +132,10 @@ fn exchange_requests(data: &[u8]) {
             }
             9 => {
                 if let Ok(req) = pb::MarkRequest::decode(body)
-                    && let Ok(mark) = academy_exchange::clock::Mark::of(req.kind(), req.key)
+                    && let Ok(mark) =
+                        academy_exchange::clock::Mark::of(req.kind(), req.key, req.answer_key)
                 {
-                    let _ = exchange.clock().mark(mark);
+                    let _ = exchange.clock().mark(req.participant, mark);
                 }
             }
             _ => {
@@ -237,7 +238,12 @@ fn request_seeds() -> Vec<Vec<u8>> {
         ),
         with(
             9,
-            pb::MarkRequest { kind: pb::MarkKind::Send.into(), key: "k".into() }.encode_to_vec(),
+            pb::MarkRequest {
+                kind: pb::MarkKind::Send.into(),
+                key: "k".into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
         ),
     ]
 }

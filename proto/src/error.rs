@@ -155,6 +155,12 @@ pub enum ExchangeError {
         /// Its bound, in bytes.
         limit: u64,
     },
+    /// A mark or sleep names a participant the simulated clock does not
+    /// have: it left (its `Participate` call ended) or never joined.
+    #[error(
+        "participant {0} is not on the clock: it left (its Participate call ended) or never joined"
+    )]
+    NotOnClock(u64),
 }
 
 impl ExchangeError {
@@ -173,7 +179,7 @@ impl ExchangeError {
             | Self::QuotaExceeded { .. }
             | Self::BlobStoreFull { .. } => Code::ResourceExhausted,
             Self::LimitExceeded { .. } => Code::InvalidArgument,
-            Self::StaleEpoch { .. } => Code::FailedPrecondition,
+            Self::StaleEpoch { .. } | Self::NotOnClock(_) => Code::FailedPrecondition,
             Self::Superseded(_) | Self::StateConflict { .. } => Code::Aborted,
             Self::ShuttingDown | Self::Unavailable(_) => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -201,6 +207,7 @@ impl ExchangeError {
             Self::Unavailable(_) => "STORE_UNAVAILABLE",
             Self::BlobNotFound(_) => "BLOB_NOT_FOUND",
             Self::BlobStoreFull { .. } => "BLOB_STORE_FULL",
+            Self::NotOnClock(_) => "NOT_ON_CLOCK",
         }
     }
 }
@@ -268,6 +275,7 @@ impl ExchangeError {
             "BLOB_STORE_FULL" => {
                 Self::BlobStoreFull { limit: metadata.get("limit")?.parse().ok()? }
             }
+            "NOT_ON_CLOCK" => Self::NotOnClock(metadata.get("participant")?.parse().ok()?),
             _ => return None,
         })
     }
@@ -324,6 +332,9 @@ impl ExchangeError {
             Self::BlobStoreFull { limit } => {
                 metadata.insert("limit".into(), limit.to_string());
             }
+            Self::NotOnClock(participant) => {
+                metadata.insert("participant".into(), participant.to_string());
+            }
             Self::InvalidArgument(_)
             | Self::Unauthenticated(_)
             | Self::ShuttingDown
@@ -373,6 +384,7 @@ mod tests {
             ExchangeError::StateConflict { id, expected: 2, current: 5 },
             ExchangeError::BlobNotFound("0f".repeat(16)),
             ExchangeError::BlobStoreFull { limit: 1 << 32 },
+            ExchangeError::NotOnClock(7),
         ] {
             let status = Status::from(err.clone());
             assert_eq!(status.code(), err.code());

@@ -4,7 +4,7 @@
 //! `cargo run -p academy-examples --bin worker -- --launcher http://127.0.0.1:50052`
 
 use academy_examples::behaviours::{
-    Cleaner, Controller, Coordinator, Crashy, Ledger, Recorder, Sensor, WordStats,
+    Cleaner, Controller, Coordinator, Crashy, Ledger, Recorder, Relay, Sensor, Stall, WordStats,
 };
 use academy_sdk::clock::ClockKind;
 use academy_sdk::worker::{Worker, WorkerStatus};
@@ -113,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
         .register::<Controller>()
         .register::<Recorder>()
         .register::<Ledger>()
+        .register::<Stall>()
+        .register::<Relay>()
         .run()
         .await?;
     Ok(())

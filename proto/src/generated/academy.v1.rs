@@ -3479,6 +3479,16 @@ pub struct MarkRequest {
     /// (at most 256 bytes).
     #[prost(string, tag = "2")]
     pub key: ::prost::alloc::string::String,
+    /// The participant making the mark (from Participate); 0: none, counted for
+    /// nobody. One that is not on the clock (it left, or never joined) is
+    /// refused with FAILED_PRECONDITION.
+    #[prost(uint64, tag = "3")]
+    pub participant: u64,
+    /// For SEND of a request whose answer the participant will take: the
+    /// answer's key (at most 256 bytes). Should the participant leave before
+    /// it takes or abandons that answer, the answer is not counted.
+    #[prost(string, tag = "4")]
+    pub answer_key: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct MarkResponse {}
@@ -3490,12 +3500,23 @@ pub struct SleepRequest {
     pub key: ::prost::alloc::string::String,
     #[prost(message, optional, tag = "2")]
     pub until: ::core::option::Option<::prost_types::Duration>,
+    /// The participant whose task sleeps (from Participate); 0: none.
+    #[prost(uint64, tag = "3")]
+    pub participant: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct SleepResponse {
     /// The time it woke at.
     #[prost(message, optional, tag = "1")]
     pub now: ::core::option::Option<::prost_types::Duration>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ParticipateRequest {}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ParticipateResponse {
+    /// Names the participant in MarkRequest and SleepRequest.
+    #[prost(uint64, tag = "1")]
+    pub participant: u64,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -3739,6 +3760,36 @@ pub mod clock_service_client {
                 .insert(GrpcMethod::new("academy.v1.ClockService", "Sleep"));
             self.inner.unary(req, path, codec).await
         }
+        /// Joins the clock as a participant (a process whose agents are on it).
+        /// The first answer names the participant; the call then stays open, and
+        /// marks and sleeps that name the participant are counted as its own.
+        /// When the call ends (the process died or closed its connection), the
+        /// clock gives up what the participant left pending: its running tasks,
+        /// and the answers it awaited (they are not counted when they come).
+        pub async fn participate(
+            &mut self,
+            request: impl tonic::IntoRequest<super::ParticipateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<tonic::codec::Streaming<super::ParticipateResponse>>,
+            tonic::Status,
+        > {
+            self.inner
+                .ready()
+                .await
+                .map_err(|e| {
+                    tonic::Status::unknown(
+                        format!("Service was not ready: {}", e.into()),
+                    )
+                })?;
+            let codec = crate::codec::BoundedCodec::default();
+            let path = http::uri::PathAndQuery::from_static(
+                "/academy.v1.ClockService/Participate",
+            );
+            let mut req = request.into_request();
+            req.extensions_mut()
+                .insert(GrpcMethod::new("academy.v1.ClockService", "Participate"));
+            self.inner.server_streaming(req, path, codec).await
+        }
     }
 }
 /// Generated server implementations.
@@ -3776,6 +3827,25 @@ pub mod clock_service_server {
             &self,
             request: tonic::Request<super::SleepRequest>,
         ) -> std::result::Result<tonic::Response<super::SleepResponse>, tonic::Status>;
+        /// Server streaming response type for the Participate method.
+        type ParticipateStream: tonic::codegen::tokio_stream::Stream<
+                Item = std::result::Result<super::ParticipateResponse, tonic::Status>,
+            >
+            + std::marker::Send
+            + 'static;
+        /// Joins the clock as a participant (a process whose agents are on it).
+        /// The first answer names the participant; the call then stays open, and
+        /// marks and sleeps that name the participant are counted as its own.
+        /// When the call ends (the process died or closed its connection), the
+        /// clock gives up what the participant left pending: its running tasks,
+        /// and the answers it awaited (they are not counted when they come).
+        async fn participate(
+            &self,
+            request: tonic::Request<super::ParticipateRequest>,
+        ) -> std::result::Result<
+            tonic::Response<Self::ParticipateStream>,
+            tonic::Status,
+        >;
     }
     /// A simulator moves time (Advance); agents on the clock sleep until a time
     /// (Sleep) and say what they do (Mark). Sleepers wake one at a time, in order
@@ -4029,6 +4099,52 @@ pub mod clock_service_server {
                                 max_encoding_message_size,
                             );
                         let res = grpc.unary(method, req).await;
+                        Ok(res)
+                    };
+                    Box::pin(fut)
+                }
+                "/academy.v1.ClockService/Participate" => {
+                    #[allow(non_camel_case_types)]
+                    struct ParticipateSvc<T: ClockService>(pub Arc<T>);
+                    impl<
+                        T: ClockService,
+                    > tonic::server::ServerStreamingService<super::ParticipateRequest>
+                    for ParticipateSvc<T> {
+                        type Response = super::ParticipateResponse;
+                        type ResponseStream = T::ParticipateStream;
+                        type Future = BoxFuture<
+                            tonic::Response<Self::ResponseStream>,
+                            tonic::Status,
+                        >;
+                        fn call(
+                            &mut self,
+                            request: tonic::Request<super::ParticipateRequest>,
+                        ) -> Self::Future {
+                            let inner = Arc::clone(&self.0);
+                            let fut = async move {
+                                <T as ClockService>::participate(&inner, request).await
+                            };
+                            Box::pin(fut)
+                        }
+                    }
+                    let accept_compression_encodings = self.accept_compression_encodings;
+                    let send_compression_encodings = self.send_compression_encodings;
+                    let max_decoding_message_size = self.max_decoding_message_size;
+                    let max_encoding_message_size = self.max_encoding_message_size;
+                    let inner = self.inner.clone();
+                    let fut = async move {
+                        let method = ParticipateSvc(inner);
+                        let codec = crate::codec::BoundedCodec::default();
+                        let mut grpc = tonic::server::Grpc::new(codec)
+                            .apply_compression_config(
+                                accept_compression_encodings,
+                                send_compression_encodings,
+                            )
+                            .apply_max_message_size_config(
+                                max_decoding_message_size,
+                                max_encoding_message_size,
+                            );
+                        let res = grpc.server_streaming(method, req).await;
                         Ok(res)
                     };
                     Box::pin(fut)
