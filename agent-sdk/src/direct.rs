@@ -435,15 +435,34 @@ mod serve {
 
     async fn listen(address: &str, scheme: &str) -> std::io::Result<(String, Incoming)> {
         if let Some(path) = address.strip_prefix("unix:") {
-            // A socket file left by a dead process is taken over; one a
-            // live process listens on is not.
-            if tokio::net::UnixStream::connect(path).await.is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("peer endpoint: a process listens on {path} already"),
-                ));
+            // A socket file left by a dead process (nobody accepts on it)
+            // is taken over; one a live process listens on is not, nor is
+            // any other file.
+            if let Ok(found) = std::fs::symlink_metadata(path) {
+                use std::io::{Error, ErrorKind};
+                use std::os::unix::fs::FileTypeExt as _;
+                if !found.file_type().is_socket() {
+                    let why = format!("peer endpoint: {path} exists and is not a socket");
+                    return Err(Error::new(ErrorKind::AlreadyExists, why));
+                }
+                match tokio::net::UnixStream::connect(path).await {
+                    // Only a refusal says nobody listens: a full backlog
+                    // (EAGAIN) is a live process too.
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                        std::fs::remove_file(path)?;
+                    }
+                    Ok(_) => {
+                        let why = format!("peer endpoint: a process listens on {path} already");
+                        return Err(Error::new(ErrorKind::AddrInUse, why));
+                    }
+                    Err(e) => {
+                        let why = format!(
+                            "peer endpoint: cannot tell whether a process listens on {path}: {e}"
+                        );
+                        return Err(Error::new(e.kind(), why));
+                    }
+                }
             }
-            let _ = std::fs::remove_file(path);
             let listener = tokio::net::UnixListener::bind(path)?;
             return Ok((format!("unix:{path}"), Incoming::Unix(listener, path.into())));
         }

@@ -462,6 +462,28 @@ async fn an_endpoint_refuses_what_it_cannot_advertise_or_serve() {
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
     assert!(err.to_string().contains("listens on"), "{err}");
     drop(live);
+    // Nor one whose process accepts nothing and whose backlog is full.
+    let path = dir.join("busy.sock");
+    let busy = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut queued = Vec::new();
+    while queued.len() < 100_000 {
+        match tokio::net::UnixStream::connect(&path).await {
+            Ok(stream) => queued.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let busy_socket = format!("unix:{}", path.display());
+    let err = Endpoint::serve(&busy_socket).await.unwrap_err();
+    assert!(err.to_string().contains("busy.sock"), "{err}");
+    drop((busy, queued));
+    // A socket file nobody accepts on is taken over; any other file is kept.
+    assert!(Endpoint::serve(&busy_socket).await.is_ok());
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let err = Endpoint::serve(&format!("unix:{}", file.display())).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
     let garbage = EndpointTls::new(b"not a certificate", b"not a key");
     let err = Endpoint::serve_tls("127.0.0.1:0", &garbage).await.unwrap_err();
     assert!(err.to_string().contains("peer endpoint TLS"), "{err}");

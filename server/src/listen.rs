@@ -134,20 +134,37 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `address`. A Unix socket file left by a process that died is
-    /// replaced; one a live server listens on is `AddrInUse`.
+    /// Binds `address`. A Unix socket file left by a process that died
+    /// (nobody accepts on it) is replaced; one a live server listens on is
+    /// `AddrInUse`, and any other file `AlreadyExists`.
     pub async fn bind(address: &Address) -> std::io::Result<Self> {
         match address {
             Address::Tcp(addr) => Ok(Self::Tcp(TcpListener::bind(addr).await?)),
             Address::Unix(path) => {
-                if path.exists() {
-                    if UnixStream::connect(path).await.is_ok() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::AddrInUse,
-                            format!("a server listens on {} already", path.display()),
-                        ));
+                if let Ok(found) = std::fs::symlink_metadata(path) {
+                    use std::io::{Error, ErrorKind};
+                    use std::os::unix::fs::FileTypeExt as _;
+                    let shown = path.display();
+                    if !found.file_type().is_socket() {
+                        let why = format!("{shown} exists and is not a socket");
+                        return Err(Error::new(ErrorKind::AlreadyExists, why));
                     }
-                    std::fs::remove_file(path)?;
+                    match UnixStream::connect(path).await {
+                        // Only a refusal says nobody listens: a full
+                        // backlog (EAGAIN) is a live server too.
+                        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                            std::fs::remove_file(path)?;
+                        }
+                        Ok(_) => {
+                            let why = format!("a server listens on {shown} already");
+                            return Err(Error::new(ErrorKind::AddrInUse, why));
+                        }
+                        Err(e) => {
+                            let why =
+                                format!("cannot tell whether a server listens on {shown}: {e}");
+                            return Err(Error::new(e.kind(), why));
+                        }
+                    }
                 }
                 Ok(Self::Unix(UnixListener::bind(path)?, path.clone()))
             }
@@ -406,6 +423,46 @@ mod tests {
         assert_eq!(tcp.url(true), "https://127.0.0.1:50051");
         assert!("unix:".parse::<Address>().unwrap_err().contains("needs a path"));
         assert!("example.org".parse::<Address>().unwrap_err().contains("unix:/path"));
+    }
+
+    /// A socket file nobody accepts on is taken over; one whose server
+    /// lives is not, even with its backlog full; nor is any other file.
+    #[tokio::test]
+    async fn a_unix_socket_is_taken_over_only_when_nobody_listens() {
+        let dir = std::env::temp_dir().join(format!("academy-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let address = Address::Unix(path.clone());
+        // Left by a process that died: the file stays, nobody accepts.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let taken = Listener::bind(&address).await.unwrap();
+        drop(taken);
+        let _ = std::fs::remove_file(&path);
+        // A live server that accepts nothing, its backlog filled up.
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..100_000 {
+            match UnixStream::connect(&path).await {
+                Ok(stream) => queued.push(stream),
+                Err(e) => {
+                    assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
+                    break;
+                }
+            }
+        }
+        let Err(err) = Listener::bind(&address).await else {
+            panic!("a live server's socket is kept")
+        };
+        assert!(err.to_string().contains("s.sock"), "{err}");
+        assert!(path.exists());
+        drop((live, queued));
+        std::fs::remove_file(&path).unwrap();
+        // Any other file is left alone.
+        std::fs::write(&path, "keep me").unwrap();
+        let Err(err) = Listener::bind(&address).await else { panic!("a plain file is kept") };
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists, "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
