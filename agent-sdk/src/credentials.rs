@@ -24,6 +24,9 @@ pub const TLS_CERT_ENV: &str = "ACADEMY_TLS_CERT";
 /// The environment variable naming the PEM file of the client certificate's key.
 pub const TLS_KEY_ENV: &str = "ACADEMY_TLS_KEY";
 
+/// See [`Credentials::tls_parts`].
+pub(crate) type TlsParts = (Option<Arc<[u8]>>, Option<Arc<(Vec<u8>, Vec<u8>)>>);
+
 /// A bearer token sent with every call (or none), and the TLS settings of
 /// `https://` URLs. `connect` functions use [`Credentials::from_env`]; the
 /// `connect_with` ones take them explicitly.
@@ -93,6 +96,13 @@ impl Credentials {
     /// which check tickets instead (a token is for the exchange alone).
     pub(crate) fn for_peers(&self) -> Self {
         Self { authorization: None, ..self.clone() }
+    }
+
+    /// What a connection is made with (the CA trusted, the certificate
+    /// shown), compared by content: connections kept for reuse are kept
+    /// by it, so that no one uses a connection made as someone else.
+    pub(crate) fn tls_parts(&self) -> TlsParts {
+        (self.ca.clone(), self.identity.clone())
     }
 
     /// From the environment: the token in `ACADEMY_TOKEN`, and the PEM files

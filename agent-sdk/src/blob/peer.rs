@@ -21,6 +21,7 @@ use academy_proto::{ExchangeError, excerpt};
 use bytes::{Bytes, BytesMut};
 use tonic::transport::Channel;
 
+use crate::credentials::TlsParts;
 use crate::{ClientError, Credentials};
 
 /// How long a peer blob is kept at most.
@@ -122,16 +123,19 @@ impl Kept {
     }
 }
 
-/// Connections to peer endpoints for blobs, by URL (apart from those
-/// that deliver, so that no request waits behind a blob's bytes).
-static CLIENTS: Mutex<Option<HashMap<String, PeerServiceClient<Channel>>>> = Mutex::new(None);
+/// Connections to peer endpoints for blobs, by URL and by the credentials
+/// they were made with (apart from those that deliver, so that no request
+/// waits behind a blob's bytes).
+static CLIENTS: Mutex<Option<Clients>> = Mutex::new(None);
+type Clients = HashMap<(String, TlsParts), PeerServiceClient<Channel>>;
 /// Endpoints whose connections are kept before all are dropped.
 const CLIENTS_KEPT: usize = 256;
 
 fn client(url: &str, credentials: &Credentials) -> Result<PeerServiceClient<Channel>, ClientError> {
     let mut clients = lock(&CLIENTS);
     let clients = clients.get_or_insert_with(HashMap::new);
-    if let Some(client) = clients.get(url) {
+    let key = (url.to_owned(), credentials.tls_parts());
+    if let Some(client) = clients.get(&key) {
         return Ok(client.clone());
     }
     if clients.len() >= CLIENTS_KEPT {
@@ -144,7 +148,7 @@ fn client(url: &str, credentials: &Credentials) -> Result<PeerServiceClient<Chan
     let client = PeerServiceClient::new(channel)
         .max_decoding_message_size(BLOB_CHUNK_BYTES + 1024)
         .max_encoding_message_size(BLOB_CHUNK_BYTES + 1024);
-    clients.insert(url.to_owned(), client.clone());
+    clients.insert(key, client.clone());
     Ok(client)
 }
 
@@ -234,6 +238,22 @@ pub(crate) fn delete(blob: pb::BlobRef, credentials: &Credentials) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two sets of credentials in one process (two managers, say) reach
+    /// the same endpoint on connections of their own; clones share one.
+    #[tokio::test]
+    async fn peer_blob_connections_are_kept_per_credentials() {
+        let url = "http://127.0.0.1:1";
+        let trusting = Credentials::none().with_tls_ca(b"ca");
+        let certified = trusting.clone().with_client_certificate(b"cert", b"key");
+        for credentials in [&trusting, &certified, &trusting.clone(), &certified.for_peers()] {
+            client(url, credentials).unwrap();
+        }
+        let again = Credentials::none().with_tls_ca(b"ca");
+        client(url, &again).unwrap();
+        let kept = lock(&CLIENTS).as_ref().unwrap().keys().filter(|(u, _)| u == url).count();
+        assert_eq!(kept, 2);
+    }
 
     #[test]
     fn an_endpoint_keeps_blobs_within_its_bounds_and_accounts_for_them() {
