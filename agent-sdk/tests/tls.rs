@@ -139,3 +139,53 @@ fn client_principals_need_mutual_tls() {
     let err = pki.server_tls(false).with_client_principals().unwrap_err();
     assert!(err.to_string().contains("mutual TLS"), "{err}");
 }
+
+/// A server reads its certificate files again: after they are replaced (a
+/// renewal by another CA here), new connections get the new certificate;
+/// files that do not load leave the last good one served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_serves_its_renewed_certificate_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("academy-tls-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let write = |pem: &CertifiedKey| {
+        std::fs::write(&cert, &pem.cert).unwrap();
+        std::fs::write(&key, &pem.key).unwrap();
+    };
+    let (old, new) = (TestPki::new("old CA"), TestPki::new("new CA"));
+    write(&old.server);
+    let tls = Tls::load(&cert, &key, None).unwrap();
+    let server = RunningExchange::start(ExchangeOptions { tls: Some(tls), ..Default::default() })
+        .await
+        .unwrap();
+    let trusts = |pki: &TestPki| Credentials::none().with_tls_ca(pki.ca().as_bytes());
+    let connects =
+        async |pki: &TestPki| GrpcExchange::connect_with(server.url(), &trusts(pki)).await.is_ok();
+    assert!(connects(&old).await && !connects(&new).await);
+    // A connection made before stays up, with the certificate it got.
+    let kept = GrpcExchange::connect_with(server.url(), &trusts(&old)).await.unwrap();
+    let manager = Manager::new(std::sync::Arc::new(kept)).await.unwrap();
+    let echo = manager.launch(Echo).await.unwrap();
+
+    write(&new.server);
+    let deadline = std::time::Instant::now() + tls_reload_bound();
+    while !connects(&new).await {
+        assert!(std::time::Instant::now() < deadline, "the renewed certificate was never served");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!connects(&old).await, "new connections get the new certificate only");
+    assert_eq!(round_trip(&server.url(), &trusts(&new)).await.unwrap(), "over TLS");
+    assert_eq!(echo.echo("still up".into()).await.unwrap(), "still up");
+    manager.close().await.unwrap();
+
+    // A key that is not PEM (or not the certificate's): the last good pair stays.
+    std::fs::write(&key, "not a key").unwrap();
+    tokio::time::sleep(tls_reload_bound()).await;
+    assert!(connects(&new).await, "a broken renewal is not taken");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Long enough for a server to have looked at its files again.
+fn tls_reload_bound() -> std::time::Duration {
+    academy_server::tls::RELOAD_EVERY * 2
+}

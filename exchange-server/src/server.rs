@@ -12,7 +12,7 @@ use academy_server::auth::{Authenticator, Tokens};
 use academy_server::grpc::{MAX_STREAMS_PER_CONNECTION, StatusRules, reflection};
 use academy_server::listen::{self, Address, ConnectionLimits, Listener};
 use academy_server::metrics::{self, RpcMetrics};
-use academy_server::tls::{Tls, server_builder};
+use academy_server::tls::Tls;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -144,6 +144,8 @@ impl RunningExchange {
                 "TLS on a Unix socket is not supported: the socket file's permissions guard it",
             ));
         }
+        let tls =
+            options.tls.as_ref().map(Tls::acceptor).transpose().map_err(std::io::Error::other)?;
         let listener = Listener::bind(&options.listen).await?;
         let addr = listener.address()?;
         let shutdown = CancellationToken::new();
@@ -200,7 +202,7 @@ impl RunningExchange {
             .max_encoding_message_size(usize::MAX);
         let blobs = InterceptedService::new(blobs, auth.clone());
         let service = InterceptedService::new(service, auth);
-        let incoming = listen::incoming(listener, options.connections);
+        let incoming = listen::incoming(listener, options.connections, tls);
         let signal = {
             let shutdown = shutdown.clone();
             let exchange = exchange.clone();
@@ -213,8 +215,7 @@ impl RunningExchange {
             }
         };
         let grace = options.shutdown_grace;
-        let router = server_builder(options.tls.as_ref())
-            .map_err(std::io::Error::other)?
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)

@@ -11,7 +11,7 @@ use academy_server::auth::{Authenticator, Tokens};
 use academy_server::grpc::{MAX_STREAMS_PER_CONNECTION, StatusRules, reflection};
 use academy_server::listen::{self, Address, ConnectionLimits, Listener};
 use academy_server::metrics::{self, RpcMetrics};
-use academy_server::tls::{Tls, server_builder};
+use academy_server::tls::Tls;
 use prometheus_client::registry::Registry;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -133,11 +133,12 @@ impl RunningLauncher {
             options.tls.is_none() || options.listen.tcp().is_some(),
             "TLS on a Unix socket is not supported: the socket file's permissions guard it"
         );
+        let tls = options.tls.as_ref().map(Tls::acceptor).transpose()?;
         let listener = Listener::bind(&options.listen).await?;
         let addr = listener.address()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<LauncherServiceServer<LauncherGrpc>>().await;
-        let incoming = listen::incoming(listener, options.connections);
+        let incoming = listen::incoming(listener, options.connections, tls);
         let signal = {
             let shutdown = shutdown.clone();
             async move {
@@ -145,7 +146,7 @@ impl RunningLauncher {
                 ready.send_replace(false);
             }
         };
-        let router = server_builder(options.tls.as_ref())?
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)

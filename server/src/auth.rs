@@ -273,7 +273,8 @@ fn token_grant(
 /// The principal a call's client certificate names (already verified by
 /// the TLS handshake against the server's client CA).
 fn certificate_principal(request: &Request<()>) -> Result<Principal, Status> {
-    let certs = request.peer_certs().ok_or_else(|| {
+    let info = request.extensions().get::<crate::listen::ConnectInfo>();
+    let certs = info.and_then(|i| i.peer_certs.clone()).ok_or_else(|| {
         denied("this server needs a client certificate (mutual TLS) or a bearer token")
     })?;
     let leaf = certs.first().ok_or_else(|| denied("no client certificate was presented"))?;

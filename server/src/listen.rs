@@ -3,7 +3,8 @@
 //! handshake within a time limit; running out of file descriptors backs off
 //! instead of spinning. Accepted connections have TCP_NODELAY set (small
 //! messages must not wait for Nagle). A server listens on TCP or on a
-//! Unix-domain socket ([`Address`]).
+//! Unix-domain socket ([`Address`]), and with TLS completes each
+//! connection's handshake (within the same time limit) before serving it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -16,8 +17,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::tls::Acceptor;
 
 /// Bounds on the connections a server accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,11 +207,14 @@ impl Address {
 /// A TCP or a Unix-domain connection.
 type Io = Either<TcpStream, UnixStream>;
 
+/// A connection, over TLS or not.
+type Secured = Either<Io, Box<tokio_rustls::server::TlsStream<Io>>>;
+
 /// A connection accepted within the limits; its slots are given back when it
 /// closes.
 #[derive(Debug)]
 pub struct Bounded {
-    stream: Io,
+    stream: Secured,
     _slot: OwnedSemaphorePermit,
     /// Its peer's share of the per-peer limit (TCP only: a Unix socket's
     /// peers are this node's processes, guarded by the file's permissions).
@@ -233,14 +240,32 @@ impl Drop for PeerSlot {
     }
 }
 
+/// What a call's request knows of its connection (in its extensions).
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    /// The addresses of a TCP connection.
+    pub tcp: TcpConnectInfo,
+    /// The certificates the client showed (mutual TLS), leaf first.
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
 impl Connected for Bounded {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        match &self.stream {
+        let io = match &self.stream {
+            Either::Left(io) => io,
+            Either::Right(tls) => tls.get_ref().0,
+        };
+        let tcp = match io {
             Either::Left(tcp) => tcp.connect_info(),
             Either::Right(_) => TcpConnectInfo { local_addr: None, remote_addr: None },
-        }
+        };
+        let peer_certs = match &self.stream {
+            Either::Left(_) => None,
+            Either::Right(tls) => tls.get_ref().1.peer_certificates().map(|c| Arc::new(c.to_vec())),
+        };
+        ConnectInfo { tcp, peer_certs }
     }
 }
 
@@ -272,10 +297,7 @@ impl AsyncWrite for Bounded {
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.stream {
-            Either::Left(tcp) => tcp.is_write_vectored(),
-            Either::Right(unix) => unix.is_write_vectored(),
-        }
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -287,14 +309,16 @@ impl AsyncWrite for Bounded {
     }
 }
 
-/// The connections of `listener` that come within `limits`, as a stream for
-/// tonic's `serve_with_incoming`. Accepting stops when the stream is dropped.
+/// The connections of `listener` that come within `limits` (with `tls`,
+/// those whose TLS handshake completes), as a stream for tonic's
+/// `serve_with_incoming`. Accepting stops when the stream is dropped.
 pub fn incoming(
     listener: Listener,
     limits: ConnectionLimits,
+    tls: Option<Acceptor>,
 ) -> impl futures::Stream<Item = std::io::Result<Bounded>> {
     let (ready, accepted) = mpsc::channel(128);
-    tokio::spawn(accept(listener, limits, ready));
+    tokio::spawn(accept(listener, limits, tls, ready));
     tokio_stream::wrappers::ReceiverStream::new(accepted)
 }
 
@@ -307,6 +331,7 @@ fn handshake_bytes(first: u8) -> usize {
 async fn accept(
     listener: Listener,
     limits: ConnectionLimits,
+    tls: Option<Acceptor>,
     ready: mpsc::Sender<std::io::Result<Bounded>>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -350,7 +375,7 @@ async fn accept(
                 Some(PeerSlot { peers: peers.clone(), ip })
             }
         };
-        let ready = ready.clone();
+        let (ready, tls) = (ready.clone(), tls.as_ref().map(Acceptor::current));
         tokio::spawn(async move {
             let ready_to_go = match &stream {
                 Either::Left(tcp) => {
@@ -358,9 +383,23 @@ async fn accept(
                 }
                 Either::Right(_) => true,
             };
-            if ready_to_go {
-                let _ = ready.send(Ok(Bounded { stream, _slot: slot, _peer: peer })).await;
+            if !ready_to_go {
+                return;
             }
+            let stream = match tls {
+                None => Either::Left(stream),
+                Some(tls) => {
+                    match tokio::time::timeout(limits.handshake_timeout, tls.accept(stream)).await {
+                        Ok(Ok(tls)) => Either::Right(Box::new(tls)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
+            let _ = ready.send(Ok(Bounded { stream, _slot: slot, _peer: peer })).await;
         });
     }
 }
