@@ -264,3 +264,83 @@ fn the_tree(spans: &[Received], failing_span: &str) -> Result<(), String> {
     let failed = find("example.WordStats analyse", &invoked.id)?;
     expect(failed.failed, format!("not failed: {failed:?}"))
 }
+
+/// Traces go to a collector that takes them only over mutual TLS: the
+/// exchange trusts it by the CA in `OTEL_EXPORTER_OTLP_CERTIFICATE` and
+/// shows the client certificate in `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_reach_a_collector_over_mutual_tls() {
+    let pki = academy_server::testing::TestPki::new("collector CA");
+    let dir = std::env::temp_dir().join(format!("academy-otlp-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let ca = file("ca.pem", &pki.ca());
+    let (cert, key) = (file("client.pem", &pki.client.cert), file("client.key", &pki.client.key));
+
+    let receiver = Receiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = format!("https://{}", listener.local_addr().unwrap());
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(&pki.server.cert, &pki.server.key))
+        .client_ca_root(tonic::transport::Certificate::from_pem(pki.ca()));
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .unwrap()
+        .add_service(TraceServiceServer::new(receiver.clone()));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(server.serve_with_incoming(incoming));
+
+    let port = free_port();
+    let exchange = Command::new(binary("academy-exchange"))
+        .env("ACADEMY_EXCHANGE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
+        .env("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca)
+        .env("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", &cert)
+        .env("OTEL_EXPORTER_OTLP_CLIENT_KEY", &key)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env_remove("OTEL_SERVICE_NAME")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("build the workspace's binaries");
+    let _children = Children(vec![exchange]);
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut rpc = loop {
+        match ExchangeServiceClient::connect(url.clone()).await {
+            Ok(rpc) => break rpc,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("no exchange: {e}"),
+        }
+    };
+    // A traced message, sent by a client to itself: the exchange's span of
+    // accepting it goes to the collector.
+    let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+    let id = client.into_inner().client_id;
+    let header = pb::Header {
+        src: id.clone(),
+        dest: id,
+        tag: uuid::Uuid::new_v4().to_string(),
+        traceparent: format!("00-{TRACE}-{RAW_SPAN}-01"),
+        ..Default::default()
+    };
+    let request = pb::ActionRequest { action: "noop".into(), args: None };
+    let message =
+        pb::Message { header: Some(header), body: Some(pb::message::Body::ActionRequest(request)) };
+    rpc.send(pb::SendRequest { message: Some(message) }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spans = receiver.0.lock().unwrap().clone();
+        if spans.iter().any(|s| s.trace == TRACE && s.service == "academy-exchange") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no span came over TLS: {spans:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

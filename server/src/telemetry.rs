@@ -9,8 +9,13 @@
 //! sampler `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` (by default:
 //! follow the caller's decision, sample what starts here), and the resource
 //! `OTEL_SERVICE_NAME` (by default, the binary's name) and
-//! `OTEL_RESOURCE_ATTRIBUTES`. Without an endpoint, tracing costs nothing:
-//! no span is made (a caller's trace context is still passed on).
+//! `OTEL_RESOURCE_ATTRIBUTES`. An `https://` endpoint is reached over TLS,
+//! trusting the CA in `OTEL_EXPORTER_OTLP_CERTIFICATE` (a PEM file; else the
+//! public web roots) and, for mutual TLS, showing the certificate and key in
+//! `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` and `OTEL_EXPORTER_OTLP_CLIENT_KEY`
+//! (each also as `OTEL_EXPORTER_OTLP_TRACES_*`, which wins). Without an
+//! endpoint, tracing costs nothing: no span is made (a caller's trace
+//! context is still passed on).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,7 +74,7 @@ pub fn init(format: LogFormat, service: &'static str) -> Telemetry {
     let Some(endpoint) = endpoint.filter(|_| !disabled) else {
         return Telemetry { provider: None, runtime: None };
     };
-    match exporter() {
+    match exporter(endpoint.starts_with("https://")) {
         Ok((exporter, runtime)) => {
             let resource = if env("OTEL_SERVICE_NAME").is_some() {
                 Resource::builder().build()
@@ -105,9 +110,11 @@ fn init_logs(format: LogFormat) {
     };
 }
 
-/// The OTLP exporter on a Tokio runtime of its own: the batch processor
-/// exports from a thread of its own, where tonic would find no reactor.
-fn exporter() -> anyhow::Result<(OnRuntime, tokio::runtime::Runtime)> {
+/// The OTLP exporter (over TLS if `tls`) on a Tokio runtime of its own:
+/// the batch processor exports from a thread of its own, where tonic would
+/// find no reactor.
+fn exporter(tls: bool) -> anyhow::Result<(OnRuntime, tokio::runtime::Runtime)> {
+    use opentelemetry_otlp::WithTonicConfig as _;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("otlp-export")
@@ -115,10 +122,40 @@ fn exporter() -> anyhow::Result<(OnRuntime, tokio::runtime::Runtime)> {
         .build()?;
     let exporter = {
         let _inside = runtime.enter();
-        opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?
+        let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+        let builder = if tls { builder.with_tls_config(collector_tls()?) } else { builder };
+        builder.build()?
     };
     let handle = runtime.handle().clone();
     Ok((OnRuntime { inner: Arc::new(exporter), handle }, runtime))
+}
+
+/// TLS to the collector, as the OTLP variables say (see the module's
+/// documentation).
+fn collector_tls() -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let file = |what: &str| -> anyhow::Result<Option<Vec<u8>>> {
+        let named =
+            [format!("OTEL_EXPORTER_OTLP_TRACES_{what}"), format!("OTEL_EXPORTER_OTLP_{what}")];
+        let Some((var, path)) = named.into_iter().find_map(|var| {
+            let path = std::env::var(&var).ok().filter(|p| !p.trim().is_empty())?;
+            Some((var, path))
+        }) else {
+            return Ok(None);
+        };
+        let read =
+            std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {var} ({path}): {e}"))?;
+        Ok(Some(read))
+    };
+    let tls = match file("CERTIFICATE")? {
+        Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+        None => ClientTlsConfig::new().with_webpki_roots(),
+    };
+    Ok(match (file("CLIENT_CERTIFICATE")?, file("CLIENT_KEY")?) {
+        (Some(cert), Some(key)) => tls.identity(Identity::from_pem(cert, key)),
+        (None, None) => tls,
+        _ => anyhow::bail!("an OTLP client certificate and its key go together"),
+    })
 }
 
 /// A span exporter whose exports run on `handle`'s runtime.
