@@ -107,7 +107,7 @@ struct State {
     early: HashSet<String>,
     next: u64,
     participants: HashMap<ParticipantId, Participant>,
-    /// The last participant id given.
+    /// The last participant id given (0: none yet).
     joined: ParticipantId,
 }
 
@@ -190,7 +190,12 @@ impl SimClock {
                 found: MAX_PARTICIPANTS + 1,
             });
         }
-        state.joined += 1;
+        // Ids start at random: a participant of a clock that is gone (its
+        // exchange restarted) is not taken for one of this clock's.
+        if state.joined == 0 {
+            state.joined = uuid::Uuid::new_v4().as_u64_pair().0 >> 1;
+        }
+        state.joined = state.joined.wrapping_add(1).max(1);
         let id = state.joined;
         state.participants.insert(id, Participant::default());
         Ok(Joined { clock: self.clone(), id })
@@ -486,6 +491,13 @@ mod tests {
     async fn a_participant_that_leaves_gives_up_what_it_left_pending() {
         let clock = Arc::new(SimClock::default());
         let (caller, callee) = (clock.join().unwrap(), clock.join().unwrap());
+        // Another clock (the exchange restarted) names its participants apart.
+        let elsewhere = Arc::new(SimClock::default()).join().unwrap();
+        assert!(![caller.id(), callee.id()].contains(&elsewhere.id()));
+        assert_eq!(
+            clock.mark(elsewhere.id(), Mark::Begin),
+            Err(ExchangeError::NotOnClock(elsewhere.id()))
+        );
         // The caller runs two tasks; one sends a request and awaits its answer.
         clock.mark(caller.id(), Mark::Begin).unwrap();
         clock.mark(caller.id(), Mark::Begin).unwrap();
