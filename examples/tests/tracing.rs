@@ -74,6 +74,20 @@ impl TraceService for Receiver {
     }
 }
 
+/// A client of the exchange process at `url`, once it answers.
+async fn exchange_up(url: &str) -> ExchangeServiceClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match ExchangeServiceClient::connect(url.to_owned()).await {
+            Ok(rpc) => return rpc,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("no exchange: {e}"),
+        }
+    }
+}
+
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 /// The span of a client that sets the header itself.
@@ -103,16 +117,7 @@ async fn one_trace_follows_a_call_through_the_exchange_and_three_agents() {
     traced(&mut exchange);
     let mut children = Children(vec![exchange.spawn().expect("build the workspace's binaries")]);
     let exchange_url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut rpc = loop {
-        match ExchangeServiceClient::connect(exchange_url.clone()).await {
-            Ok(rpc) => break rpc,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("no exchange: {e}"),
-        }
-    };
+    let mut rpc = exchange_up(&exchange_url).await;
     let launcher = RunningLauncher::start(LauncherOptions {
         exchange_url: exchange_url.clone(),
         ..Default::default()
@@ -308,16 +313,7 @@ async fn traces_reach_a_collector_over_mutual_tls() {
         .expect("build the workspace's binaries");
     let _children = Children(vec![exchange]);
     let url = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut rpc = loop {
-        match ExchangeServiceClient::connect(url.clone()).await {
-            Ok(rpc) => break rpc,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("no exchange: {e}"),
-        }
-    };
+    let mut rpc = exchange_up(&url).await;
     // A traced message, sent by a client to itself: the exchange's span of
     // accepting it goes to the collector.
     let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();

@@ -130,6 +130,13 @@ impl State {
         self.settle(delta);
     }
 
+    /// `by` no longer awaits answer `key` (it took it, or gave it up).
+    fn unawait(&mut self, by: ParticipantId, key: &str) {
+        if let Some(p) = self.participants.get_mut(&by) {
+            p.awaiting.remove(key);
+        }
+    }
+
     /// Refuses a participant that is not on the clock.
     fn check(&self, by: ParticipantId) -> Result<(), ExchangeError> {
         if by == 0 || self.participants.contains_key(&by) {
@@ -145,10 +152,8 @@ impl State {
         match self.in_flight.remove(&key) {
             Some(awaited) => {
                 self.settle(-1);
-                if let Some((by, answer)) = awaited
-                    && let Some(p) = self.participants.get_mut(&by)
-                {
-                    p.awaiting.remove(&answer);
+                if let Some((by, answer)) = awaited {
+                    self.unawait(by, &answer);
                 }
             }
             None if self.abandoned.len() < MAX_CLOCK_ENTRIES => {
@@ -249,19 +254,14 @@ impl SimClock {
             }
             // From the message to the task: as many pending as before.
             Mark::Take(key) => {
-                if let Some(p) = state.participants.get_mut(&by) {
-                    p.awaiting.remove(&key);
-                }
-                let was_in_flight = state.in_flight.remove(&key).is_some();
-                if was_in_flight {
+                state.unawait(by, &key);
+                if state.in_flight.remove(&key).is_some() {
                     state.settle(-1);
                 }
                 state.run(by, 1);
             }
             Mark::Abandon(key) => {
-                if let Some(p) = state.participants.get_mut(&by) {
-                    p.awaiting.remove(&key);
-                }
+                state.unawait(by, &key);
                 state.abandon(key);
             }
             Mark::Wake(key) => match state.asleep.remove(&key) {

@@ -253,17 +253,16 @@ impl Connected for Bounded {
     type ConnectInfo = ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        let io = match &self.stream {
-            Either::Left(io) => io,
-            Either::Right(tls) => tls.get_ref().0,
+        let (io, peer_certs) = match &self.stream {
+            Either::Left(io) => (io, None),
+            Either::Right(tls) => {
+                let (io, session) = tls.get_ref();
+                (io, session.peer_certificates().map(|certs| Arc::new(certs.to_vec())))
+            }
         };
         let tcp = match io {
             Either::Left(tcp) => tcp.connect_info(),
             Either::Right(_) => TcpConnectInfo { local_addr: None, remote_addr: None },
-        };
-        let peer_certs = match &self.stream {
-            Either::Left(_) => None,
-            Either::Right(tls) => tls.get_ref().1.peer_certificates().map(|c| Arc::new(c.to_vec())),
         };
         ConnectInfo { tcp, peer_certs }
     }

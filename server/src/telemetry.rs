@@ -66,7 +66,6 @@ impl Drop for Telemetry {
 /// that cannot be built is reported and left out: the process runs on.
 pub fn init(format: LogFormat, service: &'static str) -> Telemetry {
     init_logs(format);
-    let env = |key| std::env::var(key).ok().filter(|v| !v.trim().is_empty());
     let endpoint =
         env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"));
     let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
@@ -130,6 +129,11 @@ fn exporter(tls: bool) -> anyhow::Result<(OnRuntime, tokio::runtime::Runtime)> {
     Ok((OnRuntime { inner: Arc::new(exporter), handle }, runtime))
 }
 
+/// Environment variable `key`, unless unset or blank.
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+}
+
 /// TLS to the collector, as the OTLP variables say (see the module's
 /// documentation).
 fn collector_tls() -> anyhow::Result<tonic::transport::ClientTlsConfig> {
@@ -137,10 +141,8 @@ fn collector_tls() -> anyhow::Result<tonic::transport::ClientTlsConfig> {
     let file = |what: &str| -> anyhow::Result<Option<Vec<u8>>> {
         let named =
             [format!("OTEL_EXPORTER_OTLP_TRACES_{what}"), format!("OTEL_EXPORTER_OTLP_{what}")];
-        let Some((var, path)) = named.into_iter().find_map(|var| {
-            let path = std::env::var(&var).ok().filter(|p| !p.trim().is_empty())?;
-            Some((var, path))
-        }) else {
+        let Some((var, path)) = named.into_iter().find_map(|var| env(&var).map(|path| (var, path)))
+        else {
             return Ok(None);
         };
         let read =
