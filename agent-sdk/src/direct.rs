@@ -197,43 +197,36 @@ struct Inbox {
 
 /// What a peer endpoint serves TLS with ([`Endpoint::serve_tls`]): its
 /// certificate and key, and for mutual TLS the CA whose certificates its
-/// senders must show. All PEM.
+/// senders must show. All PEM, given or in files; files are read again
+/// every 5 s while the endpoint serves, so a renewed certificate reaches
+/// new connections without a restart.
 #[cfg(all(feature = "direct", feature = "tls"))]
-#[derive(Clone)]
-pub struct EndpointTls {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
-}
-
-#[cfg(all(feature = "direct", feature = "tls"))]
-impl std::fmt::Debug for EndpointTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the key.
-        f.debug_struct("EndpointTls").field("mutual", &self.client_ca.is_some()).finish()
-    }
-}
+#[derive(Debug, Clone)]
+pub struct EndpointTls(academy_tls::ServerTls);
 
 #[cfg(all(feature = "direct", feature = "tls"))]
 impl EndpointTls {
     /// Serving this certificate (with the names senders reach it by) and key.
     pub fn new(cert_pem: &[u8], key_pem: &[u8]) -> Self {
-        Self { cert: cert_pem.to_vec(), key: key_pem.to_vec(), client_ca: None }
+        Self(academy_tls::ServerTls::from_pem(cert_pem, key_pem))
+    }
+
+    /// Serving the certificate and key in these PEM files: read now, and
+    /// again while the endpoint serves (a certificate renewed in place).
+    pub fn from_files(cert: &std::path::Path, key: &std::path::Path) -> std::io::Result<Self> {
+        let tls = academy_tls::ServerTls::from_files(cert, key);
+        Ok(Self(tls.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?))
     }
 
     /// Requiring senders to show a certificate `ca_pem` signed (mutual TLS).
-    pub fn with_client_ca(mut self, ca_pem: &[u8]) -> Self {
-        self.client_ca = Some(ca_pem.to_vec());
-        self
+    pub fn with_client_ca(self, ca_pem: &[u8]) -> Self {
+        Self(self.0.with_client_ca_pem(ca_pem))
     }
 
-    fn config(&self) -> tonic::transport::ServerTlsConfig {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let config = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert, &self.key));
-        match &self.client_ca {
-            Some(ca) => config.client_ca_root(Certificate::from_pem(ca)),
-            None => config,
-        }
+    /// Requiring senders to show a certificate that the CA in this PEM file
+    /// signed (mutual TLS); the file is read again while the endpoint serves.
+    pub fn with_client_ca_file(self, ca: &std::path::Path) -> Self {
+        Self(self.0.with_client_ca_file(ca))
     }
 }
 
@@ -347,7 +340,7 @@ mod serve {
         /// exchange vouches for (docs/design.md, "Direct delivery"); where
         /// the network is not trusted, serve it with `Endpoint::serve_tls`.
         pub async fn serve(address: &str) -> std::io::Result<Self> {
-            Self::serve_with(address, tonic::transport::Server::builder(), "http").await
+            Self::serve_with(address, None, "http").await
         }
 
         /// Serves a peer endpoint over TLS on `address` ("host:port"), at
@@ -366,18 +359,16 @@ mod serve {
                     academy_proto::excerpt(address)
                 )));
             }
-            let server =
-                tonic::transport::Server::builder().tls_config(tls.config()).map_err(|e| {
-                    invalid(format!("peer endpoint TLS: {}", crate::error::describe(&e)))
-                })?;
-            Self::serve_with(address, server, "https").await
+            let acceptor =
+                tls.0.acceptor().map_err(|e| invalid(format!("peer endpoint TLS: {e}")))?;
+            Self::serve_with(address, Some(acceptor), "https").await
         }
 
-        /// Serves on `address` with `server` (TLS set or not), at a URL of
+        /// Serves on `address`, over TLS made by `tls` if any, at a URL of
         /// `scheme`.
         async fn serve_with(
             address: &str,
-            server: tonic::transport::Server,
+            tls: Option<Acceptor>,
             scheme: &str,
         ) -> std::io::Result<Self> {
             let stop = tokio_util::sync::CancellationToken::new();
@@ -391,7 +382,7 @@ mod serve {
                 stop: stop.clone(),
             });
             let service = PeerGrpc { hosting: Arc::downgrade(&inner) };
-            let server = server
+            let server = tonic::transport::Server::builder()
                 .tcp_nodelay(true)
                 .initial_stream_window_size(academy_proto::transport::STREAM_WINDOW_BYTES)
                 .initial_connection_window_size(academy_proto::transport::CONNECTION_WINDOW_BYTES)
@@ -402,8 +393,13 @@ mod serve {
                         .max_encoding_message_size(usize::MAX),
                 );
             tokio::spawn(async move {
-                let served = match incoming {
-                    Incoming::Tcp(listener) => {
+                let served = match (incoming, tls) {
+                    #[cfg(feature = "tls")]
+                    (Incoming::Tcp(listener), Some(tls)) => {
+                        let stream = secured(listener, tls, stop.clone());
+                        server.serve_with_incoming_shutdown(stream, stop.cancelled()).await
+                    }
+                    (Incoming::Tcp(listener), _) => {
                         let stream = tokio_stream::wrappers::TcpListenerStream::new(listener);
                         let stream = stream.map(|s| {
                             s.inspect(|s| {
@@ -412,7 +408,7 @@ mod serve {
                         });
                         server.serve_with_incoming_shutdown(stream, stop.cancelled()).await
                     }
-                    Incoming::Unix(listener, path) => {
+                    (Incoming::Unix(listener, path), _) => {
                         let stream = tokio_stream::wrappers::UnixListenerStream::new(listener);
                         let served =
                             server.serve_with_incoming_shutdown(stream, stop.cancelled()).await;
@@ -426,6 +422,67 @@ mod serve {
             });
             Ok(Self { inner })
         }
+    }
+
+    /// What makes a peer endpoint's TLS connections.
+    #[cfg(feature = "tls")]
+    type Acceptor = academy_tls::Acceptor;
+    /// Nothing: TLS needs the `tls` feature.
+    #[cfg(not(feature = "tls"))]
+    type Acceptor = std::convert::Infallible;
+
+    /// Most TLS handshakes a peer endpoint runs at once; more connections
+    /// wait in the listen backlog.
+    #[cfg(feature = "tls")]
+    const MAX_HANDSHAKES: usize = 256;
+    /// How long a connection may take to finish its TLS handshake.
+    #[cfg(feature = "tls")]
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The connections `listener` accepts whose TLS handshake (with `tls`'s
+    /// certificate at that time) completes, until `stop`. Handshakes run
+    /// beside each other, each within [`HANDSHAKE_TIMEOUT`].
+    #[cfg(feature = "tls")]
+    fn secured(
+        listener: tokio::net::TcpListener,
+        tls: Acceptor,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> impl Stream<
+        Item = std::io::Result<academy_tls::tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    > {
+        let (sender, connections) = mpsc::channel(MAX_HANDSHAKES);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
+                let accepted = tokio::select! {
+                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted,
+                };
+                let tcp = match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        // Out of file descriptors, say: try again shortly.
+                        tracing::warn!(error = %e, "peer endpoint cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (sender, handshake) = (sender.clone(), tls.current());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            drop(permit);
+                            let _ = sender.send(Ok(stream)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "peer TLS handshake failed"),
+                        Err(_) => tracing::debug!("peer TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        tokio_stream::wrappers::ReceiverStream::new(connections)
     }
 
     enum Incoming {

@@ -434,6 +434,70 @@ async fn a_peer_endpoint_over_tls_is_reached_only_by_senders_it_trusts() {
     }
 }
 
+/// A peer endpoint served from certificate files reads them again: after
+/// they are replaced (a renewal by another CA here), new connections get the
+/// new certificate and senders trusting the new CA call directly; files that
+/// do not load leave the last good certificate served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_endpoint_serves_its_renewed_certificate_without_a_restart() {
+    use academy_sdk::{Credentials, EndpointTls};
+    use academy_server::testing::{CertifiedKey, TestPki};
+    let dir = std::env::temp_dir().join(format!("academy-peer-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let write = |pem: &CertifiedKey| {
+        std::fs::write(&cert, &pem.cert).unwrap();
+        std::fs::write(&key, &pem.key).unwrap();
+    };
+    let (old, new) = (TestPki::new("old peer CA"), TestPki::new("new peer CA"));
+    write(&old.server);
+    let endpoint =
+        Endpoint::serve_tls("127.0.0.1:0", &EndpointTls::from_files(&cert, &key).unwrap())
+            .await
+            .unwrap();
+    let trusts = |pki: &TestPki| Credentials::none().with_tls_ca(pki.ca().as_bytes());
+    let connects = async |pki: &TestPki| trusts(pki).connect(endpoint.url()).await.is_ok();
+    assert!(connects(&old).await && !connects(&new).await);
+
+    write(&new.server);
+    let bound = academy_server::tls::RELOAD_EVERY * 2;
+    let deadline = std::time::Instant::now() + bound;
+    while !connects(&new).await {
+        assert!(std::time::Instant::now() < deadline, "the renewed certificate was never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!connects(&old).await, "new connections get the new certificate only");
+
+    // Senders trusting the new CA call its agents directly.
+    let exchange = RunningExchange::start(counted()).await.unwrap();
+    let grpc = GrpcExchange::connect(exchange.url()).await.unwrap();
+    let host = Manager::with_direct(std::sync::Arc::new(grpc), endpoint.clone()).await.unwrap();
+    let agent = host.launch(Ledger::default()).await.unwrap().id();
+    let grpc = GrpcExchange::connect_with(exchange.url(), &trusts(&new)).await.unwrap();
+    let sender = Manager::with_direct(
+        std::sync::Arc::new(grpc),
+        Endpoint::serve("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let ledger = sender.handle::<Ledger>(agent).with_timeout(Duration::from_secs(30));
+    let before = accepted(&exchange);
+    for n in 0..20 {
+        ledger.append(n).await.unwrap();
+    }
+    let through = accepted(&exchange) - before;
+    assert!(through <= 2.0, "{through} messages through the exchange");
+
+    // A key that is not PEM: the last good pair stays.
+    std::fs::write(&key, "not a key").unwrap();
+    tokio::time::sleep(bound).await;
+    assert!(connects(&new).await, "a broken renewal is not taken");
+    for m in [sender, host] {
+        m.close().await.unwrap();
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// An endpoint refuses to serve what it could not advertise or serve:
 /// an unspecified address (peers on other nodes would be sent to their
 /// own), TLS on a Unix socket, a certificate that is not PEM.

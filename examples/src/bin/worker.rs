@@ -45,7 +45,8 @@ struct Args {
     direct: Option<String>,
     /// Serve the peer endpoint over TLS with this certificate (PEM), for
     /// the names its senders reach it by; senders trust it by the CA they
-    /// trust their exchange by.
+    /// trust their exchange by. Read again every 5 s: a renewed
+    /// certificate reaches new connections without a restart.
     #[arg(long, env = "ACADEMY_WORKER_DIRECT_TLS_CERT", requires_all = ["direct", "direct_tls_key"])]
     direct_tls_cert: Option<std::path::PathBuf>,
     /// The key of `--direct-tls-cert` (PEM).
@@ -59,17 +60,15 @@ struct Args {
     log_format: LogFormat,
 }
 
-/// The peer endpoint's TLS, from the files its flags name.
+/// The peer endpoint's TLS, from the files its flags name (read again
+/// while it serves, so renewed certificates are taken).
 fn endpoint_tls(args: &Args) -> anyhow::Result<Option<academy_sdk::EndpointTls>> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
-    };
     let (Some(cert), Some(key)) = (&args.direct_tls_cert, &args.direct_tls_key) else {
         return Ok(None);
     };
-    let tls = academy_sdk::EndpointTls::new(&read(cert)?, &read(key)?);
+    let tls = academy_sdk::EndpointTls::from_files(cert, key)?;
     Ok(Some(match &args.direct_tls_client_ca {
-        Some(ca) => tls.with_client_ca(&read(ca)?),
+        Some(ca) => tls.with_client_ca_file(ca),
         None => tls,
     }))
 }

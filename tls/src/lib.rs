@@ -1,0 +1,230 @@
+//! TLS for Academy's listeners: the exchange's and the launcher's, and the
+//! SDK's peer endpoints (docs/design.md, "Security"). A certificate, key and
+//! client CA are given as PEM or as files; files are read again every
+//! [`RELOAD_EVERY`] while an [`Acceptor`] lives (a certificate renewed by
+//! cert-manager, say): new connections get what changed, open ones keep
+//! theirs, and files that do not load together are logged and the last
+//! good ones kept.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), academy_tls::TlsError> {
+//! use std::path::Path;
+//! let tls = academy_tls::ServerTls::from_files(Path::new("tls.crt"), Path::new("tls.key"))?
+//!     .with_client_ca_file(Path::new("ca.crt"));
+//! let acceptor = tls.acceptor()?; // inside a tokio runtime: it follows the files
+//! let _handshake = acceptor.current(); // a tokio_rustls::TlsAcceptor
+//! # Ok(()) }
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock, Weak};
+use std::time::Duration;
+
+pub use tokio_rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+
+/// How often a listener looks at its certificate files again.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// TLS material that cannot be read or used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(String);
+
+/// Where one PEM comes from.
+#[derive(Clone)]
+enum Source {
+    Pem(Arc<[u8]>),
+    File(Arc<Path>),
+}
+
+impl Source {
+    fn read(&self, what: &str) -> Result<Vec<u8>, TlsError> {
+        match self {
+            Self::Pem(pem) => Ok(pem.to_vec()),
+            Self::File(path) => std::fs::read(path).map_err(|e| {
+                TlsError(format!("cannot read the TLS {what} {}: {e}", path.display()))
+            }),
+        }
+    }
+
+    fn is_file(&self) -> bool {
+        matches!(self, Self::File(_))
+    }
+}
+
+/// A listener's certificate (with the names it is reached by) and key, and
+/// for mutual TLS the CA whose certificates its clients must show.
+#[derive(Clone)]
+pub struct ServerTls {
+    cert: Source,
+    key: Source,
+    client_ca: Option<Source>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the private key.
+        f.debug_struct("ServerTls")
+            .field("mutual", &self.is_mutual())
+            .field("from_files", &self.follows_files())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerTls {
+    /// This certificate and key, as PEM.
+    pub fn from_pem(cert: &[u8], key: &[u8]) -> Self {
+        Self { cert: Source::Pem(cert.into()), key: Source::Pem(key.into()), client_ca: None }
+    }
+
+    /// The certificate and key in these PEM files, read now (to fail early)
+    /// and again by every [`Acceptor`] while it lives.
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let file = |path: &Path| Source::File(PathBuf::from(path).into());
+        let tls = Self { cert: file(cert), key: file(key), client_ca: None };
+        tls.read()?;
+        Ok(tls)
+    }
+
+    /// Requiring clients to show a certificate that this CA (PEM) signed.
+    pub fn with_client_ca_pem(mut self, ca: &[u8]) -> Self {
+        self.client_ca = Some(Source::Pem(ca.into()));
+        self
+    }
+
+    /// Requiring clients to show a certificate that the CA in this PEM file
+    /// signed; the file is read when an [`Acceptor`] is made, and again
+    /// while it lives.
+    pub fn with_client_ca_file(mut self, ca: &Path) -> Self {
+        self.client_ca = Some(Source::File(PathBuf::from(ca).into()));
+        self
+    }
+
+    /// Whether clients must show a certificate.
+    pub fn is_mutual(&self) -> bool {
+        self.client_ca.is_some()
+    }
+
+    fn follows_files(&self) -> bool {
+        self.cert.is_file()
+            || self.key.is_file()
+            || self.client_ca.as_ref().is_some_and(Source::is_file)
+    }
+
+    fn read(&self) -> Result<Pem, TlsError> {
+        let client_ca = self.client_ca.as_ref().map(|ca| ca.read("client CA")).transpose()?;
+        Ok(Pem { cert: self.cert.read("certificate")?, key: self.key.read("key")?, client_ca })
+    }
+
+    /// What makes TLS connections of accepted ones. Fails if the
+    /// certificate, key or client CA cannot be read, is not valid PEM, or
+    /// the key is not the certificate's. With files, it reads them again
+    /// every [`RELOAD_EVERY`] for as long as it lives, so it must be made
+    /// inside a tokio runtime.
+    pub fn acceptor(&self) -> Result<Acceptor, TlsError> {
+        let pem = self.read()?;
+        let acceptor = Acceptor { current: Arc::new(RwLock::new(pem.config()?)) };
+        if self.follows_files() {
+            tokio::spawn(follow(Arc::downgrade(&acceptor.current), self.clone(), pem));
+        }
+        Ok(acceptor)
+    }
+}
+
+/// The PEM read at one time.
+#[derive(PartialEq, Eq)]
+struct Pem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Pem {
+    fn config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(format!("TLS: {e}")))?;
+        let builder = match &self.client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let invalid =
+                    |e: &dyn std::fmt::Display| TlsError(format!("invalid TLS client CA: {e}"));
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    roots.add(cert.map_err(|e| invalid(&e))?).map_err(|e| invalid(&e))?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| invalid(&e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let invalid =
+            |e: &dyn std::fmt::Display| TlsError(format!("invalid TLS certificate or key: {e}"));
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(&e))?;
+        if certs.is_empty() {
+            return Err(invalid(&"no certificate in the PEM"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| invalid(&e))?;
+        let mut config = builder.with_single_cert(certs, key).map_err(|e| invalid(&e))?;
+        config.alpn_protocols.push(b"h2".to_vec());
+        Ok(Arc::new(config))
+    }
+}
+
+/// Makes TLS connections with a listener's current certificate.
+#[derive(Clone)]
+pub struct Acceptor {
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl std::fmt::Debug for Acceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptor").finish_non_exhaustive()
+    }
+}
+
+impl Acceptor {
+    /// An acceptor of the certificate now.
+    pub fn current(&self) -> tokio_rustls::TlsAcceptor {
+        self.current.read().unwrap_or_else(PoisonError::into_inner).clone().into()
+    }
+}
+
+/// Reads the files every [`RELOAD_EVERY`] until the acceptor is gone,
+/// taking what changed when it loads.
+async fn follow(current: Weak<RwLock<Arc<ServerConfig>>>, tls: ServerTls, mut last: Pem) {
+    loop {
+        tokio::time::sleep(RELOAD_EVERY).await;
+        let Some(current) = current.upgrade() else { return };
+        let pem = match tls.read() {
+            Ok(pem) if pem == last => continue,
+            Ok(pem) => pem,
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the TLS certificate loaded before");
+                continue;
+            }
+        };
+        match pem.config() {
+            Ok(config) => {
+                *current.write().unwrap_or_else(PoisonError::into_inner) = config;
+                let cert = match &tls.cert {
+                    Source::File(path) => path.display().to_string(),
+                    Source::Pem(_) => "given as PEM".to_owned(),
+                };
+                tracing::info!(%cert, "TLS certificate loaded again: new connections get it");
+            }
+            // A certificate and key written one after the other match
+            // again at the next look.
+            Err(e) => tracing::warn!(error = %e, "keeping the TLS certificate loaded before"),
+        }
+        last = pem;
+    }
+}
