@@ -1190,7 +1190,7 @@ impl Peer {
         let endpoint = credentials.endpoint(url)?;
         let endpoint = crate::exchange::tuned(endpoint, PEER_TIMEOUT, PEER_TIMEOUT)
             .keep_alive_timeout(PEER_TIMEOUT);
-        let channel = crate::credentials::open(endpoint, url).await?;
+        let channel = credentials.open(endpoint, url).await?;
         let mut rpc = pb::peer_service_client::PeerServiceClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);

@@ -343,14 +343,14 @@ impl GrpcExchange {
         credentials: &Credentials,
     ) -> Result<Self, ClientError> {
         let url = url.into();
-        let channel = crate::credentials::open(endpoint(&url, credentials)?, &url).await?;
+        let channel = credentials.open(endpoint(&url, credentials)?, &url).await?;
         Ok(Self::from_channel(channel, credentials))
     }
 
     /// A client of `url` that connects on first use (and again whenever the
     /// connection drops), for services that may start before the exchange.
     pub fn lazy(url: &str, credentials: &Credentials) -> Result<Self, ClientError> {
-        let channel = crate::credentials::open_lazy(endpoint(url, credentials)?, url);
+        let channel = credentials.open_lazy(endpoint(url, credentials)?, url)?;
         Ok(Self::from_channel(channel, credentials))
     }
 

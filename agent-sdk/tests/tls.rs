@@ -185,6 +185,45 @@ async fn a_server_serves_its_renewed_certificate_without_a_restart() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A client reads its CA and certificate files again at each new
+/// connection: a channel made before a renewal (here, from a CA the server
+/// does not trust to one it does) connects with the renewed files, without
+/// a restart. Files that do not load are refused to new channels, naming
+/// them, and leave channels made before working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_shows_its_renewed_certificate_without_a_restart() {
+    let dir = std::env::temp_dir().join(format!("academy-client-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"));
+    let write = |pki: &TestPki| {
+        std::fs::write(&ca, pki.ca()).unwrap();
+        std::fs::write(&cert, &pki.client.cert).unwrap();
+        std::fs::write(&key, &pki.client.key).unwrap();
+    };
+    let (pki, stale) = (TestPki::new("academy test CA"), TestPki::new("stale CA"));
+    let server = serve(&pki, true).await;
+    write(&stale);
+    let credentials =
+        Credentials::none().with_tls_ca_file(&ca).with_client_certificate_files(&cert, &key);
+    let exchange = GrpcExchange::lazy(&server.url(), &credentials).unwrap();
+    let register = async || exchange.register_agent("test.Renewed", &[], "", None, None).await;
+    let err = register().await.unwrap_err();
+    assert!(matches!(err, ClientError::Transport(_)), "{err}");
+
+    write(&pki);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while let Err(e) = register().await {
+        assert!(std::time::Instant::now() < deadline, "the renewed files were never used: {e}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    std::fs::write(&key, "not a key").unwrap();
+    let err = GrpcExchange::connect_with(server.url(), &credentials).await.unwrap_err();
+    assert!(err.to_string().contains("invalid TLS settings"), "{err}");
+    register().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Long enough for a server to have looked at its files again.
 fn tls_reload_bound() -> std::time::Duration {
     academy_server::tls::RELOAD_EVERY * 2

@@ -110,9 +110,9 @@ async fn users_launch_call_and_stop_only_their_own_agents() {
 
     // Only the workers' principal may join as a worker.
     let alice_creds = creds(ALICE);
-    let channel = alice_creds.endpoint(&launcher.url()).unwrap().connect().await.unwrap();
-    let mut intruder =
-        pb::launcher_service_client::LauncherServiceClient::new(alice_creds.on(channel));
+    let mut intruder = pb::launcher_service_client::LauncherServiceClient::new(
+        alice_creds.connect(&launcher.url()).await.unwrap(),
+    );
     let join = intruder.join(futures::stream::empty()).await.unwrap_err();
     assert_eq!(join.code(), tonic::Code::PermissionDenied, "{join:?}");
     let stop_worker = tokio_util::sync::CancellationToken::new();

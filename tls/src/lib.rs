@@ -1,10 +1,11 @@
-//! TLS for Academy's listeners: the exchange's and the launcher's, and the
-//! SDK's peer endpoints (docs/design.md, "Security"). A certificate, key and
-//! client CA are given as PEM or as files; files are read again every
-//! [`RELOAD_EVERY`] while an [`Acceptor`] lives (a certificate renewed by
-//! cert-manager, say): new connections get what changed, open ones keep
-//! theirs, and files that do not load together are logged and the last
-//! good ones kept.
+//! TLS for Academy's listeners (the exchange's, the launcher's, the SDK's
+//! peer endpoints) and its clients (docs/design.md, "Security"). A
+//! certificate, key and CA are given as PEM or as files, and files are read
+//! again while they are in use (a certificate renewed by cert-manager, say):
+//! a listener's every [`RELOAD_EVERY`] while its [`Acceptor`] lives, a
+//! client's at each connection it makes ([`Connector::current`]). New
+//! connections get what changed, open ones keep theirs, and files that do
+//! not load together are logged and the last good ones kept.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), academy_tls::TlsError> {
@@ -24,7 +25,7 @@ pub use tokio_rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{self, RootCertStore, ServerConfig};
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 
 /// How often a listener looks at its certificate files again.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
@@ -35,7 +36,7 @@ pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
 pub struct TlsError(String);
 
 /// Where one PEM comes from.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 enum Source {
     Pem(Arc<[u8]>),
     File(Arc<Path>),
@@ -226,5 +227,173 @@ async fn follow(current: Weak<RwLock<Arc<ServerConfig>>>, tls: ServerTls, mut la
             Err(e) => tracing::warn!(error = %e, "keeping the TLS certificate loaded before"),
         }
         last = pem;
+    }
+}
+
+/// What a client trusts and shows: the CA its servers' certificates must
+/// chain to (the public web roots without one), and for mutual TLS its own
+/// certificate and key.
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    ca: Option<Source>,
+    identity: Option<(Source, Source)>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the private key.
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+impl ClientTls {
+    /// Trusting servers whose certificate this CA (PEM) signed.
+    pub fn with_ca_pem(mut self, ca: &[u8]) -> Self {
+        self.ca = Some(Source::Pem(ca.into()));
+        self
+    }
+
+    /// Trusting servers whose certificate the CA in this PEM file signed.
+    pub fn with_ca_file(mut self, ca: &Path) -> Self {
+        self.ca = Some(Source::File(PathBuf::from(ca).into()));
+        self
+    }
+
+    /// Showing this certificate and key (PEM).
+    pub fn with_identity_pem(mut self, cert: &[u8], key: &[u8]) -> Self {
+        self.identity = Some((Source::Pem(cert.into()), Source::Pem(key.into())));
+        self
+    }
+
+    /// Showing the certificate and key in these PEM files.
+    pub fn with_identity_files(mut self, cert: &Path, key: &Path) -> Self {
+        let file = |path: &Path| Source::File(PathBuf::from(path).into());
+        self.identity = Some((file(cert), file(key)));
+        self
+    }
+
+    fn read(&self) -> Result<ClientPem, TlsError> {
+        let ca = self.ca.as_ref().map(|ca| ca.read("CA")).transpose()?;
+        let identity = match &self.identity {
+            Some((cert, key)) => Some((cert.read("client certificate")?, key.read("client key")?)),
+            None => None,
+        };
+        Ok(ClientPem { ca, identity })
+    }
+
+    /// What makes TLS connections to servers. Fails if the CA, certificate
+    /// or key cannot be read or used; [`Connector::current`] reads files
+    /// again.
+    pub fn connector(&self) -> Result<Connector, TlsError> {
+        let pem = self.read()?;
+        let config = pem.config()?;
+        let cached = Arc::new(RwLock::new((pem, config)));
+        Ok(Connector { tls: self.clone(), cached })
+    }
+}
+
+/// The PEM of a client read at one time.
+#[derive(PartialEq, Eq)]
+struct ClientPem {
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ClientPem {
+    fn config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(format!("TLS: {e}")))?;
+        let roots = match &self.ca {
+            None => RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() },
+            Some(ca) => {
+                let invalid = |e: &dyn std::fmt::Display| TlsError(format!("invalid TLS CA: {e}"));
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    roots.add(cert.map_err(|e| invalid(&e))?).map_err(|e| invalid(&e))?;
+                }
+                if roots.is_empty() {
+                    return Err(invalid(&"no certificate in the PEM"));
+                }
+                roots
+            }
+        };
+        let builder = builder.with_root_certificates(roots);
+        let mut config = match &self.identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let invalid = |e: &dyn std::fmt::Display| {
+                    TlsError(format!("invalid TLS client certificate or key: {e}"))
+                };
+                let certs = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| invalid(&e))?;
+                if certs.is_empty() {
+                    return Err(invalid(&"no certificate in the PEM"));
+                }
+                let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| invalid(&e))?;
+                builder.with_client_auth_cert(certs, key).map_err(|e| invalid(&e))?
+            }
+        };
+        config.alpn_protocols.push(b"h2".to_vec());
+        Ok(Arc::new(config))
+    }
+}
+
+/// Makes a client's TLS connections with its current CA and certificate.
+#[derive(Clone)]
+pub struct Connector {
+    tls: ClientTls,
+    /// The PEM last read that loaded, and its config.
+    cached: Arc<RwLock<(ClientPem, Arc<ClientConfig>)>>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").field("tls", &self.tls).finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    /// A connector with the CA and certificate now: files are read again,
+    /// and what changed is taken if it loads (else logged, and the last
+    /// good ones kept).
+    pub fn current(&self) -> tokio_rustls::TlsConnector {
+        let config = match self.tls.read() {
+            Ok(pem) => {
+                let cached = self.cached.read().unwrap_or_else(PoisonError::into_inner);
+                if pem == cached.0 {
+                    cached.1.clone()
+                } else {
+                    drop(cached);
+                    self.take(pem)
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the TLS client settings loaded before");
+                self.cached.read().unwrap_or_else(PoisonError::into_inner).1.clone()
+            }
+        };
+        config.into()
+    }
+
+    /// Takes `pem`, read anew, if it loads.
+    fn take(&self, pem: ClientPem) -> Arc<ClientConfig> {
+        let mut cached = self.cached.write().unwrap_or_else(PoisonError::into_inner);
+        match pem.config() {
+            Ok(config) => {
+                tracing::info!("TLS client settings loaded again: new connections use them");
+                *cached = (pem, config.clone());
+                config
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the TLS client settings loaded before");
+                cached.1.clone()
+            }
+        }
     }
 }

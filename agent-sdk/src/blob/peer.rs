@@ -144,7 +144,7 @@ fn client(url: &str, credentials: &Credentials) -> Result<PeerServiceClient<Chan
     let endpoint = credentials.endpoint(url)?;
     let timeout = super::super::direct::PEER_TIMEOUT;
     let endpoint = crate::exchange::tuned(endpoint, timeout, timeout).keep_alive_timeout(timeout);
-    let channel = crate::credentials::open_lazy(endpoint, url);
+    let channel = credentials.open_lazy(endpoint, url)?;
     let client = PeerServiceClient::new(channel)
         .max_decoding_message_size(BLOB_CHUNK_BYTES + 1024)
         .max_encoding_message_size(BLOB_CHUNK_BYTES + 1024);
