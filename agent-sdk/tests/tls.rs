@@ -6,7 +6,7 @@ use academy_proto::ExchangeError;
 use academy_sdk::exchange::{ExchangeApi as _, GrpcExchange};
 use academy_sdk::{ClientError, Credentials, Manager, behaviour};
 use academy_server::auth::Tokens;
-use academy_server::testing::{CertifiedKey, TestPki};
+use academy_server::testing::{CertifiedKey, PemFiles, TestPki};
 use academy_server::tls::Tls;
 
 #[derive(Default)]
@@ -145,16 +145,10 @@ fn client_principals_need_mutual_tls() {
 /// files that do not load leave the last good one served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_serves_its_renewed_certificate_without_a_restart() {
-    let dir = std::env::temp_dir().join(format!("academy-tls-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let write = |pem: &CertifiedKey| {
-        std::fs::write(&cert, &pem.cert).unwrap();
-        std::fs::write(&key, &pem.key).unwrap();
-    };
+    let files = PemFiles::new("tls-reload");
     let (old, new) = (TestPki::new("old CA"), TestPki::new("new CA"));
-    write(&old.server);
-    let tls = Tls::load(&cert, &key, None).unwrap();
+    files.write(&old.server);
+    let tls = Tls::load(&files.cert, &files.key, None).unwrap();
     let server = RunningExchange::start(ExchangeOptions { tls: Some(tls), ..Default::default() })
         .await
         .unwrap();
@@ -167,7 +161,7 @@ async fn a_server_serves_its_renewed_certificate_without_a_restart() {
     let manager = Manager::new(std::sync::Arc::new(kept)).await.unwrap();
     let echo = manager.launch(Echo).await.unwrap();
 
-    write(&new.server);
+    files.write(&new.server);
     let deadline = std::time::Instant::now() + tls_reload_bound();
     while !connects(&new).await {
         assert!(std::time::Instant::now() < deadline, "the renewed certificate was never served");
@@ -179,10 +173,9 @@ async fn a_server_serves_its_renewed_certificate_without_a_restart() {
     manager.close().await.unwrap();
 
     // A key that is not PEM (or not the certificate's): the last good pair stays.
-    std::fs::write(&key, "not a key").unwrap();
+    std::fs::write(&files.key, "not a key").unwrap();
     tokio::time::sleep(tls_reload_bound()).await;
     assert!(connects(&new).await, "a broken renewal is not taken");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A client reads its CA and certificate files again at each new
@@ -192,19 +185,17 @@ async fn a_server_serves_its_renewed_certificate_without_a_restart() {
 /// them, and leave channels made before working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_shows_its_renewed_certificate_without_a_restart() {
-    let dir = std::env::temp_dir().join(format!("academy-client-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (ca, cert, key) = (dir.join("ca.crt"), dir.join("tls.crt"), dir.join("tls.key"));
+    let files = PemFiles::new("client-tls");
     let write = |pki: &TestPki| {
-        std::fs::write(&ca, pki.ca()).unwrap();
-        std::fs::write(&cert, &pki.client.cert).unwrap();
-        std::fs::write(&key, &pki.client.key).unwrap();
+        files.write_ca(pki);
+        files.write(&pki.client);
     };
     let (pki, stale) = (TestPki::new("academy test CA"), TestPki::new("stale CA"));
     let server = serve(&pki, true).await;
     write(&stale);
-    let credentials =
-        Credentials::none().with_tls_ca_file(&ca).with_client_certificate_files(&cert, &key);
+    let credentials = Credentials::none()
+        .with_tls_ca_file(&files.ca)
+        .with_client_certificate_files(&files.cert, &files.key);
     let exchange = GrpcExchange::lazy(&server.url(), &credentials).unwrap();
     let register = async || exchange.register_agent("test.Renewed", &[], "", None, None).await;
     let err = register().await.unwrap_err();
@@ -217,11 +208,10 @@ async fn a_client_shows_its_renewed_certificate_without_a_restart() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 
-    std::fs::write(&key, "not a key").unwrap();
+    std::fs::write(&files.key, "not a key").unwrap();
     let err = GrpcExchange::connect_with(server.url(), &credentials).await.unwrap_err();
     assert!(err.to_string().contains("invalid TLS settings"), "{err}");
     register().await.unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// Long enough for a server to have looked at its files again.

@@ -441,20 +441,12 @@ async fn a_peer_endpoint_over_tls_is_reached_only_by_senders_it_trusts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_endpoint_serves_its_renewed_certificate_without_a_restart() {
     use academy_sdk::{Credentials, EndpointTls};
-    use academy_server::testing::{CertifiedKey, TestPki};
-    let dir = std::env::temp_dir().join(format!("academy-peer-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let write = |pem: &CertifiedKey| {
-        std::fs::write(&cert, &pem.cert).unwrap();
-        std::fs::write(&key, &pem.key).unwrap();
-    };
+    use academy_server::testing::{PemFiles, TestPki};
+    let files = PemFiles::new("peer-tls");
     let (old, new) = (TestPki::new("old peer CA"), TestPki::new("new peer CA"));
-    write(&old.server);
-    let endpoint =
-        Endpoint::serve_tls("127.0.0.1:0", &EndpointTls::from_files(&cert, &key).unwrap())
-            .await
-            .unwrap();
+    files.write(&old.server);
+    let tls = EndpointTls::from_files(&files.cert, &files.key).unwrap();
+    let endpoint = Endpoint::serve_tls("127.0.0.1:0", &tls).await.unwrap();
     let trusts = |pki: &TestPki| Credentials::none().with_tls_ca(pki.ca().as_bytes());
     // Within a bound, while another connection stalls its handshake: an
     // endpoint handshakes its connections beside each other.
@@ -467,7 +459,7 @@ async fn a_peer_endpoint_serves_its_renewed_certificate_without_a_restart() {
     let _stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
     assert!(connects(&old).await && !connects(&new).await);
 
-    write(&new.server);
+    files.write(&new.server);
     let bound = academy_server::tls::RELOAD_EVERY * 2;
     let deadline = std::time::Instant::now() + bound;
     while !connects(&new).await {
@@ -497,13 +489,12 @@ async fn a_peer_endpoint_serves_its_renewed_certificate_without_a_restart() {
     assert!(through <= 2.0, "{through} messages through the exchange");
 
     // A key that is not PEM: the last good pair stays.
-    std::fs::write(&key, "not a key").unwrap();
+    std::fs::write(&files.key, "not a key").unwrap();
     tokio::time::sleep(bound).await;
     assert!(connects(&new).await, "a broken renewal is not taken");
     for m in [sender, host] {
         m.close().await.unwrap();
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// An endpoint refuses to serve what it could not advertise or serve:

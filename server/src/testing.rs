@@ -218,6 +218,43 @@ impl TestPki {
     }
 }
 
+/// A certificate, its key and a CA in PEM files of a directory of their own
+/// (removed on drop), written again as a renewal would.
+#[derive(Debug)]
+pub struct PemFiles {
+    dir: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
+}
+
+impl PemFiles {
+    /// Files in a fresh directory named after `tag` and this process.
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("academy-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let (cert, key, ca) = (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt"));
+        Self { dir, cert, key, ca }
+    }
+
+    /// Writes `pem`'s certificate and key.
+    pub fn write(&self, pem: &CertifiedKey) {
+        std::fs::write(&self.cert, &pem.cert).expect("the certificate file");
+        std::fs::write(&self.key, &pem.key).expect("the key file");
+    }
+
+    /// Writes `ca`'s certificate.
+    pub fn write_ca(&self, ca: &TestPki) {
+        std::fs::write(&self.ca, ca.ca()).expect("the CA file");
+    }
+}
+
+impl Drop for PemFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// `GET /metrics` from `addr` (blocking; plain HTTP/1.1): the status line
 /// and the body.
 pub fn scrape(addr: SocketAddr) -> std::io::Result<(String, String)> {

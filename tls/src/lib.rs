@@ -149,35 +149,58 @@ impl Pem {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError(format!("TLS: {e}")))?;
+            .map_err(|e| invalid("TLS", e))?;
         let builder = match &self.client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
-                let invalid =
-                    |e: &dyn std::fmt::Display| TlsError(format!("invalid TLS client CA: {e}"));
-                let mut roots = RootCertStore::empty();
-                for cert in CertificateDer::pem_slice_iter(ca) {
-                    roots.add(cert.map_err(|e| invalid(&e))?).map_err(|e| invalid(&e))?;
-                }
+                let roots = roots(ca, "client CA")?;
                 let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
                     .build()
-                    .map_err(|e| invalid(&e))?;
+                    .map_err(|e| invalid("TLS client CA", e))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
-        let invalid =
-            |e: &dyn std::fmt::Display| TlsError(format!("invalid TLS certificate or key: {e}"));
-        let certs = CertificateDer::pem_slice_iter(&self.cert)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid(&e))?;
-        if certs.is_empty() {
-            return Err(invalid(&"no certificate in the PEM"));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&self.key).map_err(|e| invalid(&e))?;
-        let mut config = builder.with_single_cert(certs, key).map_err(|e| invalid(&e))?;
+        let (certs, key) = certified(&self.cert, &self.key, "certificate or key")?;
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid("TLS certificate or key", e))?;
         config.alpn_protocols.push(b"h2".to_vec());
         Ok(Arc::new(config))
     }
+}
+
+/// `what` (PEM) that does not load.
+fn invalid(what: &str, why: impl std::fmt::Display) -> TlsError {
+    TlsError(format!("invalid {what}: {why}"))
+}
+
+/// The CA certificates in `pem`, at least one.
+fn roots(pem: &[u8], what: &str) -> Result<RootCertStore, TlsError> {
+    let what = format!("TLS {what}");
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        roots.add(cert.map_err(|e| invalid(&what, e))?).map_err(|e| invalid(&what, e))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid(&what, "no certificate in the PEM"));
+    }
+    Ok(roots)
+}
+
+/// The certificate chain in `cert` (at least one) and the key in `key`.
+fn certified(
+    cert: &[u8],
+    key: &[u8],
+    what: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let what = format!("TLS {what}");
+    let certs = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(&what, e))?;
+    if certs.is_empty() {
+        return Err(invalid(&what, "no certificate in the PEM"));
+    }
+    Ok((certs, PrivateKeyDer::from_pem_slice(key).map_err(|e| invalid(&what, e))?))
 }
 
 /// Makes TLS connections with a listener's current certificate.
@@ -307,36 +330,19 @@ impl ClientPem {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError(format!("TLS: {e}")))?;
+            .map_err(|e| invalid("TLS", e))?;
         let roots = match &self.ca {
             None => RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() },
-            Some(ca) => {
-                let invalid = |e: &dyn std::fmt::Display| TlsError(format!("invalid TLS CA: {e}"));
-                let mut roots = RootCertStore::empty();
-                for cert in CertificateDer::pem_slice_iter(ca) {
-                    roots.add(cert.map_err(|e| invalid(&e))?).map_err(|e| invalid(&e))?;
-                }
-                if roots.is_empty() {
-                    return Err(invalid(&"no certificate in the PEM"));
-                }
-                roots
-            }
+            Some(ca) => roots(ca, "CA")?,
         };
         let builder = builder.with_root_certificates(roots);
         let mut config = match &self.identity {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let invalid = |e: &dyn std::fmt::Display| {
-                    TlsError(format!("invalid TLS client certificate or key: {e}"))
-                };
-                let certs = CertificateDer::pem_slice_iter(cert)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| invalid(&e))?;
-                if certs.is_empty() {
-                    return Err(invalid(&"no certificate in the PEM"));
-                }
-                let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| invalid(&e))?;
-                builder.with_client_auth_cert(certs, key).map_err(|e| invalid(&e))?
+                let (certs, key) = certified(cert, key, "client certificate or key")?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| invalid("TLS client certificate or key", e))?
             }
         };
         config.alpn_protocols.push(b"h2".to_vec());
@@ -395,5 +401,36 @@ impl Connector {
                 cached.1.clone()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_without_certificates_is_refused_naming_what() {
+        let err = roots(b"", "client CA").unwrap_err();
+        assert_eq!(err.to_string(), "invalid TLS client CA: no certificate in the PEM");
+        let err = certified(b"not PEM", b"not PEM", "certificate or key").unwrap_err();
+        assert!(err.to_string().starts_with("invalid TLS certificate or key: "), "{err}");
+        let server = ServerTls::from_pem(b"", b"").with_client_ca_pem(b"");
+        assert!(server.acceptor().is_err());
+        let client = ClientTls::default().with_ca_pem(b"-----BEGIN CERTIFICATE-----\n");
+        assert!(client.connector().unwrap_err().to_string().contains("invalid TLS CA"));
+    }
+
+    #[test]
+    fn files_that_cannot_be_read_are_named() {
+        let missing = Path::new("/nonexistent/academy/tls.crt");
+        let err = ServerTls::from_files(missing, missing).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/academy/tls.crt"), "{err}");
+        let err = ClientTls::default().with_ca_file(missing).connector().unwrap_err();
+        assert!(err.to_string().contains("cannot read the TLS CA"), "{err}");
+    }
+
+    #[test]
+    fn the_public_web_roots_are_trusted_without_a_ca() {
+        assert!(ClientTls::default().connector().is_ok());
     }
 }
