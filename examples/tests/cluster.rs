@@ -238,12 +238,26 @@ async fn stop_restart_pending_and_bad_launches() {
     let failed = cluster.wait_state(&crashy, AgentState::Failed).await;
     assert_eq!(failed.restarts, 2);
     assert!(failed.reason.contains("crashed after 50 ms"), "{}", failed.reason);
-    assert_eq!(state(&crashy).await, MailboxState::Active, "restarts keep the mailbox");
+    // Failed for good, nothing will take its mailbox again: the launcher
+    // terminates it (restarts kept it: they are served from it).
+    wait(|| async { state(&crashy).await == MailboxState::Terminated }).await;
 
-    // A config that doesn't fit the behaviour fails with a reason.
+    // A config that doesn't fit the behaviour fails with a reason, and a
+    // request that waited for it is answered with an error, not left queued
+    // until its caller's timeout.
     let misfit = cluster.launch("example.Crashy", json!({"wrong": 1}), 0).await.unwrap();
+    let manager = Manager::new(std::sync::Arc::new(exchange.clone())).await.unwrap();
+    let handle = manager
+        .handle::<academy_examples::behaviours::Crashy>(misfit.parse().unwrap())
+        .with_timeout(Duration::from_secs(60));
+    let started = Instant::now();
+    let err = handle.alive().await.unwrap_err();
+    assert!(err.to_string().contains("terminated"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "answered, not timed out");
     let failed = cluster.wait_state(&misfit, AgentState::Failed).await;
     assert!(failed.reason.contains("fail_after_ms"), "{}", failed.reason);
+    assert_eq!(state(&misfit).await, MailboxState::Terminated);
+    manager.close().await.unwrap();
 
     // No worker with the labels: pending, with the reason.
     let req = pb::LaunchAgentRequest {

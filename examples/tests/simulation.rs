@@ -195,3 +195,55 @@ async fn a_process_that_dies_mid_task_does_not_stop_the_clock() {
     launcher.shutdown().await;
     exchange.shutdown().await;
 }
+
+/// An agent the launcher gives up on (it failed for good) does not hold
+/// its callers or the clock: the launcher terminates its mailbox, so a
+/// request an agent sends it on the clock is answered with an error, and
+/// time moves with nothing pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_failed_for_good_does_not_stop_the_clock() {
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let options = LauncherOptions { exchange_url: exchange.url(), ..Default::default() };
+    let launcher = RunningLauncher::start(options).await.unwrap();
+    let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
+    let _workers = Children(vec![worker(&launcher, "w", &[])]);
+    joined(&mut rpc, 1).await;
+    // A config the behaviour cannot take, and no restarts: failed for good.
+    let request = pb::LaunchAgentRequest {
+        behaviour: "example.Crashy".into(),
+        config: Some(academy_proto::json::to_proto(json!({"wrong": 1}))),
+        ..Default::default()
+    };
+    let misfit = rpc.launch_agent(request).await.unwrap().into_inner().agent.unwrap().agent_id;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let request = pb::GetAgentRequest { agent_id: misfit.clone() };
+        let agent = rpc.get_agent(request).await.unwrap().into_inner().agent.unwrap();
+        if agent.state() == AgentState::Failed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{misfit} never failed: {agent:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (relay, _) =
+        launch(&mut rpc, "example.Relay", "relay", json!({"target": misfit}), &[]).await;
+    let manager = Manager::connect(&exchange.url()).await.unwrap();
+    let relay = manager.handle::<Relay>(relay.parse().unwrap());
+    // Its answer comes (an error), where before the request waited for ever,
+    // pending on the clock, and the relay's handle timeout, a clock sleep,
+    // could never come.
+    let relayed = tokio::time::timeout(Duration::from_secs(60), relay.relay(1_000))
+        .await
+        .expect("a request to an agent that failed for good was never answered");
+    let err = relayed.unwrap_err();
+    assert!(err.to_string().contains("terminated"), "{err}");
+    let simulator = manager.simulator();
+    let reached = tokio::time::timeout(Duration::from_secs(60), simulator.advance_by(HOUR))
+        .await
+        .expect("the clock stopped")
+        .unwrap();
+    assert_eq!((reached.now, reached.pending), (HOUR, 0));
+    manager.close().await.unwrap();
+    launcher.shutdown().await;
+    exchange.shutdown().await;
+}

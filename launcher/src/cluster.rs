@@ -64,6 +64,9 @@ pub(crate) struct Cluster {
     /// Agents that stopped or failed for good, oldest first: forgotten once
     /// the retention period is over.
     finished: VecDeque<(Instant, String)>,
+    /// Agents that failed for good whose mailboxes are yet to be terminated
+    /// (no incarnation will ever take them).
+    given_up: Vec<String>,
     changes: broadcast::Sender<pb::AgentRecord>,
     /// Where records are persisted, if anywhere.
     store: Option<mpsc::UnboundedSender<Write>>,
@@ -93,10 +96,17 @@ impl Cluster {
             pending: BTreeSet::new(),
             held: HashSet::new(),
             finished: VecDeque::new(),
+            given_up: Vec::new(),
             changes: broadcast::channel(4096).0,
             store: None,
             counts: Counts::default(),
         }
+    }
+
+    /// The agents that failed for good since the last call: their mailboxes
+    /// are to be terminated.
+    pub(crate) fn take_given_up(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.given_up)
     }
 
     /// Persists every change through `store`, starting from `records`.
@@ -115,6 +125,11 @@ impl Cluster {
                 let age = at.and_then(|at| now.1.duration_since(at).ok()).unwrap_or_default();
                 let since = now.0.checked_sub(age).unwrap_or(now.0);
                 finished.push((since, record.agent_id.clone()));
+            }
+            if record.state() == AgentState::Failed {
+                // Its mailbox may not have been terminated before the
+                // launcher went away; terminating is idempotent.
+                self.given_up.push(record.agent_id.clone());
             }
             if record.state() == AgentState::Pending {
                 self.pending.insert(record.agent_id.clone());
@@ -482,6 +497,7 @@ impl Cluster {
                 } else {
                     tracing::error!(agent = %id, error = %report.error, "agent failed for good");
                     self.set(&id, AgentState::Failed, report.error);
+                    self.given_up.push(id.clone());
                 }
             }
             _ => return,
@@ -616,6 +632,38 @@ mod tests {
         };
         cluster.add_worker(id.into(), register, tx);
         rx
+    }
+
+    /// Agents that failed for good are handed out once, for their mailboxes
+    /// to be terminated; a restored launcher hands out those it knew of.
+    #[test]
+    fn agents_that_failed_for_good_are_given_up_once() {
+        let mut cluster = Cluster::new();
+        let (store, _writes) = mpsc::unbounded_channel();
+        let record = |n: usize, state: AgentState| pb::AgentRecord {
+            agent_id: format!("agent-{n:03}"),
+            behaviour: "t.A".into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let states = [AgentState::Failed, AgentState::Stopped, AgentState::Pending];
+        cluster.restore(states.iter().enumerate().map(|(n, s)| record(n, *s)).collect(), store);
+        assert_eq!(cluster.take_given_up(), ["agent-000"]);
+        assert!(cluster.take_given_up().is_empty());
+
+        // Placed, it fails with no restarts left.
+        let _w = rejoin(&mut cluster, "w-a", &[]);
+        let placed = cluster.agent("agent-002").unwrap().clone();
+        assert_eq!(placed.state(), AgentState::Starting);
+        let failed = pb::AgentReport {
+            agent_id: placed.agent_id.clone(),
+            epoch: placed.epoch,
+            state: AgentState::Failed.into(),
+            error: "boom".into(),
+        };
+        cluster.report("w-a", failed);
+        assert_eq!(cluster.agent("agent-002").unwrap().state(), AgentState::Failed);
+        assert_eq!(cluster.take_given_up(), ["agent-002"]);
     }
 
     #[test]

@@ -113,6 +113,7 @@ impl RunningLauncher {
             options.heartbeat_timeout,
             options.worker_principal.as_deref().map(Into::into),
         );
+        service.terminate_given_up();
         service.release_held_after(options.rejoin_grace);
         service.forget_finished_after(options.retention);
         let mut registry = Registry::default();

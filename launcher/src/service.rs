@@ -83,6 +83,34 @@ impl LauncherGrpc {
         });
     }
 
+    /// Terminates the mailboxes of agents that failed for good (see
+    /// [`Cluster::take_given_up`]): no incarnation will take them, so what
+    /// is queued there is answered with errors now, and so is what comes,
+    /// rather than waiting for ever (and stopping a simulated clock).
+    /// Retried while the exchange is unreachable, until shutdown.
+    pub(crate) fn terminate_given_up(&self) {
+        let ids = self.cluster().take_given_up();
+        if ids.is_empty() {
+            return;
+        }
+        let (exchange, shutdown) = (self.exchange.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            for id in ids {
+                let Ok(mailbox) = id.parse::<EntityId>() else { continue };
+                let mut backoff = Duration::from_millis(100);
+                while let Err(e) = exchange.terminate(&mailbox).await {
+                    tracing::warn!(agent = %id, error = %e, ?backoff, "cannot terminate a failed agent's mailbox; retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                tracing::info!(agent = %id, "terminated the mailbox of an agent that failed for good");
+            }
+        });
+    }
+
     /// Who makes `request`, to show them records.
     fn viewer<T>(&self, request: &Request<T>) -> Viewer {
         Viewer { caller: Principal::of(request), workers: self.worker_principal.clone() }
@@ -420,7 +448,10 @@ impl LauncherGrpc {
                     let pong = pb::join_response::Body::Heartbeat(pb::Heartbeat {});
                     let _ = tx.send(pb::JoinResponse { body: Some(pong) });
                 }
-                Some(Body::Report(report)) => self.cluster().report(&worker_id, report),
+                Some(Body::Report(report)) => {
+                    self.cluster().report(&worker_id, report);
+                    self.terminate_given_up();
+                }
                 Some(Body::Leaving(_)) => {
                     tracing::info!(worker = %worker_id, "worker shutting down; moving its agents");
                     self.cluster().drain(&worker_id);

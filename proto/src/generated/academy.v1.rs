@@ -2536,7 +2536,8 @@ pub enum AgentState {
     Running = 3,
     Stopping = 4,
     Stopped = 5,
-    /// Failed more often than its retry limit allows.
+    /// Failed more often than its retry limit allows. The launcher terminates
+    /// its mailbox: requests to it are answered with errors.
     Failed = 6,
 }
 impl AgentState {
