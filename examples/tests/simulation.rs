@@ -59,14 +59,20 @@ async fn launch(
         ..Default::default()
     };
     let id = rpc.launch_agent(request).await.unwrap().into_inner().agent.unwrap().agent_id;
+    let agent = reached(rpc, &id, AgentState::Running).await;
+    (id, agent.worker_id)
+}
+
+/// Waits until agent `id` is in `state`; its record.
+async fn reached(rpc: &mut Launcher, id: &str, state: AgentState) -> pb::AgentRecord {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let request = pb::GetAgentRequest { agent_id: id.clone() };
+        let request = pb::GetAgentRequest { agent_id: id.to_owned() };
         let agent = rpc.get_agent(request).await.unwrap().into_inner().agent.unwrap();
-        if agent.state() == AgentState::Running {
-            return (id, agent.worker_id);
+        if agent.state() == state {
+            return agent;
         }
-        assert!(Instant::now() < deadline, "{id} never ran: {agent:?}");
+        assert!(Instant::now() < deadline, "{id} never reached {state:?}: {agent:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -215,16 +221,7 @@ async fn an_agent_that_failed_for_good_does_not_stop_the_clock() {
         ..Default::default()
     };
     let misfit = rpc.launch_agent(request).await.unwrap().into_inner().agent.unwrap().agent_id;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let request = pb::GetAgentRequest { agent_id: misfit.clone() };
-        let agent = rpc.get_agent(request).await.unwrap().into_inner().agent.unwrap();
-        if agent.state() == AgentState::Failed {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{misfit} never failed: {agent:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    reached(&mut rpc, &misfit, AgentState::Failed).await;
     let (relay, _) =
         launch(&mut rpc, "example.Relay", "relay", json!({"target": misfit}), &[]).await;
     let manager = Manager::connect(&exchange.url()).await.unwrap();
