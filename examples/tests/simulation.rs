@@ -212,7 +212,7 @@ async fn an_agent_that_failed_for_good_does_not_stop_the_clock() {
     let options = LauncherOptions { exchange_url: exchange.url(), ..Default::default() };
     let launcher = RunningLauncher::start(options).await.unwrap();
     let mut rpc = LauncherServiceClient::connect(launcher.url()).await.unwrap();
-    let _workers = Children(vec![worker(&launcher, "w", &[])]);
+    let workers = Children(vec![worker(&launcher, "w", &[])]);
     joined(&mut rpc, 1).await;
     // A config the behaviour cannot take, and no restarts: failed for good.
     let request = pb::LaunchAgentRequest {
@@ -241,6 +241,8 @@ async fn an_agent_that_failed_for_good_does_not_stop_the_clock() {
         .unwrap();
     assert_eq!((reached.now, reached.pending), (HOUR, 0));
     manager.close().await.unwrap();
+    // Its stream gone, the launcher need not wait for the worker to leave.
+    drop(workers);
     launcher.shutdown().await;
     exchange.shutdown().await;
 }
