@@ -19,6 +19,11 @@ mod table;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 
+// As the exchange, the launcher and the worker: `academy mcp` is a
+// long-running gateway that relays agents' answers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Academy command line: agents, workers, discovery and calls.
 #[derive(Debug, Parser)]
 #[command(name = "academy", version)]
