@@ -7,13 +7,15 @@
 //! documentation and JSON Schemas. A call goes through the exchange like any
 //! other, from a client mailbox of the gateway, with the gateway's
 //! credentials: it reaches what its principal may reach. The gateway looks
-//! at the exchange every [`GatewayOptions::refresh_every`] and tells its
-//! clients when tools come or go (`notifications/tools/list_changed`). It
+//! at the exchange every [`GatewayOptions::refresh_every`] (the agents' ids;
+//! each agent's description is asked for once, when it is first seen) and
+//! tells its clients when tools come or go
+//! (`notifications/tools/list_changed`). It
 //! serves MCP on stdio ([`Gateway::serve_stdio`], for a desktop client that
 //! starts it as a command) or over streamable HTTP ([`Gateway::serve_http`]).
 
 use academy_proto::sync::{lock, read, write};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -21,7 +23,8 @@ use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient};
 use academy_sdk::codec::Codec;
 use academy_sdk::credentials::Authorized;
 use academy_sdk::exchange::GrpcExchange;
-use academy_sdk::{Credentials, EntityId, HandleError, Manager};
+use academy_sdk::{ClientError, Credentials, EntityId, HandleError, Manager};
+use futures::{StreamExt as _, TryStreamExt as _};
 use rmcp::handler::server::ServerHandler;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ErrorData, Implementation, JsonObject,
@@ -33,6 +36,9 @@ use serde_json::{Value, json};
 
 /// Most tools a gateway offers: agents beyond are left out (and logged).
 pub const MAX_TOOLS: usize = 10_000;
+
+/// Descriptions of newly seen agents asked for at once.
+const DESCRIBES_IN_FLIGHT: usize = 16;
 
 /// How a gateway looks at the exchange and calls agents.
 #[derive(Debug, Clone)]
@@ -76,6 +82,11 @@ struct Inner {
     options: GatewayOptions,
     /// Tools by name.
     tools: RwLock<BTreeMap<String, Target>>,
+    /// The tools of each agent seen at the last look (none for one that
+    /// published no description). An agent's description is given when it
+    /// registers and does not change while its mailbox lives, so it is
+    /// asked for once.
+    agents: Mutex<HashMap<EntityId, Arc<[Target]>>>,
     /// Clients to tell when tools change.
     peers: Mutex<Vec<Peer<RoleServer>>>,
     /// Looks at the exchange every `refresh_every`; stopped with the gateway.
@@ -107,6 +118,7 @@ impl Gateway {
             rpc,
             options,
             tools: RwLock::default(),
+            agents: Mutex::default(),
             peers: Mutex::default(),
             refresher: Mutex::default(),
         });
@@ -171,8 +183,36 @@ impl Gateway {
 
     /// Looks at the exchange: every active agent (of the behaviour and
     /// owner asked for) that described itself, one tool per action. True
-    /// when the names changed.
-    async fn refresh(&self) -> Result<bool, academy_sdk::ClientError> {
+    /// when the names changed. Only agents not seen before are described.
+    async fn refresh(&self) -> Result<bool, ClientError> {
+        let mut known = std::mem::take(&mut *lock(&self.inner.agents));
+        let mut seen = HashMap::new();
+        let looked = self.look(&mut known, &mut seen).await;
+        let mut agents = lock(&self.inner.agents);
+        let found = match looked {
+            Ok(found) => found,
+            Err(e) => {
+                // What was described stays known for the next look.
+                known.extend(seen);
+                *agents = known;
+                return Err(e);
+            }
+        };
+        *agents = seen;
+        drop(agents);
+        let mut tools = write(&self.inner.tools);
+        let changed = !tools.keys().eq(found.keys());
+        *tools = found;
+        Ok(changed)
+    }
+
+    /// The tools of the agents Discover lists now, by name; the agents
+    /// listed go from `known` (describing those not in it) to `seen`.
+    async fn look(
+        &self,
+        known: &mut HashMap<EntityId, Arc<[Target]>>,
+        seen: &mut HashMap<EntityId, Arc<[Target]>>,
+    ) -> Result<BTreeMap<String, Target>, ClientError> {
         let options = &self.inner.options;
         let mut found = BTreeMap::new();
         let mut page_token = String::new();
@@ -181,35 +221,39 @@ impl Gateway {
                 behaviour: options.behaviour.clone().unwrap_or_default(),
                 page_token,
                 owner: options.owner.clone().unwrap_or_default(),
-                describe: true,
                 ..Default::default()
             };
             let page = self.inner.rpc.clone().discover(request).await?.into_inner();
-            for agent in &page.agents {
-                let Ok(id) = agent.agent_id.parse::<EntityId>() else { continue };
-                let Some(described) = &agent.description else { continue };
-                for action in &described.actions {
-                    if found.len() == MAX_TOOLS {
-                        tracing::warn!(
-                            max = MAX_TOOLS,
-                            "more agents than tools offered; some left out"
-                        );
-                        break 'pages;
-                    }
-                    let tool = tool(agent, id, described, action);
-                    let target = Target { agent: id, action: action.name.clone(), tool };
-                    found.insert(target.tool.name.to_string(), target);
+            let ids: Vec<EntityId> =
+                page.agents.iter().filter_map(|a| a.agent_id.parse().ok()).collect();
+            let new: Vec<EntityId> =
+                ids.iter().filter(|id| !known.contains_key(id)).copied().collect();
+            let rpc = self.inner.rpc.clone();
+            let described: Vec<_> = futures::stream::iter(new)
+                .map(move |id| describe(rpc.clone(), id))
+                .buffer_unordered(DESCRIBES_IN_FLIGHT)
+                .try_collect()
+                .await?;
+            known.extend(described.into_iter().flatten());
+            for id in ids {
+                // None: gone since it was listed.
+                let Some(targets) = known.remove(&id) else { continue };
+                if found.len() + targets.len() > MAX_TOOLS {
+                    tracing::warn!(
+                        max = MAX_TOOLS,
+                        "more agents than tools offered; some left out"
+                    );
+                    break 'pages;
                 }
+                found.extend(targets.iter().map(|t| (t.tool.name.to_string(), t.clone())));
+                seen.insert(id, targets);
             }
             if page.next_page_token.is_empty() {
                 break;
             }
             page_token = page.next_page_token;
         }
-        let mut tools = write(&self.inner.tools);
-        let changed = !tools.keys().eq(found.keys());
-        *tools = found;
-        Ok(changed)
+        Ok(found)
     }
 
     /// Tells every client that the tools changed, forgetting those gone.
@@ -289,6 +333,37 @@ impl ServerHandler for Gateway {
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
         lock(&self.inner.peers).push(context.peer);
     }
+}
+
+/// The tools of agent `id`, as it described itself; `None` when it is
+/// gone.
+async fn describe(
+    mut rpc: ExchangeServiceClient<Authorized>,
+    id: EntityId,
+) -> Result<Option<(EntityId, Arc<[Target]>)>, ClientError> {
+    let request = pb::DescribeRequest { agent_id: id.to_string() };
+    let agent = match rpc.describe(request).await {
+        Ok(answer) => answer.into_inner().agent.unwrap_or_default(),
+        Err(status)
+            if matches!(status.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition) =>
+        {
+            return Ok(None);
+        }
+        Err(status) => return Err(status.into()),
+    };
+    let targets = match &agent.description {
+        Some(described) => described
+            .actions
+            .iter()
+            .map(|action| Target {
+                agent: id,
+                action: action.name.clone(),
+                tool: tool(&agent, id, described, action),
+            })
+            .collect(),
+        None => Arc::from([]),
+    };
+    Ok(Some((id, targets)))
 }
 
 /// The tool for `action` of `agent`.
