@@ -103,6 +103,12 @@ enum Command {
         /// How long a call may take, in milliseconds.
         #[arg(long, default_value_t = 30_000)]
         timeout_ms: u64,
+        /// With --http: call as each caller. Every request must carry the
+        /// caller's own exchange token (Authorization: Bearer), and its tool
+        /// calls go with that token instead of this command's. Needed to
+        /// listen on an address other than loopback.
+        #[arg(long, requires = "http")]
+        as_caller: bool,
     },
     /// Calls an action with JSON arguments and prints the result.
     Invoke {
@@ -448,17 +454,33 @@ async fn main() -> anyhow::Result<()> {
                 &[row],
             );
         }
-        Command::Mcp { http, allowed_hosts, behaviour, owner, refresh_ms, timeout_ms } => {
+        Command::Mcp {
+            http,
+            allowed_hosts,
+            behaviour,
+            owner,
+            refresh_ms,
+            timeout_ms,
+            as_caller,
+        } => {
+            if let Some(addr) = http.filter(|a| !a.ip().is_loopback() && !as_caller) {
+                anyhow::bail!(
+                    "--http {addr} would let everyone who reaches it call agents with this \
+                     command's credentials: add --as-caller (each request then needs its \
+                     caller's own exchange token), or listen on a loopback address"
+                );
+            }
             let options = academy_mcp::GatewayOptions {
                 refresh_every: Duration::from_millis(refresh_ms.max(50)),
                 call_timeout: Duration::from_millis(timeout_ms),
                 behaviour,
                 owner,
+                as_caller,
             };
             let credentials = cli.credentials()?;
             let gateway = academy_mcp::Gateway::connect(&cli.exchange, &credentials, options)
                 .await
-                .with_context(|| format!("cannot reach the exchange at {}", cli.exchange))?;
+                .with_context(|| format!("cannot serve the agents of {}", cli.exchange))?;
             match http {
                 None => gateway.serve_stdio().await?,
                 Some(addr) => {

@@ -165,3 +165,169 @@ fn signal(child: &Child, name: &str) {
     let sent = Command::new("kill").args([name, &child.id().to_string()]).status().unwrap();
     assert!(sent.success());
 }
+
+/// One POST of `body` to the gateway's `/mcp` on `port`, with `token` as a
+/// bearer token and `session` as its MCP session: the status code, the
+/// session the answer names, and the JSON-RPC message it carries (plain
+/// JSON or the first server-sent event), if any.
+fn post(
+    port: u16,
+    token: Option<&str>,
+    session: Option<&str>,
+    body: &Value,
+) -> (u16, Option<String>, Option<Value>) {
+    use std::io::{Read as _, Write as _};
+    let body = body.to_string();
+    let mut head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\
+         Connection: close\r\n",
+        body.len()
+    );
+    if let Some(token) = token {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if let Some(session) = session {
+        head.push_str(&format!(
+            "Mcp-Session-Id: {session}\r\nMcp-Protocol-Version: 2025-06-18\r\n"
+        ));
+    }
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    conn.write_all(format!("{head}\r\n{body}").as_bytes()).unwrap();
+    // Read until the answer's message is whole (an event stream may stay open).
+    let (mut answer, mut buf) = (Vec::new(), [0u8; 4096]);
+    loop {
+        let n = conn.read(&mut buf).unwrap_or(0);
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        let Some((head, rest)) = text.split_once("\r\n\r\n") else {
+            assert!(n > 0, "no answer: {text}");
+            continue;
+        };
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let session = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("mcp-session-id").then(|| value.trim().to_owned())
+        });
+        let message = rest
+            .lines()
+            .map(|l| l.strip_prefix("data:").unwrap_or(l).trim())
+            .find_map(|l| serde_json::from_str::<Value>(l).ok().filter(Value::is_object));
+        if message.is_some() || n == 0 {
+            return (status, session, message);
+        }
+    }
+}
+
+/// An MCP session opened with `token`: its id.
+fn initialize(port: u16, token: &str) -> String {
+    let hello = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "test", "version": "1"}}});
+    let (status, session, answer) = post(port, Some(token), None, &hello);
+    assert_eq!(status, 200, "{answer:?}");
+    let session = session.expect("a session id");
+    let ready = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let (status, _, _) = post(port, Some(token), Some(&session), &ready);
+    assert_eq!(status, 202);
+    session
+}
+
+/// Over HTTP with `--as-caller`, the gateway lets in only requests with a
+/// token the exchange takes, and calls as their caller: a caller whose
+/// token is revoked is shut out while others go on. It will not serve a
+/// non-loopback address without it, nor call as callers through an exchange
+/// that takes any token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_the_gateway_calls_as_its_callers() {
+    const ALICE: &str = "alice-token-0123456789";
+    const BOB: &str = "bob-token-0123456789";
+    let dir = std::env::temp_dir().join(format!("academy-mcp-callers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    let everyone =
+        format!("gateway {GATEWAY_TOKEN}\nowner {OWNER_TOKEN}\nalice {ALICE}\nbob {BOB}\n");
+    std::fs::write(&file, &everyone).unwrap();
+    let tokens = Tokens::load(&file).unwrap().reload_every(std::time::Duration::from_millis(100));
+    let options = ExchangeOptions { tokens: Some(tokens), ..Default::default() };
+    let exchange = RunningExchange::start(options).await.unwrap();
+    let url = exchange.url();
+    let credentials = Credentials::bearer(OWNER_TOKEN).unwrap();
+    let owner = GrpcExchange::connect_with(url.clone(), &credentials).await.unwrap();
+    let manager = Manager::new(std::sync::Arc::new(owner)).await.unwrap();
+    let stats = manager.launch(WordStats::default()).await.unwrap();
+    let id = stats.id().to_string();
+    let tool = format!("WordStats_analyse_{}", &id[id.len() - 8..]);
+
+    // Everyone who reaches a non-loopback address would call as the gateway.
+    let open = Command::new(academy())
+        .args(["--exchange", &url, "mcp", "--http", &format!("0.0.0.0:{}", free_port())])
+        .env("ACADEMY_TOKEN", GATEWAY_TOKEN)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&open.stderr);
+    assert!(!open.status.success() && stderr.contains("--as-caller"), "{stderr}");
+
+    let port = free_port();
+    let mut children = Children::default();
+    let mut gateway = Command::new(academy())
+        .args(["--exchange", &url, "mcp", "--as-caller", "--refresh-ms", "100"])
+        .args(["--timeout-ms", "3000", "--http", &format!("127.0.0.1:{port}")])
+        .env("ACADEMY_TOKEN", GATEWAY_TOKEN)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(gateway.stderr.take().unwrap()).lines();
+    children.0.push(gateway);
+    let serving = tokio::task::block_in_place(|| said.next().unwrap().unwrap());
+    assert!(serving.contains("/mcp"), "{serving}");
+
+    tokio::task::block_in_place(|| {
+        let hello = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}});
+        assert_eq!(post(port, None, None, &hello).0, 401, "no token");
+        assert_eq!(post(port, Some("nobody-token-0123456789"), None, &hello).0, 401, "unknown");
+
+        let call = |token: &str, session: &str| {
+            let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                "params": {"name": tool, "arguments": {"text": "to be or not to be"}}});
+            post(port, Some(token), Some(session), &call)
+        };
+        let alice = initialize(port, ALICE);
+        let (status, _, answer) = call(ALICE, &alice);
+        assert_eq!(status, 200, "{answer:?}");
+        let answer = answer.unwrap();
+        assert_eq!(answer["result"]["structuredContent"]["result"]["words"], 6, "{answer}");
+
+        // Alice's token revoked: her calls are refused (a failed call or
+        // two may come first, while her connection ends), Bob's go on.
+        std::fs::write(&file, everyone.replace(&format!("alice {ALICE}\n"), "")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let (status, _, answer) = call(ALICE, &alice);
+            if status == 401 {
+                break;
+            }
+            assert_eq!(status, 200, "{answer:?}");
+            assert!(std::time::Instant::now() < deadline, "alice still calls: {answer:?}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let bob = initialize(port, BOB);
+        let (status, _, answer) = call(BOB, &bob);
+        assert_eq!(status, 200, "{answer:?}");
+        assert_eq!(answer.unwrap()["result"]["isError"], false);
+    });
+
+    // Through an exchange that takes any token, calling as callers is refused.
+    let open_exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let refused = Command::new(academy())
+        .args(["--exchange", &open_exchange.url(), "mcp", "--as-caller"])
+        .args(["--http", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("does not authenticate"), "{stderr}");
+    stats.shutdown(academy_sdk::MailboxPolicy::Terminate).await.unwrap();
+    manager.close().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,6 +13,9 @@
 //! (`notifications/tools/list_changed`). It
 //! serves MCP on stdio ([`Gateway::serve_stdio`], for a desktop client that
 //! starts it as a command) or over streamable HTTP ([`Gateway::serve_http`]).
+//! Over HTTP it can call as its callers instead
+//! ([`GatewayOptions::as_caller`]): each request then carries its caller's
+//! own token for the exchange, which decides who may call.
 
 use academy_proto::sync::{lock, read, write};
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +43,14 @@ pub const MAX_TOOLS: usize = 10_000;
 /// Descriptions of newly seen agents asked for at once.
 const DESCRIBES_IN_FLIGHT: usize = 16;
 
+/// Callers kept at once with [`GatewayOptions::as_caller`], each with a
+/// client mailbox of its own on the exchange: the one unused longest goes
+/// when another comes.
+pub const MAX_CALLERS: usize = 256;
+
+/// New callers' tokens shown to the exchange at once; more wait.
+const CALLERS_CHECKED_AT_ONCE: usize = 16;
+
 /// How a gateway looks at the exchange and calls agents.
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
@@ -51,6 +62,13 @@ pub struct GatewayOptions {
     pub behaviour: Option<String>,
     /// Only agents registered by this principal (anyone's when `None`).
     pub owner: Option<String>,
+    /// Over HTTP, call as each caller: every request must carry the
+    /// caller's own bearer token for the exchange (`Authorization: Bearer`;
+    /// 401 without one, or with one the exchange refuses), and its tool
+    /// calls go with that token, from a client mailbox of that principal.
+    /// Tools are still looked up with the gateway's credentials. Without
+    /// it, everyone who reaches the gateway calls as the gateway.
+    pub as_caller: bool,
 }
 
 impl Default for GatewayOptions {
@@ -60,6 +78,7 @@ impl Default for GatewayOptions {
             call_timeout: Duration::from_secs(30),
             behaviour: None,
             owner: None,
+            as_caller: false,
         }
     }
 }
@@ -91,6 +110,54 @@ struct Inner {
     peers: Mutex<Vec<Peer<RoleServer>>>,
     /// Looks at the exchange every `refresh_every`; stopped with the gateway.
     refresher: Mutex<Option<AbortOnDrop>>,
+    /// The exchange, and the gateway's credentials (a caller's token
+    /// replaces the gateway's own).
+    url: String,
+    credentials: Credentials,
+    /// With `as_caller`: the callers seen lately.
+    callers: Mutex<Callers>,
+    checking: tokio::sync::Semaphore,
+}
+
+/// The managers that call as callers, by their bearer token.
+#[derive(Default)]
+struct Callers {
+    by_token: HashMap<String, (Arc<Manager>, u64)>,
+    /// Counts uses: a caller's is its last.
+    uses: u64,
+}
+
+impl Callers {
+    fn get(&mut self, token: &str) -> Option<Arc<Manager>> {
+        self.uses += 1;
+        let (manager, used) = self.by_token.get_mut(token)?;
+        *used = self.uses;
+        Some(manager.clone())
+    }
+
+    /// Keeps `manager` for `token`; answers the one that had to go.
+    fn keep(&mut self, token: &str, manager: Arc<Manager>) -> Option<Arc<Manager>> {
+        self.uses += 1;
+        let mut gone = None;
+        if self.by_token.len() >= MAX_CALLERS && !self.by_token.contains_key(token) {
+            let oldest = self.by_token.iter().min_by_key(|(_, (_, used))| *used);
+            let oldest = oldest.map(|(token, _)| token.clone());
+            gone = oldest.and_then(|t| self.by_token.remove(&t)).map(|(m, _)| m);
+        }
+        let replaced = self.by_token.insert(token.to_owned(), (manager, self.uses));
+        gone.or(replaced.map(|(m, _)| m))
+    }
+}
+
+/// Closes a caller's client mailbox once nothing uses its manager.
+fn retire(manager: Arc<Manager>) {
+    if let Some(manager) = Arc::into_inner(manager) {
+        tokio::spawn(async move {
+            if let Err(e) = manager.close().await {
+                tracing::debug!(error = %e, "cannot close a caller's mailbox");
+            }
+        });
+    }
 }
 
 /// What a tool calls.
@@ -121,8 +188,15 @@ impl Gateway {
             agents: Mutex::default(),
             peers: Mutex::default(),
             refresher: Mutex::default(),
+            url: url.to_owned(),
+            credentials: credentials.clone(),
+            callers: Mutex::default(),
+            checking: tokio::sync::Semaphore::new(CALLERS_CHECKED_AT_ONCE),
         });
         let gateway = Self { inner };
+        if gateway.inner.options.as_caller {
+            gateway.ensure_callers_are_checked().await?;
+        }
         gateway.refresh().await?;
         let weak = Arc::downgrade(&gateway.inner);
         let every = gateway.inner.options.refresh_every;
@@ -157,7 +231,9 @@ impl Gateway {
 
     /// Serves MCP over streamable HTTP at `/mcp` on `listener` until
     /// `shutdown` resolves. Requests must name a loopback host (DNS
-    /// rebinding protection) unless `allowed_hosts` says more.
+    /// rebinding protection) unless `allowed_hosts` says more; with
+    /// [`GatewayOptions::as_caller`], they must carry a token the exchange
+    /// takes.
     pub async fn serve_http(
         self,
         listener: tokio::net::TcpListener,
@@ -177,8 +253,59 @@ impl Gateway {
             Arc::new(LocalSessionManager::default()),
             config,
         );
-        let router = axum::Router::new().nest_service("/mcp", service);
+        let mut router = axum::Router::new().nest_service("/mcp", service);
+        if self.inner.options.as_caller {
+            router = router.layer(axum::middleware::from_fn_with_state(self, authenticate));
+        }
         axum::serve(listener, router).with_graceful_shutdown(shutdown).await
+    }
+
+    /// Refuses to call as callers through an exchange that does not
+    /// authenticate: it would take any token, so anyone could call.
+    async fn ensure_callers_are_checked(&self) -> Result<(), ClientError> {
+        let probe = format!("academy-mcp-probe-{}", EntityId::new_client().uuid().simple());
+        match self.caller(&probe).await {
+            Err(e) if refused_token(&e) => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => {
+                self.forget_caller(&probe);
+                Err(ClientError::Refused {
+                    code: tonic::Code::FailedPrecondition,
+                    message: "the exchange does not authenticate its callers, so calling as \
+                              them would let anyone in: start it with --tokens-file, or \
+                              serve without as_caller"
+                        .into(),
+                })
+            }
+        }
+    }
+
+    /// The manager that calls as the caller with `token`: kept, or opened
+    /// with that token (the exchange refuses one it does not know).
+    async fn caller(&self, token: &str) -> Result<Arc<Manager>, ClientError> {
+        if let Some(manager) = lock(&self.inner.callers).get(token) {
+            return Ok(manager);
+        }
+        let _turn = self.inner.checking.acquire().await.expect("never closed");
+        if let Some(manager) = lock(&self.inner.callers).get(token) {
+            return Ok(manager);
+        }
+        let credentials = self.inner.credentials.clone().with_token(token)?;
+        let exchange = GrpcExchange::connect_with(self.inner.url.clone(), &credentials).await?;
+        let manager = Arc::new(Manager::new(Arc::new(exchange)).await?);
+        if let Some(gone) = lock(&self.inner.callers).keep(token, manager.clone()) {
+            retire(gone);
+        }
+        Ok(manager)
+    }
+
+    /// Drops the caller with `token`: the next request shows its token to
+    /// the exchange again (it may have been revoked).
+    fn forget_caller(&self, token: &str) {
+        let gone = lock(&self.inner.callers).by_token.remove(token);
+        if let Some((manager, _)) = gone {
+            retire(manager);
+        }
     }
 
     /// Looks at the exchange: every active agent (of the behaviour and
@@ -272,20 +399,40 @@ impl Gateway {
     /// Calls the action behind tool `name` with `arguments` (by parameter
     /// name). An action's failure is a tool result marked as an error, with
     /// the error as structured content; an unknown tool is a protocol error.
-    async fn call(&self, name: &str, arguments: JsonObject) -> Result<CallToolResult, ErrorData> {
+    /// With [`GatewayOptions::as_caller`] it calls as the caller with
+    /// `token` (requests without one never get here).
+    async fn call(
+        &self,
+        name: &str,
+        arguments: JsonObject,
+        token: Option<&str>,
+    ) -> Result<CallToolResult, ErrorData> {
         let Some(target) = read(&self.inner.tools).get(name).cloned() else {
             return Err(ErrorData::invalid_params(
                 format!("no tool {:?}: list the tools again", academy_proto::bounded(name)),
                 None,
             ));
         };
-        let handle = self
-            .inner
-            .manager
+        let caller = match token.filter(|_| self.inner.options.as_caller) {
+            Some(token) => match self.caller(token).await {
+                Ok(manager) => Some(manager),
+                Err(e) => return Ok(failed(&e.to_string())),
+            },
+            None => None,
+        };
+        let manager = caller.as_deref().unwrap_or(&self.inner.manager);
+        let handle = manager
             .raw_handle(target.agent)
             .with_codec(Codec::Json)
             .with_timeout(self.inner.options.call_timeout);
         let called = handle.call::<Value, Value>(&target.action, Value::Object(arguments)).await;
+        if let (Some(token), Some(_), Err(e)) = (token, &caller, &called)
+            && !matches!(e, HandleError::Remote { .. } | HandleError::Codec(_))
+        {
+            // Not the action's answer: its mailbox or connection may be
+            // gone, its token revoked. The next request shows it again.
+            self.forget_caller(token);
+        }
         Ok(match called {
             Ok(result) => CallToolResult::structured(json!({ "result": result })),
             Err(HandleError::Remote { code, kind, message, .. }) => {
@@ -293,9 +440,7 @@ impl Gateway {
                     "error": { "code": format!("{code:?}"), "kind": kind, "message": message },
                 }))
             }
-            Err(other) => CallToolResult::structured_error(json!({
-                "error": { "code": "Unavailable", "kind": "CallFailed", "message": other.to_string() },
-            })),
+            Err(other) => failed(&other.to_string()),
         })
     }
 }
@@ -324,10 +469,12 @@ impl ServerHandler for Gateway {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let arguments = request.arguments.unwrap_or_default();
-        self.call(&request.name, arguments).await.map(Into::into)
+        let parts = context.extensions.get::<axum::http::request::Parts>();
+        let token = parts.and_then(|p| bearer(&p.headers));
+        self.call(&request.name, arguments, token).await.map(Into::into)
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
@@ -364,6 +511,59 @@ async fn describe(
         None => Arc::from([]),
     };
     Ok(Some((id, targets)))
+}
+
+/// A tool result for a call that could not be made.
+fn failed(why: &str) -> CallToolResult {
+    CallToolResult::structured_error(json!({
+        "error": { "code": "Unavailable", "kind": "CallFailed", "message": why },
+    }))
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The exchange refused the token shown to it.
+fn refused_token(error: &ClientError) -> bool {
+    match error {
+        ClientError::Exchange(academy_proto::ExchangeError::Unauthenticated(_)) => true,
+        ClientError::Refused { code, .. } => *code == tonic::Code::Unauthenticated,
+        _ => false,
+    }
+}
+
+/// Lets through only HTTP requests whose bearer token the exchange takes
+/// (with [`GatewayOptions::as_caller`]); 401 otherwise, 503 when the
+/// exchange cannot say.
+async fn authenticate(
+    axum::extract::State(gateway): axum::extract::State<Gateway>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse as _;
+    let unauthorized = |why: &'static str| {
+        (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], why).into_response()
+    };
+    let Some(token) = bearer(request.headers()) else {
+        return unauthorized(
+            "this gateway calls as its callers: send your exchange token as \
+                             Authorization: Bearer <token>\n",
+        );
+    };
+    match gateway.caller(token).await {
+        Ok(_) => next.run(request).await,
+        Err(e) if refused_token(&e) => unauthorized("the exchange does not take this token\n"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot check a caller's token with the exchange");
+            (StatusCode::SERVICE_UNAVAILABLE, "cannot reach the exchange\n").into_response()
+        }
+    }
 }
 
 /// The tool for `action` of `agent`.
