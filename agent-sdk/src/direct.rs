@@ -36,6 +36,12 @@ const ROUTES_KEPT: usize = 4096;
 /// How long an endpoint that could not be reached is not tried again.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(5);
 
+/// How long an endpoint trusts the exchange's word on a ticket: an open
+/// `Deliver` stream asks again this often, and ends once the ticket is
+/// refused (its token revoked).
+#[cfg_attr(not(feature = "direct"), allow(dead_code))]
+const TICKET_RECHECK: Duration = Duration::from_secs(30);
+
 /// The metadata of a `Deliver` stream that carries its ticket.
 pub(crate) const TICKET_HEADER: &str = "academy-ticket";
 /// The metadata by which a `Deliver` stream's sender says it reads large
@@ -245,9 +251,10 @@ struct Hosting {
     agents: Mutex<HashMap<EntityId, Inbox>>,
     /// Where tickets are checked: the exchange of the first agent hosted.
     exchange: std::sync::OnceLock<SharedExchange>,
-    /// Tickets the exchange vouched for: the mailbox each is for, until when.
+    /// Tickets the exchange vouched for: the mailbox each is for, when it
+    /// expires, and until when its word is taken without asking again.
     #[cfg_attr(not(feature = "direct"), allow(dead_code))]
-    vouched: Mutex<HashMap<String, (EntityId, Instant)>>,
+    vouched: Mutex<HashMap<String, (EntityId, Instant, Instant)>>,
     /// The blobs it keeps: results for callers, arguments for its agents.
     kept: crate::blob::Kept,
     stop: tokio_util::sync::CancellationToken,
@@ -560,7 +567,9 @@ mod serve {
         ) -> Result<Response<Self::DeliverStream>, Status> {
             // Only who may send from a mailbox through the exchange may
             // deliver from it here.
-            let (src, left) = vouch(&*self.hosting()?, request.metadata()).await?;
+            let hosting = self.hosting()?;
+            let (src, left) = vouch(&hosting, request.metadata()).await?;
+            let revoked = revoked(hosting, request.metadata());
             let reads_peer_blobs = request.metadata().contains_key(PEER_BLOBS_HEADER);
             let mut inbound = request.into_inner();
             let (out, answers) = mpsc::channel(1024);
@@ -569,11 +578,15 @@ mod serve {
                 // Agents refused on this stream: refused from then on.
                 let mut refused = HashSet::new();
                 let expired = tokio::time::sleep(left);
-                tokio::pin!(expired);
+                tokio::pin!(expired, revoked);
                 loop {
                     let request = tokio::select! {
                         () = &mut expired => {
                             let _ = out.send(Err(Status::unauthenticated("the stream's ticket expired"))).await;
+                            break;
+                        }
+                        () = &mut revoked => {
+                            let _ = out.send(Err(Status::unauthenticated("the stream's ticket was revoked"))).await;
                             break;
                         }
                         request = inbound.message() => match request {
@@ -709,8 +722,9 @@ mod serve {
             )));
         };
         let now = Instant::now();
-        if let Some((src, until)) = lock(&hosting.vouched).get(ticket).filter(|(_, u)| *u > now) {
-            return Ok((*src, *until - now));
+        let known = lock(&hosting.vouched).get(ticket).copied();
+        if let Some((src, until, _)) = known.filter(|(_, u, trusted)| *u > now && *trusted > now) {
+            return Ok((src, until - now));
         }
         let exchange = hosting.exchange.get().cloned();
         let exchange = exchange.ok_or_else(|| Status::unavailable("no agent is hosted here"))?;
@@ -720,13 +734,59 @@ mod serve {
         })?;
         let mut vouched = lock(&hosting.vouched);
         if vouched.len() >= VOUCHED_KEPT {
-            vouched.retain(|_, (_, until)| *until > now);
+            vouched.retain(|_, (_, until, _)| *until > now);
             if vouched.len() >= VOUCHED_KEPT {
                 vouched.clear();
             }
         }
-        vouched.insert(ticket.to_owned(), (src, now + left));
+        vouched.insert(ticket.to_owned(), (src, now + left, now + TICKET_RECHECK));
         Ok((src, left))
+    }
+
+    /// Completes once the exchange refuses the ticket of a stream that
+    /// `vouch` let in (its token revoked), asked every [`TICKET_RECHECK`].
+    /// An exchange that cannot answer ends nothing.
+    fn revoked(
+        hosting: Arc<Hosting>,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let ticket = metadata.get(TICKET_HEADER).and_then(|t| t.to_str().ok()).map(str::to_owned);
+        let exchange = hosting.exchange.get().cloned();
+        let weak = Arc::downgrade(&hosting);
+        async move {
+            let (Some(ticket), Some(exchange)) = (ticket, exchange) else {
+                return std::future::pending().await;
+            };
+            loop {
+                tokio::time::sleep(TICKET_RECHECK).await;
+                // Another stream with this ticket may have asked just now.
+                let Some(hosting) = weak.upgrade() else { return };
+                let trusted = lock(&hosting.vouched).get(&ticket).map(|v| v.2);
+                drop(hosting);
+                if trusted.is_some_and(|until| until > Instant::now()) {
+                    continue;
+                }
+                let refused = match exchange.check_ticket(&ticket).await {
+                    Err(ClientError::Exchange(academy_proto::ExchangeError::Unauthenticated(
+                        _,
+                    ))) => true,
+                    Ok(_) => false,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot check a stream's ticket again");
+                        false
+                    }
+                };
+                let Some(hosting) = weak.upgrade() else { return };
+                if refused {
+                    lock(&hosting.vouched).remove(&ticket);
+                    return;
+                }
+                let now = Instant::now();
+                if let Some(entry) = lock(&hosting.vouched).get_mut(&ticket) {
+                    entry.2 = now + TICKET_RECHECK;
+                }
+            }
+        }
     }
 
     /// The key of the blob kept here that `message`'s arguments are in.

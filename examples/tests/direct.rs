@@ -553,3 +553,90 @@ async fn an_endpoint_refuses_what_it_cannot_advertise_or_serve() {
     assert!(Endpoint::serve_tls("127.0.0.1:0", &tls).await.is_ok());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A direct stream lasts no longer than its sender's token: once the
+/// exchange's tokens file no longer holds it, the endpoint (asking the
+/// exchange about the stream's ticket every 30 s) ends the stream
+/// UNAUTHENTICATED, and a new one with that ticket is refused. Another
+/// principal's stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_stream_ends_once_its_senders_token_is_revoked() {
+    use academy_proto::pb::{deliver_response::Outcome, message::Body, peer_service_client};
+    use academy_sdk::Credentials;
+    use tokio_stream::StreamExt as _;
+    const ALICE: &str = "alice-token-0123456789";
+    const BOB: &str = "bob-token-0123456789";
+    let dir = std::env::temp_dir().join(format!("academy-direct-revoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let tokens =
+        academy_server::auth::Tokens::load(&file).unwrap().reload_every(Duration::from_millis(50));
+    let options = ExchangeOptions { tokens: Some(tokens), ..counted() };
+    let exchange = RunningExchange::start(options).await.unwrap();
+    let connect = async |token: &str| {
+        let credentials = Credentials::bearer(token).unwrap();
+        let grpc = GrpcExchange::connect_with(exchange.url(), &credentials).await.unwrap();
+        std::sync::Arc::new(grpc) as academy_sdk::exchange::SharedExchange
+    };
+    let (alices, bobs) = (connect(ALICE).await, connect(BOB).await);
+    let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
+    let bob = Manager::with_direct(bobs.clone(), endpoint.clone()).await.unwrap();
+    let ledger = bob.launch(Ledger::default()).await.unwrap();
+    until("the endpoint is advertised", async || {
+        !bob.exchange().status(&ledger.id()).await.unwrap().endpoint.is_empty()
+    })
+    .await;
+
+    // A stream for each principal, fed as the test goes.
+    let peer =
+        peer_service_client::PeerServiceClient::connect(endpoint.url().to_owned()).await.unwrap();
+    let agent = ledger.id().to_string();
+    let open = async |grpc: &academy_sdk::exchange::SharedExchange| {
+        let client = grpc.register_client().await.unwrap();
+        let (ticket, _) = grpc.issue_ticket(&client).await.unwrap();
+        let (feed, requests) = tokio::sync::mpsc::channel(4);
+        let mut call = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(requests));
+        call.metadata_mut().insert("academy-ticket", ticket.parse().unwrap());
+        let answers = peer.clone().deliver(call).await.unwrap().into_inner();
+        (client.to_string(), ticket, feed, answers)
+    };
+    let request = |src: &str, seq: u64| pb::DeliverRequest {
+        seq,
+        resume: false,
+        message: Some(pb::Message {
+            header: Some(pb::Header {
+                src: src.to_owned(),
+                dest: agent.clone(),
+                tag: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+            body: Some(Body::ActionRequest(pb::ActionRequest {
+                action: "entries".into(),
+                args: None,
+            })),
+        }),
+    };
+    let (alice_src, alice_ticket, alice_feed, mut alice_answers) = open(&alices).await;
+    let (bob_src, _, bob_feed, mut bob_answers) = open(&bobs).await;
+    alice_feed.send(request(&alice_src, 1)).await.unwrap();
+    let taken = alice_answers.next().await.unwrap().unwrap();
+    assert!(matches!(taken.outcome, Some(Outcome::Answer(_))), "{taken:?}");
+
+    std::fs::write(&file, format!("bob {BOB}\n")).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(45), alice_answers.next()).await;
+    let status = ended.expect("the stream ends").expect("with a status").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
+    let mut again = tonic::Request::new(tokio_stream::once(request(&alice_src, 2)));
+    again.metadata_mut().insert("academy-ticket", alice_ticket.parse().unwrap());
+    let refused = peer.clone().deliver(again).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    bob_feed.send(request(&bob_src, 1)).await.unwrap();
+    let taken = bob_answers.next().await.unwrap().unwrap();
+    assert!(matches!(taken.outcome, Some(Outcome::Answer(_))), "{taken:?}");
+    drop((alice_feed, bob_feed));
+    bob.close().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -571,6 +571,29 @@ impl Exchange {
         Ok((ticket, limits::TICKET_TTL))
     }
 
+    /// Forgets `ticket` once `revoked` completes (the token it was issued
+    /// to is revoked), unless it expires or the exchange shuts down first.
+    #[cfg(feature = "server")]
+    pub(crate) fn drop_ticket_when(
+        &self,
+        ticket: String,
+        ttl: std::time::Duration,
+        revoked: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let (backend, shutdown) = (self.backend.clone(), self.shutdown_signal());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = revoked => {
+                    if let Err(e) = backend.drop_ticket(&ticket).await {
+                        tracing::warn!(error = %e, "cannot forget a revoked token's ticket");
+                    }
+                }
+                () = tokio::time::sleep(ttl) => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+
     /// Refuses unless mailbox `id` is active and this view may send from it.
     async fn may_send_from(&self, id: &EntityId) -> Result<(), ExchangeError> {
         let status = self.backend.status(id).await?;

@@ -248,6 +248,10 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
     ) -> RpcResult<pb::IssueTicketResponse> {
         let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
         let (ticket, ttl) = self.exchange_for(&request).issue_ticket(&id).await?;
+        // A ticket lasts no longer than the token it was issued to.
+        if let Some(grant) = Grant::of(&request) {
+            self.exchange.drop_ticket_when(ticket.clone(), ttl, grant.revoked());
+        }
         let expires_in = Some(duration::to_proto(ttl));
         Ok(Response::new(pb::IssueTicketResponse { ticket, expires_in }))
     }

@@ -224,6 +224,10 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
         ttl: std::time::Duration,
     ) -> Result<(), ExchangeError>;
 
+    /// Forgets `ticket`: the token it was issued to was revoked.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    async fn drop_ticket(&self, ticket: &str) -> Result<(), ExchangeError>;
+
     /// The mailbox `ticket` lets its holder send from, and for how long
     /// still; `None` for an unknown or expired one.
     async fn ticket(

@@ -61,6 +61,7 @@ conformance!(
     ownership::a_revoked_token_ends_the_streams_it_opened,
     ownership::discovery_tells_whose_agents_they_are,
     ownership::tickets_are_issued_to_whoever_may_send_from_the_mailbox,
+    ownership::a_revoked_token_takes_its_tickets_with_it,
     metrics::metrics_count_calls_messages_and_subscriptions,
     metrics::queue_depth_counts_what_is_queued_per_behaviour,
     state::an_agent_saves_its_state_fenced_by_epoch_and_revision,

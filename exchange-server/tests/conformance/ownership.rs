@@ -354,3 +354,40 @@ pub(crate) async fn tickets_are_issued_to_whoever_may_send_from_the_mailbox(stor
         assert!(refused.message().len() < 200, "the ticket is not echoed back");
     }
 }
+
+/// A ticket lasts no longer than the token it was issued to: once the
+/// tokens file no longer holds that token, peer endpoints checking the
+/// ticket are told it is unknown; tickets of tokens that stay still hold.
+pub(crate) async fn a_revoked_token_takes_its_tickets_with_it(store: Store) {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("academy-revoke-tickets-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(&file, format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
+    let tokens = Tokens::load(&file).unwrap().reload_every(Duration::from_millis(20));
+    let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
+    let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
+    let mut alice = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
+    let mut bob = ExchangeServiceClient::with_interceptor(channel, Bearer(BOB));
+    let issue = async |rpc: &mut ExchangeServiceClient<_>| {
+        let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+        let mailbox_id = client.into_inner().client_id;
+        rpc.issue_ticket(pb::IssueTicketRequest { mailbox_id }).await.unwrap().into_inner().ticket
+    };
+    let (alices, bobs) = (issue(&mut alice).await, issue(&mut bob).await);
+    let check = |ticket: &str| pb::CheckTicketRequest { ticket: ticket.to_owned() };
+    bob.check_ticket(check(&alices)).await.unwrap();
+
+    std::fs::write(&file, format!("bob {BOB}\n")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        match bob.check_ticket(check(&alices)).await {
+            Err(refused) => break refused,
+            Ok(_) => assert!(tokio::time::Instant::now() < deadline, "alice's ticket holds"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    bob.check_ticket(check(&bobs)).await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -493,6 +493,16 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
+    async fn drop_ticket(&self, ticket: &str) -> Result<(), ExchangeError> {
+        let mut tickets = lock(&self.tickets);
+        if let Some((id, _)) = tickets.by_ticket.remove(ticket)
+            && tickets.by_mailbox.get(&id).is_some_and(|t| t == ticket)
+        {
+            tickets.by_mailbox.remove(&id);
+        }
+        Ok(())
+    }
+
     async fn ticket(
         &self,
         ticket: &str,

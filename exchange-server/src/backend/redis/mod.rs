@@ -748,6 +748,17 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
+    async fn drop_ticket(&self, ticket: &str) -> Result<(), ExchangeError> {
+        // The mailbox's own key may still name it: a later ticket replaces
+        // it, and deleting a key gone already is nothing.
+        let () = redis::cmd("DEL")
+            .arg(self.keys.ticket(ticket))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn ticket(&self, ticket: &str) -> Result<Option<(EntityId, Duration)>, ExchangeError> {
         let (id, left): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
