@@ -14,6 +14,38 @@ use academy_sdk::exchange::GrpcExchange;
 use academy_sdk::{Endpoint, HandleError, MailboxPolicy, Manager};
 use common::{Killed, accepted, counted, launch_running, until, until_workers};
 
+/// A `Deliver` request (number `seq`) from mailbox `src` for the entries
+/// of agent `dest`, a `Ledger`.
+fn entries(src: &str, dest: &str, seq: u64) -> pb::DeliverRequest {
+    use academy_proto::pb::message::Body;
+    pb::DeliverRequest {
+        seq,
+        resume: false,
+        message: Some(pb::Message {
+            header: Some(pb::Header {
+                src: src.to_owned(),
+                dest: dest.to_owned(),
+                tag: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+            body: Some(Body::ActionRequest(pb::ActionRequest {
+                action: "entries".into(),
+                args: None,
+            })),
+        }),
+    }
+}
+
+/// A client of `exchange` with bearer token `token`.
+async fn connect_as(
+    exchange: &RunningExchange,
+    token: &str,
+) -> academy_sdk::exchange::SharedExchange {
+    let credentials = academy_sdk::Credentials::bearer(token).unwrap();
+    let grpc = GrpcExchange::connect_with(exchange.url(), &credentials).await.unwrap();
+    std::sync::Arc::new(grpc)
+}
+
 fn worker(launcher: &str, name: &str) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_worker"))
         .args(["--launcher", launcher, "--name", name, "--direct", "127.0.0.1:0"])
@@ -131,8 +163,7 @@ async fn a_terminated_agent_refuses_direct_calls_as_the_exchange_does() {
 /// directly like the owner's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_endpoint_takes_only_what_the_exchange_vouches_for() {
-    use academy_proto::pb::{deliver_response::Outcome, message::Body, peer_service_client};
-    use academy_sdk::Credentials;
+    use academy_proto::pb::{deliver_response::Outcome, peer_service_client};
     use tokio_stream::StreamExt as _;
     const ALICE: &str = "alice-token-0123456789";
     const BOB: &str = "bob-token-0123456789";
@@ -140,12 +171,7 @@ async fn a_peer_endpoint_takes_only_what_the_exchange_vouches_for() {
         academy_server::auth::Tokens::parse(&format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
     let options = ExchangeOptions { tokens: Some(tokens), ..counted() };
     let exchange = RunningExchange::start(options).await.unwrap();
-    let connect = async |token: &str| {
-        let credentials = Credentials::bearer(token).unwrap();
-        let grpc = GrpcExchange::connect_with(exchange.url(), &credentials).await.unwrap();
-        std::sync::Arc::new(grpc) as academy_sdk::exchange::SharedExchange
-    };
-    let (alices, bobs) = (connect(ALICE).await, connect(BOB).await);
+    let (alices, bobs) = (connect_as(&exchange, ALICE).await, connect_as(&exchange, BOB).await);
     let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
     let alice = Manager::with_direct(alices.clone(), endpoint.clone()).await.unwrap();
     let ledger = alice.launch(Ledger::default()).await.unwrap();
@@ -156,22 +182,7 @@ async fn a_peer_endpoint_takes_only_what_the_exchange_vouches_for() {
 
     let mut peer =
         peer_service_client::PeerServiceClient::connect(endpoint.url().to_owned()).await.unwrap();
-    let request = |src: &str, dest: &str| pb::DeliverRequest {
-        seq: 1,
-        resume: false,
-        message: Some(pb::Message {
-            header: Some(pb::Header {
-                src: src.to_owned(),
-                dest: dest.to_owned(),
-                tag: uuid::Uuid::new_v4().to_string(),
-                ..Default::default()
-            }),
-            body: Some(Body::ActionRequest(pb::ActionRequest {
-                action: "entries".into(),
-                args: None,
-            })),
-        }),
-    };
+    let request = |src: &str, dest: &str| entries(src, dest, 1);
     let open = async |peer: &mut peer_service_client::PeerServiceClient<_>,
                       ticket: Option<&str>,
                       first: pb::DeliverRequest| {
@@ -561,8 +572,7 @@ async fn an_endpoint_refuses_what_it_cannot_advertise_or_serve() {
 /// principal's stream goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_stream_ends_once_its_senders_token_is_revoked() {
-    use academy_proto::pb::{deliver_response::Outcome, message::Body, peer_service_client};
-    use academy_sdk::Credentials;
+    use academy_proto::pb::{deliver_response::Outcome, peer_service_client};
     use tokio_stream::StreamExt as _;
     const ALICE: &str = "alice-token-0123456789";
     const BOB: &str = "bob-token-0123456789";
@@ -574,12 +584,7 @@ async fn a_direct_stream_ends_once_its_senders_token_is_revoked() {
         academy_server::auth::Tokens::load(&file).unwrap().reload_every(Duration::from_millis(50));
     let options = ExchangeOptions { tokens: Some(tokens), ..counted() };
     let exchange = RunningExchange::start(options).await.unwrap();
-    let connect = async |token: &str| {
-        let credentials = Credentials::bearer(token).unwrap();
-        let grpc = GrpcExchange::connect_with(exchange.url(), &credentials).await.unwrap();
-        std::sync::Arc::new(grpc) as academy_sdk::exchange::SharedExchange
-    };
-    let (alices, bobs) = (connect(ALICE).await, connect(BOB).await);
+    let (alices, bobs) = (connect_as(&exchange, ALICE).await, connect_as(&exchange, BOB).await);
     let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
     let bob = Manager::with_direct(bobs.clone(), endpoint.clone()).await.unwrap();
     let ledger = bob.launch(Ledger::default()).await.unwrap();
@@ -601,22 +606,7 @@ async fn a_direct_stream_ends_once_its_senders_token_is_revoked() {
         let answers = peer.clone().deliver(call).await.unwrap().into_inner();
         (client.to_string(), ticket, feed, answers)
     };
-    let request = |src: &str, seq: u64| pb::DeliverRequest {
-        seq,
-        resume: false,
-        message: Some(pb::Message {
-            header: Some(pb::Header {
-                src: src.to_owned(),
-                dest: agent.clone(),
-                tag: uuid::Uuid::new_v4().to_string(),
-                ..Default::default()
-            }),
-            body: Some(Body::ActionRequest(pb::ActionRequest {
-                action: "entries".into(),
-                args: None,
-            })),
-        }),
-    };
+    let request = |src: &str, seq: u64| entries(src, &agent, seq);
     let (alice_src, alice_ticket, alice_feed, mut alice_answers) = open(&alices).await;
     let (bob_src, _, bob_feed, mut bob_answers) = open(&bobs).await;
     alice_feed.send(request(&alice_src, 1)).await.unwrap();

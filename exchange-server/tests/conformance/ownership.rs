@@ -222,15 +222,22 @@ pub(crate) async fn principals_are_held_to_their_quotas(store: Store) {
     bob.send(send(sized(&bobs, &agent, 3000))).await.unwrap();
 }
 
-/// A stream lasts no longer than the token that opened it: once the tokens
-/// file no longer holds it, the stream ends UNAUTHENTICATED.
-pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
+/// Alice's and Bob's tokens in a file of a directory of its own, read
+/// again every 20 ms: the directory, the file, the tokens.
+fn alice_and_bob_in_a_file() -> (std::path::PathBuf, std::path::PathBuf, Tokens) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("academy-revoke-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("tokens");
     std::fs::write(&file, format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
     let tokens = Tokens::load(&file).unwrap().reload_every(Duration::from_millis(20));
+    (dir, file, tokens)
+}
+
+/// A stream lasts no longer than the token that opened it: once the tokens
+/// file no longer holds it, the stream ends UNAUTHENTICATED.
+pub(crate) async fn a_revoked_token_ends_the_streams_it_opened(store: Store) {
+    let (dir, file, tokens) = alice_and_bob_in_a_file();
     let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
     let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
     let mut alice = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
@@ -359,12 +366,7 @@ pub(crate) async fn tickets_are_issued_to_whoever_may_send_from_the_mailbox(stor
 /// tokens file no longer holds that token, peer endpoints checking the
 /// ticket are told it is unknown; tickets of tokens that stay still hold.
 pub(crate) async fn a_revoked_token_takes_its_tickets_with_it(store: Store) {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("academy-revoke-tickets-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("tokens");
-    std::fs::write(&file, format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
-    let tokens = Tokens::load(&file).unwrap().reload_every(Duration::from_millis(20));
+    let (dir, file, tokens) = alice_and_bob_in_a_file();
     let h = start_as(store, ExchangeOptions { tokens: Some(tokens), ..Default::default() }).await;
     let channel = Channel::from_shared(h.server.url()).unwrap().connect().await.unwrap();
     let mut alice = ExchangeServiceClient::with_interceptor(channel.clone(), Bearer(ALICE));
