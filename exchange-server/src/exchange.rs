@@ -35,6 +35,11 @@ pub struct Exchange {
     sweeper: Arc<Once>,
     /// The simulated clock of this exchange's process.
     clock: Arc<SimClock>,
+    /// Per mailbox, the task that forgets its live ticket when the token it
+    /// was issued to is revoked (one per mailbox, as tickets are).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    ticket_guards:
+        Arc<std::sync::Mutex<std::collections::HashMap<EntityId, tokio::task::AbortHandle>>>,
 }
 
 impl Default for Exchange {
@@ -68,7 +73,8 @@ impl Exchange {
         let sweeper = Arc::new(Once::new());
         let clock = Arc::default();
         let shutdown = CancellationToken::new();
-        Self { backend, limits, shutdown, principal: None, sweeper, clock }
+        let ticket_guards = Arc::default();
+        Self { backend, limits, shutdown, principal: None, sweeper, clock, ticket_guards }
     }
 
     /// Starts removing what expires (docs/design.md, "Retention"), once per
@@ -571,17 +577,21 @@ impl Exchange {
         Ok((ticket, limits::TICKET_TTL))
     }
 
-    /// Forgets `ticket` once `revoked` completes (the token it was issued
-    /// to is revoked), unless it expires or the exchange shuts down first.
+    /// Forgets `ticket`, the live one of mailbox `id`, once `revoked`
+    /// completes (the token it was issued to is revoked), unless it
+    /// expires, the mailbox gets another, or the exchange shuts down first.
     #[cfg(feature = "server")]
     pub(crate) fn drop_ticket_when(
         &self,
+        id: EntityId,
         ticket: String,
         ttl: std::time::Duration,
         revoked: impl Future<Output = ()> + Send + 'static,
     ) {
         let (backend, shutdown) = (self.backend.clone(), self.shutdown_signal());
-        tokio::spawn(async move {
+        let guards = Arc::downgrade(&self.ticket_guards);
+        let mut all = academy_proto::sync::lock(&self.ticket_guards);
+        let guard = tokio::spawn(async move {
             tokio::select! {
                 () = revoked => {
                     if let Err(e) = backend.drop_ticket(&ticket).await {
@@ -591,7 +601,17 @@ impl Exchange {
                 () = tokio::time::sleep(ttl) => {}
                 () = shutdown.cancelled() => {}
             }
+            // Its own entry only: a later ticket's guard may have taken it.
+            if let Some(guards) = guards.upgrade() {
+                let mut guards = academy_proto::sync::lock(&guards);
+                if guards.get(&id).is_some_and(|g| g.id() == tokio::task::id()) {
+                    guards.remove(&id);
+                }
+            }
         });
+        if let Some(earlier) = all.insert(id, guard.abort_handle()) {
+            earlier.abort();
+        }
     }
 
     /// Refuses unless mailbox `id` is active and this view may send from it.
@@ -725,6 +745,7 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use academy_proto::sync::lock;
 
     #[test]
     fn owners_and_trusted_callers() {
@@ -732,5 +753,42 @@ mod tests {
         assert!(!permitted(Some("a"), Some("b")));
         assert!(permitted(None, Some("b")));
         assert!(permitted(Some("a"), None));
+    }
+
+    /// However often a mailbox gets a ticket, one task watches for its
+    /// token's revocation; and it forgets the live ticket when it comes.
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn one_revocation_guard_per_mailbox() {
+        let exchange = Exchange::default();
+        let client = exchange.register_client().await.unwrap();
+        let (revoke, revoked) = tokio::sync::oneshot::channel::<()>();
+        let mut last = String::new();
+        let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let before = tasks();
+        for _ in 0..100 {
+            let (ticket, ttl) = exchange.issue_ticket(&client).await.unwrap();
+            exchange.drop_ticket_when(client, ticket.clone(), ttl, std::future::pending());
+            last = ticket;
+        }
+        let (ticket, ttl) = exchange.issue_ticket(&client).await.unwrap();
+        assert_ne!(ticket, last);
+        exchange.drop_ticket_when(client, ticket.clone(), ttl, async move { drop(revoked.await) });
+        assert_eq!(lock(&exchange.ticket_guards).len(), 1);
+        for _ in 0..1000 {
+            // Aborted tasks go when the scheduler gets to them.
+            tokio::task::yield_now().await;
+        }
+        assert!(tasks() <= before + 1, "{} tasks watch one mailbox's ticket", tasks() - before);
+        assert!(exchange.check_ticket(&ticket).await.is_ok());
+        revoke.send(()).unwrap();
+        for _ in 0..100 {
+            if lock(&exchange.ticket_guards).is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(lock(&exchange.ticket_guards).is_empty());
+        assert!(exchange.check_ticket(&ticket).await.is_err());
     }
 }

@@ -250,7 +250,7 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         let (ticket, ttl) = self.exchange_for(&request).issue_ticket(&id).await?;
         // A ticket lasts no longer than the token it was issued to.
         if let Some(grant) = Grant::of(&request) {
-            self.exchange.drop_ticket_when(ticket.clone(), ttl, grant.revoked());
+            self.exchange.drop_ticket_when(id, ticket.clone(), ttl, grant.revoked());
         }
         let expires_in = Some(duration::to_proto(ttl));
         Ok(Response::new(pb::IssueTicketResponse { ticket, expires_in }))
