@@ -107,8 +107,9 @@ struct QueueState {
     endpoint: Arc<str>,
     /// Since when a client mailbox has had no subscriber.
     idle_since: Option<Instant>,
-    /// An agent's saved state.
-    saved: Option<pb::SavedState>,
+    /// An agent's saved state (boxed: most mailboxes have none, and it
+    /// would take 200 bytes in each).
+    saved: Option<Box<pb::SavedState>>,
 }
 
 impl QueueState {
@@ -546,13 +547,13 @@ impl Backend for MemoryBackend {
             let revision = match commit.state {
                 None => revision,
                 Some((data, version)) => {
-                    state.saved = Some(pb::SavedState {
+                    state.saved = Some(Box::new(pb::SavedState {
                         data: Some(data),
                         version,
                         revision: revision + 1,
                         epoch,
                         saved_at: Some(std::time::SystemTime::now().into()),
-                    });
+                    }));
                     revision + 1
                 }
             };
@@ -578,7 +579,7 @@ impl Backend for MemoryBackend {
         if state.terminated {
             return Err(ExchangeError::Terminated(*id));
         }
-        Ok(state.saved.clone())
+        Ok(state.saved.as_deref().cloned())
     }
 
     async fn descriptions(
