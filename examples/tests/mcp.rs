@@ -243,16 +243,25 @@ fn initialize(port: u16, token: &str) -> String {
 async fn over_http_the_gateway_calls_as_its_callers() {
     const ALICE: &str = "alice-token-0123456789";
     const BOB: &str = "bob-token-0123456789";
+    const CAROL: &str = "carol-token-0123456789";
     let dir = std::env::temp_dir().join(format!("academy-mcp-callers-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("tokens");
-    let everyone =
-        format!("gateway {GATEWAY_TOKEN}\nowner {OWNER_TOKEN}\nalice {ALICE}\nbob {BOB}\n");
+    let everyone = format!(
+        "gateway {GATEWAY_TOKEN}\nowner {OWNER_TOKEN}\nalice {ALICE}\nbob {BOB}\ncarol {CAROL}\n"
+    );
     std::fs::write(&file, &everyone).unwrap();
     let tokens = Tokens::load(&file).unwrap().reload_every(std::time::Duration::from_millis(100));
-    let options = ExchangeOptions { tokens: Some(tokens), ..Default::default() };
+    // Two mailboxes each: the owner's client and agent, and Carol's two.
+    let limits = academy_exchange::Limits { max_mailboxes_per_principal: 2, ..Default::default() };
+    let options = ExchangeOptions { tokens: Some(tokens), limits, ..Default::default() };
     let exchange = RunningExchange::start(options).await.unwrap();
     let url = exchange.url();
+    let carols = Credentials::bearer(CAROL).unwrap();
+    let carols = GrpcExchange::connect_with(url.clone(), &carols).await.unwrap();
+    for _ in 0..2 {
+        academy_sdk::exchange::ExchangeApi::register_client(&carols).await.unwrap();
+    }
     let credentials = Credentials::bearer(OWNER_TOKEN).unwrap();
     let owner = GrpcExchange::connect_with(url.clone(), &credentials).await.unwrap();
     let manager = Manager::new(std::sync::Arc::new(owner)).await.unwrap();
@@ -287,6 +296,9 @@ async fn over_http_the_gateway_calls_as_its_callers() {
         let hello = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}});
         assert_eq!(post(port, None, None, &hello).0, 401, "no token");
         assert_eq!(post(port, Some("nobody-token-0123456789"), None, &hello).0, 401, "unknown");
+        // Carol has no mailbox left to call from.
+        let (status, _, _) = post(port, Some(CAROL), None, &hello);
+        assert_eq!(status, 429, "over her quota");
 
         let call = |token: &str, session: &str| {
             let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",

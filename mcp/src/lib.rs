@@ -559,6 +559,10 @@ async fn authenticate(
     match gateway.caller(token).await {
         Ok(_) => next.run(request).await,
         Err(e) if refused_token(&e) => unauthorized("the exchange does not take this token\n"),
+        // The caller's own limits (a client mailbox is one of its mailboxes).
+        Err(ClientError::Exchange(e @ academy_proto::ExchangeError::QuotaExceeded { .. })) => {
+            (StatusCode::TOO_MANY_REQUESTS, format!("the exchange refused: {e}\n")).into_response()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot check a caller's token with the exchange");
             (StatusCode::SERVICE_UNAVAILABLE, "cannot reach the exchange\n").into_response()
