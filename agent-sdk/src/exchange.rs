@@ -321,7 +321,78 @@ pub struct GrpcExchange {
 #[derive(Default)]
 struct Participation {
     /// None: not joined; 0: an exchange without `Participate` (counted for nobody).
-    joined: tokio::sync::Mutex<Option<(u64, Option<tonic::Streaming<pb::ParticipateResponse>>)>>,
+    joined: tokio::sync::Mutex<Option<u64>>,
+    /// Keeps the `Participate` call open, and calls again as the same
+    /// participant when it ends (a broken connection): stopped with this.
+    keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Participation {
+    fn drop(&mut self) {
+        if let Some(keeper) = academy_proto::sync::lock(&self.keeper).take() {
+            keeper.abort();
+        }
+    }
+}
+
+/// Joins `clock` as participant `resume` if it still has it, else anew:
+/// the participant, and the call that keeps it on the clock (none from an
+/// exchange without `Participate`: participant 0).
+async fn participate(
+    clock: &ClockClient<Authorized>,
+    resume: u64,
+) -> Result<(u64, Option<tonic::Streaming<pb::ParticipateResponse>>), ClientError> {
+    match clock.clone().participate(pb::ParticipateRequest { resume }).await {
+        Ok(answer) => {
+            let mut call = answer.into_inner();
+            let first = call.message().await?.ok_or_else(|| {
+                ClientError::Transport("Participate ended before naming the participant".into())
+            })?;
+            Ok((first.participant, Some(call)))
+        }
+        Err(status) if status.code() == tonic::Code::Unimplemented => Ok((0, None)),
+        Err(status) => Err(status.into()),
+    }
+}
+
+/// Keeps participant `id`'s `call` open; when it ends while this process
+/// still uses the clock, calls again naming `id`, so that what its tasks
+/// have pending stays counted (the clock keeps it for a grace).
+async fn keep_participating(
+    clock: ClockClient<Authorized>,
+    participation: std::sync::Weak<Participation>,
+    mut id: u64,
+    mut call: tonic::Streaming<pb::ParticipateResponse>,
+) {
+    loop {
+        while let Ok(Some(_)) = call.message().await {}
+        let mut wait = Duration::from_millis(20);
+        let (again, next) = loop {
+            if participation.strong_count() == 0 {
+                return;
+            }
+            match participate(&clock, id).await {
+                Ok((again, Some(next))) => break (again, next),
+                Ok((_, None)) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot call Participate again; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+            }
+        };
+        if again != id {
+            tracing::warn!(
+                was = id,
+                now = again,
+                "this process joined the simulated clock again as a new participant (the \
+                 clock gave the old one up): what its tasks were doing then is not counted"
+            );
+            let Some(participation) = participation.upgrade() else { return };
+            *participation.joined.lock().await = Some(again);
+        }
+        (id, call) = (again, next);
+    }
 }
 
 impl fmt::Debug for GrpcExchange {
@@ -371,27 +442,28 @@ impl GrpcExchange {
     /// The participant this connection is on the clock as, joining first.
     async fn participant(&self) -> Result<u64, ClientError> {
         let mut joined = self.participation.joined.lock().await;
-        if let Some((id, _)) = &*joined {
-            return Ok(*id);
+        if let Some(id) = *joined {
+            return Ok(id);
         }
-        let (id, call) = match self.clock.clone().participate(pb::ParticipateRequest {}).await {
-            Ok(answer) => {
-                let mut call = answer.into_inner();
-                let first = call.message().await?.ok_or_else(|| {
-                    ClientError::Transport("Participate ended before naming the participant".into())
-                })?;
-                (first.participant, Some(call))
+        let (id, call) = participate(&self.clock, 0).await?;
+        *joined = Some(id);
+        if let Some(call) = call {
+            let participation = Arc::downgrade(&self.participation);
+            let keeper =
+                tokio::spawn(keep_participating(self.clock.clone(), participation, id, call));
+            if let Some(earlier) =
+                academy_proto::sync::lock(&self.participation.keeper).replace(keeper)
+            {
+                earlier.abort();
             }
-            Err(status) if status.code() == tonic::Code::Unimplemented => (0, None),
-            Err(status) => return Err(status.into()),
-        };
-        *joined = Some((id, call));
+        }
         Ok(id)
     }
 
     /// Runs `op` as this connection's participant; once more, joined anew,
-    /// if the clock says it left (its `Participate` call broke): what its tasks
-    /// were doing then is no longer counted.
+    /// if the clock says it left (its `Participate` call stayed away longer
+    /// than the clock's grace): what its tasks were doing then is no longer
+    /// counted.
     async fn as_participant<T, F>(&self, op: impl Fn(u64) -> F) -> Result<T, ClientError>
     where
         F: Future<Output = Result<T, ClientError>>,
@@ -404,7 +476,7 @@ impl GrpcExchange {
                     "this process left the simulated clock (its Participate call ended); joining again"
                 );
                 let mut joined = self.participation.joined.lock().await;
-                if joined.as_ref().is_some_and(|(id, _)| *id == gone) {
+                if *joined == Some(gone) {
                     *joined = None;
                 }
                 drop(joined);

@@ -1,5 +1,7 @@
 //! Agents, handles and the manager, over gRPC against a real exchange-server.
 
+mod common;
+
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -587,60 +589,22 @@ async fn a_runtime_whose_mailbox_is_taken_over_stops_without_terminating_it() {
     let _ = manager.close().await;
 }
 
-/// A TCP proxy to `upstream` that stops forwarding while `frozen` is set, as a
-/// stalled exchange or a network partition would.
-async fn pausable_proxy(upstream: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<AtomicBool>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let frozen = Arc::new(AtomicBool::new(false));
-    let gate = frozen.clone();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            let outbound = tokio::net::TcpStream::connect(upstream).await.unwrap();
-            let (ri, wi) = inbound.into_split();
-            let (ro, wo) = outbound.into_split();
-            for (mut from, mut to) in [
-                (
-                    Box::new(ri) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
-                    Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
-                ),
-                (Box::new(ro), Box::new(wi)),
-            ] {
-                let gate = gate.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0; 64 * 1024];
-                    while let Ok(n @ 1..) = from.read(&mut buf).await {
-                        while gate.load(Ordering::SeqCst) {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                        if to.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        }
-    });
-    (addr, frozen)
-}
-
 #[tokio::test]
 async fn a_stalled_exchange_cannot_hold_a_call_past_its_timeout() {
     let server = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
-    let (proxy, frozen) = pausable_proxy(server.addr().tcp().unwrap()).await;
-    let manager = Manager::connect(&format!("http://{proxy}")).await.unwrap();
+    let proxy = common::Proxy::to(server.addr().tcp().unwrap()).await;
+    let manager = Manager::connect(&format!("http://{}", proxy.addr)).await.unwrap();
     let echo = manager.launch(Echo::new()).await.unwrap();
     assert_eq!(echo.echo("before".into()).await.unwrap(), "before");
 
-    frozen.store(true, Ordering::SeqCst);
+    proxy.freeze(true);
     let limit = Duration::from_millis(300);
     let impatient = echo.with_timeout(limit);
     let result =
         tokio::time::timeout(Duration::from_secs(5), impatient.echo("during".into())).await;
     assert_eq!(result.expect("returned, not hung"), Err(HandleError::Timeout(limit)));
 
-    frozen.store(false, Ordering::SeqCst);
+    proxy.freeze(false);
     let after = echo.with_timeout(Duration::from_secs(5)).echo("after".into()).await;
     assert_eq!(after.unwrap(), "after");
     manager.close().await.unwrap();

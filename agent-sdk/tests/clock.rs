@@ -1,6 +1,8 @@
 //! Agents on a simulated clock (docs/design.md, "Clocks"): timers, sleeps
 //! and call timeouts follow the time a simulator moves.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -108,5 +110,50 @@ async fn sleeps_and_call_timeouts_follow_the_simulated_clock() {
     simulator.ready(1, Duration::from_secs(10)).await.unwrap();
     simulator.advance_by(HOUR * 5).await.unwrap();
     assert_eq!(answered.await.unwrap().unwrap(), (started + 2, false));
+    manager.close().await.unwrap();
+}
+
+/// An action that runs until its gate opens.
+struct Gated {
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+#[behaviour(name = "test.Gated")]
+impl Gated {
+    #[action]
+    async fn pass(&self) {
+        drop(self.gate.acquire().await);
+    }
+}
+
+/// A process whose connection to the exchange breaks while its agent's
+/// action runs on the clock joins the clock again as the same participant,
+/// at once: the running action holds time back past the clock's grace (5
+/// s), until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_connection_keeps_a_running_action_on_the_clock() {
+    use academy_exchange::{ExchangeOptions, RunningExchange};
+    let server = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let proxy = common::Proxy::to(server.addr().tcp().unwrap()).await;
+    let manager = Manager::connect(&format!("http://{}", proxy.addr)).await.unwrap();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gated = manager.launch_with(Gated { gate: gate.clone() }, simulated()).await.unwrap();
+    let simulator = Manager::connect(&server.url()).await.unwrap().simulator();
+    let passing = tokio::spawn({
+        let gated = gated.clone();
+        async move { gated.pass().await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while simulator.status().await.unwrap().pending == 0 {
+        assert!(Instant::now() < deadline, "the action never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let advance = tokio::spawn(async move { simulator.advance_by(HOUR).await });
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(!advance.is_finished(), "time moved while the action ran");
+    gate.add_permits(1);
+    passing.await.unwrap().unwrap();
+    assert_eq!(advance.await.unwrap().unwrap().now, HOUR);
     manager.close().await.unwrap();
 }

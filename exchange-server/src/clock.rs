@@ -79,6 +79,11 @@ pub const MAX_CLOCK_ENTRIES: usize = 1_000_000;
 /// Most participants on a clock at once.
 pub const MAX_PARTICIPANTS: usize = 10_000;
 
+/// How long a participant whose every `Participate` call ended stays on
+/// the clock, keeping what it has pending, for its process to call again
+/// (its connection broke, say) before the clock gives that up.
+pub const REJOIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Who makes a mark or sleeps: a participant from [`SimClock::join`], or
 /// nobody in particular (0: the exchange itself, a caller that did not join).
 pub type ParticipantId = u64;
@@ -90,6 +95,11 @@ struct Participant {
     running: u64,
     /// The answers it awaits.
     awaiting: HashSet<String>,
+    /// Its open `Participate` calls ([`Joined`] guards).
+    calls: u32,
+    /// How many times all its calls ended: the grace that began last is
+    /// the one whose end may give it up.
+    detached: u64,
 }
 
 #[derive(Debug, Default)]
@@ -165,16 +175,35 @@ impl State {
 }
 
 /// The clock of one exchange.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SimClock {
     state: Mutex<State>,
     /// Signalled whenever `pending` falls.
     quiet: Notify,
     /// One advance at a time.
     advancing: tokio::sync::Mutex<()>,
+    /// How long a participant without a call stays ([`REJOIN_GRACE`]).
+    grace: Duration,
+}
+
+impl Default for SimClock {
+    fn default() -> Self {
+        Self::with_grace(REJOIN_GRACE)
+    }
 }
 
 impl SimClock {
+    /// A clock on which a participant without a `Participate` call stays
+    /// for `grace` (none: it leaves at once).
+    pub fn with_grace(grace: Duration) -> Self {
+        Self {
+            state: Mutex::default(),
+            quiet: Notify::new(),
+            advancing: tokio::sync::Mutex::new(()),
+            grace,
+        }
+    }
+
     /// The clock now.
     pub fn status(&self) -> ClockStatus {
         let state = lock(&self.state);
@@ -185,9 +214,21 @@ impl SimClock {
         }
     }
 
-    /// Joins the clock as a participant; it leaves when the guard drops.
+    /// Joins the clock as a participant; it leaves when the guard drops
+    /// (after the clock's grace, unless it joins again meanwhile).
     pub fn join(self: &Arc<Self>) -> Result<Joined, ExchangeError> {
+        self.rejoin(0)
+    }
+
+    /// Joins the clock as participant `resume`, with what it has pending,
+    /// if the clock still has it (its calls ended less than the grace
+    /// ago, or one is still open); else as a new participant (so with 0).
+    pub fn rejoin(self: &Arc<Self>, resume: ParticipantId) -> Result<Joined, ExchangeError> {
         let mut state = lock(&self.state);
+        if let Some(p) = state.participants.get_mut(&resume).filter(|_| resume != 0) {
+            p.calls += 1;
+            return Ok(Joined { clock: self.clone(), id: resume });
+        }
         if state.participants.len() >= MAX_PARTICIPANTS {
             return Err(ExchangeError::LimitExceeded {
                 limit: "participants on the clock".into(),
@@ -202,8 +243,47 @@ impl SimClock {
         }
         state.joined = state.joined.wrapping_add(1).max(1);
         let id = state.joined;
-        state.participants.insert(id, Participant::default());
+        state.participants.insert(id, Participant { calls: 1, ..Participant::default() });
         Ok(Joined { clock: self.clone(), id })
+    }
+
+    /// One of participant `id`'s calls ended: when it was the last, the
+    /// participant leaves after the grace, unless it joins again.
+    fn detach(self: &Arc<Self>, id: ParticipantId) {
+        let mut state = lock(&self.state);
+        let Some(p) = state.participants.get_mut(&id) else { return };
+        p.calls = p.calls.saturating_sub(1);
+        if p.calls > 0 {
+            return;
+        }
+        p.detached += 1;
+        let detached = p.detached;
+        drop(state);
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if !self.grace.is_zero() => {
+                let (clock, grace) = (Arc::downgrade(self), self.grace);
+                runtime.spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if let Some(clock) = clock.upgrade() {
+                        clock.leave_unless_back(id, detached);
+                    }
+                });
+            }
+            _ => self.leave(id),
+        }
+    }
+
+    /// Participant `id` leaves if it has no call, and none came and went
+    /// since its grace `detached` began.
+    fn leave_unless_back(&self, id: ParticipantId, detached: u64) {
+        let state = lock(&self.state);
+        let back =
+            state.participants.get(&id).is_none_or(|p| p.calls > 0 || p.detached != detached);
+        drop(state);
+        if !back {
+            self.leave(id);
+        }
     }
 
     /// Gives up what participant `id` left pending.
@@ -400,7 +480,7 @@ impl Joined {
 
 impl Drop for Joined {
     fn drop(&mut self) {
-        self.clock.leave(self.id);
+        self.clock.detach(self.id);
     }
 }
 
@@ -485,11 +565,41 @@ mod tests {
         assert_eq!(clock.status().pending, 0);
     }
 
+    /// A participant whose calls all ended keeps what it has pending for the
+    /// grace: joined again within it (its connection broke, say), it goes on
+    /// as before; else it leaves, and joining then makes a new one.
+    #[tokio::test(start_paused = true)]
+    async fn a_participant_keeps_its_place_for_the_grace() {
+        let clock = Arc::new(SimClock::with_grace(Duration::from_secs(5)));
+        let first = clock.join().unwrap();
+        let id = first.id();
+        clock.mark(id, Mark::Begin).unwrap();
+        clock.mark(id, Mark::Send("r".into(), Some("r/answer".into()))).unwrap();
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_eq!(clock.status().pending, 2, "kept through the grace");
+        clock.mark(id, Mark::Begin).unwrap();
+        let again = clock.rejoin(id).unwrap();
+        assert_eq!(again.id(), id);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(clock.status().pending, 3, "the grace that ended gives nothing up");
+        // Its answer still counts: it was awaited all along.
+        clock.mark(0, Mark::Take("r".into())).unwrap();
+        clock.mark(0, Mark::Send("r/answer".into(), None)).unwrap();
+        clock.mark(0, Mark::End).unwrap();
+        assert_eq!(clock.status().pending, 3);
+        drop(again);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(clock.status().pending, 0, "given up after the grace");
+        assert_eq!(clock.mark(id, Mark::End), Err(ExchangeError::NotOnClock(id)));
+        assert_ne!(clock.rejoin(id).unwrap().id(), id, "too late: a new participant");
+    }
+
     /// A participant that leaves gives up its running tasks and the answers
     /// it awaits, and nothing of anyone else's; its marks are then refused.
     #[tokio::test]
     async fn a_participant_that_leaves_gives_up_what_it_left_pending() {
-        let clock = Arc::new(SimClock::default());
+        let clock = Arc::new(SimClock::with_grace(Duration::ZERO));
         let (caller, callee) = (clock.join().unwrap(), clock.join().unwrap());
         // Another clock (the exchange restarted) names its participants apart.
         let elsewhere = Arc::new(SimClock::default()).join().unwrap();
@@ -545,7 +655,7 @@ mod tests {
     /// awaited: the participant leaving later abandons nothing of it.
     #[tokio::test]
     async fn a_request_given_up_in_flight_is_not_awaited() {
-        let clock = Arc::new(SimClock::default());
+        let clock = Arc::new(SimClock::with_grace(Duration::ZERO));
         let caller = clock.join().unwrap();
         clock.mark(caller.id(), Mark::Send("r".into(), Some("r/answer".into()))).unwrap();
         clock.mark(caller.id(), Mark::Abandon("r".into())).unwrap();

@@ -87,9 +87,9 @@ impl clock_service_server::ClockService for ClockGrpc {
     /// the stream is dropped (the call ended, or its connection did).
     async fn participate(
         &self,
-        _request: Request<pb::ParticipateRequest>,
+        request: Request<pb::ParticipateRequest>,
     ) -> RpcResult<Self::ParticipateStream> {
-        let joined = self.clock.join()?;
+        let joined = self.clock.rejoin(request.get_ref().resume)?;
         let first = pb::ParticipateResponse { participant: joined.id() };
         let open = futures::stream::once(async move { Ok(first) })
             .chain(futures::stream::pending())

@@ -102,12 +102,14 @@ async fn a_participant_whose_connection_closes_leaves_the_clock() {
     let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
     let mut simulator = Clock::connect(exchange.url()).await.unwrap();
     let mut callee = Clock::connect(exchange.url()).await.unwrap();
-    let mut joined = callee.participate(pb::ParticipateRequest {}).await.unwrap().into_inner();
+    let mut joined =
+        callee.participate(pb::ParticipateRequest::default()).await.unwrap().into_inner();
     let callee_id = joined.message().await.unwrap().unwrap().participant;
     let (participant, caller_call) = {
         // The caller, on a connection of its own, as a process would be.
         let mut caller = Clock::connect(exchange.url()).await.unwrap();
-        let mut call = caller.participate(pb::ParticipateRequest {}).await.unwrap().into_inner();
+        let mut call =
+            caller.participate(pb::ParticipateRequest::default()).await.unwrap().into_inner();
         let participant = call.message().await.unwrap().unwrap().participant;
         assert_ne!(participant, callee_id, "each participant is named apart");
         let by = |kind, key: &str, answer_key: &str| pb::MarkRequest {
@@ -166,4 +168,41 @@ async fn a_participant_whose_connection_closes_leaves_the_clock() {
     callee.mark(as_callee(MarkKind::Begin, "")).await.unwrap();
     assert_eq!(status(&mut simulator).await.pending, 1);
     drop(joined);
+}
+
+/// A participant whose `Participate` call ends (its connection broke) and
+/// that calls again naming itself within the grace (5 s) keeps its place:
+/// its running task still holds time back, past the grace, until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_calls_again_within_the_grace_keeps_its_place() {
+    let exchange = RunningExchange::start(ExchangeOptions::default()).await.unwrap();
+    let mut simulator = Clock::connect(exchange.url()).await.unwrap();
+    let participant = {
+        let mut first = Clock::connect(exchange.url()).await.unwrap();
+        let mut call = first.participate(pb::ParticipateRequest::default()).await.unwrap();
+        let participant = call.get_mut().message().await.unwrap().unwrap().participant;
+        let begin = pb::MarkRequest { participant, ..mark(MarkKind::Begin, "") };
+        first.mark(begin).await.unwrap();
+        participant
+        // The call and its connection close here.
+    };
+    let advance = tokio::spawn({
+        let mut simulator = simulator.clone();
+        async move {
+            let request =
+                pb::AdvanceRequest { target: Some(Target::By(to_proto(HOUR))), factor: 0.0 };
+            simulator.advance(request).await.unwrap().into_inner().clock.unwrap()
+        }
+    });
+    let mut again = Clock::connect(exchange.url()).await.unwrap();
+    let resume = pb::ParticipateRequest { resume: participant };
+    let mut call = again.participate(resume).await.unwrap().into_inner();
+    assert_eq!(call.message().await.unwrap().unwrap().participant, participant);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(!advance.is_finished(), "time moved while the participant's task ran");
+    assert_eq!(status(&mut simulator).await.pending, 1);
+    again.mark(pb::MarkRequest { participant, ..mark(MarkKind::End, "") }).await.unwrap();
+    let reached = advance.await.unwrap();
+    assert_eq!((reached.now, reached.pending), (Some(to_proto(HOUR)), 0));
+    drop(call);
 }

@@ -158,7 +158,7 @@ pub enum ExchangeError {
     /// A mark or sleep names a participant the simulated clock does not
     /// have: it left (its `Participate` call ended) or never joined.
     #[error(
-        "participant {0} is not on the clock: it left (its Participate call ended) or never joined"
+        "participant {0} is not on the clock: it left (its Participate calls ended and none came back within the grace) or never joined"
     )]
     NotOnClock(u64),
 }

@@ -3512,7 +3512,14 @@ pub struct SleepResponse {
     pub now: ::core::option::Option<::prost_types::Duration>,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
-pub struct ParticipateRequest {}
+pub struct ParticipateRequest {
+    /// The participant this process was (0: none): when the clock still has
+    /// it (its calls ended less than the grace ago, 5 s), the process goes on
+    /// as that participant, with what it has pending; else it is a new one,
+    /// named in the first answer.
+    #[prost(uint64, tag = "1")]
+    pub resume: u64,
+}
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ParticipateResponse {
     /// Names the participant in MarkRequest and SleepRequest.
@@ -3764,7 +3771,8 @@ pub mod clock_service_client {
         /// Joins the clock as a participant (a process whose agents are on it).
         /// The first answer names the participant; the call then stays open, and
         /// marks and sleeps that name the participant are counted as its own.
-        /// When the call ends (the process died or closed its connection), the
+        /// When its last call ends (the process died or closed its connection)
+        /// and it does not call again within 5 s (naming itself in `resume`), the
         /// clock gives up what the participant left pending: its running tasks,
         /// and the answers it awaited (they are not counted when they come).
         pub async fn participate(
@@ -3837,7 +3845,8 @@ pub mod clock_service_server {
         /// Joins the clock as a participant (a process whose agents are on it).
         /// The first answer names the participant; the call then stays open, and
         /// marks and sleeps that name the participant are counted as its own.
-        /// When the call ends (the process died or closed its connection), the
+        /// When its last call ends (the process died or closed its connection)
+        /// and it does not call again within 5 s (naming itself in `resume`), the
         /// clock gives up what the participant left pending: its running tasks,
         /// and the answers it awaited (they are not counted when they come).
         async fn participate(
