@@ -311,19 +311,22 @@ async fn over_http_the_gateway_calls_as_its_callers() {
         let answer = answer.unwrap();
         assert_eq!(answer["result"]["structuredContent"]["result"]["words"], 6, "{answer}");
 
-        // Alice's token revoked: her calls are refused (a failed call or
-        // two may come first, while her connection ends), Bob's go on.
+        // Alice's token revoked: her requests are refused, even those that
+        // call nothing (listing the tools), once the exchange reads its
+        // file again; Bob's go on.
         std::fs::write(&file, everyone.replace(&format!("alice {ALICE}\n"), "")).unwrap();
+        let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
-            let (status, _, answer) = call(ALICE, &alice);
+            let (status, _, answer) = post(port, Some(ALICE), Some(&alice), &list);
             if status == 401 {
                 break;
             }
             assert_eq!(status, 200, "{answer:?}");
-            assert!(std::time::Instant::now() < deadline, "alice still calls: {answer:?}");
+            assert!(std::time::Instant::now() < deadline, "alice still lists: {answer:?}");
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
+        assert_eq!(call(ALICE, &alice).0, 401);
         let bob = initialize(port, BOB);
         let (status, _, answer) = call(BOB, &bob);
         assert_eq!(status, 200, "{answer:?}");

@@ -557,7 +557,18 @@ async fn authenticate(
         );
     };
     match gateway.caller(token).await {
-        Ok(_) => next.run(request).await,
+        Ok(caller) => {
+            // A kept caller's token may have been revoked since: the
+            // exchange says (one small call per request).
+            let mailbox = caller.client_id();
+            match caller.exchange().status(&mailbox).await {
+                Err(e) if refused_token(&e) => {
+                    gateway.forget_caller(token);
+                    unauthorized("the exchange does not take this token\n")
+                }
+                _ => next.run(request).await,
+            }
+        }
         Err(e) if refused_token(&e) => unauthorized("the exchange does not take this token\n"),
         // The caller's own limits (a client mailbox is one of its mailboxes).
         Err(ClientError::Exchange(e @ academy_proto::ExchangeError::QuotaExceeded { .. })) => {
