@@ -22,6 +22,15 @@ async fn status(clock: &mut Clock) -> pb::NowResponse {
     clock.now(pb::NowRequest {}).await.unwrap().into_inner()
 }
 
+/// Moves `simulator`'s clock on by an hour, in a task: the clock reached.
+fn advance_an_hour(simulator: &Clock) -> tokio::task::JoinHandle<pb::NowResponse> {
+    let mut simulator = simulator.clone();
+    tokio::spawn(async move {
+        let request = pb::AdvanceRequest { target: Some(Target::By(to_proto(HOUR))), factor: 0.0 };
+        simulator.advance(request).await.unwrap().into_inner().clock.unwrap()
+    })
+}
+
 /// A task on one connection sleeps; the simulator on another moves time:
 /// the task wakes at its time, and time goes no further while it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,14 +142,7 @@ async fn a_participant_whose_connection_closes_leaves_the_clock() {
     callee.mark(as_callee(MarkKind::Take, "r")).await.unwrap();
     // The caller's running task, and the callee's.
     assert_eq!(status(&mut simulator).await.pending, 2);
-    let advance = tokio::spawn({
-        let mut simulator = simulator.clone();
-        async move {
-            let request =
-                pb::AdvanceRequest { target: Some(Target::By(to_proto(HOUR))), factor: 0.0 };
-            simulator.advance(request).await.unwrap().into_inner().clock.unwrap()
-        }
-    });
+    let advance = advance_an_hour(&simulator);
     // The caller's process goes: its only connection closes (its client
     // and channel were dropped above; this is the last handle on the call).
     assert!(!advance.is_finished());
@@ -186,14 +188,7 @@ async fn a_participant_that_calls_again_within_the_grace_keeps_its_place() {
         participant
         // The call and its connection close here.
     };
-    let advance = tokio::spawn({
-        let mut simulator = simulator.clone();
-        async move {
-            let request =
-                pb::AdvanceRequest { target: Some(Target::By(to_proto(HOUR))), factor: 0.0 };
-            simulator.advance(request).await.unwrap().into_inner().clock.unwrap()
-        }
-    });
+    let advance = advance_an_hour(&simulator);
     let mut again = Clock::connect(exchange.url()).await.unwrap();
     let resume = pb::ParticipateRequest { resume: participant };
     let mut call = again.participate(resume).await.unwrap().into_inner();
