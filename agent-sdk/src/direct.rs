@@ -251,13 +251,22 @@ struct Hosting {
     agents: Mutex<HashMap<EntityId, Inbox>>,
     /// Where tickets are checked: the exchange of the first agent hosted.
     exchange: std::sync::OnceLock<SharedExchange>,
-    /// Tickets the exchange vouched for: the mailbox each is for, when it
-    /// expires, and until when its word is taken without asking again.
+    /// Tickets the exchange vouched for.
     #[cfg_attr(not(feature = "direct"), allow(dead_code))]
-    vouched: Mutex<HashMap<String, (EntityId, Instant, Instant)>>,
+    vouched: Mutex<HashMap<String, Vouched>>,
     /// The blobs it keeps: results for callers, arguments for its agents.
     kept: crate::blob::Kept,
     stop: tokio_util::sync::CancellationToken,
+}
+
+/// What the exchange said of a ticket: the mailbox it is for, when it
+/// expires, and until when that is taken without asking again.
+#[cfg_attr(not(feature = "direct"), allow(dead_code))]
+#[derive(Debug, Clone, Copy)]
+struct Vouched {
+    src: EntityId,
+    expires: Instant,
+    trusted_until: Instant,
 }
 
 impl Hosting {
@@ -723,24 +732,51 @@ mod serve {
         };
         let now = Instant::now();
         let known = lock(&hosting.vouched).get(ticket).copied();
-        if let Some((src, until, _)) = known.filter(|(_, u, trusted)| *u > now && *trusted > now) {
-            return Ok((src, until - now));
+        if let Some(v) = known.filter(|v| v.expires > now && v.trusted_until > now) {
+            return Ok((v.src, v.expires - now));
         }
         let exchange = hosting.exchange.get().cloned();
         let exchange = exchange.ok_or_else(|| Status::unavailable("no agent is hosted here"))?;
-        let (src, left) = exchange.check_ticket(ticket).await.map_err(|e| match e {
+        ask(hosting, &exchange, ticket).await.map_err(|e| match e {
             ClientError::Exchange(e) => Status::from(e),
             e => Status::unavailable(format!("the ticket cannot be checked: {e}")),
-        })?;
+        })
+    }
+
+    /// Asks `exchange` about `ticket`: the mailbox it is for and how long it
+    /// holds, kept as its word for [`TICKET_RECHECK`]; a refused ticket is
+    /// forgotten.
+    async fn ask(
+        hosting: &Hosting,
+        exchange: &SharedExchange,
+        ticket: &str,
+    ) -> Result<(EntityId, Duration), ClientError> {
+        let answer = exchange.check_ticket(ticket).await;
         let mut vouched = lock(&hosting.vouched);
+        let (src, left) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                if refused(&e) {
+                    vouched.remove(ticket);
+                }
+                return Err(e);
+            }
+        };
+        let now = Instant::now();
         if vouched.len() >= VOUCHED_KEPT {
-            vouched.retain(|_, (_, until, _)| *until > now);
+            vouched.retain(|_, v| v.expires > now);
             if vouched.len() >= VOUCHED_KEPT {
                 vouched.clear();
             }
         }
-        vouched.insert(ticket.to_owned(), (src, now + left, now + TICKET_RECHECK));
+        let trusted_until = now + TICKET_RECHECK;
+        vouched.insert(ticket.to_owned(), Vouched { src, expires: now + left, trusted_until });
         Ok((src, left))
+    }
+
+    /// The exchange refused the ticket (unknown, expired or revoked).
+    fn refused(error: &ClientError) -> bool {
+        matches!(error, ClientError::Exchange(academy_proto::ExchangeError::Unauthenticated(_)))
     }
 
     /// Completes once the exchange refuses the ticket of a stream that
@@ -759,31 +795,16 @@ mod serve {
             };
             loop {
                 tokio::time::sleep(TICKET_RECHECK).await;
-                // Another stream with this ticket may have asked just now.
                 let Some(hosting) = weak.upgrade() else { return };
-                let trusted = lock(&hosting.vouched).get(&ticket).map(|v| v.2);
-                drop(hosting);
+                // Another stream with this ticket may have asked just now.
+                let trusted = lock(&hosting.vouched).get(&ticket).map(|v| v.trusted_until);
                 if trusted.is_some_and(|until| until > Instant::now()) {
                     continue;
                 }
-                let refused = match exchange.check_ticket(&ticket).await {
-                    Err(ClientError::Exchange(academy_proto::ExchangeError::Unauthenticated(
-                        _,
-                    ))) => true,
-                    Ok(_) => false,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot check a stream's ticket again");
-                        false
-                    }
-                };
-                let Some(hosting) = weak.upgrade() else { return };
-                if refused {
-                    lock(&hosting.vouched).remove(&ticket);
-                    return;
-                }
-                let now = Instant::now();
-                if let Some(entry) = lock(&hosting.vouched).get_mut(&ticket) {
-                    entry.2 = now + TICKET_RECHECK;
+                match ask(&hosting, &exchange, &ticket).await {
+                    Err(e) if refused(&e) => return,
+                    Err(e) => tracing::debug!(error = %e, "cannot check a stream's ticket again"),
+                    Ok(_) => {}
                 }
             }
         }
