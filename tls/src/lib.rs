@@ -43,6 +43,14 @@ enum Source {
 }
 
 impl Source {
+    fn pem(pem: &[u8]) -> Self {
+        Self::Pem(pem.into())
+    }
+
+    fn file(path: &Path) -> Self {
+        Self::File(PathBuf::from(path).into())
+    }
+
     fn read(&self, what: &str) -> Result<Vec<u8>, TlsError> {
         match self {
             Self::Pem(pem) => Ok(pem.to_vec()),
@@ -79,21 +87,20 @@ impl std::fmt::Debug for ServerTls {
 impl ServerTls {
     /// This certificate and key, as PEM.
     pub fn from_pem(cert: &[u8], key: &[u8]) -> Self {
-        Self { cert: Source::Pem(cert.into()), key: Source::Pem(key.into()), client_ca: None }
+        Self { cert: Source::pem(cert), key: Source::pem(key), client_ca: None }
     }
 
     /// The certificate and key in these PEM files, read now (to fail early)
     /// and again by every [`Acceptor`] while it lives.
     pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let file = |path: &Path| Source::File(PathBuf::from(path).into());
-        let tls = Self { cert: file(cert), key: file(key), client_ca: None };
+        let tls = Self { cert: Source::file(cert), key: Source::file(key), client_ca: None };
         tls.read()?;
         Ok(tls)
     }
 
     /// Requiring clients to show a certificate that this CA (PEM) signed.
     pub fn with_client_ca_pem(mut self, ca: &[u8]) -> Self {
-        self.client_ca = Some(Source::Pem(ca.into()));
+        self.client_ca = Some(Source::pem(ca));
         self
     }
 
@@ -101,7 +108,7 @@ impl ServerTls {
     /// signed; the file is read when an [`Acceptor`] is made, and again
     /// while it lives.
     pub fn with_client_ca_file(mut self, ca: &Path) -> Self {
-        self.client_ca = Some(Source::File(PathBuf::from(ca).into()));
+        self.client_ca = Some(Source::file(ca));
         self
     }
 
@@ -275,27 +282,31 @@ impl std::fmt::Debug for ClientTls {
 impl ClientTls {
     /// Trusting servers whose certificate this CA (PEM) signed.
     pub fn with_ca_pem(mut self, ca: &[u8]) -> Self {
-        self.ca = Some(Source::Pem(ca.into()));
+        self.ca = Some(Source::pem(ca));
         self
     }
 
     /// Trusting servers whose certificate the CA in this PEM file signed.
     pub fn with_ca_file(mut self, ca: &Path) -> Self {
-        self.ca = Some(Source::File(PathBuf::from(ca).into()));
+        self.ca = Some(Source::file(ca));
         self
     }
 
     /// Showing this certificate and key (PEM).
     pub fn with_identity_pem(mut self, cert: &[u8], key: &[u8]) -> Self {
-        self.identity = Some((Source::Pem(cert.into()), Source::Pem(key.into())));
+        self.identity = Some((Source::pem(cert), Source::pem(key)));
         self
     }
 
     /// Showing the certificate and key in these PEM files.
     pub fn with_identity_files(mut self, cert: &Path, key: &Path) -> Self {
-        let file = |path: &Path| Source::File(PathBuf::from(path).into());
-        self.identity = Some((file(cert), file(key)));
+        self.identity = Some((Source::file(cert), Source::file(key)));
         self
+    }
+
+    fn follows_files(&self) -> bool {
+        self.ca.as_ref().is_some_and(Source::is_file)
+            || self.identity.as_ref().is_some_and(|(cert, key)| cert.is_file() || key.is_file())
     }
 
     fn read(&self) -> Result<ClientPem, TlsError> {
@@ -369,6 +380,10 @@ impl Connector {
     /// and what changed is taken if it loads (else logged, and the last
     /// good ones kept).
     pub fn current(&self) -> tokio_rustls::TlsConnector {
+        if !self.tls.follows_files() {
+            // Given as PEM: nothing to read again.
+            return self.cached.read().unwrap_or_else(PoisonError::into_inner).1.clone().into();
+        }
         let config = match self.tls.read() {
             Ok(pem) => {
                 let cached = self.cached.read().unwrap_or_else(PoisonError::into_inner);
