@@ -292,6 +292,11 @@ mod tls {
         }
     }
 
+    /// The host `uri` names, an IPv6 address without its brackets.
+    fn host(uri: &tonic::transport::Uri) -> &str {
+        uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']')
+    }
+
     /// Makes TLS connections to one URL's server with a client's settings.
     pub(super) struct Connector {
         tls: academy_tls::Connector,
@@ -316,9 +321,8 @@ mod tls {
             };
             let tls = tls.connector().map_err(|e| invalid(e.to_string()))?;
             let uri: tonic::transport::Uri = url.parse().map_err(|e| invalid(format!("{e}")))?;
-            let host = uri.host().unwrap_or_default();
-            let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-            let name = ServerName::try_from(host).map_err(|e| invalid(e.to_string()))?;
+            let name =
+                ServerName::try_from(host(&uri).to_owned()).map_err(|e| invalid(e.to_string()))?;
             Ok(Self { tls, name })
         }
 
@@ -337,9 +341,8 @@ mod tls {
             tower::service_fn(move |uri: tonic::transport::Uri| {
                 let (tls, name) = (self.tls.current(), self.name.clone());
                 async move {
-                    let host = uri.host().unwrap_or_default();
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
-                    let tcp = TcpStream::connect((host, uri.port_u16().unwrap_or(443))).await?;
+                    let tcp =
+                        TcpStream::connect((host(&uri), uri.port_u16().unwrap_or(443))).await?;
                     tcp.set_nodelay(true)?;
                     Ok(TokioIo::new(tls.connect(name, tcp).await?))
                 }
