@@ -487,13 +487,11 @@ mod serve {
                 let _ = tcp.set_nodelay(true);
                 let (sender, handshake) = (sender.clone(), tls.current());
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            drop(permit);
-                            let _ = sender.send(Ok(stream)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "peer TLS handshake failed"),
-                        Err(_) => tracing::debug!("peer TLS handshake timed out"),
+                    if let Some(stream) =
+                        academy_tls::handshake(handshake, tcp, HANDSHAKE_TIMEOUT).await
+                    {
+                        drop(permit);
+                        let _ = sender.send(Ok(stream)).await;
                     }
                 });
             }

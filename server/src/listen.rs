@@ -388,13 +388,9 @@ async fn accept(
             let stream = match tls {
                 None => Either::Left(stream),
                 Some(tls) => {
-                    match tokio::time::timeout(limits.handshake_timeout, tls.accept(stream)).await {
-                        Ok(Ok(tls)) => Either::Right(Box::new(tls)),
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
+                    match academy_tls::handshake(tls, stream, limits.handshake_timeout).await {
+                        Some(tls) => Either::Right(Box::new(tls)),
+                        None => return,
                     }
                 }
             };

@@ -229,6 +229,29 @@ impl Acceptor {
     }
 }
 
+/// The TLS connection over `io` once its handshake with `tls` completes
+/// within `timeout`; `None` (logged) when it fails or takes longer.
+pub async fn handshake<IO>(
+    tls: tokio_rustls::TlsAcceptor,
+    io: IO,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(timeout, tls.accept(io)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(?timeout, "TLS handshake took too long");
+            None
+        }
+    }
+}
+
 /// Reads the files every [`RELOAD_EVERY`] until the acceptor is gone,
 /// taking what changed when it loads.
 async fn follow(current: Weak<RwLock<Arc<ServerConfig>>>, tls: ServerTls, mut last: Pem) {
