@@ -187,8 +187,11 @@ async fn the_cli_drives_a_live_system() {
         let (ok, _, err) = cli2.run(&["workers", "drain", "worker:nope"]);
         assert!(!ok && err.contains("NotFound"), "{err}");
 
+        // The answer is the record after the stop was asked for: the worker
+        // may already have reported the agent stopped by then.
         let stopped = cli2.json(&["agents", "stop", &id2, "--terminate"]);
-        assert_eq!(stopped[0]["state"], "stopping");
+        let state = stopped[0]["state"].as_str();
+        assert!(matches!(state, Some("stopping" | "stopped")), "{stopped:?}");
     })
     .await;
     checks.unwrap();
