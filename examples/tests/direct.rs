@@ -78,8 +78,13 @@ async fn calls_go_directly_and_survive_a_sigkill_of_the_receiver() {
     let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
     let manager = Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await.unwrap();
     let agent_id = id.parse().unwrap();
-    let status = manager.exchange().status(&agent_id).await.unwrap();
-    assert!(status.endpoint.starts_with("http://127.0.0.1:"), "advertised: {status:?}");
+    // RUNNING is the worker's word that the agent started; its endpoint is
+    // advertised when its mailbox subscribes, a moment later.
+    until("the agent advertises its endpoint", async || {
+        let status = manager.exchange().status(&agent_id).await.unwrap();
+        status.endpoint.starts_with("http://127.0.0.1:")
+    })
+    .await;
     let ledger = manager.handle::<Ledger>(agent_id).with_timeout(Duration::from_secs(30));
 
     // Direct: 100 calls, and the exchange queues next to nothing (the

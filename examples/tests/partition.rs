@@ -230,8 +230,13 @@ async fn a_sender_cut_off_from_a_peer_falls_back_losing_nothing() {
     let grpc = academy_sdk::exchange::GrpcExchange::connect(exchange.url()).await.unwrap();
     let endpoint = academy_sdk::Endpoint::serve("127.0.0.1:0").await.unwrap();
     let manager = Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await.unwrap();
-    let ledger =
-        manager.handle::<Ledger>(id.parse().unwrap()).with_timeout(Duration::from_secs(15));
+    let agent = id.parse().unwrap();
+    // RUNNING comes before the agent's mailbox subscribes with its endpoint.
+    common::until("the endpoint is advertised", async || {
+        !manager.exchange().status(&agent).await.unwrap().endpoint.is_empty()
+    })
+    .await;
+    let ledger = manager.handle::<Ledger>(agent).with_timeout(Duration::from_secs(15));
     let mut n = 0;
     let mut call = async |ledger: &academy_sdk::Handle<Ledger>| {
         ledger.append(n).await.expect("every call is answered");
