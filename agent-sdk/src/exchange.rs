@@ -245,10 +245,11 @@ impl ExchangeApi for LocalExchange {
         Ok(self.exchange.load_state(id).await?)
     }
     async fn issue_ticket(&self, id: &EntityId) -> Result<(String, Duration), ClientError> {
-        Ok(self.exchange.issue_ticket(id).await?)
+        Ok(self.exchange.issue_ticket(id, None).await?)
     }
     async fn check_ticket(&self, ticket: &str) -> Result<(EntityId, Duration), ClientError> {
-        Ok(self.exchange.check_ticket(ticket).await?)
+        let ticket = self.exchange.check_ticket(ticket).await?;
+        Ok((ticket.mailbox, ticket.left))
     }
     async fn put_blob(
         &self,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::memory::MemoryBackend;
 #[cfg(feature = "redis")]
 use crate::backend::redis::{RedisBackend, RedisOptions};
-use crate::backend::{Backend, BackendSubscription, Bounds, Commit, Depth, Page, source};
+use crate::backend::{Backend, BackendSubscription, Bounds, Commit, Depth, Page, Ticket, source};
 use crate::clock::{Mark, SimClock};
 use crate::limits::{self, Limits};
 use crate::retention;
@@ -35,11 +35,6 @@ pub struct Exchange {
     sweeper: Arc<Once>,
     /// The simulated clock of this exchange's process.
     clock: Arc<SimClock>,
-    /// Per mailbox, the task that forgets its live ticket when the token it
-    /// was issued to is revoked (one per mailbox, as tickets are).
-    #[cfg_attr(not(feature = "server"), allow(dead_code))]
-    ticket_guards:
-        Arc<std::sync::Mutex<std::collections::HashMap<EntityId, tokio::task::AbortHandle>>>,
 }
 
 impl Default for Exchange {
@@ -73,8 +68,7 @@ impl Exchange {
         let sweeper = Arc::new(Once::new());
         let clock = Arc::default();
         let shutdown = CancellationToken::new();
-        let ticket_guards = Arc::default();
-        Self { backend, limits, shutdown, principal: None, sweeper, clock, ticket_guards }
+        Self { backend, limits, shutdown, principal: None, sweeper, clock }
     }
 
     /// Starts removing what expires (docs/design.md, "Retention"), once per
@@ -566,52 +560,17 @@ impl Exchange {
     /// A ticket that lets its holder deliver requests from mailbox `id`
     /// directly to peer endpoints (docs/design.md, "Direct delivery"), and
     /// how long it is good for; only for who may send from `id`. The
-    /// mailbox's earlier ticket stops being good.
+    /// mailbox's earlier ticket stops being good. `granted` is the
+    /// fingerprint of the token of the call, which [`Ticket`] carries.
     pub async fn issue_ticket(
         &self,
         id: &EntityId,
+        granted: Option<&str>,
     ) -> Result<(String, std::time::Duration), ExchangeError> {
         self.may_send_from(id).await?;
         let ticket = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-        self.backend.put_ticket(id, &ticket, limits::TICKET_TTL).await?;
+        self.backend.put_ticket(id, &ticket, granted, limits::TICKET_TTL).await?;
         Ok((ticket, limits::TICKET_TTL))
-    }
-
-    /// Forgets `ticket`, the live one of mailbox `id`, once `revoked`
-    /// completes (the token it was issued to is revoked), unless it
-    /// expires, the mailbox gets another, or the exchange shuts down first.
-    #[cfg(feature = "server")]
-    pub(crate) fn drop_ticket_when(
-        &self,
-        id: EntityId,
-        ticket: String,
-        ttl: std::time::Duration,
-        revoked: impl Future<Output = ()> + Send + 'static,
-    ) {
-        let (backend, shutdown) = (self.backend.clone(), self.shutdown_signal());
-        let guards = Arc::downgrade(&self.ticket_guards);
-        let mut all = academy_proto::sync::lock(&self.ticket_guards);
-        let guard = tokio::spawn(async move {
-            tokio::select! {
-                () = revoked => {
-                    if let Err(e) = backend.drop_ticket(&ticket).await {
-                        tracing::warn!(error = %e, "cannot forget a revoked token's ticket");
-                    }
-                }
-                () = tokio::time::sleep(ttl) => {}
-                () = shutdown.cancelled() => {}
-            }
-            // Its own entry only: a later ticket's guard may have taken it.
-            if let Some(guards) = guards.upgrade() {
-                let mut guards = academy_proto::sync::lock(&guards);
-                if guards.get(&id).is_some_and(|g| g.id() == tokio::task::id()) {
-                    guards.remove(&id);
-                }
-            }
-        });
-        if let Some(earlier) = all.insert(id, guard.abort_handle()) {
-            earlier.abort();
-        }
     }
 
     /// Refuses unless mailbox `id` is active and this view may send from it.
@@ -630,12 +589,9 @@ impl Exchange {
         Ok(())
     }
 
-    /// The mailbox `ticket` lets its holder send from, and how long it is
-    /// still good for.
-    pub async fn check_ticket(
-        &self,
-        ticket: &str,
-    ) -> Result<(EntityId, std::time::Duration), ExchangeError> {
+    /// What `ticket` is: the mailbox it lets its holder send from, and how
+    /// long it is still good for.
+    pub async fn check_ticket(&self, ticket: &str) -> Result<Ticket, ExchangeError> {
         let unknown = || ExchangeError::Unauthenticated("the ticket is unknown or expired".into());
         if ticket.len() > 128 || !ticket.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(unknown());
@@ -745,7 +701,6 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use academy_proto::sync::lock;
 
     #[test]
     fn owners_and_trusted_callers() {
@@ -753,42 +708,5 @@ mod tests {
         assert!(!permitted(Some("a"), Some("b")));
         assert!(permitted(None, Some("b")));
         assert!(permitted(Some("a"), None));
-    }
-
-    /// However often a mailbox gets a ticket, one task watches for its
-    /// token's revocation; and it forgets the live ticket when it comes.
-    #[cfg(feature = "server")]
-    #[tokio::test]
-    async fn one_revocation_guard_per_mailbox() {
-        let exchange = Exchange::default();
-        let client = exchange.register_client().await.unwrap();
-        let (revoke, revoked) = tokio::sync::oneshot::channel::<()>();
-        let mut last = String::new();
-        let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
-        let before = tasks();
-        for _ in 0..100 {
-            let (ticket, ttl) = exchange.issue_ticket(&client).await.unwrap();
-            exchange.drop_ticket_when(client, ticket.clone(), ttl, std::future::pending());
-            last = ticket;
-        }
-        let (ticket, ttl) = exchange.issue_ticket(&client).await.unwrap();
-        assert_ne!(ticket, last);
-        exchange.drop_ticket_when(client, ticket.clone(), ttl, async move { drop(revoked.await) });
-        assert_eq!(lock(&exchange.ticket_guards).len(), 1);
-        for _ in 0..1000 {
-            // Aborted tasks go when the scheduler gets to them.
-            tokio::task::yield_now().await;
-        }
-        assert!(tasks() <= before + 1, "{} tasks watch one mailbox's ticket", tasks() - before);
-        assert!(exchange.check_ticket(&ticket).await.is_ok());
-        revoke.send(()).unwrap();
-        for _ in 0..100 {
-            if lock(&exchange.ticket_guards).is_empty() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        assert!(lock(&exchange.ticket_guards).is_empty());
-        assert!(exchange.check_ticket(&ticket).await.is_err());
     }
 }

@@ -40,7 +40,7 @@ pub mod session;
 pub use academy_server::listen::Address;
 #[cfg(feature = "redis")]
 pub use backend::redis::RedisOptions;
-pub use backend::{BlobMeta, BlobUsage, Depth};
+pub use backend::{BlobMeta, BlobUsage, Depth, Ticket};
 #[cfg(feature = "server")]
 pub use blob_service::BlobGrpc;
 #[cfg(feature = "server")]

@@ -174,7 +174,11 @@ impl RunningExchange {
         metrics::register_process(&mut registry, "academy-exchange");
         let calls = RpcMetrics::register(&mut registry);
         let counted = ExchangeMetrics::register(&mut registry);
-        let service = ExchangeGrpc::new(exchange.clone()).with_metrics(counted.clone());
+        let auth = Authenticator::new(options.tokens.clone())
+            .with_client_certificates(options.tls.as_ref().is_some_and(Tls::client_principals));
+        let service = ExchangeGrpc::new(exchange.clone())
+            .with_metrics(counted.clone())
+            .with_authenticator(auth.clone());
         if options.metrics_listen.is_some() {
             let depth = QueueDepth::follow(exchange.clone(), shutdown.clone());
             registry.register_collector(Box::new(depth));
@@ -190,8 +194,6 @@ impl RunningExchange {
         let service = ExchangeServiceServer::new(service)
             .max_decoding_message_size(options.limits.max_request_bytes())
             .max_encoding_message_size(usize::MAX);
-        let auth = Authenticator::new(options.tokens.clone())
-            .with_client_certificates(options.tls.as_ref().is_some_and(Tls::client_principals));
         let authenticated = auth.is_enabled();
         let clock = InterceptedService::new(
             ClockServiceServer::new(ClockGrpc::new(exchange.clock().clone())),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use academy_proto::pb::{self, exchange_service_server};
 use academy_proto::trace::{self, Traced};
 use academy_proto::{EntityId, ExchangeError, Matching, duration, json};
-use academy_server::auth::{Grant, Principal, until_revoked};
+use academy_server::auth::{Authenticator, Grant, Principal, until_revoked};
 use academy_server::page;
 use futures::{Stream, StreamExt as _};
 use opentelemetry::KeyValue;
@@ -26,17 +26,29 @@ const DEFAULT_INVOKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ExchangeGrpc {
     exchange: Exchange,
     metrics: ExchangeMetrics,
+    /// What authenticates its calls: CheckTicket asks it whether a ticket's
+    /// token still stands.
+    auth: Authenticator,
 }
 
 impl ExchangeGrpc {
-    /// Serves `exchange`.
+    /// Serves `exchange`. Behind an [`Authenticator`] with tokens, give it
+    /// that authenticator ([`with_authenticator`](Self::with_authenticator)),
+    /// or the tickets it issues are refused when checked.
     pub fn new(exchange: Exchange) -> Self {
-        Self { exchange, metrics: ExchangeMetrics::default() }
+        let auth = Authenticator::default();
+        Self { exchange, metrics: ExchangeMetrics::default(), auth }
     }
 
     /// Counts messages and subscriptions in `metrics` (registered by the server).
     pub(crate) fn with_metrics(self, metrics: ExchangeMetrics) -> Self {
         Self { metrics, ..self }
+    }
+
+    /// Checks tickets against the tokens `auth` uses (the authenticator its
+    /// calls pass through).
+    pub fn with_authenticator(self, auth: Authenticator) -> Self {
+        Self { auth, ..self }
     }
 
     fn exchange_for<T>(&self, request: &Request<T>) -> Cow<'_, Exchange> {
@@ -247,11 +259,12 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         request: Request<pb::IssueTicketRequest>,
     ) -> RpcResult<pb::IssueTicketResponse> {
         let id = EntityId::parse_field(&request.get_ref().mailbox_id, "mailbox_id")?;
-        let (ticket, ttl) = self.exchange_for(&request).issue_ticket(&id).await?;
-        // A ticket lasts no longer than the token it was issued to.
-        if let Some(grant) = Grant::of(&request) {
-            self.exchange.drop_ticket_when(id, ticket.clone(), ttl, grant.revoked());
-        }
+        // A ticket lasts no longer than the token it was issued to: it keeps
+        // the token's fingerprint, which CheckTicket looks for in the tokens
+        // in use, on whichever replica answers it.
+        let granted = Grant::of(&request).map(|grant| grant.fingerprint());
+        let exchange = self.exchange_for(&request);
+        let (ticket, ttl) = exchange.issue_ticket(&id, granted.as_deref()).await?;
         let expires_in = Some(duration::to_proto(ttl));
         Ok(Response::new(pb::IssueTicketResponse { ticket, expires_in }))
     }
@@ -260,9 +273,14 @@ impl exchange_service_server::ExchangeService for ExchangeGrpc {
         &self,
         request: Request<pb::CheckTicketRequest>,
     ) -> RpcResult<pb::CheckTicketResponse> {
-        let (id, left) = self.exchange.check_ticket(&request.get_ref().ticket).await?;
-        let expires_in = Some(duration::to_proto(left));
-        Ok(Response::new(pb::CheckTicketResponse { mailbox_id: id.to_string(), expires_in }))
+        let ticket = self.exchange.check_ticket(&request.get_ref().ticket).await?;
+        if ticket.granted.is_some_and(|granted| !self.auth.still_grants(&granted)) {
+            let revoked = "the token this ticket was issued to was revoked";
+            return Err(ExchangeError::Unauthenticated(revoked.into()).into());
+        }
+        let expires_in = Some(duration::to_proto(ticket.left));
+        let mailbox_id = ticket.mailbox.to_string();
+        Ok(Response::new(pb::CheckTicketResponse { mailbox_id, expires_in }))
     }
 
     type SessionStream = Pin<Box<dyn Stream<Item = session::Outgoing> + Send>>;

@@ -660,3 +660,48 @@ async fn a_redis_outage_fails_calls_fast_and_turns_health_not_serving() {
         answer.unwrap_or_else(|e| panic!("after the {outage} Redis came back: {e:?}"));
     }
 }
+
+/// A ticket lasts no longer than the token it was issued to, even when the
+/// replica that issued it is gone by the time the token is revoked: any
+/// replica that checks it reads the token's fingerprint from Redis and
+/// looks for it in the tokens it uses.
+#[tokio::test]
+async fn a_ticket_goes_with_its_revoked_token_whichever_replica_issued_it() {
+    use academy_server::auth::Tokens;
+    const ALICE: &str = "alice-token-0123456789";
+    const BOB: &str = "bob-token-0123456789";
+    let redis = RedisServer::start().expect("redis-server must run for this test");
+    let start = async |tokens: &str| {
+        let store = MailboxStore::Redis(RedisOptions { url: redis.url(), ..Default::default() });
+        let tokens = Some(Tokens::parse(tokens).unwrap());
+        RunningExchange::start(ExchangeOptions { store, tokens, ..Default::default() })
+            .await
+            .unwrap()
+    };
+    let as_ = async |server: &RunningExchange, token: &'static str| {
+        let channel = Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
+        ExchangeServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            Ok(r)
+        })
+    };
+    let issuer = start(&format!("alice {ALICE}\nbob {BOB}\n")).await;
+    let mut tickets = Vec::new();
+    for token in [ALICE, BOB] {
+        let mut rpc = as_(&issuer, token).await;
+        let client = rpc.register_client(pb::RegisterClientRequest::default()).await.unwrap();
+        let mailbox_id = client.into_inner().client_id;
+        let issued = rpc.issue_ticket(pb::IssueTicketRequest { mailbox_id }).await.unwrap();
+        tickets.push(issued.into_inner().ticket);
+    }
+    drop(issuer);
+
+    // Alice's token is revoked while no replica that issued a ticket runs.
+    let checker = start(&format!("bob {BOB}\n")).await;
+    let mut bob = as_(&checker, BOB).await;
+    let check = |ticket: &str| pb::CheckTicketRequest { ticket: ticket.to_owned() };
+    let refused = bob.check_ticket(check(&tickets[0])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("revoked"), "{refused:?}");
+    bob.check_ticket(check(&tickets[1])).await.expect("bob's ticket holds");
+}

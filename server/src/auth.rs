@@ -4,7 +4,7 @@
 //! call's `authorization: Bearer <token>`, or else its client certificate,
 //! into that principal, or refuses the call with `UNAUTHENTICATED`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock, Weak};
 use std::time::Duration;
@@ -42,6 +42,8 @@ impl Principal {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Tokens {
     map: HashMap<String, Principal>,
+    /// The [`fingerprint`]s of the tokens and their principals.
+    fingerprints: HashSet<String>,
     /// The file they came from, and how often to look at it again.
     source: Option<(PathBuf, Duration)>,
 }
@@ -115,8 +117,24 @@ impl Tokens {
         if tokens.is_empty() {
             return Err("no tokens: every call would be refused".into());
         }
-        Ok(Self { map: tokens, source: None })
+        let fingerprints = tokens.iter().map(|(token, p)| fingerprint(&p.0, token)).collect();
+        Ok(Self { map: tokens, fingerprints, source: None })
     }
+}
+
+/// What something that outlives a call (a direct-delivery ticket) keeps of
+/// the token it was granted to: a digest of the token and its principal,
+/// from which neither can be read back. It stops matching once the tokens
+/// file no longer grants that principal that token
+/// ([`Authenticator::still_grants`]).
+fn fingerprint(principal: &str, token: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::new()
+        .chain_update(principal)
+        .chain_update([0])
+        .chain_update(token)
+        .finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `line` without its comment (from a `#` at its start or after whitespace:
@@ -199,6 +217,12 @@ impl Grant {
         request.extensions().get::<Self>().cloned()
     }
 
+    /// The token's fingerprint, for [`Authenticator::still_grants`] to
+    /// answer later, on any replica reading the same tokens file.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.principal.0, &self.token)
+    }
+
     /// Completes once the token no longer grants this principal (it never
     /// does while the token stays).
     pub async fn revoked(self) {
@@ -247,6 +271,15 @@ impl Authenticator {
 
     pub fn is_enabled(&self) -> bool {
         self.tokens.is_some() || self.client_certificates
+    }
+
+    /// Whether the tokens in use still grant the token of `fingerprint`
+    /// ([`Grant::fingerprint`]) to the principal it was granted to.
+    pub fn still_grants(&self, fingerprint: &str) -> bool {
+        self.tokens.as_ref().is_some_and(|shared| {
+            let tokens = shared.tokens.read().unwrap_or_else(PoisonError::into_inner);
+            tokens.fingerprints.contains(fingerprint)
+        })
     }
 }
 
@@ -403,6 +436,24 @@ mod tests {
             let status = call(&mut auth, header).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated, "{header:?}");
         }
+    }
+
+    /// A fingerprint stays good while its token grants the same principal,
+    /// and no longer once the token is gone or names another.
+    #[test]
+    fn a_fingerprint_holds_while_its_token_grants_its_principal() {
+        let alice = |text: &str| Authenticator::new(Some(Tokens::parse(text).unwrap()));
+        let mut auth = alice(&format!("alice {ALICE}"));
+        let mut request = Request::new(());
+        request.metadata_mut().insert("authorization", format!("Bearer {ALICE}").parse().unwrap());
+        let grant = Grant::of(&auth.call(request).unwrap()).unwrap();
+        let print = grant.fingerprint();
+        assert!(!print.contains(ALICE) && print.len() == 32, "{print}");
+        assert!(auth.still_grants(&print));
+        assert!(alice(&format!("bob bob-0123456789abcdef\nalice {ALICE}")).still_grants(&print));
+        assert!(!alice("alice alice-rotated-0123456789").still_grants(&print));
+        assert!(!alice(&format!("mallory {ALICE}")).still_grants(&print));
+        assert!(!Authenticator::default().still_grants(&print));
     }
 
     #[test]

@@ -215,25 +215,20 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<Option<std::sync::Arc<pb::AgentDescription>>>, ExchangeError>;
 
     /// Keeps `ticket` as the one that lets its holder send from mailbox
-    /// `id` directly, for `ttl` (docs/design.md, "Direct delivery"); the
-    /// mailbox's earlier ticket is forgotten.
+    /// `id` directly, for `ttl` (docs/design.md, "Direct delivery"), with
+    /// the fingerprint of the token it was `granted` to; the mailbox's
+    /// earlier ticket is forgotten.
     async fn put_ticket(
         &self,
         id: &EntityId,
         ticket: &str,
+        granted: Option<&str>,
         ttl: std::time::Duration,
     ) -> Result<(), ExchangeError>;
 
-    /// Forgets `ticket`: the token it was issued to was revoked.
-    #[cfg_attr(not(feature = "server"), allow(dead_code))]
-    async fn drop_ticket(&self, ticket: &str) -> Result<(), ExchangeError>;
-
-    /// The mailbox `ticket` lets its holder send from, and for how long
-    /// still; `None` for an unknown or expired one.
-    async fn ticket(
-        &self,
-        ticket: &str,
-    ) -> Result<Option<(EntityId, std::time::Duration)>, ExchangeError>;
+    /// What `ticket` is, while it is good; `None` for an unknown or
+    /// expired one.
+    async fn ticket(&self, ticket: &str) -> Result<Option<Ticket>, ExchangeError>;
 
     /// What is queued unacknowledged in all mailboxes, per behaviour (client
     /// mailboxes: the empty behaviour); behaviours with nothing queued may be
@@ -282,6 +277,18 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// The blobs kept (begun or readable) and their bytes. Over Redis, a
     /// scan of the keys: for tests and inspection, not for every call.
     async fn blob_usage(&self) -> Result<BlobUsage, ExchangeError>;
+}
+
+/// A live direct-delivery ticket (docs/design.md, "Direct delivery").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    /// The mailbox it lets its holder send from.
+    pub mailbox: EntityId,
+    /// How long it is still good for.
+    pub left: std::time::Duration,
+    /// The fingerprint of the token it was issued to, when it was issued to
+    /// one: it is good only while that token is (the server checks).
+    pub granted: Option<String>,
 }
 
 /// What the blob store holds.

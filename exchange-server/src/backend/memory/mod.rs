@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 
 use super::{
     Backend, BackendSubscription, BlobMeta, BlobUsage, Bounds, Commit, Committed, Depth, Found,
-    Page, awaiting_answer, framed, joins, source, unknown_source,
+    Page, Ticket, awaiting_answer, framed, joins, source, unknown_source,
 };
 use crate::exchange::permitted;
 use crate::retention::{Retention, Swept};
@@ -48,7 +48,7 @@ pub(crate) struct MemoryBackend {
 
 #[derive(Debug, Default)]
 struct Tickets {
-    by_ticket: HashMap<String, (EntityId, Instant)>,
+    by_ticket: HashMap<String, (EntityId, Instant, Option<String>)>,
     by_mailbox: HashMap<EntityId, String>,
 }
 
@@ -472,6 +472,7 @@ impl Backend for MemoryBackend {
         &self,
         id: &EntityId,
         ticket: &str,
+        granted: Option<&str>,
         ttl: std::time::Duration,
     ) -> Result<(), ExchangeError> {
         let mut tickets = lock(&self.tickets);
@@ -480,10 +481,11 @@ impl Backend for MemoryBackend {
         if let Some(old) = tickets.by_mailbox.insert(*id, ticket.to_owned()) {
             tickets.by_ticket.remove(&old);
         }
-        tickets.by_ticket.insert(ticket.to_owned(), (*id, now + ttl));
+        let granted = granted.map(str::to_owned);
+        tickets.by_ticket.insert(ticket.to_owned(), (*id, now + ttl, granted));
         if tickets.by_ticket.len().is_power_of_two() {
             let Tickets { by_ticket, by_mailbox } = &mut *tickets;
-            by_ticket.retain(|_, (id, until)| {
+            by_ticket.retain(|_, (id, until, _)| {
                 let live = *until > now;
                 if !live {
                     by_mailbox.remove(id);
@@ -494,27 +496,16 @@ impl Backend for MemoryBackend {
         Ok(())
     }
 
-    async fn drop_ticket(&self, ticket: &str) -> Result<(), ExchangeError> {
-        let mut tickets = lock(&self.tickets);
-        if let Some((id, _)) = tickets.by_ticket.remove(ticket)
-            && tickets.by_mailbox.get(&id).is_some_and(|t| t == ticket)
-        {
-            tickets.by_mailbox.remove(&id);
-        }
-        Ok(())
-    }
-
-    async fn ticket(
-        &self,
-        ticket: &str,
-    ) -> Result<Option<(EntityId, std::time::Duration)>, ExchangeError> {
+    async fn ticket(&self, ticket: &str) -> Result<Option<Ticket>, ExchangeError> {
         let tickets = lock(&self.tickets);
         let now = Instant::now();
-        Ok(tickets
-            .by_ticket
-            .get(ticket)
-            .filter(|(_, until)| *until > now)
-            .map(|(id, until)| (*id, *until - now)))
+        Ok(tickets.by_ticket.get(ticket).filter(|(_, until, _)| *until > now).map(
+            |(id, until, granted)| Ticket {
+                mailbox: *id,
+                left: *until - now,
+                granted: granted.clone(),
+            },
+        ))
     }
 
     async fn commit(

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Backend, BackendSubscription, BlobMeta, BlobUsage, Bounds, Commit, Committed, Depth, Found,
-    Page, awaiting_answer, source, unknown_source,
+    Page, Ticket, awaiting_answer, source, unknown_source,
 };
 use crate::retention::{Retention, Swept};
 use conn::Conn;
@@ -726,6 +726,7 @@ impl Backend for RedisBackend {
         &self,
         id: &EntityId,
         ticket: &str,
+        granted: Option<&str>,
         ttl: Duration,
     ) -> Result<(), ExchangeError> {
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -740,7 +741,9 @@ impl Backend for RedisBackend {
             .await
             .map_err(unavailable)?;
         let mut pipe = redis::pipe();
-        pipe.cmd("SET").arg(self.keys.ticket(ticket)).arg(id.to_string()).arg("PX").arg(ms);
+        // `<mailbox id>`, or `<mailbox id> <fingerprint>` when granted.
+        let value = granted.map_or_else(|| id.to_string(), |g| format!("{id} {g}"));
+        pipe.cmd("SET").arg(self.keys.ticket(ticket)).arg(value).arg("PX").arg(ms);
         if let Some(old) = old {
             pipe.cmd("DEL").arg(self.keys.ticket(&old));
         }
@@ -748,19 +751,8 @@ impl Backend for RedisBackend {
         Ok(())
     }
 
-    async fn drop_ticket(&self, ticket: &str) -> Result<(), ExchangeError> {
-        // The mailbox's own key may still name it: a later ticket replaces
-        // it, and deleting a key gone already is nothing.
-        let () = redis::cmd("DEL")
-            .arg(self.keys.ticket(ticket))
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        Ok(())
-    }
-
-    async fn ticket(&self, ticket: &str) -> Result<Option<(EntityId, Duration)>, ExchangeError> {
-        let (id, left): (Option<String>, i64) = redis::pipe()
+    async fn ticket(&self, ticket: &str) -> Result<Option<Ticket>, ExchangeError> {
+        let (value, left): (Option<String>, i64) = redis::pipe()
             .cmd("GET")
             .arg(self.keys.ticket(ticket))
             .cmd("PTTL")
@@ -769,7 +761,10 @@ impl Backend for RedisBackend {
             .await
             .map_err(unavailable)?;
         let left = Duration::from_millis(u64::try_from(left).unwrap_or(0));
-        Ok(id.and_then(|id| id.parse().ok()).filter(|_| !left.is_zero()).map(|id| (id, left)))
+        let Some(value) = value.filter(|_| !left.is_zero()) else { return Ok(None) };
+        let (id, granted) = value.split_once(' ').map_or((&*value, None), |(i, g)| (i, Some(g)));
+        let granted = granted.map(str::to_owned);
+        Ok(id.parse().ok().map(|mailbox| Ticket { mailbox, left, granted }))
     }
 
     async fn owner(&self, id: &EntityId) -> Result<Option<String>, ExchangeError> {
