@@ -120,7 +120,8 @@ struct Args {
     /// with every span exported by OTLP (in-memory exchange; runs last);
     /// `k` (a) and (b) on an action that changes a kept state, without and
     /// with its checkpoint; `m` a simulated day of an hourly timer; `u` (a)
-    /// and (b) over a Unix-domain socket; `x` (a) to (d), and (g)'s 100 MiB
+    /// and (b) over a Unix-domain socket (and, with `a` on Redis, (a) with
+    /// the exchange reaching Redis over its socket); `x` (a) to (d), and (g)'s 100 MiB
     /// call, with direct delivery to agents in another process, over TCP
     /// and a Unix socket.
     #[arg(long, value_delimiter = ',', default_value = "a,b,k,m,c,d,f,g,x,e,u,s,l,t,o")]
@@ -338,10 +339,11 @@ async fn echo_latency(echo: &RawHandle, bytes: usize, n: u64) -> anyhow::Result<
 
 /// `PING` and its answer on a TCP connection to the Redis at `port`, `n`
 /// times in a row: the floor of anything the exchange asks Redis.
-async fn redis_floor(port: u16, n: u64) -> anyhow::Result<Latency> {
+async fn redis_floor<S>(socket: S, n: u64) -> anyhow::Result<Latency>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    socket.set_nodelay(true)?;
     let socket = std::sync::Arc::new(tokio::sync::Mutex::new(socket));
     sequential(n, || {
         let socket = socket.clone();
@@ -681,11 +683,16 @@ async fn measure(args: &Args, backend: BackendKind) -> anyhow::Result<Vec<String
             a.p50_us, a.p99_us, a.per_sec
         ));
         if let Some(redis) = &redis {
-            let r = redis_floor(redis.port(), args.calls).await?;
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", redis.port())).await?;
+            tcp.set_nodelay(true)?;
+            let r = redis_floor(tcp, args.calls).await?;
             rows.push(format!(
                 "| (e-r) floor: a bare round trip to the same Redis (`PING`, a connection of its own): p50 / p99 | {:.0} µs / {:.0} µs |",
                 r.p50_us, r.p99_us
             ));
+            if run('u') {
+                rows.extend(redis_beside(redis, args).await?);
+            }
         }
     }
     if run('b') {
@@ -819,6 +826,35 @@ async fn measure_unix(args: &Args) -> anyhow::Result<Vec<String>> {
             a.p50_us, a.p99_us
         ),
         format!("| (u) (b) 64 in flight, over a Unix socket | {b:.0} actions/s |"),
+    ])
+}
+
+/// (a) through a second exchange process on the same Redis that reaches it
+/// over its Unix-domain socket (a Redis beside the exchange, as in a pod),
+/// and the floor of that socket.
+async fn redis_beside(
+    redis: &academy_server::testing::RedisServer,
+    args: &Args,
+) -> anyhow::Result<Vec<String>> {
+    let threads = args.exchange_threads.to_string();
+    let url = redis.unix_url();
+    let role = ["serve-exchange", "--worker-threads", &threads, "--redis", &url];
+    let exchange = spawn_server(&role).await?;
+    let manager = Manager::connect(&format!("http://{}", exchange.addr)).await?;
+    let echo = manager.launch(Echo {}).await?;
+    let a = echo_latency(echo.raw(), 100, args.calls).await?;
+    manager.close().await?;
+    drop(exchange);
+    let r = redis_floor(tokio::net::UnixStream::connect(redis.socket()).await?, args.calls).await?;
+    Ok(vec![
+        format!(
+            "| (u) (a) with the exchange reaching Redis over its Unix socket: p50 / p99 | {:.0} µs / {:.0} µs |",
+            a.p50_us, a.p99_us
+        ),
+        format!(
+            "| (u) (e-r) a bare round trip over that socket: p50 / p99 | {:.0} µs / {:.0} µs |",
+            r.p50_us, r.p99_us
+        ),
     ])
 }
 

@@ -147,7 +147,12 @@ async fn a_killed_exchange_loses_no_accepted_message_and_redelivers_no_acknowled
 }
 
 async fn replica(redis: &RedisServer) -> (RunningExchange, ExchangeServiceClient<Channel>) {
-    let backend = MailboxStore::Redis(RedisOptions { url: redis.url(), ..Default::default() });
+    replica_at(redis.url()).await
+}
+
+/// A replica reaching Redis at `url`.
+async fn replica_at(url: String) -> (RunningExchange, ExchangeServiceClient<Channel>) {
+    let backend = MailboxStore::Redis(RedisOptions { url, ..Default::default() });
     let server = RunningExchange::start(ExchangeOptions { store: backend, ..Default::default() })
         .await
         .unwrap();
@@ -155,11 +160,13 @@ async fn replica(redis: &RedisServer) -> (RunningExchange, ExchangeServiceClient
     (server, rpc)
 }
 
+/// B reaches Redis over its Unix-domain socket (a Redis beside the
+/// exchange), A over TCP: the same mailboxes either way.
 #[tokio::test]
 async fn replicas_on_one_redis_serve_the_same_mailboxes() {
     let redis = RedisServer::start().expect("redis-server must run for this test");
     let (_a, mut on_a) = replica(&redis).await;
-    let (_b, mut on_b) = replica(&redis).await;
+    let (_b, mut on_b) = replica_at(redis.unix_url()).await;
 
     let (agent, client) = agent_and_client(&mut on_a, "t.Sensor").await;
 
@@ -189,6 +196,10 @@ async fn replicas_on_one_redis_serve_the_same_mailboxes() {
         received.extend(frame.deliveries.iter().map(|d| number(d.message.as_ref().unwrap())));
     }
     assert_eq!(received, (0..20).collect::<Vec<_>>(), "in order");
+    let clients = redis.command(&["CLIENT", "LIST"]).unwrap();
+    let on_socket = format!(" addr={}:0 ", redis.socket().display());
+    let unix = clients.lines().filter(|l| l.contains(&on_socket)).count();
+    assert!(unix >= 2, "B's connections (calls, notices) are on the socket: {clients}");
 
     // A subscriber on A takes the mailbox over from the one on B.
     let _taken = subscribe(&mut on_a, &agent).await;

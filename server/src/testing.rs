@@ -1,5 +1,5 @@
-//! Test support: a real `redis-server` on a free loopback port, stopped on
-//! drop; certificates for TLS tests ([`TestPki`]); reading a server's
+//! Test support: a real `redis-server` on a free loopback port (and a Unix
+//! socket), stopped on drop; certificates for TLS tests ([`TestPki`]); reading a server's
 //! metrics ([`scrape`]); the workspace's binaries as processes ([`binary`],
 //! [`Children`], [`free_port`]).
 //!
@@ -92,6 +92,16 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// The same server on its Unix-domain socket: `redis+unix:///PATH?db=0`.
+    pub fn unix_url(&self) -> String {
+        format!("redis+unix://{}?db=0", self.socket().display())
+    }
+
+    /// Its Unix-domain socket (beside its data, owner only).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
     /// Sends one command and returns its answer's first line (e.g. `+OK`,
     /// `:1`), or for a bulk string its value (`$-1` for none).
     pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
@@ -132,7 +142,9 @@ impl RedisServer {
 fn spawn(port: u16, dir: &std::path::Path) -> std::io::Result<Child> {
     Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-        .args(["--appendonly", "no", "--dir"])
+        .arg("--unixsocket")
+        .arg(dir.join("redis.sock"))
+        .args(["--unixsocketperm", "700", "--appendonly", "no", "--dir"])
         .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
