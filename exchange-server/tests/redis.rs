@@ -498,14 +498,40 @@ async fn an_earlier_versions_discovery_index_is_taken_over_at_start() {
     assert_eq!(discover("old.Even", true, 0).await, [ids[2].as_str(), &ids[4]]);
 }
 
+/// A replica that stops (or dies) no longer counts: its subscribers are not
+/// subscribed, and the endpoints they advertised are not shown.
 #[tokio::test]
 async fn a_replica_that_stops_withdraws_its_presence_and_its_subscribers() {
     let redis = RedisServer::start().expect("redis-server must run for this test");
     let replicas = || redis.command(&["KEYS", "academy:replica:*"]).unwrap();
     let (server, mut rpc) = replica(&redis).await;
     let (agent, _) = agent_and_client(&mut rpc, "t.Present").await;
-    let _stream = subscribe(&mut rpc, &agent).await;
+    let endpoint = "http://127.0.0.1:9".to_owned();
+    let request =
+        pb::SubscribeRequest { mailbox_id: agent.clone(), endpoint, ..Default::default() };
+    let _stream = rpc.subscribe(request).await.unwrap();
     assert_eq!(replicas(), "*1", "a running replica is present");
+    let discover = async |rpc: &mut ExchangeServiceClient<Channel>| {
+        let request = pb::DiscoverRequest {
+            behaviour: "t.Present".into(),
+            exact: true,
+            ..Default::default()
+        };
+        let found = rpc.discover(request).await.unwrap().into_inner().agents;
+        found.into_iter().map(|a| a.endpoint).collect::<Vec<_>>()
+    };
+    assert_eq!(discover(&mut rpc).await, ["http://127.0.0.1:9"]);
+    // What a replica that died leaves behind: the hash still names it, but
+    // its presence has expired. Neither Status nor discovery shows the
+    // endpoint then.
+    let hash = format!("academy:mb:{agent}");
+    let mine = redis.command(&["HGET", &hash, "r"]).unwrap();
+    assert_eq!(redis.command(&["HSET", &hash, "r", "a-replica-that-died"]).unwrap(), ":0");
+    let status = rpc.status(pb::StatusRequest { mailbox_id: agent.clone() }).await.unwrap();
+    assert!(status.get_ref().endpoint.is_empty(), "{status:?}");
+    assert_eq!(discover(&mut rpc).await, [""]);
+    assert_eq!(redis.command(&["HSET", &hash, "r", &mine]).unwrap(), ":0");
+    assert_eq!(discover(&mut rpc).await, ["http://127.0.0.1:9"]);
 
     // Stopped (its stream still open on this side): no longer present, so
     // another replica reports the mailbox without a subscriber at once.
@@ -518,7 +544,9 @@ async fn a_replica_that_stops_withdraws_its_presence_and_its_subscribers() {
     let (_other, mut on_other) = replica(&redis).await;
     let status =
         on_other.status(pb::StatusRequest { mailbox_id: agent }).await.unwrap().into_inner();
-    assert!(!status.subscribed);
+    assert!(!status.subscribed && status.endpoint.is_empty(), "{status:?}");
+    // Nor does discovery show the endpoint its subscriber advertised.
+    assert_eq!(discover(&mut on_other).await, [""]);
 }
 
 #[tokio::test]

@@ -575,19 +575,36 @@ impl Backend for RedisBackend {
         let (ids, next) = page.take(members.iter().filter_map(|m| m.parse().ok()));
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n", "o", "p"]);
+            pipe.cmd("HMGET").arg(self.keys.mailbox(id)).arg(&["s", "b", "i", "n", "o", "p", "r"]);
         }
         let rows: Vec<Vec<Option<String>>> = if ids.is_empty() {
             Vec::new()
         } else {
             pipe.query_async(&mut conn).await.map_err(unavailable)?
         };
+        // An endpoint is shown only while its subscriber's replica runs, as
+        // Status does: one that stopped or died leaves it in the hash.
+        let field = |row: &Vec<Option<String>>, i: usize| row.get(i).cloned().flatten();
+        let mut running: std::collections::BTreeMap<String, bool> = rows
+            .iter()
+            .filter(|row| field(row, 5).is_some())
+            .filter_map(|row| Some((field(row, 6)?, false)))
+            .collect();
+        if !running.is_empty() {
+            let mut pipe = redis::pipe();
+            for replica in running.keys() {
+                pipe.cmd("EXISTS").arg(self.keys.replica(replica));
+            }
+            let answers: Vec<bool> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            running.values_mut().zip(answers).for_each(|(runs, answer)| *runs = answer);
+        }
         let mut found = Vec::with_capacity(ids.len());
         let mut stale = Vec::new();
         for (id, row) in ids.into_iter().zip(rows) {
             match row.first().cloned().flatten().as_deref() {
                 Some("a") => found.extend(agent_info(id, &row[1..]).map(|agent| {
-                    let endpoint = row.get(5).cloned().flatten().unwrap_or_default();
+                    let live = field(&row, 6).is_some_and(|r| running.get(&r) == Some(&true));
+                    let endpoint = field(&row, 5).filter(|_| live).unwrap_or_default();
                     RegisteredAgent { endpoint, ..agent }
                 })),
                 // Expired (idle TTL) or a leftover of a crash: drop it from the index.
