@@ -123,8 +123,8 @@ impl Tokens {
 }
 
 /// What something that outlives a call (a direct-delivery ticket) keeps of
-/// the token it was granted to: a digest of the token and its principal,
-/// from which neither can be read back. It stops matching once the tokens
+/// the token it was granted to: a digest of the token and its principal
+/// (the token itself is not kept). It stops matching once the tokens
 /// file no longer grants that principal that token
 /// ([`Authenticator::still_grants`]).
 fn fingerprint(principal: &str, token: &str) -> String {
