@@ -12,8 +12,8 @@ demo:
 
 ## Install what the tests need, when missing (returns at once when all is
 ## there): redis-server, podman, buildah and runc (apt-get, as root or with
-## sudo), grpcio-tools, mcp and kubernetes-validate (pip), cargo-nextest, and buf
-## (npm, into .tools/). kubectl (for `kubectl kustomize`) must be there.
+## sudo), grpcio-tools, mcp and kubernetes-validate (pip), cargo-nextest, and buf,
+## @grpc/grpc-js and @grpc/proto-loader (npm, into .tools/). kubectl (for `kubectl kustomize`) must be there.
 BUF := .tools/node_modules/.bin/buf
 deps:
 	@command -v kubectl >/dev/null || { echo "kubectl is needed (kubectl kustomize renders deploy/kubernetes)"; exit 1; }
@@ -28,6 +28,8 @@ deps:
 		python3 -m pip install -q --disable-pip-version-check kubernetes-validate==1.37.0
 	@command -v cargo-nextest >/dev/null || cargo install --locked cargo-nextest
 	@test -x $(BUF) || npm install -s --prefix .tools --no-audit --no-fund @bufbuild/buf@1.75.0
+	@test -d .tools/node_modules/@grpc/proto-loader || npm install -s --prefix .tools \
+		--no-audit --no-fund @grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1
 
 ## Run every check and test (what CI runs).
 test: deps
