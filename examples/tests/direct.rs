@@ -12,7 +12,7 @@ use academy_exchange::{ExchangeOptions, RunningExchange};
 use academy_proto::pb::{self, launcher_service_client::LauncherServiceClient};
 use academy_sdk::exchange::GrpcExchange;
 use academy_sdk::{Endpoint, HandleError, MailboxPolicy, Manager};
-use common::{Killed, accepted, counted, launch_running, until, until_workers};
+use common::{Killed, accepted, counted, launch_running, until, until_advertised, until_workers};
 
 /// A `Deliver` request (number `seq`) from mailbox `src` for the entries
 /// of agent `dest`, a `Ledger`.
@@ -78,13 +78,8 @@ async fn calls_go_directly_and_survive_a_sigkill_of_the_receiver() {
     let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
     let manager = Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await.unwrap();
     let agent_id = id.parse().unwrap();
-    // RUNNING is the worker's word that the agent started; its endpoint is
-    // advertised when its mailbox subscribes, a moment later.
-    until("the agent advertises its endpoint", async || {
-        let status = manager.exchange().status(&agent_id).await.unwrap();
-        status.endpoint.starts_with("http://127.0.0.1:")
-    })
-    .await;
+    let advertised = until_advertised(manager.exchange(), agent_id).await;
+    assert!(advertised.starts_with("http://127.0.0.1:"), "advertised: {advertised}");
     let ledger = manager.handle::<Ledger>(agent_id).with_timeout(Duration::from_secs(30));
 
     // Direct: 100 calls, and the exchange queues next to nothing (the
@@ -138,10 +133,7 @@ async fn a_terminated_agent_refuses_direct_calls_as_the_exchange_does() {
     let direct = Manager::with_direct(grpc.clone(), endpoint).await.unwrap();
     let routed = Manager::new(grpc).await.unwrap();
     let ledger = direct.launch(Ledger::default()).await.unwrap();
-    until("the endpoint is advertised", async || {
-        direct.exchange().status(&ledger.id()).await.unwrap().endpoint == socket
-    })
-    .await;
+    assert_eq!(until_advertised(direct.exchange(), ledger.id()).await, socket);
     assert_eq!(ledger.append(7).await.unwrap(), 1);
     // The same agent through the exchange, from a manager without direct delivery.
     let other = routed.handle::<Ledger>(ledger.id());
@@ -180,10 +172,7 @@ async fn a_peer_endpoint_takes_only_what_the_exchange_vouches_for() {
     let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
     let alice = Manager::with_direct(alices.clone(), endpoint.clone()).await.unwrap();
     let ledger = alice.launch(Ledger::default()).await.unwrap();
-    until("the endpoint is advertised", async || {
-        !alice.exchange().status(&ledger.id()).await.unwrap().endpoint.is_empty()
-    })
-    .await;
+    until_advertised(alice.exchange(), ledger.id()).await;
 
     let mut peer =
         peer_service_client::PeerServiceClient::connect(endpoint.url().to_owned()).await.unwrap();
@@ -264,10 +253,7 @@ async fn a_peer_endpoint_bounds_what_an_agent_holds() {
     let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
     let manager = Manager::with_direct(grpc.clone(), endpoint.clone()).await.unwrap();
     let sleeper = manager.launch(Sleeper::default()).await.unwrap();
-    until("the endpoint is advertised", async || {
-        !grpc.status(&sleeper.id()).await.unwrap().endpoint.is_empty()
-    })
-    .await;
+    until_advertised(&grpc, sleeper.id()).await;
     let client = grpc.register_client().await.unwrap();
     let (ticket, _) = grpc.issue_ticket(&client).await.unwrap();
     let requests = (1..=10_001u64).map(move |seq| pb::DeliverRequest {
@@ -337,10 +323,7 @@ async fn after_a_burst_refused_at_the_endpoint_calls_go_directly_again() {
     let sender = Manager::with_direct(grpc().await, Endpoint::serve("127.0.0.1:0").await.unwrap())
         .await
         .unwrap();
-    until("the endpoint is advertised", async || {
-        !sender.exchange().status(&gate.id()).await.unwrap().endpoint.is_empty()
-    })
-    .await;
+    until_advertised(sender.exchange(), gate.id()).await;
     let handle = sender.handle::<Gate>(gate.id()).with_timeout(Duration::from_secs(60));
 
     // The agent takes 10,000 directly (and they wait); the 100 past them
@@ -420,10 +403,7 @@ async fn a_peer_endpoint_over_tls_is_reached_only_by_senders_it_trusts() {
         let grpc = GrpcExchange::connect(exchange.url()).await.unwrap();
         let host = Manager::with_direct(std::sync::Arc::new(grpc), endpoint.clone()).await.unwrap();
         let agent = host.launch(Ledger::default()).await.unwrap().id();
-        until("the endpoint is advertised", async || {
-            host.exchange().status(&agent).await.unwrap().endpoint == endpoint.url()
-        })
-        .await;
+        assert_eq!(until_advertised(host.exchange(), agent).await, endpoint.url());
 
         // Trusted (and, for mutual TLS, certified): directly (the first call
         // may go through the exchange while the endpoint is looked up).
@@ -593,10 +573,7 @@ async fn a_direct_stream_ends_once_its_senders_token_is_revoked() {
     let endpoint = Endpoint::serve("127.0.0.1:0").await.unwrap();
     let bob = Manager::with_direct(bobs.clone(), endpoint.clone()).await.unwrap();
     let ledger = bob.launch(Ledger::default()).await.unwrap();
-    until("the endpoint is advertised", async || {
-        !bob.exchange().status(&ledger.id()).await.unwrap().endpoint.is_empty()
-    })
-    .await;
+    until_advertised(bob.exchange(), ledger.id()).await;
 
     // A stream for each principal, fed as the test goes.
     let peer =

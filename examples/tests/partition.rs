@@ -231,11 +231,7 @@ async fn a_sender_cut_off_from_a_peer_falls_back_losing_nothing() {
     let endpoint = academy_sdk::Endpoint::serve("127.0.0.1:0").await.unwrap();
     let manager = Manager::with_direct(std::sync::Arc::new(grpc), endpoint).await.unwrap();
     let agent = id.parse().unwrap();
-    // RUNNING comes before the agent's mailbox subscribes with its endpoint.
-    common::until("the endpoint is advertised", async || {
-        !manager.exchange().status(&agent).await.unwrap().endpoint.is_empty()
-    })
-    .await;
+    common::until_advertised(manager.exchange(), agent).await;
     let ledger = manager.handle::<Ledger>(agent).with_timeout(Duration::from_secs(15));
     let mut n = 0;
     let mut call = async |ledger: &academy_sdk::Handle<Ledger>| {

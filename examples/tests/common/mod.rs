@@ -72,6 +72,22 @@ pub(crate) async fn until<F: AsyncFnMut() -> bool>(what: &str, mut ready: F) {
     }
 }
 
+/// The peer endpoint agent `id` advertises, once `exchange` shows it (an
+/// agent's endpoint comes with its mailbox's subscription, after it is
+/// launched, or reported RUNNING).
+pub(crate) async fn until_advertised(
+    exchange: &academy_sdk::exchange::SharedExchange,
+    id: academy_sdk::EntityId,
+) -> String {
+    let mut advertised = String::new();
+    until("the endpoint is advertised", async || {
+        advertised = exchange.status(&id).await.unwrap().endpoint;
+        !advertised.is_empty()
+    })
+    .await;
+    advertised
+}
+
 /// Options of an in-memory exchange whose messages [`accepted`] counts (it
 /// serves metrics on a loopback port).
 pub(crate) fn counted() -> academy_exchange::ExchangeOptions {
