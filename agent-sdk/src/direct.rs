@@ -576,7 +576,8 @@ mod serve {
             // deliver from it here.
             let hosting = self.hosting()?;
             let (src, left) = vouch(&hosting, request.metadata()).await?;
-            let revoked = revoked(hosting, request.metadata());
+            let ticket = presented(request.metadata()).unwrap_or_default().to_owned();
+            let revoked = revoked(hosting, ticket);
             let reads_peer_blobs = request.metadata().contains_key(PEER_BLOBS_HEADER);
             let mut inbound = request.into_inner();
             let (out, answers) = mpsc::channel(1024);
@@ -723,7 +724,7 @@ mod serve {
         hosting: &Hosting,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<(EntityId, Duration), Status> {
-        let Some(ticket) = metadata.get(TICKET_HEADER).and_then(|t| t.to_str().ok()) else {
+        let Some(ticket) = presented(metadata) else {
             return Err(Status::unauthenticated(format!(
                 "present a ticket from the exchange's IssueTicket (metadata {TICKET_HEADER})"
             )));
@@ -739,6 +740,11 @@ mod serve {
             ClientError::Exchange(e) => Status::from(e),
             e => Status::unavailable(format!("the ticket cannot be checked: {e}")),
         })
+    }
+
+    /// The ticket a request presents.
+    fn presented(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+        metadata.get(TICKET_HEADER).and_then(|t| t.to_str().ok())
     }
 
     /// Asks `exchange` about `ticket`: the mailbox it is for and how long it
@@ -777,20 +783,15 @@ mod serve {
         matches!(error, ClientError::Exchange(academy_proto::ExchangeError::Unauthenticated(_)))
     }
 
-    /// Completes once the exchange refuses the ticket of a stream that
+    /// Completes once the exchange refuses `ticket`, of a stream that
     /// `vouch` let in (its token revoked), asked every [`TICKET_RECHECK`].
     /// An exchange that cannot answer ends nothing.
-    fn revoked(
-        hosting: Arc<Hosting>,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let ticket = metadata.get(TICKET_HEADER).and_then(|t| t.to_str().ok()).map(str::to_owned);
+    fn revoked(hosting: Arc<Hosting>, ticket: String) -> impl Future<Output = ()> + Send + 'static {
         let exchange = hosting.exchange.get().cloned();
         let weak = Arc::downgrade(&hosting);
         async move {
-            let (Some(ticket), Some(exchange)) = (ticket, exchange) else {
-                return std::future::pending().await;
-            };
+            // vouch let the stream in: the exchange that vouched is there.
+            let Some(exchange) = exchange else { return std::future::pending().await };
             loop {
                 tokio::time::sleep(TICKET_RECHECK).await;
                 let Some(hosting) = weak.upgrade() else { return };
