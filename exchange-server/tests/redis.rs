@@ -719,10 +719,7 @@ async fn a_ticket_goes_with_its_revoked_token_whichever_replica_issued_it() {
     };
     let as_ = async |server: &RunningExchange, token: &'static str| {
         let channel = Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
-        ExchangeServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-            Ok(r)
-        })
+        ExchangeServiceClient::with_interceptor(channel, common::Bearer(token))
     };
     let issuer = start(&format!("alice {ALICE}\nbob {BOB}\n")).await;
     let mut tickets = Vec::new();

@@ -4,6 +4,21 @@
 use academy_proto::pb::{self, exchange_service_client::ExchangeServiceClient, message::Body};
 use tonic::Streaming;
 
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(pub &'static str);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let value = format!("Bearer {}", self.0).parse().expect("ascii token");
+        request.metadata_mut().insert("authorization", value);
+        Ok(request)
+    }
+}
+
 /// A message from `src` to `dest` with a fresh tag.
 pub fn message(src: &str, dest: &str, body: Body) -> pb::Message {
     pb::Message {

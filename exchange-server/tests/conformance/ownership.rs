@@ -5,20 +5,7 @@
 
 use super::harness::*;
 
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub(crate) struct Bearer(pub(crate) &'static str);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        let value = format!("Bearer {}", self.0).parse().expect("ascii token");
-        request.metadata_mut().insert("authorization", value);
-        Ok(request)
-    }
-}
+pub(crate) use crate::common::Bearer;
 
 pub(crate) const ALICE: &str = "alice-token-0123456789";
 
